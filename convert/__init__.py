@@ -1,0 +1,1 @@
+"""Checkpoint converters: Hugging Face / PyTorch / GGUF <-> Flax NNX and Orbax."""
