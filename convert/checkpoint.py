@@ -1,0 +1,55 @@
+"""The read-side interface every checkpoint reader implements.
+
+A checkpoint is a set of named tensors in Hugging Face naming (``model.layers.0.
+self_attn.q_proj.weight``, PyTorch ``[out, in]`` layout) plus the model's config
+as a plain dict (the content of ``config.json``). Readers load one tensor at a
+time so that a model never has to sit in memory whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Checkpoint(Protocol):
+    """Lazy, read-only view of a checkpoint's tensors and config."""
+
+    path: Path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The Hugging Face config as a dict (``model_type`` included)."""
+        ...
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (shard by shard)."""
+        ...
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor without reading its data."""
+        ...
+
+    def dtype(self, name: str) -> np.dtype:
+        """Stored dtype of one tensor without reading its data."""
+        ...
+
+    def get(self, name: str) -> np.ndarray:
+        """Read one tensor (a fresh array the caller owns)."""
+        ...
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(name, array)`` in storage order, one tensor in memory at a time."""
+        ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None:
+        """Release file handles / maps."""
+        ...

@@ -1,0 +1,269 @@
+"""Write (merged) parameters as a Hugging Face model directory.
+
+Output: sharded safetensors (``model-0000i-of-0000N.safetensors`` plus
+``model.safetensors.index.json``, or one ``model.safetensors``), ``config.json``
+from the base with ``dtype`` set, the base's tokenizer files and
+``generation_config.json``, and a README model card.
+
+Everything is written into a temporary directory beside the destination and
+renamed into place only at the end, so an interrupted or failed export never
+leaves a complete-looking model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from convert.checkpoint import Checkpoint
+from convert.dtypes import config_dtype_name, is_float, parse_dtype
+from convert.errors import ConvertError
+from convert.model_card import render_model_card
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Files copied verbatim from the base (or tokenizer) directory when present.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+
+
+class _Unchanged:
+    """Marker: take this tensor from the base checkpoint as stored."""
+
+    _instance: "_Unchanged | None" = None
+
+    def __new__(cls) -> "_Unchanged":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5*10**9 bytes, '500MiB' -> 500*2**20 (transformers' convention)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ConvertError(f"cannot parse size {size!r} (use e.g. 500MB, 2GB, 1GiB)") from None
+
+
+def _items(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    if isinstance(tensors, Mapping):
+        # Look values up lazily so a lazy Mapping is only read one tensor at a time.
+        for k in tensors:
+            yield k, tensors[k]
+    else:
+        yield from tensors
+
+
+def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None) -> np.ndarray:
+    """Resolve one tensor to the array we write (cast, checked)."""
+    if value is UNCHANGED:
+        if base is None or name not in base:
+            raise ConvertError(f"tensor {name!r} is marked UNCHANGED but the base has no such tensor")
+        arr = base.get(name)
+    else:
+        arr = np.asarray(value)
+    if base is not None and name in base and tuple(arr.shape) != tuple(base.shape(name)):
+        raise ConvertError(
+            f"tensor {name!r} has shape {tuple(arr.shape)} but the base has {tuple(base.shape(name))}"
+        )
+    if is_float(arr.dtype):
+        if arr.dtype != out_dtype:
+            # Casting a finite fp32 value to bf16/fp16 can overflow to inf; check
+            # after the cast so such a tensor is refused too.
+            arr = arr.astype(out_dtype)
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise ConvertError(
+                f"tensor {name!r} has {bad} non-finite value(s) (NaN/Inf) in {arr.dtype}; refusing to write it"
+            )
+    return np.ascontiguousarray(arr)
+
+
+class _ShardWriter:
+    """Accumulates tensors up to ``max_bytes`` and flushes each shard to disk.
+
+    Shards are written as ``shard-<i>.tmp`` and renamed once their count is known,
+    so at most one shard's tensors are held in memory.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, np.ndarray] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        if self.pending and self.pending_bytes + arr.nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = arr
+        self.pending_bytes += arr.nbytes
+        self.total += arr.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.directory / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Rename shards to their final names and write the index; return file names."""
+        self.flush()
+        n = len(self.files)
+        if n == 0:
+            raise ConvertError("no tensors to export")
+        if n == 1:
+            self.files[0][0].rename(self.directory / SINGLE_FILE)
+            return [SINGLE_FILE]
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, (path, tensor_names) in enumerate(self.files):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.directory / fname)
+            names.append(fname)
+            weight_map.update({t: fname for t in tensor_names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _tmp_sibling(dst: Path, tag: str) -> Path:
+    return dst.parent / f".{dst.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def export_hf(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    dst: str | Path,
+    *,
+    base: Checkpoint | None = None,
+    config: Mapping[str, Any] | None = None,
+    dtype: str | np.dtype = "bf16",
+    max_shard_size: int | str = "5GB",
+    copy_files_from: str | Path | None = None,
+    model_card: Mapping[str, Any] | str | None = None,
+    fill_from_base: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Export HF-named tensors to a Hugging Face directory at ``dst``.
+
+    ``tensors`` maps HF names to arrays (numpy / jax, PyTorch layout) or to
+    :data:`UNCHANGED`; it may be a lazy iterator of ``(name, value)`` pairs. With a
+    ``base`` checkpoint, UNCHANGED tensors (and, if ``fill_from_base``, base tensors
+    the input never names) are read from the base; when the base stores them in
+    the output dtype their bytes are copied exactly. Floating tensors are cast to
+    ``dtype`` ('bf16' / 'fp16' / 'fp32'); integer tensors keep their dtype.
+
+    ``config`` defaults to the base's; ``copy_files_from`` (tokenizer files and
+    generation config) defaults to the base's directory. ``model_card`` is a
+    dict rendered into README.md (or a ready string). Returns ``dst``.
+
+    Raises ConvertError (and leaves nothing at ``dst``) on a NaN/Inf tensor, a
+    shape that disagrees with the base, or an existing ``dst`` without
+    ``overwrite``.
+    """
+    dst = Path(dst)
+    out_dtype = parse_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise ConvertError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if config is None:
+        if base is None:
+            raise ConvertError("export_hf needs a config (or a base checkpoint to take it from)")
+        config = base.config
+    cfg = json.loads(json.dumps(dict(config)))  # deep copy, and proof it is JSON-serialisable
+    if copy_files_from is None and base is not None and Path(base.path).is_dir():
+        copy_files_from = base.path
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(dst, "partial")
+    tmp.mkdir()
+    try:
+        writer = _ShardWriter(tmp, max_bytes)
+        seen: set[str] = set()
+        tied = bool(cfg.get("tie_word_embeddings", False))
+        it: Iterable[tuple[str, Any]] = _items(tensors)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"export {dst.name}", unit="tensor", total=len(tensors) if hasattr(tensors, "__len__") else None)
+        for name, value in it:
+            if name in seen:
+                raise ConvertError(f"tensor {name!r} given twice")
+            if base is not None and name not in base:
+                if tied and name == "lm_head.weight":
+                    continue  # tied head: HF checkpoints store only the embedding
+                raise ConvertError(f"tensor {name!r} is not in the base checkpoint {base.path}")
+            writer.add(name, _prepare(name, value, out_dtype, base))
+            seen.add(name)
+        if base is not None and fill_from_base:
+            for name in base.names():
+                if name not in seen:
+                    writer.add(name, _prepare(name, UNCHANGED, out_dtype, base))
+        writer.finish()
+
+        cfg["dtype"] = config_dtype_name(out_dtype)
+        if "torch_dtype" in cfg:  # transformers < 5 reads this spelling
+            cfg["torch_dtype"] = cfg["dtype"]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if copy_files_from is not None:
+            src = Path(copy_files_from)
+            for fname in TOKENIZER_FILES:
+                if (src / fname).is_file():
+                    shutil.copy2(src / fname, tmp / fname)
+        if model_card is not None:
+            text = model_card if isinstance(model_card, str) else render_model_card(model_card, cfg)
+            (tmp / "README.md").write_text(text)
+        _commit(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Move the finished temporary directory to ``dst`` (replacing it if allowed)."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise ConvertError(f"{dst}: appeared while exporting; not replacing it")
+        old = _tmp_sibling(dst, "old")
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

@@ -1,0 +1,144 @@
+"""Open any supported checkpoint, check its architecture and tensor shapes.
+
+``open_checkpoint(path)`` picks the reader from what is on disk:
+
+* a ``.gguf`` file -> :class:`GGUFCheckpoint` (dequantised float32, HF names)
+* a directory with ``model.safetensors`` or ``model.safetensors.index.json``
+  -> :class:`SafetensorsCheckpoint`
+* a directory with ``pytorch_model.bin`` (or its index) -> :class:`TorchBinCheckpoint`
+  (needs torch; never unpickled any other way)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from convert.checkpoint import Checkpoint
+from convert.errors import ConvertError
+from convert.gguf_reader import GGUFCheckpoint
+from convert.safetensors_reader import INDEX_FILE as ST_INDEX
+from convert.safetensors_reader import SINGLE_FILE as ST_SINGLE
+from convert.safetensors_reader import SafetensorsCheckpoint
+from convert.torch_reader import INDEX_FILE as PT_INDEX
+from convert.torch_reader import SINGLE_FILE as PT_SINGLE
+from convert.torch_reader import TorchBinCheckpoint
+
+# Used only when the model registry cannot be imported (e.g. a partial install);
+# it mirrors sgtv_jax.models.SUPPORTED_MODEL_TYPES.
+_FALLBACK_SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "bert")
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """HF ``model_type`` values we have Flax models and name maps for."""
+    try:
+        from sgtv_jax.models import SUPPORTED_MODEL_TYPES
+    except ImportError:
+        return _FALLBACK_SUPPORTED
+    return tuple(SUPPORTED_MODEL_TYPES)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint lazily (validates layout, reads no tensor data)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConvertError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return GGUFCheckpoint(p)
+        if p.name in (ST_SINGLE, PT_SINGLE, ST_INDEX, PT_INDEX) or p.suffix in (".safetensors", ".bin"):
+            return open_checkpoint(p.parent)
+        raise ConvertError(f"{p}: unrecognised checkpoint file (expected a .gguf file or a model directory)")
+    if (p / ST_INDEX).is_file() or (p / ST_SINGLE).is_file():
+        return SafetensorsCheckpoint(p)
+    if (p / PT_INDEX).is_file() or (p / PT_SINGLE).is_file():
+        return TorchBinCheckpoint(p)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFCheckpoint(ggufs[0])
+    raise ConvertError(
+        f"{p}: no checkpoint found (looked for {ST_SINGLE}, {ST_INDEX}, {PT_SINGLE}, {PT_INDEX}, one *.gguf)"
+    )
+
+
+def check_architecture(config: dict[str, Any], where: str | Path) -> str:
+    """Return ``config['model_type']`` or raise naming the supported ones."""
+    mt = config.get("model_type")
+    supported = supported_architectures()
+    if mt not in supported:
+        raise ConvertError(
+            f"{where}: unsupported architecture {mt!r}; supported: {', '.join(supported)}"
+        )
+    return str(mt)
+
+
+def hf_config_object(config: dict[str, Any]) -> Any:
+    """A transformers ``PretrainedConfig`` from a config dict (local, no remote code)."""
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    mt = cfg.pop("model_type")
+    for k in ("transformers_version", "_name_or_path", "_model_name_or_path"):
+        cfg.pop(k, None)
+    return AutoConfig.for_model(mt, **cfg)
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """HF tensor name -> shape the config implies, from the architecture's name map.
+
+    Falls back to the transformers PyTorch model built on the meta device (no
+    memory, no init) when no name map is available; returns None when neither is.
+    """
+    try:
+        from convert.namemaps import get_name_map
+
+        fn = getattr(get_name_map(config["model_type"]), "expected_hf_tensors", None)
+    except (ImportError, KeyError, ValueError):
+        fn = None
+    if fn is not None:
+        return {k: tuple(v) for k, v in fn(hf_config_object(config)).items()}
+    return _expected_shapes_from_transformers(config)
+
+
+def _expected_shapes_from_transformers(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    try:
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+    except ImportError:
+        return None
+    cfg = hf_config_object(config)
+    auto = AutoModel if config["model_type"] == "bert" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)  # tied: stored only as the embedding
+    return shapes
+
+
+def validate_checkpoint(ckpt: Checkpoint, *, require_all: bool = True) -> str:
+    """Check architecture and every tensor's shape against the config.
+
+    Raises ConvertError naming the first tensor whose shape disagrees, a tensor
+    the config does not expect, or (``require_all``) one it expects but the
+    checkpoint lacks. Returns the model_type.
+    """
+    mt = check_architecture(ckpt.config, ckpt.path)
+    shapes = expected_shapes(ckpt.config)
+    if shapes is None:
+        return mt
+    for name in ckpt.names():
+        if name not in shapes:
+            continue  # buffers such as position_ids, which the models recompute
+        got = tuple(ckpt.shape(name))
+        if got != shapes[name]:
+            raise ConvertError(
+                f"{ckpt.path}: tensor {name!r} has shape {got} but the config implies {shapes[name]}"
+            )
+    if require_all:
+        missing = [n for n in shapes if n not in ckpt]
+        if missing:
+            raise ConvertError(
+                f"{ckpt.path}: tensor {missing[0]!r} is missing ({len(missing)} expected tensor(s) absent)"
+            )
+    return mt

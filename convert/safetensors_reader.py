@@ -1,0 +1,206 @@
+"""Hugging Face safetensors checkpoints: one ``model.safetensors`` or shards
+listed in ``model.safetensors.index.json``, read lazily tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from convert.errors import ConvertError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype tags -> numpy dtypes (bf16 via ml_dtypes, as safe_open returns).
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _np_dtype(tag: str) -> np.dtype:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    name = _ST_DTYPES.get(tag)
+    if name is None:
+        raise ConvertError(f"unsupported safetensors dtype {tag}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """Load ``config.json`` from a model directory as a dict."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing config.json (needed to know the architecture)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+
+
+class SafetensorsCheckpoint:
+    """Lazy reader over a directory of safetensors shards.
+
+    On open it validates the whole layout without reading tensor data: the index
+    parses, every shard it names exists, every shard's header parses and its data
+    section is complete (safetensors refuses truncated files), and the index and
+    the headers agree on which tensor lives where.
+
+    Only one shard is memory-mapped at a time, so iterating never maps (and so
+    never keeps resident) more than one shard of the checkpoint.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory)
+        if not self.path.is_dir():
+            raise ConvertError(f"{self.path}: not a directory")
+        self._config: dict[str, Any] | None = None
+        self._where: dict[str, Path] = {}  # tensor name -> shard file
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self.shards: list[Path] = []
+        self.metadata: dict[str, str] = {}
+        index = self.path / INDEX_FILE
+        single = self.path / SINGLE_FILE
+        if index.is_file():
+            self._open_index(index)
+        elif single.is_file():
+            self.shards = [single]
+            self._scan_shard(single, expected=None)
+        else:
+            raise ConvertError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+        self._open_file: Path | None = None
+        self._handle: Any = None
+
+    # -- validation -----------------------------------------------------------
+
+    def _open_index(self, index: Path) -> None:
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConvertError(f"{index}: not a valid safetensors index ({e!r})") from None
+        by_file: dict[str, set[str]] = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(fname, set()).add(name)
+        for fname in sorted(by_file):
+            shard = self.path / fname
+            if not shard.is_file():
+                raise ConvertError(
+                    f"{shard}: shard named in {index.name} is missing "
+                    f"(it should hold e.g. {sorted(by_file[fname])[0]})"
+                )
+            self.shards.append(shard)
+            self._scan_shard(shard, expected=by_file[fname])
+
+    def _scan_shard(self, shard: Path, expected: set[str] | None) -> None:
+        try:
+            with safe_open(str(shard), framework="numpy") as f:
+                keys = list(f.keys())
+                meta = f.metadata() or {}
+                for k in keys:
+                    sl = f.get_slice(k)
+                    self._shapes[k] = tuple(int(d) for d in sl.get_shape())
+                    self._dtypes[k] = _np_dtype(sl.get_dtype())
+        except SafetensorError as e:
+            raise ConvertError(f"{shard}: truncated or corrupt safetensors file ({e})") from None
+        self.metadata.update(meta)
+        if expected is not None:
+            missing = expected - set(keys)
+            if missing:
+                raise ConvertError(
+                    f"{shard}: the index says it holds {sorted(missing)[0]!r} "
+                    f"({len(missing)} tensor(s) in all) but the file does not"
+                )
+            # Tensors present in a shard but absent from the index are ignored by
+            # transformers; we ignore them too rather than invent a location.
+            keys = [k for k in keys if k in expected]
+        for k in keys:
+            if k in self._where:
+                raise ConvertError(f"{shard}: tensor {k!r} also stored in {self._where[k]}")
+            self._where[k] = shard
+
+    # -- Checkpoint interface -------------------------------------------------
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            self._config = read_config(self.path)
+        return self._config
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[self._check(name)]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._dtypes[self._check(name)]
+
+    def shard_of(self, name: str) -> Path:
+        """The file holding ``name``."""
+        return self._where[self._check(name)]
+
+    def _check(self, name: str) -> str:
+        if name not in self._where:
+            raise ConvertError(f"{self.path}: no tensor named {name!r}")
+        return name
+
+    def _handle_for(self, shard: Path) -> Any:
+        # Keep exactly one shard mapped: switching shards closes the previous map
+        # so its pages stop counting towards resident memory.
+        if self._open_file != shard:
+            self.close()
+            try:
+                self._handle = safe_open(str(shard), framework="numpy")
+            except SafetensorError as e:
+                raise ConvertError(f"{shard}: truncated or corrupt safetensors file ({e})") from None
+            self._open_file = shard
+        return self._handle
+
+    def get(self, name: str) -> np.ndarray:
+        shard = self.shard_of(name)
+        try:
+            return self._handle_for(shard).get_tensor(name)
+        except SafetensorError as e:
+            raise ConvertError(f"{shard}: cannot read tensor {name!r} ({e})") from None
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def nbytes(self) -> int:
+        """Total tensor bytes (what the index calls total_size)."""
+        return sum(
+            int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize for n, s in self._shapes.items()
+        )
+
+    def close(self) -> None:
+        if self._handle is not None:
+            # safe_open handles are context managers; leaving the context unmaps.
+            try:
+                self._handle.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001 - already-closed handles are fine
+                pass
+        self._handle = None
+        self._open_file = None
+
+    def __enter__(self) -> "SafetensorsCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsCheckpoint({str(self.path)!r}, {len(self)} tensors, {len(self.shards)} shard(s))"
