@@ -1,0 +1,55 @@
+"""Model merging: trim / elect / combine building blocks, mergekit-named methods, RegMean.
+
+Tensor level (pure functions on a stack of task vectors `[T, ...]`, returning
+the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
+`dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`,
+`regmean`, all reachable by name with `get_method`. Model level: `merge(method,
+base, models, ...)` over pytrees / dicts with per-model and per-tensor
+parameters. The seed's API: `TIES().merge(...)`, `DARE().merge(...)`.
+"""
+
+from sgtv_jax.merge import combine, elect, keys, trim
+from sgtv_jax.merge.compat import DARE, TIES
+from sgtv_jax.merge.methods import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    generalized_task_arithmetic,
+    linear,
+    task_arithmetic,
+    ties,
+)
+from sgtv_jax.merge.model import merge, resolve
+from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.registry import METHODS, available_methods, get_method
+from sgtv_jax.merge.trim import TRIMS, Calibration
+
+__all__ = [
+    "Calibration",
+    "DARE",
+    "METHODS",
+    "TIES",
+    "TRIMS",
+    "available_methods",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "combine",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "elect",
+    "generalized_task_arithmetic",
+    "get_method",
+    "keys",
+    "linear",
+    "merge",
+    "regmean",
+    "resolve",
+    "task_arithmetic",
+    "ties",
+    "trim",
+]

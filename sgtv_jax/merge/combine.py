@@ -1,0 +1,46 @@
+"""Combining (trimmed, elected) task vectors into one, and the global scale.
+
+`mixed = sum_t m_t * w_t * tau_t`, where `m_t` is the agreement mask (all ones
+without sign election). With `normalize`, `mixed` is divided by
+`sum_t m_t * w_t` entry by entry (TIES' disjoint mean; a zero divisor becomes 1),
+or without election by `sum_t w_t` (a divisor with `|.| < 1e-8` becomes 1).
+These are mergekit's rules. The result is then scaled by `lambda`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def broadcast_weights(weights: jax.Array, ndim: int) -> jax.Array:
+    """`[T]` weights reshaped to `[T, 1, ...]` to broadcast against a `[T, ...]` stack."""
+    return jnp.reshape(weights, (-1,) + (1,) * (ndim - 1))
+
+
+def weighted_sum(deltas: jax.Array, weights: jax.Array, *, normalize: bool = False) -> jax.Array:
+    """`sum_t w_t tau_t` (divided by `sum_t w_t` when `normalize`). deltas `[T, ...]`, weights `[T]`."""
+    w = broadcast_weights(weights.astype(deltas.dtype), deltas.ndim)
+    mixed = jnp.sum(deltas * w, axis=0)
+    if normalize:
+        divisor = jnp.sum(weights.astype(deltas.dtype))
+        mixed = mixed / jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
+    return mixed
+
+
+def disjoint_merge(
+    deltas: jax.Array, weights: jax.Array, mask: jax.Array, *, normalize: bool = True
+) -> jax.Array:
+    """`sum_t m_t w_t tau_t`, divided by `sum_t m_t w_t` when `normalize` (disjoint mean)."""
+    w = broadcast_weights(weights.astype(deltas.dtype), deltas.ndim)
+    m = mask.astype(deltas.dtype)
+    mixed = jnp.sum(deltas * w * m, axis=0)
+    if normalize:
+        divisor = jnp.sum(w * m, axis=0)
+        mixed = mixed / jnp.where(divisor == 0, 1, divisor)
+    return mixed
+
+
+def scale(delta: jax.Array, lambda_: float = 1.0) -> jax.Array:
+    """The global task-vector scale: `lambda * delta`."""
+    return delta if lambda_ == 1.0 else delta * jnp.asarray(lambda_, delta.dtype)

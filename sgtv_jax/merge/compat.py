@@ -1,0 +1,185 @@
+"""The seed project's `TIES` and `DARE` classes, as thin wrappers over `merge`.
+
+    merged = TIES().merge(weights, base, [ft_1, ft_2], densities,
+                          hessian_invs=[h1_inv, h2_inv], use_sparsegpt=True)
+
+`base_model_parameters` is one tensor (then `ft_models_parameters` is a list of
+tensors and the result is one tensor) or a model, `name -> tensor` (then the
+fine-tuned entries are models too and the result is a dict). NumPy, JAX and
+torch (CPU) tensors are accepted; results are JAX arrays.
+
+Calibration statistics (only used with `use_sparsegpt=True`), per the rule:
+
+* `hessian_invs=`: full inverse Hessians `[in, in]` (the seed's argument);
+  the OBS factor is the Cholesky of the given inverse, so no dead-column fix or
+  damping can be applied (damp before inverting);
+* `hessians=`: plain Hessians `H` (preferred: dead columns and damping handled).
+
+Give one or the other, never both; nothing is guessed from the matrices. For a
+single tensor pass a list with one matrix per model (or one shared matrix); for
+a model a dict `name -> matrix or list`. Tensors of a model without an entry
+are trimmed by the method's data-free trim (magnitude for TIES, random for DARE).
+
+Differences from the seed: the sign is elected on weighted task vectors
+(mergekit's order; the seed elected on unweighted ones, which differs only for
+unequal weights); magnitude trimming keeps exactly `round(density * n)` entries
+(the seed kept every entry tied with the threshold); NaN/Inf task vectors raise
+instead of being zeroed with a warning; DARE's `1/density` rescale defaults off
+with SparseGPT trimming (the seed rescaled the OBS-compensated vectors, which
+double-counts); `device` is ignored (JAX places arrays); `importance_masks` is
+not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+
+from sgtv_jax import _checks
+from sgtv_jax.merge.model import merge
+
+_SINGLE = "tensor"
+
+
+def _stack_stats(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return jnp.stack([_checks.as_array(v, "hessian") for v in value])
+    return _checks.as_array(value, "hessian")
+
+
+class _SeedMerge:
+    method = ""
+    data_free_trim = ""
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def _merge(
+        self,
+        weights: Sequence[float],
+        base_model_parameters: Any,
+        ft_models_parameters: Sequence[Any],
+        densities: Sequence[float],
+        *,
+        hessian_invs: Any,
+        hessians: Any,
+        importance_masks: Any,
+        use_sparsegpt: bool,
+        blocksize: int,
+        percdamp: float,
+        seed: int,
+        layout: str,
+        params: dict,
+    ) -> Any:
+        if importance_masks is not None:
+            raise ValueError(
+                "importance_masks is not supported; pass hessians= (or hessian_invs=) with "
+                "use_sparsegpt=True for SparseGPT trimming"
+            )
+        if hessian_invs is not None and hessians is not None:
+            raise ValueError("give either hessian_invs (full inverse Hessians) or hessians, not both")
+        single = not isinstance(base_model_parameters, Mapping)
+        if single:
+            base = {_SINGLE: _checks.as_array(base_model_parameters, "base_model_parameters")}
+            models = [{_SINGLE: _checks.as_array(m, "ft_models_parameters")} for m in ft_models_parameters]
+            wrap = lambda s: None if s is None else {_SINGLE: s}  # noqa: E731
+        else:
+            base = {k: _checks.as_array(v, k) for k, v in base_model_parameters.items()}
+            models = [{k: _checks.as_array(v, k) for k, v in m.items()} for m in ft_models_parameters]
+            wrap = lambda s: s  # noqa: E731
+        kwargs: dict[str, Any] = dict(weights=list(weights), densities=list(densities), seed=seed, layout=layout)
+        if use_sparsegpt:
+            stats = hessian_invs if hessian_invs is not None else hessians
+            if stats is None:
+                raise ValueError(
+                    "hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True"
+                )
+            stats = wrap(stats) if single else stats
+            stats = {k: _stack_stats(v) for k, v in stats.items()}
+            kwargs["hessian_invs" if hessian_invs is not None else "hessians"] = stats
+            known = set(stats)
+            fallback = self.data_free_trim
+            kwargs["trim"] = lambda name: "sparsegpt" if name in known else fallback
+            kwargs["blocksize"] = blocksize
+            kwargs["percdamp"] = percdamp
+        merged = merge(self.method, base, models, **kwargs, **params)
+        return merged[_SINGLE] if single else merged
+
+
+class TIES(_SeedMerge):
+    """The seed's TIES: trim (magnitude or SparseGPT), elect sign, disjoint mean.
+
+    `merge(...)` = `sgtv_jax.merge.merge("ties", ...)`: normalize on, rescale
+    off, consensus "sum"; see the module doc for the arguments.
+    """
+
+    method = "ties"
+    data_free_trim = "magnitude"
+
+    def merge(
+        self,
+        weights: Sequence[float],
+        base_model_parameters: Any,
+        ft_models_parameters: Sequence[Any],
+        densities: Sequence[float],
+        device: Any = None,
+        hessian_invs: Any = None,
+        importance_masks: Any = None,
+        use_sparsegpt: bool = False,
+        blocksize: int = 128,
+        *,
+        hessians: Any = None,
+        percdamp: float = 0.01,
+        seed: int = 0,
+        layout: str = "torch",
+        **params: Any,
+    ) -> Any:
+        """Merged parameters (a tensor, or a dict for a model); extra `params` go to `ties`."""
+        return self._merge(
+            weights, base_model_parameters, ft_models_parameters, densities,
+            hessian_invs=hessian_invs, hessians=hessians, importance_masks=importance_masks,
+            use_sparsegpt=use_sparsegpt, blocksize=blocksize, percdamp=percdamp, seed=seed,
+            layout=layout, params=params,
+        )
+
+
+class DARE(_SeedMerge):
+    """The seed's DARE: drop (random or SparseGPT), rescale, weighted sum.
+
+    `merge(...)` = `sgtv_jax.merge.merge("dare_linear", ...)`: rescale
+    `1/density` on for random drops and off by default with SparseGPT (pass
+    `rescale=True` for the seed's behaviour), normalize off. `seed` makes the
+    drops reproducible (bit-identical per seed).
+    """
+
+    method = "dare_linear"
+    data_free_trim = "random"
+
+    def merge(
+        self,
+        weights: Sequence[float],
+        base_model_parameters: Any,
+        ft_models_parameters: Sequence[Any],
+        densities: Sequence[float],
+        device: Any = None,
+        hessian_invs: Any = None,
+        importance_masks: Any = None,
+        use_sparsegpt: bool = False,
+        blocksize: int = 128,
+        *,
+        hessians: Any = None,
+        percdamp: float = 0.01,
+        seed: int = 0,
+        layout: str = "torch",
+        **params: Any,
+    ) -> Any:
+        """Merged parameters (a tensor, or a dict for a model); extra `params` go to `dare_linear`."""
+        return self._merge(
+            weights, base_model_parameters, ft_models_parameters, densities,
+            hessian_invs=hessian_invs, hessians=hessians, importance_masks=importance_masks,
+            use_sparsegpt=use_sparsegpt, blocksize=blocksize, percdamp=percdamp, seed=seed,
+            layout=layout, params=params,
+        )

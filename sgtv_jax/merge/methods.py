@@ -1,0 +1,285 @@
+"""Task-vector merge methods with mergekit's names, parameters and defaults.
+
+All methods here are pure functions of one tensor's stack of task vectors
+`deltas` `[T, ...]` (`tau_t = theta_t - theta_0`) and return the merged task
+vector `[...]` (float32, or float64 for float64 input); the merged tensor is
+`theta_0 + result`. `sgtv_jax.merge.model.merge` maps them over whole models.
+
+The generalized task arithmetic pipeline (mergekit's GTA) every method below is
+an instance of:
+
+1. trim each `tau_t` to `densities[t]` (`sgtv_jax.merge.trim`);
+2. optionally elect a sign on the weighted trimmed vectors `w_t tau'_t`
+   (`sgtv_jax.merge.elect`; after OBS compensation when `trim="sparsegpt"`);
+3. combine: `sum_t m_t w_t tau'_t`, divided by `sum_t m_t w_t` when `normalize`
+   (`sgtv_jax.merge.combine`), then scaled by `lambda_`.
+
+Common arguments: `weights` `[T]` (required); `densities` `[T]` or one float in
+[0, 1]; `trim` replaces the method's own trimming by any of
+`trim.TRIMS` ("sparsegpt" / "wanda" need `calib`); `rescale=None` means the
+method's default, except that it is off whenever `trim` is "sparsegpt" or
+"wanda" (OBS already compensates kept entries; rescaling double-counts);
+`key` is this tensor's PRNG key (`keys.tensor_key`) for random trims; `gamma`,
+`epsilon` may be per task; `blocksize`, `percdamp` go to the OBS core; `name`
+labels errors.
+
+Differences from mergekit: counts use `round`, ties are broken stably, DARE /
+DELLA `rescale` divides by the keep probability (mergekit matches L1 norms);
+density 0 gives zeros instead of an assertion; `lambda_` exists for every
+method (mergekit: della only, in older versions).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sgtv_jax.merge import _validate, combine, elect
+from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.trim import Calibration
+
+Floats = float | Sequence[float]
+
+
+def generalized_task_arithmetic(
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    trim: str | None = None,
+    consensus: str | None = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str | None = None,
+) -> jax.Array:
+    """Trim -> (elect) -> combine -> scale, the pipeline all task-vector methods share.
+
+    Returns `lambda_ * sum_t m_t w_t trim(tau_t)` (`/ sum_t m_t w_t` when
+    `normalize`), `m_t` the sign-agreement mask (ones when `consensus` is None).
+    """
+    deltas = _validate.stack(deltas, name)
+    tasks = deltas.shape[0]
+    w = _validate.per_task(weights, tasks, "weights", name)
+    dens = _validate.densities(densities, tasks, name)
+    if consensus is not None and consensus not in elect.CONSENSUS:
+        raise ValueError(f"unknown consensus {consensus!r}; known: {', '.join(elect.CONSENSUS)} or None")
+    dt = _validate.work_dtype(deltas.dtype)
+    x = deltas.astype(dt)
+    if trim is not None:
+        x = trim_lib.trim(
+            trim, x, dens, key=key, calib=calib, gamma=gamma, epsilon=epsilon, rescale=rescale,
+            blocksize=blocksize, percdamp=percdamp, name=name,
+        )
+    elif any(d != 1.0 for d in dens):
+        raise ValueError(
+            f"densities {list(dens)} given but this method does not trim; pass trim=... "
+            f"(one of {', '.join(trim_lib.TRIMS)})"
+        )
+    elif rescale:
+        raise ValueError("rescale=True needs a trim")
+    wa = jnp.asarray(w, dt)
+    if consensus is None:
+        mixed = combine.weighted_sum(x, wa, normalize=normalize)
+    else:
+        weighted = x * combine.broadcast_weights(wa, x.ndim)
+        mask = elect.agreement_mask(weighted, elect.elect_sign(weighted, consensus))
+        mixed = combine.disjoint_merge(x, wa, mask, normalize=normalize)
+    return combine.scale(mixed, lambda_)
+
+
+def _rescale(rescale: bool | None, default: bool, trim: str | None) -> bool:
+    if rescale is not None:
+        return bool(rescale)
+    return default and trim not in trim_lib.DATA_TRIMS
+
+
+def linear(
+    deltas: jax.Array, weights: Floats, *, normalize: bool = True, base: jax.Array | None = None,
+    name: str | None = None,
+) -> jax.Array:
+    """Linear (model soup): `theta = sum_t w_t theta_t / sum_t w_t`.
+
+    In task-vector form `theta_0 + sum_t w_t tau_t / sum_t w_t` (normalize, the
+    default). With `normalize=False` the models are summed, `sum_t w_t theta_t`,
+    which needs `base` (`theta_0`): the result is `(sum_t w_t - 1) theta_0 +
+    sum_t w_t tau_t`. mergekit's linear also averages the base model when it is
+    listed among the models; here only the fine-tuned models take part. A zero
+    weight sum with `normalize` is an error (mergekit would divide by zero).
+    """
+    deltas = _validate.stack(deltas, name)
+    w = _validate.per_task(weights, deltas.shape[0], "weights", name)
+    dt = _validate.work_dtype(deltas.dtype)
+    mixed = combine.weighted_sum(deltas.astype(dt), jnp.asarray(w, dt), normalize=False)
+    if normalize:
+        if abs(sum(w)) < 1e-12:
+            raise ValueError(f"linear with normalize=True needs weights that do not sum to 0, got {list(w)}")
+        return mixed / sum(w)
+    if base is None:
+        raise ValueError("linear with normalize=False sums whole models and needs base=theta_0")
+    return mixed + (sum(w) - 1.0) * jnp.asarray(base, dt)
+
+
+def task_arithmetic(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
+    lambda_: float = 1.0, trim: str | None = None, rescale: bool | None = None,
+    key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
+    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+) -> jax.Array:
+    """Task arithmetic (Ilharco et al. 2023): `lambda * sum_t w_t tau_t`.
+
+    Defaults: normalize False, lambda 1, no trimming (pass `trim=` and
+    `densities` to trim first, e.g. `trim="sparsegpt"`), rescale off.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
+        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def ties(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = True,
+    lambda_: float = 1.0, consensus: str = "sum", trim: str = "magnitude",
+    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
+    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01,
+    name: str | None = None,
+) -> jax.Array:
+    """TIES (Yadav et al. 2023): trim, elect sign, disjoint mean.
+
+    `tau'_t = top-density magnitude of tau_t` (per tensor);
+    `s = sign(sum_t w_t tau'_t)` (ties elect +); `m_t = [sign(w_t tau'_t) == s]`;
+    result `lambda * sum_t m_t w_t tau'_t / sum_t m_t w_t` (a zero divisor -> 1).
+    Defaults: density 1, normalize True, consensus "sum", rescale off, lambda 1.
+    The paper uses unweighted disjoint means and its own lambda; the weighted
+    election (on `w_t tau'_t`) is mergekit's. With `trim="sparsegpt"` the sign
+    is elected on the OBS-compensated vectors.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
+        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def dare_linear(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
+    lambda_: float = 1.0, trim: str = "random", rescale: bool | None = None,
+    key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
+    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+) -> jax.Array:
+    """DARE (Yu et al. 2024) + task arithmetic: `lambda * sum_t w_t m_t tau_t / density_t`.
+
+    `m_t ~ Bernoulli(density_t)` per entry, from `fold_in(key, t)`. Defaults:
+    density 1, rescale on (`1/density`, unbiased: `E[result] = sum_t w_t tau_t`),
+    normalize off, lambda 1. With `trim="sparsegpt"` rescale defaults off.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
+        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def dare_ties(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
+    lambda_: float = 1.0, consensus: str = "sum", trim: str = "random",
+    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
+    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01,
+    name: str | None = None,
+) -> jax.Array:
+    """DARE drop-and-rescale, then TIES sign election and (un-normalized) disjoint sum.
+
+    `tau'_t = m_t tau_t / density_t`; `s = sign(sum_t w_t tau'_t)`;
+    result `lambda * sum_t [sign(w_t tau'_t) == s] w_t tau'_t`.
+    Defaults (mergekit's): normalize False, rescale on, consensus "sum", lambda 1.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
+        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def della(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
+    normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
+    trim: str = "magprune", rescale: bool | None = None, key: jax.Array | None = None,
+    calib: Calibration | None = None, gamma: Floats = 0.01, blocksize: int = 128,
+    percdamp: float = 0.01, name: str | None = None,
+) -> jax.Array:
+    """DELLA (Deep et al. 2024): MagPrune, sign election, disjoint mean.
+
+    Per row, entries ranked by `|tau|` get keep probability
+    `p = density - epsilon + 2 epsilon * rank/(n-1)`, survivors divided by `p`;
+    then TIES' election and `lambda * sum m w tau' / sum m w`.
+    Defaults (mergekit's): epsilon 0.15, normalize True, rescale on, lambda 1.
+    mergekit rescales to match the L1 norm; we divide by `p` as the paper does.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
+        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def della_linear(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
+    normalize: bool = False, lambda_: float = 1.0, trim: str = "magprune",
+    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
+    gamma: Floats = 0.01, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+) -> jax.Array:
+    """DELLA MagPrune without sign election: `lambda * sum_t w_t tau'_t`.
+
+    Defaults (mergekit's): epsilon 0.15, normalize False, rescale on (`1/p`), lambda 1.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
+        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def breadcrumbs(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
+    normalize: bool = False, lambda_: float = 1.0, trim: str = "breadcrumbs",
+    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
+    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+) -> jax.Array:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and the smallest, sum.
+
+    `tau'_t` keeps the entries ranked `[gamma n, gamma n + density n)` by `|tau_t|`
+    (descending); result `lambda * sum_t w_t tau'_t`.
+    Defaults (mergekit's): gamma 0.01, normalize False, rescale off, lambda 1.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
+        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )
+
+
+def breadcrumbs_ties(
+    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
+    normalize: bool = False, lambda_: float = 1.0, consensus: str = "sum",
+    trim: str = "breadcrumbs", rescale: bool | None = None, key: jax.Array | None = None,
+    calib: Calibration | None = None, epsilon: Floats = 0.15, blocksize: int = 128,
+    percdamp: float = 0.01, name: str | None = None,
+) -> jax.Array:
+    """Breadcrumbs trimming, then TIES sign election; un-normalized disjoint sum.
+
+    Defaults (mergekit's): gamma 0.01, normalize False, consensus "sum", rescale off.
+    """
+    return generalized_task_arithmetic(
+        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
+        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+    )

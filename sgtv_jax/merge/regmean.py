@@ -1,0 +1,98 @@
+"""RegMean (Jin et al. 2023): the closed-form least-squares merge of linear layers.
+
+For a linear layer `y = W x` (PyTorch layout, `W` `[out, in]`) and per-task Gram
+matrices of its inputs `G_t` `[in, in]`, RegMean solves
+`min_W sum_t ||W X_t - W_t X_t||^2`:
+
+    W* = (sum_t W_t G_t) (sum_t G_t)^-1
+       = W_0 + (sum_t tau_t G~_t) (sum_t G~_t)^-1
+
+with `G~_t = alpha G_t + (1 - alpha) diag(G_t)` (off-diagonals scaled by
+`alpha`, the paper's regularisation). We also weight each task:
+`G~_t -> w_t G~_t` (weights 1 give the paper's formula).
+
+The Grams are the Hessians of the OBS core (`sgtv_jax.hessian`, `H = (2/n) X X^T`
+per calibration sequence); their scale cancels when every task's Gram has the
+same scale. `hessian_finalize` averages over sequences, so each task counts
+equally whatever its number of calibration sequences; the paper's raw sums
+weight tasks by their token counts (multiply `H_t` by `n_t / 2` to get that).
+
+Inputs no task ever sees (a zero diagonal in every `G_t`) decouple from the
+solve; there the merge is the weighted mean of the task vectors' columns.
+Tensors that are not 2-D, or that have no Gram, are merged by the weighted
+mean `sum_t w_t tau_t / sum_t w_t` (the paper averages all non-linear
+parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sgtv_jax.merge import _validate, combine
+
+
+def _where(name: str | None) -> str:
+    return f" for tensor {name!r}" if name else ""
+
+
+def regmean(
+    deltas: jax.Array,
+    weights: float | Sequence[float] = 1.0,
+    *,
+    grams: Any = None,
+    alpha: float = 0.9,
+    name: str | None = None,
+) -> jax.Array:
+    """Merged task vector `[out, in]` from `deltas` `[T, out, in]` and `grams`.
+
+    Args:
+      deltas: task vectors `[T, out, in]` (any shape when `grams` is None).
+      weights: per-task weights `[T]` (default 1 each).
+      grams: `[in, in]` (shared: RegMean then reduces to the weighted mean) or
+        `[T, in, in]`; None -> weighted mean.
+      alpha: scale of the off-diagonal Gram entries, in [0, 1] (default 0.9;
+        the paper tunes it; 1 is plain least squares).
+    Returns: `(sum_t w_t tau_t G~_t)(sum_t w_t G~_t)^-1`, float32 (float64 for f64 input).
+    """
+    deltas = _validate.stack(deltas, name)
+    tasks = deltas.shape[0]
+    w = _validate.per_task(weights, tasks, "weights", name)
+    if not (0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"regmean alpha must be in [0, 1], got {alpha!r}")
+    dt = _validate.work_dtype(deltas.dtype)
+    x = deltas.astype(dt)
+    wa = jnp.asarray(w, dt)
+    if grams is None or x.ndim != 3:
+        if abs(sum(w)) < 1e-12:
+            raise ValueError(f"regmean needs weights that do not sum to 0, got {list(w)}{_where(name)}")
+        return combine.weighted_sum(x, wa, normalize=True)
+    g = jnp.asarray(grams).astype(dt)
+    cols = x.shape[-1]
+    if g.shape not in ((cols, cols), (tasks, cols, cols)):
+        raise ValueError(
+            f"regmean grams must have shape {(cols, cols)} or {(tasks, cols, cols)} for task "
+            f"vectors of shape {tuple(x.shape)}, got {tuple(g.shape)}{_where(name)}"
+        )
+    if not bool(jnp.all(jnp.isfinite(g))):
+        raise ValueError(f"regmean grams contain NaN or Inf{_where(name)}")
+    if g.ndim == 2:
+        g = jnp.broadcast_to(g, (tasks, cols, cols))
+    diag = jnp.diagonal(g, axis1=-2, axis2=-1)  # [T, cols]
+    eye = jnp.eye(cols, dtype=dt)
+    g = alpha * g + (1.0 - alpha) * diag[:, :, None] * eye
+    dead = jnp.all(diag == 0, axis=0)  # [cols]
+    g = g + dead.astype(dt) * eye  # decoupled columns: weighted mean
+    gw = g * combine.broadcast_weights(wa, 3)
+    hp = jax.lax.Precision.HIGHEST
+    numer = jnp.einsum("tri,tij->rj", x, gw, precision=hp)  # [out, in]
+    denom = jnp.sum(gw, axis=0)  # [in, in], symmetric
+    merged = jnp.linalg.solve(denom, numer.T).T
+    if not bool(jnp.all(jnp.isfinite(merged))):
+        raise ValueError(
+            f"regmean: the summed Gram matrix is singular{_where(name)}; use alpha < 1 "
+            "or more calibration data"
+        )
+    return merged

@@ -1,0 +1,302 @@
+"""Trimming (sparsifying) task vectors: which entries of each task vector survive.
+
+Every trim keeps a fraction `density` of one task vector and zeros the rest;
+`density == 1` returns the input unchanged and `density == 0` returns zeros.
+Counts are `k = round(density * n)` (mergekit truncates with `int()`, which can
+lose an entry to float error, e.g. `int(0.29 * 100) == 28`). Ties in score are
+broken by stable row-major order (the earlier entry is kept).
+
+| trim          | scope           | rule                                                       |
+| ------------- | --------------- | ---------------------------------------------------------- |
+| `magnitude`   | whole tensor    | keep the `k` largest `|d|`                                  |
+| `random`      | each entry      | keep with probability `density` (DARE; `jax.random`)       |
+| `magprune`    | each row        | keep with p linear in the `|d|` rank: density -/+ epsilon  |
+| `breadcrumbs` | whole tensor    | drop the top `round(gamma*n)` `|d|`, keep the next `k`     |
+| `wanda`       | each output row | keep the `round(density*cols)` largest `|d_ij| * ||x_j||`  |
+| `sparsegpt`   | OBS blocks      | `sgtv_jax.obs.obs_prune`: prune + compensate kept entries  |
+
+`rescale` multiplies the survivors by `1/density` (`1/p` per entry for
+`magprune`): the DARE / DELLA unbiasing. mergekit's current code instead
+rescales to match the L1 norm of the untrimmed tensor; we follow the papers.
+With `sparsegpt` the kept entries are already compensated, so rescaling
+double-counts: it stays available but every method defaults it off there.
+
+Layout: 2-D task vectors are `[out, in]` (PyTorch). Row-wise trims (`magprune`,
+`wanda`) work per output row; tensors with more than 2 dims are viewed as
+`[shape[0], -1]` (mergekit ranks DELLA along dim 1 only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sgtv_jax.merge import _validate
+from sgtv_jax.merge.keys import task_keys
+
+TRIMS = ("magnitude", "random", "magprune", "breadcrumbs", "wanda", "sparsegpt")
+"""Known trims; the last two need calibration statistics (`Calibration`)."""
+DATA_TRIMS = ("wanda", "sparsegpt")
+RANDOM_TRIMS = ("random", "magprune")
+
+
+class Calibration(NamedTuple):
+    """Calibration statistics of one linear layer's inputs (PyTorch layout, cols = in).
+
+    hessian: `[cols, cols]` (shared by every task) or `[T, cols, cols]`, as from
+      `sgtv_jax.hessian.hessian_finalize` (`H = (2/n) sum x x^T`).
+    hessian_inv: full (damped) inverse Hessian, same shapes; used by `sparsegpt`
+      only when `hessian` is absent (the seed's `hessian_invs`).
+    norms: `[cols]` or `[T, cols]` input norms for `wanda`; derived from
+      `hessian` (`sgtv_jax.hessian.input_norms`) when absent.
+    """
+
+    hessian: Any = None
+    hessian_inv: Any = None
+    norms: Any = None
+
+
+def _where(name: str | None) -> str:
+    return f" for tensor {name!r}" if name else ""
+
+
+def _count(density: float, n: int) -> int:
+    return int(round(density * n))
+
+
+def _top_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
+    """Bool mask of the `k` largest entries of each row of `scores` `[..., n]`, ties stable."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    ranks = jnp.argsort(order, axis=-1, stable=True)
+    return ranks < k
+
+
+def _edge(delta: jax.Array, density: float) -> jax.Array | None:
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return jnp.zeros_like(delta)
+    return None
+
+
+def _finish(delta: jax.Array, kept: jax.Array, scale: Any) -> jax.Array:
+    out = jnp.where(kept, delta.astype(_validate.work_dtype(delta.dtype)), 0)
+    if scale is not None:
+        out = out * scale
+    return out.astype(delta.dtype)
+
+
+def magnitude(delta: jax.Array, density: float, *, rescale: bool = False) -> jax.Array:
+    """Keep the `round(density * size)` largest-magnitude entries of `delta` (any shape)."""
+    if (e := _edge(delta, density)) is not None:
+        return e
+    flat = jnp.abs(delta.reshape(-1)).astype(_validate.work_dtype(delta.dtype))
+    kept = _top_mask(flat, _count(density, flat.size)).reshape(delta.shape)
+    return _finish(delta, kept, 1.0 / density if rescale else None)
+
+
+def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = True) -> jax.Array:
+    """DARE: keep each entry independently with probability `density` (Bernoulli)."""
+    if (e := _edge(delta, density)) is not None:
+        return e
+    kept = jax.random.bernoulli(key, density, delta.shape)
+    return _finish(delta, kept, 1.0 / density if rescale else None)
+
+
+def magprune(
+    delta: jax.Array, density: float, key: jax.Array, *, epsilon: float = 0.15, rescale: bool = True
+) -> jax.Array:
+    """DELLA MagPrune: per row, keep probability linear in the magnitude rank.
+
+    Within each row (of `[shape[0], -1]`; a vector is one row) the entries are
+    ranked by `|d|` ascending, `r in [0, 1]` (`r = 1/2` for a 1-entry row), and
+    kept with `p = density - epsilon + 2 * epsilon * r`; `rescale` divides the
+    survivors by their own `p`. Needs `0 < density -/+ epsilon < 1` (as mergekit).
+    """
+    if (e := _edge(delta, density)) is not None:
+        return e
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ValueError(
+            f"magprune needs 0 < density - epsilon and density + epsilon < 1, got "
+            f"density={density!r}, epsilon={epsilon!r}"
+        )
+    dt = _validate.work_dtype(delta.dtype)
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[-1]
+    order = jnp.argsort(jnp.abs(rows).astype(dt), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True).astype(dt)
+    r = rank / (n - 1) if n > 1 else jnp.full(rank.shape, 0.5, dt)
+    p = (density - epsilon) + 2.0 * epsilon * r
+    kept = jax.random.uniform(key, rows.shape, dt) < p
+    out = _finish(rows, kept, 1.0 / p if rescale else None)
+    return out.reshape(delta.shape)
+
+
+def breadcrumbs(
+    delta: jax.Array, density: float, *, gamma: float = 0.01, rescale: bool = False
+) -> jax.Array:
+    """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`.
+
+    With `n` entries ranked by `|d|` descending, keeps ranks
+    `[n_top, n_top + k)`, `n_top = round(gamma * n)`, `k = round(density * n)`;
+    when `n_top + k > n`, fewer outliers are dropped (mergekit's rule).
+    """
+    if (e := _edge(delta, density)) is not None:
+        return e
+    if not (0.0 <= gamma <= 1.0):
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    flat = jnp.abs(delta.reshape(-1)).astype(_validate.work_dtype(delta.dtype))
+    n = flat.size
+    k = _count(density, n)
+    n_top = min(_count(gamma, n), n - k)
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.argsort(order, stable=True)
+    kept = ((rank >= n_top) & (rank < n_top + k)).reshape(delta.shape)
+    return _finish(delta, kept, 1.0 / density if rescale else None)
+
+
+def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool = False) -> jax.Array:
+    """Wanda: per output row keep the `round(density*cols)` largest `|d_ij| * norms_j`.
+
+    delta `[rows, cols]` (PyTorch layout), norms `[cols]` (`||x_j||`). No update
+    of the kept entries (it is OBS with diag(H) only).
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"wanda trimming needs a 2-D [out, in] task vector, got shape {delta.shape}")
+    norms = jnp.asarray(norms)
+    if norms.shape != (delta.shape[1],):
+        raise ValueError(f"wanda norms must have shape ({delta.shape[1]},), got {norms.shape}")
+    if (e := _edge(delta, density)) is not None:
+        return e
+    dt = _validate.work_dtype(delta.dtype)
+    scores = jnp.abs(delta.astype(dt)) * norms.astype(dt)[None, :]
+    kept = _top_mask(scores, _count(density, delta.shape[1]))
+    return _finish(delta, kept, 1.0 / density if rescale else None)
+
+
+def sparsegpt(
+    deltas: jax.Array,
+    densities: Sequence[float],
+    calib: Calibration,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    rescale: bool = False,
+    name: str | None = None,
+) -> jax.Array:
+    """OBS (SparseGPT) trimming of a stack `[T, rows, cols]` via `sgtv_jax.obs`.
+
+    Uses `calib.hessian` (`obs_prune`: dead columns, damping, factored once when
+    shared) or else `calib.hessian_inv` (`obs_prune_from_inverse`). Kept entries
+    change value (compensation) and may flip sign.
+    """
+    from sgtv_jax import obs  # the OBS core; imported lazily
+
+    if deltas.ndim != 3:
+        raise ValueError(
+            f"sparsegpt trimming needs 2-D [out, in] task vectors{_where(name)}, "
+            f"got per-task shape {tuple(deltas.shape[1:])}"
+        )
+    if calib.hessian is not None:
+        pruned, _ = obs.obs_prune(
+            deltas, calib.hessian, density=list(densities), blocksize=blocksize,
+            percdamp=percdamp, name=name,
+        )
+    elif calib.hessian_inv is not None:
+        pruned, _ = obs.obs_prune_from_inverse(
+            deltas, calib.hessian_inv, density=list(densities), blocksize=blocksize, name=name
+        )
+    else:
+        raise ValueError(missing_stats_message("sparsegpt", name))
+    if rescale:
+        scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], pruned.dtype)
+        pruned = pruned * scale[:, None, None]
+    return pruned
+
+
+def missing_stats_message(kind: str, name: str | None) -> str:
+    need = "a Hessian (or inverse Hessian)" if kind == "sparsegpt" else "input norms or a Hessian"
+    return (
+        f"trim={kind!r} needs calibration statistics: {need}{_where(name)}; compute them with "
+        "sgtv_jax.hessian (hessian_update / hessian_finalize) and pass them in, or use a "
+        "data-free trim (magnitude, random, magprune, breadcrumbs) for this tensor"
+    )
+
+
+def _per_task_stat(stat: Any, t: int, tasks: int, ndim: int) -> Any:
+    stat = jnp.asarray(stat)
+    return stat[t] if stat.ndim == ndim + 1 else stat
+
+
+def trim(
+    kind: str,
+    deltas: jax.Array,
+    densities: float | Sequence[float],
+    *,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: float | Sequence[float] = 0.01,
+    epsilon: float | Sequence[float] = 0.15,
+    rescale: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str | None = None,
+) -> jax.Array:
+    """Trim each task vector of a stack `[T, ...]`; returns `[T, ...]` (same dtype).
+
+    Args:
+      kind: one of `TRIMS`.
+      densities: one fraction kept per task (or one for all), in [0, 1].
+      key: PRNG key of this tensor (`keys.tensor_key`); task t uses `fold_in(key, t)`.
+        Required for `random` / `magprune`.
+      calib: statistics for `wanda` / `sparsegpt`.
+      gamma: breadcrumbs' outlier fraction, per task or shared.
+      epsilon: magprune's half-width of the keep-probability range.
+    """
+    if kind not in TRIMS:
+        raise ValueError(f"unknown trim {kind!r}; known trims: {', '.join(TRIMS)}")
+    tasks = deltas.shape[0]
+    dens = _validate.densities(densities, tasks, name)
+    calib = calib or Calibration()
+    if kind == "sparsegpt":
+        if calib.hessian is None and calib.hessian_inv is None:
+            raise ValueError(missing_stats_message(kind, name))
+        return sparsegpt(
+            deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, rescale=rescale, name=name
+        )
+    if kind in RANDOM_TRIMS and key is None:
+        raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
+    out = []
+    if kind == "magnitude":
+        out = [magnitude(deltas[t], dens[t], rescale=rescale) for t in range(tasks)]
+    elif kind == "random":
+        keys = task_keys(key, tasks)
+        out = [random(deltas[t], dens[t], keys[t], rescale=rescale) for t in range(tasks)]
+    elif kind == "magprune":
+        eps = _validate.per_task(epsilon, tasks, "epsilon", name)
+        keys = task_keys(key, tasks)
+        out = [magprune(deltas[t], dens[t], keys[t], epsilon=eps[t], rescale=rescale) for t in range(tasks)]
+    elif kind == "breadcrumbs":
+        gam = _validate.per_task(gamma, tasks, "gamma", name)
+        _validate.in_range(gam, 0.0, 1.0, "gamma", name)
+        out = [breadcrumbs(deltas[t], dens[t], gamma=gam[t], rescale=rescale) for t in range(tasks)]
+    elif kind == "wanda":
+        if deltas.ndim != 3:
+            raise ValueError(
+                f"wanda trimming needs 2-D [out, in] task vectors{_where(name)}, "
+                f"got per-task shape {tuple(deltas.shape[1:])}"
+            )
+        norms = calib.norms
+        if norms is None and calib.hessian is not None:
+            from sgtv_jax.hessian import input_norms
+
+            norms = input_norms(jnp.asarray(calib.hessian))
+        if norms is None:
+            raise ValueError(missing_stats_message(kind, name))
+        out = [
+            wanda(deltas[t], dens[t], _per_task_stat(norms, t, tasks, 1), rescale=rescale)
+            for t in range(tasks)
+        ]
+    return jnp.stack(out)
