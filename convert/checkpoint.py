@@ -8,7 +8,7 @@ time so that a model never has to sit in memory whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,3 +53,28 @@ class Checkpoint(Protocol):
     def close(self) -> None:
         """Release file handles / maps."""
         ...
+
+
+class LazyTensors(Mapping):
+    """A read-only ``Mapping[name, np.ndarray]`` that reads each tensor on access.
+
+    Lets whole-model loaders that take a dict consume a checkpoint without
+    holding all of it at once (each lookup is a fresh read).
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._ckpt = ckpt
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._ckpt:
+            raise KeyError(name)
+        return self._ckpt.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ckpt.names())
+
+    def __len__(self) -> int:
+        return len(self._ckpt)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ckpt

@@ -141,15 +141,10 @@ def convert_gguf_dir(gguf_file: Path, dst: Path, *, dtype: str = "fp32", max_sha
     from convert.gguf_reader import GGUFCheckpoint
 
     with GGUFCheckpoint(gguf_file) as g:
-        cfg = dict(g.config)
-        export_hf(iter(g), dst, config=cfg, dtype=dtype, max_shard_size=max_shard_size,
-                  overwrite=overwrite, progress=progress)
-    try:
-        save_gguf_tokenizer(gguf_file, dst)
-    except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)  # a model without its tokenizer is incomplete
-        raise
-    return dst
+        # The tokenizer is written before the rename: a model without it is incomplete.
+        return export_hf(iter(g), dst, config=dict(g.config), dtype=dtype, max_shard_size=max_shard_size,
+                         overwrite=overwrite, progress=progress,
+                         finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp))
 
 
 def fetch_smollm2(cache_dir: str | Path | None = None, *, progress: bool = False) -> Path:

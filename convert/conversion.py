@@ -1,0 +1,83 @@
+"""Whole-checkpoint conversions: any supported source -> HF directory or Orbax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from convert.checkpoint import Checkpoint, LazyTensors
+from convert.errors import ConvertError
+from convert.export import export_hf
+from convert.gguf_reader import GGUFCheckpoint
+from convert.readers import hf_config_object, open_checkpoint, validate_checkpoint
+
+_CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def source_dtype(ckpt: Checkpoint) -> str:
+    """The dtype a checkpoint declares (config 'dtype' / 'torch_dtype'), default fp32."""
+    if isinstance(ckpt, GGUFCheckpoint):
+        return "fp32"  # dequantised
+    declared = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    return _CONFIG_DTYPES.get(str(declared), "fp32")
+
+
+def convert_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Convert a HF dir / pytorch_model.bin dir / .gguf file into a HF safetensors dir.
+
+    Tensors stream one at a time from the source into shards of at most
+    ``max_shard_size``; with ``dtype='auto'`` the source's dtype is kept (and
+    then tensors are copied byte for byte).
+    """
+    with open_checkpoint(src) as ckpt:
+        validate_checkpoint(ckpt)
+        out_dtype = source_dtype(ckpt) if dtype == "auto" else dtype
+        if isinstance(ckpt, GGUFCheckpoint):
+            from convert.demo import save_gguf_tokenizer
+
+            gguf_file = ckpt.path
+            return export_hf(iter(ckpt), dst, config=dict(ckpt.config), dtype=out_dtype,
+                             max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                             finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp))
+        # Every tensor passes through from the base (UNCHANGED), cast if asked.
+        return export_hf({}, dst, base=ckpt, dtype=out_dtype, max_shard_size=max_shard_size,
+                         overwrite=overwrite, progress=progress)
+
+
+def load_flax_model(src: str | Path | Checkpoint, *, param_dtype: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Read a checkpoint into the matching Flax NNX model; returns ``(model, hf_config)``.
+
+    Needs the architecture's name map (``convert.namemaps``) and the model
+    registry (``sgtv_jax.models``).
+    """
+    import jax.numpy as jnp
+
+    from convert.namemaps import get_name_map
+    from sgtv_jax.models import build_abstract_model
+
+    ckpt = src if not isinstance(src, (str, Path)) else open_checkpoint(src)
+    mt = validate_checkpoint(ckpt)
+    cfg = dict(ckpt.config)
+    abstract = build_abstract_model(hf_config_object(cfg), param_dtype=param_dtype or jnp.float32)
+    nm = get_name_map(mt)
+    loader = getattr(nm, "load_hf_state_dict_into_model", None)
+    if loader is None:
+        raise ConvertError(f"the {mt} name map has no load_hf_state_dict_into_model")
+    return loader(abstract, LazyTensors(ckpt)), cfg
+
+
+def convert_to_orbax(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """Convert any supported checkpoint into an Orbax checkpoint of the Flax model."""
+    from convert.orbax_io import save_orbax
+
+    with open_checkpoint(src) as ckpt:
+        model, cfg = load_flax_model(ckpt)
+    return save_orbax(model, dst, hf_config=cfg, overwrite=overwrite)
