@@ -1,0 +1,27 @@
+"""Flax NNX model definitions (one module per family) and the architecture registry.
+
+Families: ``llama`` (llama, mistral, qwen2, SmolLM), ``gpt2``, ``bert``.
+Every model exposes its forward pass in pieces for block-by-block pipelines:
+
+* ``model.embed(input_ids, ...) -> x [B, S, D]``
+* ``model.block_kwargs(attention_mask, seq_len, batch=None) -> dict`` of what
+  every block takes besides ``x`` (mask ``[B,1,S,S]``; positions for llama)
+* ``model.blocks`` (``nnx.List``); ``block(x, capture=False, **kw)`` returns ``y``
+  or ``(y, captures)`` with ``captures[hf_local_linear_name] = input [B, S, in]``
+* ``model.head(x)`` -> logits ``[B, S, V]`` (BERT: hidden state, identity)
+* ``model(input_ids, attention_mask=None)``
+* ``model.hf_block_prefix(i)`` / ``model.linear_names``
+
+Functional helpers (one compilation for all blocks of a model):
+``apply_block(graphdef, state, x, capture=False, **kw)``, ``split_block``,
+``get_block_state``, ``set_block_state``.
+"""
+
+from .common import apply_block, get_block_state, set_block_state, split_block
+from .registry import (SUPPORTED_MODEL_TYPES, build_abstract_model, build_model, config_from_hf,
+                       get_family, get_model_class)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "apply_block", "build_abstract_model", "build_model", "config_from_hf",
+    "get_block_state", "get_family", "get_model_class", "set_block_state", "split_block",
+]

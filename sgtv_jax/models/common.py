@@ -1,0 +1,243 @@
+"""Shared building blocks for the Flax NNX model families.
+
+Everything here is float32-accurate by construction: every contraction passes
+``precision=HIGHEST`` because GPU/TPU backends otherwise run f32 matmuls as
+TF32/bf16, which breaks logit parity and the OBS Hessians built from captured
+layer inputs.
+
+Shapes: ``B`` batch, ``S`` query length, ``T`` key length, ``D`` model width,
+``H`` heads, ``K`` key/value heads, ``Dh`` head width.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Additive mask value: finite (not -inf) so a fully masked row (a padding query
+# that sees only padding keys) gives a uniform softmax instead of NaN.
+MASK_VALUE = -1e30
+
+
+def default_kernel_init() -> Callable:
+    """Small-normal init; real weights are always loaded, this only makes random models usable."""
+    return nnx.initializers.normal(stddev=0.02)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]`` and HIGHEST precision.
+
+    x: ``[..., in]`` -> ``[..., out]``. Computation in ``dtype`` (default: the
+    parameter dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+                 param_dtype: Any = jnp.float32, dtype: Any = None, rngs: nnx.Rngs):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(default_kernel_init()(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or self.kernel[...].dtype
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), self.kernel[...].astype(dtype), precision=HIGHEST)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token/position embedding table ``[num, features]``; ``ids [...] -> [..., features]``."""
+
+    def __init__(self, num_embeddings: int, features: int, *, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.embedding = nnx.Param(default_kernel_init()(rngs.params(), (num_embeddings, features), param_dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: ``x [..., features] -> logits [..., num]``."""
+        emb = self.embedding[...]
+        return jnp.einsum("...d,vd->...v", x.astype(emb.dtype), emb, precision=HIGHEST)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: statistics in float32, then ``weight * x`` (matches HF's order of casts)."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(dtype)
+        return self.scale[...].astype(dtype) * y
+
+
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm with weight and bias, statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """HF activation name -> function (exact erf GELU vs tanh approximation matter for parity)."""
+    table: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "tanh": jnp.tanh,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
+    return table[name]
+
+
+def attention_mask_bool(attention_mask: jax.Array | None, batch: int, seq: int, *, causal: bool,
+                        sliding_window: int | None = None) -> jax.Array:
+    """Boolean ``[B, 1, S, S]`` mask, True where a query may attend to a key.
+
+    ``attention_mask``: ``[B, S]`` with 1 for real tokens and 0 for padding (or
+    None = no padding). ``causal`` adds ``key <= query``; ``sliding_window``
+    adds ``key > query - window`` (HF's sliding-window overlay).
+    """
+    q = jnp.arange(seq)[:, None]
+    k = jnp.arange(seq)[None, :]
+    allowed = jnp.ones((seq, seq), dtype=bool)
+    if causal:
+        allowed = allowed & (k <= q)
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    allowed = jnp.broadcast_to(allowed[None, None], (batch, 1, seq, seq))
+    if attention_mask is not None:
+        keep = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+        allowed = allowed & keep
+    return allowed
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          scale: float) -> jax.Array:
+    """Grouped-query attention.
+
+    q ``[B, S, H, Dh]``, k/v ``[B, T, K, Dh]`` with ``H % K == 0`` (query head
+    ``h`` uses kv head ``h // (H//K)``, as HF's ``repeat_kv``), mask
+    ``[B, 1, S, T]`` bool. Softmax in float32. Returns ``[B, S, H, Dh]``.
+    """
+    b, s, h, dh = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, s, kv, g, dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, precision=HIGHEST).astype(jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=HIGHEST)
+    return out.reshape(b, s, h, dh)
+
+
+# ---------------------------------------------------------------------------
+# Block-level functional API shared by all families.
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capture",))
+def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, capture: bool = False,
+                **kwargs: Any):
+    """Run one block given as ``nnx.split`` pieces: ``(graphdef, state, x, **block_kwargs)``.
+
+    All blocks of a model have the same graphdef and state shapes, so this
+    compiles once per model (per input shape) and is reused for every block.
+    Returns ``y [B, S, D]`` or ``(y, captures)`` when ``capture``.
+    """
+    block = nnx.merge(graphdef, state)
+    return block(x, capture=capture, **kwargs)
+
+
+def split_block(model: nnx.Module, i: int) -> tuple[nnx.GraphDef, nnx.State]:
+    """``nnx.split`` of block ``i`` (graphdef is identical across blocks)."""
+    return nnx.split(model.blocks[i])
+
+
+def get_block_state(model: nnx.Module, i: int) -> nnx.State:
+    """Parameters of block ``i`` as an ``nnx.State`` (paths relative to the block)."""
+    return nnx.state(model.blocks[i])
+
+
+def set_block_state(model: nnx.Module, i: int, state: nnx.State) -> None:
+    """Install ``state`` (e.g. merged weights) into block ``i`` in place."""
+    nnx.update(model.blocks[i], state)
+
+
+def rope_inv_freq(head_dim: int, rope_parameters: dict[str, Any]) -> tuple[tuple[float, ...], float]:
+    """Inverse frequencies ``[Dh/2]`` and attention scaling for split-half RoPE.
+
+    Mirrors transformers' ``default``, ``linear`` and ``llama3`` rope types,
+    in float32 like torch. Returned as a tuple so configs stay hashable.
+    """
+    import numpy as np
+
+    params = dict(rope_parameters or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    base = float(params["rope_theta"])
+    dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+    if dim != head_dim:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    exps = (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)).astype(np.float32)
+    inv = (np.float32(1.0) / np.power(np.float32(base), exps, dtype=np.float32)).astype(np.float32)
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        inv = (inv / np.float32(params["factor"])).astype(np.float32)
+    elif rope_type == "llama3":
+        factor = float(params["factor"])
+        low = float(params["low_freq_factor"])
+        high = float(params["high_freq_factor"])
+        old = float(params["original_max_position_embeddings"])
+        low_wl = old / low
+        high_wl = old / high
+        wavelen = (np.float32(2 * math.pi) / inv).astype(np.float32)
+        scaled = np.where(wavelen > low_wl, inv / np.float32(factor), inv).astype(np.float32)
+        smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    else:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+    return tuple(float(v) for v in inv), 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scaling: float) -> jax.Array:
+    """Split-half (``rotate_half``) RoPE. x ``[B, S, H, Dh]``, positions ``[B, S]`` int."""
+    inv = jnp.asarray(inv_freq, dtype=jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, S, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
+    sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
