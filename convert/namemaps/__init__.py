@@ -1,0 +1,129 @@
+"""Hugging Face tensor names <-> Flax NNX state paths, one map per architecture family.
+
+Per-tensor interface (streams: one tensor in, one tensor out; ``config`` is a
+transformers config or our frozen dataclass from ``sgtv_jax.models``)::
+
+    nm = get_name_map(model_type)            # "llama", "mistral", "qwen2", "gpt2", "bert"
+    nm.expected_hf_tensors(config) -> {hf_name: hf_shape}     # what a checkpoint must hold
+    nm.check_hf_tensor(name, shape, config) -> Rule | None    # ValueError: names tensor + both shapes
+    nm.is_ignored(name, config) -> bool                       # buffers, tied lm_head copies, ...
+    nm.hf_to_flax(name, array, config) -> (flax_path, array) | None   # None = ignorable tensor
+    nm.flax_to_hf(flax_path, array, config) -> (hf_name, array)
+    nm.hf_name_to_flax_path(name, config) / nm.flax_path_to_hf_name(path, config)
+    nm.rules(config) -> [Rule(hf_name, flax_path, transpose, hf_shape)]
+
+``hf_to_flax`` raises ValueError for a name the architecture does not have.
+Transposes (``nn.Linear`` ``[out, in]`` <-> kernel ``[in, out]``) are the
+only transformation; dtypes are never changed, so HF -> Flax -> HF is
+byte-identical.
+
+Whole-model helpers::
+
+    model = load_hf_state_dict_into_model(model, tensors)   # tensors: Mapping[str, np.ndarray] (may be lazy)
+    hf = model_to_hf_state_dict(model, dtype=None)          # {hf_name: np.ndarray}, HF layouts
+
+``load_hf_state_dict_into_model`` works on concrete models (updated in place)
+and on abstract ones from ``sgtv_jax.models.build_abstract_model`` (values
+filled in); it returns the model either way. Tensors are fetched from the
+mapping one at a time, so a lazy safetensors-backed mapping never has to be
+materialised whole.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import bert, gpt2, llama
+from ._base import FlaxPath, NameMap, Rule
+
+_MAPS: dict[str, NameMap] = {
+    "llama": llama.NAME_MAP,
+    "mistral": llama.NAME_MAP,
+    "qwen2": llama.NAME_MAP,
+    "gpt2": gpt2.NAME_MAP,
+    "bert": bert.NAME_MAP,
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_MAPS)
+
+__all__ = ["FlaxPath", "NameMap", "Rule", "SUPPORTED_MODEL_TYPES", "get_name_map",
+           "load_hf_state_dict_into_model", "model_to_hf_state_dict"]
+
+
+def get_name_map(model_type: str) -> NameMap:
+    """Name map for an HF ``model_type``; ValueError listing the supported ones."""
+    if model_type not in _MAPS:
+        raise ValueError(f"unsupported architecture {model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return _MAPS[model_type]
+
+
+def _flat_params(model: nnx.Module) -> dict[FlaxPath, Any]:
+    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
+                                  strict: bool = True) -> nnx.Module:
+    """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
+
+    Every tensor's shape is checked against the model's config (ValueError
+    naming the tensor and both shapes); unknown names raise ValueError;
+    ignorable ones (buffers, tied ``lm_head.weight``) are skipped. Values are
+    cast to each parameter's dtype (bf16 -> f32 is exact). With ``strict``,
+    a parameter no tensor provided is an error.
+    """
+    cfg = model.config
+    nm = get_name_map(cfg.model_type)
+    params = _flat_params(model)
+    filled: set[FlaxPath] = set()
+    for name in tensors.keys():
+        if nm.is_ignored(name, cfg):
+            continue
+        res = nm.hf_to_flax(name, tensors[name], cfg)
+        if res is None:
+            continue
+        path, arr = res
+        var = params.get(path)
+        if var is None:
+            raise ValueError(f"tensor {name!r} maps to {path!r}, which the model does not have")
+        dtype = var.get_value().dtype
+        var.set_value(jnp.asarray(arr, dtype=dtype))
+        filled.add(path)
+    if strict:
+        missing = [nm.flax_path_to_hf_name(p, cfg) for p in params if p not in filled]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    return model
+
+
+def model_to_hf_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
+    """All parameters as ``{hf_name: np.ndarray}`` in HF layout, HF checkpoint order.
+
+    ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts on the way out; default keeps
+    the parameter dtype.
+    """
+    cfg = model.config
+    nm = get_name_map(cfg.model_type)
+    params = _flat_params(model)
+    out: dict[str, np.ndarray] = {}
+    for rule in nm.rules(cfg):
+        var = params.get(rule.flax_path)
+        if var is None:
+            raise ValueError(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
+        arr = np.asarray(var.get_value())
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        name, arr = nm.flax_to_hf(rule.flax_path, arr, cfg)
+        out[name] = arr
+    return out
+
+
+def family_module(model_type: str) -> ModuleType:
+    """The family's name-map module (``llama``/``gpt2``/``bert``)."""
+    get_name_map(model_type)
+    return {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "bert": bert}[model_type]

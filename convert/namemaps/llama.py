@@ -1,0 +1,82 @@
+"""HF <-> Flax name map for the LLaMA family (llama, mistral, qwen2, SmolLM).
+
+HF names (``LlamaForCausalLM``) and Flax paths (``sgtv_jax.models.llama``)::
+
+    model.embed_tokens.weight [V, D]            <-> ("embed_tokens", "embedding")       as is
+    model.layers.{i}.self_attn.q_proj.weight     <-> ("blocks", i, "self_attn", "q_proj", "kernel")  transposed
+    model.layers.{i}.self_attn.q_proj.bias       <-> (..., "q_proj", "bias")   (qwen2 / attention_bias)
+    model.layers.{i}.input_layernorm.weight      <-> ("blocks", i, "input_layernorm", "scale")
+    model.norm.weight                            <-> ("norm", "scale")
+    lm_head.weight [V, D]                        <-> ("lm_head", "kernel") transposed; absent when tied
+
+HF q/k rows are already in split-half RoPE order (GGUF's interleaved order is
+the reader's business), so only transposes happen here. Ignored (not
+parameters): ``*.rotary_emb.inv_freq`` buffers and ``lm_head.weight`` of a
+tied checkpoint.
+
+Interface (``config``: a transformers config or ``sgtv_jax.models.llama.LlamaConfig``):
+``hf_to_flax(name, array, config) -> (flax_path, array) | None``,
+``flax_to_hf(flax_path, array, config) -> (name, array)``,
+``expected_hf_tensors(config) -> {name: shape}``,
+``check_hf_tensor(name, shape, config)``, ``is_ignored(name, config)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sgtv_jax.models.llama import LlamaConfig, hf_block_prefix
+
+from ._base import NameMap, Rule, block_rules
+
+
+def _config(config: Any) -> LlamaConfig:
+    return config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config)
+
+
+def _rules(cfg: LlamaConfig) -> list[Rule]:
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    rules = [Rule("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, (v, d))]
+    for i in range(cfg.num_hidden_layers):
+        e: list[tuple[str, str, bool, tuple[int, ...]]] = [
+            ("self_attn.q_proj.weight", "kernel", True, (q, d)),
+            ("self_attn.k_proj.weight", "kernel", True, (kv, d)),
+            ("self_attn.v_proj.weight", "kernel", True, (kv, d)),
+            ("self_attn.o_proj.weight", "kernel", True, (d, q)),
+            ("mlp.gate_proj.weight", "kernel", True, (f, d)),
+            ("mlp.up_proj.weight", "kernel", True, (f, d)),
+            ("mlp.down_proj.weight", "kernel", True, (d, f)),
+            ("input_layernorm.weight", "scale", False, (d,)),
+            ("post_attention_layernorm.weight", "scale", False, (d,)),
+        ]
+        if cfg.qkv_bias:
+            e += [("self_attn.q_proj.bias", "bias", False, (q,)),
+                  ("self_attn.k_proj.bias", "bias", False, (kv,)),
+                  ("self_attn.v_proj.bias", "bias", False, (kv,))]
+        if cfg.o_bias:
+            e.append(("self_attn.o_proj.bias", "bias", False, (d,)))
+        if cfg.mlp_bias:
+            e += [("mlp.gate_proj.bias", "bias", False, (f,)), ("mlp.up_proj.bias", "bias", False, (f,)),
+                  ("mlp.down_proj.bias", "bias", False, (d,))]
+        rules += block_rules(hf_block_prefix(i), ("blocks", i), e)
+    rules.append(Rule("model.norm.weight", ("norm", "scale"), False, (d,)))
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head", "kernel"), True, (v, d)))
+    return rules
+
+
+NAME_MAP = NameMap(
+    family="llama",
+    rules_fn=_rules,
+    normalize_fn=lambda name: name,
+    # lm_head.weight only matches here when the config ties it (then it is a copy of the embedding).
+    ignore_patterns=[r"\.rotary_emb\.inv_freq$", r"^lm_head\.weight$"],
+    config_fn=_config,
+)
+
+hf_to_flax = NAME_MAP.hf_to_flax
+flax_to_hf = NAME_MAP.flax_to_hf
+expected_hf_tensors = NAME_MAP.expected_hf_tensors
+check_hf_tensor = NAME_MAP.check_hf_tensor
+is_ignored = NAME_MAP.is_ignored
