@@ -34,7 +34,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -62,65 +61,19 @@ def get_name_map(model_type: str) -> NameMap:
     return _MAPS[model_type]
 
 
-def _flat_params(model: nnx.Module) -> dict[FlaxPath, Any]:
-    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
 def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
                                   strict: bool = True) -> nnx.Module:
     """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
 
-    Every tensor's shape is checked against the model's config (ValueError
-    naming the tensor and both shapes); unknown names raise ValueError;
-    ignorable ones (buffers, tied ``lm_head.weight``) are skipped. Values are
-    cast to each parameter's dtype (bf16 -> f32 is exact). With ``strict``,
-    a parameter no tensor provided is an error.
+    See ``NameMap.load_hf_state_dict_into_model``; the map is chosen from
+    ``model.config.model_type``.
     """
-    cfg = model.config
-    nm = get_name_map(cfg.model_type)
-    params = _flat_params(model)
-    filled: set[FlaxPath] = set()
-    for name in tensors.keys():
-        if nm.is_ignored(name, cfg):
-            continue
-        res = nm.hf_to_flax(name, tensors[name], cfg)
-        if res is None:
-            continue
-        path, arr = res
-        var = params.get(path)
-        if var is None:
-            raise ValueError(f"tensor {name!r} maps to {path!r}, which the model does not have")
-        dtype = var.get_value().dtype
-        var.set_value(jnp.asarray(arr, dtype=dtype))
-        filled.add(path)
-    if strict:
-        missing = [nm.flax_path_to_hf_name(p, cfg) for p in params if p not in filled]
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: "
-                             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    return model
+    return get_name_map(model.config.model_type).load_hf_state_dict_into_model(model, tensors, strict=strict)
 
 
 def model_to_hf_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
-    """All parameters as ``{hf_name: np.ndarray}`` in HF layout, HF checkpoint order.
-
-    ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts on the way out; default keeps
-    the parameter dtype.
-    """
-    cfg = model.config
-    nm = get_name_map(cfg.model_type)
-    params = _flat_params(model)
-    out: dict[str, np.ndarray] = {}
-    for rule in nm.rules(cfg):
-        var = params.get(rule.flax_path)
-        if var is None:
-            raise ValueError(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
-        arr = np.asarray(var.get_value())
-        if dtype is not None:
-            arr = arr.astype(dtype)
-        name, arr = nm.flax_to_hf(rule.flax_path, arr, cfg)
-        out[name] = arr
-    return out
+    """All parameters as ``{hf_name: np.ndarray}`` in HF layout (see ``NameMap.model_to_hf_state_dict``)."""
+    return get_name_map(model.config.model_type).model_to_hf_state_dict(model, dtype=dtype)
 
 
 def family_module(model_type: str) -> ModuleType:

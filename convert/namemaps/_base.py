@@ -150,6 +150,83 @@ class NameMap:
         return rule.hf_name
 
 
+    # -- whole model ------------------------------------------------------------
+    def load_hf_state_dict_into_model(self, model: Any, tensors: Mapping[str, np.ndarray], *,
+                                      strict: bool = True) -> Any:
+        """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
+
+        Tensors are fetched one at a time (``tensors`` may be lazy). Every
+        shape is checked against ``model.config`` (ValueError naming the tensor
+        and both shapes); unknown names raise ValueError; ignorable ones
+        (buffers, a tied ``lm_head.weight``) are skipped. Values are cast to
+        each parameter's dtype (bf16 -> f32 is exact). With ``strict``, a
+        parameter that no tensor provided is an error naming its HF name.
+        """
+        import jax.numpy as jnp
+
+        cfg = model.config
+        params = _flat_params(model)
+        filled: set[FlaxPath] = set()
+        for name in tensors.keys():
+            if self.is_ignored(name, cfg):
+                continue
+            shape = _cheap_shape(tensors, name)
+            if shape is not None:  # fail before reading the data when the reader can tell
+                self.check_hf_tensor(name, shape, cfg)
+            res = self.hf_to_flax(name, tensors[name], cfg)  # validates the shape again
+            if res is None:
+                continue
+            path, arr = res
+            var = params.get(path)
+            if var is None:
+                raise ValueError(f"tensor {name!r} maps to {path!r}, which the model does not have")
+            var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
+            filled.add(path)
+        if strict:
+            missing = [self.flax_path_to_hf_name(p, cfg) for p in params if p not in filled]
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        return model
+
+    def model_to_hf_state_dict(self, model: Any, dtype: Any = None) -> dict[str, np.ndarray]:
+        """All parameters as ``{hf_name: np.ndarray}`` in HF layout and checkpoint order.
+
+        ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts on the way out; default
+        keeps each parameter's dtype.
+        """
+        cfg = model.config
+        params = _flat_params(model)
+        out: dict[str, np.ndarray] = {}
+        for rule in self.rules(cfg):
+            var = params.get(rule.flax_path)
+            if var is None:
+                raise ValueError(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
+            arr = np.asarray(var.get_value())
+            if dtype is not None:
+                arr = arr.astype(dtype)
+            name, arr = self.flax_to_hf(rule.flax_path, arr, cfg)
+            out[name] = arr
+        return out
+
+
+def _flat_params(model: Any) -> dict[FlaxPath, Any]:
+    from flax import nnx
+
+    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _cheap_shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...] | None:
+    """Shape without reading data, when the mapping offers ``shape(name)`` (lazy readers); else None."""
+    fn = getattr(tensors, "shape", None)
+    if callable(fn):
+        try:
+            return tuple(fn(name))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+    return None
+
+
 def block_rules(prefix: str, flax_prefix: FlaxPath, entries: Iterable[tuple[str, str, bool, tuple[int, ...]]]
                 ) -> list[Rule]:
     """Rules for ``(hf_local_name, flax_leaf, transpose, hf_shape)`` entries under a prefix.
