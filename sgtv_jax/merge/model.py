@@ -61,9 +61,12 @@ def resolve(spec: Any, name: str) -> Any:
 
 
 def _per_model(spec: Any, tasks: int, what: str, name: str) -> list[Any]:
-    if spec is None or callable(spec) or _is_rules(spec) or np.ndim(spec) == 0:
+    if isinstance(spec, (list, tuple)) and not _is_rules(spec):
+        entries = list(spec)
+    elif hasattr(spec, "shape") and len(spec.shape) == 1:
+        entries = list(np.asarray(spec))
+    else:
         return [resolve(spec, name)] * tasks
-    entries = list(spec)
     if len(entries) != tasks:
         raise ValueError(f"{what} has {len(entries)} entries but there are {tasks} fine-tuned models")
     return [resolve(e, name) for e in entries]
