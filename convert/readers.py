@@ -89,14 +89,9 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None
     Falls back to the transformers PyTorch model built on the meta device (no
     memory, no init) when no name map is available; returns None when neither is.
     """
-    try:
-        from convert.namemaps import get_name_map
-
-        fn = getattr(get_name_map(config["model_type"]), "expected_hf_tensors", None)
-    except (ImportError, KeyError, ValueError):
-        fn = None
-    if fn is not None:
-        return {k: tuple(v) for k, v in fn(hf_config_object(config)).items()}
+    nm = _name_map(str(config.get("model_type")))
+    if nm is not None:
+        return {k: tuple(v) for k, v in nm.expected_hf_tensors(hf_config_object(config)).items()}
     return _expected_shapes_from_transformers(config)
 
 
@@ -116,14 +111,42 @@ def _expected_shapes_from_transformers(config: dict[str, Any]) -> dict[str, tupl
     return shapes
 
 
+def _name_map(model_type: str) -> Any:
+    try:
+        from convert.namemaps import get_name_map
+    except ImportError:
+        return None
+    try:
+        return get_name_map(model_type)
+    except ValueError:
+        return None
+
+
 def validate_checkpoint(ckpt: Checkpoint, *, require_all: bool = True) -> str:
     """Check architecture and every tensor's shape against the config.
 
     Raises ConvertError naming the first tensor whose shape disagrees, a tensor
-    the config does not expect, or (``require_all``) one it expects but the
-    checkpoint lacks. Returns the model_type.
+    the architecture does not have, or (``require_all``) one the config needs
+    but the checkpoint lacks. Uses the architecture's name map; without one,
+    the transformers model's shapes (meta device). Returns the model_type.
     """
     mt = check_architecture(ckpt.config, ckpt.path)
+    nm = _name_map(mt)
+    if nm is not None:
+        cfg = hf_config_object(ckpt.config)
+        for name in ckpt.names():
+            try:
+                nm.check_hf_tensor(name, tuple(ckpt.shape(name)), cfg)
+            except ValueError as e:
+                raise ConvertError(f"{ckpt.path}: {e}") from None
+        if require_all:
+            present = {nm.canonical_name(n) for n in ckpt.names()}
+            missing = [n for n in nm.expected_hf_tensors(cfg) if n not in present]
+            if missing:
+                raise ConvertError(
+                    f"{ckpt.path}: tensor {missing[0]!r} is missing ({len(missing)} expected tensor(s) absent)"
+                )
+        return mt
     shapes = expected_shapes(ckpt.config)
     if shapes is None:
         return mt
