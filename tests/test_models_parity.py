@@ -57,9 +57,10 @@ CONFIGS = {
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5)),
     "gpt2": lambda: transformers.GPT2Config(**_common(
-        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4)),
+        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
     "gpt2_untied": lambda: transformers.GPT2Config(**_common(
-        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, tie_word_embeddings=False)),
+        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0)),
     "bert": lambda: transformers.BertConfig(**_common(
         vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=96, max_position_embeddings=32, type_vocab_size=2)),
@@ -71,6 +72,14 @@ _TORCH_CLASSES = {
 }
 
 _CACHE: dict[str, tuple] = {}
+
+
+@nnx.jit
+def _forward(model, ids, mask=None, positions=None):
+    """Whole-model forward under one jit (eager op-by-op dispatch is slow on 2 shared cores)."""
+    if positions is None:
+        return model(ids, mask)
+    return model(ids, mask, positions=positions)
 
 
 def _reference(key: str):
@@ -110,7 +119,7 @@ def test_forward_parity_with_padding(key):
     cfg, tm, _, model = _reference(key)
     ids, mask = _inputs(cfg.vocab_size)
     ref = _torch_out(cfg, tm, ids, mask)
-    ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.shape == ref.shape and ours.dtype == np.float32
     valid = mask.astype(bool)  # positions whose output is defined (fully padded queries are not)
     assert np.abs(ref).max() > 1.0  # the comparison is not trivially small
@@ -128,7 +137,7 @@ def test_unpadded_forward_parity_llama():
     ids, _ = _inputs(cfg.vocab_size)
     with torch.no_grad():
         ref = tm(input_ids=torch.tensor(ids)).logits.numpy()
-    assert np.abs(np.asarray(model(jnp.asarray(ids))) - ref).max() <= TOL
+    assert np.abs(np.asarray(_forward(model, jnp.asarray(ids))) - ref).max() <= TOL
 
 
 def _hook_inputs(tm, prefix: str, names) -> dict[str, np.ndarray]:
@@ -146,7 +155,7 @@ def test_blockwise_with_captures_matches_full_and_torch_hooks(key):
     cfg, tm, _, model = _reference(key)
     ids, mask = _inputs(cfg.vocab_size)
     valid = mask.astype(bool)
-    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    full = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
 
     nblocks = len(model.blocks)
     hooked = []
@@ -324,3 +333,52 @@ def test_smollm2_135m_shapes_without_weights():
     assert model.blocks[29].mlp.down_proj.kernel.get_value().shape == (1536, 576)
     out = nnx.eval_shape(lambda m: m(jnp.zeros((2, 64), jnp.int32), jnp.ones((2, 64), jnp.int32)), model)
     assert out.shape == (2, 64, 49152) and out.dtype == jnp.float32
+
+
+def test_explicit_positions_for_left_padding_match_hf_position_ids():
+    """Left padding with positions = cumsum(mask) - 1, as HF generate does."""
+    cfg, tm, _, model = _reference("llama3_rope")
+    ids, mask = _inputs(cfg.vocab_size)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        ref = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos)).logits.numpy()
+    ours = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos)))
+    assert np.abs(ours - ref)[mask.astype(bool)].max() <= TOL
+
+
+@pytest.mark.parametrize("key", ["llama", "qwen2", "gpt2", "bert"])
+def test_block_prefix_and_linear_names_match_hf_tensors(key):
+    cfg, _, _, model = _reference(key)
+    exp = get_name_map(cfg.model_type).expected_hf_tensors(cfg)
+    for i in range(len(model.blocks)):
+        for n in model.linear_names:
+            assert model.hf_block_prefix(i) + n + ".weight" in exp
+
+
+def test_alternative_hf_spellings_load():
+    """GPT2Model names (no ``transformer.``) and BertForMaskedLM names (``bert.``, ``cls.*``)."""
+    cfg, _, sd, ref = _reference("gpt2")
+    bare = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
+    m = load_hf_state_dict_into_model(build_abstract_model(cfg), bare)
+    assert model_to_hf_state_dict(m)["transformer.h.1.mlp.c_fc.weight"].tobytes() == \
+        sd["transformer.h.1.mlp.c_fc.weight"].tobytes()
+    cfg, _, sd, _ = _reference("bert")
+    mlm = {"bert." + k: v for k, v in sd.items()}
+    mlm["cls.predictions.bias"] = np.zeros(cfg.vocab_size, np.float32)
+    m = load_hf_state_dict_into_model(build_abstract_model(cfg), mlm)
+    np.testing.assert_array_equal(model_to_hf_state_dict(m)["encoder.layer.0.output.dense.weight"],
+                                  sd["encoder.layer.0.output.dense.weight"])
+
+
+def test_registry_builds_random_models():
+    for key, cls_name in [("mistral", "LlamaForCausalLM"), ("qwen2", "LlamaForCausalLM"),
+                          ("gpt2", "GPT2LMHeadModel"), ("bert", "BertModel")]:
+        assert get_model_class(CONFIGS[key]().model_type).__name__ == cls_name
+    # One random init end to end (eager init compiles per shape, so only one: runtime budget).
+    cfg = CONFIGS["mistral"]()
+    model = build_model(cfg, nnx.Rngs(0))
+    assert isinstance(model, get_model_class("mistral"))
+    out = nnx.jit(lambda m, i: m(i))(model, jnp.zeros((1, 4), jnp.int32))
+    assert out.shape == (1, 4, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
+    assert float(jnp.std(model.blocks[0].self_attn.q_proj.kernel[...])) > 0
