@@ -20,8 +20,9 @@ from flax import nnx  # noqa: E402
 
 from convert.namemaps import (get_name_map, load_hf_state_dict_into_model,  # noqa: E402
                               model_to_hf_state_dict)
-from sgtv_jax.models import (apply_block, build_abstract_model, build_model, get_block_state,  # noqa: E402
-                             get_model_class, set_block_state, split_block)
+from sgtv_jax.models import (apply_block, build_abstract_model, build_model,  # noqa: E402
+                             forward_blockwise, get_block_state, get_model_class, set_block_state,
+                             split_block)
 
 # fp32 end to end on CPU; differences come only from summation order.
 TOL = 1e-4
@@ -49,6 +50,10 @@ CONFIGS = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 64})),
+    "llama_biases_linear_rope": lambda: transformers.LlamaConfig(**_common(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
     "qwen2": lambda: transformers.Qwen2Config(**_common(
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
@@ -183,6 +188,8 @@ def test_blockwise_with_captures_matches_full_and_torch_hooks(key):
     assert apply_block._cache_size() - before == 1
     out = np.asarray(model.head(x))
     assert np.abs(out - full)[valid].max() <= 1e-5
+    fb = np.asarray(forward_blockwise(model, jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(fb - full)[valid].max() <= 1e-5
 
 
 def test_block_call_without_capture_equals_capture():

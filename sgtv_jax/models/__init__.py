@@ -14,14 +14,19 @@ Every model exposes its forward pass in pieces for block-by-block pipelines:
 
 Functional helpers (one compilation for all blocks of a model):
 ``apply_block(graphdef, state, x, capture=False, **kw)``, ``split_block``,
-``get_block_state``, ``set_block_state``.
+``get_block_state``, ``set_block_state``, ``forward_blockwise(model, ids, mask)``.
+
+Registry: ``get_model_class(model_type)``, ``build_model(hf_config, rngs)``
+(random init), ``build_abstract_model(hf_config)`` (shapes only, to be filled
+by ``convert.namemaps.load_hf_state_dict_into_model``), ``config_from_hf``.
 """
 
-from .common import apply_block, get_block_state, set_block_state, split_block
+from .common import apply_block, forward_blockwise, get_block_state, set_block_state, split_block
 from .registry import (SUPPORTED_MODEL_TYPES, build_abstract_model, build_model, config_from_hf,
                        get_family, get_model_class)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "apply_block", "build_abstract_model", "build_model", "config_from_hf",
+    "forward_blockwise",
     "get_block_state", "get_family", "get_model_class", "set_block_state", "split_block",
 ]
