@@ -1,0 +1,114 @@
+"""The inverse-Hessian factor the OBS sweep runs on.
+
+`U` is the upper Cholesky factor of `H^-1` (`H^-1 = U^T U`) after SparseGPT's
+two fixes to H: dead columns (`H_ii == 0`, an input that never fires) get
+`H_ii = 1`, and `percdamp * mean(diag(H))` is added to the diagonal.
+`U[i, i]^2` is `[H_F^-1]_ii` for the columns F not yet processed, which is what
+makes the column sweep an exact Optimal-Brain-Surgeon sequence.
+
+We get U from one Cholesky of the *reversed* H instead of the reference's
+cholesky -> cholesky_inverse -> cholesky: with `P` the reversal permutation and
+`P H P = L L^T`, `U = P L^-1 P` is upper triangular with `U^T U = H^-1`. Half
+the work, and no second factorisation of an ill-conditioned inverse.
+
+`jnp.linalg.cholesky` returns NaNs instead of raising (it cannot raise inside
+jit), so the factor checks `isfinite` and retries inside XLA with the damping
+multiplied by 10, up to `max_escalations` times. It never falls back to the
+identity (that would silently be magnitude pruning); callers raise on `ok=False`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+MAX_ESCALATIONS = 5
+
+
+class InverseFactor(NamedTuple):
+    """Result of `inverse_factor` (leading `[T]` axis when H was a stack).
+
+    upper: `[cols, cols]` upper-triangular U with `U^T U = (H + damp I)^-1`.
+    dead: `[cols]` bool, columns whose input never fired (their delta is zeroed).
+    percdamp: scalar, the relative damping finally used (>= the one asked for).
+    ok: scalar bool, False if H stayed indefinite after every escalation.
+    """
+
+    upper: jax.Array
+    dead: jax.Array
+    percdamp: jax.Array
+    ok: jax.Array
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float32 for low-precision inputs; float64 stays float64 (when x64 is on)."""
+    return jnp.result_type(dtype, jnp.float32)
+
+
+def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
+    """Upper U with `U^T U = h^-1`, for symmetric positive definite `h` `[n, n]`."""
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    eye = jnp.eye(h.shape[-1], dtype=h.dtype)
+    linv = solve_triangular(lower, eye, lower=True)
+    # Exact zeros below the diagonal: the sweep relies on U[i, :i] == 0.
+    return jnp.triu(linv[::-1, ::-1])
+
+
+def _factor_one(hessian: jax.Array, percdamp: jax.Array, max_escalations: int) -> InverseFactor:
+    h = hessian.astype(compute_dtype(hessian.dtype))
+    cols = h.shape[-1]
+    diag = jnp.diagonal(h)
+    dead = diag == 0
+    idx = jnp.arange(cols)
+    h = h.at[idx, idx].set(jnp.where(dead, 1.0, diag).astype(h.dtype))
+    mean_diag = jnp.mean(jnp.diagonal(h))
+    percdamp = jnp.asarray(percdamp, h.dtype)
+
+    def attempt(p):
+        u = upper_inverse_cholesky(h.at[idx, idx].add(p * mean_diag))
+        return u, jnp.all(jnp.isfinite(u))
+
+    def cond(carry):
+        tries, _, _, ok = carry
+        return jnp.logical_and(~ok, tries < max_escalations)
+
+    def body(carry):
+        tries, p, _, _ = carry
+        p = p * 10
+        u, ok = attempt(p)
+        return tries + 1, p, u, ok
+
+    u, ok = attempt(percdamp)
+    _, p, u, ok = jax.lax.while_loop(cond, body, (jnp.int32(0), percdamp, u, ok))
+    return InverseFactor(u, dead, p, ok)
+
+
+@functools.partial(jax.jit, static_argnames="max_escalations")
+def inverse_factor(
+    hessian: jax.Array, percdamp: float = 0.01, max_escalations: int = MAX_ESCALATIONS
+) -> InverseFactor:
+    """Damped upper Cholesky factor of `H^-1`, for `[cols, cols]` or a stack `[T, cols, cols]`.
+
+    Pure and jit-compiled; check `ok` on the result (see module docstring).
+    """
+    if hessian.ndim == 3:
+        return jax.vmap(_factor_one, in_axes=(0, None, None))(hessian, percdamp, max_escalations)
+    return _factor_one(hessian, percdamp, max_escalations)
+
+
+@jax.jit
+def factor_from_inverse(hessian_inv: jax.Array) -> InverseFactor:
+    """Factor of a precomputed (already damped) inverse Hessian `[cols, cols]`.
+
+    Returns the upper Cholesky factor of `hessian_inv` itself; no dead-column
+    detection or damping is possible from an inverse, so `dead` is all False.
+    """
+    h = hessian_inv.astype(compute_dtype(hessian_inv.dtype))
+    # cholesky(A)^T is the upper factor with U^T U = A.
+    u = jnp.triu(jnp.linalg.cholesky(h).T)
+    ok = jnp.all(jnp.isfinite(u))
+    return InverseFactor(u, jnp.zeros(h.shape[-1], bool), jnp.zeros((), h.dtype), ok)

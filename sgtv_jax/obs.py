@@ -1,0 +1,334 @@
+"""Blockwise Optimal-Brain-Surgeon pruning of task vectors (SparseGPT's sweep).
+
+For a task vector `D` `[rows, cols]` and the layer Hessian `H` `[cols, cols]`,
+find a sparse `D'` minimising `||(D - D') X||^2`, compensating every pruned
+entry with the entries still to be processed. Semantics (REFERENCE §1):
+
+* columns in blocks of `blocksize`; unstructured: at each block start score
+  `W1^2 / diag(U1)^2` and prune exactly `k = round((1 - density) * rows * width)`
+  lowest scores, ties in row-major order; N:M: per row, `prunen` of every
+  `prunem` columns, chosen lazily from the in-block-updated weights;
+* per column: `err = (w - q) / U_ii`, `W1[:, i:] -= err U[i, i:]`,
+  loss `+= (w - q)^2 / U_ii^2 / 2`; after the block `W[:, i2:] -= Err1 U[i1:i2, i2:]`.
+
+Everything after input validation is one jit-compiled XLA program per
+(shapes, blocksize, N:M) - densities and damping are traced, so changing them
+does not recompile. The column loop is a `fori_loop`; the block loop is
+unrolled at trace time so every lazy update is an exact-size matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgtv_jax import _checks
+from sgtv_jax.factor import InverseFactor, compute_dtype, factor_from_inverse, inverse_factor
+
+HIGHEST = jax.lax.Precision.HIGHEST
+# Inner panel width of the column sweep (see _sweep_block); tuned on CPU.
+SUB_BLOCKSIZE = 32
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _prune_k_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
+    """Bool mask of the `k` smallest of `scores` `[n]` (>= 0), ties in index order.
+
+    Bisection on the float bit pattern (monotonic for non-negative floats)
+    instead of a full sort: `bits` passes of a fused count, then a cumsum to
+    break ties at the threshold stably. Exact, and it shards like a reduction.
+    """
+    itype = jnp.int64 if scores.dtype == jnp.float64 else jnp.int32
+    bits = jax.lax.bitcast_convert_type(scores, itype)
+    nbits = 63 if itype == jnp.int64 else 31
+
+    def body(_, lohi):
+        lo, hi = lohi
+        # floor((lo + hi) / 2) without overflowing at the ends of the range
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+        enough = jnp.sum(bits <= mid) >= k
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    lo0 = jnp.array(-1, itype)
+    hi0 = jnp.array(jnp.iinfo(itype).max, itype)
+    _, thresh = jax.lax.fori_loop(0, nbits + 1, body, (lo0, hi0))
+    less = bits < thresh
+    equal = bits == thresh
+    need = k - jnp.sum(less)
+    return less | (equal & (jnp.cumsum(equal) <= need))
+
+
+def _nm_mask(w: jax.Array, d: jax.Array, prunen: int) -> jax.Array:
+    """N:M group mask: per row, the `prunen` lowest `w^2/d^2` of `[..., m]`, stable."""
+    scores = w**2 / d**2
+    ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1)
+    return ranks < prunen
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _sub_blocksize(count: int, prunem: int) -> int:
+    """Columns per inner panel: small enough that rank-1 updates stay in cache.
+
+    A multiple of `prunem` (so N:M groups never straddle panels) that divides
+    the block width; a block that no such size divides is one panel.
+    """
+    size = max(SUB_BLOCKSIZE // max(prunem, 1), 1) * max(prunem, 1)
+    return size if count % size == 0 and size < count else count
+
+
+def _sweep_block(w1, u1, mask1, prunen, prunem):
+    """Sequential OBS over one block. w1 `[T, rows, B]`; returns (q1, pruned mask, err1, loss[T]).
+
+    Two levels, as SparseGPT does across blocks: rank-1 updates inside a panel
+    of `_sub_blocksize` columns, then one matmul carries the panel's errors to
+    the rest of the block. Same arithmetic as a column-by-column sweep over the
+    block, but the per-column work touches `[rows, panel]` instead of `[rows, B]`.
+    """
+    count = w1.shape[-1]
+    sub = _sub_blocksize(count, prunem)
+    d = jnp.diagonal(u1)
+
+    def column(i, carry):
+        w, m, err, loss, us, ds = carry
+        col = jax.lax.dynamic_index_in_dim(w, i, axis=2, keepdims=False)
+        pruned = jax.lax.dynamic_index_in_dim(m, i, axis=2, keepdims=False)
+        e = jnp.where(pruned, col, 0) / ds[i]
+        # us[i, :i] is exactly 0, so a full-width rank-1 update is exact and
+        # keeps the shapes fixed.
+        w = w - e[..., None] * us[i]
+        err = jax.lax.dynamic_update_index_in_dim(err, e, i, axis=2)
+        return w, m, err, loss + jnp.sum(e**2, axis=-1) / 2, us, ds
+
+    def group(g, carry):
+        w, m, err, loss, us, ds = carry
+        i = g * prunem
+        wg = jax.lax.dynamic_slice_in_dim(w, i, prunem, axis=2)
+        dg = jax.lax.dynamic_slice_in_dim(ds, i, prunem)
+        m = jax.lax.dynamic_update_slice_in_dim(m, _nm_mask(wg, dg, prunen), i, axis=2)
+        return jax.lax.fori_loop(i, i + prunem, column, (w, m, err, loss, us, ds))
+
+    def panel(p, carry):
+        w1, mask1, q1, err1, loss = carry
+        j = p * sub
+        w = jax.lax.dynamic_slice_in_dim(w1, j, sub, axis=2)
+        m = jax.lax.dynamic_slice_in_dim(mask1, j, sub, axis=2)
+        us = jax.lax.dynamic_slice(u1, (j, j), (sub, sub))
+        ds = jax.lax.dynamic_slice_in_dim(d, j, sub)
+        inner = (w, m, jnp.zeros_like(w), loss, us, ds)
+        if prunem == 0:
+            w, m, err, loss, _, _ = jax.lax.fori_loop(0, sub, column, inner)
+        else:
+            w, m, err, loss, _, _ = jax.lax.fori_loop(0, sub // prunem, group, inner)
+        # Column i ends at w - e * U_ii == q up to rounding; pruned entries are exact 0.
+        q1 = jax.lax.dynamic_update_slice_in_dim(q1, jnp.where(m, 0, w), j, axis=2)
+        mask1 = jax.lax.dynamic_update_slice_in_dim(mask1, m, j, axis=2)
+        err1 = jax.lax.dynamic_update_slice_in_dim(err1, err, j, axis=2)
+        # Carry this panel's errors to the rest of the block. Rows of U left of
+        # the panel are 0; the panel's own columns are already stored in q1.
+        u_rows = jax.lax.dynamic_slice_in_dim(u1, j, sub, axis=0)
+        w1 = w1 - jnp.matmul(err, u_rows, precision=HIGHEST)
+        return w1, mask1, q1, err1, loss
+
+    carry = (w1, mask1, jnp.zeros_like(w1), jnp.zeros_like(w1), jnp.zeros(w1.shape[0], w1.dtype))
+    _, mask1, q1, err1, loss = jax.lax.fori_loop(0, count // sub, panel, carry)
+    return q1, mask1, err1, loss
+
+
+def _sweep(w, u, prune_counts, blocksize, prunen, prunem):
+    """OBS sweep of a stack sharing one factor.
+
+    w `[T, rows, cols]`, u `[cols, cols]`, prune_counts int `[T, nblocks]`.
+    Returns pruned `[T, rows, cols]`, pruned-entry mask, loss `[T]`.
+    """
+    tasks, rows, cols = w.shape
+    qs, masks = [], []
+    loss = jnp.zeros(tasks, w.dtype)
+    rest = w
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        w1, rest = rest[..., : i2 - i1], rest[..., i2 - i1 :]
+        u1 = u[i1:i2, i1:i2]
+        if prunem == 0:
+            scores = (w1**2 / jnp.diagonal(u1) ** 2).reshape(tasks, -1)
+            mask1 = jax.vmap(_prune_k_smallest)(scores, prune_counts[:, b]).reshape(w1.shape)
+        else:
+            mask1 = jnp.zeros(w1.shape, bool)
+        q1, mask1, err1, block_loss = _sweep_block(w1, u1, mask1, prunen, prunem)
+        qs.append(q1)
+        masks.append(mask1)
+        loss = loss + block_loss
+        if i2 < cols:
+            rest = rest - jnp.matmul(err1, u[i1:i2, i2:], precision=HIGHEST)
+    return jnp.concatenate(qs, axis=-1), jnp.concatenate(masks, axis=-1), loss
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "prunen", "prunem"))
+def obs_sweep(
+    delta: jax.Array,
+    factor: InverseFactor,
+    prune_counts: jax.Array,
+    *,
+    blocksize: int = 128,
+    prunen: int = 0,
+    prunem: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The pure, compiled sweep on a precomputed factor (no validation).
+
+    Args:
+      delta: `[T, rows, cols]` task vectors.
+      factor: from `inverse_factor`, shared (`upper` `[cols, cols]`) or per task
+        (`upper` `[T, cols, cols]`). Dead columns of `delta` are zeroed here.
+      prune_counts: int32 `[T, nblocks]`, entries to prune per block
+        (`block_prune_counts`); ignored for N:M.
+    Returns:
+      (pruned `[T, rows, cols]` in the compute dtype, pruned-entry mask, loss `[T]`).
+    """
+    w = delta.astype(compute_dtype(delta.dtype))
+    w = jnp.where(factor.dead[..., None, :], 0, w)
+    u = factor.upper.astype(w.dtype)
+    sweep = functools.partial(_sweep, blocksize=blocksize, prunen=prunen, prunem=prunem)
+    if u.ndim == 3:
+        q, m, loss = jax.vmap(lambda wt, ut, ct: sweep(wt[None], ut, ct[None]))(w, u, prune_counts)
+        return q[:, 0], m[:, 0], loss[:, 0]
+    return sweep(w, u, prune_counts)
+
+
+def block_prune_counts(densities: Sequence[float], rows: int, cols: int, blocksize: int) -> np.ndarray:
+    """`round((1 - density) * rows * width)` per task and block, int32 `[T, nblocks]`.
+
+    Computed on the host in float64 with Python's round so the counts are the
+    same on every backend.
+    """
+    widths = [min(blocksize, cols - i1) for i1 in range(0, cols, blocksize)]
+    return np.array(
+        [[round((1.0 - d) * rows * w) for w in widths] for d in densities], dtype=np.int32
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _validate(delta, hessian, density, prunen, prunem, blocksize, hessian_name):
+    delta = _checks.as_array(delta, "delta")
+    hessian = _checks.as_array(hessian, hessian_name)
+    if delta.ndim not in (2, 3):
+        raise ValueError(f"delta must be [rows, cols] or [T, rows, cols], got shape {delta.shape}")
+    if not jnp.issubdtype(delta.dtype, jnp.floating):
+        raise ValueError(f"delta must be floating point, got {delta.dtype}")
+    cols = delta.shape[-1]
+    tasks = delta.shape[0] if delta.ndim == 3 else 1
+    shared_shape, stacked_shape = (cols, cols), (tasks, cols, cols)
+    if hessian.shape != shared_shape and not (delta.ndim == 3 and hessian.shape == stacked_shape):
+        allowed = f"{shared_shape}" + (f" or {stacked_shape}" if delta.ndim == 3 else "")
+        raise ValueError(
+            f"{hessian_name} must have shape {allowed} for delta of shape {delta.shape}, "
+            f"got {hessian.shape}"
+        )
+    blocksize = _checks.check_positive_int(blocksize, "blocksize")
+    if prunen or prunem:
+        if density is not None:
+            raise ValueError("give either density (unstructured) or prunen/prunem (N:M), not both")
+        if not (0 < int(prunen) < int(prunem)):
+            raise ValueError(f"N:M pruning needs 0 < prunen < prunem, got prunen={prunen}, prunem={prunem}")
+        if blocksize % prunem:
+            raise ValueError(f"blocksize ({blocksize}) must be a multiple of prunem ({prunem})")
+        if cols % prunem:
+            raise ValueError(f"the number of columns ({cols}) must be a multiple of prunem ({prunem})")
+        densities = (1.0 - prunen / prunem,) * tasks
+    else:
+        densities = _checks.densities_for_stack(density, tasks)
+    _checks.require_finite(delta, "delta (task vector)")
+    _checks.require_finite(hessian, hessian_name)
+    return delta, hessian, densities, int(prunen), int(prunem), blocksize
+
+
+def _run(delta, factor, densities, prunen, prunem, blocksize, name):
+    """Shared tail of the public entry points: sweep, edge cases, dtype, errors."""
+    squeeze = delta.ndim == 2
+    stack = delta[None] if squeeze else delta
+    tasks, rows, cols = stack.shape
+    if not bool(jnp.all(factor.ok)):
+        where = f" for {name}" if name else ""
+        raise ValueError(
+            f"Hessian{where} is not positive definite even after raising the damping "
+            f"to percdamp={float(jnp.max(factor.percdamp)):.3g}; check the calibration inputs"
+        )
+    if all(d == 1.0 for d in densities) and not prunen:
+        return delta, jnp.zeros(() if squeeze else (tasks,), compute_dtype(delta.dtype))
+    counts = block_prune_counts(densities, rows, cols, blocksize)
+    pruned, _, loss = obs_sweep(
+        stack, factor, jnp.asarray(counts), blocksize=blocksize, prunen=prunen, prunem=prunem
+    )
+    keep_input = jnp.asarray([d == 1.0 and not prunen for d in densities])
+    pruned = jnp.where(keep_input[:, None, None], stack, pruned).astype(delta.dtype)
+    loss = jnp.where(keep_input, 0, loss)
+    return (pruned[0], loss[0]) if squeeze else (pruned, loss)
+
+
+def obs_prune(
+    delta,
+    hessian,
+    *,
+    density: float | Sequence[float] | None = None,
+    prunen: int = 0,
+    prunem: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Prune task vector(s) with blockwise OBS error correction.
+
+    Args:
+      delta: `[rows, cols]` (PyTorch layout: out x in features) or a stack
+        `[T, rows, cols]`; NumPy, JAX or torch arrays.
+      hessian: `[cols, cols]` (shared by every task: factored once, one batched
+        sweep) or `[T, cols, cols]` (one per task).
+      density: fraction of entries kept, in [0, 1]; a float or one per task.
+      prunen, prunem: N:M semi-structured pruning instead of `density`.
+      blocksize: columns per block (a multiple of `prunem` for N:M).
+      percdamp: relative damping; raised x10 up to 5 times if H is indefinite.
+      name: layer name used in error messages.
+    Returns:
+      (pruned delta, same shape and dtype; OBS loss, scalar or `[T]`).
+    """
+    delta, hessian, densities, prunen, prunem, blocksize = _validate(
+        delta, hessian, density, prunen, prunem, blocksize, "hessian"
+    )
+    factor = inverse_factor(hessian, percdamp)
+    return _run(delta, factor, densities, prunen, prunem, blocksize, name)
+
+
+def obs_prune_from_inverse(
+    delta,
+    hessian_inv,
+    *,
+    density: float | Sequence[float] | None = None,
+    prunen: int = 0,
+    prunem: int = 0,
+    blocksize: int = 128,
+    name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`obs_prune` from a precomputed full inverse Hessian `[cols, cols]` (already damped).
+
+    No dead-column handling or damping can be applied to an inverse; prefer
+    `obs_prune` with the Hessian itself.
+    """
+    delta, hessian_inv, densities, prunen, prunem, blocksize = _validate(
+        delta, hessian_inv, density, prunen, prunem, blocksize, "hessian_inv"
+    )
+    if hessian_inv.ndim == 3:
+        factor = jax.vmap(factor_from_inverse)(hessian_inv)
+    else:
+        factor = factor_from_inverse(hessian_inv)
+    if not bool(jnp.all(factor.ok)):
+        where = f" for {name}" if name else ""
+        raise ValueError(f"hessian_inv{where} is not positive definite (its Cholesky failed)")
+    return _run(delta, factor, densities, prunen, prunem, blocksize, name)
