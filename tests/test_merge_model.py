@@ -209,3 +209,22 @@ def test_seed_dare_seeded_and_rescale_default():
     obs = M.DARE().merge([1, 1, 1], base[k], tv, [0.4] * 3, hessians=[h] * 3, use_sparsegpt=True, blocksize=4)
     obs_r = M.DARE().merge([1, 1, 1], base[k], tv, [0.4] * 3, hessians=[h] * 3, use_sparsegpt=True, blocksize=4, rescale=True)
     np.testing.assert_allclose(np.asarray(obs_r) - base[k], (np.asarray(obs) - base[k]) / 0.4, rtol=1e-5, atol=1e-6)
+
+
+def test_regmean_flax_layout_is_transposed_torch_layout():
+    base, models = make_models(7)
+    k = "layers.0.mlp.weight"  # [6, 8]: as a flax kernel, in = 6
+    rng = np.random.default_rng(8)
+    grams = np.stack([(lambda x: 2 * x @ x.T / 40)(rng.standard_normal((6, 40))) for _ in range(3)]).astype(np.float32)
+    flax = M.merge("regmean", {k: base[k]}, [{k: m[k]} for m in models], hessians={k: grams}, layout="flax")
+    torch = M.merge("regmean", {k: base[k].T}, [{k: m[k].T} for m in models], hessians={k: grams})
+    np.testing.assert_allclose(np.asarray(flax[k]), np.asarray(torch[k]).T, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_model_level():
+    base, models = make_models(9)
+    k = "layers.0.attn.weight"
+    out = M.merge("linear", base, models, weights=[1, 2, 1])
+    np.testing.assert_allclose(np.asarray(out[k]), (models[0][k] + 2 * models[1][k] + models[2][k]) / 4, rtol=1e-5, atol=1e-5)
+    out = M.merge("linear", base, models, weights=[0.5, 0.5, 0.5], normalize=False)
+    np.testing.assert_allclose(np.asarray(out[k]), 0.5 * sum(m[k] for m in models), rtol=1e-5, atol=1e-5)
