@@ -388,3 +388,12 @@ def test_registry_builds_random_models():
     out = nnx.jit(lambda m, i: m(i))(model, jnp.zeros((1, 4), jnp.int32))
     assert out.shape == (1, 4, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
     assert float(jnp.std(model.blocks[0].self_attn.q_proj.kernel[...])) > 0
+
+
+@pytest.mark.parametrize("key", ["llama", "llama3_rope", "llama_biases_linear_rope", "qwen2", "mistral"])
+def test_rope_inverse_frequencies_match_transformers(key):
+    cfg, tm, _, model = _reference(key)
+    ref = tm.model.rotary_emb.inv_freq.numpy()
+    ours = np.asarray(model.config.rope_inv_freq, np.float32)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
+    assert model.config.rope_attention_scaling == float(tm.model.rotary_emb.attention_scaling)
