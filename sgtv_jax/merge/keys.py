@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 
 import jax
+import numpy as np
 
 
 def name_hash(name: str) -> int:
@@ -21,8 +22,8 @@ def name_hash(name: str) -> int:
 
 def root_key(seed: int | jax.Array) -> jax.Array:
     """A PRNG key from an int seed, or the key itself when one is given."""
-    if isinstance(seed, int):
-        return jax.random.PRNGKey(seed)
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.PRNGKey(int(seed))
     return seed
 
 
