@@ -228,3 +228,14 @@ def test_linear_model_level():
     np.testing.assert_allclose(np.asarray(out[k]), (models[0][k] + 2 * models[1][k] + models[2][k]) / 4, rtol=1e-5, atol=1e-5)
     out = M.merge("linear", base, models, weights=[0.5, 0.5, 0.5], normalize=False)
     np.testing.assert_allclose(np.asarray(out[k]), 0.5 * sum(m[k] for m in models), rtol=1e-5, atol=1e-5)
+
+
+def test_della_epsilon_checked_up_front():
+    base, models = make_models()
+    with pytest.raises(ValueError, match="model 0 has density 0.1, epsilon 0.15"):
+        M.merge("della", base, models, densities=[0.1, 0.5, 0.5])
+    out = M.merge("della", base, models, densities=[0.3, 0.5, 0.5], epsilon=0.05, seed=1)
+    k = "layers.0.attn.weight"
+    exp = base[k] + np.asarray(M.della(deltas(base, models, k), [1, 1, 1], [0.3, 0.5, 0.5], epsilon=0.05,
+                                       key=M.keys.tensor_key(1, k)))
+    np.testing.assert_allclose(np.asarray(out[k]), exp, rtol=1e-6, atol=1e-6)

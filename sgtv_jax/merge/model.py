@@ -246,6 +246,15 @@ def merge(
                     if not has:
                         missing_stats.append(name)
                 kw["calib"] = calib
+            if kw.get("trim", inspect.signature(fn).parameters.get("trim", inspect.Parameter("x", 1)).default) == "magprune":
+                eps = kw.get("epsilon", [inspect.signature(fn).parameters["epsilon"].default] * tasks)
+                eps = _validate.per_task(eps, tasks, "epsilon", name)
+                for i, (d, e) in enumerate(zip(kw.get("densities", [1.0] * tasks), eps)):
+                    if 0.0 < d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+                        raise ValueError(
+                            f"magprune (DELLA) needs 0 < density - epsilon and density + epsilon < 1; "
+                            f"model {i} has density {d}, epsilon {e} for tensor {name!r}"
+                        )
             if "grams" in accepted:
                 kw["grams"] = calib.hessian
             if "base" in accepted and kw.get("normalize") is False:
