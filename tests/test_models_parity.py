@@ -112,6 +112,12 @@ def _inputs(vocab: int):
     return ids, mask
 
 
+def _defined(cfg, mask: np.ndarray) -> np.ndarray:
+    """Positions whose outputs are defined: all for BERT (padded queries still see real keys);
+    for decoders only real tokens (a left-padded query sees no real key at all)."""
+    return np.ones_like(mask, bool) if cfg.model_type == "bert" else mask.astype(bool)
+
+
 def _torch_out(cfg, tm, ids, mask):
     with torch.no_grad():
         out = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
@@ -125,7 +131,7 @@ def test_forward_parity_with_padding(key):
     ref = _torch_out(cfg, tm, ids, mask)
     ours = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
     assert ours.shape == ref.shape and ours.dtype == np.float32
-    valid = mask.astype(bool)  # positions whose output is defined (fully padded queries are not)
+    valid = _defined(cfg, mask)
     assert np.abs(ref).max() > 1.0  # the comparison is not trivially small
     diff = np.abs(ours - ref)[valid].max()
     assert diff <= TOL, f"{key}: max |diff| {diff}"
@@ -144,7 +150,7 @@ def test_unpadded_forward_parity_llama():
     assert np.abs(np.asarray(_forward(model, jnp.asarray(ids))) - ref).max() <= TOL
 
 
-def _hook_inputs(tm, prefix: str, names) -> dict[str, np.ndarray]:
+def _hook_inputs(tm, prefix: str, names) -> tuple[dict[str, np.ndarray], list]:
     """Inputs of the named torch submodules, recorded by forward pre-hooks."""
     got, handles = {}, []
     for n in names:
@@ -158,7 +164,7 @@ def _hook_inputs(tm, prefix: str, names) -> dict[str, np.ndarray]:
 def test_blockwise_with_captures_matches_full_and_torch_hooks(key):
     cfg, tm, _, model = _reference(key)
     ids, mask = _inputs(cfg.vocab_size)
-    valid = mask.astype(bool)
+    valid = _defined(cfg, mask)
     full = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
 
     nblocks = len(model.blocks)
