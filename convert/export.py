@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from convert.checkpoint import Checkpoint
 from convert.dtypes import config_dtype_name, is_float, parse_dtype
 from convert.errors import ConvertError
 from convert.model_card import render_model_card
+from convert.safetensors_writer import StreamingSafetensorsWriter
 
 INDEX_FILE = "model.safetensors.index.json"
 _UMASK = os.umask(0)
@@ -109,39 +109,40 @@ def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None
             raise ConvertError(
                 f"tensor {name!r} has {bad} non-finite value(s) (NaN/Inf) in {arr.dtype}; refusing to write it"
             )
-    return np.ascontiguousarray(arr)
+    # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,).
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 class _ShardWriter:
-    """Accumulates tensors up to ``max_bytes`` and flushes each shard to disk.
+    """Streams tensors into shards of at most ``max_bytes`` (unless one tensor is larger).
 
-    Shards are written as ``shard-<i>.tmp`` and renamed once their count is known,
-    so at most one shard's tensors are held in memory.
+    Each tensor is written to disk as it arrives (see StreamingSafetensorsWriter),
+    so export holds one tensor in memory, not one shard. Shards are written as
+    ``shard-<i>.tmp`` and renamed once their count is known.
     """
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, np.ndarray] = {}
-        self.pending_bytes = 0
+        self.current: StreamingSafetensorsWriter | None = None
         self.files: list[tuple[Path, list[str]]] = []
         self.total = 0
 
     def add(self, name: str, arr: np.ndarray) -> None:
-        if self.pending and self.pending_bytes + arr.nbytes > self.max_bytes:
+        if self.current is not None and len(self.current) and self.current.nbytes + arr.nbytes > self.max_bytes:
             self.flush()
-        self.pending[name] = arr
-        self.pending_bytes += arr.nbytes
+        if self.current is None:
+            path = self.directory / f"shard-{len(self.files):05d}.tmp"
+            self.current = StreamingSafetensorsWriter(path, metadata={"format": "pt"})
+        self.current.add(name, arr)
         self.total += arr.nbytes
 
     def flush(self) -> None:
-        if not self.pending:
+        if self.current is None:
             return
-        path = self.directory / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        # safetensors creates files 0600; give them the usual umask-derived mode.
+        path = self.current.close()
         os.chmod(path, 0o666 & ~_UMASK)
-        self.files.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.files.append((path, self.current.names()))
+        self.current = None
 
     def finish(self) -> list[str]:
         """Rename shards to their final names and write the index; return file names."""

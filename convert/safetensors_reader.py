@@ -4,6 +4,7 @@ listed in ``model.safetensors.index.json``, read lazily tensor by tensor."""
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,9 @@ class SafetensorsCheckpoint:
     section is complete (safetensors refuses truncated files), and the index and
     the headers agree on which tensor lives where.
 
-    Only one shard is memory-mapped at a time, so iterating never maps (and so
-    never keeps resident) more than one shard of the checkpoint.
+    Tensor data is read with plain ``readinto`` at the offsets the header gives
+    (no memory map), so reading a tensor costs exactly that tensor's bytes and
+    nothing of the shard stays resident afterwards.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -62,6 +64,7 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{self.path}: not a directory")
         self._config: dict[str, Any] | None = None
         self._where: dict[str, Path] = {}  # tensor name -> shard file
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute [begin, end) in the file
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self.shards: list[Path] = []
@@ -109,6 +112,14 @@ class SafetensorsCheckpoint:
                     self._dtypes[k] = _np_dtype(sl.get_dtype())
         except SafetensorError as e:
             raise ConvertError(f"{shard}: truncated or corrupt safetensors file ({e})") from None
+        # safe_open has validated the header and that the data covers it; take the
+        # offsets from the header so reads need no memory map.
+        with open(shard, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k in keys:
+            begin, end = header[k]["data_offsets"]
+            self._offsets[k] = (8 + n + int(begin), 8 + n + int(end))
         self.metadata.update(meta)
         if expected is not None:
             missing = expected - set(keys)
@@ -152,23 +163,25 @@ class SafetensorsCheckpoint:
         return name
 
     def _handle_for(self, shard: Path) -> Any:
-        # Keep exactly one shard mapped: switching shards closes the previous map
-        # so its pages stop counting towards resident memory.
+        # One open file at a time, reused while reading consecutive tensors of it.
         if self._open_file != shard:
             self.close()
-            try:
-                self._handle = safe_open(str(shard), framework="numpy")
-            except SafetensorError as e:
-                raise ConvertError(f"{shard}: truncated or corrupt safetensors file ({e})") from None
+            self._handle = open(shard, "rb")
             self._open_file = shard
         return self._handle
 
     def get(self, name: str) -> np.ndarray:
         shard = self.shard_of(name)
-        try:
-            return self._handle_for(shard).get_tensor(name)
-        except SafetensorError as e:
-            raise ConvertError(f"{shard}: cannot read tensor {name!r} ({e})") from None
+        begin, end = self._offsets[name]
+        arr = np.empty(self._shapes[name], dtype=self._dtypes[name])
+        if arr.nbytes != end - begin:
+            raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, its shape/dtype need {arr.nbytes}")
+        fh = self._handle_for(shard)
+        fh.seek(begin)
+        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        if got != arr.nbytes:
+            raise ConvertError(f"{shard}: truncated while reading tensor {name!r} ({got} of {arr.nbytes} bytes)")
+        return arr
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.names():
@@ -188,11 +201,7 @@ class SafetensorsCheckpoint:
 
     def close(self) -> None:
         if self._handle is not None:
-            # safe_open handles are context managers; leaving the context unmaps.
-            try:
-                self._handle.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - already-closed handles are fine
-                pass
+            self._handle.close()
         self._handle = None
         self._open_file = None
 

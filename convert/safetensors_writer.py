@@ -1,0 +1,91 @@
+"""A streaming safetensors file writer: holds one tensor in memory, not a shard.
+
+``safetensors.numpy.save_file`` needs every tensor of a file in memory at once
+and copies them again into bytes. Here each tensor's bytes go straight to a
+side file as it arrives; closing writes the header (name -> dtype, shape,
+data_offsets; the format's ``__metadata__``) and then the data, copied from
+the side file in chunks. The result is a standard safetensors file: the
+header is JSON padded with spaces to a multiple of 8 bytes, as safetensors
+itself writes it, and tensor bytes are the arrays' raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_TAGS: dict[np.dtype, str] = {
+    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+}
+
+
+def dtype_tag(dt: np.dtype) -> str:
+    """safetensors dtype tag ('F32', 'BF16', ...) of a numpy dtype."""
+    try:
+        return _TAGS[np.dtype(dt)]
+    except KeyError:
+        raise TypeError(f"dtype {dt} has no safetensors equivalent") from None
+
+
+class StreamingSafetensorsWriter:
+    """Append tensors one by one, then ``close()`` to produce ``path``."""
+
+    def __init__(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._data_path = self.path.with_name(self.path.name + ".data")
+        self._data = open(self._data_path, "wb")
+        self._header: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        """Write one tensor's bytes now (C order, little-endian)."""
+        if name in self._header:
+            raise ValueError(f"tensor {name!r} written twice")
+        # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,).
+        arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        begin = self.nbytes
+        # memoryview of the array: no intermediate bytes copy.
+        self._data.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self.nbytes += arr.nbytes
+        self._header[name] = {"dtype": dtype_tag(arr.dtype), "shape": list(arr.shape),
+                              "data_offsets": [begin, self.nbytes]}
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def names(self) -> list[str]:
+        return list(self._header)
+
+    def close(self) -> Path:
+        """Write header + data to ``path`` and remove the side file."""
+        self._data.close()
+        header: dict[str, object] = {}
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        header.update(self._header)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as src:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(src, out, length=16 << 20)
+        os.unlink(self._data_path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        self._data.close()
+        for p in (self._data_path, self.path):
+            if p.exists():
+                p.unlink()
