@@ -181,6 +181,7 @@ def merge(
     """
     fn = get_method(method)
     accepted = _method_params(fn)
+    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
     if "lambda" in params:
         params["lambda_"] = params.pop("lambda")
     unknown = sorted(set(params) - (accepted - {"deltas", "weights", "densities", "key", "calib", "grams", "base", "name"}))
@@ -230,10 +231,10 @@ def merge(
                         f"{label}[{name!r}] has shape {tuple(stat.shape)}; expected one of {want} "
                         f"for a tensor of shape {tuple(b.shape)} (layout {lay!r})"
                     )
+            trim = kw.get("trim", defaults.get("trim"))
             if "key" in accepted:
                 kw["key"] = tensor_key(seed, name)
             if "calib" in accepted:
-                trim = kw.get("trim", inspect.signature(fn).parameters["trim"].default)
                 if trim in DATA_TRIMS and b.ndim != 2:
                     raise ValueError(
                         f"trim={trim!r} needs 2-D linear weights, but tensor {name!r} has shape "
@@ -246,8 +247,8 @@ def merge(
                     if not has:
                         missing_stats.append(name)
                 kw["calib"] = calib
-            if kw.get("trim", inspect.signature(fn).parameters.get("trim", inspect.Parameter("x", 1)).default) == "magprune":
-                eps = kw.get("epsilon", [inspect.signature(fn).parameters["epsilon"].default] * tasks)
+            if trim == "magprune":
+                eps = kw.get("epsilon", defaults["epsilon"])
                 eps = _validate.per_task(eps, tasks, "epsilon", name)
                 for i, (d, e) in enumerate(zip(kw.get("densities", [1.0] * tasks), eps)):
                     if 0.0 < d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
