@@ -185,6 +185,10 @@ def test_seed_sparsegpt_with_inverse_or_plain_hessians():
                                       calib=M.Calibration(hessian=np.stack(hs).astype(np.float32)), blocksize=4))
     np.testing.assert_allclose(np.asarray(b), exp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+    # the seed's get_inverse_hessian returned the upper Cholesky factor of H^-1: same result
+    ups = [np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32) for h in damped]
+    c = M.TIES().merge([1, 1, 1], base[k], tv, [0.3] * 3, hessian_invs=ups, use_sparsegpt=True, blocksize=4)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-3, atol=1e-4)
     # a model: tensors with statistics use OBS, the others the data-free trim
     full = M.TIES().merge([1, 1, 1], base, models, [0.3] * 3, hessian_invs={k: invs}, use_sparsegpt=True, blocksize=4)
     np.testing.assert_allclose(np.asarray(full[k]), np.asarray(a), rtol=1e-6, atol=1e-6)

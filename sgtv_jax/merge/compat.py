@@ -10,9 +10,10 @@ torch (CPU) tensors are accepted; results are JAX arrays.
 
 Calibration statistics (only used with `use_sparsegpt=True`), per the rule:
 
-* `hessian_invs=`: full inverse Hessians `[in, in]` (the seed's argument);
-  the OBS factor is the Cholesky of the given inverse, so no dead-column fix or
-  damping can be applied (damp before inverting);
+* `hessian_invs=`: full inverse Hessians `[in, in]` (the seed's argument),
+  or their upper Cholesky factors `U` (`H^-1 = U^T U`; recognised as an
+  upper-triangular, non-symmetric matrix, as in `sgtv_jax.compat`); no
+  dead-column fix or damping can be applied to an inverse (damp before inverting);
 * `hessians=`: plain Hessians `H` (preferred: dead columns and damping handled).
 
 Give one or the other, never both; nothing is guessed from the matrices. For a
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
@@ -42,12 +44,21 @@ from sgtv_jax.merge.model import merge
 _SINGLE = "tensor"
 
 
-def _stack_stats(value: Any) -> Any:
-    if value is None:
-        return None
+def _full_inverse(m: jax.Array) -> jax.Array:
+    """The seed's `hessian_invs` entry as a full inverse: an upper-triangular,
+    non-symmetric matrix is the upper Cholesky factor `U` of `H^-1` (what the
+    seed's `get_inverse_hessian` returned) and becomes `U^T U` - the same rule
+    as `sgtv_jax.compat.prune_task_vector_with_error_correction`."""
+    if m.ndim == 2 and bool(jnp.all(jnp.tril(m, -1) == 0)) and not bool(jnp.all(m == m.T)):
+        return jnp.matmul(m.T, m, precision=jax.lax.Precision.HIGHEST)
+    return m
+
+
+def _stack_stats(value: Any, inverse: bool) -> Any:
+    fix = _full_inverse if inverse else (lambda m: m)
     if isinstance(value, (list, tuple)):
-        return jnp.stack([_checks.as_array(v, "hessian") for v in value])
-    return _checks.as_array(value, "hessian")
+        return jnp.stack([fix(_checks.as_array(v, "hessian")) for v in value])
+    return fix(_checks.as_array(value, "hessian"))
 
 
 class _SeedMerge:
@@ -98,7 +109,7 @@ class _SeedMerge:
                     "hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True"
                 )
             stats = wrap(stats) if single else stats
-            stats = {k: _stack_stats(v) for k, v in stats.items()}
+            stats = {k: _stack_stats(v, hessian_invs is not None) for k, v in stats.items()}
             kwargs["hessian_invs" if hessian_invs is not None else "hessians"] = stats
             known = set(stats)
             fallback = self.data_free_trim
