@@ -100,10 +100,12 @@ class SparseGPTTaskVector(HessianCalculator):
         rescale: bool = False,
         prunen: int = 0,
         prunem: int = 0,
+        refit: bool = False,
     ) -> jax.Array:
         """Prune `task_vector` `[rows, columns]` with OBS error correction.
 
-        With `prunen`/`prunem` set, N:M pruning replaces `density`.
+        With `prunen`/`prunem` set, N:M pruning replaces `density`; `refit`
+        re-solves the kept entries exactly for the final mask (see `obs_prune`).
         """
         if self._state is None:
             raise ValueError("this pruner was freed; create a new one")
@@ -122,6 +124,7 @@ class SparseGPTTaskVector(HessianCalculator):
             prunem=prunem,
             blocksize=blocksize,
             percdamp=percdamp,
+            refit=refit,
         )
         return _rescale(pruned, 1 - prunen / prunem if nm else density, rescale)
 

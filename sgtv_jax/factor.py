@@ -58,18 +58,33 @@ def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
     return jnp.triu(linv[::-1, ::-1])
 
 
-def _factor_one(hessian: jax.Array, percdamp: jax.Array, max_escalations: int) -> InverseFactor:
+def fix_dead_columns(hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(H with `H_ii = 1` where `H_ii == 0`, the dead-column mask `[cols]`) in the compute dtype."""
     h = hessian.astype(compute_dtype(hessian.dtype))
-    cols = h.shape[-1]
     diag = jnp.diagonal(h)
     dead = diag == 0
-    idx = jnp.arange(cols)
-    h = h.at[idx, idx].set(jnp.where(dead, 1.0, diag).astype(h.dtype))
-    mean_diag = jnp.mean(jnp.diagonal(h))
+    idx = jnp.arange(h.shape[-1])
+    return h.at[idx, idx].set(jnp.where(dead, 1.0, diag).astype(h.dtype)), dead
+
+
+def damped(h: jax.Array, percdamp: jax.Array) -> jax.Array:
+    """`h + percdamp * mean(diag(h)) * I` for a dead-fixed `h` `[cols, cols]`."""
+    idx = jnp.arange(h.shape[-1])
+    return h.at[idx, idx].add(jnp.asarray(percdamp, h.dtype) * jnp.mean(jnp.diagonal(h)))
+
+
+def damped_hessian(hessian: jax.Array, percdamp: jax.Array) -> jax.Array:
+    """The matrix the sweep factors: dead columns fixed, then damped; `[cols, cols]` or `[T, cols, cols]`."""
+    one = lambda h, p: damped(fix_dead_columns(h)[0], p)
+    return jax.vmap(one)(hessian, percdamp) if hessian.ndim == 3 else one(hessian, percdamp)
+
+
+def _factor_one(hessian: jax.Array, percdamp: jax.Array, max_escalations: int) -> InverseFactor:
+    h, dead = fix_dead_columns(hessian)
     percdamp = jnp.asarray(percdamp, h.dtype)
 
     def attempt(p):
-        u = upper_inverse_cholesky(h.at[idx, idx].add(p * mean_diag))
+        u = upper_inverse_cholesky(damped(h, p))
         return u, jnp.all(jnp.isfinite(u))
 
     def cond(carry):

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgtv_jax import _checks
-from sgtv_jax.factor import InverseFactor, compute_dtype, factor_from_inverse, inverse_factor
+from sgtv_jax.factor import (
+    InverseFactor,
+    compute_dtype,
+    damped_hessian,
+    factor_from_inverse,
+    inverse_factor,
+)
+from sgtv_jax.refit import refit_kept
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Inner panel width of the column sweep (see _sweep_block); tuned on CPU.
@@ -250,8 +257,11 @@ def _validate(delta, hessian, density, prunen, prunem, blocksize, hessian_name):
     return delta, hessian, densities, int(prunen), int(prunem), blocksize
 
 
-def _run(delta, factor, densities, prunen, prunem, blocksize, name):
-    """Shared tail of the public entry points: sweep, edge cases, dtype, errors."""
+def _run(delta, factor, densities, prunen, prunem, blocksize, name, refit=None):
+    """Shared tail of the public entry points: sweep, optional refit, edge cases, dtype, errors.
+
+    refit: None, or (hessian, tol, maxiter) to refit the kept entries (`refit.py`).
+    """
     squeeze = delta.ndim == 2
     stack = delta[None] if squeeze else delta
     tasks, rows, cols = stack.shape
@@ -264,9 +274,14 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name):
     if all(d == 1.0 for d in densities) and not prunen:
         return delta, jnp.zeros(() if squeeze else (tasks,), compute_dtype(delta.dtype))
     counts = block_prune_counts(densities, rows, cols, blocksize)
-    pruned, _, loss = obs_sweep(
+    pruned, mask, loss = obs_sweep(
         stack, factor, jnp.asarray(counts), blocksize=blocksize, prunen=prunen, prunem=prunem
     )
+    if refit is not None:
+        hessian, tol, maxiter = refit
+        target = jnp.where(factor.dead[..., None, :], 0, stack.astype(pruned.dtype))
+        a = damped_hessian(hessian, factor.percdamp)
+        pruned, _ = refit_kept(target, pruned, ~mask, a, tol=tol, maxiter=maxiter)
     keep_input = jnp.asarray([d == 1.0 and not prunen for d in densities])
     pruned = jnp.where(keep_input[:, None, None], stack, pruned).astype(delta.dtype)
     loss = jnp.where(keep_input, 0, loss)
@@ -282,6 +297,9 @@ def obs_prune(
     prunem: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    refit: bool = False,
+    refit_tol: float = 1e-4,
+    refit_maxiter: int = 20,
     name: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Prune task vector(s) with blockwise OBS error correction.
@@ -295,15 +313,19 @@ def obs_prune(
       prunen, prunem: N:M semi-structured pruning instead of `density`.
       blocksize: columns per block (a multiple of `prunem` for N:M).
       percdamp: relative damping; raised x10 up to 5 times if H is indefinite.
+      refit: then solve the least-squares values of the kept entries for the
+        final mask (`refit.py`, masked CG from the OBS values); the mask is kept.
+      refit_tol, refit_maxiter: CG stopping rule (relative residual, iteration cap).
       name: layer name used in error messages.
     Returns:
-      (pruned delta, same shape and dtype; OBS loss, scalar or `[T]`).
+      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`).
     """
     delta, hessian, densities, prunen, prunem, blocksize = _validate(
         delta, hessian, density, prunen, prunem, blocksize, "hessian"
     )
     factor = inverse_factor(hessian, percdamp)
-    return _run(delta, factor, densities, prunen, prunem, blocksize, name)
+    refit_args = (hessian, float(refit_tol), int(refit_maxiter)) if refit else None
+    return _run(delta, factor, densities, prunen, prunem, blocksize, name, refit_args)
 
 
 def obs_prune_from_inverse(
