@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -106,11 +107,11 @@ def _flax_greedy(model, prompt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     them, so logits at cur_len - 1 are those of the unpadded sequence.
     Returns (prompt logits [S, V], generated tokens [n]).
     """
-    graphdef, state = __import__("flax").nnx.split(model)
+    graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, ids):
-        return __import__("flax").nnx.merge(graphdef, state)(ids)
+        return nnx.merge(graphdef, state)(ids)
 
     buf = np.zeros((1, prompt.size + n), np.int32)
     buf[0, : prompt.size] = prompt
