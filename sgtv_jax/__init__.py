@@ -1,10 +1,15 @@
-"""sgtv-jax: Hessian-aware (SparseGPT / OBS) task-vector pruning and model merging in JAX."""
+"""sgtv-jax: Hessian-aware (SparseGPT / OBS) task-vector pruning and model merging in JAX.
 
-from sgtv_jax.factor import InverseFactor, inverse_factor
-from sgtv_jax.hessian import HessianState, hessian_finalize, hessian_init, hessian_update, input_norms
-from sgtv_jax.obs import block_prune_counts, obs_prune, obs_prune_from_inverse, obs_sweep
+The public surface, smallest first:
 
-__version__ = "0.1.0"
+* functional core - `hessian_init / hessian_update / hessian_finalize`,
+  `inverse_factor`, `obs_prune` (with `refit=`), `obs_sweep`;
+* merging - `merge(method, base, models, ...)`, `get_method`, `Calibration`
+  (the methods themselves live in `sgtv_jax.merge`);
+* the PyTorch original's names - `SparseGPTTaskVector`, `HessianCalculator`,
+  `prune_task_vector_with_error_correction`, `TIES`, `DARE`, ...
+"""
+
 from sgtv_jax.compat import (
     HessianCalculator,
     SparseGPTTaskVector,
@@ -13,3 +18,37 @@ from sgtv_jax.compat import (
     prune_task_vector_with_error_correction,
     trim_with_sparsegpt_importance,
 )
+from sgtv_jax.factor import InverseFactor, inverse_factor
+from sgtv_jax.hessian import HessianState, hessian_finalize, hessian_init, hessian_update, input_norms
+from sgtv_jax.merge import DARE, TIES, Calibration, available_methods, get_method, merge
+from sgtv_jax.obs import block_prune_counts, obs_prune, obs_prune_from_inverse, obs_sweep
+from sgtv_jax.refit import refit_kept
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DARE",
+    "Calibration",
+    "HessianCalculator",
+    "HessianState",
+    "InverseFactor",
+    "SparseGPTTaskVector",
+    "TIES",
+    "available_methods",
+    "block_prune_counts",
+    "compute_importance_scores",
+    "generate_importance_mask",
+    "get_method",
+    "hessian_finalize",
+    "hessian_init",
+    "hessian_update",
+    "input_norms",
+    "inverse_factor",
+    "merge",
+    "obs_prune",
+    "obs_prune_from_inverse",
+    "obs_sweep",
+    "prune_task_vector_with_error_correction",
+    "refit_kept",
+    "trim_with_sparsegpt_importance",
+]
