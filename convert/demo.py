@@ -121,7 +121,8 @@ def fetch_smollm2_gguf(cache_dir: str | Path | None = None) -> Path:
 
 
 def save_gguf_tokenizer(gguf_file: Path, dst: Path) -> None:
-    """Build the tokenizer transformers derives from a GGUF's metadata; save to ``dst``.
+    """Build the tokenizer transformers derives from a GGUF's metadata (and a
+    generation config from its special tokens); save both to ``dst``.
 
     Runs offline (HF_HUB_OFFLINE=1): everything comes from the file.
     """
@@ -130,6 +131,11 @@ def save_gguf_tokenizer(gguf_file: Path, dst: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     tok.save_pretrained(str(dst))
+    # generation_config.json from the special tokens, as transformers would derive it.
+    from transformers import GenerationConfig
+
+    special = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(str(dst))
 
 
 def convert_gguf_dir(gguf_file: Path, dst: Path, *, dtype: str = "fp32", max_shard_size: str = "5GB",
