@@ -165,6 +165,29 @@ class _ShardWriter:
         return names
 
 
+def _with_base(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    base: Checkpoint | None,
+    fill_from_base: bool,
+    tied: bool,
+) -> Iterator[tuple[str, Any]]:
+    """The input tensors, checked against the base, then the base's untouched ones."""
+    seen: set[str] = set()
+    for name, value in _items(tensors):
+        if name in seen:
+            raise ConvertError(f"tensor {name!r} given twice")
+        if base is not None and name not in base:
+            if tied and name == "lm_head.weight":
+                continue  # tied head: HF checkpoints store only the embedding
+            raise ConvertError(f"tensor {name!r} is not in the base checkpoint {base.path}")
+        seen.add(name)
+        yield name, value
+    if base is not None and fill_from_base:
+        for name in base.names():
+            if name not in seen:
+                yield name, UNCHANGED
+
+
 def _tmp_sibling(dst: Path, tag: str) -> Path:
     return dst.parent / f".{dst.name}.{tag}-{uuid.uuid4().hex[:8]}"
 
@@ -221,26 +244,16 @@ def export_hf(
     tmp.mkdir()
     try:
         writer = _ShardWriter(tmp, max_bytes)
-        seen: set[str] = set()
         tied = bool(cfg.get("tie_word_embeddings", False))
-        it: Iterable[tuple[str, Any]] = _items(tensors)
+        stream: Iterable[tuple[str, Any]] = _with_base(tensors, base, fill_from_base, tied)
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(it, desc=f"export {dst.name}", unit="tensor", total=len(tensors) if hasattr(tensors, "__len__") else None)
-        for name, value in it:
-            if name in seen:
-                raise ConvertError(f"tensor {name!r} given twice")
-            if base is not None and name not in base:
-                if tied and name == "lm_head.weight":
-                    continue  # tied head: HF checkpoints store only the embedding
-                raise ConvertError(f"tensor {name!r} is not in the base checkpoint {base.path}")
+            total = len(base) if base is not None and fill_from_base else (
+                len(tensors) if isinstance(tensors, Mapping) else None)
+            stream = tqdm(stream, desc=f"export {dst.name}", unit="tensor", total=total)
+        for name, value in stream:
             writer.add(name, _prepare(name, value, out_dtype, base))
-            seen.add(name)
-        if base is not None and fill_from_base:
-            for name in base.names():
-                if name not in seen:
-                    writer.add(name, _prepare(name, UNCHANGED, out_dtype, base))
         writer.finish()
 
         cfg["dtype"] = config_dtype_name(out_dtype)
