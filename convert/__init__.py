@@ -36,7 +36,8 @@ from convert.torch_reader import TorchBinCheckpoint
 __all__ = [
     "UNCHANGED", "Checkpoint", "ConvertError", "GGUFCheckpoint", "LazyTensors", "SafetensorsCheckpoint",
     "TorchBinCheckpoint", "check_architecture", "convert_to_hf", "convert_to_orbax", "default_cache_dir",
-    "expected_shapes", "export_flax_model", "export_hf", "flax_model_tensors", "fetch_minilm", "fetch_smollm2", "fetch_smollm2_gguf",
+    "expected_shapes", "export_flax_model", "export_hf", "fetch_minilm", "fetch_smollm2", "fetch_smollm2_gguf",
+    "flax_model_tensors",
     "hf_config_object", "load_flax_model", "open_checkpoint", "parse_size", "read_orbax_metadata",
     "render_model_card", "restore_orbax", "save_orbax", "supported_architectures", "validate_checkpoint",
 ]
