@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from convert import ConvertError, GGUFCheckpoint, convert_to_hf, open_checkpoint
+from convert import ConvertError, GGUFCheckpoint, convert_to_hf, open_checkpoint, validate_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -60,7 +60,7 @@ def to_gguf_name(name: str) -> str:
 
 
 def write_gguf(path: Path, tensors: dict[str, np.ndarray], *, arch: str = "llama",
-               quantize: set[str] = frozenset()) -> Path:
+               quantize: set[str] = frozenset(), permute: bool = True) -> Path:
     """Write a llama GGUF as llama.cpp's converter would (q/k permuted), with tokenizer metadata."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny test llama")
@@ -85,7 +85,9 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], *, arch: str = "llama
     w.add_bos_token_id(VOCAB - 2)
     w.add_eos_token_id(VOCAB - 1)
     for name, arr in tensors.items():
-        if ".q_proj." in name:
+        if not permute:
+            pass  # Qwen2 uses NEOX (split-half) RoPE: llama.cpp stores q/k as HF does
+        elif ".q_proj." in name:
             arr = llama_cpp_permute(arr, HEADS, HEADS)
         elif ".k_proj." in name:
             arr = llama_cpp_permute(arr, HEADS, KV)
@@ -154,6 +156,23 @@ def test_gguf_matches_transformers_loader(tmp_path):
     q = g.get("model.layers.0.self_attn.q_proj.weight")
     assert g.tensor_type("model.layers.0.self_attn.q_proj.weight") == "Q8_0"
     assert 0 < np.abs(q - ref["model.layers.0.self_attn.q_proj.weight"]).max() < 0.05
+
+
+def test_qwen2_gguf_with_biases_matches_transformers(tmp_path):
+    pytest.importorskip("torch")
+    ref = hf_tensors(tied=False, seed=4)
+    rng = np.random.default_rng(5)
+    for i in range(LAYERS):
+        for proj, rows in (("q_proj", HEADS * HEAD_DIM), ("k_proj", KV * HEAD_DIM), ("v_proj", KV * HEAD_DIM)):
+            ref[f"model.layers.{i}.self_attn.{proj}.bias"] = rng.standard_normal(rows).astype(np.float32)
+    path = write_gguf(tmp_path / "qwen.gguf", ref, arch="qwen2", permute=False)
+    g = open_checkpoint(path)
+    assert g.config["model_type"] == "qwen2" and validate_checkpoint(g) == "qwen2"
+    _, theirs = transformers_gguf_model(path)
+    assert set(g.names()) == set(theirs) == set(ref)
+    for name, arr in g:
+        np.testing.assert_array_equal(arr, ref[name], err_msg=name)
+        np.testing.assert_array_equal(arr, theirs[name], err_msg=name)
 
 
 def test_gguf_to_hf_directory(tmp_path):
