@@ -64,7 +64,7 @@ def smollm2_layers(blocks=(0, 15, 29)):
     tok = AutoTokenizer.from_pretrained(path)
     ids = jnp.asarray(tok(TEXT * 4, return_tensors="np")["input_ids"][:, :512])
     x = model.embed(ids)
-    kw = model.block_kwargs(None, ids.shape[1])
+    kw = model.block_kwargs(None, ids.shape[1], batch=ids.shape[0])
     layers = []
     for i in range(max(blocks) + 1):
         graphdef, state = split_block(model, i)

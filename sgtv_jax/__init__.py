@@ -4,8 +4,8 @@ The public surface, smallest first:
 
 * functional core - `hessian_init / hessian_update / hessian_finalize`,
   `inverse_factor`, `obs_prune` (with `refit=`), `obs_sweep`;
-* merging - `merge(method, base, models, ...)`, `get_method`, `Calibration`
-  (the methods themselves live in `sgtv_jax.merge`);
+* merging - `get_method`, `Calibration`; the methods and the whole-model
+  `sgtv_jax.merge.merge(method, base, models, ...)` live in `sgtv_jax.merge`;
 * the PyTorch original's names - `SparseGPTTaskVector`, `HessianCalculator`,
   `prune_task_vector_with_error_correction`, `TIES`, `DARE`, ...
 """
@@ -20,7 +20,7 @@ from sgtv_jax.compat import (
 )
 from sgtv_jax.factor import InverseFactor, inverse_factor
 from sgtv_jax.hessian import HessianState, hessian_finalize, hessian_init, hessian_update, input_norms
-from sgtv_jax.merge import DARE, TIES, Calibration, available_methods, get_method, merge
+from sgtv_jax.merge import DARE, TIES, Calibration, available_methods, get_method
 from sgtv_jax.obs import block_prune_counts, obs_prune, obs_prune_from_inverse, obs_sweep
 from sgtv_jax.refit import refit_kept
 
@@ -44,7 +44,6 @@ __all__ = [
     "hessian_update",
     "input_norms",
     "inverse_factor",
-    "merge",
     "obs_prune",
     "obs_prune_from_inverse",
     "obs_sweep",

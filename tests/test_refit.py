@@ -107,3 +107,17 @@ def test_seed_api_refit():
     np.testing.assert_array_equal(plain == 0, refit == 0)
     err = lambda dp: np.linalg.norm((d - dp) @ x)
     assert err(refit) < err(plain)
+
+
+def test_merge_methods_take_refit():
+    from sgtv_jax.merge import Calibration, ties
+
+    d, h, x = problem(16, 64, seed=9)
+    stack = np.stack([d, -0.5 * d + 0.1]).astype(np.float32)
+    calib = Calibration(hessian=h.astype(np.float32))
+    plain = ties(stack, [1.0, 1.0], 0.3, trim="sparsegpt", calib=calib)
+    refit = ties(stack, [1.0, 1.0], 0.3, trim="sparsegpt", calib=calib, refit=True)
+    # refit changes kept values; the trimmed stacks it merged are each closer to their task
+    assert not np.allclose(np.asarray(plain), np.asarray(refit))
+    with pytest.raises(ValueError, match="refit needs the Hessian"):
+        ties(stack, [1.0, 1.0], 0.3, trim="sparsegpt", calib=Calibration(hessian_inv=np.linalg.inv(h)), refit=True)

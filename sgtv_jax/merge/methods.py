@@ -58,7 +58,7 @@ def generalized_task_arithmetic(
     gamma: Floats = 0.01,
     epsilon: Floats = 0.15,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float = 0.01, refit: bool = False,
     name: str | None = None,
 ) -> jax.Array:
     """Trim -> (elect) -> combine -> scale, the pipeline all task-vector methods share.
@@ -77,7 +77,7 @@ def generalized_task_arithmetic(
     if trim is not None:
         x = trim_lib.trim(
             trim, x, dens, key=key, calib=calib, gamma=gamma, epsilon=epsilon, rescale=rescale,
-            blocksize=blocksize, percdamp=percdamp, name=name,
+            blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
         )
     elif any(d != 1.0 for d in dens):
         raise ValueError(
@@ -132,7 +132,7 @@ def task_arithmetic(
     deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
     lambda_: float = 1.0, trim: str | None = None, rescale: bool | None = None,
     key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
 ) -> jax.Array:
     """Task arithmetic (Ilharco et al. 2023): `lambda * sum_t w_t tau_t`.
 
@@ -142,7 +142,7 @@ def task_arithmetic(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
         rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -150,7 +150,7 @@ def ties(
     deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = True,
     lambda_: float = 1.0, consensus: str = "sum", trim: str = "magnitude",
     rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01,
+    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False,
     name: str | None = None,
 ) -> jax.Array:
     """TIES (Yadav et al. 2023): trim, elect sign, disjoint mean.
@@ -171,7 +171,7 @@ def ties(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
         rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -179,7 +179,7 @@ def dare_linear(
     deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
     lambda_: float = 1.0, trim: str = "random", rescale: bool | None = None,
     key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
 ) -> jax.Array:
     """DARE (Yu et al. 2024) + task arithmetic: `lambda * sum_t w_t m_t tau_t / density_t`.
 
@@ -190,7 +190,7 @@ def dare_linear(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
         rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -198,7 +198,7 @@ def dare_ties(
     deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
     lambda_: float = 1.0, consensus: str = "sum", trim: str = "random",
     rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01,
+    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False,
     name: str | None = None,
 ) -> jax.Array:
     """DARE drop-and-rescale, then TIES sign election and (un-normalized) disjoint sum.
@@ -210,7 +210,7 @@ def dare_ties(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
         rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -219,7 +219,7 @@ def della(
     normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
     trim: str = "magprune", rescale: bool | None = None, key: jax.Array | None = None,
     calib: Calibration | None = None, gamma: Floats = 0.01, blocksize: int = 128,
-    percdamp: float = 0.01, name: str | None = None,
+    percdamp: float = 0.01, refit: bool = False, name: str | None = None,
 ) -> jax.Array:
     """DELLA (Deep et al. 2024): MagPrune, sign election, disjoint mean.
 
@@ -232,7 +232,7 @@ def della(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
         rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -240,7 +240,7 @@ def della_linear(
     deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
     normalize: bool = False, lambda_: float = 1.0, trim: str = "magprune",
     rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+    gamma: Floats = 0.01, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
 ) -> jax.Array:
     """DELLA MagPrune without sign election: `lambda * sum_t w_t tau'_t`.
 
@@ -249,7 +249,7 @@ def della_linear(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
         rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -257,7 +257,7 @@ def breadcrumbs(
     deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
     normalize: bool = False, lambda_: float = 1.0, trim: str = "breadcrumbs",
     rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, name: str | None = None,
+    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
 ) -> jax.Array:
     """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and the smallest, sum.
 
@@ -268,7 +268,7 @@ def breadcrumbs(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
         rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
 
@@ -277,7 +277,7 @@ def breadcrumbs_ties(
     normalize: bool = False, lambda_: float = 1.0, consensus: str = "sum",
     trim: str = "breadcrumbs", rescale: bool | None = None, key: jax.Array | None = None,
     calib: Calibration | None = None, epsilon: Floats = 0.15, blocksize: int = 128,
-    percdamp: float = 0.01, name: str | None = None,
+    percdamp: float = 0.01, refit: bool = False, name: str | None = None,
 ) -> jax.Array:
     """Breadcrumbs trimming, then TIES sign election; un-normalized disjoint sum.
 
@@ -286,5 +286,5 @@ def breadcrumbs_ties(
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
         rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, name=name,
+        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )

@@ -182,7 +182,7 @@ def sparsegpt(
     calib: Calibration,
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float = 0.01, refit: bool = False,
     rescale: bool = False,
     name: str | None = None,
 ) -> jax.Array:
@@ -190,7 +190,8 @@ def sparsegpt(
 
     Uses `calib.hessian` (`obs_prune`: dead columns, damping, factored once when
     shared) or else `calib.hessian_inv` (`obs_prune_from_inverse`). Kept entries
-    change value (compensation) and may flip sign.
+    change value (compensation) and may flip sign. `refit=True` then re-solves
+    the kept entries exactly for the final mask (`sgtv_jax.refit`; needs the Hessian).
     """
     from sgtv_jax import obs  # the OBS core; imported lazily
 
@@ -202,9 +203,11 @@ def sparsegpt(
     if calib.hessian is not None:
         pruned, _ = obs.obs_prune(
             deltas, calib.hessian, density=list(densities), blocksize=blocksize,
-            percdamp=percdamp, name=name,
+            percdamp=percdamp, refit=refit, name=name,
         )
     elif calib.hessian_inv is not None:
+        if refit:
+            raise ValueError(f"refit needs the Hessian itself, not its inverse{_where(name)}")
         pruned, _ = obs.obs_prune_from_inverse(
             deltas, calib.hessian_inv, density=list(densities), blocksize=blocksize, name=name
         )
@@ -241,7 +244,7 @@ def trim(
     epsilon: float | Sequence[float] = 0.15,
     rescale: bool = False,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float = 0.01, refit: bool = False,
     name: str | None = None,
 ) -> jax.Array:
     """Trim each task vector of a stack `[T, ...]`; returns `[T, ...]` (same dtype).
@@ -264,7 +267,7 @@ def trim(
         if calib.hessian is None and calib.hessian_inv is None:
             raise ValueError(missing_stats_message(kind, name))
         return sparsegpt(
-            deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, rescale=rescale, name=name
+            deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
         )
     if kind in RANDOM_TRIMS and key is None:
         raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
