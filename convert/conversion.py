@@ -77,12 +77,20 @@ def load_flax_model(src: str | Path | Checkpoint, *, param_dtype: Any = None) ->
     return loader(abstract, LazyTensors(ckpt)), cfg
 
 
-def convert_to_orbax(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
-    """Convert any supported checkpoint into an Orbax checkpoint of the Flax model."""
+def convert_to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Convert any supported checkpoint into an Orbax checkpoint of the Flax model.
+
+    ``dtype`` is the parameter dtype ('bf16' / 'fp16' / 'fp32'); 'auto' keeps the
+    source's (GGUF: fp32).
+    """
+    import jax.numpy as jnp
+
     from convert.orbax_io import save_orbax
 
     with open_checkpoint(src) as ckpt:
-        model, cfg = load_flax_model(ckpt)
+        name = source_dtype(ckpt) if dtype == "auto" else dtype
+        pd = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[name]
+        model, cfg = load_flax_model(ckpt, param_dtype=pd)
     return save_orbax(model, dst, hf_config=cfg, overwrite=overwrite)
 
 

@@ -26,13 +26,22 @@ STATE_DIR = "state"
 FORMAT = "sgtv-jax/nnx-orbax/v1"
 
 
-def _default_build(hf_config: Mapping[str, Any]) -> Any:
+def _default_build(hf_config: Mapping[str, Any], param_dtype: str = "float32") -> Any:
+    import jax.numpy as jnp
     from flax import nnx
 
     from convert.readers import hf_config_object
     from sgtv_jax.models import build_model
 
-    return build_model(hf_config_object(dict(hf_config)), nnx.Rngs(0))
+    return build_model(hf_config_object(dict(hf_config)), nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype))
+
+
+def _param_dtype(model: Any) -> str | None:
+    """The dtype shared by all parameters, if there is one."""
+    from flax import nnx
+
+    dtypes = {str(v.get_value().dtype) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def save_orbax(
@@ -56,7 +65,8 @@ def save_orbax(
         raise ConvertError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     if "model_type" not in hf_config:
         raise ConvertError("save_orbax: hf_config has no 'model_type'")
-    meta = {"format": FORMAT, "model_type": hf_config["model_type"], "hf_config": dict(hf_config)}
+    meta = {"format": FORMAT, "model_type": hf_config["model_type"], "hf_config": dict(hf_config),
+            "param_dtype": _param_dtype(model)}
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as e:
@@ -106,7 +116,8 @@ def restore_orbax(
     """Restore a model saved by :func:`save_orbax`; returns ``(model, hf_config)``.
 
     ``build(hf_config) -> nnx.Module`` constructs the architecture; it is only
-    traced under ``nnx.eval_shape``. The default uses ``sgtv_jax.models``.
+    traced under ``nnx.eval_shape``. The default uses ``sgtv_jax.models`` with
+    the parameter dtype recorded at save time, so bf16 models restore as bf16.
     """
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -114,8 +125,11 @@ def restore_orbax(
     path = Path(path).absolute()
     meta = read_orbax_metadata(path)
     hf_config = meta["hf_config"]
-    builder = build if build is not None else _default_build
-    abstract = nnx.eval_shape(lambda: builder(hf_config))
+    if build is not None:
+        abstract = nnx.eval_shape(lambda: build(hf_config))
+    else:
+        pd = meta.get("param_dtype") or "float32"
+        abstract = nnx.eval_shape(lambda: _default_build(hf_config, pd))
     graphdef, abstract_state = nnx.split(abstract)
     ckptr = ocp.StandardCheckpointer()
     try:

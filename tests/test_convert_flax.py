@@ -144,6 +144,19 @@ def test_orbax_custom_module_bf16(tmp_path):
         assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes()
 
 
+def test_orbax_bf16_model_restores_as_bf16(tmp_path):
+    base_dir = save_tiny("llama", tmp_path / "base", torch.bfloat16)
+    out = convert_to_orbax(base_dir, tmp_path / "ck")  # auto: the source's bf16
+    assert read_orbax_metadata(out)["param_dtype"] == "bfloat16"
+    restored, _ = restore_orbax(out)
+    import jax.numpy as jnp
+
+    direct, _ = load_flax_model(base_dir, param_dtype=jnp.bfloat16)
+    a, b = params(restored), params(direct)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == jnp.bfloat16 and a[k].tobytes() == b[k].tobytes(), k
+
+
 def test_cli_orbax(tmp_path):
     base_dir = save_tiny("gpt2", tmp_path / "base")
     assert convert_main(["convert", str(base_dir), str(tmp_path / "ck"), "--format", "orbax", "-q"]) == 0
