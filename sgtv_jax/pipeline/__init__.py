@@ -1,0 +1,20 @@
+"""The merge pipeline: YAML config, calibration, block-by-block OBS merge, check, evaluation.
+
+    cfg = load_config("merge.yaml")          # mergekit YAML + our keys, validated
+    check_config(cfg)                         # architectures, tensors, vocab, data: seconds
+    report = run_merge(cfg, "out/")           # sequential merge, atomic export, JSON report
+
+CLI: `sgtv merge CONFIG OUT`, `sgtv check CONFIG`, `sgtv eval MODEL_DIR`, `sgtv demo`.
+"""
+
+from sgtv_jax.pipeline.calibration import CalibrationError, CalibrationSet, load_calibration
+from sgtv_jax.pipeline.check import CheckResult, check_config
+from sgtv_jax.pipeline.config import (CalibrationConfig, ConfigError, MergeConfig, ModelEntry, load_config,
+                                      parse_config, resolve_spec)
+from sgtv_jax.pipeline.sequential import MergeRun, merge_tensor, run_merge
+
+__all__ = [
+    "CalibrationConfig", "CalibrationError", "CalibrationSet", "CheckResult", "ConfigError", "MergeConfig",
+    "MergeRun", "ModelEntry", "check_config", "load_calibration", "load_config", "merge_tensor", "parse_config",
+    "resolve_spec", "run_merge",
+]

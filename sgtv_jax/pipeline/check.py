@@ -1,0 +1,153 @@
+"""`sgtv check CONFIG`: is this merge possible? Config, checkpoints and data, in seconds.
+
+Reads only config.json, safetensors headers / index files and the calibration
+files; no tensor data. Every problem is collected and reported at once
+(`ConfigError`), so a merge never fails hours in on something knowable now:
+different architectures, vocabulary sizes (never silently truncated), tensor
+names or shapes, a missing or empty calibration file, a `seqlen` beyond the
+model's maximum position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """What `check` learned: architecture, block count, vocabulary, tensors per model."""
+
+    model_type: str
+    num_layers: int
+    vocab_size: int
+    max_positions: int | None
+    tensors: int
+
+    def summary(self) -> str:
+        return (f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
+                f"{self.tensors} tensors per model")
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a model directory (ConfigError naming the path if absent / invalid)."""
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    if not p.exists():
+        raise ConfigError(f"{p}: model path does not exist")
+    if not f.is_file():
+        raise ConfigError(f"{p}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: invalid JSON ({e})") from None
+
+
+def num_layers_of(hf: dict[str, Any]) -> int:
+    return int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
+
+
+def max_positions_of(hf: dict[str, Any]) -> int | None:
+    v = hf.get("max_position_embeddings", hf.get("n_positions"))
+    return int(v) if v is not None else None
+
+
+def _shapes(path: str) -> dict[str, tuple[int, ...]]:
+    from convert.readers import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    try:
+        return {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+    finally:
+        ckpt.close()
+
+
+def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
+    """Check compatibility of every checkpoint (and the calibration files when `data`).
+
+    Raises `ConfigError` listing every problem; returns a `CheckResult`.
+    """
+    from convert.readers import supported_architectures
+
+    from sgtv_jax.pipeline.calibration import CalibrationError, check_files
+
+    problems: list[str] = []
+    try:
+        base = read_hf_config(cfg.base_model)
+    except ConfigError as e:
+        raise ConfigError(f"base_model: {e}") from None
+    mt = base.get("model_type")
+    if mt not in supported_architectures():
+        raise ConfigError(f"base_model {cfg.base_model}: unsupported architecture {mt!r}; "
+                          f"supported: {', '.join(supported_architectures())}")
+    vocab = base.get("vocab_size")
+    configs = []
+    for i, m in enumerate(cfg.models):
+        try:
+            c = read_hf_config(m.model)
+        except ConfigError as e:
+            problems.append(f"models[{i}]: {e}")
+            configs.append(None)
+            continue
+        configs.append(c)
+        if c.get("model_type") != mt:
+            problems.append(f"models[{i}] {m.model}: architecture {c.get('model_type')!r} differs from the "
+                            f"base model's {mt!r}")
+            continue
+        if c.get("vocab_size") != vocab:
+            problems.append(f"models[{i}] {m.model}: vocabulary size {c.get('vocab_size')} differs from the "
+                            f"base model's {vocab} (vocabularies must match; nothing is truncated)")
+        for key in ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "intermediate_size",
+                    "num_attention_heads", "num_key_value_heads", "tie_word_embeddings"):
+            if key in base and c.get(key) != base.get(key):
+                problems.append(f"models[{i}] {m.model}: {key} = {c.get(key)!r} differs from the base "
+                                f"model's {base.get(key)!r}")
+    if problems:  # configs disagree: comparing tensors would only repeat it
+        raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
+
+    try:
+        base_shapes = _shapes(cfg.base_model)
+    except Exception as e:  # noqa: BLE001 - reader errors name the file
+        raise ConfigError(f"base_model: {e}") from None
+    for i, m in enumerate(cfg.models):
+        try:
+            shapes = _shapes(m.model)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"models[{i}]: {e}")
+            continue
+        missing = sorted(set(base_shapes) - set(shapes))
+        extra = sorted(set(shapes) - set(base_shapes))
+        if missing:
+            problems.append(f"models[{i}] {m.model} lacks {len(missing)} tensor(s) of the base: {missing[:5]}")
+        if extra:
+            problems.append(f"models[{i}] {m.model} has {len(extra)} tensor(s) the base lacks: {extra[:5]}")
+        bad = [f"{n!r} {shapes[n]} vs base {base_shapes[n]}" for n in base_shapes
+               if n in shapes and shapes[n] != base_shapes[n]]
+        if bad:
+            problems.append(f"models[{i}] {m.model}: tensor shapes differ: {', '.join(bad[:5])}")
+
+    max_pos = max_positions_of(base)
+    if data:
+        seen = set()
+        for t in range(len(cfg.models)):
+            cal = cfg.calibration_for(t)
+            if cal is None or (not cfg.needs_calibration()) or id(cal) in seen:
+                continue
+            seen.add(id(cal))
+            where = f"models[{t}].calibration" if cfg.models[t].calibration else "calibration"
+            if max_pos is not None and cal.seqlen > max_pos:
+                problems.append(f"{where}.seqlen {cal.seqlen} exceeds the model's maximum of {max_pos} positions")
+            try:
+                check_files(cal.data, cal.text_field)
+            except CalibrationError as e:
+                problems.append(f"{where}: {e}")
+        if cfg.needs_calibration() and not any(
+                (Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
+    if problems:
+        raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
+    return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes))
