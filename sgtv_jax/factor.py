@@ -51,7 +51,9 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
 def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
     """Upper U with `U^T U = h^-1`, for symmetric positive definite `h` `[n, n]`."""
-    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    # Our H is symmetric by construction; jnp.linalg.cholesky's symmetrisation
+    # pass costs more than the factorisation itself on CPU.
+    lower = jax.lax.linalg.cholesky(h[::-1, ::-1], symmetrize_input=False)
     eye = jnp.eye(h.shape[-1], dtype=h.dtype)
     linv = solve_triangular(lower, eye, lower=True)
     # Exact zeros below the diagonal: the sweep relies on U[i, :i] == 0.
@@ -124,6 +126,6 @@ def factor_from_inverse(hessian_inv: jax.Array) -> InverseFactor:
     """
     h = hessian_inv.astype(compute_dtype(hessian_inv.dtype))
     # cholesky(A)^T is the upper factor with U^T U = A.
-    u = jnp.triu(jnp.linalg.cholesky(h).T)
+    u = jnp.triu(jax.lax.linalg.cholesky(h, symmetrize_input=False).T)
     ok = jnp.all(jnp.isfinite(u))
     return InverseFactor(u, jnp.zeros(h.shape[-1], bool), jnp.zeros((), h.dtype), ok)
