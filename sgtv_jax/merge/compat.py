@@ -68,23 +68,29 @@ class _SeedMerge:
     def __init__(self, config: Any = None):
         self.config = config
 
-    def _merge(
+    def merge(
         self,
         weights: Sequence[float],
         base_model_parameters: Any,
         ft_models_parameters: Sequence[Any],
         densities: Sequence[float],
+        device: Any = None,
+        hessian_invs: Any = None,
+        importance_masks: Any = None,
+        use_sparsegpt: bool = False,
+        blocksize: int = 128,
         *,
-        hessian_invs: Any,
-        hessians: Any,
-        importance_masks: Any,
-        use_sparsegpt: bool,
-        blocksize: int,
-        percdamp: float,
-        seed: int,
-        layout: str,
-        params: dict,
+        hessians: Any = None,
+        percdamp: float = 0.01,
+        seed: int = 0,
+        layout: str = "torch",
+        **params: Any,
     ) -> Any:
+        """Merged parameters (a tensor, or a dict for a model); extra `params` go to the method.
+
+        `device` is accepted for the original's signature; JAX places arrays.
+        """
+        del device
         if importance_masks is not None:
             raise ValueError(
                 "importance_masks is not supported; pass hessians= (or hessian_invs=) with "
@@ -130,32 +136,6 @@ class TIES(_SeedMerge):
     method = "ties"
     data_free_trim = "magnitude"
 
-    def merge(
-        self,
-        weights: Sequence[float],
-        base_model_parameters: Any,
-        ft_models_parameters: Sequence[Any],
-        densities: Sequence[float],
-        device: Any = None,
-        hessian_invs: Any = None,
-        importance_masks: Any = None,
-        use_sparsegpt: bool = False,
-        blocksize: int = 128,
-        *,
-        hessians: Any = None,
-        percdamp: float = 0.01,
-        seed: int = 0,
-        layout: str = "torch",
-        **params: Any,
-    ) -> Any:
-        """Merged parameters (a tensor, or a dict for a model); extra `params` go to `ties`."""
-        return self._merge(
-            weights, base_model_parameters, ft_models_parameters, densities,
-            hessian_invs=hessian_invs, hessians=hessians, importance_masks=importance_masks,
-            use_sparsegpt=use_sparsegpt, blocksize=blocksize, percdamp=percdamp, seed=seed,
-            layout=layout, params=params,
-        )
-
 
 class DARE(_SeedMerge):
     """The seed's DARE: drop (random or SparseGPT), rescale, weighted sum.
@@ -168,29 +148,3 @@ class DARE(_SeedMerge):
 
     method = "dare_linear"
     data_free_trim = "random"
-
-    def merge(
-        self,
-        weights: Sequence[float],
-        base_model_parameters: Any,
-        ft_models_parameters: Sequence[Any],
-        densities: Sequence[float],
-        device: Any = None,
-        hessian_invs: Any = None,
-        importance_masks: Any = None,
-        use_sparsegpt: bool = False,
-        blocksize: int = 128,
-        *,
-        hessians: Any = None,
-        percdamp: float = 0.01,
-        seed: int = 0,
-        layout: str = "torch",
-        **params: Any,
-    ) -> Any:
-        """Merged parameters (a tensor, or a dict for a model); extra `params` go to `dare_linear`."""
-        return self._merge(
-            weights, base_model_parameters, ft_models_parameters, densities,
-            hessian_invs=hessian_invs, hessians=hessians, importance_masks=importance_masks,
-            use_sparsegpt=use_sparsegpt, blocksize=blocksize, percdamp=percdamp, seed=seed,
-            layout=layout, params=params,
-        )
