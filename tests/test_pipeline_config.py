@@ -96,3 +96,11 @@ def test_all_problems_reported_at_once():
         parse_config(_raw(merge_method="tie", blocksize=0, hessian_source="x"))
     msg = str(e.value)
     assert "merge_method" in msg and "blocksize" in msg and "hessian_source" in msg
+
+
+@pytest.mark.parametrize("name", ["ties_sparsegpt", "dare_per_task", "ties_magnitude"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
+    assert cfg.models and cfg.base_model.endswith("base")

@@ -109,6 +109,7 @@ def finetune(base_dir: Path, dst: Path, ids: np.ndarray, loss_mask: np.ndarray, 
 
     rng = np.random.default_rng(seed)
     loss = None
+    t0 = time.perf_counter()
     for _ in range(steps):
         idx = rng.choice(n, size=batch, replace=n < batch)
         params, state, loss = step(params, state, x[idx], jnp.asarray(ids[idx]), jnp.asarray(loss_mask[idx]))
@@ -120,7 +121,7 @@ def finetune(base_dir: Path, dst: Path, ids: np.ndarray, loss_mask: np.ndarray, 
     changed = {k: v for k, v in sd.items() if k.startswith(prefixes)}
     with open_checkpoint(base_dir) as base:
         export_hf(changed, dst, base=base, dtype="fp32", overwrite=True)
-    print(f"  fine-tuned {dst.name}: {steps} steps, final loss {float(loss):.3f}")
+    print(f"  fine-tuned {dst.name}: {steps} steps in {time.perf_counter() - t0:.0f} s, final loss {float(loss):.3f}")
     return dst
 
 

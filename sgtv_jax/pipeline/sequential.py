@@ -410,6 +410,15 @@ class MergeRun:
         weights = self._per_model("weight", name, layer, 1.0)
         trim = self._trim_for(name, layer, hessian is not None)
         tp = time.perf_counter()
+        if not np.any(np.stack([np.asarray(f) != np.asarray(base) for f in fts])):
+            # No model changed this tensor: every trim and method maps zero task vectors
+            # to a zero merge, so the base tensor is the result (no OBS / sort work).
+            self.timer.add("prune", tp)
+            self.records.append(LayerRecord(
+                name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape), trim="unchanged",
+                density=densities, kept_density=[0.0] * self.T, damping=None, trim_error=None,
+                merge_error=None, time_s=time.perf_counter() - t0))
+            return _round_to(b, self.out_dtype)
         merged, trimmed, damping = merge_tensor(
             cfg.merge_method, deltas, weights=weights, densities=densities, trim=trim, hessian=hessian,
             params=method_kwargs(cfg, name, layer, self.arch.num_layers), seed=cfg.seed, name=name,
@@ -430,8 +439,8 @@ class MergeRun:
         out = _round_to(np.asarray(b + np.asarray(merged, np.float32)), self.out_dtype)
         self.timer.add("merge", tm)
         self.records.append(LayerRecord(
-            name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape), trim=trim,
-            density=densities, kept_density=kept, damping=damping, trim_error=trim_err,
+            name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
+            trim=trim or _method_info(cfg.merge_method)[1].get("trim"), density=densities, kept_density=kept, damping=damping, trim_error=trim_err,
             merge_error=merge_err, time_s=time.perf_counter() - t0))
         return out
 
