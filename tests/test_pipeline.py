@@ -310,3 +310,24 @@ def test_killed_merge_leaves_no_complete_looking_output(llama, tmp_path):
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.yaml"]
     assert all(n.startswith(".out.partial") for n in leftovers), leftovers
+
+
+def test_orbax_output_equals_hf_output(llama, tmp_path):
+    from convert import restore_orbax
+    from convert.namemaps import get_name_map
+    from safetensors.numpy import load_file
+
+    root, paths = llama
+    raw = H.config_dict(paths, root, trim=None)
+    raw.pop("calibration")
+    cfg = parse_config(raw)
+    run_merge(cfg, tmp_path / "hf", progress=False)
+    run_merge(cfg, tmp_path / "ob", format="orbax", progress=False)
+    assert (tmp_path / "ob" / REPORT_FILE).is_file()
+    model, hf_cfg = restore_orbax(tmp_path / "ob")
+    got = get_name_map(hf_cfg["model_type"]).model_to_hf_state_dict(model)
+    want = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ob"]
