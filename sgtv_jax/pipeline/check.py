@@ -135,7 +135,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         seen = set()
         for t in range(len(cfg.models)):
             cal = cfg.calibration_for(t)
-            if cal is None or (not cfg.needs_calibration()) or id(cal) in seen:
+            if cal is None or id(cal) in seen:
                 continue
             seen.add(id(cal))
             where = f"models[{t}].calibration" if cfg.models[t].calibration else "calibration"
@@ -145,7 +145,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
                 check_files(cal.data, cal.text_field)
             except CalibrationError as e:
                 problems.append(f"{where}: {e}")
-        if cfg.needs_calibration() and not any(
+        if seen and not any(
                 (Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
     if problems:
