@@ -373,6 +373,15 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
                         f"trim {cfg.trim!r} / method {method!r} needs calibration data: add "
                         f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)")
                     break
+        fn_params = inspect.signature(get_method(method)).parameters
+        own_trim = fn_params["trim"].default if "trim" in fn_params else None
+        if trim is None and own_trim is None:
+            for t in range(len(entries)):
+                dens = model_parameters(cfg, t).get("density")
+                if any(isinstance(v, numbers.Real) and v < 1 for v in spec_values(dens)):
+                    problems.append(f"models[{t}] has density < 1 but merge_method {method!r} does not trim by "
+                                    "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)")
+                    break
         if prunem and not any(v == "sparsegpt" for v in spec_values(trim)):
             problems.append("prunen/prunem (N:M) need trim: sparsegpt")
     if problems:
