@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
 MAX_ESCALATIONS = 5
 
 
@@ -49,15 +51,41 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.result_type(dtype, jnp.float32)
 
 
+# Below this size the inverse Cholesky factor comes from LAPACK directly; above
+# it, from the recursion in `_inverse_cholesky_lower`, whose work is matmuls.
+LEAF = 128
+
+
+def _inverse_cholesky_lower(h: jax.Array) -> jax.Array:
+    """`G = L^-1` (lower triangular) for `h = L L^T`, `[n, n]`.
+
+    Recursive on 2x2 blocks, `h = [[A, B], [B^T, C]]`:
+    `G11 = G(A)`, `M = G11 B`, `G22 = G(C - M^T M)`, `G21 = -G22 M^T G11`.
+    Same arithmetic as a blocked Cholesky followed by a triangular inverse, but
+    nearly all of it is matrix products, which XLA runs at full speed on every
+    backend (LAPACK's potrf / trsm through jaxlib are several times slower on CPU).
+    """
+    n = h.shape[-1]
+    if n <= LEAF:
+        lower = jax.lax.linalg.cholesky(h, symmetrize_input=False)
+        return solve_triangular(lower, jnp.eye(n, dtype=h.dtype), lower=True)
+    n1 = max(LEAF, (n // 2) // LEAF * LEAF)
+    a, b, c = h[:n1, :n1], h[:n1, n1:], h[n1:, n1:]
+    g11 = _inverse_cholesky_lower(a)
+    m = jnp.matmul(g11, b, precision=HIGHEST)
+    g22 = _inverse_cholesky_lower(c - jnp.matmul(m.T, m, precision=HIGHEST))
+    g21 = -jnp.matmul(jnp.matmul(g22, m.T, precision=HIGHEST), g11, precision=HIGHEST)
+    top = jnp.concatenate([g11, jnp.zeros((n1, n - n1), h.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([g21, g22], axis=1)], axis=0)
+
+
 def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
-    """Upper U with `U^T U = h^-1`, for symmetric positive definite `h` `[n, n]`."""
-    # Our H is symmetric by construction; jnp.linalg.cholesky's symmetrisation
-    # pass costs more than the factorisation itself on CPU.
-    lower = jax.lax.linalg.cholesky(h[::-1, ::-1], symmetrize_input=False)
-    eye = jnp.eye(h.shape[-1], dtype=h.dtype)
-    linv = solve_triangular(lower, eye, lower=True)
+    """Upper U with `U^T U = h^-1`, for symmetric positive definite `h` `[n, n]`.
+
+    NaN (never an exception) when `h` is not positive definite.
+    """
     # Exact zeros below the diagonal: the sweep relies on U[i, :i] == 0.
-    return jnp.triu(linv[::-1, ::-1])
+    return jnp.triu(_inverse_cholesky_lower(h[::-1, ::-1])[::-1, ::-1])
 
 
 def fix_dead_columns(hessian: jax.Array) -> tuple[jax.Array, jax.Array]:

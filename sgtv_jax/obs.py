@@ -158,10 +158,9 @@ def _sweep(w, u, prune_counts, blocksize, prunen, prunem):
     tasks, rows, cols = w.shape
     qs, masks = [], []
     loss = jnp.zeros(tasks, w.dtype)
-    rest = w
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
-        w1, rest = rest[..., : i2 - i1], rest[..., i2 - i1 :]
+        w1 = w[..., i1:i2]
         u1 = u[i1:i2, i1:i2]
         if prunem == 0:
             scores = (w1**2 / jnp.diagonal(u1) ** 2).reshape(tasks, -1)
@@ -173,7 +172,8 @@ def _sweep(w, u, prune_counts, blocksize, prunen, prunem):
         masks.append(mask1)
         loss = loss + block_loss
         if i2 < cols:
-            rest = rest - jnp.matmul(err1, u[i1:i2, i2:], precision=HIGHEST)
+            # In place (XLA aliases the update slice): cheaper than re-slicing the rest.
+            w = w.at[..., i2:].add(-jnp.matmul(err1, u[i1:i2, i2:], precision=HIGHEST))
     return jnp.concatenate(qs, axis=-1), jnp.concatenate(masks, axis=-1), loss
 
 
