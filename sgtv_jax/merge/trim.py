@@ -73,13 +73,21 @@ def _top_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
     entries is kept), by the OBS core's exact bisection selection on the
     reversed row: ~30x faster on CPU for embedding-sized tensors.
     """
+    n = scores.shape[-1]
+    drop = jnp.asarray(n, jnp.int32) - jnp.asarray(k, jnp.int32)
+    return _keep_largest(scores.reshape(-1, n), drop).reshape(scores.shape)
+
+
+@jax.jit
+def _keep_largest(rows: jax.Array, drop: jax.Array) -> jax.Array:
+    """Per row of `rows` `[r, n]`, all but the `drop` smallest (ties: the later ones dropped).
+
+    Compiled once per shape (an eager call would re-trace the bisection loop every time).
+    """
     from sgtv_jax.obs import _prune_k_smallest
 
-    n = scores.shape[-1]
-    rows = scores.reshape(-1, n)[:, ::-1]
-    drop = jnp.asarray(n, jnp.int32) - jnp.asarray(k, jnp.int32)
-    pruned = jax.vmap(_prune_k_smallest, in_axes=(0, None))(rows, drop)
-    return (~pruned[:, ::-1]).reshape(scores.shape)
+    pruned = jax.vmap(_prune_k_smallest, in_axes=(0, None))(rows[:, ::-1], drop)
+    return ~pruned[:, ::-1]
 
 
 def _edge(delta: jax.Array, density: float) -> jax.Array | None:

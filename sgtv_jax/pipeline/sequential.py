@@ -402,7 +402,11 @@ class MergeRun:
         t0 = time.perf_counter()
         cfg = self.cfg
         b = _f32(base)
-        deltas = jnp.asarray(np.stack([_f32(f) for f in fts]) - b[None])
+        d = np.empty((self.T,) + b.shape, np.float32)  # one [T, ...] buffer: the peak is an embedding's stack
+        for t, f in enumerate(fts):
+            np.subtract(_f32(f), b, out=d[t])
+        deltas = jnp.asarray(d)
+        del d
         transpose = base.ndim == 2 and not torch_layout
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
@@ -410,7 +414,7 @@ class MergeRun:
         weights = self._per_model("weight", name, layer, 1.0)
         trim = self._trim_for(name, layer, hessian is not None)
         tp = time.perf_counter()
-        if not np.any(np.stack([np.asarray(f) != np.asarray(base) for f in fts])):
+        if not any(np.any(deltas[t] != 0) for t in range(self.T)):
             # No model changed this tensor: every trim and method maps zero task vectors
             # to a zero merge, so the base tensor is the result (no OBS / sort work).
             self.timer.add("prune", tp)
@@ -479,10 +483,11 @@ class MergeRun:
         outer = [n for n in names if n not in in_blocks and rules[n] is not None]
 
         # ---- outer tensors (embeddings, final norm, head): data-free merge
-        base_o, fts_o = self._read(outer)
         merged_o = {}
-        for n in outer:
-            merged_o[n] = self._merge_one(n, None, base_o[n], [f[n] for f in fts_o], None, rules[n].transpose)
+        for n in outer:  # one tensor of each model in memory at a time
+            base_n, fts_n = self._read([n])
+            merged_o[n] = self._merge_one(n, None, base_n[n], [f[n] for f in fts_n], None, rules[n].transpose)
+            del base_n, fts_n
         for n in outer:
             yield n, merged_o[n]
 
@@ -495,12 +500,13 @@ class MergeRun:
             if mode == "merged":
                 src = [{n: _f32(merged_o[n]) for n in outer}]
             elif mode == "base":
-                src = [base_o]
+                src = [self._read(outer)[0]]
             else:
-                src = fts_o
+                src = self._read(outer)[1]
             streams = [_embed_stream(arch, s, c, cfg.batch_size) for s, c in zip(src, sets)]
+            del src
             self.timer.add("calibrate", tc)
-        del base_o, fts_o, merged_o
+        del merged_o
 
         bar = None
         if self.progress:
@@ -680,8 +686,11 @@ def _export_orbax(run: MergeRun, out: Path, overwrite: bool, finalize: Callable[
 
     from convert.orbax_io import save_orbax
 
+    from sgtv_jax.models import build_abstract_model
+
     merged = dict(run.tensors())
-    model = run.arch.abstract_model()
+    # parameters in the output dtype (the config's `dtype`), as the HF export writes them
+    model = build_abstract_model(run.arch.hf_obj, param_dtype=jnp.dtype(run.out_dtype))
     run.arch.name_map.load_hf_state_dict_into_model(model, merged, strict=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
