@@ -396,16 +396,21 @@ class MergeRun:
             return None  # data-free tensors: the method's own trim
         return kind
 
-    def _merge_one(self, name: str, layer: int | None, base: np.ndarray, fts: list[np.ndarray],
+    def _merge_one(self, name: str, layer: int | None, base: np.ndarray,
+                   fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
                    hessian: jax.Array | None, torch_layout: bool) -> np.ndarray:
-        """Merge one tensor; returns the merged tensor in the output dtype (HF layout)."""
+        """Merge one tensor; returns the merged tensor in the output dtype (HF layout).
+
+        `fts`: model t's tensor, as a list or a reader `t -> array` (then only
+        one raw tensor is alive at a time: the peak memory is an embedding's).
+        """
         t0 = time.perf_counter()
         cfg = self.cfg
         b = _f32(base)
-        d = np.empty((self.T,) + b.shape, np.float32)  # one [T, ...] buffer: the peak is an embedding's stack
-        for t, f in enumerate(fts):
-            np.subtract(_f32(f), b, out=d[t])
-        deltas = jnp.asarray(d)
+        d = np.empty((self.T,) + b.shape, np.float32)  # one [T, ...] buffer
+        for t in range(self.T):
+            np.subtract(_f32(fts(t) if callable(fts) else fts[t]), b, out=d[t])
+        deltas = jax.device_put(d)  # zero-copy on CPU (jnp.asarray makes two copies here)
         del d
         transpose = base.ndim == 2 and not torch_layout
         if transpose:
@@ -448,6 +453,12 @@ class MergeRun:
             merge_error=merge_err, time_s=time.perf_counter() - t0))
         return out
 
+    def _read_one(self, ckpt: Any, name: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        a = ckpt.get(name)
+        self.timer.add("load", t0)
+        return a
+
     def _read(self, names: list[str]) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
         t0 = time.perf_counter()
         base = {n: self.base.get(n) for n in names}
@@ -484,10 +495,11 @@ class MergeRun:
 
         # ---- outer tensors (embeddings, final norm, head): data-free merge
         merged_o = {}
-        for n in outer:  # one tensor of each model in memory at a time
-            base_n, fts_n = self._read([n])
-            merged_o[n] = self._merge_one(n, None, base_n[n], [f[n] for f in fts_n], None, rules[n].transpose)
-            del base_n, fts_n
+        for n in outer:  # one raw tensor in memory at a time
+            base_n = self._read_one(self.base, n)
+            merged_o[n] = self._merge_one(n, None, base_n, lambda t, n=n: self._read_one(self.models[t], n), None,
+                                          rules[n].transpose)
+            del base_n
         for n in outer:
             yield n, merged_o[n]
 
