@@ -20,7 +20,7 @@ unrolled at trace time so every lazy update is an exact-size matmul.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,17 @@ from sgtv_jax.factor import (
     inverse_factor,
 )
 from sgtv_jax.refit import refit_kept
+
+
+class ObsInfo(NamedTuple):
+    """What `obs_prune(..., return_info=True)` reports besides the pruned delta.
+
+    loss: OBS loss of the sweep, scalar or `[T]`.
+    percdamp: relative damping finally used (after escalation), scalar or `[T]`.
+    """
+
+    loss: jax.Array
+    percdamp: jax.Array
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Inner panel width of the column sweep (see _sweep_block); tuned on CPU.
@@ -272,7 +283,7 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, refit=None):
             f"to percdamp={float(jnp.max(factor.percdamp)):.3g}; check the calibration inputs"
         )
     if all(d == 1.0 for d in densities) and not prunen:
-        return delta, jnp.zeros(() if squeeze else (tasks,), compute_dtype(delta.dtype))
+        return delta, jnp.zeros(() if squeeze else (tasks,), compute_dtype(delta.dtype)), factor.percdamp
     counts = block_prune_counts(densities, rows, cols, blocksize)
     pruned, mask, loss = obs_sweep(
         stack, factor, jnp.asarray(counts), blocksize=blocksize, prunen=prunen, prunem=prunem
@@ -285,7 +296,7 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, refit=None):
     keep_input = jnp.asarray([d == 1.0 and not prunen for d in densities])
     pruned = jnp.where(keep_input[:, None, None], stack, pruned).astype(delta.dtype)
     loss = jnp.where(keep_input, 0, loss)
-    return (pruned[0], loss[0]) if squeeze else (pruned, loss)
+    return (pruned[0], loss[0], factor.percdamp) if squeeze else (pruned, loss, factor.percdamp)
 
 
 def obs_prune(
@@ -301,6 +312,7 @@ def obs_prune(
     refit_tol: float = 1e-4,
     refit_maxiter: int = 20,
     name: str | None = None,
+    return_info: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Prune task vector(s) with blockwise OBS error correction.
 
@@ -317,6 +329,7 @@ def obs_prune(
         final mask (`refit.py`, masked CG from the OBS values); the mask is kept.
       refit_tol, refit_maxiter: CG stopping rule (relative residual, iteration cap).
       name: layer name used in error messages.
+      return_info: return an `ObsInfo` (loss and the damping used) instead of the loss.
     Returns:
       (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`).
     """
@@ -325,7 +338,8 @@ def obs_prune(
     )
     factor = inverse_factor(hessian, percdamp)
     refit_args = (hessian, float(refit_tol), int(refit_maxiter)) if refit else None
-    return _run(delta, factor, densities, prunen, prunem, blocksize, name, refit_args)
+    pruned, loss, damping = _run(delta, factor, densities, prunen, prunem, blocksize, name, refit_args)
+    return (pruned, ObsInfo(loss, damping)) if return_info else (pruned, loss)
 
 
 def obs_prune_from_inverse(
@@ -353,4 +367,4 @@ def obs_prune_from_inverse(
     if not bool(jnp.all(factor.ok)):
         where = f" for {name}" if name else ""
         raise ValueError(f"hessian_inv{where} is not positive definite (its Cholesky failed)")
-    return _run(delta, factor, densities, prunen, prunem, blocksize, name)
+    return _run(delta, factor, densities, prunen, prunem, blocksize, name)[:2]

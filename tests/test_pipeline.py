@@ -331,3 +331,24 @@ def test_orbax_output_equals_hf_output(llama, tmp_path):
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ob"]
+
+
+def test_refit_key_lowers_every_layers_trim_error(llama, tmp_path):
+    """`refit: true` keeps each OBS mask and never raises a layer's trim error (same base H)."""
+    root, paths = llama
+    reports = {}
+    for refit in (False, True):
+        cfg = parse_config(H.config_dict(paths, root, hessian_source="base", refit=refit))
+        assert cfg.refit is refit
+        run_merge(cfg, tmp_path / f"refit-{refit}", progress=False)
+        disk = json.loads((tmp_path / f"refit-{refit}" / REPORT_FILE).read_text())
+        reports[refit] = {r["name"]: r for r in disk["layers"] if r["linear"]}
+    assert reports[False].keys() == reports[True].keys()
+    improved = 0
+    for name, plain in reports[False].items():
+        fitted = reports[True][name]
+        assert fitted["kept_density"] == plain["kept_density"], name
+        for e0, e1 in zip(plain["trim_error"], fitted["trim_error"]):
+            assert e1 <= e0 * (1 + 1e-5), (name, e0, e1)
+            improved += e1 < 0.99 * e0
+    assert improved > 0

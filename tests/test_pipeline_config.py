@@ -72,6 +72,8 @@ def test_filter_rules_first_match_and_nested_gradient():
     ({"prunen": 2, "prunem": 4, "blocksize": 6, "trim": "sparsegpt", "calibration": {"data": "c"}},
      "multiple of prunem"),
     ({"tokenizer_source": "union"}, "only 'base'"),
+    ({"refit": "yes"}, "refit must be true or false"),
+    ({"refit": True}, "refit: true refits what OBS kept: it needs trim: sparsegpt"),
     ({"merge_method": "task_arithmetic"}, "does not trim by itself: add 'trim: magnitude'"),
     ({"merge_method": "linear", "trim": "magnitude"}, "'linear' does not trim"),
     ({"base_model": None}, "base_model is required"),

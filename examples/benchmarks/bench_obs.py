@@ -77,22 +77,16 @@ def inputs(rows, cols, tasks, seed=0):
     return d.astype(np.float32), h.astype(np.float32)
 
 
-def timed(fn, reps):
-    fn()  # warm-up (compilation for JAX)
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per function, run round-robin so machine noise hits all alike."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            # Both runtimes keep worker threads spinning briefly after a call;
+            # let them go idle so neither times the other's spin-down.
+            time.sleep(0.25)
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)

@@ -17,7 +17,8 @@ Our keys (top level): ``trim`` (a trim name or filter rules, e.g. ``sparsegpt``)
 ``calibration`` (``data``: text / JSONL file(s), ``nsamples``, ``seqlen``,
 ``seed``, ``text_field``; also allowed per model, used by ``per_task``),
 ``hessian_source`` (``base`` | ``per_task`` | ``merged``), ``blocksize``,
-``percdamp``, ``prunen`` / ``prunem``, ``seed``, ``batch_size``,
+``percdamp``, ``prunen`` / ``prunem``, ``refit`` (least-squares refit of the
+entries OBS kept, see ``sgtv_jax.refit``), ``seed``, ``batch_size``,
 ``max_shard_size``.
 
 Parameter values (per model ``density`` / ``weight`` / ``gamma`` / ``epsilon``,
@@ -50,7 +51,7 @@ import numpy as np
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
     "models", "merge_method", "base_model", "parameters", "dtype", "tokenizer_source", "trim",
-    "calibration", "hessian_source", "blocksize", "percdamp", "prunen", "prunem", "seed",
+    "calibration", "hessian_source", "blocksize", "percdamp", "prunen", "prunem", "refit", "seed",
     "batch_size", "max_shard_size",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
@@ -104,6 +105,7 @@ class MergeConfig:
     percdamp: float = 0.01
     prunen: int = 0
     prunem: int = 0
+    refit: bool = False
     seed: int = 0
     batch_size: int = 8
     max_shard_size: str = "5GB"
@@ -354,13 +356,17 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"prunen must be in (0, prunem), got {prunen}:{prunem}")
     elif prunem and blocksize % prunem:
         problems.append(f"blocksize {blocksize} must be a multiple of prunem {prunem}")
+    refit = raw.get("refit", False)
+    if not isinstance(refit, bool):
+        problems.append(f"refit must be true or false, got {refit!r}")
+        refit = False
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
 
     cfg = MergeConfig(
         base_model=base, models=tuple(entries), merge_method=method or str(raw.get("merge_method")),
         parameters=gparams, trim=trim, dtype=DTYPES.get(str(dtype)) if dtype is not None else None,
         tokenizer_source="base", calibration=calib, hessian_source=hs if hs in HESSIAN_SOURCES else "merged",
-        blocksize=blocksize, percdamp=float(percdamp), prunen=prunen, prunem=prunem,
+        blocksize=blocksize, percdamp=float(percdamp), prunen=prunen, prunem=prunem, refit=refit,
         seed=_int(raw, "seed", 0, "", problems, minimum=0),
         batch_size=_int(raw, "batch_size", 8, "", problems),
         max_shard_size=str(raw.get("max_shard_size", "5GB")),
@@ -384,6 +390,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
                     break
         if prunem and not any(v == "sparsegpt" for v in spec_values(trim)):
             problems.append("prunen/prunem (N:M) need trim: sparsegpt")
+        if refit and not any(v == "sparsegpt" for v in spec_values(trim)):
+            problems.append("refit: true refits what OBS kept: it needs trim: sparsegpt")
     if problems:
         raise ConfigError("invalid merge config:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -109,6 +109,7 @@ def merge_tensor(
     percdamp: float = 0.01,
     prunen: int = 0,
     prunem: int = 0,
+    refit: bool = False,
 ) -> tuple[jax.Array, jax.Array, float | None]:
     """Trim then merge one tensor's task vectors `deltas` `[T, ...]` (2-D ones PyTorch layout).
 
@@ -117,7 +118,6 @@ def merge_tensor(
     as `sgtv_jax.merge.merge` for this tensor; the split exposes the trimmed
     vectors for the report.
     """
-    from sgtv_jax.factor import inverse_factor
     from sgtv_jax.merge import trim as trim_lib
     from sgtv_jax.merge.keys import tensor_key
     from sgtv_jax.obs import obs_prune
@@ -145,8 +145,9 @@ def merge_tensor(
         trimmed = deltas
     elif kind == "sparsegpt":
         nm = dict(prunen=prunen, prunem=prunem) if prunem else dict(density=list(densities))
-        trimmed, _ = obs_prune(deltas, hessian, blocksize=blocksize, percdamp=percdamp, name=name, **nm)
-        damping = float(jnp.max(inverse_factor(jnp.asarray(hessian), percdamp).percdamp))
+        trimmed, info = obs_prune(deltas, hessian, blocksize=blocksize, percdamp=percdamp, refit=refit,
+                                  name=name, return_info=True, **nm)
+        damping = float(jnp.max(info.percdamp))
         if user_rescale:
             trimmed = trimmed * jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities])[:, None, None]
     else:
@@ -433,6 +434,7 @@ class MergeRun:
             params=method_kwargs(cfg, name, layer, self.arch.num_layers), seed=cfg.seed, name=name,
             gamma=self._per_model("gamma", name, layer, None), epsilon=self._per_model("epsilon", name, layer, None),
             blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem,
+            refit=cfg.refit,
         )
         merged = jax.block_until_ready(merged)
         self.timer.add("prune", tp)
