@@ -52,40 +52,36 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
 
 # Below this size the inverse Cholesky factor comes from LAPACK directly; above
-# it, from the recursion in `_inverse_cholesky_lower`, whose work is matmuls.
+# it, from the recursion in `upper_inverse_cholesky`, whose work is matmuls.
 LEAF = 128
-
-
-def _inverse_cholesky_lower(h: jax.Array) -> jax.Array:
-    """`G = L^-1` (lower triangular) for `h = L L^T`, `[n, n]`.
-
-    Recursive on 2x2 blocks, `h = [[A, B], [B^T, C]]`:
-    `G11 = G(A)`, `M = G11 B`, `G22 = G(C - M^T M)`, `G21 = -G22 M^T G11`.
-    Same arithmetic as a blocked Cholesky followed by a triangular inverse, but
-    nearly all of it is matrix products, which XLA runs at full speed on every
-    backend (LAPACK's potrf / trsm through jaxlib are several times slower on CPU).
-    """
-    n = h.shape[-1]
-    if n <= LEAF:
-        lower = jax.lax.linalg.cholesky(h, symmetrize_input=False)
-        return solve_triangular(lower, jnp.eye(n, dtype=h.dtype), lower=True)
-    n1 = max(LEAF, (n // 2) // LEAF * LEAF)
-    a, b, c = h[:n1, :n1], h[:n1, n1:], h[n1:, n1:]
-    g11 = _inverse_cholesky_lower(a)
-    m = jnp.matmul(g11, b, precision=HIGHEST)
-    g22 = _inverse_cholesky_lower(c - jnp.matmul(m.T, m, precision=HIGHEST))
-    g21 = -jnp.matmul(jnp.matmul(g22, m.T, precision=HIGHEST), g11, precision=HIGHEST)
-    top = jnp.concatenate([g11, jnp.zeros((n1, n - n1), h.dtype)], axis=1)
-    return jnp.concatenate([top, jnp.concatenate([g21, g22], axis=1)], axis=0)
 
 
 def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
     """Upper U with `U^T U = h^-1`, for symmetric positive definite `h` `[n, n]`.
 
-    NaN (never an exception) when `h` is not positive definite.
+    Recursive on 2x2 blocks, `h = [[A, B], [B^T, C]]`, trailing block first:
+    `U22 = U(C)`, `N = U22 B^T`, `U11 = U(A - N^T N)`, `U12 = -U11 N^T U22`
+    (`U^-1` is the "upper-lower" factor of h, `h = V V^T`). The same arithmetic
+    as a Cholesky of the reversed h followed by a triangular inverse, but
+    nearly all of it is matrix products, which XLA runs at full speed on every
+    backend (jaxlib's CPU potrf / trsm were 5-10x slower here). U[i, :i] is
+    exactly zero, which the sweep relies on. NaN (never an exception) when h is
+    not positive definite.
     """
-    # Exact zeros below the diagonal: the sweep relies on U[i, :i] == 0.
-    return jnp.triu(_inverse_cholesky_lower(h[::-1, ::-1])[::-1, ::-1])
+    n = h.shape[-1]
+    if n <= LEAF:
+        # P h P = L L^T with P the reversal  =>  U = P L^-1 P.
+        lower = jax.lax.linalg.cholesky(h[::-1, ::-1], symmetrize_input=False)
+        linv = solve_triangular(lower, jnp.eye(n, dtype=h.dtype), lower=True)
+        return jnp.triu(linv[::-1, ::-1])
+    n1 = n - max(LEAF, (n // 2) // LEAF * LEAF)
+    a, b, c = h[:n1, :n1], h[:n1, n1:], h[n1:, n1:]
+    u22 = upper_inverse_cholesky(c)
+    m = jnp.matmul(u22, b.T, precision=HIGHEST)
+    u11 = upper_inverse_cholesky(a - jnp.matmul(m.T, m, precision=HIGHEST))
+    u12 = -jnp.matmul(jnp.matmul(u11, m.T, precision=HIGHEST), u22, precision=HIGHEST)
+    bottom = jnp.concatenate([jnp.zeros((n - n1, n1), h.dtype), u22], axis=1)
+    return jnp.concatenate([jnp.concatenate([u11, u12], axis=1), bottom], axis=0)
 
 
 def fix_dead_columns(hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
