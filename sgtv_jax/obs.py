@@ -55,7 +55,7 @@ SUB_BLOCKSIZE = 32
 # --------------------------------------------------------------------------- masks
 
 
-def _prune_k_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
+def prune_k_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
     """Bool mask of the `k` smallest of `scores` `[n]` (>= 0), ties in index order.
 
     Bisection on the float bit pattern (monotonic for non-negative floats)
@@ -175,7 +175,7 @@ def _sweep(w, u, prune_counts, blocksize, prunen, prunem):
         u1 = u[i1:i2, i1:i2]
         if prunem == 0:
             scores = (w1**2 / jnp.diagonal(u1) ** 2).reshape(tasks, -1)
-            mask1 = jax.vmap(_prune_k_smallest)(scores, prune_counts[:, b]).reshape(w1.shape)
+            mask1 = jax.vmap(prune_k_smallest)(scores, prune_counts[:, b]).reshape(w1.shape)
         else:
             mask1 = jnp.zeros(w1.shape, bool)
         q1, mask1, err1, block_loss = _sweep_block(w1, u1, mask1, prunen, prunem)

@@ -96,7 +96,8 @@ def generalized_task_arithmetic(
     return combine.scale(mixed, lambda_)
 
 
-def _rescale(rescale: bool | None, default: bool, trim: str | None) -> bool:
+def resolve_rescale(rescale: bool | None, default: bool, trim: str | None) -> bool:
+    """The user's `rescale`, else the method's default, which is off for calibration trims."""
     if rescale is not None:
         return bool(rescale)
     return default and trim not in trim_lib.DATA_TRIMS
@@ -141,7 +142,7 @@ def task_arithmetic(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -170,7 +171,7 @@ def ties(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -189,7 +190,7 @@ def dare_linear(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -209,7 +210,7 @@ def dare_ties(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -231,7 +232,7 @@ def della(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -248,7 +249,7 @@ def della_linear(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -267,7 +268,7 @@ def breadcrumbs(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )
 
@@ -285,6 +286,6 @@ def breadcrumbs_ties(
     """
     return generalized_task_arithmetic(
         deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
+        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
         gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
     )

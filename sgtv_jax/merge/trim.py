@@ -84,9 +84,9 @@ def _keep_largest(rows: jax.Array, drop: jax.Array) -> jax.Array:
 
     Compiled once per shape (an eager call would re-trace the bisection loop every time).
     """
-    from sgtv_jax.obs import _prune_k_smallest
+    from sgtv_jax.obs import prune_k_smallest
 
-    pruned = jax.vmap(_prune_k_smallest, in_axes=(0, None))(rows[:, ::-1], drop)
+    pruned = jax.vmap(prune_k_smallest, in_axes=(0, None))(rows[:, ::-1], drop)
     return ~pruned[:, ::-1]
 
 
@@ -230,10 +230,13 @@ def sparsegpt(
         )
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
-    if rescale:
-        scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], pruned.dtype)
-        pruned = pruned * scale[:, None, None]
-    return pruned
+    return inverse_density_scale(pruned, densities) if rescale else pruned
+
+
+def inverse_density_scale(x: jax.Array, densities: Sequence[float]) -> jax.Array:
+    """`x[t] / density_t` for a stack `[T, ...]` (DARE-style rescale; density 0 -> 0)."""
+    scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], x.dtype)
+    return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def missing_stats_message(kind: str, name: str | None) -> str:

@@ -119,6 +119,7 @@ def merge_tensor(
     vectors for the report.
     """
     from sgtv_jax.merge import trim as trim_lib
+    from sgtv_jax.merge.methods import resolve_rescale
     from sgtv_jax.merge.keys import tensor_key
     from sgtv_jax.obs import obs_prune
 
@@ -137,6 +138,8 @@ def merge_tensor(
         merged = fn(deltas, list(weights), name=name, **kw)
         return merged, deltas, None
     kind = trim if trim is not None else defaults.get("trim")
+    # The method's own rule: random default trims rescale by 1/density, calibration trims don't.
+    rescale = resolve_rescale(user_rescale, defaults.get("trim") in trim_lib.RANDOM_TRIMS, kind)
     damping = None
     if kind is None:
         if any(d != 1.0 for d in densities):
@@ -148,11 +151,9 @@ def merge_tensor(
         trimmed, info = obs_prune(deltas, hessian, blocksize=blocksize, percdamp=percdamp, refit=refit,
                                   name=name, return_info=True, **nm)
         damping = float(jnp.max(info.percdamp))
-        if user_rescale:
-            trimmed = trimmed * jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities])[:, None, None]
+        if rescale:
+            trimmed = trim_lib.inverse_density_scale(trimmed, densities)
     else:
-        rescale = (bool(user_rescale) if user_rescale is not None
-                   else defaults.get("trim") in trim_lib.RANDOM_TRIMS and kind not in trim_lib.DATA_TRIMS)
         extra = {}
         if gamma is not None:
             extra["gamma"] = list(gamma)
