@@ -1,7 +1,5 @@
 """Whole-model merges: pytrees, per-model / per-tensor parameters, determinism, errors, seed API."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -11,7 +11,6 @@ model's maximum position.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,16 @@ class CheckResult:
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     """config.json of a model directory (ConfigError naming the path if absent / invalid)."""
+    from convert.errors import ConvertError
+    from convert.safetensors_reader import read_config
+
     p = Path(path)
-    f = p / "config.json" if p.is_dir() else p
     if not p.exists():
         raise ConfigError(f"{p}: model path does not exist")
-    if not f.is_file():
-        raise ConfigError(f"{p}: no config.json (expected a Hugging Face model directory)")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f}: invalid JSON ({e})") from None
+        return read_config(p if p.is_dir() else p.parent)
+    except ConvertError as e:
+        raise ConfigError(str(e)) from None
 
 
 def num_layers_of(hf: dict[str, Any]) -> int:
