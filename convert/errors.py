@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from sgtv_jax.errors import SgtvError
 
-class ConvertError(ValueError):
+
+class ConvertError(SgtvError):
     """A checkpoint could not be read, validated or written.
 
     The message always names the offending file or tensor, so a user can act on

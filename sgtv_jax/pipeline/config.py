@@ -32,21 +32,30 @@ and method parameters) are *specs*:
   filter is a substring of the HF tensor name wins, a rule without filter
   matches everything; the value may itself be a gradient.
 
-Relative paths are relative to the YAML file's directory. Every problem found
-is reported at once (``ConfigError``), each naming its key and suggesting the
-likely key for a typo (difflib).
+Relative paths are relative to the YAML file's directory; the strings as
+written are kept for reports and model cards (`MergeConfig.to_dict`), so no
+local absolute path ends up in a published model. Every problem found is
+reported at once (``ConfigError``), each naming its key and suggesting the
+likely key for a typo (difflib). Method parameters are checked against the
+declared table `sgtv_jax.merge.specs` (type, range, finiteness): a quoted
+``"false"`` is not a boolean and ``.nan`` is not a density. YAML aliases
+(``*name``) are refused, so an alias bomb cannot expand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
+import math
 import numbers
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import yaml
+
+from sgtv_jax.errors import SgtvError, short_repr
+from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, MethodSpec, ParamSpec
 
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
@@ -55,42 +64,57 @@ TOP_KEYS = (
     "batch_size", "max_shard_size",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
-PER_MODEL_PARAMS = ("density", "weight", "gamma", "epsilon")
+PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
 CALIBRATION_KEYS = ("data", "nsamples", "seqlen", "seed", "text_field")
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
           "float32": "fp32", "fp32": "fp32"}
-# Arguments of the tensor-level methods that the pipeline fills in itself.
-_INTERNAL = {"deltas", "weights", "densities", "key", "calib", "grams", "base", "name", "gamma",
-             "epsilon", "blocksize", "percdamp", "trim"}
 
 
-class ConfigError(ValueError):
+class ConfigError(SgtvError):
     """An invalid merge configuration; the message lists every problem found."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    """Calibration data: `data` files (.txt / .jsonl), `nsamples` windows of `seqlen` tokens."""
+    """Calibration data: `data` files (.txt / .jsonl), `nsamples` windows of `seqlen` tokens.
+
+    `data` holds resolved paths; `written` the same files as the YAML wrote them.
+    """
 
     data: tuple[str, ...]
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
     text_field: str = "text"
+    written: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data with the paths as written."""
+        return {"data": list(self.written or self.data), "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed, "text_field": self.text_field}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-    """One fine-tuned model: its path, parameter specs, optional own calibration (per_task)."""
+    """One fine-tuned model: its path, parameter specs, optional own calibration (per_task).
+
+    `model` is the resolved path; `written` the path as the YAML wrote it.
+    """
 
     model: str
     parameters: Mapping[str, Any]
     calibration: CalibrationConfig | None = None
+    written: str = ""
+
+    @property
+    def label(self) -> str:
+        """The model as the user wrote it (for messages and reports)."""
+        return self.written or self.model
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeConfig:
-    """A validated merge configuration (paths resolved to absolute strings)."""
+    """A validated merge configuration (paths resolved to absolute strings, as-written kept)."""
 
     base_model: str
     models: tuple[ModelEntry, ...]
@@ -109,6 +133,11 @@ class MergeConfig:
     seed: int = 0
     batch_size: int = 8
     max_shard_size: str = "5GB"
+    base_model_written: str = ""
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.merge_method]
 
     def calibration_for(self, t: int) -> CalibrationConfig | None:
         """Calibration of fine-tuned model `t` (its own, else the shared one)."""
@@ -118,11 +147,21 @@ class MergeConfig:
         """Whether any tensor uses a data-aware trim (or the method needs Gram matrices)."""
         from sgtv_jax.merge.trim import DATA_TRIMS
 
-        return self.merge_method == "regmean" or any(t in DATA_TRIMS for t in spec_values(self.trim))
+        return self.method_spec.needs_grams or any(t in DATA_TRIMS for t in spec_values(self.trim))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (for reports and model cards)."""
-        return dataclasses.asdict(self)
+        """Plain-data form for reports and model cards: model and data paths as the YAML wrote them.
+
+        Shallow (parameter specs are shared, not copied).
+        """
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base_model_written"}
+        out["base_model"] = self.base_model_written or self.base_model
+        out["models"] = [{"model": m.label, "parameters": dict(m.parameters),
+                          "calibration": m.calibration.to_dict() if m.calibration else None}
+                         for m in self.models]
+        out["parameters"] = dict(self.parameters)
+        out["calibration"] = self.calibration.to_dict() if self.calibration else None
+        return out
 
 
 # --------------------------------------------------------------------------- specs
@@ -162,7 +201,7 @@ def resolve_spec(spec: Any, name: str, layer: int | None, num_layers: int) -> An
             filt = rule.get("filter")
             if filt is None or str(filt) in name:
                 return resolve_spec(rule.get("value"), name, layer, num_layers)
-        raise ConfigError(f"no filter rule matches tensor {name!r} in {list(spec)!r} "
+        raise ConfigError(f"no filter rule matches tensor {name!r} in {short_repr(list(spec))} "
                           "(add a rule without 'filter' as the default)")
     if _is_gradient(spec):
         if len(spec) == 1:
@@ -175,29 +214,26 @@ def resolve_spec(spec: Any, name: str, layer: int | None, num_layers: int) -> An
 # --------------------------------------------------------------------------- validation
 
 
-def _suggest(key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+def _suggest(key: Any, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5) if isinstance(key, str) else []
     return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
 
 
 def _unknown(d: Mapping[str, Any], known: Sequence[str], where: str, problems: list[str]) -> None:
     for k in d:
         if k not in known:
-            problems.append(f"unknown key {k!r} in {where}{_suggest(k, known)}")
+            problems.append(f"unknown key {short_repr(k)} in {where}{_suggest(k, known)}")
 
 
 def method_parameters(method: str) -> tuple[str, ...]:
-    """Parameters of merge method `method` a config may set in `parameters` (`lambda` for `lambda_`)."""
-    from sgtv_jax.merge.registry import get_method
-
-    params = inspect.signature(get_method(method)).parameters
-    return tuple(("lambda" if p == "lambda_" else p) for p in params if p not in _INTERNAL)
+    """Parameters of merge method `method` a config may set in `parameters` (from the spec table)."""
+    return METHOD_SPECS[method].param_names
 
 
 def _path(value: Any, root: Path, where: str, problems: list[str]) -> str:
     if not isinstance(value, str) or not value:
-        problems.append(f"{where} must be a path string, got {value!r}")
-        return str(value)
+        problems.append(f"{where} must be a path string, got {short_repr(value)}")
+        return ""
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (root / p))
 
@@ -206,7 +242,7 @@ def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: lis
          minimum: int = 1) -> int:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < minimum:
-        problems.append(f"{where}{key} must be an integer >= {minimum}, got {v!r}")
+        problems.append(f"{where}{key} must be an integer >= {minimum}, got {short_repr(v)}")
         return default
     return int(v)
 
@@ -217,7 +253,7 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
     if isinstance(raw, (str, list)):
         raw = {"data": raw}
     if not isinstance(raw, Mapping):
-        problems.append(f"{where} must be a mapping with 'data' (file or list of files), got {raw!r}")
+        problems.append(f"{where} must be a mapping with 'data' (file or list of files), got {short_repr(raw)}")
         return None
     _unknown(raw, CALIBRATION_KEYS, where, problems)
     data = raw.get("data")
@@ -226,37 +262,142 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
         data = []
     files = [data] if isinstance(data, str) else list(data) if isinstance(data, (list, tuple)) else [data]
     paths = tuple(_path(f, root, f"{where}.data", problems) for f in files)
-    if not paths and data is not None:
+    if not paths and raw.get("data") is not None:
         problems.append(f"{where}.data is an empty list")
     tf = raw.get("text_field", "text")
     if not isinstance(tf, str):
-        problems.append(f"{where}.text_field must be a string, got {tf!r}")
+        problems.append(f"{where}.text_field must be a string, got {short_repr(tf)}")
+        tf = "text"
     return CalibrationConfig(
         data=paths,
         nsamples=_int(raw, "nsamples", 128, f"{where}.", problems),
         seqlen=_int(raw, "seqlen", 512, f"{where}.", problems),
         seed=_int(raw, "seed", 0, f"{where}.", problems, minimum=0),
-        text_field=str(tf),
+        text_field=tf,
+        written=tuple(f if isinstance(f, str) else "" for f in files),
     )
 
 
-def _check_values(spec: Any, key: str, where: str, problems: list[str], lo: float | None = None,
-                  hi: float | None = None) -> None:
-    if _is_rules(spec):
-        for r in spec:
-            _unknown(r, ("filter", "value"), f"{where}.{key} rule", problems)
-            if "value" not in r:
-                problems.append(f"{where}.{key}: filter rule {dict(r)!r} has no 'value'")
+def _rules_shape(spec: Any, key: str, problems: list[str]) -> None:
+    """Filter rules: only `filter` (a string) and `value` (required), recursively."""
+    if not _is_rules(spec):
+        return
+    for r in spec:
+        _unknown(r, ("filter", "value"), f"{key} rule", problems)
+        if "value" not in r:
+            problems.append(f"{key}: filter rule {short_repr(r)} has no 'value'")
+        if r.get("filter") is not None and not isinstance(r.get("filter"), str):
+            problems.append(f"{key}: filter must be a string (a substring of tensor names), "
+                            f"got {short_repr(r.get('filter'))}")
+        _rules_shape(r.get("value"), key, problems)
+
+
+def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
+    """Why the plain value `v` is not a valid `ps` (None: it is)."""
+    if v is None and ps.default is None:
+        return None  # "the method's own rule"
+    if ps.kind == "bool":
+        return None if isinstance(v, bool) else f"must be true or false, got {short_repr(v)}"
+    if ps.kind == "choice":
+        return None if isinstance(v, str) and v in ps.choices else \
+            f"must be one of {', '.join(map(str, ps.choices))}, got {short_repr(v)}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return f"must be a number (or a gradient / filter rules), got {short_repr(v)}"
+    if ps.kind == "int" and not isinstance(v, numbers.Integral):
+        return f"must be an integer, got {short_repr(v)}"
+    if not math.isfinite(v):
+        return f"must be finite, got {v!r}"
+    if (ps.lo is not None and v < ps.lo) or (ps.hi is not None and v > ps.hi):
+        lo = "-inf" if ps.lo is None else float(ps.lo)
+        hi = "inf" if ps.hi is None else float(ps.hi)
+        return f"must be in [{lo}, {hi}], got {v!r}"
+    return None
+
+
+def check_param(spec: Any, ps: ParamSpec, where: str, problems: list[str]) -> None:
+    """Check a parameter spec (plain value, gradient, filter rules) against its declaration `ps`.
+
+    Problems are appended as `"{where}.{name} must ..., got ..."` (values shown truncated).
+    """
+    key = f"{where}.{ps.name}" if where else ps.name
+    _rules_shape(spec, key, problems)
+    if ps.kind != "float" and _is_gradient(spec) and len(spec) > 1:
+        problems.append(f"{key} cannot be a gradient (a {ps.kind} parameter), got {short_repr(spec)}")
+        return
     for v in spec_values(spec):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            problems.append(f"{where}.{key} must be a number (or a gradient / filter rules), got {v!r}")
-        elif (lo is not None and v < lo) or (hi is not None and v > hi):
-            problems.append(f"{where}.{key} must be in [{lo}, {hi}], got {v!r}")
+        why = _leaf_problem(v, ps)
+        if why is not None:
+            problems.append(f"{key} {why}")
+            return  # one message per key is enough
+
+
+def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> ModelEntry | None:
+    where = f"models[{i}]"
+    if isinstance(m, str):
+        m = {"model": m}
+    if not isinstance(m, Mapping):
+        problems.append(f"{where} must be a mapping with 'model', got {short_repr(m)}")
+        return None
+    _unknown(m, MODEL_KEYS, where, problems)
+    if "model" not in m:
+        problems.append(f"{where}.model is required (path of a fine-tuned model)")
+        return None
+    p = m.get("parameters") or {}
+    if not isinstance(p, Mapping):
+        problems.append(f"{where}.parameters must be a mapping, got {short_repr(p)}")
+        p = {}
+    p = dict(p)
+    _unknown(p, PER_MODEL_PARAMS, f"{where}.parameters", problems)
+    for ps in _PER_MODEL_SPECS:
+        if ps.name in p:
+            check_param(p[ps.name], ps, f"{where}.parameters", problems)
+    path = _path(m["model"], root, f"{where}.model", problems)
+    if base and path == base:
+        problems.append(f"{where}.model is the base model itself ({short_repr(m['model'])})")
+    return ModelEntry(model=path, parameters=p, written=m["model"] if isinstance(m["model"], str) else "",
+                      calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems))
+
+
+def _method(raw: Mapping[str, Any], problems: list[str]) -> MethodSpec | None:
+    method = raw.get("merge_method")
+    methods = tuple(METHOD_SPECS)
+    if method is None:
+        problems.append(f"merge_method is required (one of {', '.join(methods)})")
+        return None
+    if not isinstance(method, str) or method not in METHOD_SPECS:
+        close = difflib.get_close_matches(method, methods, n=1, cutoff=0.5) if isinstance(method, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"unknown merge_method {short_repr(method)}{hint}; known: {', '.join(methods)}")
+        return None
+    return METHOD_SPECS[method]
+
+
+def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: list[str]) -> None:
+    own = {ps.name: ps for ps in spec.params}
+    for k in gparams:
+        if k in own or k in PER_MODEL_PARAMS:
+            continue
+        hint = (" ('refit', 'blocksize', 'percdamp' and 'trim' are top-level keys)"
+                if k in ("refit", "blocksize", "percdamp", "trim") else _suggest(k, tuple(own) + PER_MODEL_PARAMS))
+        problems.append(f"unknown key {short_repr(k)} in parameters (method {spec.name!r}){hint}")
+    for ps in spec.params:
+        if ps.name in gparams:
+            check_param(gparams[ps.name], ps, "parameters", problems)
+    for ps in _PER_MODEL_SPECS:
+        if ps.name in gparams:
+            check_param(gparams[ps.name], ps, "parameters", problems)
+
+
+def _choice(raw: Mapping[str, Any], key: str, default: str, known: Sequence[str], problems: list[str]) -> str:
+    v = raw.get(key, default)
+    if isinstance(v, str) and v in known:
+        return v
+    problems.append(f"unknown {key} {short_repr(v)}{_suggest(v, known)}; one of {', '.join(known)}")
+    return default
 
 
 def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     """Validate a config mapping (as read from YAML) into a `MergeConfig`; raises `ConfigError`."""
-    from sgtv_jax.merge.registry import available_methods, get_method
     from sgtv_jax.merge.trim import TRIMS
 
     root = Path(root)
@@ -265,87 +406,48 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         raise ConfigError(f"the config must be a YAML mapping, got {type(raw).__name__}")
     _unknown(raw, TOP_KEYS, "the config", problems)
 
-    method = raw.get("merge_method")
-    methods = available_methods()
-    if method is None:
-        problems.append(f"merge_method is required (one of {', '.join(methods)})")
-    elif method not in methods:
-        close = difflib.get_close_matches(str(method), methods, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"unknown merge_method {method!r}{hint}; known: {', '.join(methods)}")
-        method = None
-    method_keys = method_parameters(method) if method else ()
-
-    base = raw.get("base_model")
-    if base is None:
+    spec = _method(raw, problems)
+    base_raw = raw.get("base_model")
+    if base_raw is None:
         problems.append("base_model is required (the model the task vectors are taken from)")
-    base = _path(base, root, "base_model", problems) if base is not None else ""
+    base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
 
-    gparams = dict(raw.get("parameters") or {})
-    if not isinstance(raw.get("parameters") or {}, Mapping):
-        problems.append(f"parameters must be a mapping, got {raw.get('parameters')!r}")
+    gparams = raw.get("parameters") or {}
+    if not isinstance(gparams, Mapping):
+        problems.append(f"parameters must be a mapping, got {short_repr(gparams)}")
         gparams = {}
-    if method:
-        _unknown(gparams, tuple(method_keys) + PER_MODEL_PARAMS, f"parameters (method {method!r})", problems)
+    gparams = dict(gparams)
+    if spec is not None:
+        _method_parameters(gparams, spec, problems)
 
     models_raw = raw.get("models")
-    entries: list[ModelEntry] = []
     if not isinstance(models_raw, list) or not models_raw:
         problems.append("models must be a non-empty list of {model: path, parameters: {...}}")
         models_raw = []
-    for i, m in enumerate(models_raw):
-        where = f"models[{i}]"
-        if isinstance(m, str):
-            m = {"model": m}
-        if not isinstance(m, Mapping):
-            problems.append(f"{where} must be a mapping with 'model', got {m!r}")
-            continue
-        _unknown(m, MODEL_KEYS, where, problems)
-        if "model" not in m:
-            problems.append(f"{where}.model is required (path of a fine-tuned model)")
-            continue
-        p = dict(m.get("parameters") or {})
-        _unknown(p, PER_MODEL_PARAMS, f"{where}.parameters", problems)
-        for key in PER_MODEL_PARAMS:
-            if key in p:
-                lo, hi = (0.0, 1.0) if key in ("density", "gamma") else (None, None)
-                _check_values(p[key], key, f"{where}.parameters", problems, lo, hi)
-        if base and _path(m["model"], root, f"{where}.model", problems) == base:
-            problems.append(f"{where}.model is the base model itself ({m['model']!r})")
-        entries.append(ModelEntry(
-            model=_path(m["model"], root, f"{where}.model", problems), parameters=p,
-            calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems),
-        ))
-    for key in PER_MODEL_PARAMS:
-        if key in gparams:
-            lo, hi = (0.0, 1.0) if key in ("density", "gamma") else (None, None)
-            _check_values(gparams[key], key, "parameters", problems, lo, hi)
+    entries = [e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, base, root, problems)) is not None]
 
     trim = raw.get("trim")
     if trim is not None:
-        if _is_rules(trim):
-            for r in trim:
-                _unknown(r, ("filter", "value"), "trim rule", problems)
+        _rules_shape(trim, "trim", problems)
         for v in spec_values(trim):
-            if v not in TRIMS:
-                problems.append(f"unknown trim {v!r}{_suggest(str(v), TRIMS)}; known trims: {', '.join(TRIMS)}")
-        if method is not None and "trim" not in inspect.signature(get_method(method)).parameters:
-            problems.append(f"merge_method {method!r} does not trim; remove 'trim' "
-                            f"(methods that trim: ties, dare_linear, dare_ties, task_arithmetic, ...)")
+            if not isinstance(v, str) or v not in TRIMS:
+                problems.append(f"unknown trim {short_repr(v)}{_suggest(v, TRIMS)}; known trims: {', '.join(TRIMS)}")
+                break
+        if spec is not None and not spec.trims:
+            problems.append(f"merge_method {spec.name!r} does not trim; remove 'trim' (methods that trim: "
+                            + ", ".join(n for n, s in METHOD_SPECS.items() if s.trims) + ")")
 
     dtype = raw.get("dtype")
-    if dtype is not None and str(dtype) not in DTYPES:
-        problems.append(f"dtype {dtype!r} is not supported{_suggest(str(dtype), list(DTYPES))}")
+    if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
+        problems.append(f"dtype {short_repr(dtype)} is not supported{_suggest(dtype, list(DTYPES))}")
+        dtype = None
     tok = raw.get("tokenizer_source", "base")
     if tok != "base":
-        problems.append(f"tokenizer_source {tok!r} is not supported: only 'base' (vocabularies must match)")
-    hs = raw.get("hessian_source", "merged")
-    if hs not in HESSIAN_SOURCES:
-        problems.append(f"unknown hessian_source {hs!r}{_suggest(str(hs), HESSIAN_SOURCES)}; "
-                        f"one of {', '.join(HESSIAN_SOURCES)}")
+        problems.append(f"tokenizer_source {short_repr(tok)} is not supported: only 'base' (vocabularies must match)")
+    hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
     percdamp = raw.get("percdamp", 0.01)
-    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not percdamp >= 0:
-        problems.append(f"percdamp must be a number >= 0, got {percdamp!r}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= percdamp < math.inf:
+        problems.append(f"percdamp must be a finite number >= 0, got {short_repr(percdamp)}")
         percdamp = 0.01
     blocksize = _int(raw, "blocksize", 128, "", problems)
     prunen = _int(raw, "prunen", 0, "", problems, minimum=0)
@@ -358,57 +460,98 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"blocksize {blocksize} must be a multiple of prunem {prunem}")
     refit = raw.get("refit", False)
     if not isinstance(refit, bool):
-        problems.append(f"refit must be true or false, got {refit!r}")
+        problems.append(f"refit must be true or false, got {short_repr(refit)}")
         refit = False
+    shard = raw.get("max_shard_size", "5GB")
+    if isinstance(shard, bool) or not isinstance(shard, (str, numbers.Integral)):
+        problems.append(f"max_shard_size must be a size such as 500MB or 5GB, got {short_repr(shard)}")
+        shard = "5GB"
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
 
     cfg = MergeConfig(
-        base_model=base, models=tuple(entries), merge_method=method or str(raw.get("merge_method")),
-        parameters=gparams, trim=trim, dtype=DTYPES.get(str(dtype)) if dtype is not None else None,
-        tokenizer_source="base", calibration=calib, hessian_source=hs if hs in HESSIAN_SOURCES else "merged",
+        base_model=base, models=tuple(entries), merge_method=spec.name if spec else "",
+        parameters=gparams, trim=trim, dtype=DTYPES[dtype] if dtype is not None else None,
+        tokenizer_source="base", calibration=calib, hessian_source=hs,
         blocksize=blocksize, percdamp=float(percdamp), prunen=prunen, prunem=prunem, refit=refit,
         seed=_int(raw, "seed", 0, "", problems, minimum=0),
         batch_size=_int(raw, "batch_size", 8, "", problems),
-        max_shard_size=str(raw.get("max_shard_size", "5GB")),
+        max_shard_size=str(shard), base_model_written=base_raw if isinstance(base_raw, str) else "",
     )
-    if method and entries:
-        if cfg.needs_calibration():
-            for t in range(len(entries)):
-                if cfg.calibration_for(t) is None:
-                    problems.append(
-                        f"trim {cfg.trim!r} / method {method!r} needs calibration data: add "
-                        f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)")
-                    break
-        fn_params = inspect.signature(get_method(method)).parameters
-        own_trim = fn_params["trim"].default if "trim" in fn_params else None
-        if trim is None and own_trim is None:
-            for t in range(len(entries)):
-                dens = model_parameters(cfg, t).get("density")
-                if any(isinstance(v, numbers.Real) and v < 1 for v in spec_values(dens)):
-                    problems.append(f"models[{t}] has density < 1 but merge_method {method!r} does not trim by "
-                                    "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)")
-                    break
-        if prunem and not any(v == "sparsegpt" for v in spec_values(trim)):
-            problems.append("prunen/prunem (N:M) need trim: sparsegpt")
-        if refit and not any(v == "sparsegpt" for v in spec_values(trim)):
-            problems.append("refit: true refits what OBS kept: it needs trim: sparsegpt")
+    if spec is not None and entries and not problems:
+        _cross_checks(cfg, spec, problems)
     if problems:
         raise ConfigError("invalid merge config:\n  - " + "\n  - ".join(problems))
     return cfg
 
 
+def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
+    """Checks that combine keys (run once every key is valid on its own)."""
+    if cfg.needs_calibration():
+        for t in range(len(cfg.models)):
+            if cfg.calibration_for(t) is None:
+                problems.append(
+                    f"trim {short_repr(cfg.trim)} / method {spec.name!r} needs calibration data: add "
+                    f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)")
+                break
+    if cfg.trim is None and spec.default_trim is None:
+        for t in range(len(cfg.models)):
+            dens = model_parameters(cfg, t).get("density")
+            if any(isinstance(v, numbers.Real) and v < 1 for v in spec_values(dens)):
+                problems.append(f"models[{t}] has density < 1 but merge_method {spec.name!r} does not trim by "
+                                "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)")
+                break
+    if cfg.prunem and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
+        problems.append("prunen/prunem (N:M) need trim: sparsegpt")
+    if cfg.refit and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
+        problems.append("refit: true refits what OBS kept: it needs trim: sparsegpt")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases (`*name`): no alias bomb can expand.
+
+    mergekit configs never need anchors; refusing aliases bounds the loaded
+    size by the file's size.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise ConfigError(f"{self.name}:{ev.start_mark.line + 1}: YAML alias '*{str(ev.anchor)[:40]}' "
+                              "refused (aliases/anchors are not supported in merge configs; write the value out)")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document of `path` (UTF-8, no aliases); ConfigError naming the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(p)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML merge config (relative paths resolved against its directory)."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
+    raw = read_yaml(p)
+    if raw is None:
+        raise ConfigError(f"{p}: the config is empty")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_config(raw or {}, root=p.parent)
+        return parse_config(raw, root=p.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
 
 
 def model_parameters(cfg: MergeConfig, t: int) -> dict[str, Any]:
@@ -419,10 +562,12 @@ def model_parameters(cfg: MergeConfig, t: int) -> dict[str, Any]:
 
 
 def method_kwargs(cfg: MergeConfig, name: str, layer: int | None, num_layers: int) -> dict[str, Any]:
-    """Method parameters resolved for one tensor (`lambda` -> `lambda_`), per-model keys excluded."""
+    """Method parameters resolved for one tensor, under the method's keywords (`lambda` -> `lambda_`)."""
+    spec = cfg.method_spec
     out = {}
-    for k, spec in cfg.parameters.items():
+    for k, value in cfg.parameters.items():
         if k in PER_MODEL_PARAMS:
             continue
-        out["lambda_" if k == "lambda" else k] = resolve_spec(spec, name, layer, num_layers)
+        ps = spec.param(k)
+        out[ps.keyword if ps is not None else k] = resolve_spec(value, name, layer, num_layers)
     return out

@@ -1,0 +1,145 @@
+"""What each merge method is and takes, as data: one table read by config validation.
+
+`METHOD_SPECS[name]` says what method `name` (see `registry.METHODS`) does
+(sign consensus, default trim, normalize / rescale defaults, whether it needs
+Gram matrices or the base weights) and which parameters a config may set in
+its top-level `parameters`, each with a type, default and range.
+`PER_MODEL_PARAMS` are the parameters given per fine-tuned model (density,
+weight, gamma, epsilon). The method functions' own signatures must agree
+with this table; `tests/test_merge_specs.py` checks that they do.
+
+Parameter kinds: "bool" (YAML `true` / `false` only, never a quoted string),
+"float" (a finite real; `.nan` / `.inf` refused), "int", "choice" (one of
+`choices`). A default of None means "the method's own rule" (e.g. `rescale`:
+`MethodSpec.rescale_default`, off for calibration trims).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+KINDS = ("bool", "float", "int", "choice")
+
+
+class ParamSpec(NamedTuple):
+    """One parameter: `name` as written in a config (`lambda`, not `lambda_`).
+
+    `lo` / `hi`: inclusive bounds for numbers (None: unbounded); `choices`: the
+    allowed values of a "choice"; `arg`: the keyword of the method function.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    lo: float | None = None
+    hi: float | None = None
+    doc: str = ""
+    choices: tuple[Any, ...] = ()
+    arg: str = ""
+
+    @property
+    def keyword(self) -> str:
+        """The method function's keyword for this parameter."""
+        return self.arg or self.name
+
+
+class MethodSpec(NamedTuple):
+    """A merge method's behaviour and its `parameters`.
+
+    trims: the method has a trim step (then `trim` may replace `default_trim`,
+    None meaning no trimming unless asked); consensus: its sign election
+    ("sum") or None; needs_grams: it reads calibration Gram matrices (RegMean);
+    needs_base: it needs the base weights for some setting (linear without
+    normalize sums whole models).
+    """
+
+    name: str
+    params: tuple[ParamSpec, ...]
+    trims: bool
+    default_trim: str | None
+    consensus: str | None
+    normalize_default: bool | None
+    rescale_default: bool
+    needs_grams: bool = False
+    needs_base: bool = False
+    doc: str = ""
+
+    def param(self, name: str) -> ParamSpec | None:
+        """The parameter called `name` in a config, or None."""
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+
+PER_MODEL_PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("density", "float", 1.0, 0.0, 1.0, "fraction of each task vector the trim keeps"),
+    ParamSpec("weight", "float", 1.0, None, None, "the model's weight in the combination"),
+    ParamSpec("gamma", "float", 0.01, 0.0, 1.0, "breadcrumbs: fraction of largest entries dropped as outliers"),
+    ParamSpec("epsilon", "float", 0.15, 0.0, 0.5, "magprune (DELLA): keep-probability spread around density"),
+)
+"""Per-model parameters (each model's `parameters`, or top-level as the default for all)."""
+
+# Arguments of the method functions that callers fill in (per-model values, calibration,
+# top-level config keys), so they are not `parameters` of a config.
+CALLER_ARGS = frozenset({"deltas", "weights", "densities", "key", "calib", "grams", "base", "name", "gamma",
+                         "epsilon", "trim", "blocksize", "percdamp", "refit"})
+
+_NORMALIZE = "divide by the sum of the (agreeing) weights"
+
+
+def _common(normalize: bool, consensus: bool) -> tuple[ParamSpec, ...]:
+    out = (
+        ParamSpec("normalize", "bool", normalize, doc=_NORMALIZE),
+        ParamSpec("lambda", "float", 1.0, doc="scale of the merged task vector", arg="lambda_"),
+        ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)"),
+    )
+    if consensus:
+        out += (ParamSpec("consensus", "choice", "sum", doc="sign election rule", choices=("sum", "count")),)
+    return out
+
+
+def _gta(name: str, *, trim: str | None, consensus: bool, normalize: bool, rescale: bool,
+         doc: str) -> MethodSpec:
+    return MethodSpec(name, _common(normalize, consensus), trims=True, default_trim=trim,
+                      consensus="sum" if consensus else None, normalize_default=normalize,
+                      rescale_default=rescale, doc=doc)
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    s.name: s for s in (
+        MethodSpec("linear", (ParamSpec("normalize", "bool", True, doc=_NORMALIZE),), trims=False,
+                   default_trim=None, consensus=None, normalize_default=True, rescale_default=False,
+                   needs_base=True, doc="weighted average of the models (model soup)"),
+        _gta("task_arithmetic", trim=None, consensus=False, normalize=False, rescale=False,
+             doc="lambda * sum_t w_t tau_t"),
+        _gta("ties", trim="magnitude", consensus=True, normalize=True, rescale=False,
+             doc="magnitude trim, sign election, disjoint mean"),
+        _gta("dare_linear", trim="random", consensus=False, normalize=False, rescale=True,
+             doc="random drop and 1/density rescale, then sum"),
+        _gta("dare_ties", trim="random", consensus=True, normalize=False, rescale=True,
+             doc="random drop and rescale, sign election, disjoint sum"),
+        _gta("della", trim="magprune", consensus=True, normalize=True, rescale=True,
+             doc="MagPrune, sign election, disjoint mean"),
+        _gta("della_linear", trim="magprune", consensus=False, normalize=False, rescale=True,
+             doc="MagPrune, then sum"),
+        _gta("breadcrumbs", trim="breadcrumbs", consensus=False, normalize=False, rescale=False,
+             doc="drop outliers and the smallest entries, sum"),
+        _gta("breadcrumbs_ties", trim="breadcrumbs", consensus=True, normalize=False, rescale=False,
+             doc="breadcrumbs trim, sign election, disjoint sum"),
+        MethodSpec("regmean", (ParamSpec("alpha", "float", 0.9, 0.0, 1.0,
+                                         doc="scale of the Grams' off-diagonal entries"),),
+                   trims=False, default_trim=None, consensus=None, normalize_default=None,
+                   rescale_default=False, needs_grams=True,
+                   doc="closed-form least-squares merge of linear layers from calibration Grams"),
+    )
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of method `name`; ValueError listing the known methods."""
+    try:
+        return METHOD_SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(METHOD_SPECS)}") from None
