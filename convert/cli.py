@@ -1,12 +1,15 @@
-"""Command line: ``sgtv convert SRC DST`` and ``sgtv fetch-demo`` (also ``python -m convert``)."""
+"""Command line: ``sgtv convert SRC DST`` and ``sgtv fetch-demo`` (also ``python -m convert``).
+
+Both entry points run the subcommands under the one error guard of ``sgtv_jax.cli``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from convert.dtypes import DTYPE_CHOICES
+from sgtv_jax.cli import add_debug_flag, run_guarded
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -29,21 +32,6 @@ def _run_fetch_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(func: Any) -> Any:
-    """Turn ConvertError into a one-line message and exit status 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        from convert.errors import ConvertError
-
-        try:
-            return func(args)
-        except ConvertError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def add_parser(subparsers: Any) -> None:
     """Register the ``convert`` and ``fetch-demo`` subcommands (each sets ``func``)."""
     p = subparsers.add_parser(
@@ -61,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_guard(_run_convert))
+    p.set_defaults(func=_run_convert)
 
     f = subparsers.add_parser(
         "fetch-demo",
@@ -72,12 +60,14 @@ def add_parser(subparsers: Any) -> None:
     f.add_argument("name", nargs="?", default="smollm2", choices=("smollm2", "minilm", "all"))
     f.add_argument("--cache-dir", default=None, help="cache directory (default $SGTV_CACHE or ~/.cache/sgtv-jax)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    f.set_defaults(func=_guard(_run_fetch_demo))
+    f.set_defaults(func=_run_fetch_demo)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m convert``: the same subcommands as ``sgtv``."""
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    add_debug_flag(parser, sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_guarded(args.func, args)

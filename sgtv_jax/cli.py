@@ -1,13 +1,94 @@
-"""The `sgtv` command line: one subcommand per job, each defined beside its code."""
+"""The `sgtv` command line: one subcommand per job, each defined beside its code.
+
+Every subcommand runs under one error guard (`run_guarded`): an expected
+failure (bad config / checkpoint / data: `SgtvError`; the file system:
+`OSError`; out of memory) prints one `error: ...` line naming the file, model,
+tensor or key and exits with status 2; Ctrl-C exits with 130. Anything else is
+a bug and keeps its traceback. `sgtv --debug ...` prints the traceback of
+expected failures too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import traceback
+from typing import Any, Callable
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_OOM_HINT = "lower batch_size / seqlen / nsamples in the config (or merge fewer models at once)"
+
+
+def _is_xla_oom(e: BaseException) -> bool:
+    # jaxlib's XlaRuntimeError / JaxRuntimeError, matched by name: the CLI does not import jax to check.
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"XlaRuntimeError", "JaxRuntimeError"}) and "RESOURCE_EXHAUSTED" in str(e)
+
+
+def _os_message(e: OSError) -> str:
+    where = f"{e.filename}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        where += f" -> {e.filename2}"
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        what = "no space left on device (free some space or write OUT elsewhere)"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = f"{what} (check the permissions of this path and its folder)"
+    return f"{where}: {what}" if where else what
+
+
+def expected_error(e: BaseException, command: str = "") -> str | None:
+    """The one-line message for an expected failure, or None for a bug (keeps its traceback)."""
+    from sgtv_jax.errors import SgtvError
+
+    doing = f" while running `sgtv {command}`" if command else ""
+    if isinstance(e, SgtvError):
+        return str(e)
+    if isinstance(e, UnicodeDecodeError):  # a reader that did not name its file
+        return f"not UTF-8 text ({e.reason} at byte {e.start}){doing}"
+    if isinstance(e, OSError):
+        return _os_message(e)
+    if isinstance(e, MemoryError):
+        return f"out of memory{doing}; {_OOM_HINT}"
+    if _is_xla_oom(e):
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"out of memory{doing} ({first}); {_OOM_HINT}"
+    return None
+
+
+def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run a subcommand's `func(args)` under the CLI's error policy (module doc); the exit status."""
+    debug = bool(getattr(args, "debug", False))
+    command = str(getattr(args, "command", "") or "")
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - classified below; bugs are re-raised
+        msg = expected_error(e, command)
+        if msg is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
+    """`--debug` before the subcommand (`sgtv --debug merge ...`) or after it."""
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
+    for p in subparsers.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks of expected errors too")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgtv", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sgtv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # Each job module exposes add_parser(subparsers) that sets `func` on its parser.
     from convert import cli as convert_cli
@@ -15,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
     convert_cli.add_parser(sub)
     pipeline_cli.add_parser(sub)
+    add_debug_flag(parser, sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from sgtv_jax.errors import SgtvError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(SgtvError):
     """Missing, empty or unusable calibration data (names the file)."""
 
 
@@ -38,12 +40,21 @@ class CalibrationSet(NamedTuple):
         return int(self.mask.sum())
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; `CalibrationError` naming the file and offset if it is not UTF-8."""
+    p = Path(path)
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Documents of one calibration file; raises `CalibrationError` if missing or empty."""
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"calibration file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     if p.suffix == ".jsonl":
         docs = []
         for ln, line in enumerate(text.splitlines(), 1):

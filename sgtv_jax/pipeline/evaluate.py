@@ -23,6 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgtv_jax.errors import SgtvError
+from sgtv_jax.pipeline.calibration import read_text
+
+
+class EvalError(SgtvError):
+    """Bad evaluation input (names the file and line)."""
+
 
 def load_model(model_dir: str | Path) -> tuple[Any, Any]:
     """(Flax model, tokenizer) of an HF directory."""
@@ -54,7 +61,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, seqlen: int = 256, batc
     """Perplexity of `text` over non-overlapping windows of `seqlen` tokens."""
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
     if len(ids) < 2:
-        raise ValueError("perplexity needs a text of at least 2 tokens")
+        raise EvalError("perplexity needs a text of at least 2 tokens")
     n = -(-len(ids) // seqlen)
     win = np.zeros((n, seqlen), np.int32)
     mask = np.zeros((n, seqlen), np.int32)
@@ -70,20 +77,23 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, seqlen: int = 256, batc
 
 
 def read_qa(path: str | Path) -> list[dict[str, str]]:
-    """`{"prompt", "answer"}` records of a JSONL file (ValueError naming the line)."""
+    """`{"prompt", "answer"}` records of a JSONL file (`EvalError` naming the line)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{p}: no such file")
+        raise EvalError(f"{p}: no such file")
     out = []
-    for ln, line in enumerate(p.read_text().splitlines(), 1):
+    for ln, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{p}:{ln}: not valid JSON ({e})") from None
         if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
-            raise ValueError(f"{p}:{ln}: needs 'prompt' and 'answer'")
+            raise EvalError(f"{p}:{ln}: needs 'prompt' and 'answer'")
         out.append({"prompt": str(rec["prompt"]), "answer": str(rec["answer"])})
     if not out:
-        raise ValueError(f"{p}: no records")
+        raise EvalError(f"{p}: no records")
     return out
 
 
@@ -131,14 +141,17 @@ def evaluate(model_dir: str | Path, *, text: str | Path | None = None, jsonl: st
              seqlen: int = 256, batch_size: int = 8) -> dict[str, float]:
     """`{"perplexity": ..., "exact_match": ...}` for the files given."""
     if text is None and jsonl is None:
-        raise ValueError("give --text FILE and/or --jsonl FILE")
+        raise EvalError("give --text FILE and/or --jsonl FILE")
+    for f in (text, jsonl):  # before the (slow) model load
+        if f is not None and not Path(f).is_file():
+            raise EvalError(f"{f}: no such file")
     model, tok = load_model(model_dir)
     out: dict[str, float] = {}
     if text is not None:
-        p = Path(text)
-        if not p.is_file():
-            raise ValueError(f"{p}: no such file")
-        out["perplexity"] = perplexity(model, tok, p.read_text(), seqlen=seqlen, batch_size=batch_size)
+        try:
+            out["perplexity"] = perplexity(model, tok, read_text(text), seqlen=seqlen, batch_size=batch_size)
+        except EvalError as e:
+            raise EvalError(f"{text}: {e}") from None
     if jsonl is not None:
         out["exact_match"], _ = exact_match(model, tok, read_qa(jsonl))
     return out

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.pipeline.config import (ConfigError, MergeConfig, method_kwargs, model_parameters,
                                       resolve_spec)
 
@@ -430,13 +431,21 @@ class MergeRun:
                 density=densities, kept_density=[0.0] * self.T, damping=None, trim_error=None,
                 merge_error=None, time_s=time.perf_counter() - t0))
             return _round_to(b, self.out_dtype)
-        merged, trimmed, damping = merge_tensor(
-            cfg.merge_method, deltas, weights=weights, densities=densities, trim=trim, hessian=hessian,
-            params=method_kwargs(cfg, name, layer, self.arch.num_layers), seed=cfg.seed, name=name,
-            gamma=self._per_model("gamma", name, layer, None), epsilon=self._per_model("epsilon", name, layer, None),
-            blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem,
-            refit=cfg.refit,
-        )
+        try:
+            merged, trimmed, damping = merge_tensor(
+                cfg.merge_method, deltas, weights=weights, densities=densities, trim=trim, hessian=hessian,
+                params=method_kwargs(cfg, name, layer, self.arch.num_layers), seed=cfg.seed, name=name,
+                gamma=self._per_model("gamma", name, layer, None),
+                epsilon=self._per_model("epsilon", name, layer, None),
+                blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem,
+                refit=cfg.refit,
+            )
+        except SgtvError:
+            raise
+        except ValueError as e:
+            # The merge library's checks (an indefinite Hessian after damping, magprune's
+            # density/epsilon bounds, ...) fail on this tensor's data: say which tensor.
+            raise NumericsError(f"merging tensor {name!r} ({cfg.merge_method}, trim {trim or 'default'}): {e}") from e
         merged = jax.block_until_ready(merged)
         self.timer.add("prune", tp)
         tm = time.perf_counter()
@@ -456,16 +465,33 @@ class MergeRun:
             merge_error=merge_err, time_s=time.perf_counter() - t0))
         return out
 
+    def _label(self, ckpt: Any) -> str:
+        """The checkpoint as the YAML names it, e.g. `models[1] (ft/math)`."""
+        if ckpt is self.base:
+            return f"base_model ({self.cfg.base_model_written or self.cfg.base_model})"
+        t = next(i for i, m in enumerate(self.models) if m is ckpt)
+        return f"models[{t}] ({self.cfg.models[t].label})"
+
+    def _get(self, ckpt: Any, name: str) -> np.ndarray:
+        """Tensor `name` of `ckpt`; `NumericsError` naming tensor and model if it holds NaN/Inf."""
+        a = ckpt.get(name)
+        if a.dtype.kind not in "biu":  # float16/32/64 and ml_dtypes' bfloat16 (kind "V")
+            bad = int(np.count_nonzero(~np.isfinite(a)))
+            if bad:
+                raise NumericsError(f"tensor {name!r} of {self._label(ckpt)} has {bad} NaN or Inf entries "
+                                    "(a broken checkpoint: fix or replace this model)")
+        return a
+
     def _read_one(self, ckpt: Any, name: str) -> np.ndarray:
         t0 = time.perf_counter()
-        a = ckpt.get(name)
+        a = self._get(ckpt, name)
         self.timer.add("load", t0)
         return a
 
     def _read(self, names: list[str]) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
         t0 = time.perf_counter()
-        base = {n: self.base.get(n) for n in names}
-        fts = [{n: m.get(n) for n in names} for m in self.models]
+        base = {n: self._get(self.base, n) for n in names}
+        fts = [{n: self._get(m, n) for n in names} for m in self.models]
         self.timer.add("load", t0)
         return base, fts
 

@@ -1,0 +1,181 @@
+"""Peak-memory estimate of a merge, from the config and the checkpoints' headers (no weights read).
+
+With `T` fine-tuned models, hidden size `D`, `A` attention heads, micro-batch
+`b` (`batch_size`) and the calibration sets `s` the `hessian_source` needs (one
+shared set for `merged` / `base`; one per model for `per_task`), each with
+`n_s` windows (`nsamples`) of `S_s` tokens (`seqlen`), in float32 (4 bytes):
+
+    activations = 4 D (sum_s n_s S_s + max_s n_s S_s)
+                  every stream's hidden states, plus the block outputs being built
+    attention   = 4 * 2 A max_s(min(b, n_s) S_s^2)
+                  scores and probabilities of one micro-batch
+    hessians    = 4 k sum_{linear W in a block} cols(W)^2
+                  k = T for per_task, else 1 (shared inputs counted per weight: an upper bound)
+    obs         = 4 max_W (3 T rows(W) cols(W) + 3 k cols(W)^2)
+                  the largest OBS problem: task vectors, working copy and result; H, damped H, factor
+    block       = 4 (T + 1) P_block
+                  one decoder block of the base and of every model (P_block parameters)
+    outer       = 4 (T + 1) N_outer
+                  the largest tensor outside the blocks (e.g. the embedding), stacked
+
+    peak ~ activations + attention + hessians + obs + block + outer
+
+The calibration terms are 0 when no tensor uses calibration data. The sum is
+an upper bound in spirit (the outer tensors are merged before the blocks);
+XLA's own workspaces and the Python process itself come on top.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sgtv_jax.errors import ResourceError
+from sgtv_jax.pipeline.config import MergeConfig
+
+F32 = 4
+
+
+class Term(NamedTuple):
+    """One term of the estimate: bytes, what it is, and the config knobs that shrink it."""
+
+    name: str
+    bytes: int
+    detail: str
+    knobs: tuple[str, ...]
+
+
+class MemoryEstimate(NamedTuple):
+    """The terms of the module-doc formula; `total` is their sum (bytes)."""
+
+    terms: tuple[Term, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    def largest(self, n: int = 3) -> list[Term]:
+        return sorted((t for t in self.terms if t.bytes), key=lambda t: -t.bytes)[:n]
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{t.name} {human(t.bytes)}" for t in self.largest())
+        return f"memory estimate: {human(self.total)} peak ({parts})"
+
+
+def human(n: float) -> str:
+    """Bytes in binary units, e.g. `1.5 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"  # unreachable
+
+
+class _Linear(NamedTuple):
+    rows: int
+    cols: int
+
+
+def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int, int]:
+    """(HF config, linear weights of block 0, parameters of block 0, largest outer tensor) from headers."""
+    from convert.namemaps import get_name_map
+    from convert.readers import hf_config_object, open_checkpoint
+
+    from sgtv_jax.models import get_family
+    from sgtv_jax.pipeline.check import num_layers_of, read_hf_config
+
+    hf = read_hf_config(cfg.base_model)
+    mt = hf["model_type"]
+    obj = hf_config_object(hf)
+    name_map, family = get_name_map(mt), get_family(mt)
+    ckpt = open_checkpoint(cfg.base_model)
+    try:
+        shapes = {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
+    finally:
+        ckpt.close()
+    rules = {n: name_map.rule_for_hf(n, obj) for n in shapes}
+    prefixes = tuple(family.hf_block_prefix(i) for i in range(num_layers_of(hf)))
+    prefix0 = prefixes[0] if prefixes else "\0"
+    is_block = [n for n in shapes if rules[n] is not None and n.startswith(prefixes)]
+    linears, block_params = [], 0
+    for n in is_block:
+        if not n.startswith(prefix0):
+            continue
+        shape = shapes[n]
+        block_params += math.prod(shape)
+        if len(shape) == 2 and n.endswith(".weight"):
+            rows, cols = shape if rules[n].transpose else shape[::-1]  # torch layout is [out, in]
+            linears.append(_Linear(int(rows), int(cols)))
+    block_set = set(is_block)
+    outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None),
+                default=0)
+    return hf, linears, block_params, int(outer)
+
+
+def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
+    """The module-doc estimate for `cfg` (reads config.json and tensor headers only)."""
+    hf, linears, block_params, outer = _model_layout(cfg)
+    T = len(cfg.models)
+    hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))
+    heads = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
+    use_data = any(cfg.calibration_for(t) is not None for t in range(T))
+    per_task = cfg.hessian_source == "per_task"
+    if not use_data:
+        sets = []
+    elif per_task:
+        sets = [cfg.calibration_for(t) for t in range(T)]
+    else:
+        sets = [cfg.calibration or cfg.calibration_for(0)]
+    k = T if per_task else 1
+    tokens = [c.nsamples * c.seqlen for c in sets]
+    activations = F32 * hidden * (sum(tokens) + max(tokens, default=0))
+    attention = F32 * 2 * heads * max((min(cfg.batch_size, c.nsamples) * c.seqlen ** 2 for c in sets), default=0)
+    hessians = F32 * k * sum(w.cols ** 2 for w in linears) if use_data else 0
+    obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols ** 2 for w in linears), default=0) \
+        if use_data else 0
+    seqlens = sorted({c.seqlen for c in sets})
+    return MemoryEstimate((
+        Term("activations", activations, f"{len(sets)} calibration stream(s) x nsamples x seqlen x hidden {hidden}",
+             ("calibration nsamples", "calibration seqlen")),
+        Term("attention", attention, f"batch_size {cfg.batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
+             ("calibration seqlen", "batch_size")),
+        Term("hessians", hessians, f"{len(linears)} linear inputs per block" + (" per model" if per_task else ""),
+             ("hessian_source (per_task keeps one Hessian per model)",)),
+        Term("obs", obs, "the largest linear layer's OBS problem over all models",
+             ("the number of models",)),
+        Term("block", F32 * (T + 1) * block_params, f"one block of the base and {T} models",
+             ("the number of models",)),
+        Term("outer", F32 * (T + 1) * outer, "the largest tensor outside the blocks, stacked over models",
+             ("the number of models",)),
+    ))
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still use: MemAvailable of /proc/meminfo, else the free pages; None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def refuse_if_too_big(est: MemoryEstimate, available: int | None) -> None:
+    """`ResourceError` naming the largest term's knobs when the estimate exceeds `available` bytes."""
+    if available is None or est.total <= available:
+        return
+    top = est.largest()
+    knobs = list(dict.fromkeys(k for t in top[:2] for k in t.knobs))
+    raise ResourceError(
+        f"the merge needs about {human(est.total)} of memory but {human(available)} is available: "
+        + "; ".join(f"{t.name} {human(t.bytes)} ({t.detail})" for t in top)
+        + f". Lower {' / '.join(knobs)}, or pass --force to try anyway")
