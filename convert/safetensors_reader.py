@@ -41,7 +41,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ConvertError(f"{path}: missing config.json (needed to know the architecture)")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # invalid JSON or not UTF-8
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
 
 

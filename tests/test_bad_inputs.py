@@ -312,12 +312,15 @@ def test_disk_full_named(case, monkeypatch):
     assert not (case.tmp / "out").exists()
 
 
-def test_out_of_memory_in_xla_is_an_error_line(case, monkeypatch):
+@pytest.mark.parametrize("kind", ["xla", "host"])
+def test_out_of_memory_is_an_error_line(case, monkeypatch, kind):
     import jax
 
     import sgtv_jax.pipeline.sequential as seq
 
     def oom(*a, **k):
+        if kind == "host":
+            raise MemoryError
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB.")
 
     monkeypatch.setattr(seq, "run_merge", oom)
@@ -383,3 +386,24 @@ def test_python_m_convert_uses_the_same_guard(case, tmp_path):
     res = subprocess.run([sys.executable, "-m", "convert", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "nope" in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------- what a published model records
+
+
+def test_report_and_card_keep_paths_as_written(case):
+    """A YAML with relative paths: no absolute local path reaches merge_report.json or README.md."""
+    for name in ("base", "ft0", "ft1"):
+        (case.tmp / name).symlink_to(case.root / name)
+    raw = case.raw(base_model="base", hessian_source="base")
+    raw["models"][0]["model"], raw["models"][1]["model"] = "ft0", "./ft1"
+    shutil.copy(case.root / "calib.txt", case.tmp / "calib.txt")
+    raw["calibration"]["data"] = "calib.txt"
+    case.run(["merge", case.yaml(raw), str(case.tmp / "out"), "--quiet"], code=0)
+    report = json.loads((case.tmp / "out" / "merge_report.json").read_text())
+    assert report["config"]["base_model"] == "base"
+    assert [m["model"] for m in report["config"]["models"]] == ["ft0", "./ft1"]
+    assert report["config"]["calibration"]["data"] == ["calib.txt"]
+    for f in ("merge_report.json", "README.md"):
+        text = (case.tmp / "out" / f).read_text()
+        assert str(case.tmp) not in text and str(case.root) not in text, f

@@ -108,3 +108,13 @@ def test_example_configs_are_valid(name):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
     assert cfg.models and cfg.base_model.endswith("base")
+
+
+def test_to_dict_keeps_paths_as_written(tmp_path):
+    cfg = parse_config(_raw(calibration={"data": ["c.txt", "~/d.jsonl"]}), root=tmp_path)
+    assert cfg.base_model == str(tmp_path / "base") and cfg.calibration.data[0] == str(tmp_path / "c.txt")
+    d = cfg.to_dict()
+    assert d["base_model"] == "base"
+    assert [m["model"] for m in d["models"]] == ["ft_a", "ft_b"]
+    assert d["calibration"]["data"] == ["c.txt", "~/d.jsonl"]
+    assert d["parameters"] == {"normalize": True, "lambda": 0.8} and d["merge_method"] == "ties"

@@ -1,0 +1,83 @@
+"""The memory estimate against a hand computation on a tiny LLaMA (headers only, no weights read)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import test_pipeline_helpers as H
+from sgtv_jax.errors import ResourceError
+from sgtv_jax.pipeline.config import parse_config
+from sgtv_jax.pipeline.memory import estimate_memory, refuse_if_too_big
+
+# tiny LLaMA of test_pipeline_helpers: hidden 32, 4 heads (2 KV heads of 8), intermediate 64, 3 blocks
+D, A, I, KV = 32, 4, 64, 16
+LINEARS = [(D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I)]  # [rows, cols] of q k v o gate up down
+BLOCK = sum(r * c for r, c in LINEARS) + 2 * D  # + two RMSNorm weights
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mem")
+    paths = H.make_family(root, "llama")
+    vocab = json.loads((paths["base"] / "config.json").read_text())["vocab_size"]
+    return root, paths, vocab
+
+
+def _no_reads(monkeypatch):
+    from convert.safetensors_reader import SafetensorsCheckpoint
+
+    def boom(self, name):
+        raise AssertionError(f"tensor {name} was read")
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "get", boom)
+
+
+def test_merged_source_by_hand(fam, monkeypatch):
+    root, paths, vocab = fam
+    _no_reads(monkeypatch)
+    est = estimate_memory(parse_config(H.config_dict(paths, root)))  # nsamples 6, seqlen 24, batch 4, T = 2
+    T, n, S, b = 2, 6, 24, 4
+    want = {
+        "activations": 4 * D * (n * S + n * S),
+        "attention": 4 * 2 * A * b * S * S,
+        "hessians": 4 * sum(c * c for _, c in LINEARS),
+        "obs": 4 * max(3 * T * r * c + 3 * c * c for r, c in LINEARS),
+        "block": 4 * (T + 1) * BLOCK,
+        "outer": 4 * (T + 1) * vocab * D,  # untied embedding / head [vocab, hidden]
+    }
+    assert {t.name: t.bytes for t in est.terms} == want
+    assert est.total == sum(want.values())
+
+
+def test_per_task_by_hand(fam):
+    root, paths, vocab = fam
+    raw = H.config_dict(paths, root, hessian_source="per_task")
+    raw["models"][1]["calibration"] = {"data": str(root / "calib.txt"), "nsamples": 3, "seqlen": 40}
+    est = estimate_memory(parse_config(raw))
+    T = 2
+    assert est.term("activations").bytes == 4 * D * (6 * 24 + 3 * 40 + max(6 * 24, 3 * 40))
+    assert est.term("attention").bytes == 4 * 2 * A * max(4 * 24 ** 2, 3 * 40 ** 2)
+    assert est.term("hessians").bytes == 4 * T * sum(c * c for _, c in LINEARS)
+    assert est.term("obs").bytes == 4 * max(3 * T * r * c + 3 * T * c * c for r, c in LINEARS)
+
+
+def test_data_free_has_no_calibration_terms(fam):
+    root, paths, vocab = fam
+    raw = H.config_dict(paths, root, trim=None)
+    raw.pop("calibration")
+    est = estimate_memory(parse_config(raw))
+    assert [t.name for t in est.terms if t.bytes] == ["block", "outer"]
+    assert est.total == 4 * 3 * (BLOCK + vocab * D)
+
+
+def test_refusal_names_the_largest_terms_knobs(fam):
+    root, paths, _ = fam
+    est = estimate_memory(parse_config(H.config_dict(paths, root)))
+    refuse_if_too_big(est, est.total)  # fits exactly: fine
+    refuse_if_too_big(est, None)  # unknown: never refuse
+    with pytest.raises(ResourceError) as e:
+        refuse_if_too_big(est, est.total - 1)
+    top = est.largest(1)[0]
+    assert top.name in str(e.value) and top.knobs[0] in str(e.value) and "--force" in str(e.value)
