@@ -19,7 +19,10 @@ def _memory_check(cfg: Any, force: bool) -> str:
     avail = available_bytes()
     if not force:
         refuse_if_too_big(est, avail)
-    return est.summary() + (f"; {human(avail)} available" if avail is not None else "")
+    if avail is None:
+        return est.summary()
+    over = " (more than available: merging needs --force)" if est.total > avail else ""
+    return est.summary() + f"; {human(avail)} available{over}"
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -44,8 +47,10 @@ def _run_check(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.config import load_config
 
     cfg = load_config(args.config)
-    print(check_config(cfg).summary())
-    print(_memory_check(cfg, args.force))
+    result = check_config(cfg)
+    memory = _memory_check(cfg, args.force)
+    print(result.summary())
+    print(memory)
     return 0
 
 
