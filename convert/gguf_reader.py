@@ -16,12 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from convert.architectures import GGUF_ARCHITECTURES
 from convert.errors import ConvertError
-
-# GGUF architectures we map, and the HF model_type each becomes. Qwen2 GGUFs
-# use NEOX (split-half) RoPE, so their q/k are stored unpermuted.
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-_PERMUTED_QK = {"llama", "mistral"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -133,12 +129,10 @@ class GGUFCheckpoint:
         if vocab is None:
             tokens = self._field("tokenizer.ggml.tokens")
             vocab = len(tokens) if tokens else int(embed.shape[-1])
-        model_type = GGUF_ARCHITECTURES[self.architecture]
+        arch = GGUF_ARCHITECTURES[self.architecture]
         cfg: dict[str, Any] = {
-            "architectures": [
-                {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
-            ],
-            "model_type": model_type,
+            "architectures": [arch.hf_class],
+            "model_type": arch.model_type,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
             "intermediate_size": int(self._require("feed_forward_length")),
@@ -157,7 +151,7 @@ class GGUFCheckpoint:
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "dtype": "float32",
         }
-        if model_type == "llama":
+        if arch.model_type == "llama":
             cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self._tensors
             cfg["mlp_bias"] = False
         scaling = self._arch_field("rope.scaling.type")
@@ -218,7 +212,8 @@ class GGUFCheckpoint:
                 f"{self.path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}"
             ) from None
         w = w.reshape(self.shape(name))
-        if self.architecture in _PERMUTED_QK:
+        # llama.cpp permutes q/k rows for interleaved RoPE; NEOX-RoPE families (qwen2) store them as is.
+        if GGUF_ARCHITECTURES[self.architecture].gguf_permuted_qk:
             if ".self_attn.q_proj." in name:
                 w = unpermute_qk(w, self._config["num_attention_heads"])
             elif ".self_attn.k_proj." in name:

@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from convert.architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from convert.checkpoint import Checkpoint
 from convert.errors import ConvertError
 from convert.gguf_reader import GGUFCheckpoint
+from convert.namemaps import NameMap
 from convert.safetensors_reader import INDEX_FILE as ST_INDEX
 from convert.safetensors_reader import SINGLE_FILE as ST_SINGLE
 from convert.safetensors_reader import SafetensorsCheckpoint
@@ -24,18 +26,11 @@ from convert.torch_reader import INDEX_FILE as PT_INDEX
 from convert.torch_reader import SINGLE_FILE as PT_SINGLE
 from convert.torch_reader import TorchBinCheckpoint
 
-# Used only when the model registry cannot be imported (e.g. a partial install);
-# it mirrors sgtv_jax.models.SUPPORTED_MODEL_TYPES.
-_FALLBACK_SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "bert")
 
 
 def supported_architectures() -> tuple[str, ...]:
-    """HF ``model_type`` values we have Flax models and name maps for."""
-    try:
-        from sgtv_jax.models import SUPPORTED_MODEL_TYPES
-    except ImportError:
-        return _FALLBACK_SUPPORTED
-    return tuple(SUPPORTED_MODEL_TYPES)
+    """HF ``model_type`` values we have Flax models and name maps for (``convert.architectures``)."""
+    return SUPPORTED_MODEL_TYPES
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -111,15 +106,9 @@ def _expected_shapes_from_transformers(config: dict[str, Any]) -> dict[str, tupl
     return shapes
 
 
-def _name_map(model_type: str) -> Any:
-    try:
-        from convert.namemaps import get_name_map
-    except ImportError:
-        return None
-    try:
-        return get_name_map(model_type)
-    except ValueError:
-        return None
+def _name_map(model_type: str) -> NameMap | None:
+    arch = ARCHITECTURES.get(model_type)
+    return None if arch is None else arch.name_map
 
 
 def validate_checkpoint(ckpt: Checkpoint, *, require_all: bool = True) -> str:

@@ -3,7 +3,7 @@
 Per-tensor interface (streams: one tensor in, one tensor out; ``config`` is a
 transformers config or our frozen dataclass from ``sgtv_jax.models``)::
 
-    nm = get_name_map(model_type)            # "llama", "mistral", "qwen2", "gpt2", "bert"
+    nm = get_name_map(model_type)            # any model_type of convert.architectures
     nm.expected_hf_tensors(config) -> {hf_name: hf_shape}     # what a checkpoint must hold
     nm.check_hf_tensor(name, shape, config) -> Rule | None    # ValueError: names tensor + both shapes
     nm.is_ignored(name, config) -> bool                       # buffers, tied lm_head copies, ...
@@ -31,34 +31,23 @@ materialised whole.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
-from . import bert, gpt2, llama
 from ._base import FlaxPath, NameMap, Rule
 
-_MAPS: dict[str, NameMap] = {
-    "llama": llama.NAME_MAP,
-    "mistral": llama.NAME_MAP,
-    "qwen2": llama.NAME_MAP,
-    "gpt2": gpt2.NAME_MAP,
-    "bert": bert.NAME_MAP,
-}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_MAPS)
-
-__all__ = ["FlaxPath", "NameMap", "Rule", "SUPPORTED_MODEL_TYPES", "get_name_map",
+__all__ = ["FlaxPath", "NameMap", "Rule", "get_name_map",
            "load_hf_state_dict_into_model", "model_to_hf_state_dict"]
 
 
 def get_name_map(model_type: str) -> NameMap:
-    """Name map for an HF ``model_type``; ValueError listing the supported ones."""
-    if model_type not in _MAPS:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    return _MAPS[model_type]
+    """Name map for an HF ``model_type`` (``convert.architectures``); ConvertError listing the supported ones."""
+    # Imported here: the registry imports this package's per-family modules.
+    from convert.architectures import get_architecture
+
+    return get_architecture(model_type).name_map
 
 
 def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
@@ -75,8 +64,3 @@ def model_to_hf_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np
     """All parameters as ``{hf_name: np.ndarray}`` in HF layout (see ``NameMap.model_to_hf_state_dict``)."""
     return get_name_map(model.config.model_type).model_to_hf_state_dict(model, dtype=dtype)
 
-
-def family_module(model_type: str) -> ModuleType:
-    """The family's name-map module (``llama``/``gpt2``/``bert``)."""
-    get_name_map(model_type)
-    return {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "bert": bert}[model_type]

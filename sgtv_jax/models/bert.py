@@ -205,3 +205,7 @@ class BertModel(nnx.Module):
         for blk in self.blocks:
             x = blk(x, **kw)
         return self.head(x)
+
+
+MODEL_CLASS = BertModel
+"""The Flax model built for every ``model_type`` in ``MODEL_TYPES``."""

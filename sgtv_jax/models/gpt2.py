@@ -188,3 +188,7 @@ class GPT2LMHeadModel(nnx.Module):
         for blk in self.blocks:
             x = blk(x, **kw)
         return self.head(x)
+
+
+MODEL_CLASS = GPT2LMHeadModel
+"""The Flax model built for every ``model_type`` in ``MODEL_TYPES``."""

@@ -246,3 +246,7 @@ class LlamaForCausalLM(nnx.Module):
         for blk in self.blocks:
             x = blk(x, **kw)
         return self.head(x)
+
+
+MODEL_CLASS = LlamaForCausalLM
+"""The Flax model built for every ``model_type`` in ``MODEL_TYPES``."""

@@ -1,7 +1,13 @@
-"""Architecture registry: HF ``model_type`` -> (config class, Flax NNX model class)."""
+"""Flax side of the architecture registry: HF ``model_type`` -> family module and model class.
+
+Each family module declares the ``model_type`` values it implements
+(``MODEL_TYPES``) and its model (``MODEL_CLASS``); this module only indexes
+them. Name maps, GGUF names and the rest live in ``convert.architectures``.
+"""
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import jax.numpy as jnp
@@ -9,39 +15,21 @@ from flax import nnx
 
 from . import bert, gpt2, llama
 
-_FAMILIES: dict[str, Any] = {
-    "llama": llama,
-    "mistral": llama,
-    "qwen2": llama,
-    "gpt2": gpt2,
-    "bert": bert,
-}
-_MODEL_CLASSES: dict[str, type[nnx.Module]] = {
-    "llama": llama.LlamaForCausalLM,
-    "mistral": llama.LlamaForCausalLM,
-    "qwen2": llama.LlamaForCausalLM,
-    "gpt2": gpt2.GPT2LMHeadModel,
-    "bert": bert.BertModel,
-}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_MODEL_CLASSES)
+_FAMILIES: dict[str, ModuleType] = {mt: fam for fam in (llama, gpt2, bert) for mt in fam.MODEL_TYPES}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
 
-def _check(model_type: str) -> None:
-    if model_type not in _MODEL_CLASSES:
+def get_family(model_type: str) -> ModuleType:
+    """Family module (``llama``/``gpt2``/``bert``): config class, ``hf_block_prefix``, ``MODEL_CLASS``."""
+    if model_type not in _FAMILIES:
         raise ValueError(f"unsupported architecture {model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return _FAMILIES[model_type]
 
 
 def get_model_class(model_type: str) -> type[nnx.Module]:
     """Flax NNX model class for an HF ``model_type`` (ValueError listing supported ones)."""
-    _check(model_type)
-    return _MODEL_CLASSES[model_type]
-
-
-def get_family(model_type: str) -> Any:
-    """Family module (``llama``/``gpt2``/``bert``): ``hf_block_prefix``, ``LINEAR_NAMES``, ..."""
-    _check(model_type)
-    return _FAMILIES[model_type]
+    return get_family(model_type).MODEL_CLASS
 
 
 def config_from_hf(hf_config: Any, param_dtype: Any = jnp.float32) -> Any:

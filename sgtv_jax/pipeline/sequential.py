@@ -221,16 +221,17 @@ class _Arch:
 def _arch(base_ckpt: Any) -> _Arch:
     from flax import nnx
 
-    from convert.namemaps import get_name_map
+    from convert.architectures import get_architecture
     from convert.readers import hf_config_object
-    from sgtv_jax.models import build_abstract_model, get_family, split_block
+    from sgtv_jax.models import build_abstract_model, split_block
 
     cfg = dict(base_ckpt.config)
     mt = cfg["model_type"]
+    row = get_architecture(mt)
     obj = hf_config_object(cfg)
     model = build_abstract_model(obj)
     graphdef, state = split_block(model, 0)
-    return _Arch(mt, cfg, obj, get_name_map(mt), get_family(mt), len(model.blocks), graphdef,
+    return _Arch(mt, cfg, obj, row.name_map, row.family, len(model.blocks), graphdef,
                  list(nnx.to_flat_state(state)))
 
 
