@@ -79,8 +79,8 @@ def check_output_target(out: str | Path, inputs: Inputs) -> None:
     """Refuse an output path that is, contains or lies inside any input (symlinks resolved).
 
     ``inputs``: paths, or a mapping ``label -> path`` (e.g. ``"base_model"``)
-    so the message names the role. Symlinks directly inside an input directory
-    (e.g. a HF cache snapshot's links into ``blobs/``) count as inputs too.
+    so the message names the role. Files an input directory links to (e.g. a
+    HF cache snapshot's links into ``blobs/``) count as inputs too.
     Raises ConvertError naming OUT and the input.
     """
     target = _real(out)
@@ -90,7 +90,7 @@ def check_output_target(out: str | Path, inputs: Inputs) -> None:
         if os.path.isdir(p):
             with contextlib.suppress(OSError):
                 for entry in os.scandir(p):
-                    if entry.is_symlink():
+                    if entry.is_symlink() and entry.is_file():  # e.g. a cache link into blobs/
                         checks.append((label, f"{entry.path} (a link)", _real(entry.path)))
     for label, given, real in checks:
         if target == real:
@@ -143,7 +143,7 @@ def _leftovers(target: Path) -> list[tuple[Path, dict[str, Any]]]:
             if marker is None or marker.get("host") != socket.gethostname():
                 continue  # not ours, or written on another machine: cannot tell if it is alive
             pid = marker.get("pid")
-            if isinstance(pid, int) and not _pid_alive(pid):
+            if isinstance(pid, int) and pid > 0 and not _pid_alive(pid):
                 found.append((p, marker))
     return found
 
@@ -247,9 +247,14 @@ def commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
             raise ConvertError(f"{target}: changed while writing and is no longer an output of sgtv-jax "
                                "or an empty directory; not replacing it")
         old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        # Mark it so a run killed right now leaves something `remove_leftovers` can restore.
-        _write_json(old / PARTIAL_MARKER, _partial_marker())
+        # Mark it before it moves, so a run killed between the two renames leaves
+        # something `remove_leftovers` recognises and restores.
+        _write_json(target / PARTIAL_MARKER, _partial_marker())
+        try:
+            os.rename(target, old)
+        except BaseException:
+            (target / PARTIAL_MARKER).unlink(missing_ok=True)
+            raise
     try:
         os.rename(tmp, target)
     except BaseException:
