@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.atomic import prepare_output
 from convert.checkpoint import Checkpoint, LazyTensors
 from convert.errors import ConvertError
 from convert.export import export_hf
@@ -38,8 +39,12 @@ def convert_to_hf(
 
     Tensors stream one at a time from the source into shards of at most
     ``max_shard_size``; with ``dtype='auto'`` the source's dtype is kept (and
-    then tensors are copied byte for byte).
+    then tensors are copied byte for byte). ``dst`` is checked first (see
+    ``convert.atomic.prepare_output``): it may not be, contain or lie inside
+    ``src``, and ``overwrite`` replaces only a previous output of this tool.
     """
+    inputs = {"the source": src}
+    prepare_output(dst, overwrite=overwrite, inputs=inputs)
     with open_checkpoint(src) as ckpt:
         validate_checkpoint(ckpt)
         out_dtype = source_dtype(ckpt) if dtype == "auto" else dtype
@@ -49,10 +54,10 @@ def convert_to_hf(
             gguf_file = ckpt.path
             return export_hf(iter(ckpt), dst, config=dict(ckpt.config), dtype=out_dtype,
                              max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                             finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp))
+                             finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp), inputs=inputs)
         # Every tensor passes through from the base (UNCHANGED), cast if asked.
         return export_hf({}, dst, base=ckpt, dtype=out_dtype, max_shard_size=max_shard_size,
-                         overwrite=overwrite, progress=progress)
+                         overwrite=overwrite, progress=progress, inputs=inputs)
 
 
 def load_flax_model(src: str | Path | Checkpoint, *, param_dtype: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -81,17 +86,20 @@ def convert_to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "auto", o
     """Convert any supported checkpoint into an Orbax checkpoint of the Flax model.
 
     ``dtype`` is the parameter dtype ('bf16' / 'fp16' / 'fp32'); 'auto' keeps the
-    source's (GGUF: fp32).
+    source's (GGUF: fp32). ``dst`` is checked before the weights load (as in
+    :func:`convert_to_hf`).
     """
     import jax.numpy as jnp
 
     from convert.orbax_io import save_orbax
 
+    inputs = {"the source": src}
+    prepare_output(dst, overwrite=overwrite, inputs=inputs)
     with open_checkpoint(src) as ckpt:
         name = source_dtype(ckpt) if dtype == "auto" else dtype
         pd = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[name]
         model, cfg = load_flax_model(ckpt, param_dtype=pd)
-    return save_orbax(model, dst, hf_config=cfg, overwrite=overwrite)
+    return save_orbax(model, dst, hf_config=cfg, overwrite=overwrite, inputs=inputs)
 
 
 def flax_model_tensors(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:

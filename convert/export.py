@@ -6,8 +6,9 @@ from the base with ``dtype`` set, the base's tokenizer files and
 ``generation_config.json``, and a README model card.
 
 Everything is written into a temporary directory beside the destination and
-renamed into place only at the end, so an interrupted or failed export never
-leaves a complete-looking model behind.
+renamed into place only at the end (``convert.atomic``), so an interrupted or
+failed export never leaves a complete-looking model behind, and an existing
+destination is replaced only if it is a previous output of this tool.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from convert.atomic import atomic_output, labelled_inputs
 from convert.checkpoint import Checkpoint
+from convert.containment import contained_file
 from convert.dtypes import config_dtype_name, is_float, parse_dtype
 from convert.errors import ConvertError
 from convert.model_card import render_model_card
@@ -188,8 +190,21 @@ def _with_base(
                 yield name, UNCHANGED
 
 
-def _tmp_sibling(dst: Path, tag: str) -> Path:
-    return dst.parent / f".{dst.name}.{tag}-{uuid.uuid4().hex[:8]}"
+def copy_model_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy the TOKENIZER_FILES that ``src`` has into ``dst``; returns their names.
+
+    Each must resolve inside ``src`` (a HF cache snapshot's links into its own
+    blob store are fine; see ``convert.containment``); an allowed symlink is
+    copied as a regular file with its target's bytes. A name that points
+    elsewhere raises ConvertError naming it.
+    """
+    copied = []
+    for fname in TOKENIZER_FILES:
+        if (Path(src) / fname).is_file():
+            real = contained_file(src, fname, what=f"{fname} (copied into the output)")
+            shutil.copyfile(real, dst / fname)
+            copied.append(fname)
+    return copied
 
 
 def export_hf(
@@ -206,6 +221,7 @@ def export_hf(
     overwrite: bool = False,
     progress: bool = False,
     finalize: Callable[[Path], None] | None = None,
+    inputs: Mapping[str, str | Path] | Iterable[str | Path] = (),
 ) -> Path:
     """Export HF-named tensors to a Hugging Face directory at ``dst``.
 
@@ -222,15 +238,18 @@ def export_hf(
     add files (e.g. a tokenizer) before the directory is renamed into place.
     Returns ``dst``.
 
-    Raises ConvertError (and leaves nothing at ``dst``) on a NaN/Inf tensor, a
-    shape that disagrees with the base, or an existing ``dst`` without
-    ``overwrite``.
+    The directory is written by ``convert.atomic.atomic_output``: ``dst`` may
+    not overlap the base, the copied-files directory or any of ``inputs``
+    (paths or ``label -> path``); ``overwrite`` replaces only a previous output
+    of this tool or an empty directory.
+
+    Raises ConvertError (and leaves ``dst`` as it was) on a NaN/Inf tensor, a
+    shape that disagrees with the base, a tokenizer file that resolves outside
+    its directory, or an existing ``dst`` without ``overwrite``.
     """
     dst = Path(dst)
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise ConvertError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     if config is None:
         if base is None:
             raise ConvertError("export_hf needs a config (or a base checkpoint to take it from)")
@@ -238,11 +257,15 @@ def export_hf(
     cfg = json.loads(json.dumps(dict(config)))  # deep copy, and proof it is JSON-serialisable
     if copy_files_from is None and base is not None and Path(base.path).is_dir():
         copy_files_from = base.path
+    protected = dict(labelled_inputs(inputs))
+    if base is not None:
+        protected.setdefault("the base checkpoint", str(base.path))
+    if copy_files_from is not None:
+        protected.setdefault("the tokenizer source", str(copy_files_from))
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dst, "partial")
-    tmp.mkdir()
-    try:
+    with atomic_output(dst, kind="hf", overwrite=overwrite, inputs=protected) as tmp:
+        if copy_files_from is not None:  # first: a file that escapes is refused before any tensor work
+            copy_model_files(copy_files_from, tmp)
         writer = _ShardWriter(tmp, max_bytes)
         tied = bool(cfg.get("tie_word_embeddings", False))
         stream: Iterable[tuple[str, Any]] = _with_base(tensors, base, fill_from_base, tied)
@@ -260,34 +283,10 @@ def export_hf(
         if "torch_dtype" in cfg:  # transformers < 5 reads this spelling
             cfg["torch_dtype"] = cfg["dtype"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if copy_files_from is not None:
-            src = Path(copy_files_from)
-            for fname in TOKENIZER_FILES:
-                if (src / fname).is_file():
-                    shutil.copy2(src / fname, tmp / fname)
         if model_card is not None:
             text = model_card if isinstance(model_card, str) else render_model_card(model_card, cfg)
             (tmp / "README.md").write_text(text)
         if finalize is not None:
             finalize(tmp)
-        _commit(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
-
-def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move the finished temporary directory to ``dst`` (replacing it if allowed)."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise ConvertError(f"{dst}: appeared while exporting; not replacing it")
-        old = _tmp_sibling(dst, "old")
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()

@@ -4,6 +4,7 @@ Layout of a saved directory::
 
     DIR/sgtv_model.json   {"format": ..., "model_type": ..., "hf_config": {...}}
     DIR/state/            ocp.StandardCheckpointer checkpoint of nnx.split(model)[1]
+    DIR/.sgtv-output      marker: written by this tool (see convert.atomic)
 
 Restore rebuilds the model abstractly with ``nnx.eval_shape`` (no memory, no
 init compute), restores the state into that structure and merges: bit-exact.
@@ -12,13 +13,11 @@ init compute), restores the state into that structure and merges: bit-exact.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from convert.atomic import atomic_output
 from convert.errors import ConvertError
 
 META_FILE = "sgtv_model.json"
@@ -44,25 +43,15 @@ def _param_dtype(model: Any) -> str | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def save_orbax(
-    model: Any,
-    dst: str | Path,
-    *,
-    hf_config: Mapping[str, Any],
-    overwrite: bool = False,
-) -> Path:
-    """Save an NNX model's state and its HF config (a dict) to ``dst``.
+def write_orbax(model: Any, directory: str | Path, *, hf_config: Mapping[str, Any]) -> None:
+    """Write an NNX model's state and its HF config into an existing ``directory``.
 
-    Waits for Orbax's asynchronous write to finish. The checkpoint is written into
-    a temporary sibling directory and renamed, so ``dst`` is either complete or
-    absent. ``hf_config['model_type']`` names the architecture.
+    No atomicity of its own: callers write into the temporary directory of
+    ``convert.atomic.atomic_output``. Waits for Orbax's asynchronous write.
     """
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise ConvertError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     if "model_type" not in hf_config:
         raise ConvertError("save_orbax: hf_config has no 'model_type'")
     meta = {"format": FORMAT, "model_type": hf_config["model_type"], "hf_config": dict(hf_config),
@@ -71,30 +60,39 @@ def save_orbax(
         meta_text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as e:
         raise ConvertError(f"save_orbax: hf_config is not JSON-serialisable ({e})") from None
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    directory = Path(directory).absolute()
+    _, state = nnx.split(model)
+    ckptr = ocp.StandardCheckpointer()
     try:
-        _, state = nnx.split(model)
-        ckptr = ocp.StandardCheckpointer()
-        try:
-            ckptr.save(tmp / STATE_DIR, state)
-            ckptr.wait_until_finished()
-        finally:
-            ckptr.close()
-        (tmp / META_FILE).write_text(meta_text + "\n")
-        old = None
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-        os.rename(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+        ckptr.save(directory / STATE_DIR, state)
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()
+    (directory / META_FILE).write_text(meta_text + "\n")
+
+
+def save_orbax(
+    model: Any,
+    dst: str | Path,
+    *,
+    hf_config: Mapping[str, Any],
+    overwrite: bool = False,
+    inputs: Mapping[str, str | Path] | Iterable[str | Path] = (),
+) -> Path:
+    """Save an NNX model's state and its HF config (a dict) to ``dst``.
+
+    Written through ``convert.atomic.atomic_output``: into a temporary sibling
+    renamed at the end, so ``dst`` is either complete or as it was; ``dst`` may
+    not overlap any of ``inputs``, and ``overwrite`` replaces only a previous
+    output of this tool or an empty directory (the old one is removed only
+    after the new one is in place). ``hf_config['model_type']`` names the
+    architecture.
+    """
+    if "model_type" not in hf_config:
+        raise ConvertError("save_orbax: hf_config has no 'model_type'")
+    with atomic_output(dst, kind="orbax", overwrite=overwrite, inputs=inputs) as tmp:
+        write_orbax(model, tmp, hf_config=hf_config)
+    return Path(dst).absolute()
 
 
 def read_orbax_metadata(path: str | Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from convert.containment import contained_file
 from convert.errors import ConvertError
 
 SINGLE_FILE = "model.safetensors"
@@ -39,6 +40,8 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ConvertError(f"{path}: missing config.json (needed to know the architecture)")
+    # Its content is copied into outputs: it may not come from outside the model directory.
+    contained_file(directory, "config.json", what="config.json")
     try:
         return json.loads(path.read_text())
     except ValueError as e:  # invalid JSON or not UTF-8
@@ -74,6 +77,7 @@ class SafetensorsCheckpoint:
         if index.is_file():
             self._open_index(index)
         elif single.is_file():
+            contained_file(self.path, SINGLE_FILE, what=SINGLE_FILE)
             self.shards = [single]
             self._scan_shard(single, expected=None)
         else:
@@ -89,7 +93,12 @@ class SafetensorsCheckpoint:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConvertError(f"{index}: not a valid safetensors index ({e!r})") from None
         by_file: dict[str, set[str]] = {}
+        if not isinstance(weight_map, dict):
+            raise ConvertError(f"{index}: not a valid safetensors index (weight_map is not a mapping)")
         for name, fname in weight_map.items():
+            if not isinstance(fname, str) or fname not in by_file:
+                # A shard name may not leave the directory (../x, /abs, a symlink out of it).
+                contained_file(self.path, fname, what=f"{index}: shard {fname!r} (holding {name!r})")
             by_file.setdefault(fname, set()).add(name)
         for fname in sorted(by_file):
             shard = self.path / fname

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.containment import contained_file
 from convert.errors import ConvertError
 from convert.safetensors_reader import read_config
 
@@ -61,11 +62,16 @@ class TorchBinCheckpoint:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConvertError(f"{index}: not a valid checkpoint index ({e!r})") from None
+            if not isinstance(weight_map, dict):
+                raise ConvertError(f"{index}: not a valid checkpoint index (weight_map is not a mapping)")
+            for n, f in weight_map.items():  # a shard name may not leave the directory
+                contained_file(self.path, f, what=f"{index}: shard {f!r} (holding {n!r})")
             self._where = {n: self.path / f for n, f in weight_map.items()}
             for shard in dict.fromkeys(self._where.values()):
                 if not shard.is_file():
                     raise ConvertError(f"{shard}: shard named in {INDEX_FILE} is missing")
         elif single.is_file():
+            contained_file(self.path, SINGLE_FILE, what=SINGLE_FILE)
             self._where = {}
             self._single = single
         else:

@@ -331,8 +331,15 @@ def test_existing_destination_refused_unless_overwrite(sharded, tmp_path):
     with pytest.raises(ConvertError, match="already exists"):
         convert_to_hf(sharded, dst)
     assert (dst / "keep").is_file()
+    # --overwrite replaces only an empty directory or a previous output of this tool
+    with pytest.raises(ConvertError, match=r"not an output of sgtv-jax.*\(keep\)"):
+        convert_to_hf(sharded, dst, overwrite=True)
+    assert (dst / "keep").read_text() == "x"
+    (dst / "keep").unlink()
     convert_to_hf(sharded, dst, overwrite=True)
-    assert not (dst / "keep").exists() and (dst / "config.json").is_file()
+    (dst / "stale").write_text("y")
+    convert_to_hf(sharded, dst, overwrite=True)
+    assert not (dst / "stale").exists() and (dst / "config.json").is_file()
 
 
 def test_shape_mismatch_against_base(sharded, tmp_path):

@@ -34,7 +34,6 @@ import dataclasses
 import inspect
 import json
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -663,6 +662,18 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
+    """Every path a merge reads, labelled by its config key: the output may overlap none of them."""
+    inputs = {"base_model": cfg.base_model}
+    for t, m in enumerate(cfg.models):
+        inputs[f"models[{t}].model"] = m.model
+        for k, f in enumerate(m.calibration.data if m.calibration is not None else ()):
+            inputs[f"models[{t}].calibration.data[{k}]"] = f
+    for k, f in enumerate(cfg.calibration.data if cfg.calibration is not None else ()):
+        inputs[f"calibration.data[{k}]"] = f
+    return inputs
+
+
 def run_merge(
     cfg: MergeConfig,
     out: str | Path,
@@ -675,12 +686,17 @@ def run_merge(
 ) -> dict[str, Any]:
     """Merge as configured and write the result atomically to `out`; returns the report.
 
-    Checks everything first (`sgtv_jax.pipeline.check.check_config`, the output
-    path) before any weights load. `format`: "hf" (safetensors directory via
-    `convert.export_hf`, with model card, `merge_report.json` and the error
-    plot) or "orbax". A merge that fails or is killed leaves at most a hidden
-    `.OUT.partial-*` directory, never a complete-looking `out`.
+    Checks everything first, before any weights load: the output path
+    (`convert.atomic.prepare_output`: `out` may not be, contain or lie inside
+    any model or calibration file; an existing `out` is replaced only with
+    `overwrite` and only if it is a previous output of this tool or empty) and
+    the config (`sgtv_jax.pipeline.check.check_config`). `format`: "hf"
+    (safetensors directory via `convert.export_hf`, with model card,
+    `merge_report.json` and the error plot) or "orbax". A merge that fails or
+    is killed leaves at most a hidden `.OUT.partial-*` directory (removed by
+    the next run into `out`), never a complete-looking `out`.
     """
+    from convert.atomic import prepare_output
     from convert.export import export_hf
 
     from sgtv_jax.pipeline.check import check_config
@@ -688,8 +704,8 @@ def run_merge(
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ConfigError(f"{out}: already exists (pass --overwrite to replace it)")
+    inputs = merge_inputs(cfg)
+    prepare_output(out, overwrite=overwrite, inputs=inputs)
     if check:
         check_config(cfg)
     t0 = time.perf_counter()
@@ -707,9 +723,9 @@ def run_merge(
         if format == "hf":
             export_hf(run.tensors(), out, base=run.base, dtype=run.out_dtype_name,
                       max_shard_size=cfg.max_shard_size, model_card=card, overwrite=overwrite,
-                      finalize=finalize)
+                      finalize=finalize, inputs=inputs)
         else:
-            _export_orbax(run, out, overwrite, finalize)
+            _export_orbax(run, out, overwrite, finalize, inputs)
     finally:
         run.close()
     rep = box["report"]
@@ -723,10 +739,10 @@ def run_merge(
     return rep
 
 
-def _export_orbax(run: MergeRun, out: Path, overwrite: bool, finalize: Callable[[Path], None]) -> None:
-    import uuid
-
-    from convert.orbax_io import save_orbax
+def _export_orbax(run: MergeRun, out: Path, overwrite: bool, finalize: Callable[[Path], None],
+                  inputs: dict[str, str]) -> None:
+    from convert.atomic import atomic_output
+    from convert.orbax_io import write_orbax
 
     from sgtv_jax.models import build_abstract_model
 
@@ -734,16 +750,7 @@ def _export_orbax(run: MergeRun, out: Path, overwrite: bool, finalize: Callable[
     # parameters in the output dtype (the config's `dtype`), as the HF export writes them
     model = build_abstract_model(run.arch.hf_obj, param_dtype=jnp.dtype(run.out_dtype))
     run.arch.name_map.load_hf_state_dict_into_model(model, merged, strict=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        save_orbax(model, tmp / "ckpt", hf_config=run.arch.hf_config)
+    del merged
+    with atomic_output(out, kind="orbax", overwrite=overwrite, inputs=inputs) as tmp:
+        write_orbax(model, tmp, hf_config=run.arch.hf_config)
         finalize(tmp)
-        src = tmp / "ckpt"
-        for p in list(tmp.iterdir()):
-            if p.name != "ckpt":
-                shutil.move(str(p), src / p.name)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        src.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
