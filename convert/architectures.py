@@ -52,6 +52,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                      gguf="mistral", gguf_permuted_qk=True),
         Architecture("qwen2", llama, llama_map.NAME_MAP, "Qwen2ForCausalLM",
                      gguf="qwen2"),
+        Architecture("qwen3", llama, llama_map.NAME_MAP, "Qwen3ForCausalLM"),
+        Architecture("phi3", llama, llama_map.NAME_MAP, "Phi3ForCausalLM"),
         Architecture("gpt2", gpt2, gpt2_map.NAME_MAP, "GPT2LMHeadModel"),
         Architecture("bert", bert, bert_map.NAME_MAP, "BertModel"),
     )

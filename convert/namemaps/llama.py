@@ -1,10 +1,12 @@
-"""HF <-> Flax name map for the LLaMA family (llama, mistral, qwen2, SmolLM).
+"""HF <-> Flax name map for the LLaMA family (llama, mistral, qwen2, qwen3, phi3, SmolLM).
 
 HF names (``LlamaForCausalLM``) and Flax paths (``sgtv_jax.models.llama``)::
 
     model.embed_tokens.weight [V, D]            <-> ("embed_tokens", "embedding")       as is
     model.layers.{i}.self_attn.q_proj.weight     <-> ("blocks", i, "self_attn", "q_proj", "kernel")  transposed
     model.layers.{i}.self_attn.q_proj.bias       <-> (..., "q_proj", "bias")   (qwen2 / attention_bias)
+    model.layers.{i}.self_attn.q_norm.weight     <-> (..., "q_norm", "scale")  [Dh]  (qwen3; k_norm too)
+    model.layers.{i}.self_attn.qkv_proj.weight   <-> (..., "qkv_proj", "kernel")  (phi3; mlp.gate_up_proj too)
     model.layers.{i}.input_layernorm.weight      <-> ("blocks", i, "input_layernorm", "scale")
     model.norm.weight                            <-> ("norm", "scale")
     lm_head.weight [V, D]                        <-> ("lm_head", "kernel") transposed; absent when tied
@@ -39,17 +41,27 @@ def _rules(cfg: LlamaConfig) -> list[Rule]:
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     rules = [Rule("model.embed_tokens.weight", ("embed_tokens", "embedding"), False, (v, d))]
     for i in range(cfg.num_hidden_layers):
-        e: list[tuple[str, str, bool, tuple[int, ...]]] = [
-            ("self_attn.q_proj.weight", "kernel", True, (q, d)),
-            ("self_attn.k_proj.weight", "kernel", True, (kv, d)),
-            ("self_attn.v_proj.weight", "kernel", True, (kv, d)),
-            ("self_attn.o_proj.weight", "kernel", True, (d, q)),
-            ("mlp.gate_proj.weight", "kernel", True, (f, d)),
-            ("mlp.up_proj.weight", "kernel", True, (f, d)),
-            ("mlp.down_proj.weight", "kernel", True, (d, f)),
-            ("input_layernorm.weight", "scale", False, (d,)),
-            ("post_attention_layernorm.weight", "scale", False, (d,)),
-        ]
+        e: list[tuple[str, str, bool, tuple[int, ...]]]
+        if cfg.fused:
+            if cfg.qkv_bias or cfg.mlp_bias:
+                raise ValueError("fused qkv_proj / gate_up_proj with biases is not supported")
+            e = [("self_attn.qkv_proj.weight", "kernel", True, (q + 2 * kv, d)),
+                 ("self_attn.o_proj.weight", "kernel", True, (d, q)),
+                 ("mlp.gate_up_proj.weight", "kernel", True, (2 * f, d)),
+                 ("mlp.down_proj.weight", "kernel", True, (d, f))]
+        else:
+            e = [("self_attn.q_proj.weight", "kernel", True, (q, d)),
+                 ("self_attn.k_proj.weight", "kernel", True, (kv, d)),
+                 ("self_attn.v_proj.weight", "kernel", True, (kv, d)),
+                 ("self_attn.o_proj.weight", "kernel", True, (d, q)),
+                 ("mlp.gate_proj.weight", "kernel", True, (f, d)),
+                 ("mlp.up_proj.weight", "kernel", True, (f, d)),
+                 ("mlp.down_proj.weight", "kernel", True, (d, f))]
+        e += [("input_layernorm.weight", "scale", False, (d,)),
+              ("post_attention_layernorm.weight", "scale", False, (d,))]
+        if cfg.qk_norm:
+            e += [("self_attn.q_norm.weight", "scale", False, (cfg.head_dim,)),
+                  ("self_attn.k_norm.weight", "scale", False, (cfg.head_dim,))]
         if cfg.qkv_bias:
             e += [("self_attn.q_proj.bias", "bias", False, (q,)),
                   ("self_attn.k_proj.bias", "bias", False, (kv,)),
