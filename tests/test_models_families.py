@@ -54,6 +54,16 @@ CONFIGS = {
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                          "long_factor": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0],
                          "original_max_position_embeddings": 8})),
+    # Alternating sliding (window 5 < S) / full layers, both soft-caps, query_pre_attn_scalar != head_dim.
+    "gemma2": lambda: transformers.Gemma2Config(**_common(
+        hidden_size=48, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+        attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**_common(
+        hidden_size=48, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}},
+        final_logit_softcapping=None, tie_word_embeddings=False)),
 }
 
 # Families whose state_dict in memory differs from what save_pretrained writes are read from disk.
@@ -327,3 +337,35 @@ def test_unsupported_rope_type_is_named(rope):
 
     with pytest.raises(ValueError, match=f"unsupported rope_type '{rope['rope_type']}'.*yarn, longrope"):
         rope_inv_freq(16, rope, 128)
+
+
+# --------------------------------------------------------------------------- Gemma specifics
+
+def test_gemma_embedding_scale_rounds_in_bf16_like_hf(workdir):
+    """sqrt(48) is multiplied in the parameter dtype: bf16(6.928...) = 6.9375, as HF's scaled embedding."""
+    cfg, tm, d, _ = _reference("gemma2", workdir)
+    model_bf16, _ = load_flax_model(d, param_dtype=jnp.bfloat16)
+    ids = np.arange(3, 40).reshape(1, -1)
+    ours = np.asarray(model_bf16.embed(jnp.asarray(ids)).astype(jnp.float32))
+    emb = transformers.Gemma2ForCausalLM(cfg).to(torch.bfloat16).model.embed_tokens
+    with torch.no_grad():
+        emb.weight.copy_(tm.model.embed_tokens.weight.to(torch.bfloat16))
+        ref = emb(torch.tensor(ids)).float().numpy()
+    np.testing.assert_array_equal(ours, ref)
+    exact = tm.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()[ids] * 48 ** 0.5
+    assert np.abs(ours - exact).max() > 0  # the rounding of the scale is visible
+
+
+def test_gemma_sliding_and_full_blocks_compile_once_each(workdir):
+    """Layer type is static: blocks 0 and 2 (sliding) share a graphdef, block 1 (full) has its own."""
+    cfg, _, _, model = _reference("gemma3", workdir)
+    g = [split_block(model, i)[0] for i in range(3)]
+    assert g[0] == g[2] and g[0] != g[1]
+    ids, mask = _inputs(cfg.vocab_size)
+    kw = model.block_kwargs(jnp.asarray(mask), S)
+    x = model.embed(jnp.asarray(ids))
+    # The window matters: the sliding mask drops keys the full mask keeps.
+    assert bool(jnp.any(kw["masks"]["full_attention"] & ~kw["masks"]["sliding_attention"]))
+    y_as_sliding = apply_block(g[0], split_block(model, 1)[1], x, **kw)
+    y_as_full = apply_block(g[1], split_block(model, 1)[1], x, **kw)
+    assert float(jnp.abs(y_as_sliding - y_as_full).max()) > 1e-3

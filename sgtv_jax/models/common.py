@@ -143,18 +143,21 @@ def attention_mask_bool(attention_mask: jax.Array | None, batch: int, seq: int, 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          scale: float) -> jax.Array:
+                          scale: float, softcap: float | None = None) -> jax.Array:
     """Grouped-query attention.
 
     q ``[B, S, H, Dh]``, k/v ``[B, T, K, Dh]`` with ``H % K == 0`` (query head
     ``h`` uses kv head ``h // (H//K)``, as HF's ``repeat_kv``), mask
-    ``[B, 1, S, T]`` bool. Softmax in float32. Returns ``[B, S, H, Dh]``.
+    ``[B, 1, S, T]`` bool. ``softcap``: scores become ``softcap * tanh(s / softcap)``
+    before masking (Gemma 2). Softmax in float32. Returns ``[B, S, H, Dh]``.
     """
     b, s, h, dh = q.shape
     kv = k.shape[2]
     g = h // kv
     qg = q.reshape(b, s, kv, g, dh)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, precision=HIGHEST).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = jnp.where(mask[:, :, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
