@@ -9,6 +9,9 @@ optional sliding-window attention (mistral, phi3). Variants are config flags:
   ``self_attn.k_norm``, weight ``[Dh]``) before RoPE.
 * ``fused`` (phi3): one ``self_attn.qkv_proj`` (rows: q, then k, then v) and one
   ``mlp.gate_up_proj`` (rows: gate, then up); these are the capture keys too.
+* ``moe`` (mixtral, qwen2_moe, qwen3_moe): the MLP is a ``sgtv_jax.models.moe.SparseMoE``
+  (``block_sparse_moe`` for mixtral, ``mlp`` for qwen); see that module for
+  its parameters and capture format.
 
 Forward in pieces (for block-by-block pipelines)::
 
@@ -33,8 +36,9 @@ from flax import nnx
 
 from .common import (Embed, Linear, RMSNorm, activation, apply_rope, attention_mask_bool,
                      dot_product_attention, rope_inv_freq, rope_long_inv_freq)
+from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def hf_block_prefix(i: int) -> str:
@@ -46,6 +50,21 @@ def hf_block_prefix(i: int) -> str:
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
+    """HF-local names of one block's linear layers (MoE: routed and shared experts, not the gates)."""
+    if cfg.fused:
+        return FUSED_LINEAR_NAMES
+    if cfg.moe is None:
+        return LINEAR_NAMES
+    p = MOE_PREFIX[cfg.moe]
+    names = list(LINEAR_NAMES[:4])
+    for e in range(cfg.num_experts):
+        names += [f"{p}.experts.{e}.{n}" for n in EXPERT_NAMES[cfg.moe]]
+    if cfg.shared_expert_intermediate_size:
+        names += [f"{p}.shared_expert.{n}" for n in EXPERT_NAMES["qwen"]]
+    return tuple(names)
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -78,6 +97,12 @@ class LlamaConfig:
     rope_long: tuple[tuple[float, ...], int] | None = None  # LongRoPE (long_inv_freq, threshold)
     qk_norm: bool = False
     fused: bool = False
+    moe: str | None = None  # "mixtral" | "qwen" (sgtv_jax.models.moe)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -105,16 +130,17 @@ class LlamaConfig:
         inv, scaling = rope_inv_freq(head_dim, rope, max_pos)
         long = rope_long_inv_freq(head_dim, rope, max_pos)
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
-        qkv_bias = True if mt == "qwen2" else attention_bias
+        qkv_bias = {"qwen2": True, "qwen2_moe": bool(getattr(hf_config, "qkv_bias", True))}.get(mt, attention_bias)
         window = None
-        if mt in ("mistral", "phi3"):
+        if mt in ("mistral", "phi3", "mixtral"):
             window = getattr(hf_config, "sliding_window", None)
-        elif mt in ("qwen2", "qwen3"):
+        elif mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
             types = getattr(hf_config, "layer_types", None) or []
             if any(t != "full_attention" for t in types):
                 # Per-layer windows would give blocks different masks; released Qwen2/3 do not use them.
                 raise ValueError(f"{mt} with use_sliding_window=True (layer_types {types}) is not supported")
         act = getattr(hf_config, "hidden_act", "silu")
+        moe = _moe_fields(hf_config)
         kv = getattr(hf_config, "num_key_value_heads", None) or heads
         return cls(
             model_type=mt,
@@ -129,17 +155,41 @@ class LlamaConfig:
             rope_inv_freq=inv,
             rope_attention_scaling=scaling,
             rope_long=long,
-            qk_norm=mt == "qwen3",
+            qk_norm=mt in ("qwen3", "qwen3_moe"),
             fused=mt == "phi3",
+            **moe,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            o_bias=attention_bias and mt not in ("qwen2", "qwen3"),
+            o_bias=attention_bias and mt not in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"),
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             hidden_act=act,
             sliding_window=window,
             rope_parameters=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list)))),
             param_dtype=param_dtype,
         )
+
+
+def _moe_fields(hf_config: Any) -> dict[str, Any]:
+    """MoE fields of ``LlamaConfig`` for mixtral / qwen2_moe / qwen3_moe (empty for dense types)."""
+    mt = hf_config.model_type
+    if mt == "mixtral":
+        return dict(moe="mixtral", num_experts=hf_config.num_local_experts,
+                    num_experts_per_tok=hf_config.num_experts_per_tok, norm_topk_prob=True,
+                    moe_intermediate_size=hf_config.intermediate_size)
+    if mt not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    step = getattr(hf_config, "decoder_sparse_step", 1)
+    dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
+    if hf_config.num_experts <= 0 or step != 1 or dense:
+        # Dense layers among sparse ones would give blocks different parameters.
+        raise ValueError(f"{mt}: only configs where every layer is sparse are supported "
+                         f"(num_experts={hf_config.num_experts}, decoder_sparse_step={step}, "
+                         f"mlp_only_layers={dense})")
+    return dict(moe="qwen", num_experts=hf_config.num_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                norm_topk_prob=bool(hf_config.norm_topk_prob),
+                moe_intermediate_size=hf_config.moe_intermediate_size,
+                shared_expert_intermediate_size=(hf_config.shared_expert_intermediate_size
+                                                 if mt == "qwen2_moe" else 0))
 
 
 class LlamaAttention(nnx.Module):
@@ -221,7 +271,14 @@ class LlamaBlock(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.self_attn = LlamaAttention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.mlp = LlamaMLP(cfg, rngs=rngs)
+        if cfg.moe is None:
+            self.mlp = LlamaMLP(cfg, rngs=rngs)
+        else:
+            ffn = SparseMoE(cfg.moe, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                            cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob, act=cfg.hidden_act,
+                            shared_intermediate=cfg.shared_expert_intermediate_size, param_dtype=pd, rngs=rngs)
+            setattr(self, MOE_PREFIX[cfg.moe], ffn)  # block_sparse_moe (mixtral) or mlp (qwen), as HF names it
+        self.ffn_name = "mlp" if cfg.moe is None else MOE_PREFIX[cfg.moe]
 
     def __call__(self, x: jax.Array, *, mask: jax.Array, positions: jax.Array, capture: bool = False):
         """x ``[B, S, D]``, mask ``[B, 1, S, S]`` bool, positions ``[B, S]`` int.
@@ -231,7 +288,7 @@ class LlamaBlock(nnx.Module):
         """
         caps: dict | None = {} if capture else None
         x = x + self.self_attn(self.input_layernorm(x), mask, positions, caps)
-        x = x + self.mlp(self.post_attention_layernorm(x), caps)
+        x = x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x), caps)
         return (x, caps) if capture else x
 
 
@@ -256,7 +313,7 @@ class LlamaForCausalLM(nnx.Module):
     @property
     def linear_names(self) -> tuple[str, ...]:
         """HF-local names of each block's linear layers (= capture keys), in execution order."""
-        return FUSED_LINEAR_NAMES if self.config.fused else LINEAR_NAMES
+        return linear_names(self.config)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids ``[B, S]`` -> hidden ``[B, S, D]``."""
