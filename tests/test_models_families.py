@@ -467,3 +467,73 @@ def test_qwen_moe_with_dense_layers_is_refused():
                                                 mlp_only_layers=[1]))
     with pytest.raises(ValueError, match=r"qwen3_moe: only configs where every layer is sparse.*mlp_only_layers=\[1\]"):
         get_name_map("qwen3_moe").expected_hf_tensors(cfg)
+
+
+# --------------------------------------------------------------------------- GGUF
+
+_GGUF_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(name: str) -> str:
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    _, _, i, *rest = name.split(".")
+    return f"blk.{i}.{_GGUF_BLOCK['.'.join(rest[:-1])]}.{rest[-1]}"
+
+
+def test_qwen3_gguf_matches_transformers_loader_and_our_model(workdir, tmp_path):
+    """A qwen3 GGUF as llama.cpp writes it (NEOX RoPE: q/k unpermuted, q/k norms as attn_{q,k}_norm)."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from convert import GGUFCheckpoint, open_checkpoint, validate_checkpoint
+
+    cfg, tm, d, model = _reference("qwen3", workdir)
+    sd = _read_safetensors(d)
+    path = tmp_path / "qwen3.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    quantized = "model.layers.1.mlp.up_proj.weight"
+    for name, arr in sd.items():
+        if name == quantized:  # Q8_0 needs rows of 32: (96, 64) fits
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(_gguf_name(name), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(_gguf_name(name), np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    g = open_checkpoint(path)
+    assert isinstance(g, GGUFCheckpoint) and validate_checkpoint(g) == "qwen3"
+    assert g.config["head_dim"] == 24 and g.config["num_attention_heads"] == 4
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=tm)["tensors"]
+    assert set(g.names()) == set(theirs) == set(sd)
+    for name, arr in g:
+        np.testing.assert_array_equal(arr, theirs[name].float().numpy(), err_msg=name)
+        if name != quantized:
+            np.testing.assert_array_equal(arr, sd[name], err_msg=name)
+    # Loaded into our model, the GGUF gives the same logits as the checkpoint it came from (up to Q8_0).
+    ours, _ = load_flax_model(path)
+    ids, mask = _inputs(cfg.vocab_size)
+    a = np.asarray(_forward(ours, jnp.asarray(ids), jnp.asarray(mask)))
+    b = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+    assert 0 < np.abs(a - b)[mask.astype(bool)].max() < 0.1
