@@ -21,10 +21,11 @@ from typing import NamedTuple
 
 from convert.errors import ConvertError
 from convert.namemaps import bert as bert_map
+from convert.namemaps import gemma as gemma_map
 from convert.namemaps import gpt2 as gpt2_map
 from convert.namemaps import llama as llama_map
 from convert.namemaps._base import NameMap
-from sgtv_jax.models import bert, gpt2, llama
+from sgtv_jax.models import bert, gemma, gpt2, llama
 
 
 class Architecture(NamedTuple):
@@ -52,6 +53,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                      gguf="mistral", gguf_permuted_qk=True),
         Architecture("qwen2", llama, llama_map.NAME_MAP, "Qwen2ForCausalLM",
                      gguf="qwen2"),
+        Architecture("qwen3", llama, llama_map.NAME_MAP, "Qwen3ForCausalLM",
+                     gguf="qwen3"),
+        Architecture("phi3", llama, llama_map.NAME_MAP, "Phi3ForCausalLM"),
+        Architecture("mixtral", llama, llama_map.NAME_MAP, "MixtralForCausalLM"),
+        Architecture("qwen2_moe", llama, llama_map.NAME_MAP, "Qwen2MoeForCausalLM"),
+        Architecture("qwen3_moe", llama, llama_map.NAME_MAP, "Qwen3MoeForCausalLM"),
+        Architecture("gemma2", gemma, gemma_map.NAME_MAP, "Gemma2ForCausalLM"),
+        Architecture("gemma3_text", gemma, gemma_map.NAME_MAP, "Gemma3ForCausalLM"),
         Architecture("gpt2", gpt2, gpt2_map.NAME_MAP, "GPT2LMHeadModel"),
         Architecture("bert", bert, bert_map.NAME_MAP, "BertModel"),
     )

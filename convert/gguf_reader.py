@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) checkpoints as Hugging Face LLaMA-family tensors.
+"""GGUF (llama.cpp) checkpoints as Hugging Face LLaMA-family tensors (llama, mistral, qwen2, qwen3).
 
 Tensors are dequantised to float32 one at a time (``gguf.quants.dequantize``)
 from the memory-mapped file, renamed to Hugging Face names, and for LLaMA the
@@ -34,6 +34,8 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 

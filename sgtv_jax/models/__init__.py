@@ -1,6 +1,7 @@
 """Flax NNX model definitions (one module per family) and the architecture registry.
 
-Families: ``llama`` (llama, mistral, qwen2, SmolLM), ``gpt2``, ``bert``.
+Families: ``llama`` (llama, mistral, qwen2, qwen3, phi3, mixtral, qwen2_moe,
+qwen3_moe, SmolLM), ``gemma`` (gemma2, gemma3_text), ``gpt2``, ``bert``.
 Every model exposes its forward pass in pieces for block-by-block pipelines:
 
 * ``model.embed(input_ids, ...) -> x [B, S, D]``
@@ -11,6 +12,13 @@ Every model exposes its forward pass in pieces for block-by-block pipelines:
 * ``model.head(x)`` -> logits ``[B, S, V]`` (BERT: hidden state, identity)
 * ``model(input_ids, attention_mask=None)``
 * ``model.hf_block_prefix(i)`` / ``model.linear_names``
+
+Blocks of one model share their parameter structure but not always their
+graphdef: a gemma block's layer type (sliding / full attention) is static, so
+take each block's own graphdef from ``split_block(model, i)``; ``apply_block``
+compiles once per distinct graphdef. MoE blocks capture the experts' shared
+input once plus routing weights (``sgtv_jax.models.moe``: capture format and
+``linear_input(caps, name) -> (input, token_weights)``).
 
 Functional helpers (one compilation for all blocks of a model):
 ``apply_block(graphdef, state, x, capture=False, **kw)``, ``split_block``,

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -142,18 +143,21 @@ def attention_mask_bool(attention_mask: jax.Array | None, batch: int, seq: int, 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          scale: float) -> jax.Array:
+                          scale: float, softcap: float | None = None) -> jax.Array:
     """Grouped-query attention.
 
     q ``[B, S, H, Dh]``, k/v ``[B, T, K, Dh]`` with ``H % K == 0`` (query head
     ``h`` uses kv head ``h // (H//K)``, as HF's ``repeat_kv``), mask
-    ``[B, 1, S, T]`` bool. Softmax in float32. Returns ``[B, S, H, Dh]``.
+    ``[B, 1, S, T]`` bool. ``softcap``: scores become ``softcap * tanh(s / softcap)``
+    before masking (Gemma 2). Softmax in float32. Returns ``[B, S, H, Dh]``.
     """
     b, s, h, dh = q.shape
     kv = k.shape[2]
     g = h // kv
     qg = q.reshape(b, s, kv, g, dh)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, precision=HIGHEST).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = jnp.where(mask[:, :, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -209,25 +213,43 @@ def set_block_state(model: nnx.Module, i: int, state: nnx.State) -> None:
     nnx.update(model.blocks[i], state)
 
 
-def rope_inv_freq(head_dim: int, rope_parameters: dict[str, Any]) -> tuple[tuple[float, ...], float]:
-    """Inverse frequencies ``[Dh/2]`` and attention scaling for split-half RoPE.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
-    Mirrors transformers' ``default``, ``linear`` and ``llama3`` rope types,
-    in float32 like torch. Returned as a tuple so configs stay hashable.
+
+def _rope_dim(head_dim: int, params: dict[str, Any]) -> int:
+    """Rotated width: ``int(head_dim * partial_rotary_factor)`` (even), as transformers computes it."""
+    dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0) or 1.0))
+    if dim <= 0 or dim % 2 or dim > head_dim:
+        raise ValueError(f"partial_rotary_factor {params.get('partial_rotary_factor')!r} gives a rotary width "
+                         f"of {dim} for head_dim {head_dim}; it must be even and in (0, head_dim]")
+    return dim
+
+
+def _base_inv_freq(base: float, dim: int) -> np.ndarray:
+    exps = (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)).astype(np.float32)
+    return (np.float32(1.0) / np.power(np.float32(base), exps, dtype=np.float32)).astype(np.float32)
+
+
+def rope_inv_freq(head_dim: int, rope_parameters: dict[str, Any], max_position_embeddings: int | None = None
+                  ) -> tuple[tuple[float, ...], float]:
+    """Inverse frequencies ``[rotary_dim/2]`` and attention scaling (cos/sin factor) for split-half RoPE.
+
+    Mirrors transformers' ``default``, ``linear``, ``llama3``, ``yarn`` and
+    ``longrope`` (short factors; see :func:`rope_long_inv_freq`) rope types in
+    float32 like torch; ``partial_rotary_factor < 1`` rotates only the first
+    ``rotary_dim`` channels of each head. ``dynamic`` NTK scaling changes the
+    frequencies with the sequence length and the model's call history, so it
+    is refused by name. Returned as a tuple so configs stay hashable.
     """
-    import numpy as np
-
     params = dict(rope_parameters or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     base = float(params["rope_theta"])
-    dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
-    if dim != head_dim:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    exps = (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)).astype(np.float32)
-    inv = (np.float32(1.0) / np.power(np.float32(base), exps, dtype=np.float32)).astype(np.float32)
-    if rope_type == "default":
-        pass
-    elif rope_type == "linear":
+    dim = _rope_dim(head_dim, params)
+    inv = _base_inv_freq(base, dim)
+    scaling = 1.0
+    if rope_type == "linear":
         inv = (inv / np.float32(params["factor"])).astype(np.float32)
     elif rope_type == "llama3":
         factor = float(params["factor"])
@@ -242,18 +264,109 @@ def rope_inv_freq(head_dim: int, rope_parameters: dict[str, Any]) -> tuple[tuple
         smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
         medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
-    else:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
-    return tuple(float(v) for v in inv), 1.0
+    elif rope_type == "yarn":
+        inv, scaling = _yarn(base, dim, params, max_position_embeddings)
+    elif rope_type == "longrope":
+        inv, scaling = _longrope(base, dim, params, max_position_embeddings, long=False)
+    return tuple(float(v) for v in inv), float(scaling)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scaling: float) -> jax.Array:
-    """Split-half (``rotate_half``) RoPE. x ``[B, S, H, Dh]``, positions ``[B, S]`` int."""
+def rope_long_inv_freq(head_dim: int, rope_parameters: dict[str, Any], max_position_embeddings: int | None = None
+                       ) -> tuple[tuple[float, ...], int] | None:
+    """LongRoPE's long-context frequencies and the length above which they apply, else None.
+
+    transformers switches from the short to the long factors when
+    ``max(position_ids) + 1 > original_max_position_embeddings`` (one choice
+    for the whole batch); :func:`apply_rope` does the same.
+    """
+    params = dict(rope_parameters or {})
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    inv, _ = _longrope(float(params["rope_theta"]), _rope_dim(head_dim, params), params,
+                       max_position_embeddings, long=True)
+    return tuple(float(v) for v in inv), int(params["original_max_position_embeddings"])
+
+
+def _yarn(base: float, dim: int, params: dict[str, Any], max_pos: int | None) -> tuple[np.ndarray, float]:
+    """YaRN: blend of interpolated and extrapolated frequencies by a linear ramp over dimensions."""
+    orig = params["original_max_position_embeddings"]
+    factor = params.get("factor")
+    if factor is None:
+        if max_pos is None:
+            raise ValueError("yarn rope without 'factor' needs max_position_embeddings")
+        factor = max_pos / orig
+    factor = float(factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low),
+                   0, 1).astype(np.float32)
+    extrapolation = (np.float32(1) - ramp).astype(np.float32)
+    pos_freqs = np.power(np.float32(base), (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)),
+                         dtype=np.float32)
+    inv_extra = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    inv_inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    inv = (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32)
+    return inv, float(attention)
+
+
+def _longrope(base: float, dim: int, params: dict[str, Any], max_pos: int | None, *, long: bool
+              ) -> tuple[np.ndarray, float]:
+    """LongRoPE (Phi-3 "su"): per-dimension rescaling factors, short or long set."""
+    orig = params["original_max_position_embeddings"]
+    factor = params.get("factor")
+    if factor is None:
+        if max_pos is None:
+            raise ValueError("longrope without 'factor' needs max_position_embeddings")
+        factor = max_pos / orig
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    ext = np.asarray(params["long_factor" if long else "short_factor"], dtype=np.float32)
+    if ext.shape != (dim // 2,):
+        raise ValueError(f"longrope {'long' if long else 'short'}_factor has {ext.size} entries; "
+                         f"the rotary width {dim} needs {dim // 2}")
+    shape = (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)).astype(np.float32)
+    inv = (np.float32(1.0) / (ext * np.power(np.float32(base), shape, dtype=np.float32))).astype(np.float32)
+    return inv, float(attention)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scaling: float,
+               long: tuple[tuple[float, ...], int] | None = None) -> jax.Array:
+    """Split-half (``rotate_half``) RoPE on the first ``2*len(inv_freq)`` channels of each head.
+
+    x ``[B, S, H, Dh]``, positions ``[B, S]`` int. ``long``: LongRoPE's
+    ``(long_inv_freq, threshold)``, used instead of ``inv_freq`` when
+    ``max(positions) + 1 > threshold``.
+    """
     inv = jnp.asarray(inv_freq, dtype=jnp.float32)
-    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, S, Dh/2]
+    if long is not None:
+        use_long = jnp.max(positions) + 1 > long[1]
+        inv = jnp.where(use_long, jnp.asarray(long[0], dtype=jnp.float32), inv)
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, S, rd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
     sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rot * sin
+    rd = 2 * len(inv_freq)
+    xr, xp = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    out = xr * cos + rot * sin
+    return out if rd == x.shape[-1] else jnp.concatenate([out, xp], axis=-1)

@@ -1,8 +1,17 @@
-"""LLaMA-family decoder in Flax NNX: llama, mistral, qwen2 (q/k/v biases), SmolLM.
+"""LLaMA-family decoder in Flax NNX: llama, mistral, qwen2 (q/k/v biases), qwen3, phi3, SmolLM.
 
 RMSNorm, split-half RoPE (from transformers v5 ``config.rope_parameters``,
-including llama3 scaling), grouped-query attention, SwiGLU MLP, tied or untied
-LM head, optional sliding-window attention (mistral).
+including llama3 / linear / yarn / longrope scaling and partial rotary
+factors), grouped-query attention, SwiGLU MLP, tied or untied LM head,
+optional sliding-window attention (mistral, phi3). Variants are config flags:
+
+* ``qk_norm`` (qwen3): RMSNorm over each head's query / key (``self_attn.q_norm``,
+  ``self_attn.k_norm``, weight ``[Dh]``) before RoPE.
+* ``fused`` (phi3): one ``self_attn.qkv_proj`` (rows: q, then k, then v) and one
+  ``mlp.gate_up_proj`` (rows: gate, then up); these are the capture keys too.
+* ``moe`` (mixtral, qwen2_moe, qwen3_moe): the MLP is a ``sgtv_jax.models.moe.SparseMoE``
+  (``block_sparse_moe`` for mixtral, ``mlp`` for qwen); see that module for
+  its parameters and capture format.
 
 Forward in pieces (for block-by-block pipelines)::
 
@@ -26,9 +35,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .common import (Embed, Linear, RMSNorm, activation, apply_rope, attention_mask_bool,
-                     dot_product_attention, rope_inv_freq)
+                     dot_product_attention, rope_inv_freq, rope_long_inv_freq)
+from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def hf_block_prefix(i: int) -> str:
@@ -36,9 +46,25 @@ def hf_block_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-# Linear layers of one block, in execution order: HF-local name -> (in, out) attr names.
+# Linear layers of one block, in execution order (HF-local names).
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
+    """HF-local names of one block's linear layers (MoE: routed and shared experts, not the gates)."""
+    if cfg.fused:
+        return FUSED_LINEAR_NAMES
+    if cfg.moe is None:
+        return LINEAR_NAMES
+    p = MOE_PREFIX[cfg.moe]
+    names = list(LINEAR_NAMES[:4])
+    for e in range(cfg.num_experts):
+        names += [f"{p}.experts.{e}.{n}" for n in EXPERT_NAMES[cfg.moe]]
+    if cfg.shared_expert_intermediate_size:
+        names += [f"{p}.shared_expert.{n}" for n in EXPERT_NAMES["qwen"]]
+    return tuple(names)
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -68,6 +94,15 @@ class LlamaConfig:
     rms_norm_eps: float
     rope_inv_freq: tuple[float, ...]
     rope_attention_scaling: float = 1.0
+    rope_long: tuple[tuple[float, ...], int] | None = None  # LongRoPE (long_inv_freq, threshold)
+    qk_norm: bool = False
+    fused: bool = False
+    moe: str | None = None  # "mixtral" | "qwen" (sgtv_jax.models.moe)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -79,25 +114,33 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "LlamaConfig":
-        """Build from a transformers ``LlamaConfig``/``MistralConfig``/``Qwen2Config``."""
+        """Build from a transformers Llama/Mistral/Qwen2/Qwen3/Phi3 config."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:
             raise ValueError(f"LlamaConfig.from_hf: model_type {mt!r} not in {MODEL_TYPES}")
         heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         rope = _rope_parameters(hf_config)
-        inv, scaling = rope_inv_freq(head_dim, rope)
+        if "original_max_position_embeddings" not in rope and hasattr(hf_config, "original_max_position_embeddings"):
+            rope["original_max_position_embeddings"] = hf_config.original_max_position_embeddings
+        if mt != "phi3" and float(rope.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            # transformers rotates the whole head for these types (and fails on a partial table).
+            raise ValueError(f"{mt}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported")
+        max_pos = getattr(hf_config, "max_position_embeddings", None)
+        inv, scaling = rope_inv_freq(head_dim, rope, max_pos)
+        long = rope_long_inv_freq(head_dim, rope, max_pos)
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
-        qkv_bias = True if mt == "qwen2" else attention_bias
+        qkv_bias = {"qwen2": True, "qwen2_moe": bool(getattr(hf_config, "qkv_bias", True))}.get(mt, attention_bias)
         window = None
-        if mt == "mistral":
+        if mt in ("mistral", "phi3", "mixtral"):
             window = getattr(hf_config, "sliding_window", None)
-        elif mt == "qwen2":
+        elif mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
             types = getattr(hf_config, "layer_types", None) or []
             if any(t != "full_attention" for t in types):
-                # Per-layer windows would give blocks different masks; not needed for released Qwen2.
-                raise ValueError("qwen2 with use_sliding_window=True is not supported")
+                # Per-layer windows would give blocks different masks; released Qwen2/3 do not use them.
+                raise ValueError(f"{mt} with use_sliding_window=True (layer_types {types}) is not supported")
         act = getattr(hf_config, "hidden_act", "silu")
+        moe = _moe_fields(hf_config)
         kv = getattr(hf_config, "num_key_value_heads", None) or heads
         return cls(
             model_type=mt,
@@ -111,9 +154,13 @@ class LlamaConfig:
             rms_norm_eps=float(hf_config.rms_norm_eps),
             rope_inv_freq=inv,
             rope_attention_scaling=scaling,
+            rope_long=long,
+            qk_norm=mt in ("qwen3", "qwen3_moe"),
+            fused=mt == "phi3",
+            **moe,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            o_bias=attention_bias and mt != "qwen2",
+            o_bias=attention_bias and mt not in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"),
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             hidden_act=act,
             sliding_window=window,
@@ -122,28 +169,65 @@ class LlamaConfig:
         )
 
 
+def _moe_fields(hf_config: Any) -> dict[str, Any]:
+    """MoE fields of ``LlamaConfig`` for mixtral / qwen2_moe / qwen3_moe (empty for dense types)."""
+    mt = hf_config.model_type
+    if mt == "mixtral":
+        return dict(moe="mixtral", num_experts=hf_config.num_local_experts,
+                    num_experts_per_tok=hf_config.num_experts_per_tok, norm_topk_prob=True,
+                    moe_intermediate_size=hf_config.intermediate_size)
+    if mt not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    step = getattr(hf_config, "decoder_sparse_step", 1)
+    dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
+    if hf_config.num_experts <= 0 or step != 1 or dense:
+        # Dense layers among sparse ones would give blocks different parameters.
+        raise ValueError(f"{mt}: only configs where every layer is sparse are supported "
+                         f"(num_experts={hf_config.num_experts}, decoder_sparse_step={step}, "
+                         f"mlp_only_layers={dense})")
+    return dict(moe="qwen", num_experts=hf_config.num_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                norm_topk_prob=bool(hf_config.norm_topk_prob),
+                moe_intermediate_size=hf_config.moe_intermediate_size,
+                shared_expert_intermediate_size=(hf_config.shared_expert_intermediate_size
+                                                 if mt == "qwen2_moe" else 0))
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, k, dh, pd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                            cfg.head_dim, cfg.param_dtype)
-        self.q_proj = Linear(d, h * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        self.k_proj = Linear(d, k * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        self.v_proj = Linear(d, k * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+        if cfg.fused:
+            self.qkv_proj = Linear(d, (h + 2 * k) * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+        else:
+            self.q_proj = Linear(d, h * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+            self.k_proj = Linear(d, k * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
+            self.v_proj = Linear(d, k * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
         self.o_proj = Linear(h * dh, d, use_bias=cfg.o_bias, param_dtype=pd, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
+            self.k_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, caps: dict | None) -> jax.Array:
         """x ``[B, S, D]`` (already normed) -> ``[B, S, D]``."""
         cfg = self.cfg
         b, s, _ = x.shape
-        if caps is not None:
-            for n in ("q_proj", "k_proj", "v_proj"):
-                caps[f"self_attn.{n}"] = x
-        q = self.q_proj(x).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-        q = apply_rope(q, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling)
-        k = apply_rope(k, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling)
+        h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if cfg.fused:
+            if caps is not None:
+                caps["self_attn.qkv_proj"] = x
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[..., :h * dh], qkv[..., h * dh:(h + kv) * dh], qkv[..., (h + kv) * dh:]
+        else:
+            if caps is not None:
+                for n in ("q_proj", "k_proj", "v_proj"):
+                    caps[f"self_attn.{n}"] = x
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.reshape(b, s, h, dh), k.reshape(b, s, kv, dh), v.reshape(b, s, kv, dh)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling, cfg.rope_long)
+        k = apply_rope(k, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling, cfg.rope_long)
         o = dot_product_attention(q, k, v, mask, cfg.head_dim ** -0.5).reshape(b, s, -1)
         if caps is not None:
             caps["self_attn.o_proj"] = o
@@ -154,16 +238,26 @@ class LlamaMLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
         self.act_name = cfg.hidden_act
-        self.gate_proj = Linear(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
-        self.up_proj = Linear(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+        self.fused = cfg.fused
+        if cfg.fused:
+            self.gate_up_proj = Linear(d, 2 * f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+        else:
+            self.gate_proj = Linear(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+            self.up_proj = Linear(d, f, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
         self.down_proj = Linear(f, d, use_bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
         activation(cfg.hidden_act)  # validate early
 
     def __call__(self, x: jax.Array, caps: dict | None) -> jax.Array:
-        if caps is not None:
-            caps["mlp.gate_proj"] = x
-            caps["mlp.up_proj"] = x
-        hdn = activation(self.act_name)(self.gate_proj(x)) * self.up_proj(x)
+        if self.fused:
+            if caps is not None:
+                caps["mlp.gate_up_proj"] = x
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            if caps is not None:
+                caps["mlp.gate_proj"] = x
+                caps["mlp.up_proj"] = x
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        hdn = activation(self.act_name)(gate) * up
         if caps is not None:
             caps["mlp.down_proj"] = hdn
         return self.down_proj(hdn)
@@ -177,7 +271,14 @@ class LlamaBlock(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.self_attn = LlamaAttention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.mlp = LlamaMLP(cfg, rngs=rngs)
+        if cfg.moe is None:
+            self.mlp = LlamaMLP(cfg, rngs=rngs)
+        else:
+            ffn = SparseMoE(cfg.moe, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                            cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob, act=cfg.hidden_act,
+                            shared_intermediate=cfg.shared_expert_intermediate_size, param_dtype=pd, rngs=rngs)
+            setattr(self, MOE_PREFIX[cfg.moe], ffn)  # block_sparse_moe (mixtral) or mlp (qwen), as HF names it
+        self.ffn_name = "mlp" if cfg.moe is None else MOE_PREFIX[cfg.moe]
 
     def __call__(self, x: jax.Array, *, mask: jax.Array, positions: jax.Array, capture: bool = False):
         """x ``[B, S, D]``, mask ``[B, 1, S, S]`` bool, positions ``[B, S]`` int.
@@ -187,7 +288,7 @@ class LlamaBlock(nnx.Module):
         """
         caps: dict | None = {} if capture else None
         x = x + self.self_attn(self.input_layernorm(x), mask, positions, caps)
-        x = x + self.mlp(self.post_attention_layernorm(x), caps)
+        x = x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x), caps)
         return (x, caps) if capture else x
 
 
@@ -195,7 +296,6 @@ class LlamaForCausalLM(nnx.Module):
     """LLaMA-family causal LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = LlamaConfig
-    linear_names = LINEAR_NAMES
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -209,6 +309,11 @@ class LlamaForCausalLM(nnx.Module):
     @staticmethod
     def hf_block_prefix(i: int) -> str:
         return hf_block_prefix(i)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """HF-local names of each block's linear layers (= capture keys), in execution order."""
+        return linear_names(self.config)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids ``[B, S]`` -> hidden ``[B, S, D]``."""

@@ -13,14 +13,14 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from . import bert, gpt2, llama
+from . import bert, gemma, gpt2, llama
 
-_FAMILIES: dict[str, ModuleType] = {mt: fam for fam in (llama, gpt2, bert) for mt in fam.MODEL_TYPES}
+_FAMILIES: dict[str, ModuleType] = {mt: fam for fam in (llama, gemma, gpt2, bert) for mt in fam.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
 
 def get_family(model_type: str) -> ModuleType:
-    """Family module (``llama``/``gpt2``/``bert``): config class, ``hf_block_prefix``, ``MODEL_CLASS``."""
+    """Family module (``llama``/``gemma``/``gpt2``/``bert``): config class, ``hf_block_prefix``, ``MODEL_CLASS``."""
     if model_type not in _FAMILIES:
         raise ValueError(f"unsupported architecture {model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
