@@ -58,7 +58,8 @@ def _mul_const(a: jax.Array, c: int) -> jax.Array:
 
 
 def _bitlen(a: jax.Array) -> jax.Array:
-    per_limb = sum((a >= (1 << b)).astype(jnp.int32) for b in range(_BITS))
+    # a limb (< 2^12) is exact in float32: its bit length is the float's exponent + 1
+    per_limb = ((jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32) >> 23) - 126) * (a != 0)
     return jnp.max(jnp.where(a != 0, _BITS * _limb_index(a.shape[-1]) + per_limb, 0), axis=-1)
 
 
