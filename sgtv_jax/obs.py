@@ -2,7 +2,7 @@
 
 For a task vector `D` `[rows, cols]` and the layer Hessian `H` `[cols, cols]`,
 find a sparse `D'` minimising `||(D - D') X||^2`, compensating every pruned
-entry with the entries still to be processed. Semantics (REFERENCE §1):
+entry with the entries still to be processed. Semantics:
 
 * columns in blocks of `blocksize`; unstructured: at each block start score
   `W1^2 / diag(U1)^2` and prune exactly `k = round((1 - density) * rows * width)`
@@ -15,6 +15,15 @@ Everything after input validation is one jit-compiled XLA program per
 (shapes, blocksize, N:M) - densities and damping are traced, so changing them
 does not recompile. The column loop is a `fori_loop`; the block loop is
 unrolled at trace time so every lazy update is an exact-size matmul.
+
+`obs_prune` itself composes with `jit`, `vmap` and `grad`: `density` and
+`percdamp` may be traced arrays (the per-block counts are then computed in the
+program, equal to the host's, `traced_block_prune_counts`); `blocksize`,
+`prunen`, `prunem`, `refit`, `refit_maxiter` are static. Shape and dtype
+errors are raised while tracing; value errors (NaN / Inf, density range,
+asymmetric or indefinite H, percdamp) are raised at once for concrete inputs
+and are `checkify` user checks under tracing, with a NaN result when checkify
+is not used (`sgtv_jax._checks.Guard`).
 """
 
 from __future__ import annotations
@@ -349,11 +358,13 @@ def obs_prune(
       delta: `[rows, cols]` (PyTorch layout: out x in features) or a stack
         `[T, rows, cols]`; NumPy, JAX or torch arrays.
       hessian: `[cols, cols]` (shared by every task: factored once, one batched
-        sweep) or `[T, cols, cols]` (one per task).
+        sweep) or `[T, cols, cols]` (one per task); symmetric to sqrt(eps) of
+        its largest entry (else ValueError naming it).
       density: fraction of entries kept, in [0, 1]; a float or one per task.
       prunen, prunem: N:M semi-structured pruning instead of `density`.
       blocksize: columns per block (a multiple of `prunem` for N:M).
-      percdamp: relative damping; raised x10 up to 5 times if H is indefinite.
+      percdamp: relative damping, a finite number >= 0; raised x10 up to 5
+        times if H is indefinite.
       refit: then solve the least-squares values of the kept entries for the
         final mask (`refit.py`, masked CG from the OBS values); the mask is kept.
       refit_tol, refit_maxiter: CG stopping rule (relative residual, iteration cap).
