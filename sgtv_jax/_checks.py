@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 
 def as_array(x: Any, name: str) -> jax.Array:
@@ -57,3 +58,136 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or int(value) != value or int(value) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+# --------------------------------------------------------------------------- checks under tracing
+
+
+def is_traced(*xs: Any) -> bool:
+    """True if any argument (or element of a list / tuple argument) is a JAX tracer."""
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            if is_traced(*x):
+                return True
+        elif isinstance(x, jax.core.Tracer):
+            return True
+    return False
+
+
+def known(ok: Any) -> bool | None:
+    """The Python bool of a scalar when its value is known now, else None (inside jit / vmap)."""
+    try:
+        return bool(ok)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+class Guard:
+    """Value checks that raise now when the value is known, and stay in the program when traced.
+
+    `require(ok, message)`: with a concrete `ok`, raises `ValueError(message)`
+    at once (the eager behaviour). With a traced `ok` (inside `jit`, `vmap`,
+    `scan`, ...), it records the condition twice: as a
+    `jax.experimental.checkify.debug_check` (an error with this message under
+    `checkify.checkify(f, errors=checkify.user_checks)`, a no-op otherwise),
+    and in `apply`, which turns the result into NaN where the check failed.
+    So a bad value inside compiled code is never a silent wrong result.
+    """
+
+    def __init__(self) -> None:
+        self.ok: jax.Array | None = None
+
+    def require(self, ok: Any, message: str | Callable[[], str], traced: str | None = None) -> None:
+        """`message`: the eager error (a callable to build it only on failure);
+        `traced`: the checkify message (default: `message` when it is a string)."""
+        ok = jnp.all(jnp.asarray(ok))
+        value = known(ok)
+        if value is None:
+            text = traced or (message if isinstance(message, str) else "a value check failed")
+            # checkify formats the message with str.format: escape braces
+            checkify.debug_check(ok, text.replace("{", "{{").replace("}", "}}"))
+            self.ok = ok if self.ok is None else self.ok & ok
+        elif not value:
+            raise ValueError(message if isinstance(message, str) else message())
+
+    def finite(self, x: jax.Array, name: str) -> None:
+        """`x` holds no NaN / Inf (the eager message counts the bad entries)."""
+        ok = jnp.all(jnp.isfinite(x))
+        self.require(
+            ok,
+            lambda: f"{name} contains {int(jnp.sum(~jnp.isfinite(x)))} NaN or Inf entries",
+            f"{name} contains NaN or Inf entries",
+        )
+
+    def apply(self, out: Any) -> Any:
+        """`out` (an array or a pytree) with every floating leaf NaN where a traced check failed."""
+        if self.ok is None:
+            return out
+        ok = self.ok
+
+        def poison(x):
+            x = jnp.asarray(x)
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                return x
+            return jnp.where(ok, x, jnp.nan)
+
+        return jax.tree_util.tree_map(poison, out)
+
+
+def check_percdamp(percdamp: Any, guard: Guard) -> None:
+    """percdamp (relative damping) must be a finite number >= 0."""
+    if not is_traced(percdamp):
+        try:
+            p = float(percdamp)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}") from e
+        if not (math.isfinite(p) and p >= 0):
+            raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+        return
+    p = jnp.asarray(percdamp)
+    if p.ndim != 0:
+        raise ValueError(f"percdamp must be a scalar, got shape {p.shape}")
+    guard.require(jnp.isfinite(p) & (p >= 0), "percdamp must be a finite number >= 0")
+
+
+def symmetry_tolerance(dtype: jnp.dtype) -> float:
+    """Relative tolerance of `|H - H^T| <= tol * max|H|`: sqrt(machine epsilon) of the dtype."""
+    return float(np.sqrt(np.finfo(np.dtype(jnp.result_type(dtype, jnp.float32))).eps))
+
+
+def check_symmetric(h: jax.Array, name: str, guard: Guard) -> None:
+    """H `[..., n, n]` must be symmetric to `symmetry_tolerance` of its largest entry.
+
+    The factor reads only one triangle of H (and the refit both), so an
+    asymmetric matrix would silently be a different problem.
+    """
+    x = h.astype(jnp.result_type(h.dtype, jnp.float32))
+    gap = jnp.max(jnp.abs(x - jnp.swapaxes(x, -1, -2)), initial=0.0)
+    top = jnp.max(jnp.abs(x), initial=0.0)
+    tol = symmetry_tolerance(x.dtype)
+    # NaN (checked separately) must not also be reported as asymmetry
+    ok = ~(gap > tol * top)
+    guard.require(
+        ok,
+        lambda: f"{name} is not symmetric: max |H - H^T| = {float(gap):.3g} exceeds "
+        f"{tol:.1e} * max |H| = {tol * float(top):.3g}; pass (H + H^T) / 2 if that is what you mean",
+        f"{name} is not symmetric: max |H - H^T| exceeds {tol:.1e} * max |H|",
+    )
+
+
+def density_values(
+    density: Any, tasks: int, guard: Guard, name: str = "density"
+) -> tuple[float, ...] | jax.Array:
+    """One density per task: Python floats when known now (today's checks and
+    messages), else a traced float array `[tasks]` range-checked through `guard`."""
+    if not is_traced(density):
+        return densities_for_stack(density, tasks)
+    d = jnp.asarray(density) if not isinstance(density, (list, tuple)) else jnp.stack([jnp.asarray(x) for x in density])
+    if not jnp.issubdtype(d.dtype, jnp.floating):
+        d = d.astype(jnp.float32)
+    if d.ndim == 0:
+        d = jnp.broadcast_to(d, (tasks,))
+    elif d.shape != (tasks,):
+        raise ValueError(f"{name} has shape {d.shape} but there are {tasks} task vectors")
+    guard.require((d >= 0) & (d <= 1), f"{name} must be in [0, 1]")
+    return d

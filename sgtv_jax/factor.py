@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+from sgtv_jax import _checks
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 MAX_ESCALATIONS = 5
@@ -129,16 +131,34 @@ def _factor_one(hessian: jax.Array, percdamp: jax.Array, max_escalations: int) -
 
 
 @functools.partial(jax.jit, static_argnames="max_escalations")
-def inverse_factor(
-    hessian: jax.Array, percdamp: float = 0.01, max_escalations: int = MAX_ESCALATIONS
+def factor_unchecked(
+    hessian: jax.Array, percdamp: float | jax.Array = 0.01, max_escalations: int = MAX_ESCALATIONS
 ) -> InverseFactor:
-    """Damped upper Cholesky factor of `H^-1`, for `[cols, cols]` or a stack `[T, cols, cols]`.
-
-    Pure and jit-compiled; check `ok` on the result (see module docstring).
-    """
+    """`inverse_factor` without the argument checks (callers have done them)."""
     if hessian.ndim == 3:
         return jax.vmap(_factor_one, in_axes=(0, None, None))(hessian, percdamp, max_escalations)
     return _factor_one(hessian, percdamp, max_escalations)
+
+
+def inverse_factor(
+    hessian: jax.Array, percdamp: float | jax.Array = 0.01, max_escalations: int = MAX_ESCALATIONS
+) -> InverseFactor:
+    """Damped upper Cholesky factor of `H^-1`, for `[cols, cols]` or a stack `[T, cols, cols]`.
+
+    Pure and jit-compiled (`percdamp` may be traced; `max_escalations` is
+    static); check `ok` on the result (see module docstring). H must be
+    symmetric to sqrt(eps) of its largest entry, and `percdamp` a finite number
+    >= 0: with concrete arguments a violation raises `ValueError` naming them;
+    under tracing it makes `ok` False (and is a checkify error).
+    """
+    hessian = _checks.as_array(hessian, "hessian")
+    if hessian.ndim not in (2, 3) or hessian.shape[-1] != hessian.shape[-2]:
+        raise ValueError(f"hessian must be [cols, cols] or [T, cols, cols], got shape {hessian.shape}")
+    guard = _checks.Guard()
+    _checks.check_percdamp(percdamp, guard)
+    _checks.check_symmetric(hessian, "hessian", guard)
+    factor = factor_unchecked(hessian, percdamp, max_escalations)
+    return factor if guard.ok is None else factor._replace(ok=factor.ok & guard.ok)
 
 
 @jax.jit

@@ -99,9 +99,12 @@ def hessian_update(
 
 
 def hessian_finalize(state: HessianState, *, check: bool = True) -> jax.Array:
-    """The Hessian `[cols, cols]`; raises if it holds NaN/Inf (bad calibration inputs)."""
+    """The Hessian `[cols, cols]`; raises if it holds NaN/Inf (bad calibration inputs).
+
+    Under tracing the check is a `checkify` user check (NaN/Inf stay in H).
+    """
     if check:
-        _checks.require_finite(state.hessian, "hessian (from calibration inputs)")
+        _checks.Guard().finite(state.hessian, "hessian (from calibration inputs)")
     return state.hessian
 
 

@@ -1,4 +1,10 @@
-"""Argument checks for the merge functions: fail early, name what is wrong."""
+"""Argument checks for the merge functions: fail early, name what is wrong.
+
+Shapes and dtypes are checked when the function is traced. Values (NaN / Inf,
+ranges) are checked at once when they are known (eager calls, Python floats
+under `jit`) and otherwise through a `sgtv_jax._checks.Guard`: a checkify
+user check plus NaN in the result, never a silent wrong merge.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,44 @@ def per_task(value: Any, tasks: int, what: str, name: str | None = None) -> tupl
     return tuple(out)
 
 
+def per_task_values(
+    value: Any, tasks: int, what: str, name: str | None, guard: _checks.Guard
+) -> tuple[float, ...] | jax.Array:
+    """`per_task` when the values are known now (Python floats, same checks and
+    messages); a traced float array `[tasks]` (finite-checked by `guard`) otherwise."""
+    if not _checks.is_traced(value):
+        return per_task(value, tasks, what, name)
+    if isinstance(value, (list, tuple)):
+        if len(value) != tasks:
+            raise ValueError(
+                f"{what} has {len(value)} entries but there are {tasks} task vectors (models){_where(name)}"
+            )
+        arr = jnp.stack([jnp.asarray(v) for v in value])
+    else:
+        arr = jnp.asarray(value)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.float32)
+    if arr.ndim == 0:
+        arr = jnp.broadcast_to(arr, (tasks,))
+    if arr.shape != (tasks,):
+        raise ValueError(
+            f"{what} has shape {arr.shape} but there are {tasks} task vectors (models){_where(name)}"
+        )
+    guard.require(jnp.isfinite(arr), f"{what} must be finite{_where(name)}")
+    return arr
+
+
+def values_in_range(
+    values: tuple[float, ...] | jax.Array, lo: float, hi: float, what: str, name: str | None,
+    guard: _checks.Guard,
+) -> None:
+    """`in_range` for known values; a `guard` check for traced ones."""
+    if isinstance(values, tuple):
+        in_range(values, lo, hi, what, name)
+    else:
+        guard.require((values >= lo) & (values <= hi), f"{what} must be in [{lo:g}, {hi:g}]{_where(name)}")
+
+
 def in_range(values: Sequence[float], lo: float, hi: float, what: str, name: str | None = None) -> None:
     for i, v in enumerate(values):
         if not (lo <= v <= hi):
@@ -53,8 +97,22 @@ def densities(value: Any, tasks: int, name: str | None = None) -> tuple[float, .
     return d
 
 
-def stack(deltas: Any, name: str | None = None, *, min_ndim: int = 1) -> jax.Array:
-    """Task vectors as one `[T, ...]` floating array; raises on NaN/Inf naming the task."""
+def densities_values(
+    value: Any, tasks: int, name: str | None, guard: _checks.Guard
+) -> tuple[float, ...] | jax.Array:
+    """`densities` for known values, else a traced `[tasks]` array range-checked by `guard`."""
+    d = per_task_values(value, tasks, "densities", name, guard)
+    values_in_range(d, 0.0, 1.0, "densities", name, guard)
+    return d
+
+
+def stack(
+    deltas: Any, name: str | None = None, *, min_ndim: int = 1, guard: _checks.Guard | None = None
+) -> jax.Array:
+    """Task vectors as one `[T, ...]` floating array; raises on NaN/Inf naming the task.
+
+    With traced task vectors the NaN/Inf check goes through `guard`.
+    """
     if isinstance(deltas, (list, tuple)):
         arrays = [_checks.as_array(d, "task vector") for d in deltas]
         shapes = {tuple(a.shape) for a in arrays}
@@ -71,10 +129,17 @@ def stack(deltas: Any, name: str | None = None, *, min_ndim: int = 1) -> jax.Arr
             f"deltas must be a stack [T, ...] with at least {min_ndim} dimension(s) per task,"
             f" got shape {tuple(deltas.shape)}{_where(name)}"
         )
+    if deltas.shape[0] == 0:
+        raise ValueError(
+            f"no task vectors to merge{_where(name)}: the stack of models is empty "
+            f"(shape {tuple(deltas.shape)})"
+        )
     if not jnp.issubdtype(deltas.dtype, jnp.floating):
         raise ValueError(f"task vectors must be floating point, got {deltas.dtype}{_where(name)}")
     finite = jnp.all(jnp.isfinite(deltas.reshape(deltas.shape[0], -1)), axis=1)
-    if not bool(jnp.all(finite)):
+    if _checks.known(jnp.all(finite)) is None:
+        (guard or _checks.Guard()).require(finite, f"NaN or Inf in task vector(s){_where(name)}")
+    elif not bool(jnp.all(finite)):
         bad = [int(i) for i in np.flatnonzero(~np.asarray(finite))]
         counts = [int(jnp.sum(~jnp.isfinite(deltas[i]))) for i in bad]
         raise ValueError(

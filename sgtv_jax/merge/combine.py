@@ -41,6 +41,8 @@ def disjoint_merge(
     return mixed
 
 
-def scale(delta: jax.Array, lambda_: float = 1.0) -> jax.Array:
-    """The global task-vector scale: `lambda * delta`."""
-    return delta if lambda_ == 1.0 else delta * jnp.asarray(lambda_, delta.dtype)
+def scale(delta: jax.Array, lambda_: float | jax.Array = 1.0) -> jax.Array:
+    """The global task-vector scale: `lambda * delta` (`lambda_` may be traced)."""
+    if not isinstance(lambda_, jax.core.Tracer) and lambda_ == 1.0:
+        return delta
+    return delta * jnp.asarray(lambda_, delta.dtype)

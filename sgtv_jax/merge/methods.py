@@ -23,6 +23,16 @@ method's default, except that it is off whenever `trim` is "sparsegpt" or
 `epsilon` may be per task; `blocksize`, `percdamp` go to the OBS core; `name`
 labels errors.
 
+Inside JAX transforms: `weights`, `densities`, `lambda_`, `gamma`, `epsilon`
+and `percdamp` may be traced arrays (`jit`, `vmap` over settings, `grad`);
+`trim`, `consensus`, `normalize`, `rescale`, `refit`, `blocksize` are Python
+values that select the program. The merged tensor is differentiable in
+`weights` and `lambda_`; which entries are kept (the trim) and which agree with
+the elected sign are constants for `grad` (the election reads
+`stop_gradient` of the weighted vectors), so a gradient says how the merge
+moves with the coefficients for the current masks. Value checks on traced
+arguments become checkify user checks and NaN results (`sgtv_jax._checks.Guard`).
+
 Differences from mergekit: counts use `round`, ties are broken stably, DARE /
 DELLA `rescale` divides by the keep probability (mergekit matches L1 norms);
 density 0 gives zeros instead of an assertion; `lambda_` exists for every
@@ -36,6 +46,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from sgtv_jax import _checks
 from sgtv_jax.merge import _validate, combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.trim import Calibration
@@ -66,10 +77,11 @@ def generalized_task_arithmetic(
     Returns `lambda_ * sum_t m_t w_t trim(tau_t)` (`/ sum_t m_t w_t` when
     `normalize`), `m_t` the sign-agreement mask (ones when `consensus` is None).
     """
-    deltas = _validate.stack(deltas, name)
+    guard = _checks.Guard()
+    deltas = _validate.stack(deltas, name, guard=guard)
     tasks = deltas.shape[0]
-    w = _validate.per_task(weights, tasks, "weights", name)
-    dens = _validate.densities(densities, tasks, name)
+    w = _validate.per_task_values(weights, tasks, "weights", name, guard)
+    dens = _validate.densities_values(densities, tasks, name, guard)
     if consensus is not None and consensus not in elect.CONSENSUS:
         raise ValueError(f"unknown consensus {consensus!r}; known: {', '.join(elect.CONSENSUS)} or None")
     dt = _validate.work_dtype(deltas.dtype)
@@ -79,21 +91,25 @@ def generalized_task_arithmetic(
             trim, x, dens, key=key, calib=calib, gamma=gamma, epsilon=epsilon, rescale=rescale,
             blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
         )
-    elif any(d != 1.0 for d in dens):
-        raise ValueError(
-            f"densities {list(dens)} given but this method does not trim; pass trim=... "
-            f"(one of {', '.join(trim_lib.TRIMS)})"
-        )
-    elif rescale:
-        raise ValueError("rescale=True needs a trim")
+    else:
+        if isinstance(dens, tuple) and any(d != 1.0 for d in dens):
+            raise ValueError(
+                f"densities {list(dens)} given but this method does not trim; pass trim=... "
+                f"(one of {', '.join(trim_lib.TRIMS)})"
+            )
+        if not isinstance(dens, tuple):
+            guard.require(dens == 1.0, "densities given but this method does not trim; pass trim=...")
+        if rescale:
+            raise ValueError("rescale=True needs a trim")
     wa = jnp.asarray(w, dt)
     if consensus is None:
         mixed = combine.weighted_sum(x, wa, normalize=normalize)
     else:
-        weighted = x * combine.broadcast_weights(wa, x.ndim)
+        # masks are constants for grad: the election sees stop_gradient of w_t tau_t
+        weighted = jax.lax.stop_gradient(x * combine.broadcast_weights(wa, x.ndim))
         mask = elect.agreement_mask(weighted, elect.elect_sign(weighted, consensus))
         mixed = combine.disjoint_merge(x, wa, mask, normalize=normalize)
-    return combine.scale(mixed, lambda_)
+    return guard.apply(combine.scale(mixed, lambda_))
 
 
 def resolve_rescale(rescale: bool | None, default: bool, trim: str | None) -> bool:
@@ -116,17 +132,23 @@ def linear(
     listed among the models; here only the fine-tuned models take part. A zero
     weight sum with `normalize` is an error (mergekit would divide by zero).
     """
-    deltas = _validate.stack(deltas, name)
-    w = _validate.per_task(weights, deltas.shape[0], "weights", name)
+    guard = _checks.Guard()
+    deltas = _validate.stack(deltas, name, guard=guard)
+    w = _validate.per_task_values(weights, deltas.shape[0], "weights", name, guard)
     dt = _validate.work_dtype(deltas.dtype)
     mixed = combine.weighted_sum(deltas.astype(dt), jnp.asarray(w, dt), normalize=False)
+    # known weights: summed in Python (float64) as always; traced: in the program
+    total = sum(w) if isinstance(w, tuple) else jnp.sum(w)
     if normalize:
-        if abs(sum(w)) < 1e-12:
-            raise ValueError(f"linear with normalize=True needs weights that do not sum to 0, got {list(w)}")
-        return mixed / sum(w)
+        guard.require(
+            jnp.abs(total) >= 1e-12,
+            lambda: f"linear with normalize=True needs weights that do not sum to 0, got {list(w)}",
+            "linear with normalize=True needs weights that do not sum to 0",
+        )
+        return guard.apply(mixed / total)
     if base is None:
         raise ValueError("linear with normalize=False sums whole models and needs base=theta_0")
-    return mixed + (sum(w) - 1.0) * jnp.asarray(base, dt)
+    return guard.apply(mixed + (total - 1.0) * jnp.asarray(base, dt))
 
 
 def task_arithmetic(

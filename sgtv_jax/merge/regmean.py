@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from sgtv_jax import _checks
 from sgtv_jax.merge import _validate, combine
 
 
@@ -57,18 +58,26 @@ def regmean(
         the paper tunes it; 1 is plain least squares).
     Returns: `(sum_t w_t tau_t G~_t)(sum_t w_t G~_t)^-1`, float32 (float64 for f64 input).
     """
-    deltas = _validate.stack(deltas, name)
+    guard = _checks.Guard()
+    deltas = _validate.stack(deltas, name, guard=guard)
     tasks = deltas.shape[0]
-    w = _validate.per_task(weights, tasks, "weights", name)
-    if not (0.0 <= float(alpha) <= 1.0):
-        raise ValueError(f"regmean alpha must be in [0, 1], got {alpha!r}")
+    w = _validate.per_task_values(weights, tasks, "weights", name, guard)
+    if not _checks.is_traced(alpha):
+        if not (0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"regmean alpha must be in [0, 1], got {alpha!r}")
+    else:
+        guard.require((alpha >= 0) & (alpha <= 1), "regmean alpha must be in [0, 1]")
     dt = _validate.work_dtype(deltas.dtype)
     x = deltas.astype(dt)
     wa = jnp.asarray(w, dt)
     if grams is None or x.ndim != 3:
-        if abs(sum(w)) < 1e-12:
-            raise ValueError(f"regmean needs weights that do not sum to 0, got {list(w)}{_where(name)}")
-        return combine.weighted_sum(x, wa, normalize=True)
+        total = sum(w) if isinstance(w, tuple) else jnp.sum(w)
+        guard.require(
+            jnp.abs(total) >= 1e-12,
+            lambda: f"regmean needs weights that do not sum to 0, got {list(w)}{_where(name)}",
+            f"regmean needs weights that do not sum to 0{_where(name)}",
+        )
+        return guard.apply(combine.weighted_sum(x, wa, normalize=True))
     g = jnp.asarray(grams).astype(dt)
     cols = x.shape[-1]
     if g.shape not in ((cols, cols), (tasks, cols, cols)):
@@ -76,8 +85,8 @@ def regmean(
             f"regmean grams must have shape {(cols, cols)} or {(tasks, cols, cols)} for task "
             f"vectors of shape {tuple(x.shape)}, got {tuple(g.shape)}{_where(name)}"
         )
-    if not bool(jnp.all(jnp.isfinite(g))):
-        raise ValueError(f"regmean grams contain NaN or Inf{_where(name)}")
+    guard.require(jnp.all(jnp.isfinite(g)), f"regmean grams contain NaN or Inf{_where(name)}")
+    _checks.check_symmetric(g, f"regmean grams{_where(name)}", guard)
     if g.ndim == 2:
         g = jnp.broadcast_to(g, (tasks, cols, cols))
     diag = jnp.diagonal(g, axis1=-2, axis2=-1)  # [T, cols]
@@ -90,9 +99,9 @@ def regmean(
     numer = jnp.einsum("tri,tij->rj", x, gw, precision=hp)  # [out, in]
     denom = jnp.sum(gw, axis=0)  # [in, in], symmetric
     merged = jnp.linalg.solve(denom, numer.T).T
-    if not bool(jnp.all(jnp.isfinite(merged))):
-        raise ValueError(
-            f"regmean: the summed Gram matrix is singular{_where(name)}; use alpha < 1 "
-            "or more calibration data"
-        )
-    return merged
+    guard.require(
+        jnp.all(jnp.isfinite(merged)),
+        f"regmean: the summed Gram matrix is singular{_where(name)}; use alpha < 1 "
+        "or more calibration data",
+    )
+    return guard.apply(merged)

@@ -21,6 +21,13 @@ rescales to match the L1 norm of the untrimmed tensor; we follow the papers.
 With `sparsegpt` the kept entries are already compensated, so rescaling
 double-counts: it stays available but every method defaults it off there.
 
+Inside `jit` / `vmap` / `grad`, densities, `gamma` and `epsilon` may be traced
+arrays: the counts are then computed in the program with the same integers as
+the eager host computation (`sgtv_jax.counts.exact_round`), the `density`
+0 / 1 edges fall out of the selection itself, and range checks become checkify
+checks with a NaN result (`sgtv_jax._checks.Guard`). The selection is a
+constant for `grad` (no gradient flows through which entries are kept).
+
 Layout: 2-D task vectors are `[out, in]` (PyTorch). Row-wise trims (`magprune`,
 `wanda`) work per output row; tensors with more than 2 dims are viewed as
 `[shape[0], -1]` (mergekit ranks DELLA along dim 1 only).
@@ -33,6 +40,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from sgtv_jax import _checks
+from sgtv_jax.counts import exact_round
 from sgtv_jax.merge import _validate
 from sgtv_jax.merge.keys import task_keys
 
@@ -62,8 +71,19 @@ def _where(name: str | None) -> str:
     return f" for tensor {name!r}" if name else ""
 
 
-def _count(density: float, n: int) -> int:
+def _count(density: float | jax.Array, n: int) -> int | jax.Array:
+    """`round(density * n)`: on the host for a known density, exactly the same in the program for a traced one."""
+    if _checks.is_traced(density):
+        return exact_round(density, (n,))
     return int(round(density * n))
+
+
+def _inverse(density: float | jax.Array, dtype: jnp.dtype) -> float | jax.Array:
+    """`1 / density` (0 for density 0), the DARE rescale."""
+    if _checks.is_traced(density):
+        d = jnp.asarray(density, dtype)
+        return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1), 0)
+    return 1.0 / density
 
 
 def _top_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
@@ -90,7 +110,13 @@ def _keep_largest(rows: jax.Array, drop: jax.Array) -> jax.Array:
     return ~pruned[:, ::-1]
 
 
-def _edge(delta: jax.Array, density: float) -> jax.Array | None:
+def _edge(delta: jax.Array, density: float | jax.Array) -> jax.Array | None:
+    """The density-1 / density-0 / empty shortcuts; a traced density takes none (the
+    selection with k = n or 0 gives the same result)."""
+    if delta.size == 0:
+        return delta
+    if _checks.is_traced(density):
+        return None
     if density >= 1.0:
         return delta
     if density <= 0.0:
@@ -111,7 +137,7 @@ def magnitude(delta: jax.Array, density: float, *, rescale: bool = False) -> jax
         return e
     flat = jnp.abs(delta.reshape(-1)).astype(_validate.work_dtype(delta.dtype))
     kept = _top_mask(flat, _count(density, flat.size)).reshape(delta.shape)
-    return _finish(delta, kept, 1.0 / density if rescale else None)
+    return _finish(delta, kept, _inverse(density, flat.dtype) if rescale else None)
 
 
 def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = True) -> jax.Array:
@@ -119,11 +145,12 @@ def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = 
     if (e := _edge(delta, density)) is not None:
         return e
     kept = jax.random.bernoulli(key, density, delta.shape)
-    return _finish(delta, kept, 1.0 / density if rescale else None)
+    return _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
 
 
 def magprune(
-    delta: jax.Array, density: float, key: jax.Array, *, epsilon: float = 0.15, rescale: bool = True
+    delta: jax.Array, density: float, key: jax.Array, *, epsilon: float = 0.15, rescale: bool = True,
+    guard: _checks.Guard | None = None,
 ) -> jax.Array:
     """DELLA MagPrune: per row, keep probability linear in the magnitude rank.
 
@@ -134,10 +161,20 @@ def magprune(
     """
     if (e := _edge(delta, density)) is not None:
         return e
-    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+    traced = _checks.is_traced(density, epsilon)
+    own = guard is None
+    guard = guard or _checks.Guard()
+    if not traced and not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise ValueError(
             f"magprune needs 0 < density - epsilon and density + epsilon < 1, got "
             f"density={density!r}, epsilon={epsilon!r}"
+        )
+    if traced:
+        # the 0 / 1 edges keep their eager meaning; in between the range rule holds
+        d, eps = jnp.asarray(density), jnp.asarray(epsilon)
+        guard.require(
+            (d <= 0) | (d >= 1) | ((d - eps > 0) & (d + eps < 1)),
+            "magprune needs 0 < density - epsilon and density + epsilon < 1",
         )
     dt = _validate.work_dtype(delta.dtype)
     rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
@@ -148,11 +185,16 @@ def magprune(
     p = (density - epsilon) + 2.0 * epsilon * r
     kept = jax.random.uniform(key, rows.shape, dt) < p
     out = _finish(rows, kept, 1.0 / p if rescale else None)
-    return out.reshape(delta.shape)
+    if traced:
+        d = jnp.asarray(density, dt)
+        out = jnp.where(d >= 1, rows, jnp.where(d <= 0, 0, out)).astype(delta.dtype)
+    out = out.reshape(delta.shape)
+    return guard.apply(out) if own else out
 
 
 def breadcrumbs(
-    delta: jax.Array, density: float, *, gamma: float = 0.01, rescale: bool = False
+    delta: jax.Array, density: float, *, gamma: float = 0.01, rescale: bool = False,
+    guard: _checks.Guard | None = None,
 ) -> jax.Array:
     """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`.
 
@@ -162,16 +204,23 @@ def breadcrumbs(
     """
     if (e := _edge(delta, density)) is not None:
         return e
-    if not (0.0 <= gamma <= 1.0):
-        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    own = guard is None
+    guard = guard or _checks.Guard()
+    if not _checks.is_traced(gamma):
+        if not (0.0 <= gamma <= 1.0):
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    else:
+        g = jnp.asarray(gamma)
+        guard.require((g >= 0) & (g <= 1), "gamma must be in [0, 1]")
     flat = jnp.abs(delta.reshape(-1)).astype(_validate.work_dtype(delta.dtype))
     n = flat.size
     k = _count(density, n)
-    n_top = min(_count(gamma, n), n - k)
+    n_top = jnp.minimum(_count(gamma, n), n - k) if _checks.is_traced(density, gamma) else min(_count(gamma, n), n - k)
     order = jnp.argsort(-flat, stable=True)
     rank = jnp.argsort(order, stable=True)
     kept = ((rank >= n_top) & (rank < n_top + k)).reshape(delta.shape)
-    return _finish(delta, kept, 1.0 / density if rescale else None)
+    out = _finish(delta, kept, _inverse(density, flat.dtype) if rescale else None)
+    return guard.apply(out) if own else out
 
 
 def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool = False) -> jax.Array:
@@ -190,7 +239,7 @@ def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool =
     dt = _validate.work_dtype(delta.dtype)
     scores = jnp.abs(delta.astype(dt)) * norms.astype(dt)[None, :]
     kept = _top_mask(scores, _count(density, delta.shape[1]))
-    return _finish(delta, kept, 1.0 / density if rescale else None)
+    return _finish(delta, kept, _inverse(density, dt) if rescale else None)
 
 
 def sparsegpt(
@@ -217,16 +266,17 @@ def sparsegpt(
             f"sparsegpt trimming needs 2-D [out, in] task vectors{_where(name)}, "
             f"got per-task shape {tuple(deltas.shape[1:])}"
         )
+    dens = densities if _checks.is_traced(densities) else list(densities)
     if calib.hessian is not None:
         pruned, _ = obs.obs_prune(
-            deltas, calib.hessian, density=list(densities), blocksize=blocksize,
+            deltas, calib.hessian, density=dens, blocksize=blocksize,
             percdamp=percdamp, refit=refit, name=name,
         )
     elif calib.hessian_inv is not None:
         if refit:
             raise ValueError(f"refit needs the Hessian itself, not its inverse{_where(name)}")
         pruned, _ = obs.obs_prune_from_inverse(
-            deltas, calib.hessian_inv, density=list(densities), blocksize=blocksize, name=name
+            deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name
         )
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
@@ -235,7 +285,11 @@ def sparsegpt(
 
 def inverse_density_scale(x: jax.Array, densities: Sequence[float]) -> jax.Array:
     """`x[t] / density_t` for a stack `[T, ...]` (DARE-style rescale; density 0 -> 0)."""
-    scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], x.dtype)
+    if _checks.is_traced(densities):
+        scale = jnp.stack([jnp.asarray(_inverse(d, x.dtype)) for d in densities]) if isinstance(
+            densities, (list, tuple)) else _inverse(densities, x.dtype)
+    else:
+        scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], x.dtype)
     return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
@@ -281,31 +335,34 @@ def trim(
     if kind not in TRIMS:
         raise ValueError(f"unknown trim {kind!r}; known trims: {', '.join(TRIMS)}")
     tasks = deltas.shape[0]
-    dens = _validate.densities(densities, tasks, name)
+    guard = _checks.Guard()
+    dens = _validate.densities_values(densities, tasks, name, guard)
     calib = calib or Calibration()
     if kind == "sparsegpt":
         if calib.hessian is None and calib.hessian_inv is None:
             raise ValueError(missing_stats_message(kind, name))
-        return sparsegpt(
+        return guard.apply(sparsegpt(
             deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
-        )
+        ))
     if kind in RANDOM_TRIMS and key is None:
         raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
-    out = []
+    # per task: fn(delta_t, density_t, *per_task_args_t); shared args are closed over
+    args: list = [deltas, dens]
     if kind == "magnitude":
-        out = [magnitude(deltas[t], dens[t], rescale=rescale) for t in range(tasks)]
+        fn = lambda x, d: magnitude(x, d, rescale=rescale)
     elif kind == "random":
-        keys = task_keys(key, tasks)
-        out = [random(deltas[t], dens[t], keys[t], rescale=rescale) for t in range(tasks)]
+        args.append(task_keys(key, tasks))
+        fn = lambda x, d, k: random(x, d, k, rescale=rescale)
     elif kind == "magprune":
-        eps = _validate.per_task(epsilon, tasks, "epsilon", name)
-        keys = task_keys(key, tasks)
-        out = [magprune(deltas[t], dens[t], keys[t], epsilon=eps[t], rescale=rescale) for t in range(tasks)]
+        args.append(task_keys(key, tasks))
+        args.append(_validate.per_task_values(epsilon, tasks, "epsilon", name, guard))
+        fn = lambda x, d, k, e: magprune(x, d, k, epsilon=e, rescale=rescale)
     elif kind == "breadcrumbs":
-        gam = _validate.per_task(gamma, tasks, "gamma", name)
-        _validate.in_range(gam, 0.0, 1.0, "gamma", name)
-        out = [breadcrumbs(deltas[t], dens[t], gamma=gam[t], rescale=rescale) for t in range(tasks)]
-    elif kind == "wanda":
+        gam = _validate.per_task_values(gamma, tasks, "gamma", name, guard)
+        _validate.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
+        args.append(gam)
+        fn = lambda x, d, g: breadcrumbs(x, d, gamma=g, rescale=rescale)
+    else:  # wanda
         if deltas.ndim != 3:
             raise ValueError(
                 f"wanda trimming needs 2-D [out, in] task vectors{_where(name)}, "
@@ -318,8 +375,11 @@ def trim(
             norms = input_norms(jnp.asarray(calib.hessian))
         if norms is None:
             raise ValueError(missing_stats_message(kind, name))
-        out = [
-            wanda(deltas[t], dens[t], _per_task_stat(norms, t, tasks, 1), rescale=rescale)
-            for t in range(tasks)
-        ]
-    return jnp.stack(out)
+        args.append([_per_task_stat(norms, t, tasks, 1) for t in range(tasks)])
+        fn = lambda x, d, nrm: wanda(x, d, nrm, rescale=rescale)
+    if all(isinstance(a, (tuple, list)) for a in args[1:]) and not _checks.is_traced(*args[1:]):
+        # known parameters: one call per task with Python floats (host counts, edge shortcuts)
+        return jnp.stack([fn(*(a[t] for a in args)) for t in range(tasks)])
+    # traced parameters: one vmapped selection over tasks (counts computed in the program)
+    batched = [a if not isinstance(a, (list, tuple)) else jnp.stack([jnp.asarray(v) for v in a]) for a in args]
+    return guard.apply(jax.vmap(fn)(*batched))

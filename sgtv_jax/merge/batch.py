@@ -1,0 +1,148 @@
+"""Many merges of one tensor in one compiled program: a grid of settings.
+
+    from sgtv_jax.merge.batch import merge_grid
+    out = merge_grid("ties", stack, weights=W, densities=[0.1, 0.2, 0.3],
+                     lambdas=[0.8, 1.0], trim="sparsegpt", calib=Calibration(hessian=H))
+    out.shape == (3, len(W), 2) + stack.shape[1:]     # [D, W, L, ...]
+    out[i, j, k] == ties(stack, weights=W[j], densities=densities[i],
+                         lambda_=lambdas[k], trim="sparsegpt", calib=...)
+
+One `jit` of three nested `vmap`s over the method. What does not depend on a
+grid axis is computed once: the inverse-Hessian factor of `sparsegpt` (H and
+`percdamp` are shared), and the trim of each density (it does not depend on
+the weights or lambda), so a D x W x L grid costs D trims plus D x W cheap
+elect / combine steps, not D x W x L full merges. Compiled once per method,
+static parameters and shapes; new values of the grid do not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgtv_jax.merge import _validate
+from sgtv_jax.merge.registry import get_method
+from sgtv_jax.merge.trim import Calibration
+
+# Numeric method parameters that stay traced (changing them does not recompile).
+TRACED_PARAMS = ("gamma", "epsilon", "percdamp", "alpha")
+
+
+def _grid_axis(values: Any, tasks: int, what: str) -> jax.Array:
+    """`[n]` or `[n, T]` -> `[n, T]` float (a scalar is one setting shared by every task)."""
+    arr = jnp.asarray(values)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.float32)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim == 1:
+        arr = jnp.broadcast_to(arr[:, None], (arr.shape[0], tasks))
+    if arr.ndim != 2 or arr.shape[1] != tasks or arr.shape[0] == 0:
+        raise ValueError(
+            f"{what} must be [settings] or [settings, {tasks}] (one entry per task vector), "
+            f"got shape {tuple(arr.shape)}"
+        )
+    return arr
+
+
+@functools.partial(jax.jit, static_argnames=("method", "static"))
+def _grid(deltas, weights, densities, lambdas, calib, key, traced, *, method, static):
+    fn = get_method(method)
+    kwargs = dict(static)
+
+    def one(d, w):
+        extra = {"densities": d} if densities is not None else {}
+        if calib is not None:
+            extra["calib" if method != "regmean" else "grams"] = calib if method != "regmean" else calib.hessian
+        if key is not None:
+            extra["key"] = key
+        return fn(deltas, w, **extra, **traced, **kwargs)
+
+    over_w = jax.vmap(one, in_axes=(None, 0))
+    if densities is None:
+        merged = over_w(None, weights)[None]
+    else:
+        merged = jax.vmap(over_w, in_axes=(0, None))(densities, weights)
+    # lambda scales the merged task vector (as every method's `lambda_` does)
+    lam = lambdas.astype(merged.dtype).reshape((1, 1, -1) + (1,) * (merged.ndim - 2))
+    return merged[:, :, None] * lam
+
+
+def merge_grid(
+    method: str,
+    deltas: jax.Array,
+    weights: Any,
+    densities: Any = None,
+    lambdas: Any = None,
+    *,
+    calib: Calibration | None = None,
+    key: jax.Array | None = None,
+    **params: Any,
+) -> jax.Array:
+    """Merge one tensor's task vectors for a grid of settings in one compiled call.
+
+    Args:
+      method: a merge method name (`sgtv_jax.merge.available_methods()`).
+      deltas: task vectors `[T, ...]`.
+      weights: `[W, T]` weight vectors (or `[T]`: one setting).
+      densities: `[D]` (shared by the tasks) or `[D, T]`; None for methods that
+        do not trim (result axis D has size 1).
+      lambdas: `[L]` global scales (default `[1.0]`); applied to the merged task
+        vector as `lambda_` is.
+      calib: `Calibration` for `trim="sparsegpt"` / `"wanda"`; for `regmean`,
+        `calib.hessian` are the Grams.
+      key: the tensor's PRNG key for random trims (the same masks as eager calls
+        with this key).
+      **params: the method's other parameters. `gamma`, `epsilon`, `percdamp`,
+        `alpha` and array values (`base`) stay traced; the rest (`trim`, `consensus`, `normalize`,
+        `rescale`, `refit`, `blocksize`, ...) are static.
+    Returns:
+      `[D, W, L, ...]`: entry `[i, j, k]` equals
+      `method(deltas, weights[j], densities[i], lambda_=lambdas[k], ...)`.
+      In the program the grid values are float32 (float64 with x64): counts are
+      those of an eager call with `float(np.float32(d))`, identical to the
+      Python float's except when `(1 - d) * n` lies within `n * 3e-8` of a
+      half-integer.
+    """
+    fn = get_method(method)
+    deltas = _validate.stack(deltas)
+    tasks = deltas.shape[0]
+    w = _grid_axis(weights, tasks, "weights")
+    if not isinstance(w, jax.core.Tracer):
+        for row in np.asarray(w):
+            _validate.per_task(list(row), tasks, "weights")
+    d = None
+    if densities is not None:
+        d = _grid_axis(densities, tasks, "densities")
+        if not isinstance(d, jax.core.Tracer):
+            for row in np.asarray(d):
+                _validate.densities(list(row), tasks)
+    lam = jnp.atleast_1d(jnp.asarray(1.0 if lambdas is None else lambdas))
+    if lam.ndim != 1:
+        raise ValueError(f"lambdas must be [settings], got shape {tuple(lam.shape)}")
+    if "lambda_" in params or "lambda" in params:
+        raise ValueError("give the global scale as lambdas=[...] (a grid axis), not lambda_")
+    accepted = set(get_method_params(fn))
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"method {method!r} has no parameter(s) {unknown}")
+    if densities is not None and "densities" not in accepted:
+        raise ValueError(f"method {method!r} takes no densities")
+    is_traced = lambda k, v: k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))
+    traced = {k: jnp.asarray(v) for k, v in params.items() if is_traced(k, v)}
+    static = tuple(sorted((k, v) for k, v in params.items() if not is_traced(k, v)))
+    try:
+        hash(static)
+    except TypeError as e:
+        raise ValueError(f"parameters other than {TRACED_PARAMS} must be hashable Python values") from e
+    return _grid(deltas, w, d, lam, calib, key, traced, method=method, static=static)
+
+
+def get_method_params(fn) -> Sequence[str]:
+    """Keyword parameters of a merge method, without the ones the grid supplies."""
+    return [p for p in inspect.signature(fn).parameters if p not in ("deltas", "weights", "calib", "key", "grams")]
