@@ -164,7 +164,7 @@ def build_tokenizer(spec: GGUFTokenizerSpec, source: str = "GGUF") -> Any:
     return tok
 
 
-def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec) -> Any:
+def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec) -> None:
     """Vocabularies we do not build: transformers' GGUF loader (it needs torch)."""
     from transformers import AutoTokenizer
     from transformers.utils import is_torch_available
@@ -175,9 +175,7 @@ def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec)
                            f"'gpt2' vocabularies with pre-tokenizer {', '.join(sorted(PRE_TOKENIZER_SPLITS))} "
                            f"need nothing more")
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from the file
-    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    tok.save_pretrained(str(dst))
-    return tok
+    AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).save_pretrained(str(dst))
 
 
 def save_gguf_tokenizer(gguf_file: str | Path, dst: str | Path) -> None:
