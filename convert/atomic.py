@@ -266,6 +266,11 @@ def commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def mark_output(directory: str | Path, kind: str) -> None:
+    """Write the ``.sgtv-output`` marker: ``directory`` is ours to replace later."""
+    _write_json(Path(directory) / OUTPUT_MARKER, {**_partial_marker(), "version": _version(), "kind": kind})
+
+
 def _partial_marker() -> dict[str, Any]:
     return {"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname()}
 
@@ -292,7 +297,7 @@ def atomic_output(
     try:
         _write_json(tmp / PARTIAL_MARKER, _partial_marker())
         yield tmp
-        _write_json(tmp / OUTPUT_MARKER, {**_partial_marker(), "version": _version(), "kind": kind})
+        mark_output(tmp, kind)
         (tmp / PARTIAL_MARKER).unlink()
         commit(tmp, target, overwrite=overwrite)
     except BaseException:

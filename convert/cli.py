@@ -47,7 +47,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
                    help="output (parameter) dtype (default: the source's; GGUF -> fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a previous sgtv output or an empty directory (nothing else)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert)
 

