@@ -39,6 +39,9 @@ def hf_block_prefix(i: int) -> str:
 # Linear layers of one block, in execution order: HF-local name -> (in, out) attr names.
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linear layers that read the same input tensor (one Hessian per group), in execution order.
+INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:
