@@ -44,6 +44,19 @@ def tiny_config(arch: str, vocab_size: int):
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
                                        eos_token_id=0, bos_token_id=0)
+    small = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                 eos_token_id=0, pad_token_id=1, bos_token_id=0)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**small, tie_word_embeddings=False)
+    if arch == "phi3":
+        return transformers.Phi3Config(**{k: v for k, v in small.items() if k != "head_dim"})
+    if arch in ("gemma2", "gemma3_text"):
+        # sliding window 6 < seqlen 24: the alternating local / global layers differ on these windows
+        cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+        return cls(**small, sliding_window=6, query_pre_attn_scalar=8)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**small, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
     raise ValueError(arch)
 
 

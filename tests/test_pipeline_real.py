@@ -13,7 +13,10 @@ import pytest
 
 from convert import default_cache_dir, fetch_smollm2, open_checkpoint
 from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
-from sgtv_jax.pipeline.sequential import _arch, _capture, _embed_stream, _input_groups, _rel_errors, merge_tensor
+from sgtv_jax.pipeline.arch import arch_of
+from sgtv_jax.pipeline.report import relative_errors
+from sgtv_jax.pipeline.sequential import merge_tensor
+from sgtv_jax.pipeline.streams import capture, embed_stream
 
 README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,16 +34,15 @@ def real_layers(smollm2_dir, tmp_path_factory):
     tok = load_tokenizer(smollm2_dir)
     calib = windows(token_stream([text], tok), 8, 64, 0)
     ckpt = open_checkpoint(smollm2_dir)
-    arch = _arch(ckpt)
+    arch = arch_of(ckpt)
     outer = {n: ckpt.get(n) for n in ("model.embed_tokens.weight", "model.norm.weight")}
-    stream = _embed_stream(arch, outer, calib, 8)
+    stream = embed_stream(arch, outer, calib, 8)
     out = {}
     for i in range(2):
         names = [n for n in ckpt.names() if n.startswith(arch.prefix(i))]
         tensors = {n: ckpt.get(n) for n in names}
         state = arch.block_state(i, tensors)
-        groups = _input_groups(arch, state, stream.hidden[0], stream.kwargs[0])
-        hess, stream.hidden = _capture(arch, state, stream, groups)
+        hess, stream.hidden = capture(arch, i, state, stream, arch.require_input_groups())
         for ln in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
             name = f"{arch.prefix(i)}{ln}.weight"
             out[name] = (np.asarray(tensors[name], np.float32), hess[ln])
@@ -69,7 +71,7 @@ def test_sparsegpt_ties_beats_magnitude_ties_at_density_01(real_layers):
                                               hessian=h, params={}, seed=0, name=name)
             kept = np.asarray(jnp.mean(trimmed != 0, axis=(1, 2)))
             np.testing.assert_allclose(kept, 0.1, atol=0.005)
-            te, me = _rel_errors(deltas, trimmed, merged, jnp.ones(2), h)
+            te, me = relative_errors(deltas, trimmed, merged, jnp.ones(2), h)
             errs[trim] = (np.asarray(te), float(me))
         sp, mag = errs["sparsegpt"], errs["magnitude"]
         assert np.all(sp[0] < mag[0]), (name, errs)   # each task vector's output error

@@ -31,6 +31,14 @@ from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, d
 MODEL_TYPES = ("bert",)
 LINEAR_NAMES = ("attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "intermediate.dense", "output.dense")
+# Linear layers that read the same input tensor (one Hessian per group), in execution order.
+INPUT_GROUPS = (("attention.self.query", "attention.self.key", "attention.self.value"),
+                ("attention.output.dense",), ("intermediate.dense",), ("output.dense",))
+
+
+def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
+    """Linear layers of a block sharing one input (the same for every config of this family)."""
+    return INPUT_GROUPS
 
 
 def hf_block_prefix(i: int) -> str:

@@ -39,6 +39,14 @@ MODEL_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linear layers that read the same input tensor (one Hessian per group), in execution order.
+INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
+    """Linear layers of a block sharing one input (the same for every config of this family)."""
+    return INPUT_GROUPS
 
 
 def hf_block_prefix(i: int) -> str:

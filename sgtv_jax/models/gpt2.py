@@ -29,6 +29,13 @@ from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, d
 
 MODEL_TYPES = ("gpt2",)
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# Linear layers that read the same input tensor (one Hessian per group): here each its own.
+INPUT_GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
+
+
+def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
+    """Linear layers of a block sharing one input (the same for every config of this family)."""
+    return INPUT_GROUPS
 
 
 def hf_block_prefix(i: int) -> str:

@@ -52,6 +52,24 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
+# Linear layers that read the same input tensor (one Hessian per group), in execution order.
+INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+FUSED_INPUT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
+
+
+def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...], ...] | None:
+    """Linear layers of a block sharing one input, for this config; None for MoE blocks.
+
+    An expert's Hessian has to weight each token by its routing weight, which a
+    shared input group cannot express, so MoE blocks declare no groups (the
+    pipeline refuses calibrated trims on them by name).
+    """
+    if cfg.moe is not None:
+        return None
+    return FUSED_INPUT_GROUPS if cfg.fused else INPUT_GROUPS
+
+
 def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
     """HF-local names of one block's linear layers (MoE: routed and shared experts, not the gates)."""
     if cfg.fused:

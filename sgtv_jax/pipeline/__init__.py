@@ -11,7 +11,19 @@ from sgtv_jax.pipeline.calibration import CalibrationError, CalibrationSet, load
 from sgtv_jax.pipeline.check import CheckResult, check_config
 from sgtv_jax.pipeline.config import (CalibrationConfig, ConfigError, MergeConfig, ModelEntry, load_config,
                                       parse_config, resolve_spec)
-from sgtv_jax.pipeline.sequential import MergeRun, merge_tensor, run_merge
+
+# The merge driver imports Flax, the converters and matplotlib: loaded on first use, so that
+# the `sgtv` command line (which imports this package) starts quickly.
+_LAZY = {"MergeRun", "merge_tensor", "run_merge"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from sgtv_jax.pipeline import sequential
+
+        return getattr(sequential, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CalibrationConfig", "CalibrationError", "CalibrationSet", "CheckResult", "ConfigError", "MergeConfig",

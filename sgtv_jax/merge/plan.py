@@ -1,0 +1,157 @@
+"""One tensor's merge as data: a `TensorPlan`, and `merge_planned`, the one function that runs it.
+
+A plan holds everything that decides how one tensor's stack of task vectors
+`deltas` `[T, ...]` is merged: the method (a name in `specs.METHOD_SPECS`), the
+trim (None: the method's own), per-task densities and weights (and breadcrumbs'
+`gamma` / magprune's `epsilon`), the method's parameters, the OBS options and
+the PRNG seed. `merge_planned` reads what the method does from the spec table, not
+from its signature:
+
+    methods that trim (spec.trims):
+        trim = plan.trim or spec.default_trim
+        sparsegpt -> sgtv_jax.obs.obs_prune (N:M when obs.prunem, else the densities;
+                     refit when obs.refit), then 1/density only if rescale is asked
+        any other -> sgtv_jax.merge.trim.trim (rescale: the method's rule)
+        then the method without trimming (sign election on the trimmed vectors)
+    methods that do not (linear, regmean): the method on the raw task vectors
+        (RegMean's Grams are the calibration Hessian of a 2-D tensor)
+
+2-D task vectors are `[out, in]` (PyTorch layout), like the Hessians `[in, in]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.keys import tensor_key
+from sgtv_jax.merge.methods import resolve_rescale
+from sgtv_jax.merge.registry import get_method
+from sgtv_jax.merge.specs import MethodSpec, method_spec
+from sgtv_jax.obs import obs_prune
+
+
+class PlanError(ValueError):
+    """A plan the method cannot run (e.g. density < 1 for a method that does not trim)."""
+
+
+class ObsOptions(NamedTuple):
+    """Options of the OBS (SparseGPT) trim.
+
+    blocksize: columns per OBS block; percdamp: relative damping of H (raised
+    x10 while H is indefinite); prunen / prunem: N:M semi-structured pruning
+    (e.g. 2:4) instead of the densities when prunem > 0; refit: re-solve the
+    kept entries by least squares for the final mask.
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    prunen: int = 0
+    prunem: int = 0
+    refit: bool = False
+
+
+class TensorPlan(NamedTuple):
+    """How to merge one tensor.
+
+    method: merge method name; name: the tensor's name (PRNG key, messages);
+    weights, densities: one per task `[T]`; trim: a trim of `trim.TRIMS` or
+    None for the method's default; params: the method's keywords
+    (`normalize`, `lambda_`, `consensus`, `rescale`, `alpha`, ...);
+    gamma, epsilon: per task, or None for the trims' defaults; obs: options of
+    a `sparsegpt` trim; seed: int seed or PRNG key, folded with `name`.
+    """
+
+    method: str
+    name: str
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    trim: str | None = None
+    params: Mapping[str, Any] | None = None
+    gamma: tuple[float, ...] | None = None
+    epsilon: tuple[float, ...] | None = None
+    obs: ObsOptions = ObsOptions()
+    seed: int | jax.Array = 0
+
+    @property
+    def key(self) -> jax.Array:
+        """This tensor's PRNG key (`keys.tensor_key(seed, name)`)."""
+        return tensor_key(self.seed, self.name)
+
+
+class MergeInfo(NamedTuple):
+    """What `merge_planned` did: the trim applied (None: none) and the damping OBS used (None: no OBS)."""
+
+    trim: str | None
+    damping: float | None
+
+
+def merge_planned(
+    plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None = None
+) -> tuple[jax.Array, jax.Array, MergeInfo]:
+    """Trim then merge `deltas` `[T, ...]` as `plan` says.
+
+    `calib`: the tensor's calibration statistics (a Hessian `[in, in]` or
+    `[T, in, in]`), needed by `sparsegpt` / `wanda` trims and RegMean.
+    Returns (merged task vector `[...]`, trimmed stack `[T, ...]` (the input
+    for methods that do not trim), `MergeInfo`).
+    """
+    spec = method_spec(plan.method)
+    if not spec.trims:
+        return _merge_untrimmed(plan, spec, deltas, calib), deltas, MergeInfo(None, None)
+    kind = plan.trim if plan.trim is not None else spec.default_trim
+    kw = dict(plan.params or {})
+    # The method's own rule: random default trims rescale by 1/density, calibration trims don't.
+    rescale = resolve_rescale(kw.pop("rescale", None), spec.rescale_default, kind)
+    key = plan.key
+    damping = None
+    if kind is None:
+        if any(d != 1.0 for d in plan.densities):
+            raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
+                            f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)")
+        trimmed = deltas
+    elif kind == "sparsegpt":
+        trimmed, damping = _obs_trim(plan, deltas, calib, rescale)
+    else:
+        extra = {}
+        if plan.gamma is not None:
+            extra["gamma"] = list(plan.gamma)
+        if plan.epsilon is not None:
+            extra["epsilon"] = list(plan.epsilon)
+        trimmed = trim_lib.trim(kind, deltas, list(plan.densities), key=key, calib=calib, rescale=rescale,
+                                blocksize=plan.obs.blocksize, percdamp=plan.obs.percdamp, name=plan.name,
+                                **extra)
+    merged = get_method(plan.method)(trimmed, list(plan.weights), 1.0, trim=None, rescale=False,
+                                     name=plan.name, key=key, **kw)
+    return merged, trimmed, MergeInfo(kind, damping)
+
+
+def _obs_trim(plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None,
+              rescale: bool) -> tuple[jax.Array, float]:
+    """SparseGPT trim with the plan's OBS options; returns (trimmed, damping used)."""
+    if calib is None or calib.hessian is None:
+        raise PlanError(trim_lib.missing_stats_message("sparsegpt", plan.name))
+    o = plan.obs
+    nm = dict(prunen=o.prunen, prunem=o.prunem) if o.prunem else dict(density=list(plan.densities))
+    trimmed, info = obs_prune(deltas, calib.hessian, blocksize=o.blocksize, percdamp=o.percdamp, refit=o.refit,
+                              name=plan.name, return_info=True, **nm)
+    damping = float(jnp.max(info.percdamp))
+    if rescale:
+        trimmed = trim_lib.inverse_density_scale(trimmed, list(plan.densities))
+    return trimmed, damping
+
+
+def _merge_untrimmed(plan: TensorPlan, spec: MethodSpec, deltas: jax.Array,
+                     calib: trim_lib.Calibration | None) -> jax.Array:
+    """Methods without a trim step (linear, regmean) on the raw task vectors."""
+    kw = dict(plan.params or {})
+    kw.pop("rescale", None)
+    if spec.needs_grams and calib is not None and calib.hessian is not None and deltas.ndim == 3:
+        kw["grams"] = calib.hessian
+    if spec.needs_base and kw.get("normalize", spec.normalize_default) is False:
+        raise PlanError(f"{plan.method} with normalize=false needs whole models (the base weights); "
+                        "not supported per tensor nor by the pipeline")
+    return get_method(plan.method)(deltas, list(plan.weights), name=plan.name, **kw)

@@ -1,0 +1,70 @@
+"""A merge config's parameters for one tensor: HF tensor name and block -> `TensorPlan`.
+
+Parameter specs (plain values, gradients over blocks, filter rules) are
+resolved by `config.resolve_spec` for the tensor's name and block. Per-model
+parameters come from each model's `parameters`, else the top-level ones.
+A data-aware trim (sparsegpt / wanda) applies to the linear layers of the
+blocks only; every other tensor (norms, biases, embeddings, an untied head)
+uses the method's own data-free trim.
+"""
+
+from __future__ import annotations
+
+from sgtv_jax.merge.plan import ObsOptions, TensorPlan
+from sgtv_jax.merge.trim import DATA_TRIMS
+from sgtv_jax.pipeline.config import MergeConfig, method_kwargs, model_parameters, resolve_spec
+
+
+def per_model(cfg: MergeConfig, key: str, name: str, layer: int | None, num_layers: int,
+              default: float | None) -> tuple[float, ...] | None:
+    """Per-model parameter `key` (density, weight, gamma, epsilon) of every model for tensor `name`.
+
+    A model without it takes `default`; with `default` None, any model without
+    it makes the result None (the trims' own defaults apply to all).
+    """
+    vals = []
+    for t in range(len(cfg.models)):
+        spec = model_parameters(cfg, t).get(key)
+        if spec is None:
+            if default is None:
+                return None
+            vals.append(default)
+        else:
+            vals.append(float(resolve_spec(spec, name, layer, num_layers)))
+    return tuple(vals)
+
+
+def trim_for(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, linear: bool) -> str | None:
+    """The configured trim of tensor `name`; None: the method's own (always so off the linear layers
+    for data-aware trims)."""
+    if cfg.trim is None:
+        return None
+    kind = resolve_spec(cfg.trim, name, layer, num_layers)
+    if kind in DATA_TRIMS and not linear:
+        return None
+    return kind
+
+
+def obs_options(cfg: MergeConfig) -> ObsOptions:
+    """The config's OBS (sparsegpt) options."""
+    return ObsOptions(blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem,
+                      refit=cfg.refit)
+
+
+def plan_tensor(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, *, linear: bool) -> TensorPlan:
+    """The plan of tensor `name` in block `layer` (None: outside the blocks) of a `num_layers` model.
+
+    `linear`: the tensor is a linear layer's weight with calibration statistics.
+    """
+    return TensorPlan(
+        method=cfg.merge_method,
+        name=name,
+        weights=per_model(cfg, "weight", name, layer, num_layers, 1.0),
+        densities=per_model(cfg, "density", name, layer, num_layers, 1.0),
+        trim=trim_for(cfg, name, layer, num_layers, linear),
+        params=method_kwargs(cfg, name, layer, num_layers),
+        gamma=per_model(cfg, "gamma", name, layer, num_layers, None),
+        epsilon=per_model(cfg, "epsilon", name, layer, num_layers, None),
+        obs=obs_options(cfg),
+        seed=cfg.seed,
+    )

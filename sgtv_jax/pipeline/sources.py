@@ -1,0 +1,129 @@
+"""Where block i's Hessians come from (`hessian_source`): one small strategy class per source.
+
+Every source runs calibration windows (`datasets`) from some embeddings
+(`embedding_tensors`) through some blocks (`block_states`), and after block i
+is merged decides how its streams move on (`advance`, `after_block`):
+
+| source     | streams (data)          | block i's linear inputs come from             | H            |
+| ---------- | ----------------------- | --------------------------------------------- | ------------ |
+| `base`     | one (shared)            | the base model                                | `[in, in]`   |
+| `per_task` | one per fine-tune (own) | fine-tune t's own model                       | `[T, in, in]`|
+| `merged`   | one (shared)            | the merged-so-far model (merged blocks < i,   | `[in, in]`   |
+|            |                         | merged embeddings, base block i)              |              |
+
+A new source is a subclass overriding these few methods, e.g. per-task data
+through the merged-so-far model (RegMean++-style): `datasets` of `PerTaskSource`,
+`embedding_tensors` / `advance` / `after_block` of `MergedSource`, stacked
+Hessians; then one entry in `SOURCES` (and in `config.HESSIAN_SOURCES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgtv_jax.pipeline.arch import Arch
+from sgtv_jax.pipeline.checkpoints import Checkpoints
+from sgtv_jax.pipeline.config import CalibrationConfig, MergeConfig
+from sgtv_jax.pipeline.streams import Stream, capture, embed_stream, propagate
+
+Tensors = dict[str, np.ndarray]
+
+
+def _f32(tensors: Tensors) -> Tensors:
+    return {n: np.asarray(a, dtype=np.float32) for n, a in tensors.items()}
+
+
+class HessianSource:
+    """The `base` source; the others override what differs. Holds the calibration `streams`."""
+
+    stacked = False  # one H per fine-tuned model, stacked `[T, in, in]`
+
+    def __init__(self, arch: Arch, batch_size: int) -> None:
+        self.arch = arch
+        self.batch_size = batch_size
+        self.streams: list[Stream] = []
+
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
+        """The calibration data of each stream: the shared one."""
+        return [cfg.calibration or cfg.calibration_for(0)]
+
+    def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
+        """The non-block tensors each stream is embedded with (`merged`: the merged ones)."""
+        return [ckpts.read_base(outer)]
+
+    def start(self, sets: list[Any], embeddings: list[Tensors]) -> None:
+        """Embed every calibration set (`CalibrationSet`) with its stream's tensors."""
+        self.streams = [embed_stream(self.arch, e, c, self.batch_size) for e, c in zip(embeddings, sets)]
+
+    def block_states(self, i: int, base: Tensors, fts: list[Tensors]) -> list[Any]:
+        """The block-i states whose linear inputs are captured, one per stream."""
+        return [self.arch.block_state(i, base)]
+
+    def hessians(self, i: int, base: Tensors, fts: list[Tensors]) -> dict[str, jax.Array]:
+        """H of every linear layer of block i (HF-local name -> `[in, in]` or `[T, in, in]`)."""
+        per = []
+        for state, stream in zip(self.block_states(i, base, fts), self.streams):
+            h, outs = capture(self.arch, i, state, stream, self.arch.require_input_groups())
+            per.append(h)
+            self.advance(stream, outs)
+        if self.stacked:
+            return {n: jnp.stack([p[n] for p in per]) for n in per[0]}
+        return dict(per[0])
+
+    def advance(self, stream: Stream, outs: list[jax.Array]) -> None:
+        """After capture: the stream moves on through the block it was captured in."""
+        stream.hidden = outs
+
+    def after_block(self, i: int, merged: Tensors) -> None:
+        """Block i is merged (`merged`: its HF-named tensors in the output dtype)."""
+
+
+class BaseSource(HessianSource):
+    """Calibration data through the base model."""
+
+
+class PerTaskSource(HessianSource):
+    """Each fine-tune's own data through its own model: one H per task."""
+
+    stacked = True
+
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
+        return [cfg.calibration_for(t) for t in range(len(cfg.models))]
+
+    def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
+        return ckpts.read_models(outer)
+
+    def block_states(self, i: int, base: Tensors, fts: list[Tensors]) -> list[Any]:
+        return [self.arch.block_state(i, f) for f in fts]
+
+
+class MergedSource(HessianSource):
+    """Calibration data through the merged-so-far model (merged embeddings and blocks < i)."""
+
+    def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
+        return [_f32({n: merged[n] for n in outer})]
+
+    def advance(self, stream: Stream, outs: list[jax.Array]) -> None:
+        pass  # block i's output must come from the merged block, known only after the merge
+
+    def after_block(self, i: int, merged: Tensors) -> None:
+        state = self.arch.block_state(i, _f32(merged))
+        for stream in self.streams:
+            stream.hidden = propagate(self.arch, i, state, stream)
+            jax.block_until_ready(stream.hidden)
+
+
+SOURCES: dict[str, Callable[[Arch, int], HessianSource]] = {
+    "base": BaseSource,
+    "per_task": PerTaskSource,
+    "merged": MergedSource,
+}
+
+
+def make_source(name: str, arch: Arch, batch_size: int) -> HessianSource:
+    """The source called `name` (one of `config.HESSIAN_SOURCES`)."""
+    return SOURCES[name](arch, batch_size)

@@ -1,0 +1,86 @@
+"""The pipeline's architecture plumbing: declared input groups and the tensor layout of a block model.
+
+A family declares which linear layers of a block read the same input
+(`input_groups(config)`: one Hessian per group). The independent expectation is the
+block itself: run it once with `capture=True` and group the linear layers
+whose captured inputs are the same array object.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+import transformers
+from flax import nnx
+
+from convert.architectures import ARCHITECTURES
+from sgtv_jax.models import build_model, split_block
+from sgtv_jax.pipeline.arch import declared_input_groups
+
+TINY = {
+    "llama": transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32),
+    "gpt2": transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=4, n_positions=32),
+    "bert": transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=32, max_position_embeddings=32),
+}
+
+
+def _groups_by_identity(hf_config) -> list[tuple[str, ...]]:
+    """Linear layers of block 0 whose captured inputs are one array, in capture order."""
+    model = build_model(hf_config)
+    ids = jnp.zeros((2, 5), jnp.int32)
+    mask = jnp.ones((2, 5), jnp.int32)
+    x = model.embed(ids)
+    kw = model.block_kwargs(mask, 5, batch=2)
+    graphdef, state = split_block(model, 0)
+    out: dict[str, list[tuple[str, ...]]] = {}
+
+    def f(state, x):
+        _, caps = nnx.merge(graphdef, state)(x, capture=True, **kw)
+        by_id: dict[int, list[str]] = {}
+        for n, v in caps.items():
+            by_id.setdefault(id(v), []).append(n)
+        out["groups"] = [tuple(g) for g in by_id.values()]
+        return 0
+
+    jax.eval_shape(f, state, x)
+    return out["groups"]
+
+
+def _declared(hf_config):
+    model = build_model(hf_config)
+    fam = ARCHITECTURES[hf_config.model_type].family
+    return declared_input_groups(fam, model.config, tuple(model.linear_names))
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_declared_input_groups_equal_the_blocks_shared_inputs(family):
+    assert list(_declared(TINY[family])) == _groups_by_identity(TINY[family])
+
+
+def test_fused_phi3_groups_equal_the_blocks_shared_inputs():
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  pad_token_id=0)
+    assert list(_declared(cfg)) == _groups_by_identity(cfg)
+
+
+def test_moe_declares_no_groups_and_calibration_is_refused_by_name():
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                     num_local_experts=2, num_experts_per_tok=1)
+    assert _declared(cfg) is None
+
+
+def test_a_wrong_declaration_is_refused():
+    class Fam:
+        __name__ = "fake"
+
+        @staticmethod
+        def input_groups(config):
+            return (("a", "b"), ("b",))
+
+    with pytest.raises(ValueError, match="exactly once"):
+        declared_input_groups(Fam, None, ("a", "b", "c"))

@@ -1,0 +1,77 @@
+"""The block-by-block merge on the newer families: Hessians equal PyTorch hook inputs, outputs load.
+
+Gemma alternates sliding-window and global layers (different static graphs per
+block), phi3 fuses q/k/v and gate/up into one linear each, qwen3 normalises
+q/k per head; each must give every linear layer the inputs the PyTorch model
+gives it. MoE blocks have no shared input groups: calibrated trims are
+refused by name, data-free merges work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import test_pipeline_helpers as H
+from sgtv_jax.cli import main
+from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
+from sgtv_jax.pipeline.config import parse_config
+from sgtv_jax.pipeline.sequential import run_merge
+
+LINEARS = {
+    "qwen3": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
+}
+LINEARS["gemma2"] = LINEARS["gemma3_text"] = LINEARS["qwen3"]
+
+
+def _torch(path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("arch", sorted(LINEARS))
+def test_base_hessians_equal_torch_hook_inputs_and_output_loads(arch, tmp_path):
+    paths = H.make_family(tmp_path, arch)
+    cfg = parse_config(H.config_dict(paths, tmp_path, hessian_source="base"))
+    sink: dict = {}
+    run_merge(cfg, tmp_path / "merged", progress=False, hessian_sink=sink)
+    calib = load_calibration(cfg.calibration, load_tokenizer(cfg.base_model), None)
+    base = _torch(paths["base"])
+    for block in range(3):  # gemma: blocks 0 and 2 are sliding-window layers, block 1 global
+        want = H.torch_hessians(base, calib.input_ids, calib.mask, f"model.layers.{block}.", LINEARS[arch])
+        for n in LINEARS[arch]:
+            got, ref = sink[f"model.layers.{block}.{n}.weight"], want[n]
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(),
+                                       err_msg=f"{arch} block {block} {n}")
+    merged = _torch(tmp_path / "merged")
+    ids = torch.from_numpy(calib.input_ids[:2]).long()
+    with torch.no_grad():
+        logits = merged(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    base_sd, merged_sd = base.state_dict(), merged.state_dict()
+    name = f"model.layers.1.{LINEARS[arch][0]}.weight"
+    assert not torch.equal(base_sd[name], merged_sd[name])
+
+
+def test_moe_calibrated_trim_refused_by_name_data_free_merges(tmp_path, capsys):
+    paths = H.make_family(tmp_path, "qwen3_moe")
+    import yaml
+
+    cfgfile = tmp_path / "merge.yaml"
+    cfgfile.write_text(yaml.safe_dump(H.config_dict(paths, tmp_path)))
+    assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "qwen3_moe" in err and "data-free trim" in err
+    assert not (tmp_path / "out").exists()
+
+    free = H.config_dict(paths, tmp_path, trim="magnitude")
+    del free["calibration"]
+    cfgfile.write_text(yaml.safe_dump(free))
+    assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 0
+    merged = _torch(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()
