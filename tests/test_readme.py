@@ -155,6 +155,7 @@ FREE_NAMES: dict[str, Callable[[Path], Any]] = {
                              for t in range(2)],
     "densities": lambda ws: [0.5, 0.5],
     "hessians": lambda ws: {"layer.weight": _gram(COLS, 10)},
+    "H": lambda ws: _gram(WIDTH, 11),  # matches `delta` / `stack` ([..., WIDTH])
     # The convert snippet's replacement for one tensor of `hf_dir` (the tiny LLaMA).
     "new_w": lambda ws: np.zeros(_up_proj_shape(ws / "hf_dir"), np.float32),
 }
