@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from sgtv_jax.merge.trim import COUNTS
+
 KINDS = ("bool", "float", "int", "choice")
 
 
@@ -94,6 +96,9 @@ def _common(normalize: bool, consensus: bool) -> tuple[ParamSpec, ...]:
         ParamSpec("normalize", "bool", normalize, doc=_NORMALIZE),
         ParamSpec("lambda", "float", 1.0, doc="scale of the merged task vector", arg="lambda_"),
         ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)"),
+        ParamSpec("count", "choice", "round", choices=COUNTS,
+                  doc="entries a magnitude / breadcrumbs / wanda trim keeps: round(density*n), "
+                      "or floor = mergekit's int(density*n)"),
     )
     if consensus:
         out += (ParamSpec("consensus", "choice", "sum", doc="sign election rule", choices=("sum", "count")),)
