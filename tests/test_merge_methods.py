@@ -274,5 +274,5 @@ def test_nan_inf_task_vector_error_names_model_and_tensor():
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(ValueError, match="unknown merge method 'slerp'; known methods: linear, task_arithmetic, ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, regmean"):
-        M.get_method("slerp")
+    with pytest.raises(ValueError, match="unknown merge method 'slurp'; known methods: linear, task_arithmetic, ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, regmean, slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, passthrough"):
+        M.get_method("slurp")

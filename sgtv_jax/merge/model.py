@@ -258,7 +258,7 @@ def merge(
                         )
             if "grams" in accepted:
                 kw["grams"] = calib.hessian
-            if "base" in accepted and kw.get("normalize") is False:
+            if "base" in accepted:  # methods on whole weights (slerp, karcher, ...) and linear's sum
                 kw["base"] = b.T if transpose else b
             kw["name"] = name
             plan[name] = (kw, transpose)

@@ -2,9 +2,11 @@
 
 Every trim keeps a fraction `density` of one task vector and zeros the rest;
 `density == 1` returns the input unchanged and `density == 0` returns zeros.
-Counts are `k = round(density * n)` (mergekit truncates with `int()`, which can
-lose an entry to float error, e.g. `int(0.29 * 100) == 28`). Ties in score are
-broken by stable row-major order (the earlier entry is kept).
+Counts are `k = round(density * n)` by default; `count="floor"` takes
+mergekit's `int(density * n)` instead (truncation, which can lose an entry to
+float error, e.g. `int(0.29 * 100) == 28`). Ties in score are broken by stable
+row-major order (the earlier entry is kept); mergekit ranks with torch's
+unstable `argsort`, whose order among equal scores is unspecified.
 
 | trim          | scope           | rule                                                       |
 | ------------- | --------------- | ---------------------------------------------------------- |
@@ -41,13 +43,15 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.counts import exact_round
+from sgtv_jax.counts import exact_floor, exact_round
 from sgtv_jax.merge import _validate
 from sgtv_jax.merge.keys import task_keys
 
 TRIMS = ("magnitude", "random", "magprune", "breadcrumbs", "wanda", "sparsegpt")
 """Known trims; the last two need calibration statistics (`Calibration`)."""
 DATA_TRIMS = ("wanda", "sparsegpt")
+COUNTS = ("round", "floor")
+"""How `density * n` becomes an entry count: Python's `round` (ours) or `int` (mergekit's)."""
 RANDOM_TRIMS = ("random", "magprune")
 
 
@@ -71,11 +75,18 @@ def _where(name: str | None) -> str:
     return f" for tensor {name!r}" if name else ""
 
 
-def _count(density: float | jax.Array, n: int) -> int | jax.Array:
-    """`round(density * n)`: on the host for a known density, exactly the same in the program for a traced one."""
+def _check_count(count: str) -> None:
+    if count not in COUNTS:
+        raise ValueError(f"unknown count rule {count!r}; known: {', '.join(COUNTS)}")
+
+
+def _count(density: float | jax.Array, n: int, count: str = "round") -> int | jax.Array:
+    """`round(density * n)` (or `int(density * n)` for count "floor"): on the host for a
+    known density, exactly the same integer in the program for a traced one."""
+    _check_count(count)
     if _checks.is_traced(density):
-        return exact_round(density, (n,))
-    return int(round(density * n))
+        return (exact_floor if count == "floor" else exact_round)(density, (n,))
+    return int(density * n) if count == "floor" else int(round(density * n))
 
 
 def _inverse(density: float | jax.Array, dtype: jnp.dtype) -> float | jax.Array:
@@ -131,12 +142,13 @@ def _finish(delta: jax.Array, kept: jax.Array, scale: Any) -> jax.Array:
     return out.astype(delta.dtype)
 
 
-def magnitude(delta: jax.Array, density: float, *, rescale: bool = False) -> jax.Array:
-    """Keep the `round(density * size)` largest-magnitude entries of `delta` (any shape)."""
+def magnitude(delta: jax.Array, density: float, *, rescale: bool = False, count: str = "round") -> jax.Array:
+    """Keep the `round(density * size)` (count "floor": `int(...)`) largest-`|d|` entries of `delta` (any shape)."""
+    _check_count(count)
     if (e := _edge(delta, density)) is not None:
         return e
     flat = jnp.abs(delta.reshape(-1)).astype(_validate.work_dtype(delta.dtype))
-    kept = _top_mask(flat, _count(density, flat.size)).reshape(delta.shape)
+    kept = _top_mask(flat, _count(density, flat.size, count)).reshape(delta.shape)
     return _finish(delta, kept, _inverse(density, flat.dtype) if rescale else None)
 
 
@@ -194,14 +206,16 @@ def magprune(
 
 def breadcrumbs(
     delta: jax.Array, density: float, *, gamma: float = 0.01, rescale: bool = False,
-    guard: _checks.Guard | None = None,
+    guard: _checks.Guard | None = None, count: str = "round",
 ) -> jax.Array:
     """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`.
 
     With `n` entries ranked by `|d|` descending, keeps ranks
-    `[n_top, n_top + k)`, `n_top = round(gamma * n)`, `k = round(density * n)`;
-    when `n_top + k > n`, fewer outliers are dropped (mergekit's rule).
+    `[n_top, n_top + k)`, `n_top = round(gamma * n)`, `k = round(density * n)`
+    (count "floor": `int(...)` for both, as mergekit); when `n_top + k > n`, fewer
+    outliers are dropped (mergekit's rule).
     """
+    _check_count(count)
     if (e := _edge(delta, density)) is not None:
         return e
     own = guard is None
@@ -214,8 +228,9 @@ def breadcrumbs(
         guard.require((g >= 0) & (g <= 1), "gamma must be in [0, 1]")
     flat = jnp.abs(delta.reshape(-1)).astype(_validate.work_dtype(delta.dtype))
     n = flat.size
-    k = _count(density, n)
-    n_top = jnp.minimum(_count(gamma, n), n - k) if _checks.is_traced(density, gamma) else min(_count(gamma, n), n - k)
+    k = _count(density, n, count)
+    top = _count(gamma, n, count)
+    n_top = jnp.minimum(top, n - k) if _checks.is_traced(density, gamma) else min(top, n - k)
     order = jnp.argsort(-flat, stable=True)
     rank = jnp.argsort(order, stable=True)
     kept = ((rank >= n_top) & (rank < n_top + k)).reshape(delta.shape)
@@ -223,12 +238,15 @@ def breadcrumbs(
     return guard.apply(out) if own else out
 
 
-def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool = False) -> jax.Array:
-    """Wanda: per output row keep the `round(density*cols)` largest `|d_ij| * norms_j`.
+def wanda(
+    delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool = False, count: str = "round"
+) -> jax.Array:
+    """Wanda: per output row keep the `round(density*cols)` (or `int`) largest `|d_ij| * norms_j`.
 
     delta `[rows, cols]` (PyTorch layout), norms `[cols]` (`||x_j||`). No update
     of the kept entries (it is OBS with diag(H) only).
     """
+    _check_count(count)
     if delta.ndim != 2:
         raise ValueError(f"wanda trimming needs a 2-D [out, in] task vector, got shape {delta.shape}")
     norms = jnp.asarray(norms)
@@ -238,7 +256,7 @@ def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool =
         return e
     dt = _validate.work_dtype(delta.dtype)
     scores = jnp.abs(delta.astype(dt)) * norms.astype(dt)[None, :]
-    kept = _top_mask(scores, _count(density, delta.shape[1]))
+    kept = _top_mask(scores, _count(density, delta.shape[1], count))
     return _finish(delta, kept, _inverse(density, dt) if rescale else None)
 
 
@@ -320,6 +338,7 @@ def trim(
     blocksize: int = 128,
     percdamp: float = 0.01, refit: bool = False,
     name: str | None = None,
+    count: str = "round",
 ) -> jax.Array:
     """Trim each task vector of a stack `[T, ...]`; returns `[T, ...]` (same dtype).
 
@@ -331,7 +350,10 @@ def trim(
       calib: statistics for `wanda` / `sparsegpt`.
       gamma: breadcrumbs' outlier fraction, per task or shared.
       epsilon: magprune's half-width of the keep-probability range.
+      count: "round" (default) or "floor" (mergekit's `int`) for the entry counts of
+        `magnitude`, `breadcrumbs` and `wanda` (the others take no count).
     """
+    _check_count(count)
     if kind not in TRIMS:
         raise ValueError(f"unknown trim {kind!r}; known trims: {', '.join(TRIMS)}")
     tasks = deltas.shape[0]
@@ -349,7 +371,7 @@ def trim(
     # per task: fn(delta_t, density_t, *per_task_args_t); shared args are closed over
     args: list = [deltas, dens]
     if kind == "magnitude":
-        fn = lambda x, d: magnitude(x, d, rescale=rescale)
+        fn = lambda x, d: magnitude(x, d, rescale=rescale, count=count)
     elif kind == "random":
         args.append(task_keys(key, tasks))
         fn = lambda x, d, k: random(x, d, k, rescale=rescale)
@@ -361,7 +383,7 @@ def trim(
         gam = _validate.per_task_values(gamma, tasks, "gamma", name, guard)
         _validate.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
         args.append(gam)
-        fn = lambda x, d, g: breadcrumbs(x, d, gamma=g, rescale=rescale)
+        fn = lambda x, d, g: breadcrumbs(x, d, gamma=g, rescale=rescale, count=count)
     else:  # wanda
         if deltas.ndim != 3:
             raise ValueError(
@@ -376,7 +398,7 @@ def trim(
         if norms is None:
             raise ValueError(missing_stats_message(kind, name))
         args.append([_per_task_stat(norms, t, tasks, 1) for t in range(tasks)])
-        fn = lambda x, d, nrm: wanda(x, d, nrm, rescale=rescale)
+        fn = lambda x, d, nrm: wanda(x, d, nrm, rescale=rescale, count=count)
     if all(isinstance(a, (tuple, list)) for a in args[1:]) and not _checks.is_traced(*args[1:]):
         # known parameters: one call per task with Python floats (host counts, edge shortcuts)
         return jnp.stack([fn(*(a[t] for a in args)) for t in range(tasks)])

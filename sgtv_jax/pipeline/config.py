@@ -55,7 +55,7 @@ import numpy as np
 import yaml
 
 from sgtv_jax.errors import SgtvError, short_repr
-from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, REFUSED, MethodSpec, ParamSpec
 
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
@@ -364,6 +364,9 @@ def _method(raw: Mapping[str, Any], problems: list[str]) -> MethodSpec | None:
     if method is None:
         problems.append(f"merge_method is required (one of {', '.join(methods)})")
         return None
+    if isinstance(method, str) and method in REFUSED:
+        problems.append(f"merge_method {method!r} is not supported: {REFUSED[method]}")
+        return None
     if not isinstance(method, str) or method not in METHOD_SPECS:
         close = difflib.get_close_matches(method, methods, n=1, cutoff=0.5) if isinstance(method, str) else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -383,6 +386,8 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
     for ps in spec.params:
         if ps.name in gparams:
             check_param(gparams[ps.name], ps, "parameters", problems)
+        elif ps.required:
+            problems.append(f"parameters.{ps.name} is required by merge_method {spec.name!r} ({ps.doc})")
     for ps in _PER_MODEL_SPECS:
         if ps.name in gparams:
             check_param(gparams[ps.name], ps, "parameters", problems)
@@ -486,6 +491,13 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
 
 def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
     """Checks that combine keys (run once every key is valid on its own)."""
+    n = len(cfg.models)
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
+                else f"at least {spec.min_models}" if spec.max_models is None
+                else f"{spec.min_models} to {spec.max_models}")
+        problems.append(f"merge_method {spec.name!r} merges {want} model(s) besides base_model, "
+                        f"got {n} under models")
     if cfg.needs_calibration():
         for t in range(len(cfg.models)):
             if cfg.calibration_for(t) is None:
