@@ -36,10 +36,11 @@ def add_parser(subparsers: Any) -> None:
     """Register the ``convert`` and ``fetch-demo`` subcommands (each sets ``func``)."""
     p = subparsers.add_parser(
         "convert",
-        help="convert a HF / pytorch_model.bin / GGUF checkpoint to a HF safetensors directory or Orbax",
+        help="convert a HF / pytorch_model.bin / GGUF / Orbax checkpoint to a HF safetensors directory or Orbax",
         description="Convert SRC (a Hugging Face directory with safetensors or pytorch_model.bin, "
-        "or a .gguf file) into DST: a Hugging Face directory of sharded safetensors, or an Orbax "
-        "checkpoint of the Flax NNX model.",
+        "a .gguf file, or an Orbax checkpoint written by `sgtv convert --format orbax`) into DST: a "
+        "Hugging Face directory of sharded safetensors, or an Orbax checkpoint of the Flax NNX model. "
+        "Orbax -> HF writes the weights and config.json (an Orbax checkpoint holds no tokenizer).",
     )
     p.add_argument("src", help="source: model directory or .gguf file")
     p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")

@@ -256,6 +256,10 @@ def test_convert_cli_orbax_round_trip_exact(key, workdir, tmp_path):
     out = export_flax_model(restored, tmp_path / "hf", base=d, dtype="fp32")
     nm = get_name_map(cfg.model_type)
     assert _raw(out) == {k: v for k, v in _raw(d).items() if not nm.is_ignored(k, cfg)}
+    # The CLI's Orbax -> HF direction: the same bytes, and transformers loads it.
+    assert convert_main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf3"), "-q"]) == 0
+    assert _raw(tmp_path / "hf3") == _raw(out)
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf3"))
     # And the CLI's HF -> HF path (safetensors re-sharded, bytes kept).
     assert convert_main(["convert", str(d), str(tmp_path / "hf2"), "-q", "--max-shard-size", "100KB"]) == 0
     assert _raw(tmp_path / "hf2") == _raw(d)
