@@ -362,9 +362,10 @@ class LoraCheckpoint:
             if base_name is None:
                 raise ConvertError(f"{self._file}: tensor {key!r} replaces {target!r}, which base model "
                                    f"{self.base.path} does not have")
-            if tuple(self._weights.shape(key)) != tuple(self.base.shape(base_name)):
-                raise ConvertError(f"{self._file}: tensor {key!r} has shape {tuple(self._weights.shape(key))} but "
-                                   f"{base_name!r} of base model {self.base.path} has {tuple(self.base.shape(base_name))}")
+            got, want = tuple(self._weights.shape(key)), tuple(self.base.shape(base_name))
+            if got != want:
+                raise ConvertError(f"{self._file}: tensor {key!r} has shape {got} but {base_name!r} of base model "
+                                   f"{self.base.path} has {want}: the adapter was made for another base")
             replaced[base_name] = key
         if len(adapter_names) > 1:
             raise ConvertError(f"{self._file}: holds several adapters ({', '.join(sorted(adapter_names))}); "

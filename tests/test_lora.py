@@ -101,7 +101,8 @@ def test_rslora_scale_and_regex_targets_with_patterns(llama, tmp_path):
     with open_model(fam["base"], tmp_path / "ad") as ck:
         assert ck.updated() == {
             "model.layers.0.self_attn.q_proj.weight": 8 / math.sqrt(4), "model.layers.1.self_attn.q_proj.weight": 4.0,
-            "model.layers.0.mlp.up_proj.weight": 3 / math.sqrt(2), "model.layers.1.mlp.up_proj.weight": 3 / math.sqrt(2)}
+            "model.layers.0.mlp.up_proj.weight": 3 / math.sqrt(2),
+            "model.layers.1.mlp.up_proj.weight": 3 / math.sqrt(2)}
         assert_same_as(ck, want)
 
 
@@ -384,3 +385,22 @@ def test_extract_bad_rank_and_mismatched_models(llama, gpt2, tmp_path, capsys):
     err = _run_err(capsys, ["merge", _yaml(tmp_path, cfg), str(tmp_path / "o"), "--lora", "0", "--quiet"])
     assert "--lora 0" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_plus_parsing_rules(llama, tmp_path):
+    from sgtv_jax.pipeline.config import ConfigError, parse_config
+
+    root, fam = llama
+    plain = tmp_path / "ft+v2"  # an existing directory whose name has a '+' is a plain model
+    plain.symlink_to(fam["fts"][0], target_is_directory=True)
+    ad = _good(tmp_path, fam)
+    raw = {"models": [{"model": "ft+v2"}, {"model": f"{fam['base']}+ad"}], "merge_method": "task_arithmetic",
+           "base_model": str(fam["base"])}
+    cfg = parse_config(raw, root=tmp_path)
+    assert (cfg.models[0].model, cfg.models[0].adapter) == (str(plain), "")
+    assert (cfg.models[1].model, cfg.models[1].adapter) == (str(fam["base"]), str(ad))
+    # the adapter is checked when the config is read; the base model takes no adapter
+    with pytest.raises(ConfigError, match=r"models\[0\].model LoRA adapter: .*nope: LoRA adapter directory not found"):
+        parse_config({**raw, "models": [{"model": f"{fam['base']}+nope"}]}, root=tmp_path)
+    with pytest.raises(ConfigError, match=r"base_model .* is supported in models\[\]\.model only"):
+        parse_config({**raw, "base_model": f"{fam['base']}+ad"}, root=tmp_path)
