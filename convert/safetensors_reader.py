@@ -61,7 +61,9 @@ class SafetensorsCheckpoint:
     nothing of the shard stays resident afterwards.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, single_file: str = SINGLE_FILE) -> None:
+        # `single_file`: another file name read the same way (a PEFT adapter's
+        # adapter_model.safetensors); an index is then not looked for.
         self.path = Path(directory)
         if not self.path.is_dir():
             raise ConvertError(f"{self.path}: not a directory")
@@ -73,15 +75,16 @@ class SafetensorsCheckpoint:
         self.shards: list[Path] = []
         self.metadata: dict[str, str] = {}
         index = self.path / INDEX_FILE
-        single = self.path / SINGLE_FILE
-        if index.is_file():
+        single = self.path / single_file
+        if single_file == SINGLE_FILE and index.is_file():
             self._open_index(index)
         elif single.is_file():
-            contained_file(self.path, SINGLE_FILE, what=SINGLE_FILE)
+            contained_file(self.path, single_file, what=single_file)
             self.shards = [single]
             self._scan_shard(single, expected=None)
         else:
-            raise ConvertError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+            want = f"neither {SINGLE_FILE} nor {INDEX_FILE}" if single_file == SINGLE_FILE else f"no {single_file}"
+            raise ConvertError(f"{self.path}: {want} found")
         self._open_file: Path | None = None
         self._handle: Any = None
 

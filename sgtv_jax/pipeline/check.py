@@ -55,10 +55,10 @@ def max_positions_of(hf: dict[str, Any]) -> int | None:
     return int(v) if v is not None else None
 
 
-def _shapes(path: str) -> dict[str, tuple[int, ...]]:
-    from convert.readers import open_checkpoint
+def _shapes(path: str, adapter: str = "") -> dict[str, tuple[int, ...]]:
+    from convert.lora import open_model
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_model(path, adapter)  # a LoRA adapter is checked against the model's shapes here
     try:
         return {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
     finally:
@@ -114,7 +114,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         raise ConfigError(f"base_model: {e}") from None
     for i, m in enumerate(cfg.models):
         try:
-            shapes = _shapes(m.model)
+            shapes = _shapes(m.model, m.adapter)
         except Exception as e:  # noqa: BLE001
             problems.append(f"models[{i}]: {e}")
             continue

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.lora import open_model
 from convert.readers import open_checkpoint
 from sgtv_jax.errors import NumericsError
 from sgtv_jax.pipeline.config import MergeConfig
@@ -21,7 +22,7 @@ class Checkpoints:
     def __init__(self, cfg: MergeConfig) -> None:
         self.cfg = cfg
         self.base = open_checkpoint(cfg.base_model)
-        self.models = [open_checkpoint(m.model) for m in cfg.models]
+        self.models = [open_model(m.model, m.adapter) for m in cfg.models]  # `base+adapter`: LoRA applied
 
     def label(self, ckpt: Any) -> str:
         """The checkpoint as the YAML names it, e.g. `models[1] (ft/math)`."""

@@ -54,6 +54,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from convert.errors import ConvertError
+from convert.lora import read_adapter_config
 from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, REFUSED, MethodSpec, ParamSpec
 
@@ -99,12 +101,15 @@ class ModelEntry:
     """One fine-tuned model: its path, parameter specs, optional own calibration (per_task).
 
     `model` is the resolved path; `written` the path as the YAML wrote it.
+    `adapter`: a PEFT LoRA adapter directory applied to `model`
+    (``model: base+adapter``, see `convert.lora`), else "".
     """
 
     model: str
     parameters: Mapping[str, Any]
     calibration: CalibrationConfig | None = None
     written: str = ""
+    adapter: str = ""
 
     @property
     def label(self) -> str:
@@ -351,11 +356,33 @@ def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> 
     for ps in _PER_MODEL_SPECS:
         if ps.name in p:
             check_param(p[ps.name], ps, f"{where}.parameters", problems)
-    path = _path(m["model"], root, f"{where}.model", problems)
-    if base and path == base:
+    path, adapter = _model_and_adapter(m["model"], root, f"{where}.model", problems)
+    if base and path == base and not adapter:
         problems.append(f"{where}.model is the base model itself ({short_repr(m['model'])})")
     return ModelEntry(model=path, parameters=p, written=m["model"] if isinstance(m["model"], str) else "",
+                      adapter=adapter,
                       calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems))
+
+
+def _model_and_adapter(value: Any, root: Path, where: str, problems: list[str]) -> tuple[str, str]:
+    """(model path, LoRA adapter dir or "") of a `model:` entry, both resolved against `root`.
+
+    mergekit's ``path/to/base+path/to/adapter``: the part after the last ``+``
+    is a PEFT adapter directory, checked now (files present, config sane).
+    A path that exists as written is a plain model even if it contains ``+``.
+    """
+    path = _path(value, root, where, problems)
+    if not path or "+" not in value or Path(path).exists():
+        return path, ""
+    model_part, adapter_part = value.rsplit("+", 1)
+    model = _path(model_part, root, f"{where} (model before '+')", problems)
+    adapter = _path(adapter_part, root, f"{where} (LoRA adapter after '+')", problems)
+    if model and adapter:
+        try:
+            read_adapter_config(adapter)
+        except ConvertError as e:
+            problems.append(f"{where} LoRA adapter: {e}")
+    return model, adapter
 
 
 def _method(raw: Mapping[str, Any], problems: list[str]) -> MethodSpec | None:
@@ -416,6 +443,9 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if base_raw is None:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
+    if base and "+" in base_raw and not Path(base).exists():
+        problems.append(f"base_model {short_repr(base_raw)}: a LoRA adapter ('model+adapter') is supported in "
+                        "models[].model only (apply the adapter to the base model first)")
 
     gparams = raw.get("parameters") or {}
     if not isinstance(gparams, Mapping):

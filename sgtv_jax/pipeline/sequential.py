@@ -31,6 +31,7 @@ from convert.atomic import prepare_output
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from convert.export import export_hf
+from convert.lora_extract import write_merged_adapter
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.trim import Calibration
@@ -261,6 +262,8 @@ def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
     inputs = {"base_model": cfg.base_model}
     for t, m in enumerate(cfg.models):
         inputs[f"models[{t}].model"] = m.model
+        if m.adapter:
+            inputs[f"models[{t}].adapter"] = m.adapter
         for k, f in enumerate(m.calibration.data if m.calibration is not None else ()):
             inputs[f"models[{t}].calibration.data[{k}]"] = f
     for k, f in enumerate(cfg.calibration.data if cfg.calibration is not None else ()):
@@ -277,6 +280,7 @@ def run_merge(
     progress: bool = True,
     hessian_sink: dict[str, np.ndarray] | None = None,
     check: bool = True,
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """Merge as configured and write the result atomically to `out`; returns the report.
 
@@ -288,10 +292,17 @@ def run_merge(
     (safetensors directory via `convert.export_hf`, with model card,
     `merge_report.json` and the error plot) or "orbax". A merge that fails or
     is killed leaves at most a hidden `.OUT.partial-*` directory (removed by
-    the next run into `out`), never a complete-looking `out`.
+    the next run into `out`), never a complete-looking `out`. `lora_rank`
+    (format "hf"): also write the merged task vector as a PEFT LoRA adapter of
+    that rank in `out/adapter` (`convert.lora_extract`), part of the same
+    atomic output.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    if lora_rank is not None and (format != "hf" or isinstance(lora_rank, bool) or not isinstance(lora_rank, int)
+                                  or lora_rank < 1):
+        raise ConfigError(f"--lora {lora_rank!r}: the adapter's rank must be a positive integer, and it is written "
+                          "beside a Hugging Face model (--format hf)")
     out = Path(out)
     inputs = merge_inputs(cfg)
     prepare_output(out, overwrite=overwrite, inputs=inputs)
@@ -305,6 +316,8 @@ def run_merge(
         box["report"] = rep = run.report(time.perf_counter() - t0)
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
         plot_report(rep, tmp / PLOT_FILE)
+        if lora_rank is not None:
+            write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 
     card = {"method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
             "parameters": jsonable(cfg.to_dict())}
