@@ -108,3 +108,15 @@ def test_a_wrong_declaration_is_refused():
 
     with pytest.raises(ValueError, match="exactly once"):
         declared_input_groups(Fam, None, ("a", "b", "c"))
+
+
+def test_bad_input_group_declarations_are_refused():
+    from sgtv_jax.models.groups import InputGroup, as_input_group
+
+    with pytest.raises(ValueError, match="weights_key and column go together"):
+        InputGroup(("mlp.experts.0.w2",), weights_key="block_sparse_moe.routing_weights")
+    with pytest.raises(ValueError, match="at least one linear layer"):
+        InputGroup(())
+    with pytest.raises(TypeError, match="tuple of linear layer names"):
+        as_input_group("self_attn.q_proj")
+    assert as_input_group(("a", "b")).input_key == "a"

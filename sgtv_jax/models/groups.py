@@ -17,7 +17,7 @@ token weighted by its routing weight to expert 3,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 
@@ -70,7 +70,3 @@ def as_input_group(g: InputGroup | Sequence[str]) -> InputGroup:
         raise TypeError(f"an input group is a tuple of linear layer names, got the string {g!r}")
     return InputGroup(tuple(g))
 
-
-def group_names(groups: Sequence[Any]) -> list[tuple[str, ...]]:
-    """The linear layer names of each group, in order (for tuples and `InputGroup`s alike)."""
-    return [as_input_group(g).names for g in groups]
