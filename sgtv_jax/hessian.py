@@ -11,7 +11,9 @@ An optax-style trio of pure functions over a `HessianState`:
 one), so H is a running mean over sequences exactly as the SparseGPT reference
 accumulates it. The scale of H does not change OBS results; it does matter for
 comparing Hessians across sources, which is why we keep the reference's.
-Padded tokens are excluded by a `[batch, seq]` (or `[tokens]`) mask.
+Padded tokens are excluded by a `[batch, seq]` (or `[tokens]`) mask; a float
+mask `w` weights each token: `H = (2/n) * sum_tokens w^2 x x^T` (a routed
+expert's tokens scaled by their routing weights, `sgtv_jax.models.moe`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def hessian_update(
       x: `[batch, seq, cols]` (batch sequences) or `[tokens, cols]` (one sequence).
       mask: optional `[batch, seq]` / `[tokens]`, nonzero for real tokens; padded
         tokens contribute nothing (the sequence still counts in `nsamples`).
+        Float values weight tokens: `x` is scaled by `mask`, so `x x^T` by `mask^2`.
     """
     x = jnp.asarray(x)
     cols = state.hessian.shape[0]

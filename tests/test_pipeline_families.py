@@ -3,21 +3,26 @@
 Gemma alternates sliding-window and global layers (different static graphs per
 block), phi3 fuses q/k/v and gate/up into one linear each, qwen3 normalises
 q/k per head; each must give every linear layer the inputs the PyTorch model
-gives it. MoE blocks have no shared input groups: calibrated trims are
-refused by name, data-free merges work.
+gives it. MoE blocks merge with calibrated trims (routing-weighted expert
+Hessians, tested in test_pipeline_moe.py); a family without input groups is
+refused by name.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 
 import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.config import parse_config
+from sgtv_jax.pipeline.report import REPORT_FILE
 from sgtv_jax.pipeline.sequential import run_merge
 
 LINEARS = {
@@ -57,21 +62,44 @@ def test_base_hessians_equal_torch_hook_inputs_and_output_loads(arch, tmp_path):
     assert not torch.equal(base_sd[name], merged_sd[name])
 
 
-def test_moe_calibrated_trim_refused_by_name_data_free_merges(tmp_path, capsys):
+def test_moe_merges_with_sparsegpt_and_data_free_from_the_cli(tmp_path):
+    """Routed experts get routing-weighted Hessians (checked against PyTorch in test_pipeline_moe.py)."""
     paths = H.make_family(tmp_path, "qwen3_moe")
-    import yaml
+    cfgfile = tmp_path / "merge.yaml"
+    cfgfile.write_text(yaml.safe_dump(H.config_dict(paths, tmp_path)))
+    assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    experts = [r for r in rep["layers"] if ".mlp.experts." in r["name"]]
+    assert len(experts) == 3 * 4 * 3 and all(r["trim"] == "sparsegpt" for r in experts)
+    # Top-2 of 4: each real token is routed to two experts of every block.
+    downs = [r["hessian_tokens"][0] for r in experts if r["name"].endswith("down_proj.weight")]
+    assert sum(downs) == 2 * 3 * rep["calibration_tokens"]
+    merged = _torch(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()
 
+    free = H.config_dict(paths, tmp_path, trim="magnitude")
+    del free["calibration"]
+    cfgfile.write_text(yaml.safe_dump(free))
+    assert main(["merge", str(cfgfile), str(tmp_path / "out2"), "--quiet"]) == 0
+    with torch.no_grad():
+        assert torch.isfinite(_torch(tmp_path / "out2")(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()
+
+
+def test_a_family_without_input_groups_refuses_calibrated_trims_by_name(tmp_path, capsys, monkeypatch):
+    """A family that declares no input groups gets a clear refusal before any work, data-free still merges."""
+    import sgtv_jax.models.llama as llama
+
+    paths = H.make_family(tmp_path, "qwen3")
+    monkeypatch.setattr(llama, "input_groups", lambda cfg: None)
     cfgfile = tmp_path / "merge.yaml"
     cfgfile.write_text(yaml.safe_dump(H.config_dict(paths, tmp_path)))
     assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "qwen3_moe" in err and "data-free trim" in err
+    assert "qwen3" in err and "declares no input groups" in err and "data-free trim" in err
     assert not (tmp_path / "out").exists()
 
     free = H.config_dict(paths, tmp_path, trim="magnitude")
     del free["calibration"]
     cfgfile.write_text(yaml.safe_dump(free))
     assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 0
-    merged = _torch(tmp_path / "out")
-    with torch.no_grad():
-        assert torch.isfinite(merged(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()

@@ -57,6 +57,12 @@ def tiny_config(arch: str, vocab_size: int):
         return cls(**small, sliding_window=6, query_pre_attn_scalar=8)
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**small, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":  # with a gated shared expert; routing weights not renormalised (norm_topk_prob False)
+        return transformers.Qwen2MoeConfig(**small, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                           num_experts=4, num_experts_per_tok=2)
+    if arch == "mixtral":  # intermediate_size is each expert's width
+        return transformers.MixtralConfig(**{**small, "intermediate_size": 16}, num_local_experts=4,
+                                          num_experts_per_tok=2)
     raise ValueError(arch)
 
 
@@ -132,7 +138,7 @@ def torch_hessians(model, input_ids: np.ndarray, mask: np.ndarray, layer_prefix:
     out = {}
     m = torch.from_numpy(mask).double()
     for n, xs in acc.items():
-        x = xs[0] * m[..., None]
+        x = xs[0].reshape(*mask.shape, -1) * m[..., None]  # MoE blocks run their MLP on [B*S, D]
         x = x.reshape(-1, x.shape[-1])
         out[n] = (2.0 / input_ids.shape[0] * x.T @ x).numpy()
     return out

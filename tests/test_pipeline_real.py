@@ -42,7 +42,7 @@ def real_layers(smollm2_dir, tmp_path_factory):
         names = [n for n in ckpt.names() if n.startswith(arch.prefix(i))]
         tensors = {n: ckpt.get(n) for n in names}
         state = arch.block_state(i, tensors)
-        hess, stream.hidden = capture(arch, i, state, stream, arch.require_input_groups())
+        hess, stream.hidden = capture(arch, i, state, stream, arch.require_input_groups())[:2]
         for ln in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
             name = f"{arch.prefix(i)}{ln}.weight"
             out[name] = (np.asarray(tensors[name], np.float32), hess[ln])

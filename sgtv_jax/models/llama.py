@@ -36,7 +36,8 @@ from flax import nnx
 
 from .common import (Embed, Linear, RMSNorm, activation, apply_rope, attention_mask_bool,
                      dot_product_attention, rope_inv_freq, rope_long_inv_freq)
-from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE
+from .groups import InputGroup
+from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE, expert_input_groups
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -58,16 +59,19 @@ INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
 FUSED_INPUT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
 
 
-def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...], ...] | None:
-    """Linear layers of a block sharing one input, for this config; None for MoE blocks.
+def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...] | InputGroup, ...]:
+    """Linear layers of a block sharing one input, for this config (one Hessian per group).
 
-    An expert's Hessian has to weight each token by its routing weight, which a
-    shared input group cannot express, so MoE blocks declare no groups (the
-    pipeline refuses calibrated trims on them by name).
+    MoE blocks: attention as dense blocks; each routed expert's gate / up
+    projections read the experts' shared input and its down projection its own,
+    both weighted by the expert's routing weights (``sgtv_jax.models.moe``:
+    capture format); a shared expert (qwen2_moe) as a dense MLP. The router and
+    the shared-expert gate are not linear layers here (merged data-free).
     """
-    if cfg.moe is not None:
-        return None
-    return FUSED_INPUT_GROUPS if cfg.fused else INPUT_GROUPS
+    if cfg.moe is None:
+        return FUSED_INPUT_GROUPS if cfg.fused else INPUT_GROUPS
+    return INPUT_GROUPS[:2] + expert_input_groups(cfg.moe, cfg.num_experts,
+                                                  shared=bool(cfg.shared_expert_intermediate_size))
 
 
 def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:

@@ -19,7 +19,9 @@ Our keys (top level): ``trim`` (a trim name or filter rules, e.g. ``sparsegpt``)
 ``hessian_source`` (``base`` | ``per_task`` | ``merged``), ``blocksize``,
 ``percdamp``, ``prunen`` / ``prunem``, ``refit`` (least-squares refit of the
 entries OBS kept, see ``sgtv_jax.refit``), ``seed``, ``batch_size``,
-``max_shard_size``.
+``max_shard_size``, ``moe_min_tokens`` (MoE: the fewest routed calibration
+tokens an expert needs for its own routing-weighted Hessian, default the
+hidden size; see ``sgtv_jax.pipeline.streams``).
 
 Parameter values (per model ``density`` / ``weight`` / ``gamma`` / ``epsilon``,
 and method parameters) are *specs*:
@@ -63,7 +65,7 @@ HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
     "models", "merge_method", "base_model", "parameters", "dtype", "tokenizer_source", "trim",
     "calibration", "hessian_source", "blocksize", "percdamp", "prunen", "prunem", "refit", "seed",
-    "batch_size", "max_shard_size",
+    "batch_size", "max_shard_size", "moe_min_tokens",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
 PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
@@ -138,6 +140,7 @@ class MergeConfig:
     seed: int = 0
     batch_size: int = 8
     max_shard_size: str = "5GB"
+    moe_min_tokens: int | None = None  # None: the model's hidden size
     base_model_written: str = ""
 
     @property
@@ -510,7 +513,10 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         blocksize=blocksize, percdamp=float(percdamp), prunen=prunen, prunem=prunem, refit=refit,
         seed=_int(raw, "seed", 0, "", problems, minimum=0),
         batch_size=_int(raw, "batch_size", 8, "", problems),
-        max_shard_size=str(shard), base_model_written=base_raw if isinstance(base_raw, str) else "",
+        max_shard_size=str(shard),
+        moe_min_tokens=(_int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None
+                        else None),
+        base_model_written=base_raw if isinstance(base_raw, str) else "",
     )
     if spec is not None and entries and not problems:
         _cross_checks(cfg, spec, problems)

@@ -4,7 +4,10 @@
 peak RSS and one `LayerRecord` per tensor: kept density per task, the damping
 OBS used, the relative reconstruction error of each trimmed task vector
 `tr(E H E^T) / tr(D H D^T)` (E = trimmed - D) and the merge's error against
-the task-arithmetic target `sum_t w_t D_t` (`relative_errors`).
+the task-arithmetic target `sum_t w_t D_t` (`relative_errors`), and for each
+calibrated linear layer the tokens its Hessian saw (`hessian_tokens`; a
+routed expert: those routed to it) and whether it fell back to the all-token
+Hessian (`hessian_fallback`, experts given too few tokens).
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ class LayerRecord:
     trim_error: list[float] | None
     merge_error: float | None
     time_s: float
+    # Calibrated linear layers, per Hessian stream (one; per_task: one per model): the real
+    # calibration tokens in its H (a routed expert: those routed to it), and whether an expert
+    # given fewer than the minimum fell back to the unweighted all-token H (pipeline.streams).
+    hessian_tokens: list[int] | None = None
+    hessian_fallback: list[bool] | None = None
 
 
 @jax.jit

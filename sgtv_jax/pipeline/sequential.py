@@ -101,7 +101,8 @@ class MergeRun:
         use_data = any(cfg.calibration_for(t) is not None for t in range(self.T))
         if use_data:
             self.arch.require_input_groups()  # refuse before any calibration work
-        self.source = make_source(cfg.hessian_source, self.arch, cfg.batch_size) if use_data else None
+        self.source = (make_source(cfg.hessian_source, self.arch, cfg.batch_size, cfg.moe_min_tokens)
+                       if use_data else None)
         self.calib_tokens = 0
 
     @property
@@ -148,9 +149,11 @@ class MergeRun:
         with self.timer("load"):
             base, fts = self.ckpts.read_base(names), self.ckpts.read_models(names)
         hess: dict[str, jax.Array] = {}
+        tokens: dict[str, list[int]] = {}
+        fallback: dict[str, list[bool]] = {}
         if self.source is not None:
             with self.timer("calibrate"):
-                hess = self.source.hessians(i, base, fts)
+                hess, tokens, fallback = self.source.hessians(i, base, fts)
                 jax.block_until_ready(list(hess.values()))
         prefix = self.arch.prefix(i)
         merged = {}
@@ -158,7 +161,11 @@ class MergeRun:
             h = _linear_hessian(hess, n[len(prefix):], base[n])
             if h is not None and self.sink is not None:
                 self.sink[n] = np.asarray(h)
-            merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose)
+            stats = None
+            if h is not None:
+                local = n[len(prefix):-len(".weight")]
+                stats = dict(hessian_tokens=tokens[local], hessian_fallback=fallback[local])
+            merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose, stats)
         if self.source is not None:
             with self.timer("calibrate"):
                 self.source.after_block(i, merged)
@@ -168,11 +175,13 @@ class MergeRun:
 
     def _merge_one(self, name: str, layer: int | None, base: np.ndarray,
                    fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
-                   hessian: jax.Array | None, torch_layout: bool) -> np.ndarray:
+                   hessian: jax.Array | None, torch_layout: bool,
+                   hessian_stats: dict[str, Any] | None = None) -> np.ndarray:
         """Merge one tensor; returns the merged tensor in the output dtype (HF layout).
 
         `fts`: model t's tensor, as a list or a reader `t -> array` (then only
         one raw tensor is alive at a time: the peak memory is an embedding's).
+        `hessian_stats`: the report's `hessian_tokens` / `hessian_fallback` of a calibrated layer.
         """
         t0 = time.perf_counter()
         b = _f32(base)
@@ -182,7 +191,7 @@ class MergeRun:
             deltas = jnp.swapaxes(deltas, 1, 2)
         plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
         record = dict(name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
-                      density=list(plan.densities))
+                      density=list(plan.densities), **(hessian_stats or {}))
         with self.timer("prune"):
             unchanged = not any(np.any(deltas[t] != 0) for t in range(self.T))
             if not unchanged:
