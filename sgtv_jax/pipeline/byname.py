@@ -167,16 +167,16 @@ class _Headers:
         self.vocab = vocab_size_of(self.config)
 
 
-def _tie_partner(head: str, shape: tuple[int, ...], everywhere: list[str], shapes: dict[str, tuple[int, ...]]
-                 ) -> str | None:
-    """The input embedding a tied `head` stands for: the one tensor every model has with its shape.
+def _tie_partner(head: str, shape: tuple[int, ...], everywhere: list[str], shapes: dict[str, tuple[int, ...]],
+                 vocab: int | None) -> str | None:
+    """The input embedding a tied `head` `[vocab, hidden]` stands for; None when there is not exactly one.
 
-    Among several, the one(s) whose name says embedding (`embed`, `wte`,
-    `word_embeddings`, `shared`); None when that is still not one tensor.
+    It is the tensor every model has with the head's shape and a name that
+    says embedding (`embed`, `wte`, `word_embeddings`, `shared`).
     """
-    same = [n for n in everywhere if n != head and shapes[n] == shape]
-    if len(same) > 1:
-        same = [n for n in same if any(h in n for h in _EMBED_HINTS)]
+    if vocab is not None and shape[0] != vocab:
+        return None
+    same = [n for n in everywhere if n != head and shapes[n] == shape and any(h in n for h in _EMBED_HINTS)]
     return same[0] if len(same) == 1 else None
 
 
@@ -202,7 +202,7 @@ def _vocab_problem(name: str, shapes: list[tuple[str, tuple[int, ...]]], vocabs:
     for ax in range(rank):
         sizes = {s[ax] for _, s in shapes}
         others_equal = all(len({s[a] for _, s in shapes}) == 1 for a in range(rank) if a != ax)
-        if len(sizes) > 1 and others_equal and sizes <= vocabs | {max(vocabs, default=0)}:
+        if len(sizes) > 1 and others_equal and sizes & vocabs:
             listed = ", ".join(f"{lab}: {s[ax]}" for lab, s in shapes)
             return f"tensor {name!r} has one row per vocabulary entry and the vocabularies differ ({listed})"
     return None
@@ -253,7 +253,7 @@ def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_mo
         shape = holders[0].shapes[n]
         if len(shape) != 2:
             continue
-        partner = _tie_partner(n, shape, in_all, b.shapes)
+        partner = _tie_partner(n, shape, in_all, b.shapes, b.vocab)
         if partner is not None:
             heads[n] = partner
 

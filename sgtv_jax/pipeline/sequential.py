@@ -294,6 +294,12 @@ def run_merge(
     `merge_report.json` and the error plot) or "orbax". A merge that fails or
     is killed leaves at most a hidden `.OUT.partial-*` directory (removed by
     the next run into `out`), never a complete-looking `out`.
+
+    A merge that needs no calibration data runs by tensor name on any
+    architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
+    output then needs the base's Flax family and unchanged parameter set, and
+    is refused otherwise. A merge that needs calibration data runs block by
+    block (`MergeRun`) and needs a Flax family of the base's architecture.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
