@@ -433,9 +433,7 @@ def test_cli_check_and_merge_an_encoder_decoder(tmp_path, capsys):
     import yaml
 
     paths = make_models(tmp_path, "t5")
-    raw = _config(paths, "ties", parameters={"normalize": True})
-    for m in raw["models"]:
-        m["parameters"]["density"] = 0.5
+    raw = _config(paths, "task_arithmetic")
     cfgfile = tmp_path / "merge.yaml"
     cfgfile.write_text(yaml.safe_dump(raw))
     assert main(["check", str(cfgfile)]) == 0
@@ -450,3 +448,59 @@ def test_cli_check_and_merge_an_encoder_decoder(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert report["stacks"] == {"encoder.block.": 2, "decoder.block.": 3}
     _load("t5", tmp_path / "out")
+
+
+def test_gguf_and_pytorch_bin_checkpoints(tmp_path):
+    """The same by-name merge reads GGUF files (dequantised, HF names) and pickled pytorch_model.bin."""
+    from test_convert_gguf import hf_tensors, write_gguf
+
+    base = hf_tensors(tied=False, seed=0)
+    rng = np.random.default_rng(1)
+    fts = [{k: v + (0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
+           for _ in range(2)]
+    paths = {"base": write_gguf(tmp_path / "base.gguf", base),
+             "fts": [write_gguf(tmp_path / f"ft{t}.gguf", f) for t, f in enumerate(fts)]}
+    run_merge(parse_config(_config(paths, "task_arithmetic", parameters={"lambda": 1.3})), tmp_path / "out",
+              progress=False)
+    got = _tensors(tmp_path / "out")
+    assert set(got) == set(base)
+    for name, b in base.items():
+        b64 = b.astype(np.float64)
+        deltas = [f[name].astype(np.float64) - b64 for f in fts]
+        _assert_close(got[name], b64 + task_arithmetic_reference(deltas, [1.0, 0.7], 1.3), b64, deltas, name, 1.3)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not info["missing_keys"]
+
+    fam = make_models(tmp_path / "falcon", "falcon")
+    ft_bin = tmp_path / "falcon" / "ft1_bin"
+    ft_bin.mkdir()
+    shutil.copy(fam["fts"][1] / "config.json", ft_bin / "config.json")
+    torch.save({k: torch.from_numpy(v) for k, v in _tensors(fam["fts"][1]).items()}, ft_bin / "pytorch_model.bin")
+    raw = _config(fam, "task_arithmetic")
+    run_merge(parse_config(raw), tmp_path / "from_st", progress=False)
+    raw["models"][1]["model"] = str(ft_bin)
+    run_merge(parse_config(raw), tmp_path / "from_bin", progress=False)
+    a, b = _tensors(tmp_path / "from_st"), _tensors(tmp_path / "from_bin")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_safetensors_rows_read_only_their_range(tmp_path):
+    """`get_rows` (the row reader a chunked merge uses) equals slicing the whole tensor, bf16 included."""
+    import ml_dtypes
+
+    from convert.errors import ConvertError
+    from convert.safetensors_reader import SafetensorsCheckpoint
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((7, 3, 2)).astype(np.float32),
+               "b": rng.standard_normal((5, 4)).astype(ml_dtypes.bfloat16), "c": np.arange(6, dtype=np.int64)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ckpt = SafetensorsCheckpoint(tmp_path)
+    for name, arr in tensors.items():
+        for r0, r1 in ((0, len(arr)), (1, 3), (len(arr) - 1, len(arr)), (2, 2)):
+            got = ckpt.get_rows(name, r0, r1)
+            assert got.dtype == arr.dtype and got.shape == arr[r0:r1].shape
+            np.testing.assert_array_equal(got, arr[r0:r1])
+    with pytest.raises(ConvertError, match="rows \\[3, 9\\) of tensor 'b'"):
+        ckpt.get_rows("b", 3, 9)
+    ckpt.close()

@@ -181,7 +181,12 @@ def _tie_partner(head: str, shape: tuple[int, ...], everywhere: list[str], shape
 
 
 def _name_map_layout(model_type: str, config: dict[str, Any]) -> Any:
-    """`name -> Rule | None` (raises ValueError for unknown names) of a registered architecture, else None."""
+    """`name -> Rule | None` (ValueError for unknown names) of a registered architecture, else None.
+
+    None too when the family cannot describe this config (a feature its Flax
+    model lacks): a data-free merge does not need the model, so it goes on as
+    for any architecture.
+    """
     from convert.architectures import ARCHITECTURES
 
     row = ARCHITECTURES.get(model_type)
@@ -189,7 +194,11 @@ def _name_map_layout(model_type: str, config: dict[str, Any]) -> Any:
         return None
     from convert.readers import hf_config_object
 
-    obj = hf_config_object(config)
+    try:
+        obj = hf_config_object(config)
+        row.name_map.rules(obj)
+    except Exception:  # noqa: BLE001 - any reason the family cannot take this config
+        return None
     return lambda name: row.name_map.rule_for_hf(name, obj)
 
 
