@@ -418,6 +418,8 @@ def test_calibrated_trim_on_unregistered_architecture_names_it(tmp_path):
     (tmp_path / "calib.txt").write_text("some text\n")
     raw = _config(paths, "ties", trim="sparsegpt", calibration={"data": str(tmp_path / "calib.txt")})
     _check_and_merge_refuse(raw, tmp_path / "out", "'opt'", "no Flax family", "llama", "data-free trim")
+    raw["trim"] = "magnitude"  # calibration data a data-free merge cannot use here: merged by name, said so
+    assert "calibration data unused" in check_config(parse_config(raw)).summary()
 
 
 def test_orbax_output_refused_for_unregistered_architecture(tmp_path):
