@@ -195,6 +195,30 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{shard}: truncated while reading tensor {name!r} ({got} of {arr.nbytes} bytes)")
         return arr
 
+    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of tensor ``name`` (along its first axis), reading only their bytes.
+
+        Row-major storage makes a row range one contiguous byte range, so this
+        costs ``(r1 - r0) / rows`` of ``get(name)``. A 0-d tensor has no rows.
+        """
+        shard = self.shard_of(name)
+        shape = self._shapes[name]
+        if not shape:
+            raise ConvertError(f"{shard}: tensor {name!r} is a scalar; it has no rows to read")
+        if not 0 <= r0 <= r1 <= shape[0]:
+            raise ConvertError(f"{shard}: rows [{r0}, {r1}) of tensor {name!r} are outside its {shape[0]} rows")
+        begin, end = self._offsets[name]
+        arr = np.empty((r1 - r0,) + shape[1:], dtype=self._dtypes[name])
+        row_bytes = arr.nbytes // max(r1 - r0, 1) if r1 > r0 else 0
+        if r1 > r0 and begin + r1 * row_bytes > end:
+            raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, too few for its shape")
+        fh = self._handle_for(shard)
+        fh.seek(begin + r0 * row_bytes)
+        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        if got != arr.nbytes:
+            raise ConvertError(f"{shard}: truncated while reading rows of tensor {name!r} ({got} of {arr.nbytes} bytes)")
+        return arr
+
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.names():
             yield name, self.get(name)

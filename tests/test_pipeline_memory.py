@@ -63,13 +63,15 @@ def test_per_task_by_hand(fam):
     assert est.term("obs").bytes == 4 * max(3 * T * r * c + 3 * T * c * c for r, c in LINEARS)
 
 
-def test_data_free_has_no_calibration_terms(fam):
+def test_data_free_holds_one_tensor_stack(fam, monkeypatch):
+    """Data-free merges go tensor by tensor by name: only the largest tensor's stack counts."""
     root, paths, vocab = fam
     raw = H.config_dict(paths, root, trim=None)
     raw.pop("calibration")
+    _no_reads(monkeypatch)
     est = estimate_memory(parse_config(raw))
-    assert [t.name for t in est.terms if t.bytes] == ["block", "outer"]
-    assert est.total == 4 * 3 * (BLOCK + vocab * D)
+    assert [t.name for t in est.terms if t.bytes] == ["tensor"]
+    assert est.total == 4 * 3 * max(vocab * D, I * D)  # base + 2 task vectors of the embedding / head
 
 
 def test_refusal_names_the_largest_terms_knobs(fam):

@@ -6,6 +6,12 @@ files; no tensor data. Every problem is collected and reported at once
 different architectures, vocabulary sizes (never silently truncated), tensor
 names or shapes, a missing or empty calibration file, a `seqlen` beyond the
 model's maximum position.
+
+A merge by tensor name (no calibration data needed; any architecture) is
+checked by planning it (`byname.plan_by_name`): the rules for tensors that
+differ between the models are those of the merge, and the summary names the
+ones that apply. A merge that needs calibration data needs a Flax family of
+the base's architecture, and every model to have the base's tensors.
 """
 
 from __future__ import annotations
@@ -19,17 +25,19 @@ from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
-    """What `check` learned: architecture, block count, vocabulary, tensors per model."""
+    """What `check` learned: architecture, block count, vocabulary, tensors per model, rules that apply."""
 
     model_type: str
     num_layers: int
     vocab_size: int
     max_positions: int | None
     tensors: int
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        return (f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
+        head = (f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
                 f"{self.tensors} tensors per model")
+        return "\n  ".join((head,) + self.notes)
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -40,10 +48,27 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: model path does not exist")
+    directory = p if p.is_dir() else p.parent
     try:
-        return read_config(p if p.is_dir() else p.parent)
+        if p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf"))):
+            from convert.readers import open_checkpoint  # a GGUF file carries its config in its metadata
+
+            ckpt = open_checkpoint(p)
+            try:
+                return dict(ckpt.config)
+            finally:
+                ckpt.close()
+        return read_config(directory)
     except ConvertError as e:
         raise ConfigError(str(e)) from None
+
+
+def base_model_type(cfg: MergeConfig) -> str:
+    """The base model's `model_type` (its config; ConfigError naming `base_model` when unreadable)."""
+    try:
+        return str(read_hf_config(cfg.base_model).get("model_type"))
+    except ConfigError as e:
+        raise ConfigError(f"base_model: {e}") from None
 
 
 def num_layers_of(hf: dict[str, Any]) -> int:
@@ -74,15 +99,21 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
 
     from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 
+    from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
+
     problems: list[str] = []
     try:
         base = read_hf_config(cfg.base_model)
     except ConfigError as e:
         raise ConfigError(f"base_model: {e}") from None
     mt = base.get("model_type")
-    if mt not in supported_architectures():
-        raise ConfigError(f"base_model {cfg.base_model}: unsupported architecture {mt!r}; "
-                          f"supported: {', '.join(supported_architectures())}")
+    if uses_by_name(cfg, str(mt)):
+        return _check_by_name(cfg, base)
+    require_flax_family(cfg, str(mt))
+    if mt not in supported_architectures():  # calibration data given for reconstruction errors only
+        raise ConfigError(f"base_model {cfg.base_model_written or cfg.base_model}: unsupported architecture "
+                          f"{mt!r} for a merge with calibration data; supported: "
+                          f"{', '.join(supported_architectures())}")
     vocab = base.get("vocab_size")
     configs = []
     for i, m in enumerate(cfg.models):
@@ -150,3 +181,39 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
     return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes))
+
+
+def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
+    """Check a merge by tensor name: plan it from the headers (every problem at once)."""
+    from convert.errors import ConvertError
+    from convert.readers import open_checkpoint
+
+    from sgtv_jax.pipeline.byname import plan_by_name
+
+    problems: list[str] = []
+    base_label = f"base_model ({cfg.base_model_written or cfg.base_model})"
+    try:
+        base_ckpt = open_checkpoint(cfg.base_model)
+    except ConvertError as e:
+        raise ConfigError(f"base_model: {e}") from None
+    opened = []
+    try:
+        for i, m in enumerate(cfg.models):
+            try:
+                opened.append(open_checkpoint(m.model))
+            except ConvertError as e:
+                problems.append(f"models[{i}]: {e}")
+        if problems:
+            raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
+        plan = plan_by_name(base_ckpt, opened, base_label=base_label,
+                            labels=[f"models[{i}] ({m.label})" for i, m in enumerate(cfg.models)])
+        tensors = len(base_ckpt.names())
+    finally:
+        for c in [base_ckpt] + opened:
+            c.close()
+    notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
+    if any(cfg.calibration_for(t) is not None for t in range(len(cfg.models))):
+        notes += (f"calibration data unused: no tensor needs it and {plan.model_type!r} has no Flax family "
+                  "to measure reconstruction errors with",)
+    return CheckResult(plan.model_type, plan.num_layers, int(plan.vocab_size or 0), max_positions_of(base),
+                       tensors, ("merged by tensor name (data-free)",) + notes)

@@ -33,7 +33,19 @@ class Checkpoints:
 
     def get(self, ckpt: Any, name: str) -> np.ndarray:
         """Tensor `name` of `ckpt`; `NumericsError` naming tensor and model if it holds NaN/Inf."""
-        a = ckpt.get(name)
+        return self._finite(ckpt, name, ckpt.get(name))
+
+    def get_rows(self, ckpt: Any, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows `[r0, r1)` (first axis) of tensor `name` of `ckpt`, NaN/Inf-checked like `get`.
+
+        Reads only those rows where the reader can (`get_rows` of safetensors);
+        other readers read the tensor and slice it.
+        """
+        rows = getattr(ckpt, "get_rows", None)
+        a = rows(name, r0, r1) if rows is not None else ckpt.get(name)[r0:r1]
+        return self._finite(ckpt, name, a)
+
+    def _finite(self, ckpt: Any, name: str, a: np.ndarray) -> np.ndarray:
         if a.dtype.kind not in "biu":  # float16/32/64 and ml_dtypes' bfloat16 (kind "V")
             bad = int(np.count_nonzero(~np.isfinite(a)))
             if bad:

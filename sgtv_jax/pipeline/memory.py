@@ -23,6 +23,15 @@ shared set for `merged` / `base`; one per model for `per_task`), each with
 The calibration terms are 0 when no tensor uses calibration data. The sum is
 an upper bound in spirit (the outer tensors are merged before the blocks);
 XLA's own workspaces and the Python process itself come on top.
+
+A merge by tensor name (`datafree.py`: no calibration data, any
+architecture) holds one output tensor's inputs at a time:
+
+    tensor = 4 (T + 1) N_max
+             the largest merged tensor (N_max entries, e.g. the embedding),
+             base and T task vectors in float32
+
+and nothing else of the models.
 """
 
 from __future__ import annotations
@@ -117,8 +126,33 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
     return hf, linears, block_params, int(outer)
 
 
+def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
+    """The by-name merge's term (module doc), from the plan of `byname.plan_by_name` (headers only)."""
+    from sgtv_jax.pipeline.byname import MERGE
+    from sgtv_jax.pipeline.checkpoints import Checkpoints
+    from sgtv_jax.pipeline.datafree import plan_checkpoints
+
+    ckpts = Checkpoints(cfg)
+    try:
+        plan = plan_checkpoints(ckpts)
+    finally:
+        ckpts.close()
+    T = len(cfg.models)
+    n_max = plan.largest(MERGE)
+    return MemoryEstimate((
+        Term("tensor", F32 * (T + 1) * n_max,
+             f"the largest merged tensor ({n_max} entries), base and {T} task vectors in float32",
+             ("the number of models",)),
+    ))
+
+
 def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     """The module-doc estimate for `cfg` (reads config.json and tensor headers only)."""
+    from sgtv_jax.pipeline.check import base_model_type
+    from sgtv_jax.pipeline.datafree import uses_by_name
+
+    if uses_by_name(cfg, base_model_type(cfg)):
+        return _estimate_by_name(cfg)
     hf, linears, block_params, outer = _model_layout(cfg)
     T = len(cfg.models)
     hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))

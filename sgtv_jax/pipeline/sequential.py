@@ -12,6 +12,9 @@
 
 A tensor's result equals `sgtv_jax.merge.plan.merge_planned` of its plan with
 the same Hessian. Tensors that no model changed are the base tensor.
+
+`run_merge` sends merges that need no calibration data to the by-name merge
+of `datafree.py` (any architecture, tensor by tensor), and the others here.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, me
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
-from sgtv_jax.pipeline.check import check_config, max_positions_of
+from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions_of
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+from sgtv_jax.pipeline.datafree import DataFreeRun, require_flax_family, uses_by_name
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import (PLOT_FILE, REPORT_FILE, STAGES, LayerRecord, StageTimer, jsonable,
@@ -235,6 +239,7 @@ class MergeRun:
         """The JSON report: config, stage times, peak RSS, one row per tensor."""
         rep = {
             "config": jsonable(self.cfg.to_dict()),
+            "merge_path": "blocks",
             "model_type": self.arch.model_type,
             "num_layers": self.arch.num_layers,
             "hessian_source": self.cfg.hessian_source,
@@ -305,6 +310,12 @@ def run_merge(
     (format "hf"): also write the merged task vector as a PEFT LoRA adapter of
     that rank in `out/adapter` (`convert.lora_extract`), part of the same
     atomic output.
+
+    A merge that needs no calibration data runs by tensor name on any
+    architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
+    output then needs the base's Flax family and unchanged parameter set, and
+    is refused otherwise. A merge that needs calibration data runs block by
+    block (`MergeRun`) and needs a Flax family of the base's architecture.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
@@ -317,8 +328,20 @@ def run_merge(
     prepare_output(out, overwrite=overwrite, inputs=inputs)
     if check:
         check_config(cfg)
+    model_type = base_model_type(cfg)
+    by_name = uses_by_name(cfg, model_type)
+    if not by_name:
+        require_flax_family(cfg, model_type)
     t0 = time.perf_counter()
-    run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress)
+    run: MergeRun | DataFreeRun
+    if by_name:
+        run = DataFreeRun(cfg, progress=progress)
+        why = run.orbax_refusal() if format == "orbax" else None
+        if why is not None:
+            run.close()
+            raise ConfigError(why)
+    else:
+        run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress)
     box: dict[str, Any] = {}
 
     def finalize(tmp: Path) -> None:
@@ -331,12 +354,20 @@ def run_merge(
     card = {"method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
             "parameters": jsonable(cfg.to_dict())}
     try:
-        if format == "hf":
+        if format == "hf" and by_name:
+            # every output tensor comes from the run (base copies included), with the plan's config
+            base_dir = Path(run.base.path)
+            export_hf(run.tensors(), out, config=run.plan.config, dtype=run.out_dtype_name,
+                      copy_files_from=base_dir if base_dir.is_dir() else None,
+                      max_shard_size=cfg.max_shard_size, model_card=card, overwrite=overwrite,
+                      finalize=finalize, inputs=inputs)
+        elif format == "hf":
             export_hf(run.tensors(), out, base=run.base, dtype=run.out_dtype_name,
                       max_shard_size=cfg.max_shard_size, model_card=card, overwrite=overwrite,
                       finalize=finalize, inputs=inputs)
         else:
-            export_orbax(run.tensors(), out, arch=run.arch, dtype=run.out_dtype, overwrite=overwrite,
+            arch = run.arch if isinstance(run, MergeRun) else arch_of(run.base)
+            export_orbax(run.tensors(), out, arch=arch, dtype=run.out_dtype, overwrite=overwrite,
                          finalize=finalize, inputs=inputs)
     finally:
         run.close()
