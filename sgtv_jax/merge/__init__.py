@@ -5,7 +5,8 @@ the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
 `dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`,
 `regmean`, all reachable by name with `get_method`. Model level: `merge(method,
 base, models, ...)` over pytrees / dicts with per-model and per-tensor
-parameters. The seed's API: `TIES().merge(...)`, `DARE().merge(...)`.
+parameters (specs: `paramspec`), each tensor merged by `plan.merge_planned`. The
+PyTorch original's API: `TIES().merge(...)`, `DARE().merge(...)`.
 """
 
 from sgtv_jax.merge import combine, elect, keys, trim
@@ -22,7 +23,8 @@ from sgtv_jax.merge.methods import (
     task_arithmetic,
     ties,
 )
-from sgtv_jax.merge.model import merge, resolve
+from sgtv_jax.merge.model import merge
+from sgtv_jax.merge.paramspec import resolve
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.registry import METHODS, available_methods, get_method
 from sgtv_jax.merge.trim import TRIMS, Calibration
