@@ -29,7 +29,7 @@ is not used (`sgtv_jax._checks.Guard`).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, overload
 
 import jax
 import jax.numpy as jnp
@@ -337,6 +337,22 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     return (pruned[0], loss[0], factor.percdamp) if squeeze else (pruned, loss, factor.percdamp)
 
 
+@overload
+def obs_prune(
+    delta, hessian, *, density: float | Sequence[float] | None = ..., prunen: int = ..., prunem: int = ...,
+    blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
+    refit_maxiter: int = ..., name: str | None = ..., return_info: Literal[False] = ...,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def obs_prune(
+    delta, hessian, *, density: float | Sequence[float] | None = ..., prunen: int = ..., prunem: int = ...,
+    blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
+    refit_maxiter: int = ..., name: str | None = ..., return_info: Literal[True],
+) -> tuple[jax.Array, ObsInfo]: ...
+
+
 def obs_prune(
     delta,
     hessian,
@@ -351,7 +367,7 @@ def obs_prune(
     refit_maxiter: int = 20,
     name: str | None = None,
     return_info: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, ObsInfo]:
     """Prune task vector(s) with blockwise OBS error correction.
 
     Args:
@@ -371,7 +387,8 @@ def obs_prune(
       name: layer name used in error messages.
       return_info: return an `ObsInfo` (loss and the damping used) instead of the loss.
     Returns:
-      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`).
+      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`), or
+      (pruned delta, `ObsInfo`) with `return_info=True`.
     """
     guard = _checks.Guard()
     delta, hessian, densities, prunen, prunem, blocksize = _validate(

@@ -94,3 +94,18 @@ def test_sparsegpt_without_a_hessian_names_the_tensor():
     plan = TensorPlan("ties", "blk.0.q.weight", weights=(1.0,), densities=(0.5,), trim="sparsegpt")
     with pytest.raises(PlanError, match="blk.0.q.weight"):
         merge_planned(plan, jnp.ones((1, 4, 4)))
+
+
+def test_linear_without_normalize_sums_whole_models_from_the_base():
+    """sum_t w_t theta_t in task-vector form: (sum_t w_t - 1) theta_0 + sum_t w_t tau_t."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((4, 6))
+    thetas = base + rng.standard_normal((2, 4, 6))
+    plan = TensorPlan("linear", "w", weights=(0.5, 2.0), densities=(1.0, 1.0), params={"normalize": False})
+    with jax.enable_x64(True):
+        merged, _, info = merge_planned(plan, jnp.asarray(thetas - base), base=jnp.asarray(base))
+        merged = np.asarray(merged)
+    np.testing.assert_allclose(base + merged, 0.5 * thetas[0] + 2.0 * thetas[1], rtol=1e-12, atol=1e-12)
+    assert info == MergeInfo(None, None)
+    with pytest.raises(PlanError, match="needs the base tensor of 'w'"):
+        merge_planned(plan, jnp.asarray(thetas - base))

@@ -7,7 +7,8 @@ the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
 `nearswap`, `arcee_fusion`, `passthrough`, all reachable by name with
 `get_method`; what each takes: `specs.METHOD_SPECS`. Model level: `merge(method,
 base, models, ...)` over pytrees / dicts with per-model and per-tensor
-parameters. The seed's API: `TIES().merge(...)`, `DARE().merge(...)`.
+parameters (specs: `paramspec`), each tensor merged by `plan.merge_planned`. The
+PyTorch original's API: `TIES().merge(...)`, `DARE().merge(...)`.
 """
 
 from sgtv_jax.merge import combine, elect, keys, trim
@@ -26,9 +27,10 @@ from sgtv_jax.merge.methods import (
     task_arithmetic,
     ties,
 )
-from sgtv_jax.merge.model import merge, resolve
+from sgtv_jax.merge.model import merge
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
+from sgtv_jax.merge.paramspec import resolve
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.registry import METHODS, available_methods, get_method

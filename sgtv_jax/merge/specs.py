@@ -93,17 +93,18 @@ class MethodSpec(NamedTuple):
 
 
 PER_MODEL_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("density", "float", 1.0, 0.0, 1.0, "fraction of each task vector the trim keeps"),
-    ParamSpec("weight", "float", 1.0, None, None, "the model's weight in the combination"),
+    ParamSpec("density", "float", 1.0, 0.0, 1.0, "fraction of each task vector the trim keeps", arg="densities"),
+    ParamSpec("weight", "float", 1.0, None, None, "the model's weight in the combination", arg="weights"),
     ParamSpec("gamma", "float", 0.01, 0.0, 1.0, "breadcrumbs: fraction of largest entries dropped as outliers"),
     ParamSpec("epsilon", "float", 0.15, 0.0, 0.5, "magprune (DELLA): keep-probability spread around density"),
 )
 """Per-model parameters (each model's `parameters`, or top-level as the default for all)."""
 
-# Arguments of the method functions that callers fill in (per-model values, calibration,
-# top-level config keys), so they are not `parameters` of a config.
-CALLER_ARGS = frozenset({"deltas", "weights", "densities", "key", "calib", "grams", "base", "name", "gamma",
-                         "epsilon", "trim", "blocksize", "percdamp", "refit"})
+# The method functions' keywords that callers fill in (task vectors, per-model values, the
+# PRNG key, calibration, the trim and its OBS options): never `parameters` of a config.
+# The one list of them; `call_args` says which a given method takes.
+COMMON_ARGS = ("deltas", "weights", "name")
+TRIM_ARGS = ("densities", "key", "calib", "gamma", "epsilon", "trim", "blocksize", "percdamp", "refit")
 
 _NORMALIZE = "divide by the sum of the (agreeing) weights"
 
@@ -207,6 +208,16 @@ REFUSED: dict[str, str] = {
     "ramplus_tl": "not implemented yet (RAM+ tensor-local; see 'ram')",
 }
 """mergekit method names that a config may not use here, with the reason."""
+
+
+def call_args(spec: MethodSpec) -> tuple[str, ...]:
+    """The keywords of `spec`'s method function besides its `params`, from what the method does."""
+    return (COMMON_ARGS + (TRIM_ARGS if spec.trims else ()) + (("grams",) if spec.needs_grams else ())
+            + (("base",) if spec.needs_base else ()))
+
+
+CALLER_ARGS = frozenset(a for s in METHOD_SPECS.values() for a in call_args(s))
+"""Every caller-filled keyword of any method function."""
 
 
 def method_spec(name: str) -> MethodSpec:

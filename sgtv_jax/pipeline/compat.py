@@ -1,4 +1,4 @@
-"""The seed's pipeline API on in-memory Flax NNX models (ours: `sgtv_jax.models`).
+"""The PyTorch original's pipeline API on in-memory Flax NNX models (ours: `sgtv_jax.models`).
 
     pruned = sequential_layer_pruning(base_model, finetuned_models, calibration_loader,
                                       layer_names, density=0.5, blocksize=128, percdamp=0.01)
@@ -12,8 +12,8 @@
 * task vectors are returned in PyTorch layout `[out, in]` (`W_ft - W_base`).
 
 Hessians are built from the *base* model's inputs, block by block through the
-base model (REFERENCE `base` source); `TaskVectorImportanceCalculatorPerTask`
-builds each fine-tuned model's own. All numerics are `sgtv_jax.hessian` and
+base model (like the pipeline's `base` Hessian source, `sgtv_jax.pipeline.sources`);
+`TaskVectorImportanceCalculatorPerTask` builds each fine-tuned model's own. All numerics are `sgtv_jax.hessian` and
 `sgtv_jax.obs.obs_prune`; the full merge with `merged` Hessians is
 `sgtv_jax.pipeline.run_merge`.
 """
@@ -25,6 +25,10 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sgtv_jax.hessian import hessian_finalize, hessian_init, hessian_update
+from sgtv_jax.models import apply_block, split_block
+from sgtv_jax.obs import obs_prune
 
 
 def _batches(loader: Iterable[Any]) -> list[tuple[jax.Array, jax.Array]]:
@@ -73,9 +77,6 @@ def _kernel(model: Any, block: int, local: str) -> jax.Array:
 
 def layer_hessians(model: Any, calibration_loader: Iterable[Any], layer_names: Sequence[str]) -> dict[str, jax.Array]:
     """`{layer_name: H [in, in]}` from `model`'s own inputs, block by block (padding masked)."""
-    from sgtv_jax.hessian import hessian_finalize, hessian_init, hessian_update
-    from sgtv_jax.models import apply_block, split_block
-
     where = _locate(model, layer_names)
     last = max(b for b, _ in where.values())
     batches = _batches(calibration_loader)
@@ -123,8 +124,6 @@ class TaskVectorImportanceCalculator:
     def prune_task_vector_with_error_correction(self, layer_name: str, task_vector: Any, density: float,
                                                 blocksize: int = 128) -> jax.Array:
         """OBS-pruned task vector `[out, in]` (or a stack `[T, out, in]`) keeping `density`."""
-        from sgtv_jax.obs import obs_prune
-
         pruned, _ = obs_prune(task_vector, self._hessian(layer_name), density=density, blocksize=blocksize,
                               percdamp=self.percdamp, name=layer_name)
         return pruned
@@ -153,8 +152,6 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
     def prune_task_vector_with_error_correction(self, layer_name: str, task_vector: Any, density: float,
                                                 blocksize: int = 128, task_index: int | None = None) -> jax.Array:
         """Prune a stack `[T, out, in]` with each task's H, or one `[out, in]` with task `task_index`'s."""
-        from sgtv_jax.obs import obs_prune
-
         h = self._hessian(layer_name)
         tv = jnp.asarray(task_vector)
         if tv.ndim == 2:

@@ -34,6 +34,9 @@ and method parameters) are *specs*:
   filter is a substring of the HF tensor name wins, a rule without filter
   matches everything; the value may itself be a gradient.
 
+(`sgtv_jax.merge.paramspec` resolves them, for the Python API too.) A model
+without a per-model value takes the top-level one, else the method's default.
+
 Relative paths are relative to the YAML file's directory; the strings as
 written are kept for reports and model cards (`MergeConfig.to_dict`), so no
 local absolute path ends up in a published model. Every problem found is
@@ -53,13 +56,21 @@ import numbers
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import yaml
 
 from convert.errors import ConvertError
 from convert.lora import read_adapter_config
 from sgtv_jax.errors import SgtvError, short_repr
+from sgtv_jax.merge import paramspec
+from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
+from sgtv_jax.merge.plan import ObsOptions
 from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
+
+__all__ = ["CALIBRATION_KEYS", "CalibrationConfig", "ConfigError", "DTYPES", "HESSIAN_SOURCES", "MODEL_KEYS",
+           "MergeConfig", "ModelEntry", "PER_MODEL_PARAMS", "TOP_KEYS", "check_param", "layer_position",
+           "load_config", "method_kwargs", "method_parameters", "model_parameters", "parse_config", "read_yaml",
+           "resolve_spec", "spec_values"]
 
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
@@ -153,8 +164,6 @@ class MergeConfig:
 
     def needs_calibration(self) -> bool:
         """Whether any tensor uses a data-aware trim (or the method needs Gram matrices)."""
-        from sgtv_jax.merge.trim import DATA_TRIMS
-
         return self.method_spec.needs_grams or any(t in DATA_TRIMS for t in spec_values(self.trim))
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,48 +184,15 @@ class MergeConfig:
 # --------------------------------------------------------------------------- specs
 
 
-def _is_rules(spec: Any) -> bool:
-    return isinstance(spec, (list, tuple)) and len(spec) > 0 and all(isinstance(r, Mapping) for r in spec)
-
-
-def _is_gradient(spec: Any) -> bool:
-    return (isinstance(spec, (list, tuple)) and len(spec) > 0
-            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in spec))
-
-
-def spec_values(spec: Any) -> list[Any]:
-    """Every leaf value a spec can take (for validation)."""
-    if spec is None:
-        return []
-    if _is_rules(spec):
-        return [v for r in spec for v in spec_values(r.get("value"))]
-    if _is_gradient(spec):
-        return list(spec)
-    return [spec]
-
-
-def layer_position(name: str, layer: int | None, num_layers: int) -> float:
-    """Where tensor `name` sits on the gradient axis, in [0, 1]."""
-    if layer is not None:
-        return layer / max(num_layers - 1, 1)
-    return 0.0 if any(k in name for k in ("embed", "wte", "wpe")) else 1.0
-
-
 def resolve_spec(spec: Any, name: str, layer: int | None, num_layers: int) -> Any:
-    """The value of a parameter spec for HF tensor `name` in decoder block `layer` (None: outside)."""
-    if _is_rules(spec):
-        for rule in spec:
-            filt = rule.get("filter")
-            if filt is None or str(filt) in name:
-                return resolve_spec(rule.get("value"), name, layer, num_layers)
-        raise ConfigError(f"no filter rule matches tensor {name!r} in {short_repr(list(spec))} "
-                          "(add a rule without 'filter' as the default)")
-    if _is_gradient(spec):
-        if len(spec) == 1:
-            return float(spec[0])
-        pos = layer_position(name, layer, num_layers)
-        return float(np.interp(pos, np.linspace(0.0, 1.0, len(spec)), np.asarray(spec, float)))
-    return spec
+    """The value of a parameter spec for HF tensor `name` in decoder block `layer` (None: outside).
+
+    `sgtv_jax.merge.paramspec.resolve`, with its errors as `ConfigError`.
+    """
+    try:
+        return paramspec.resolve(spec, name, layer, num_layers)
+    except paramspec.SpecError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -288,7 +264,7 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
 
 def _rules_shape(spec: Any, key: str, problems: list[str]) -> None:
     """Filter rules: only `filter` (a string) and `value` (required), recursively."""
-    if not _is_rules(spec):
+    if not is_rules(spec):
         return
     for r in spec:
         _unknown(r, ("filter", "value"), f"{key} rule", problems)
@@ -329,7 +305,7 @@ def check_param(spec: Any, ps: ParamSpec, where: str, problems: list[str]) -> No
     """
     key = f"{where}.{ps.name}" if where else ps.name
     _rules_shape(spec, key, problems)
-    if ps.kind != "float" and _is_gradient(spec) and len(spec) > 1:
+    if ps.kind != "float" and is_gradient(spec) and len(spec) > 1:
         problems.append(f"{key} cannot be a gradient (a {ps.kind} parameter), got {short_repr(spec)}")
         return
     for v in spec_values(spec):
@@ -410,8 +386,8 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
     for k in gparams:
         if k in own or k in PER_MODEL_PARAMS:
             continue
-        hint = (" ('refit', 'blocksize', 'percdamp' and 'trim' are top-level keys)"
-                if k in ("refit", "blocksize", "percdamp", "trim") else _suggest(k, tuple(own) + PER_MODEL_PARAMS))
+        hint = (f" ({short_repr(k)} is a top-level key)" if k in TOP_KEYS
+                else _suggest(k, tuple(own) + PER_MODEL_PARAMS))
         problems.append(f"unknown key {short_repr(k)} in parameters (method {spec.name!r}){hint}")
     for ps in spec.params:
         if ps.name in gparams:
@@ -433,8 +409,6 @@ def _choice(raw: Mapping[str, Any], key: str, default: str, known: Sequence[str]
 
 def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     """Validate a config mapping (as read from YAML) into a `MergeConfig`; raises `ConfigError`."""
-    from sgtv_jax.merge.trim import TRIMS
-
     root = Path(root)
     problems: list[str] = []
     if not isinstance(raw, Mapping):
@@ -490,16 +464,12 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     blocksize = _int(raw, "blocksize", 128, "", problems)
     prunen = _int(raw, "prunen", 0, "", problems, minimum=0)
     prunem = _int(raw, "prunem", 0, "", problems, minimum=0)
-    if (prunen == 0) != (prunem == 0):
-        problems.append(f"prunen and prunem go together (N:M pruning), got prunen={prunen}, prunem={prunem}")
-    elif prunem and not (0 < prunen < prunem):
-        problems.append(f"prunen must be in (0, prunem), got {prunen}:{prunem}")
-    elif prunem and blocksize % prunem:
-        problems.append(f"blocksize {blocksize} must be a multiple of prunem {prunem}")
     refit = raw.get("refit", False)
     if not isinstance(refit, bool):
         problems.append(f"refit must be true or false, got {short_repr(refit)}")
         refit = False
+    # the N:M rules (each value's type was checked above, bad ones replaced by the defaults)
+    problems.extend(ObsOptions(blocksize, float(percdamp), prunen, prunem, refit).problems())
     shard = raw.get("max_shard_size", "5GB")
     if isinstance(shard, bool) or not isinstance(shard, (str, numbers.Integral)):
         problems.append(f"max_shard_size must be a size such as 500MB or 5GB, got {short_repr(shard)}")

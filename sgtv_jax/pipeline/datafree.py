@@ -27,7 +27,7 @@ from tqdm import tqdm
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from sgtv_jax.errors import NumericsError, SgtvError
-from sgtv_jax.merge.plan import PlanError, TensorPlan, merge_planned
+from sgtv_jax.merge.plan import PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.pipeline.byname import BASE, COPY, MERGE, NamePlan, TensorEntry, plan_by_name
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
@@ -77,9 +77,9 @@ def merge_entry(cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_
     record = dict(name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape),
                   density=list(plan.densities))
     with timer("prune"):
-        unchanged = not any(np.any(deltas[t] != 0) for t in range(tasks))
+        unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(tasks))
         if not unchanged:
-            merged, trimmed, info = _merge_planned(plan, deltas)
+            merged, trimmed, info = _merge_planned(plan, deltas, b.T if entry.transpose else b)
     if unchanged:
         # every trim and method maps zero task vectors to a zero merge: the result is the base
         return b.astype(out_dtype), LayerRecord(**record, trim="unchanged", kept_density=[0.0] * tasks,
@@ -94,9 +94,9 @@ def merge_entry(cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_
                             merge_error=None, time_s=time.perf_counter() - t0)
 
 
-def _merge_planned(plan: TensorPlan, deltas: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+def _merge_planned(plan: TensorPlan, deltas: jax.Array, base: np.ndarray) -> tuple[jax.Array, jax.Array, Any]:
     try:
-        merged, trimmed, info = merge_planned(plan, deltas, None)
+        merged, trimmed, info = merge_planned(plan, deltas, None, base=jnp.asarray(base))
     except SgtvError:
         raise
     except PlanError as e:

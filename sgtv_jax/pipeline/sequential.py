@@ -36,7 +36,7 @@ from convert.dtypes import parse_dtype
 from convert.export import export_hf
 from convert.lora_extract import write_merged_adapter
 from sgtv_jax.errors import NumericsError, SgtvError
-from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, merge_planned
+from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
@@ -58,21 +58,23 @@ FORMATS = ("hf", "orbax")
 
 
 def merge_tensor(method: str, deltas: jax.Array, *, name: str, hessian: jax.Array | None = None,
-                 plan: TensorPlan | None = None, **fields: Any) -> tuple[jax.Array, jax.Array, MergeInfo]:
+                 plan: TensorPlan | None = None, base: jax.Array | None = None,
+                 **fields: Any) -> tuple[jax.Array, jax.Array, MergeInfo]:
     """Merge one tensor's task vectors `deltas` `[T, ...]` (2-D ones `[out, in]`) with `merge_planned`.
 
     The driver's one call per tensor. Give its `plan` (for `method` and
     `name`), or the plan's fields as keywords: weights, densities, trim,
     params, seed, gamma, epsilon and the `ObsOptions` fields (blocksize,
     percdamp, prunen, prunem, refit). `hessian`: `[in, in]`, `[T, in, in]` or
-    None. Returns (merged task vector, trimmed stack, `MergeInfo`).
+    None; `base`: the base tensor in the layout of one task vector (methods on
+    whole weights read it). Returns (merged task vector, trimmed stack, `MergeInfo`).
     """
     if plan is None:
         obs = ObsOptions(**{k: fields.pop(k) for k in ObsOptions._fields if k in fields})
         plan = TensorPlan(method, name, obs=obs, **fields)
     elif fields or (plan.method, plan.name) != (method, name):
         raise TypeError("merge_tensor: give a plan for this method and name, or its fields, not both")
-    return merge_planned(plan, deltas, Calibration(hessian=hessian) if hessian is not None else None)
+    return merge_planned(plan, deltas, Calibration(hessian=hessian) if hessian is not None else None, base=base)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -197,9 +199,9 @@ class MergeRun:
         record = dict(name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
                       density=list(plan.densities), **(hessian_stats or {}))
         with self.timer("prune"):
-            unchanged = not any(np.any(deltas[t] != 0) for t in range(self.T))
+            unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(self.T))
             if not unchanged:
-                merged, trimmed, info = self._merge_planned(plan, deltas, hessian)
+                merged, trimmed, info = self._merge_planned(plan, deltas, hessian, b.T if transpose else b)
         if unchanged:
             # No model changed this tensor: every trim and method maps zero task vectors
             # to a zero merge, so the base tensor is the result (no OBS / sort work).
@@ -220,10 +222,11 @@ class MergeRun:
                                         trim_error=trim_err, merge_error=merge_err, time_s=time.perf_counter() - t0))
         return out
 
-    def _merge_planned(self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None
+    def _merge_planned(self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None, base: np.ndarray
                        ) -> tuple[jax.Array, jax.Array, MergeInfo]:
         try:
-            merged, trimmed, info = merge_tensor(plan.method, deltas, name=plan.name, plan=plan, hessian=hessian)
+            merged, trimmed, info = merge_tensor(plan.method, deltas, name=plan.name, plan=plan, hessian=hessian,
+                                                 base=jnp.asarray(base))
         except SgtvError:
             raise
         except PlanError as e:  # the config asks what the method cannot do for this tensor
