@@ -242,7 +242,7 @@ class GGUFCheckpoint:
         self._tensors = {}
         self._reader = None
 
-    def __enter__(self) -> "GGUFCheckpoint":
+    def __enter__(self) -> GGUFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

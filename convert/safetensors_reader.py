@@ -217,7 +217,7 @@ class SafetensorsCheckpoint:
         self._handle = None
         self._open_file = None
 
-    def __enter__(self) -> "SafetensorsCheckpoint":
+    def __enter__(self) -> SafetensorsCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

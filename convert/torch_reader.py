@@ -143,7 +143,7 @@ class TorchBinCheckpoint:
     def close(self) -> None:
         self._cache, self._cache_file = {}, None
 
-    def __enter__(self) -> "TorchBinCheckpoint":
+    def __enter__(self) -> TorchBinCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import ConfigError, parse_config
@@ -312,9 +312,10 @@ def test_killed_merge_leaves_no_complete_looking_output(llama, tmp_path):
 
 
 def test_orbax_output_equals_hf_output(llama, tmp_path):
+    from safetensors.numpy import load_file
+
     from convert import restore_orbax
     from convert.namemaps import get_name_map
-    from safetensors.numpy import load_file
 
     root, paths = llama
     raw = H.config_dict(paths, root, trim=None)

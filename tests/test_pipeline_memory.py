@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import test_pipeline_helpers as H
+
 from sgtv_jax.errors import ResourceError
 from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.memory import estimate_memory, refuse_if_too_big

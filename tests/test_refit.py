@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 from sgtv_jax import SparseGPTTaskVector, obs_prune
 from sgtv_jax.refit import refit_kept
 

@@ -22,7 +22,8 @@ lengths and ranges, and calibration statistics missing for a data-aware trim.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -37,7 +37,8 @@ Layout: 2-D task vectors are `[out, in]` (PyTorch). Row-wise trims (`magprune`,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

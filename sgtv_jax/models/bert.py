@@ -65,7 +65,7 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32,
-                add_pooling_layer: bool = True) -> "BertConfig":
+                add_pooling_layer: bool = True) -> BertConfig:
         """Build from a transformers ``BertConfig``."""
         if hf_config.model_type not in MODEL_TYPES:
             raise ValueError(f"BertConfig.from_hf: model_type {hf_config.model_type!r} is not bert")

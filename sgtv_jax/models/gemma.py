@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import (Embed, Linear, activation, apply_rope, attention_mask_bool, dot_product_attention,
-                     rope_inv_freq)
+from .common import Embed, Linear, activation, apply_rope, attention_mask_bool, dot_product_attention, rope_inv_freq
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -103,7 +102,7 @@ class GemmaConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "GemmaConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GemmaConfig:
         """Build from a transformers ``Gemma2Config`` / ``Gemma3TextConfig``."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:

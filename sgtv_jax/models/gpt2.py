@@ -65,7 +65,7 @@ class GPT2Config:
         return self.n_layer
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "GPT2Config":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GPT2Config:
         """Build from a transformers ``GPT2Config``."""
         if hf_config.model_type not in MODEL_TYPES:
             raise ValueError(f"GPT2Config.from_hf: model_type {hf_config.model_type!r} is not gpt2")

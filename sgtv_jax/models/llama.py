@@ -34,8 +34,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import (Embed, Linear, RMSNorm, activation, apply_rope, attention_mask_bool,
-                     dot_product_attention, rope_inv_freq, rope_long_inv_freq)
+from .common import (
+    Embed,
+    Linear,
+    RMSNorm,
+    activation,
+    apply_rope,
+    attention_mask_bool,
+    dot_product_attention,
+    rope_inv_freq,
+    rope_long_inv_freq,
+)
 from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -58,7 +67,7 @@ INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
 FUSED_INPUT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
 
 
-def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...], ...] | None:
+def input_groups(cfg: LlamaConfig) -> tuple[tuple[str, ...], ...] | None:
     """Linear layers of a block sharing one input, for this config; None for MoE blocks.
 
     An expert's Hessian has to weight each token by its routing weight, which a
@@ -70,7 +79,7 @@ def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...], ...] | None:
     return FUSED_INPUT_GROUPS if cfg.fused else INPUT_GROUPS
 
 
-def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
+def linear_names(cfg: LlamaConfig) -> tuple[str, ...]:
     """HF-local names of one block's linear layers (MoE: routed and shared experts, not the gates)."""
     if cfg.fused:
         return FUSED_LINEAR_NAMES
@@ -131,7 +140,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "LlamaConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> LlamaConfig:
         """Build from a transformers Llama/Mistral/Qwen2/Qwen3/Phi3 config."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:

@@ -71,7 +71,6 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
     from convert.readers import supported_architectures
-
     from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 
     problems: list[str] = []

@@ -20,7 +20,8 @@ builds each fine-tuned model's own. All numerics are `sgtv_jax.hessian` and
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -48,8 +48,9 @@ import dataclasses
 import difflib
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -57,7 +58,8 @@ import yaml
 from convert.errors import ConvertError
 from convert.lora import read_adapter_config
 from sgtv_jax.errors import SgtvError, short_repr
-from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (

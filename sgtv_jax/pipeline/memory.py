@@ -85,7 +85,6 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
     """(HF config, linear weights of block 0, parameters of block 0, largest outer tensor) from headers."""
     from convert.namemaps import get_name_map
     from convert.readers import hf_config_object, open_checkpoint
-
     from sgtv_jax.models import get_family
     from sgtv_jax.pipeline.check import num_layers_of, read_hf_config
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +43,19 @@ from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
-from sgtv_jax.pipeline.report import (PLOT_FILE, REPORT_FILE, STAGES, LayerRecord, StageTimer, jsonable,
-                                      peak_rss_mb, plot_report, relative_errors, with_export_time)
+from sgtv_jax.pipeline.report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    STAGES,
+    LayerRecord,
+    StageTimer,
+    jsonable,
+    peak_rss_mb,
+    plot_report,
+    relative_errors,
+    with_export_time,
+)
 from sgtv_jax.pipeline.sources import make_source
-from sgtv_jax.pipeline.streams import capture, embed_stream
 
 __all__ = ["FORMATS", "PLOT_FILE", "REPORT_FILE", "STAGES", "LayerRecord", "MergeRun", "merge_inputs",
            "merge_tensor", "peak_rss_mb", "plot_report", "run_merge"]

@@ -19,7 +19,8 @@ Hessians; then one entry in `SOURCES` (and in `config.HESSIAN_SOURCES`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,8 @@ masked; one H per input group) and returning the block's outputs;
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
