@@ -190,7 +190,7 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, its shape/dtype need {arr.nbytes}")
         fh = self._handle_for(shard)
         fh.seek(begin)
-        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        got = fh.readinto(arr.reshape(-1).view(np.uint8).data)
         if got != arr.nbytes:
             raise ConvertError(f"{shard}: truncated while reading tensor {name!r} ({got} of {arr.nbytes} bytes)")
         return arr

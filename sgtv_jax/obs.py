@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -338,11 +338,29 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     return (pruned[0], loss[0], factor.percdamp) if squeeze else (pruned, loss, factor.percdamp)
 
 
+@overload
+def obs_prune(
+    delta: Any, hessian: Any, *, density: float | Sequence[float] | jax.Array | None = ..., prunen: int = ...,
+    prunem: int = ..., blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
+    refit_maxiter: int = ..., name: str | None = ..., return_info: Literal[False] = ...,
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def obs_prune(
+    delta: Any, hessian: Any, *, density: float | Sequence[float] | jax.Array | None = ..., prunen: int = ...,
+    prunem: int = ..., blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
+    refit_maxiter: int = ..., name: str | None = ..., return_info: Literal[True],
+) -> tuple[jax.Array, ObsInfo]: ...
+@overload
+def obs_prune(
+    delta: Any, hessian: Any, *, density: float | Sequence[float] | jax.Array | None = ..., prunen: int = ...,
+    prunem: int = ..., blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
+    refit_maxiter: int = ..., name: str | None = ..., return_info: bool,
+) -> tuple[jax.Array, jax.Array | ObsInfo]: ...
 def obs_prune(
     delta,
     hessian,
     *,
-    density: float | Sequence[float] | None = None,
+    density: float | Sequence[float] | jax.Array | None = None,
     prunen: int = 0,
     prunem: int = 0,
     blocksize: int = 128,
@@ -352,7 +370,7 @@ def obs_prune(
     refit_maxiter: int = 20,
     name: str | None = None,
     return_info: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array | ObsInfo]:
     """Prune task vector(s) with blockwise OBS error correction.
 
     Args:
@@ -372,7 +390,8 @@ def obs_prune(
       name: layer name used in error messages.
       return_info: return an `ObsInfo` (loss and the damping used) instead of the loss.
     Returns:
-      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`).
+      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`),
+      or (pruned delta, `ObsInfo`) with `return_info=True`.
     """
     guard = _checks.Guard()
     delta, hessian, densities, prunen, prunem, blocksize = _validate(
@@ -392,7 +411,7 @@ def obs_prune_from_inverse(
     delta,
     hessian_inv,
     *,
-    density: float | Sequence[float] | None = None,
+    density: float | Sequence[float] | jax.Array | None = None,
     prunen: int = 0,
     prunem: int = 0,
     blocksize: int = 128,

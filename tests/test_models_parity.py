@@ -100,7 +100,7 @@ def _reference(key: str):
         torch.manual_seed(0)
         tm = getattr(transformers, _TORCH_CLASSES[cfg.model_type])(cfg).eval()
         with torch.no_grad():  # non-trivial norm weights/biases (HF inits them to 1/0)
-            for n, p in tm.named_parameters():
+            for p in tm.parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
         sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}

@@ -104,7 +104,10 @@ def test_llama_merged_mode_hessians_equal_merged_so_far_inputs(llama_merged, lla
     cfg, rep, sink, out = llama_merged
     _, paths = llama
     calib = _windows(cfg)
-    pref = lambda i: f"model.layers.{i}."  # noqa: E731
+
+    def pref(i):
+        return f"model.layers.{i}."
+
     for block in range(3):
         model = _partial(paths["base"], out, block, pref)
         want = H.torch_hessians(model, calib.input_ids, calib.mask, pref(block), LLAMA_LINEARS)
@@ -183,7 +186,10 @@ def test_gpt2_merge_loads_and_hessians_follow_merged_model(gpt2):
     lin = [r for r in rep["layers"] if r["linear"]]
     assert len(lin) == 3 * 4 and all(r["trim"] == "sparsegpt" for r in lin)
     calib = _windows(cfg)
-    pref = lambda i: f"transformer.h.{i}."  # noqa: E731
+
+    def pref(i):
+        return f"transformer.h.{i}."
+
     for block in (0, 2):
         partial = _partial(paths["base"], root / "merged", block, pref)
         want = H.torch_hessians(partial, calib.input_ids, calib.mask, pref(block), GPT2_LINEARS)

@@ -12,8 +12,8 @@ from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.memory import estimate_memory, refuse_if_too_big
 
 # tiny LLaMA of test_pipeline_helpers: hidden 32, 4 heads (2 KV heads of 8), intermediate 64, 3 blocks
-D, A, I, KV = 32, 4, 64, 16
-LINEARS = [(D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I)]  # [rows, cols] of q k v o gate up down
+D, A, FF, KV = 32, 4, 64, 16
+LINEARS = [(D, D), (KV, D), (KV, D), (D, D), (FF, D), (FF, D), (D, FF)]  # [rows, cols] of q k v o gate up down
 BLOCK = sum(r * c for r, c in LINEARS) + 2 * D  # + two RMSNorm weights
 
 

@@ -212,7 +212,7 @@ def merge(
             kw = {p: resolve(v, name) for p, v in params.items()}
             for p, v in per_model.items():
                 if p in accepted and (v is not None or p == "weights"):
-                    vals = _per_model(1.0 if v is None else v, tasks, p, name)
+                    vals: Sequence[Any] = _per_model(1.0 if v is None else v, tasks, p, name)
                     vals = _validate.per_task(vals, tasks, p, name)
                     if p == "densities":
                         _validate.in_range(vals, 0.0, 1.0, p, name)

@@ -117,7 +117,7 @@ def merge_planned(
     elif kind == "sparsegpt":
         trimmed, damping = _obs_trim(plan, deltas, calib, rescale)
     else:
-        extra = {}
+        extra: dict[str, Any] = {}
         if plan.gamma is not None:
             extra["gamma"] = list(plan.gamma)
         if plan.epsilon is not None:

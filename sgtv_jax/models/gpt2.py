@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
 
 MODEL_TYPES = ("gpt2",)
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -146,7 +146,7 @@ class GPT2Block(nnx.Module):
         return (x, caps) if capture else x
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(FamilyModel):
     """GPT-2 LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = GPT2Config

@@ -36,6 +36,7 @@ from flax import nnx
 
 from .common import (
     Embed,
+    FamilyModel,
     Linear,
     RMSNorm,
     activation,
@@ -319,7 +320,7 @@ class LlamaBlock(nnx.Module):
         return (x, caps) if capture else x
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(FamilyModel):
     """LLaMA-family causal LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = LlamaConfig

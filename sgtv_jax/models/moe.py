@@ -83,8 +83,8 @@ class SparseMoE(nnx.Module):
                                  for _ in range(num_experts)])
         if shared_intermediate:
             names = EXPERT_NAMES["qwen"]
-            self.shared_expert = Expert(d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs)
-            self.shared_expert_gate = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert: Expert | None = Expert(d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert_gate: Linear | None = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
         else:
             self.shared_expert = None
             self.shared_expert_gate = None
@@ -111,7 +111,7 @@ class SparseMoE(nnx.Module):
                 caps[f"{p}.experts.{e}.{expert.names[2]}"] = h
             # Same order as transformers: down-project, then scale by the routing weight.
             out = out + (expert.down(h) * w[..., e:e + 1].astype(h.dtype)).astype(x.dtype)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self.shared_expert_gate is not None:  # set together
             if caps is not None:
                 for n in ("gate_proj", "up_proj"):
                     caps[f"{p}.shared_expert.{n}"] = x

@@ -83,7 +83,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         raise ConfigError(f"base_model {cfg.base_model}: unsupported architecture {mt!r}; "
                           f"supported: {', '.join(supported_architectures())}")
     vocab = base.get("vocab_size")
-    configs = []
+    configs: list[dict[str, Any] | None] = []
     for i, m in enumerate(cfg.models):
         try:
             c = read_hf_config(m.model)

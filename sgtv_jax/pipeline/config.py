@@ -150,6 +150,14 @@ class MergeConfig:
         """Calibration of fine-tuned model `t` (its own, else the shared one)."""
         return self.models[t].calibration or self.calibration
 
+    def require_calibration(self, t: int) -> CalibrationConfig:
+        """`calibration_for(t)`, present whenever the merge uses data (`check_config`); ConfigError if not."""
+        c = self.calibration_for(t)
+        if c is None:
+            raise ConfigError(f"models[{t}] has no calibration data: add 'calibration: {{data: FILE}}' "
+                              f"(top level, or models[{t}].calibration)")
+        return c
+
     def needs_calibration(self) -> bool:
         """Whether any tensor uses a data-aware trim (or the method needs Gram matrices)."""
         from sgtv_jax.merge.trim import DATA_TRIMS
@@ -314,7 +322,8 @@ def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
         return f"must be an integer, got {short_repr(v)}"
     if not math.isfinite(v):
         return f"must be finite, got {v!r}"
-    if (ps.lo is not None and v < ps.lo) or (ps.hi is not None and v > ps.hi):
+    # numbers.Real's stub declares only < and <= (the ABC's minimum); the numbers here order both ways.
+    if (ps.lo is not None and v < ps.lo) or (ps.hi is not None and v > ps.hi):  # type: ignore[operator]
         lo = "-inf" if ps.lo is None else float(ps.lo)
         hi = "inf" if ps.hi is None else float(ps.hi)
         return f"must be in [{lo}, {hi}], got {v!r}"
@@ -445,7 +454,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if base_raw is None:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
-    if base and "+" in base_raw and not Path(base).exists():
+    if base and isinstance(base_raw, str) and "+" in base_raw and not Path(base).exists():
         problems.append(f"base_model {short_repr(base_raw)}: a LoRA adapter ('model+adapter') is supported in "
                         "models[].model only (apply the adapter to the base model first)")
 
@@ -483,7 +492,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"tokenizer_source {short_repr(tok)} is not supported: only 'base' (vocabularies must match)")
     hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
     percdamp = raw.get("percdamp", 0.01)
-    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= percdamp < math.inf:
+    # numbers.Real's stub declares only < and <= (the ABC's minimum); the numbers here order both ways.
+    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= percdamp < math.inf:  # type: ignore[operator]
         problems.append(f"percdamp must be a finite number >= 0, got {short_repr(percdamp)}")
         percdamp = 0.01
     blocksize = _int(raw, "blocksize", 128, "", problems)

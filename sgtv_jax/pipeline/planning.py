@@ -10,11 +10,19 @@ uses the method's own data-free trim.
 
 from __future__ import annotations
 
+from typing import overload
+
 from sgtv_jax.merge.plan import ObsOptions, TensorPlan
 from sgtv_jax.merge.trim import DATA_TRIMS
 from sgtv_jax.pipeline.config import MergeConfig, method_kwargs, model_parameters, resolve_spec
 
 
+@overload
+def per_model(cfg: MergeConfig, key: str, name: str, layer: int | None, num_layers: int,
+              default: float) -> tuple[float, ...]: ...
+@overload
+def per_model(cfg: MergeConfig, key: str, name: str, layer: int | None, num_layers: int,
+              default: None) -> tuple[float, ...] | None: ...
 def per_model(cfg: MergeConfig, key: str, name: str, layer: int | None, num_layers: int,
               default: float | None) -> tuple[float, ...] | None:
     """Per-model parameter `key` (density, weight, gamma, epsilon) of every model for tensor `name`.

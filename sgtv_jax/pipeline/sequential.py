@@ -147,6 +147,7 @@ class MergeRun:
         return self._merge_one(name, None, base, read, None, torch_layout)
 
     def _start_source(self, outer: list[str], merged_outer: dict[str, np.ndarray]) -> None:
+        assert self.source is not None  # called only when the merge uses calibration data
         with self.timer("calibrate"):
             tok = load_tokenizer(self.cfg.base_model)
             maxpos = max_positions_of(self.arch.hf_config)
@@ -191,7 +192,7 @@ class MergeRun:
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
         plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
-        record = dict(name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
+        record: dict[str, Any] = dict(name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
                       density=list(plan.densities))
         with self.timer("prune"):
             unchanged = not any(np.any(deltas[t] != 0) for t in range(self.T))

@@ -50,7 +50,7 @@ class HessianSource:
 
     def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
         """The calibration data of each stream: the shared one."""
-        return [cfg.calibration or cfg.calibration_for(0)]
+        return [cfg.calibration or cfg.require_calibration(0)]
 
     def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
         """The non-block tensors each stream is embedded with (`merged`: the merged ones)."""
@@ -93,7 +93,7 @@ class PerTaskSource(HessianSource):
     stacked = True
 
     def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
-        return [cfg.calibration_for(t) for t in range(len(cfg.models))]
+        return [cfg.require_calibration(t) for t in range(len(cfg.models))]
 
     def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
         return ckpts.read_models(outer)
