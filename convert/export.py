@@ -47,9 +47,9 @@ TOKENIZER_FILES = (
 class _Unchanged:
     """Marker: take this tensor from the base checkpoint as stored."""
 
-    _instance: "_Unchanged | None" = None
+    _instance: _Unchanged | None = None
 
-    def __new__(cls) -> "_Unchanged":
+    def __new__(cls) -> _Unchanged:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance

@@ -81,9 +81,10 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise ConvertError(f"{self.path}: no such GGUF file")
         try:
-            self._reader = gguf.GGUFReader(str(self.path))
+            reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors/etc.
             raise ConvertError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self._reader: gguf.GGUFReader | None = reader
         arch = self._field("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ConvertError(
@@ -92,7 +93,7 @@ class GGUFCheckpoint:
             )
         self.architecture: str = arch
         self._tensors = {}
-        for t in self._reader.tensors:
+        for t in reader.tensors:
             if t.name == "rope_freqs.weight":
                 # llama3-style RoPE scaling stored as a tensor: HF expresses it in
                 # config.rope_parameters, which we cannot recover exactly here.
@@ -105,6 +106,8 @@ class GGUFCheckpoint:
     # -- metadata -------------------------------------------------------------
 
     def _field(self, key: str, default: Any = None) -> Any:
+        if self._reader is None:
+            raise ConvertError(f"{self.path}: the GGUF file is closed")
         f = self._reader.fields.get(key)
         if f is None:
             return default
@@ -242,7 +245,7 @@ class GGUFCheckpoint:
         self._tensors = {}
         self._reader = None
 
-    def __enter__(self) -> "GGUFCheckpoint":
+    def __enter__(self) -> GGUFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -483,7 +483,7 @@ class LoraCheckpoint:
         self._weights.close()
         self.base.close()
 
-    def __enter__(self) -> "LoraCheckpoint":
+    def __enter__(self) -> LoraCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,7 +27,6 @@ from convert.torch_reader import SINGLE_FILE as PT_SINGLE
 from convert.torch_reader import TorchBinCheckpoint
 
 
-
 def supported_architectures() -> tuple[str, ...]:
     """HF ``model_type`` values we have Flax models and name maps for (``convert.architectures``)."""
     return SUPPORTED_MODEL_TYPES

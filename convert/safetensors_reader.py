@@ -190,7 +190,7 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, its shape/dtype need {arr.nbytes}")
         fh = self._handle_for(shard)
         fh.seek(begin)
-        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        got = fh.readinto(arr.reshape(-1).view(np.uint8).data)
         if got != arr.nbytes:
             raise ConvertError(f"{shard}: truncated while reading tensor {name!r} ({got} of {arr.nbytes} bytes)")
         return arr
@@ -214,7 +214,7 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, too few for its shape")
         fh = self._handle_for(shard)
         fh.seek(begin + r0 * row_bytes)
-        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        got = fh.readinto(arr.reshape(-1).view(np.uint8).data)
         if got != arr.nbytes:
             raise ConvertError(f"{shard}: truncated while reading rows of tensor {name!r} ({got} of {arr.nbytes} bytes)")
         return arr
@@ -241,7 +241,7 @@ class SafetensorsCheckpoint:
         self._handle = None
         self._open_file = None
 
-    def __enter__(self) -> "SafetensorsCheckpoint":
+    def __enter__(self) -> SafetensorsCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -55,8 +55,8 @@ class StreamingSafetensorsWriter:
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         begin = self.nbytes
-        # memoryview of the array: no intermediate bytes copy.
-        self._data.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        # A memoryview of the array (ndarray.data): no intermediate bytes copy.
+        self._data.write(arr.reshape(-1).view(np.uint8).data)
         self.nbytes += arr.nbytes
         self._header[name] = {"dtype": dtype_tag(arr.dtype), "shape": list(arr.shape),
                               "data_offsets": [begin, self.nbytes]}

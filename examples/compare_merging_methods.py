@@ -176,7 +176,10 @@ def main(argv=None) -> None:
                 errs.append(np.sqrt(np.trace(e @ h @ e.T) / np.trace(d @ h @ d.T)))
         return accs, float(np.mean(errs))
 
-    kernel = lambda trim, rest: [{"filter": "kernel", "value": trim}, {"value": rest}]  # noqa: E731
+
+    def kernel(trim, rest):
+        return [{"filter": "kernel", "value": trim}, {"value": rest}]
+
     methods = {
         "TA": ("task_arithmetic", {}, False),
         "TIES": ("ties", {}, True),

@@ -14,7 +14,8 @@ import argparse
 import errno
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

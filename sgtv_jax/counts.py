@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 _BITS = 12
 _MASK = (1 << _BITS) - 1
@@ -121,7 +122,7 @@ def _emulated(v: jax.Array, factors: tuple[int, ...], complement: bool, floor: b
     return _shift_down(_floor_at(a, scale) if floor else _round_at(a, scale), scale)
 
 
-def exact_round(value: jax.Array, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
+def exact_round(value: ArrayLike, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
     """int32 `round((1 - value) * f1 * f2 ...)` (complement) or `round(value * f1 ...)`, as Python's float64.
 
     `value`: any shape, floating, in [0, 1] (NaN and values outside are clipped
@@ -131,17 +132,17 @@ def exact_round(value: jax.Array, factors: tuple[int, ...], *, complement: bool 
     return _exact(value, factors, complement, floor=False)
 
 
-def exact_floor(value: jax.Array, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
+def exact_floor(value: ArrayLike, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
     """int32 `int(value * f1 * f2 ...)` (or of `(1 - value) * ...`), as Python's float64; see `exact_round`."""
     return _exact(value, factors, complement, floor=True)
 
 
-def _exact(value: jax.Array, factors: tuple[int, ...], complement: bool, floor: bool) -> jax.Array:
+def _exact(value: ArrayLike, factors: tuple[int, ...], complement: bool, floor: bool) -> jax.Array:
     v = jnp.asarray(value)
     if not jnp.issubdtype(v.dtype, jnp.floating):
         v = v.astype(jnp.float32)
     v = jnp.clip(jnp.where(jnp.isnan(v), 0, v), 0, 1)
-    if jax.config.jax_enable_x64:
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # config options are dynamic attributes
         x = 1.0 - v.astype(jnp.float64) if complement else v.astype(jnp.float64)
         for f in factors:
             x = x * float(f)

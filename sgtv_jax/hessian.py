@@ -42,7 +42,7 @@ class HessianState(NamedTuple):
 
 def default_dtype() -> jnp.dtype:
     """float64 when JAX runs with x64 enabled, else float32."""
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32  # type: ignore[attr-defined]  # dynamic option
 
 
 def hessian_init(cols: int, dtype: jnp.dtype | None = None) -> HessianState:

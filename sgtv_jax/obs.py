@@ -29,7 +29,8 @@ is not used (`sgtv_jax._checks.Guard`).
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple, Sequence, overload
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp

@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file, save_file
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 
 NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"

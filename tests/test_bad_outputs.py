@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-
 import test_pipeline_helpers as H
-from convert.atomic import OUTPUT_MARKER, PARTIAL_MARKER, remove_leftovers
+import yaml
 from safetensors.numpy import load_file
+
+from convert.atomic import OUTPUT_MARKER, PARTIAL_MARKER, remove_leftovers
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.config import load_config
 from sgtv_jax.pipeline.sequential import run_merge

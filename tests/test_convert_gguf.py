@@ -27,7 +27,10 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -
 
 def hf_tensors(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+
+    def r(*s):
+        return rng.standard_normal(s).astype(np.float32)
+
     t = {"model.embed_tokens.weight": r(VOCAB, HIDDEN), "model.norm.weight": r(HIDDEN)}
     if not tied:
         t["lm_head.weight"] = r(VOCAB, HIDDEN)

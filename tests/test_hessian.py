@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 from sgtv_jax import hessian_finalize, hessian_init, hessian_update, input_norms
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 import yaml
 from safetensors.numpy import save_file
 
-import test_pipeline_helpers as H
 from convert.lora import LoraCheckpoint, open_model
 from convert.lora_extract import REPORT, low_rank
 from convert.readers import open_checkpoint

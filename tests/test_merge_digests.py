@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 from safetensors.numpy import load_file
 
-import test_pipeline_helpers as H
 from convert import restore_orbax
 from convert.architectures import get_architecture
 from sgtv_jax.pipeline.config import parse_config

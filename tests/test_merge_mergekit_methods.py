@@ -143,7 +143,10 @@ def ref_arcee(tau, base):
     imp = np.abs(tau) * (p * np.log(p / q)).sum(-1, keepdims=True)
     s = np.sort(imp.ravel())
     n = s.size
-    at = lambda qq: s[int(np.float32(qq) * np.float32(n - 1))]
+
+    def at(qq):
+        return s[int(np.float32(qq) * np.float32(n - 1))]
+
     thr = at(0.5) + 1.5 * (at(0.75) - at(0.25))
     return np.where(imp >= thr, tau, 0.0), imp, thr
 
@@ -399,7 +402,10 @@ def test_slerp_gradient_in_t_matches_finite_differences():
     with jax.enable_x64(True):
         d, b = jnp.asarray(TAUS[:1], jnp.float64), jnp.asarray(BASE, jnp.float64)
         c = jnp.asarray(np.random.default_rng(9).standard_normal(BASE.shape))
-        f = lambda t: jnp.sum(c * slerp(d, t=t, base=b))
+
+        def f(t):
+            return jnp.sum(c * slerp(d, t=t, base=b))
+
         g = jax.grad(f)(0.3)
         fd = (f(0.3 + 1e-6) - f(0.3 - 1e-6)) / 2e-6
         np.testing.assert_allclose(float(g), float(fd), rtol=1e-6)

@@ -88,7 +88,10 @@ def test_seed_bit_identical_and_order_independent():
     kw = dict(weights=[1, 1, 1], densities=[0.3, 0.5, 0.7])
     a = M.merge("dare_ties", base, models, seed=7, **kw)
     b = M.merge("dare_ties", base, models, seed=7, **kw)
-    rev = lambda d: dict(reversed(list(d.items())))  # noqa: E731
+
+    def rev(d):
+        return dict(reversed(list(d.items())))
+
     c = M.merge("dare_ties", rev(base), [rev(m) for m in models], seed=7, **kw)
     only = {k: base[k] for k in ["layers.0.attn.weight"]}
     d = M.merge("dare_ties", only, [{k: m[k] for k in only} for m in models], seed=7, **kw)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 import sgtv_jax.merge as M
 
 ROWS, COLS = 12, 32

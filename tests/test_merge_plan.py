@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.trim import Calibration
 

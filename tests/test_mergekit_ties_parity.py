@@ -110,7 +110,10 @@ def test_ties_equals_mergekit_rule_on_real_looking_deltas(tensor, count):
 
 def test_count_rules_differ_where_the_issue_expects():
     taus = jnp.asarray(np.random.default_rng(1).standard_normal((1, 100)).astype(np.float32))
-    kept = lambda count, d, x=taus: int(jnp.sum(trim_lib.trim("magnitude", x, [d], count=count) != 0))
+
+    def kept(count, d, x=taus):
+        return int(jnp.sum(trim_lib.trim("magnitude", x, [d], count=count) != 0))
+
     assert (kept("floor", 0.29), kept("round", 0.29)) == (28, 29)
     odd = taus[:, :7]
     assert (kept("floor", 0.5, odd), kept("round", 0.5, odd)) == (3, 4)  # 3.5: int 3, round-half-even 4
@@ -158,7 +161,7 @@ def test_traced_floor_counts_equal_python_int_at_integer_boundaries():
             f = np.float32(j / n)
             vals += [f, np.nextafter(f, np.float32(2)), np.nextafter(f, np.float32(-1))]
         vals = np.clip(np.array(vals, np.float32), 0, 1)
-        got = np.asarray(jax.jit(lambda v: counts.exact_floor(v, (n,)))(vals))
+        got = np.asarray(jax.jit(counts.exact_floor, static_argnums=1)(vals, (n,)))
         np.testing.assert_array_equal(got, [_host_floor(v, n) for v in vals], err_msg=str(n))
         # float32 arithmetic alone gets some of them wrong: the test can fail
         if n > 1000:

@@ -404,7 +404,7 @@ def test_moe_captures_match_torch_experts_and_router(key, workdir):
     ids, mask = _inputs(cfg.vocab_size)
     valid = mask.reshape(-1).astype(bool)
     kind = model.config.moe
-    p, (g_name, u_name, d_name) = MOE_PREFIX[kind], EXPERT_NAMES[kind]
+    p, (g_name, _, d_name) = MOE_PREFIX[kind], EXPERT_NAMES[kind]
     n_exp = model.config.num_experts
     got, handles = {}, []
     for i in range(len(model.blocks)):

@@ -18,11 +18,17 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
-from convert.namemaps import (get_name_map, load_hf_state_dict_into_model,  # noqa: E402
-                              model_to_hf_state_dict)
-from sgtv_jax.models import (apply_block, build_abstract_model, build_model,  # noqa: E402
-                             forward_blockwise, get_block_state, get_model_class, set_block_state,
-                             split_block)
+from convert.namemaps import get_name_map, load_hf_state_dict_into_model, model_to_hf_state_dict  # noqa: E402
+from sgtv_jax.models import (  # noqa: E402
+    apply_block,
+    build_abstract_model,
+    build_model,
+    forward_blockwise,
+    get_block_state,
+    get_model_class,
+    set_block_state,
+    split_block,
+)
 
 # fp32 end to end on CPU; differences come only from summation order.
 TOL = 1e-4
@@ -94,7 +100,7 @@ def _reference(key: str):
         torch.manual_seed(0)
         tm = getattr(transformers, _TORCH_CLASSES[cfg.model_type])(cfg).eval()
         with torch.no_grad():  # non-trivial norm weights/biases (HF inits them to 1/0)
-            for n, p in tm.named_parameters():
+            for p in tm.parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
         sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}

@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import ConfigError, parse_config
@@ -104,7 +104,10 @@ def test_llama_merged_mode_hessians_equal_merged_so_far_inputs(llama_merged, lla
     cfg, rep, sink, out = llama_merged
     _, paths = llama
     calib = _windows(cfg)
-    pref = lambda i: f"model.layers.{i}."  # noqa: E731
+
+    def pref(i):
+        return f"model.layers.{i}."
+
     for block in range(3):
         model = _partial(paths["base"], out, block, pref)
         want = H.torch_hessians(model, calib.input_ids, calib.mask, pref(block), LLAMA_LINEARS)
@@ -183,7 +186,10 @@ def test_gpt2_merge_loads_and_hessians_follow_merged_model(gpt2):
     lin = [r for r in rep["layers"] if r["linear"]]
     assert len(lin) == 3 * 4 and all(r["trim"] == "sparsegpt" for r in lin)
     calib = _windows(cfg)
-    pref = lambda i: f"transformer.h.{i}."  # noqa: E731
+
+    def pref(i):
+        return f"transformer.h.{i}."
+
     for block in (0, 2):
         partial = _partial(paths["base"], root / "merged", block, pref)
         want = H.torch_hessians(partial, calib.input_ids, calib.mask, pref(block), GPT2_LINEARS)
@@ -312,9 +318,10 @@ def test_killed_merge_leaves_no_complete_looking_output(llama, tmp_path):
 
 
 def test_orbax_output_equals_hf_output(llama, tmp_path):
+    from safetensors.numpy import load_file
+
     from convert import restore_orbax
     from convert.namemaps import get_name_map
-    from safetensors.numpy import load_file
 
     root, paths = llama
     raw = H.config_dict(paths, root, trim=None)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from convert import load_flax_model
 from sgtv_jax.obs import obs_prune
-from sgtv_jax.pipeline.compat import (TaskVectorImportanceCalculator, TaskVectorImportanceCalculatorPerTask,
-                                      sequential_layer_pruning)
+from sgtv_jax.pipeline.compat import (
+    TaskVectorImportanceCalculator,
+    TaskVectorImportanceCalculatorPerTask,
+    sequential_layer_pruning,
+)
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 

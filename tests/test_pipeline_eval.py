@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.evaluate import exact_match, is_match, load_model, perplexity
 

@@ -14,11 +14,11 @@ import json
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 import yaml
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.config import parse_config

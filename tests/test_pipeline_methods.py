@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 from sgtv_jax.merge import merge
 

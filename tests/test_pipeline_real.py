@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from convert import default_cache_dir, fetch_smollm2, open_checkpoint
-from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.arch import arch_of
+from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.report import relative_errors
 from sgtv_jax.pipeline.sequential import merge_tensor
 from sgtv_jax.pipeline.streams import capture, embed_stream

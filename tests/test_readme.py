@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as helpers
 import yaml
 
-import test_pipeline_helpers as helpers
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
 

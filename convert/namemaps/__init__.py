@@ -31,10 +31,13 @@ materialised whole.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
+
+from sgtv_jax.models.common import FamilyModel
 
 from ._base import FlaxPath, NameMap, Rule
 
@@ -50,7 +53,7 @@ def get_name_map(model_type: str) -> NameMap:
     return get_architecture(model_type).name_map
 
 
-def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
+def load_hf_state_dict_into_model(model: FamilyModel, tensors: Mapping[str, np.ndarray], *,
                                   strict: bool = True) -> nnx.Module:
     """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
 
@@ -60,7 +63,7 @@ def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.nd
     return get_name_map(model.config.model_type).load_hf_state_dict_into_model(model, tensors, strict=strict)
 
 
-def model_to_hf_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
+def model_to_hf_state_dict(model: FamilyModel, dtype: Any = None) -> dict[str, np.ndarray]:
     """All parameters as ``{hf_name: np.ndarray}`` in HF layout (see ``NameMap.model_to_hf_state_dict``)."""
     return get_name_map(model.config.model_type).model_to_hf_state_dict(model, dtype=dtype)
 

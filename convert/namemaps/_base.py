@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -61,10 +62,11 @@ class NameMap:
         self._normalize = normalize_fn
         self._ignore = [re.compile(p) for p in ignore_patterns]
         self._config_fn = config_fn
+        # Per instance (not a method decorator, whose cache would be shared by all maps and keep them alive).
+        self._tables = functools.lru_cache(maxsize=32)(self._build_tables)
 
     # -- tables ---------------------------------------------------------------
-    @functools.lru_cache(maxsize=32)
-    def _tables(self, cfg: Any) -> tuple[dict[str, Rule], dict[FlaxPath, Rule]]:
+    def _build_tables(self, cfg: Any) -> tuple[dict[str, Rule], dict[FlaxPath, Rule]]:
         by_hf: dict[str, Rule] = {}
         by_flax: dict[FlaxPath, Rule] = {}
         for r in self._rules_fn(cfg):

@@ -92,6 +92,7 @@ def _rules(cfg: LlamaConfig) -> list[Rule]:
 def _moe_rules(cfg: LlamaConfig, i: int) -> list[Rule]:
     """Router, per-expert and shared-expert tensors of block ``i`` (expert index is an int path element)."""
     d, fe, fs, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.num_experts
+    assert cfg.moe is not None, "expert tensors exist only in MoE configs"  # the caller checks
     p = MOE_PREFIX[cfg.moe]
     hf, fx = f"{hf_block_prefix(i)}{p}.", ("blocks", i, p)
     rules = [Rule(hf + "gate.weight", fx + ("gate", "kernel"), True, (n, d))]

@@ -90,12 +90,12 @@ def make_checkpoint(path: Path, layers: int, shard_mb: int) -> None:
 def child(src: str, dst: str, dtype: str, out_shard: str) -> None:
     """Run one conversion and print its metrics as JSON (peak RSS of this process)."""
     import convert  # noqa: F401  (imports counted in the baseline)
-    from convert import convert_to_hf
-    from convert.readers import hf_config_object, open_checkpoint
 
     # Shape validation imports the name maps (jax, flax) and transformers' configs;
     # count those imports in the baseline, not in the conversion.
     import convert.namemaps  # noqa: F401
+    from convert import convert_to_hf
+    from convert.readers import hf_config_object, open_checkpoint
 
     hf_config_object({"model_type": "llama"})
     base = _rss_now()

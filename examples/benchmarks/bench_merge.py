@@ -26,6 +26,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def perturbed(ckpt, rng: np.random.Generator):
+    """Yield ``(name, w + delta)`` per tensor: a low-rank-plus-noise delta at ~1% of the tensor's scale."""
+    for name in ckpt.names():
+        w = np.asarray(ckpt.get(name), np.float32)
+        scale = 0.01 * float(np.sqrt(np.mean(w ** 2)) + 1e-8)
+        if w.ndim == 2:
+            r, c = w.shape
+            d = (rng.standard_normal((r, 4), np.float32) @ rng.standard_normal((4, c), np.float32) / 2
+                 + 0.5 * rng.standard_normal((r, c), np.float32))
+        else:
+            d = rng.standard_normal(w.shape, np.float32)
+        yield name, w + scale * d
+
+
 def make_finetunes(base: Path, work: Path, tasks: int = 3) -> list[Path]:
     from convert import export_hf, open_checkpoint
 
@@ -35,22 +49,8 @@ def make_finetunes(base: Path, work: Path, tasks: int = 3) -> list[Path]:
         out.append(dst)
         if dst.is_dir():
             continue
-        rng = np.random.default_rng(t)
-
-        def tensors(ckpt):
-            for name in ckpt.names():
-                w = np.asarray(ckpt.get(name), np.float32)
-                scale = 0.01 * float(np.sqrt(np.mean(w ** 2)) + 1e-8)
-                if w.ndim == 2:
-                    r, c = w.shape
-                    d = (rng.standard_normal((r, 4), np.float32) @ rng.standard_normal((4, c), np.float32) / 2
-                         + 0.5 * rng.standard_normal((r, c), np.float32))
-                else:
-                    d = rng.standard_normal(w.shape, np.float32)
-                yield name, w + scale * d
-
         with open_checkpoint(base) as ckpt:
-            export_hf(tensors(ckpt), dst, base=ckpt, dtype="fp32")
+            export_hf(perturbed(ckpt, np.random.default_rng(t)), dst, base=ckpt, dtype="fp32")
     return out
 
 

@@ -32,8 +32,8 @@ from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.paramspec import resolve
 from sgtv_jax.merge.passthrough import passthrough
-from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.registry import METHODS, available_methods, get_method
+from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.trim import TRIMS, Calibration
 

@@ -9,7 +9,8 @@ user check plus NaN in the result, never a silent wrong merge.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -135,7 +135,9 @@ def merge_grid(
         raise ValueError(f"method {method!r} has no parameter(s) {unknown}")
     if densities is not None and "densities" not in call_args(spec):
         raise ValueError(f"method {method!r} takes no densities")
-    is_traced = lambda k, v: k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))
+    def is_traced(k: str, v: Any) -> bool:
+        return k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))
+
     traced = {k: jnp.asarray(v) for k, v in params.items() if is_traced(k, v)}
     static = tuple(sorted((k, v) for k, v in params.items() if not is_traced(k, v)))
     try:

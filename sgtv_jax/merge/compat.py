@@ -33,7 +33,8 @@ not supported.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,11 +103,9 @@ class _SeedMerge:
         if single:
             base = {_SINGLE: _checks.as_array(base_model_parameters, "base_model_parameters")}
             models = [{_SINGLE: _checks.as_array(m, "ft_models_parameters")} for m in ft_models_parameters]
-            wrap = lambda s: None if s is None else {_SINGLE: s}  # noqa: E731
         else:
             base = {k: _checks.as_array(v, k) for k, v in base_model_parameters.items()}
             models = [{k: _checks.as_array(v, k) for k, v in m.items()} for m in ft_models_parameters]
-            wrap = lambda s: s  # noqa: E731
         kwargs: dict[str, Any] = dict(weights=list(weights), densities=list(densities), seed=seed, layout=layout)
         if use_sparsegpt:
             stats = hessian_invs if hessian_invs is not None else hessians
@@ -114,7 +113,8 @@ class _SeedMerge:
                 raise ValueError(
                     "hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True"
                 )
-            stats = wrap(stats) if single else stats
+            if single:
+                stats = {_SINGLE: stats}
             stats = {k: _stack_stats(v, hessian_invs is not None) for k, v in stats.items()}
             kwargs["hessian_invs" if hessian_invs is not None else "hessians"] = stats
             known = set(stats)

@@ -188,7 +188,7 @@ def multislerp(
 
 
 def karcher(
-    deltas: jax.Array, weights: Floats = 1.0, *, max_iter: int = 10, tol: float = 1e-5,
+    deltas: jax.Array, weights: Floats = 1.0, *, max_iter: int = 10, tol: float | jax.Array = 1e-5,
     base: jax.Array | None = None, name: str | None = None,
 ) -> jax.Array:
     """Karcher (Riemannian) mean of the models on the unit sphere, scaled by their mean norm.

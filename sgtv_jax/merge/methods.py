@@ -62,7 +62,7 @@ compute task vectors and merges in float32 and round once at the end.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,8 @@ for a data-aware trim. Each tensor is then merged by
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +176,7 @@ def _check_trim(inp: _Inputs, name: str, shape: tuple[int, ...], kind: str | Non
     if kind in DATA_TRIMS and len(shape) != 2:
         raise ValueError(f"trim={kind!r} needs 2-D linear weights, but tensor {name!r} has shape {shape}; "
                          "give it a data-free trim with a per-tensor trim spec")
-    if kind == "sparsegpt" and obs.prunem and cols % obs.prunem:
+    if kind == "sparsegpt" and obs.prunem and cols is not None and cols % obs.prunem:
         raise ValueError(f"tensor {name!r} has {cols} input columns, not a multiple of prunem {obs.prunem}")
     if kind == "sparsegpt" and obs.refit and calib.hessian is None and calib.hessian_inv is not None:
         raise ValueError(f"refit needs the Hessian itself, not its inverse, for tensor {name!r}")

@@ -24,7 +24,8 @@ where a list that is not rules gives one entry per model) and the YAML configs
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,7 @@ def merge_planned(
     elif kind == "sparsegpt":
         trimmed, damping = _obs_trim(plan, deltas, calib, rescale)
     else:
-        extra = {}
+        extra: dict[str, Any] = {}
         if plan.gamma is not None:
             extra["gamma"] = list(plan.gamma)
         if plan.epsilon is not None:

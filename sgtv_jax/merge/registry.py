@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from sgtv_jax.merge import methods
 from sgtv_jax.merge.arcee_fusion import arcee_fusion

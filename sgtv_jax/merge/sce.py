@@ -8,7 +8,7 @@ none), which composes as it does with TIES.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -110,7 +110,7 @@ _NORMALIZE = "divide by the sum of the (agreeing) weights"
 
 
 def _common(normalize: bool, consensus: bool) -> tuple[ParamSpec, ...]:
-    out = (
+    out: tuple[ParamSpec, ...] = (
         ParamSpec("normalize", "bool", normalize, doc=_NORMALIZE),
         ParamSpec("lambda", "float", 1.0, doc="scale of the merged task vector", arg="lambda_"),
         ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)"),

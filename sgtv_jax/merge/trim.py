@@ -37,7 +37,8 @@ Layout: 2-D task vectors are `[out, in]` (PyTorch). Row-wise trims (`magprune`,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,8 @@ def _count(density: float | jax.Array, n: int, count: str = "round") -> int | ja
     _check_count(count)
     if _checks.is_traced(density):
         return (exact_floor if count == "floor" else exact_round)(density, (n,))
-    return int(density * n) if count == "floor" else int(round(density * n))
+    known = cast(float, density)  # a Python or NumPy number here (round() of the float | Array union types as object)
+    return int(known * n) if count == "floor" else int(round(known * n))
 
 
 def _inverse(density: float | jax.Array, dtype: jnp.dtype) -> float | jax.Array:
@@ -262,7 +264,7 @@ def wanda(
 
 def sparsegpt(
     deltas: jax.Array,
-    densities: Sequence[float],
+    densities: Sequence[float] | jax.Array,
     calib: Calibration,
     *,
     blocksize: int = 128,
@@ -284,7 +286,7 @@ def sparsegpt(
             f"sparsegpt trimming needs 2-D [out, in] task vectors{_where(name)}, "
             f"got per-task shape {tuple(deltas.shape[1:])}"
         )
-    dens = densities if _checks.is_traced(densities) else list(densities)
+    dens: Any = densities if _checks.is_traced(densities) else list(densities)
     if calib.hessian is not None:
         pruned, _ = obs.obs_prune(
             deltas, calib.hessian, density=dens, blocksize=blocksize,
@@ -301,11 +303,11 @@ def sparsegpt(
     return inverse_density_scale(pruned, densities) if rescale else pruned
 
 
-def inverse_density_scale(x: jax.Array, densities: Sequence[float]) -> jax.Array:
+def inverse_density_scale(x: jax.Array, densities: Sequence[float] | jax.Array) -> jax.Array:
     """`x[t] / density_t` for a stack `[T, ...]` (DARE-style rescale; density 0 -> 0)."""
     if _checks.is_traced(densities):
         scale = jnp.stack([jnp.asarray(_inverse(d, x.dtype)) for d in densities]) if isinstance(
-            densities, (list, tuple)) else _inverse(densities, x.dtype)
+            densities, (list, tuple)) else jnp.asarray(_inverse(jnp.asarray(densities), x.dtype))
     else:
         scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], x.dtype)
     return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -328,7 +330,7 @@ def _per_task_stat(stat: Any, t: int, tasks: int, ndim: int) -> Any:
 def trim(
     kind: str,
     deltas: jax.Array,
-    densities: float | Sequence[float],
+    densities: float | Sequence[float] | jax.Array,
     *,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
@@ -366,24 +368,33 @@ def trim(
         return guard.apply(sparsegpt(
             deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
         ))
-    if kind in RANDOM_TRIMS and key is None:
-        raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
     # per task: fn(delta_t, density_t, *per_task_args_t); shared args are closed over
     args: list = [deltas, dens]
+    if kind in RANDOM_TRIMS:
+        if key is None:
+            raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
+        args.append(task_keys(key, tasks))
+    fn: Callable[..., jax.Array]
     if kind == "magnitude":
-        fn = lambda x, d: magnitude(x, d, rescale=rescale, count=count)
+
+        def fn(x, d):
+            return magnitude(x, d, rescale=rescale, count=count)
     elif kind == "random":
-        args.append(task_keys(key, tasks))
-        fn = lambda x, d, k: random(x, d, k, rescale=rescale)
+
+        def fn(x, d, k):
+            return random(x, d, k, rescale=rescale)
     elif kind == "magprune":
-        args.append(task_keys(key, tasks))
         args.append(_validate.per_task_values(epsilon, tasks, "epsilon", name, guard))
-        fn = lambda x, d, k, e: magprune(x, d, k, epsilon=e, rescale=rescale)
+
+        def fn(x, d, k, e):
+            return magprune(x, d, k, epsilon=e, rescale=rescale)
     elif kind == "breadcrumbs":
         gam = _validate.per_task_values(gamma, tasks, "gamma", name, guard)
         _validate.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
         args.append(gam)
-        fn = lambda x, d, g: breadcrumbs(x, d, gamma=g, rescale=rescale, count=count)
+
+        def fn(x, d, g):
+            return breadcrumbs(x, d, gamma=g, rescale=rescale, count=count)
     else:  # wanda
         if deltas.ndim != 3:
             raise ValueError(
@@ -398,7 +409,9 @@ def trim(
         if norms is None:
             raise ValueError(missing_stats_message(kind, name))
         args.append([_per_task_stat(norms, t, tasks, 1) for t in range(tasks)])
-        fn = lambda x, d, nrm: wanda(x, d, nrm, rescale=rescale, count=count)
+
+        def fn(x, d, nrm):
+            return wanda(x, d, nrm, rescale=rescale, count=count)
     if all(isinstance(a, (tuple, list)) for a in args[1:]) and not _checks.is_traced(*args[1:]):
         # known parameters: one call per task with Python floats (host counts, edge shortcuts)
         return jnp.stack([fn(*(a[t] for a in args)) for t in range(tasks)])

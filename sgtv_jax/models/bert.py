@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
 
 MODEL_TYPES = ("bert",)
 LINEAR_NAMES = ("attention.self.query", "attention.self.key", "attention.self.value",
@@ -65,7 +65,7 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32,
-                add_pooling_layer: bool = True) -> "BertConfig":
+                add_pooling_layer: bool = True) -> BertConfig:
         """Build from a transformers ``BertConfig``."""
         if hf_config.model_type not in MODEL_TYPES:
             raise ValueError(f"BertConfig.from_hf: model_type {hf_config.model_type!r} is not bert")
@@ -141,7 +141,7 @@ class BertBlock(nnx.Module):
         return (y, caps) if capture else y
 
 
-class BertModel(nnx.Module):
+class BertModel(FamilyModel):
     """BERT encoder. ``__call__(input_ids [B,S], attention_mask [B,S]) -> hidden [B,S,D]``."""
 
     config_class = BertConfig
@@ -157,7 +157,7 @@ class BertModel(nnx.Module):
         self.embeddings.LayerNorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
         self.blocks = nnx.List([BertBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         if cfg.add_pooling_layer:
-            self.pooler = _Module()
+            self.pooler: _Module | None = _Module()
             self.pooler.dense = Linear(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
         else:
             self.pooler = None

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +170,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 # Block-level functional API shared by all families.
 
 
+class FamilyModel(nnx.Module):
+    """Base of each family's top-level model: the interface the blockwise functions below rely on.
+
+    Declared for type checkers only (each family implements it; nothing here runs):
+    ``config`` (the family's frozen config, ``config_class``), ``blocks``,
+    ``embed`` -> ``blocks`` with ``block_kwargs`` -> ``head``, and the HF names
+    ``hf_block_prefix(i)`` and ``linear_names``.
+    """
+
+    if TYPE_CHECKING:
+        config_class: ClassVar[type[Any]]
+        config: Any
+        blocks: nnx.List
+        embed: Callable[..., jax.Array]  # input_ids [B, S] (+ family extras) -> hidden [B, S, D]
+        block_kwargs: Callable[..., dict[str, Any]]  # (attention_mask, seq_len, batch=...) -> block kwargs
+        head: Callable[[jax.Array], jax.Array]
+        hf_block_prefix: Callable[[int], str]
+
+        def __init__(self, cfg: Any, *, rngs: nnx.Rngs) -> None: ...
+
+        @property
+        def linear_names(self) -> tuple[str, ...]: ...
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capture",))
 def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, capture: bool = False,
                 **kwargs: Any):
@@ -182,7 +207,7 @@ def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, captu
     return block(x, capture=capture, **kwargs)
 
 
-def forward_blockwise(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+def forward_blockwise(model: FamilyModel, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       **embed_kwargs: Any) -> jax.Array:
     """Full forward through ``apply_block`` (one compiled block program reused for every block).
 
@@ -198,17 +223,17 @@ def forward_blockwise(model: nnx.Module, input_ids: jax.Array, attention_mask: j
     return model.head(x)
 
 
-def split_block(model: nnx.Module, i: int) -> tuple[nnx.GraphDef, nnx.State]:
+def split_block(model: FamilyModel, i: int) -> tuple[nnx.GraphDef, nnx.State]:
     """``nnx.split`` of block ``i`` (graphdef is identical across blocks)."""
     return nnx.split(model.blocks[i])
 
 
-def get_block_state(model: nnx.Module, i: int) -> nnx.State:
+def get_block_state(model: FamilyModel, i: int) -> nnx.State:
     """Parameters of block ``i`` as an ``nnx.State`` (paths relative to the block)."""
     return nnx.state(model.blocks[i])
 
 
-def set_block_state(model: nnx.Module, i: int, state: nnx.State) -> None:
+def set_block_state(model: FamilyModel, i: int, state: nnx.State) -> None:
     """Install ``state`` (e.g. merged weights) into block ``i`` in place."""
     nnx.update(model.blocks[i], state)
 

@@ -32,8 +32,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import (Embed, Linear, activation, apply_rope, attention_mask_bool, dot_product_attention,
-                     rope_inv_freq)
+from .common import (
+    Embed,
+    FamilyModel,
+    Linear,
+    activation,
+    apply_rope,
+    attention_mask_bool,
+    dot_product_attention,
+    rope_inv_freq,
+)
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -103,7 +111,7 @@ class GemmaConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "GemmaConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GemmaConfig:
         """Build from a transformers ``Gemma2Config`` / ``Gemma3TextConfig``."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:
@@ -242,7 +250,7 @@ class GemmaBlock(nnx.Module):
         return (x, caps) if capture else x
 
 
-class GemmaForCausalLM(nnx.Module):
+class GemmaForCausalLM(FamilyModel):
     """Gemma 2 / 3 text causal LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = GemmaConfig

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
 
 MODEL_TYPES = ("gpt2",)
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -65,7 +65,7 @@ class GPT2Config:
         return self.n_layer
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "GPT2Config":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GPT2Config:
         """Build from a transformers ``GPT2Config``."""
         if hf_config.model_type not in MODEL_TYPES:
             raise ValueError(f"GPT2Config.from_hf: model_type {hf_config.model_type!r} is not gpt2")
@@ -146,7 +146,7 @@ class GPT2Block(nnx.Module):
         return (x, caps) if capture else x
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(FamilyModel):
     """GPT-2 LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = GPT2Config

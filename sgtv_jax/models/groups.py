@@ -17,7 +17,7 @@ token weighted by its routing weight to expert 3,
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 

@@ -34,8 +34,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import (Embed, Linear, RMSNorm, activation, apply_rope, attention_mask_bool,
-                     dot_product_attention, rope_inv_freq, rope_long_inv_freq)
+from .common import (
+    Embed,
+    Linear,
+    RMSNorm,
+    activation,
+    apply_rope,
+    attention_mask_bool,
+    dot_product_attention,
+    rope_inv_freq,
+    rope_long_inv_freq,
+)
 from .groups import InputGroup
 from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE, expert_input_groups
 
@@ -59,7 +68,7 @@ INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
 FUSED_INPUT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
 
 
-def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...] | InputGroup, ...]:
+def input_groups(cfg: LlamaConfig) -> tuple[tuple[str, ...] | InputGroup, ...]:
     """Linear layers of a block sharing one input, for this config (one Hessian per group).
 
     MoE blocks: attention as dense blocks; each routed expert's gate / up
@@ -74,7 +83,7 @@ def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...] | InputGroup, ...]
                                                   shared=bool(cfg.shared_expert_intermediate_size))
 
 
-def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
+def linear_names(cfg: LlamaConfig) -> tuple[str, ...]:
     """HF-local names of one block's linear layers (MoE: routed and shared experts, not the gates)."""
     if cfg.fused:
         return FUSED_LINEAR_NAMES
@@ -135,7 +144,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "LlamaConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> LlamaConfig:
         """Build from a transformers Llama/Mistral/Qwen2/Qwen3/Phi3 config."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:
@@ -368,7 +377,7 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
         b, s = input_ids.shape
-        kw = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
+        kw: dict[str, Any] = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
         x = self.embed(input_ids)
         for blk in self.blocks:
             x = blk(x, **kw)

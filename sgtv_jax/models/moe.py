@@ -101,8 +101,8 @@ class SparseMoE(nnx.Module):
                                  for _ in range(num_experts)])
         if shared_intermediate:
             names = EXPERT_NAMES["qwen"]
-            self.shared_expert = Expert(d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs)
-            self.shared_expert_gate = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert: Expert | None = Expert(d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert_gate: Linear | None = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
         else:
             self.shared_expert = None
             self.shared_expert_gate = None
@@ -129,7 +129,7 @@ class SparseMoE(nnx.Module):
                 caps[f"{p}.experts.{e}.{expert.names[2]}"] = h
             # Same order as transformers: down-project, then scale by the routing weight.
             out = out + (expert.down(h) * w[..., e:e + 1].astype(h.dtype)).astype(x.dtype)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self.shared_expert_gate is not None:  # set together
             if caps is not None:
                 for n in ("gate_proj", "up_proj"):
                     caps[f"{p}.shared_expert.{n}"] = x
@@ -168,9 +168,10 @@ def expert_input_groups(kind: str, num_experts: int, *, shared: bool) -> tuple[I
     g, u, d = EXPERT_NAMES[kind]
     groups = []
     for e in range(num_experts):
-        w = dict(weights_key=f"{p}.routing_weights", column=e)
-        groups.append(InputGroup((f"{p}.experts.{e}.{g}", f"{p}.experts.{e}.{u}"), key=f"{p}.experts", **w))
-        groups.append(InputGroup((f"{p}.experts.{e}.{d}",), **w))
+        weights = f"{p}.routing_weights"
+        groups.append(InputGroup((f"{p}.experts.{e}.{g}", f"{p}.experts.{e}.{u}"), key=f"{p}.experts",
+                                 weights_key=weights, column=e))
+        groups.append(InputGroup((f"{p}.experts.{e}.{d}",), weights_key=weights, column=e))
     if shared:
         groups.append(InputGroup((f"{p}.shared_expert.gate_proj", f"{p}.shared_expert.up_proj")))
         groups.append(InputGroup((f"{p}.shared_expert.down_proj",)))

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from convert.dtypes import is_float
 from sgtv_jax.pipeline.config import ConfigError
@@ -290,12 +291,12 @@ def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_mo
                           "detail": f"the base lacks it; taken from {fts[first].label}"})
             continue
         shape = b.shapes[n]
-        lacking = [h.label for h in fts if n not in h.names]
-        if lacking:
+        without = [h.label for h in fts if n not in h.names]
+        if without:
             entries.append(TensorEntry(n, BASE, shape, block=blk, depth=depth,
-                                       reason=f"missing in {', '.join(lacking)}: taken from the base"))
+                                       reason=f"missing in {', '.join(without)}: taken from the base"))
             rules.append({"tensor": n, "rule": "taken from the base",
-                          "detail": f"{', '.join(lacking)} lack(s) it"})
+                          "detail": f"{', '.join(without)} lack(s) it"})
             continue
         shapes = [(h.label, h.shapes[n]) for h in everyone]
         if len({s for _, s in shapes}) > 1:

@@ -14,8 +14,9 @@ is masked (`mask = 0`); padding never enters a Hessian.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

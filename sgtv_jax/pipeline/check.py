@@ -96,9 +96,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
     from convert.readers import supported_architectures
-
     from sgtv_jax.pipeline.calibration import CalibrationError, check_files
-
     from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
 
     problems: list[str] = []
@@ -115,7 +113,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
                           f"{mt!r} for a merge with calibration data; supported: "
                           f"{', '.join(supported_architectures())}")
     vocab = base.get("vocab_size")
-    configs = []
+    configs: list[dict[str, Any] | None] = []
     for i, m in enumerate(cfg.models):
         try:
             c = read_hf_config(m.model)
@@ -187,7 +185,6 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
     """Check a merge by tensor name: plan it from the headers (every problem at once)."""
     from convert.errors import ConvertError
     from convert.readers import open_checkpoint
-
     from sgtv_jax.pipeline.byname import plan_by_name
 
     problems: list[str] = []

@@ -42,10 +42,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     print(f"merged into {args.out}: {rep['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
           + f"), peak RSS {rep['peak_rss_mb']:.0f} MiB")
     if args.lora is not None:
-        from convert.lora_extract import ADAPTER_SUBDIR, REPORT, summary
+        from convert.lora_extract import ADAPTER_SUBDIR, REPORT
+        from convert.lora_extract import summary as lora_summary
 
         adapter = Path(args.out) / ADAPTER_SUBDIR
-        print(summary(json.loads((adapter / REPORT).read_text()), adapter))
+        print(lora_summary(json.loads((adapter / REPORT).read_text()), adapter))
     return 0
 
 

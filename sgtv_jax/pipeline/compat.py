@@ -20,7 +20,8 @@ base model (like the pipeline's `base` Hessian source, `sgtv_jax.pipeline.source
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

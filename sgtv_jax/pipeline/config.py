@@ -53,8 +53,9 @@ import dataclasses
 import difflib
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -64,7 +65,8 @@ from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
 from sgtv_jax.merge.plan import ObsOptions
-from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
 
 __all__ = ["CALIBRATION_KEYS", "CalibrationConfig", "ConfigError", "DTYPES", "HESSIAN_SOURCES", "MODEL_KEYS",
@@ -289,6 +291,7 @@ def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
         return f"must be a number (or a gradient / filter rules), got {short_repr(v)}"
     if ps.kind == "int" and not isinstance(v, numbers.Integral):
         return f"must be an integer, got {short_repr(v)}"
+    v = float(v)
     if not math.isfinite(v):
         return f"must be finite, got {v!r}"
     if (ps.lo is not None and v < ps.lo) or (ps.hi is not None and v > ps.hi):
@@ -420,7 +423,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if base_raw is None:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
-    if base and "+" in base_raw and not Path(base).exists():
+    if base and "+" in str(base_raw) and not Path(base).exists():
         problems.append(f"base_model {short_repr(base_raw)}: a LoRA adapter ('model+adapter') is supported in "
                         "models[].model only (apply the adapter to the base model first)")
 
@@ -458,7 +461,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"tokenizer_source {short_repr(tok)} is not supported: only 'base' (vocabularies must match)")
     hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
     percdamp = raw.get("percdamp", 0.01)
-    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= percdamp < math.inf:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= float(percdamp) < math.inf:
         problems.append(f"percdamp must be a finite number >= 0, got {short_repr(percdamp)}")
         percdamp = 0.01
     blocksize = _int(raw, "blocksize", 128, "", problems)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ def merge_entry(cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_
     if entry.transpose:
         deltas = jnp.swapaxes(deltas, 1, 2)
     plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
-    record = dict(name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape),
+    record: dict[str, Any] = dict(name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape),
                   density=list(plan.densities))
     with timer("prune"):
         unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(tasks))

@@ -113,7 +113,7 @@ def finetune(base_dir: Path, dst: Path, ids: np.ndarray, loss_mask: np.ndarray, 
         return optax.apply_updates(params, upd), state, loss
 
     rng = np.random.default_rng(seed)
-    loss = None
+    loss = float("nan")  # what is reported after 0 steps
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = rng.choice(n, size=batch, replace=n < batch)

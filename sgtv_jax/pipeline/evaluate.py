@@ -16,8 +16,9 @@ Runs our Flax model (`sgtv_jax.models`) on any supported HF directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,6 @@ class EvalError(SgtvError):
 def load_model(model_dir: str | Path) -> tuple[Any, Any]:
     """(Flax model, tokenizer) of an HF directory."""
     from convert.conversion import load_flax_model
-
     from sgtv_jax.pipeline.calibration import load_tokenizer
 
     model, _ = load_flax_model(str(model_dir))

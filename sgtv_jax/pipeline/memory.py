@@ -94,7 +94,6 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
     """(HF config, linear weights of block 0, parameters of block 0, largest outer tensor) from headers."""
     from convert.namemaps import get_name_map
     from convert.readers import hf_config_object, open_checkpoint
-
     from sgtv_jax.models import get_family
     from sgtv_jax.pipeline.check import num_layers_of, read_hf_config
 
@@ -110,7 +109,8 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
     rules = {n: name_map.rule_for_hf(n, obj) for n in shapes}
     prefixes = tuple(family.hf_block_prefix(i) for i in range(num_layers_of(hf)))
     prefix0 = prefixes[0] if prefixes else "\0"
-    is_block = [n for n in shapes if rules[n] is not None and n.startswith(prefixes)]
+    block_rules = {n: r for n, r in rules.items() if r is not None and n.startswith(prefixes)}
+    is_block = list(block_rules)
     linears, block_params = [], 0
     for n in is_block:
         if not n.startswith(prefix0):
@@ -118,7 +118,7 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
         shape = shapes[n]
         block_params += math.prod(shape)
         if len(shape) == 2 and n.endswith(".weight"):
-            rows, cols = shape if rules[n].transpose else shape[::-1]  # torch layout is [out, in]
+            rows, cols = shape if block_rules[n].transpose else shape[::-1]  # torch layout is [out, in]
             linears.append(_Linear(int(rows), int(cols)))
     block_set = set(is_block)
     outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None),
@@ -160,11 +160,12 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     use_data = any(cfg.calibration_for(t) is not None for t in range(T))
     per_task = cfg.hessian_source == "per_task"
     if not use_data:
-        sets = []
+        wanted = []
     elif per_task:
-        sets = [cfg.calibration_for(t) for t in range(T)]
+        wanted = [cfg.calibration_for(t) for t in range(T)]
     else:
-        sets = [cfg.calibration or cfg.calibration_for(0)]
+        wanted = [cfg.calibration or cfg.calibration_for(0)]
+    sets = [c for c in wanted if c is not None]  # validation gives every model data when a trim needs it
     k = T if per_task else 1
     tokens = [c.nsamples * c.seqlen for c in sets]
     activations = F32 * hidden * (sum(tokens) + max(tokens, default=0))

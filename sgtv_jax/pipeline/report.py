@@ -16,8 +16,9 @@ import contextlib
 import dataclasses
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +47,19 @@ from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import DataFreeRun, require_flax_family, uses_by_name
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
-from sgtv_jax.pipeline.report import (PLOT_FILE, REPORT_FILE, STAGES, LayerRecord, StageTimer, jsonable,
-                                      peak_rss_mb, plot_report, relative_errors, with_export_time)
+from sgtv_jax.pipeline.report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    STAGES,
+    LayerRecord,
+    StageTimer,
+    jsonable,
+    peak_rss_mb,
+    plot_report,
+    relative_errors,
+    with_export_time,
+)
 from sgtv_jax.pipeline.sources import make_source
-from sgtv_jax.pipeline.streams import capture, embed_stream
 
 __all__ = ["FORMATS", "PLOT_FILE", "REPORT_FILE", "STAGES", "LayerRecord", "MergeRun", "merge_inputs",
            "merge_tensor", "peak_rss_mb", "plot_report", "run_merge"]
@@ -144,6 +154,7 @@ class MergeRun:
         return self._merge_one(name, None, base, read, None, torch_layout)
 
     def _start_source(self, outer: list[str], merged_outer: dict[str, np.ndarray]) -> None:
+        assert self.source is not None  # called only when the merge uses calibration data
         with self.timer("calibrate"):
             tok = load_tokenizer(self.cfg.base_model)
             maxpos = max_positions_of(self.arch.hf_config)
@@ -357,7 +368,7 @@ def run_merge(
     card = {"method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
             "parameters": jsonable(cfg.to_dict())}
     try:
-        if format == "hf" and by_name:
+        if format == "hf" and isinstance(run, DataFreeRun):
             # every output tensor comes from the run (base copies included), with the plan's config
             base_dir = Path(run.base.path)
             export_hf(run.tensors(), out, config=run.plan.config, dtype=run.out_dtype_name,

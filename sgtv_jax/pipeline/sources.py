@@ -25,7 +25,8 @@ Hessians; then one entry in `SOURCES` (and in `config.HESSIAN_SOURCES`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,7 @@ class HessianSource:
         self.min_routed_tokens = min_routed_tokens  # experts given fewer fall back (streams.capture)
         self.streams: list[Stream] = []
 
-    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig | None]:
         """The calibration data of each stream: the shared one."""
         return [cfg.calibration or cfg.calibration_for(0)]
 
@@ -108,7 +109,7 @@ class PerTaskSource(HessianSource):
 
     stacked = True
 
-    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig | None]:
         return [cfg.calibration_for(t) for t in range(len(cfg.models))]
 
     def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
