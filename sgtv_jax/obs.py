@@ -47,6 +47,7 @@ from sgtv_jax.factor import (
     factor_unchecked,
 )
 from sgtv_jax.refit import refit_kept
+from sgtv_jax.select import smallest_mask
 
 
 class ObsInfo(NamedTuple):
@@ -70,28 +71,10 @@ SUB_BLOCKSIZE = 32
 def prune_k_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
     """Bool mask of the `k` smallest of `scores` `[n]` (>= 0), ties in index order.
 
-    Bisection on the float bit pattern (monotonic for non-negative floats)
-    instead of a full sort: `bits` passes of a fused count, then a cumsum to
-    break ties at the threshold stably. Exact, and it shards like a reduction.
+    Exact radix select over the float bit patterns (`sgtv_jax.select`): a few
+    histogram passes instead of a full sort; `k` may be traced.
     """
-    itype = jnp.int64 if scores.dtype == jnp.float64 else jnp.int32
-    bits = jax.lax.bitcast_convert_type(scores, itype)
-    nbits = 63 if itype == jnp.int64 else 31
-
-    def body(_, lohi):
-        lo, hi = lohi
-        # floor((lo + hi) / 2) without overflowing at the ends of the range
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
-        enough = jnp.sum(bits <= mid) >= k
-        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
-
-    lo0 = jnp.array(-1, itype)
-    hi0 = jnp.array(jnp.iinfo(itype).max, itype)
-    _, thresh = jax.lax.fori_loop(0, nbits + 1, body, (lo0, hi0))
-    less = bits < thresh
-    equal = bits == thresh
-    need = k - jnp.sum(less)
-    return less | (equal & (jnp.cumsum(equal) <= need))
+    return smallest_mask(scores, k)
 
 
 def _nm_mask(w: jax.Array, d: jax.Array, prunen: int) -> jax.Array:

@@ -1,0 +1,417 @@
+"""Exact row-chunked merge of one tensor whose `[T, ...]` float32 stack exceeds a memory budget.
+
+`merge_rows(plan, base, models, shape, out_dtype=..., budget_bytes=...)`
+reads the base and every fine-tuned model through row readers
+(`(r0, r1) -> array [r1 - r0, ...]`, e.g. a safetensors slice) and yields the
+merged tensor's rows in order, chunk by chunk, in the output dtype:
+`(base + merged task vector).astype(out_dtype)`, bit for bit what
+`sgtv_jax.merge.plan.merge_planned` gives on the whole stack of task vectors
+`float32(model) - float32(base)`, and the base itself when no model changed
+the tensor (the pipeline's rule). At most one chunk of every model is in
+memory: the working set is `working_set_bytes(shape, T, budget)`, at most
+the budget (unless one row exceeds it).
+
+`transpose=True` merges a 2-D tensor as its transpose (the pipeline does so
+for 2-D tensors stored in the model's own layout, such as embeddings): the
+output keeps the stored layout, but ties, random draws and rows follow the
+transposed tensor's row-major order, as `merge_planned` sees it.
+
+How each trim is chunked (chunks are rows of the stored tensor):
+
+| trim          | needs                                   | passes over the rows                   |
+| ------------- | --------------------------------------- | -------------------------------------- |
+| `magnitude`   | the k-th largest `|d|` per task          | 2 histograms (+1 for transposed ties) + merge |
+| `breadcrumbs` | two cut points per task                 | as magnitude                           |
+| `random`      | the whole tensor's Bernoulli mask       | merge (each chunk draws its own part)  |
+| `magprune`    | per-row ranks and uniforms              | merge (whole rows per chunk)           |
+| none          | -                                       | merge                                  |
+
+Thresholds: `|d|` as float32 bit patterns, reversed (`0x7FFFFFFF - bits`)
+so the k largest are the k smallest keys, found digit by digit (16 + 16
+bits, the plan of `sgtv_jax.select`): a histogram of the high digit, then
+of the low digit inside the bin holding the k-th key. Ties at the threshold
+go to the entries that come first in the merge order, counted across chunks
+(transposed: per column, which takes one more pass). Random draws use the
+entry's index in the merge order as threefry counter (`blockrng`). Sign
+election and the (disjoint) mean are per entry.
+
+Merged in one piece with `merge_planned` (memory: the whole stack): tensors
+whose stack fits the budget, 1-D tensors, and `magprune` on a transposed
+tensor (its rows are the stored columns). Calibration trims (`wanda`,
+`sparsegpt`) are refused: use `merge_planned` with the Hessian.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from sgtv_jax.merge import _validate, blockrng
+from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.keys import task_keys
+from sgtv_jax.merge.methods import resolve_rescale
+from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, merge_planned
+from sgtv_jax.merge.registry import get_method
+from sgtv_jax.merge.specs import MethodSpec, method_spec
+from sgtv_jax.select import digit_plan
+
+RowReader = Callable[[int, int], np.ndarray]
+"""`(r0, r1) -> rows [r0, r1)` of one checkpoint's tensor, shape `[r1 - r0, *shape[1:]]`."""
+
+DEFAULT_BUDGET = 1 << 30
+"""Default working-set budget of one tensor's merge, in bytes."""
+
+STREAMED_TRIMS = ("magnitude", "breadcrumbs", "random", "magprune", None)
+
+_KEY_MAX = np.uint32(0x7FFFFFFF)  # |d| bit patterns are <= this (no NaN)
+_DIGITS = digit_plan(32, 1 << 32)  # 16 + 16 bits, whatever the tensor's size
+
+
+def bytes_per_entry(tasks: int) -> int:
+    """Working bytes per tensor entry of one chunk, for `tasks` models.
+
+    float32: base (4) + task vectors (4T) + trimmed vectors (4T) + the merge's
+    temporaries (weighted vectors, agreement masks, products: ~12T) + merged
+    and output (8).
+    """
+    return 12 + 20 * tasks
+
+
+def chunk_rows(shape: Sequence[int], tasks: int, budget_bytes: int) -> int:
+    """Rows per chunk so one chunk's working set fits `budget_bytes` (at least 1; all rows of a 1-D tensor)."""
+    rows = int(shape[0]) if len(shape) else 1
+    if len(shape) < 2:
+        return max(rows, 1)
+    per_row = math.prod(shape[1:]) * bytes_per_entry(tasks)
+    return max(1, min(rows, budget_bytes // max(per_row, 1)))
+
+
+def working_set_bytes(shape: Sequence[int], tasks: int, budget_bytes: int) -> int:
+    """The working set of merging one tensor of `shape` within `budget_bytes`: one chunk's rows.
+
+    `<= budget_bytes` unless a single row (or a 1-D tensor) is larger than it.
+    """
+    row_entries = math.prod(shape[1:]) if len(shape) >= 2 else max(math.prod(shape), 1)
+    rows = chunk_rows(shape, tasks, budget_bytes) if len(shape) >= 2 else 1
+    return rows * row_entries * bytes_per_entry(tasks)
+
+
+@dataclasses.dataclass
+class StreamStats:
+    """What `merge_rows` did (filled in as it runs; complete once its iterator is exhausted).
+
+    unchanged: no model changed the tensor (the output is the base);
+    kept: per task, the fraction of entries the trim kept (nonzero);
+    trim: the trim applied (None: none); rows_per_chunk; chunks; passes:
+    reads of every model's rows (histograms, tie counts, merge).
+    """
+
+    unchanged: bool = False
+    kept: list[float] = dataclasses.field(default_factory=list)
+    trim: str | None = None
+    rows_per_chunk: int = 0
+    chunks: int = 0
+    passes: int = 0
+
+    @property
+    def info(self) -> MergeInfo:
+        return MergeInfo(self.trim, None)
+
+
+class _Cut(NamedTuple):
+    """The m largest |d| of one task: keys below `key`, plus the first `ties` keys equal to it
+    in the merge order; transposed, that is every tie in columns < `col` and the first
+    `col_ties` ties (by row) of column `col`."""
+
+    key: int
+    ties: int
+    col: int = -1
+    col_ties: int = 0
+
+
+class _Source:
+    """The base and model readers of one tensor: float32 rows and task vectors, checked."""
+
+    def __init__(self, name: str, base: RowReader, models: Sequence[RowReader], shape: tuple[int, ...]) -> None:
+        self.name, self.base, self.models, self.shape = name, base, list(models), shape
+
+    def read(self, reader: RowReader, r0: int, r1: int, what: str) -> np.ndarray:
+        a = np.asarray(reader(r0, r1))
+        want = (r1 - r0,) + self.shape[1:]
+        if a.shape != want:
+            raise ValueError(f"tensor {self.name!r}: {what} rows [{r0}, {r1}) have shape {a.shape}, expected {want}")
+        return a
+
+    def rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(base rows float32, task vectors `[T, r1 - r0, ...]` float32 = model - base), NaN-checked."""
+        b = self.read(self.base, r0, r1, "base").astype(np.float32, copy=False)
+        d = np.empty((len(self.models),) + b.shape, np.float32)
+        for t, reader in enumerate(self.models):
+            np.subtract(self.read(reader, r0, r1, f"model {t}").astype(np.float32, copy=False), b, out=d[t])
+        bad = [(t, int(np.count_nonzero(~np.isfinite(d[t])))) for t in range(d.shape[0])]
+        bad = [(t, c) for t, c in bad if c]
+        if bad:
+            raise ValueError(f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
+                             + ", ".join(f"model {t} ({c} entries)" for t, c in bad))
+        return b, d
+
+
+def _reversed_keys(d: np.ndarray) -> np.ndarray:
+    """`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys (uint32, same shape)."""
+    return _KEY_MAX - np.abs(d).view(np.uint32)
+
+
+def merge_rows(
+    plan: TensorPlan,
+    base: RowReader,
+    models: Sequence[RowReader],
+    shape: Sequence[int],
+    *,
+    out_dtype: np.dtype,
+    budget_bytes: int = DEFAULT_BUDGET,
+    transpose: bool = False,
+    stats: StreamStats | None = None,
+) -> Iterator[np.ndarray]:
+    """Merge one tensor of `shape` chunk by chunk; yields its rows in order as `out_dtype` arrays.
+
+    `plan`: the tensor's `TensorPlan` (data-free: no calibration). `base`,
+    `models`: row readers of the base and of the T fine-tuned models.
+    `transpose`: merge a 2-D tensor as its transpose (see the module doc).
+    A tensor whose whole stack fits `budget_bytes` is merged in one piece
+    with `merge_planned`. `stats` (optional) is filled in as the merge runs.
+    Raises PlanError for what the plan cannot run (at once), ValueError for
+    NaN / Inf task vectors or rows of the wrong shape, naming the tensor and model.
+    """
+    shape = tuple(int(s) for s in shape)
+    tasks = len(models)
+    if tasks == 0:
+        raise ValueError(f"no models to merge for tensor {plan.name!r}")
+    if len(plan.weights) != tasks or len(plan.densities) != tasks:
+        raise ValueError(f"tensor {plan.name!r}: the plan has {len(plan.weights)} weights and "
+                         f"{len(plan.densities)} densities for {tasks} models")
+    if transpose and len(shape) != 2:
+        raise ValueError(f"tensor {plan.name!r}: transpose needs a 2-D tensor, got shape {shape}")
+    spec = method_spec(plan.method)
+    kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
+    if kind not in STREAMED_TRIMS:
+        raise PlanError(f"trim {kind!r} of tensor {plan.name!r} needs calibration statistics: "
+                        "merge it with merge_planned and its Hessian")
+    if spec.trims and kind is None and any(d != 1.0 for d in plan.densities):
+        raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
+                        f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)")
+    if not spec.trims and spec.needs_base and (plan.params or {}).get("normalize", spec.normalize_default) is False:
+        raise PlanError(f"{plan.method} with normalize=false needs whole models (the base weights); "
+                        "not supported per tensor nor by the pipeline")
+    stats = stats if stats is not None else StreamStats()
+    step = chunk_rows(shape, tasks, budget_bytes)
+    stats.trim = kind
+    src = _Source(plan.name, base, models, shape if shape else (1,))
+    rows = shape[0] if shape else 1
+    if len(shape) < 2 or step >= rows or (transpose and kind == "magprune"):
+        stats.rows_per_chunk = rows
+        return _whole(plan, src, shape, transpose, out_dtype, stats)
+    stats.rows_per_chunk = step
+    dens = _validate.densities(list(plan.densities), tasks, plan.name)
+    return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
+
+
+def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bool, out_dtype: np.dtype,
+           stats: StreamStats) -> Iterator[np.ndarray]:
+    """The tensor in one piece: `merge_planned` on the whole stack, as the pipeline does."""
+    b, d = src.rows(0, shape[0] if shape else 1)
+    b, d = b.reshape(shape), d.reshape((d.shape[0],) + shape)
+    stats.passes, stats.chunks = 1, 1
+    if not np.any(d):
+        stats.unchanged, stats.kept = True, [0.0] * d.shape[0]
+        yield b.astype(out_dtype)
+        return
+    deltas = jnp.asarray(d)
+    del d
+    merged, trimmed, info = merge_planned(plan, jnp.swapaxes(deltas, 1, 2) if transpose else deltas)
+    stats.trim = info.trim
+    size = max(math.prod(shape), 1)
+    stats.kept = [int(jnp.count_nonzero(trimmed[t])) / size for t in range(trimmed.shape[0])]
+    del trimmed, deltas
+    merged = np.asarray(merged, np.float32)
+    yield np.asarray(b + (merged.T if transpose else merged)).astype(out_dtype)
+
+
+class _Chunked:
+    """The chunked merge of one tensor (see the module doc); `run` yields the output chunks."""
+
+    def __init__(self, plan: TensorPlan, spec: MethodSpec, kind: str | None, dens: tuple[float, ...],
+                 src: _Source, step: int, transpose: bool, stats: StreamStats) -> None:
+        self.plan, self.spec, self.kind, self.dens, self.src = plan, spec, kind, dens, src
+        self.transpose, self.stats = transpose, stats
+        self.tasks = len(dens)
+        self.rows, self.cols = src.shape[0], math.prod(src.shape[1:])
+        self.n = self.rows * self.cols
+        self.spans = [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)]
+        stats.chunks = len(self.spans)
+        self.kw = dict(plan.params or {})
+        self.rescale = resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims \
+            else False
+        tasks, name = self.tasks, plan.name
+        self.gamma = _validate.per_task(0.01 if plan.gamma is None else list(plan.gamma), tasks, "gamma", name)
+        self.epsilon = _validate.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon",
+                                          name)
+        if kind == "breadcrumbs":
+            _validate.in_range(self.gamma, 0.0, 1.0, "gamma", name)
+        self.key = plan.key
+        self.keys = task_keys(self.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
+        # "the m largest |d| of task t" for each selection: magnitude the top k; breadcrumbs
+        # the top n_top + k minus the top n_top (ranks [n_top, n_top + k) of the stable order)
+        self.ranks: dict[int, list[int]] = {}
+        for t in range(tasks):
+            if kind in ("magnitude", "breadcrumbs") and 0.0 < dens[t] < 1.0:
+                k = int(round(dens[t] * self.n))
+                n_top = min(int(round(self.gamma[t] * self.n)), self.n - k)
+                self.ranks[t] = [k] if kind == "magnitude" else [n_top + k, n_top]
+
+    def run(self, out_dtype: np.dtype) -> Iterator[np.ndarray]:
+        stats = self.stats
+        cuts, changed = self._find_cuts()
+        if changed is None:  # no selection pass ran: look for a change (stops at the first)
+            stats.passes += 1
+            changed = any(np.any(self.src.rows(r0, r1)[1]) for r0, r1 in self.spans)
+        if not changed:
+            stats.unchanged, stats.kept = True, [0.0] * self.tasks
+            stats.passes += 1
+            for r0, r1 in self.spans:
+                yield self.src.read(self.src.base, r0, r1, "base").astype(out_dtype)
+            return
+        seen = {tm: 0 for tm in cuts}  # ties (of the counted kind) met in earlier chunks
+        method = get_method(self.plan.method)
+        kept = [0] * self.tasks
+        stats.passes += 1
+        for r0, r1 in self.spans:
+            b, d = self.src.rows(r0, r1)
+            keys = {t: _reversed_keys(d[t]).reshape(r1 - r0, self.cols) for t in self.ranks}
+            trimmed = []
+            for t in range(self.tasks):
+                y = self._trim(t, jnp.asarray(d[t]), r0, lambda m: self._take(keys[t], cuts[(t, m)], seen, (t, m)))
+                kept[t] += int(jnp.count_nonzero(y))
+                trimmed.append(y)
+            stack = jnp.stack(trimmed)
+            del trimmed, keys, d
+            if self.spec.trims:
+                merged = method(stack, list(self.plan.weights), 1.0, trim=None, rescale=False, name=self.plan.name,
+                                key=self.key, **self.kw)
+            else:
+                merged = method(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
+            del stack
+            yield np.asarray(b + np.asarray(merged, np.float32)).astype(out_dtype)
+        stats.kept = [c / max(self.n, 1) for c in kept]
+
+    def _trim(self, t: int, x, r0: int, take: Callable[[int], np.ndarray]):
+        """Task t's trimmed rows `[r0, r0 + len(x))`, as `trim.trim` gives them within the whole tensor."""
+        kind, dens, shape = self.kind, self.dens[t], tuple(x.shape)
+        if kind is None or dens >= 1.0:
+            return x
+        if dens <= 0.0:
+            return jnp.zeros_like(x)
+        if kind == "magnitude":
+            mask = take(self.ranks[t][0])
+        elif kind == "breadcrumbs":
+            mask = take(self.ranks[t][0]) & ~take(self.ranks[t][1])
+        elif kind == "random":
+            if not self.transpose:
+                return trim_lib.random(x, dens, self.keys[t], rescale=self.rescale, offset=r0 * self.cols)
+            mask = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
+        else:  # magprune, not transposed: whole rows, drawn at their place in the tensor
+            return trim_lib.magprune(x, dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale,
+                                     offset=r0 * self.cols)
+        return trim_lib.keep(x, jnp.asarray(np.asarray(mask).reshape(shape)), dens, rescale=self.rescale)
+
+    def _take(self, keys: np.ndarray, cut: _Cut, seen: dict, tm: tuple[int, int]) -> np.ndarray:
+        """This chunk's entries among the cut's m largest (`keys` `[rows, cols]`); updates `seen`."""
+        out = keys < np.uint32(cut.key)
+        if cut.ties == 0:
+            return out
+        eq = keys == np.uint32(cut.key)
+        if not self.transpose:  # the first `ties` equal keys in row-major order
+            flat = eq.reshape(-1)
+            count = int(np.count_nonzero(flat))
+            if seen[tm] + count <= cut.ties:
+                out |= eq
+            elif seen[tm] < cut.ties:
+                out |= (flat & (seen[tm] + np.cumsum(flat) <= cut.ties)).reshape(eq.shape)
+            seen[tm] += count
+            return out
+        # transposed: every tie left of column `col`, and the first `col_ties` of column `col` by row
+        out[:, :cut.col] |= eq[:, :cut.col]
+        col = eq[:, cut.col]
+        out[:, cut.col] |= col & (seen[tm] + np.cumsum(col) <= cut.col_ties)
+        seen[tm] += int(np.count_nonzero(col))
+        return out
+
+    def _find_cuts(self) -> tuple[dict[tuple[int, int], _Cut], bool | None]:
+        """Key and tie rule of every (task, m) the trims need: one pass per digit (+1 for transposed ties).
+
+        Returns (cuts, whether any task vector is nonzero; None when no pass ran).
+        """
+        cuts: dict[tuple[int, int], _Cut] = {}
+        open_: dict[tuple[int, int], tuple[int, int]] = {}  # (t, m) -> (prefix, count below it)
+        for t, ms in self.ranks.items():
+            for m in ms:
+                if m <= 0:
+                    cuts[(t, m)] = _Cut(0, 0)  # no key is below 0: keeps nothing
+                else:
+                    open_[(t, m)] = (0, 0)
+        if not open_:
+            return cuts, None
+        changed = False
+        for i, (shift, width) in enumerate(_DIGITS):
+            bins = 1 << width
+            groups = {(t, prefix) for (t, _), (prefix, _) in open_.items()}  # one histogram per (task, prefix)
+            hists = {g: np.zeros(bins, np.int64) for g in groups}
+            self.stats.passes += 1
+            for r0, r1 in self.spans:
+                _, d = self.src.rows(r0, r1)
+                changed = changed or bool(np.any(d))
+                for t in {t for t, _ in groups}:
+                    kr = _reversed_keys(d[t]).reshape(-1)
+                    digit = (kr >> np.uint32(shift)) & np.uint32(bins - 1)
+                    high = kr >> np.uint32(shift + width) if i else None
+                    for gt, prefix in groups:
+                        if gt == t:
+                            sel = digit if i == 0 else digit[high == np.uint32(prefix)]
+                            hists[(t, prefix)] += np.bincount(sel, minlength=bins)
+            for (t, m), (prefix, below) in list(open_.items()):
+                hist = hists[(t, prefix)]
+                cum = below + np.cumsum(hist)
+                b = int(np.argmax(cum >= m))
+                below_b = int(cum[b] - hist[b])
+                if below_b + int(hist[b]) == m:  # the cut takes all of bin b: keys below the next bin
+                    cuts[(t, m)] = _Cut((((prefix << width) | b) + 1) << shift, 0)
+                    del open_[(t, m)]
+                elif shift == 0:  # the key is complete; some of the hist[b] equal keys are taken
+                    cuts[(t, m)] = _Cut((prefix << width) | b, m - below_b)
+                    del open_[(t, m)]
+                else:
+                    open_[(t, m)] = ((prefix << width) | b, below_b)
+            if not open_:
+                break
+        if self.transpose and any(c.ties for c in cuts.values()):
+            cuts = self._column_ties(cuts)
+        return cuts, changed
+
+    def _column_ties(self, cuts: dict[tuple[int, int], _Cut]) -> dict[tuple[int, int], _Cut]:
+        """Transposed merge order is column-major: per column, count the keys equal to each cut (one pass)."""
+        per_col = {tm: np.zeros(self.cols, np.int64) for tm, c in cuts.items() if c.ties}
+        self.stats.passes += 1
+        for r0, r1 in self.spans:
+            _, d = self.src.rows(r0, r1)
+            for (t, m) in per_col:
+                kr = _reversed_keys(d[t]).reshape(r1 - r0, self.cols)
+                per_col[(t, m)] += np.count_nonzero(kr == np.uint32(cuts[(t, m)].key), axis=0)
+        for tm, counts in per_col.items():
+            cut = cuts[tm]
+            cum = np.cumsum(counts)
+            col = int(np.argmax(cum >= cut.ties))
+            cuts[tm] = cut._replace(col=col, col_ties=cut.ties - int(cum[col] - counts[col]))
+        return cuts
