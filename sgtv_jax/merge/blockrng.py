@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
-_MANTISSA = {np.dtype(np.float32): (32, 23, np.uint32), np.dtype(np.float64): (64, 52, np.uint64)}
+_MANTISSA: dict[np.dtype, tuple[int, int, Any]] = {
+    np.dtype(np.float32): (32, 23, np.uint32), np.dtype(np.float64): (64, 52, np.uint64)}
 
 
 def _is_typed(key: jax.Array) -> bool:
@@ -36,11 +38,12 @@ def _is_typed(key: jax.Array) -> bool:
 
 def counter_based(key: jax.Array) -> bool:
     """True when `key`'s draws are threefry's partitionable counter-based bits (JAX's default)."""
-    if not jax.config.jax_threefry_partitionable:
+    if not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]  # dynamic option
         return False
     if _is_typed(key):
         return "threefry" in str(jax.random.key_impl(key))
-    return jax.config.jax_default_prng_impl == "threefry2x32" and tuple(key.shape[-1:]) == (2,)
+    impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]  # dynamic option
+    return impl == "threefry2x32" and tuple(key.shape[-1:]) == (2,)
 
 
 def _words(key: jax.Array) -> jax.Array:
@@ -90,7 +93,7 @@ def _checked_words(key: jax.Array, dtype: np.dtype) -> jax.Array:
     return _words(key)
 
 
-def uniform_block(key: jax.Array, shape: tuple[int, ...], dtype: np.dtype = np.float32,
+def uniform_block(key: jax.Array, shape: tuple[int, ...], dtype: Any = np.float32,
                   offset: int = 0) -> jax.Array:
     """Entries `[offset, offset + prod(shape))` (row-major) of a `jax.random.uniform` draw, as `shape`.
 

@@ -44,8 +44,10 @@ tensor (its rows are the stored columns). Calibration trims (`wanda`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -219,11 +221,11 @@ def merge_rows(
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
 
 
-def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bool, out_dtype: np.dtype,
+def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bool, out_dtype: Any,
            stats: StreamStats) -> Iterator[np.ndarray]:
     """The tensor in one piece: `merge_planned` on the whole stack, as the pipeline does."""
-    b, d = src.rows(0, shape[0] if shape else 1)
-    b, d = b.reshape(shape), d.reshape((d.shape[0],) + shape)
+    b, d = src.rows(0, shape[0] if len(shape) else 1)
+    b, d = b.reshape(shape), d.reshape((d.shape[0], *shape))
     stats.passes, stats.chunks = 1, 1
     if not np.any(d):
         stats.unchanged, stats.kept = True, [0.0] * d.shape[0]
@@ -236,8 +238,8 @@ def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bo
     size = max(math.prod(shape), 1)
     stats.kept = [int(jnp.count_nonzero(trimmed[t])) / size for t in range(trimmed.shape[0])]
     del trimmed, deltas
-    merged = np.asarray(merged, np.float32)
-    yield np.asarray(b + (merged.T if transpose else merged)).astype(out_dtype)
+    host = np.asarray(merged, np.float32)
+    yield np.asarray(b + (host.T if transpose else host)).astype(out_dtype)
 
 
 class _Chunked:
@@ -262,7 +264,8 @@ class _Chunked:
         if kind == "breadcrumbs":
             _validate.in_range(self.gamma, 0.0, 1.0, "gamma", name)
         self.key = plan.key
-        self.keys = task_keys(self.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
+        # one key per task for random trims (None where no draw happens)
+        self.keys: list[Any] = list(task_keys(self.key, tasks)) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
         # "the m largest |d| of task t" for each selection: magnitude the top k; breadcrumbs
         # the top n_top + k minus the top n_top (ranks [n_top, n_top + k) of the stable order)
         self.ranks: dict[int, list[int]] = {}
@@ -293,7 +296,9 @@ class _Chunked:
             keys = {t: _reversed_keys(d[t]).reshape(r1 - r0, self.cols) for t in self.ranks}
             trimmed = []
             for t in range(self.tasks):
-                y = self._trim(t, jnp.asarray(d[t]), r0, lambda m: self._take(keys[t], cuts[(t, m)], seen, (t, m)))
+                row_keys: Any = keys.get(t)
+                y = self._trim(t, jnp.asarray(d[t]), r0,
+                               functools.partial(self._take_rank, t, row_keys, cuts, seen))
                 kept[t] += int(jnp.count_nonzero(y))
                 trimmed.append(y)
             stack = jnp.stack(trimmed)
@@ -314,6 +319,7 @@ class _Chunked:
             return x
         if dens <= 0.0:
             return jnp.zeros_like(x)
+        mask: Any
         if kind == "magnitude":
             mask = take(self.ranks[t][0])
         elif kind == "breadcrumbs":
@@ -326,6 +332,10 @@ class _Chunked:
             return trim_lib.magprune(x, dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale,
                                      offset=r0 * self.cols)
         return trim_lib.keep(x, jnp.asarray(np.asarray(mask).reshape(shape)), dens, rescale=self.rescale)
+
+    def _take_rank(self, t: int, keys: np.ndarray, cuts: dict, seen: dict, m: int) -> np.ndarray:
+        """`_take` for task t's selection of the m largest."""
+        return self._take(keys, cuts[(t, m)], seen, (t, m))
 
     def _take(self, keys: np.ndarray, cut: _Cut, seen: dict, tm: tuple[int, int]) -> np.ndarray:
         """This chunk's entries among the cut's m largest (`keys` `[rows, cols]`); updates `seen`."""
