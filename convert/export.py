@@ -37,10 +37,19 @@ SINGLE_FILE = "model.safetensors"
 
 # Files copied verbatim from the base (or tokenizer) directory when present.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 
@@ -97,9 +106,7 @@ def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None
     else:
         arr = np.asarray(value)
     if base is not None and name in base and tuple(arr.shape) != tuple(base.shape(name)):
-        raise ConvertError(
-            f"tensor {name!r} has shape {tuple(arr.shape)} but the base has {tuple(base.shape(name))}"
-        )
+        raise ConvertError(f"tensor {name!r} has shape {tuple(arr.shape)} but the base has {tuple(base.shape(name))}")
     if is_float(arr.dtype):
         if arr.dtype != out_dtype:
             # Casting a finite fp32 value to bf16/fp16 can overflow to inf; check
@@ -272,8 +279,11 @@ def export_hf(
         if progress:
             from tqdm import tqdm
 
-            total = len(base) if base is not None and fill_from_base else (
-                len(tensors) if isinstance(tensors, Mapping) else None)
+            total = (
+                len(base)
+                if base is not None and fill_from_base
+                else (len(tensors) if isinstance(tensors, Mapping) else None)
+            )
             stream = tqdm(stream, desc=f"export {dst.name}", unit="tensor", total=total)
         for name, value in stream:
             writer.add(name, _prepare(name, value, out_dtype, base))
@@ -289,4 +299,3 @@ def export_hf(
         if finalize is not None:
             finalize(tmp)
     return dst
-

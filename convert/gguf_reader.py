@@ -97,9 +97,7 @@ class GGUFCheckpoint:
             if t.name == "rope_freqs.weight":
                 # llama3-style RoPE scaling stored as a tensor: HF expresses it in
                 # config.rope_parameters, which we cannot recover exactly here.
-                raise ConvertError(
-                    f"{self.path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported"
-                )
+                raise ConvertError(f"{self.path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported")
             self._tensors[gguf_to_hf_name(t.name)] = t
         self._config = self._build_config()
 
@@ -163,9 +161,7 @@ class GGUFCheckpoint:
         if scaling not in (None, "none"):
             if scaling != "linear":
                 raise ConvertError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
-            cfg["rope_parameters"].update(
-                rope_type="linear", factor=float(self._require("rope.scaling.factor"))
-            )
+            cfg["rope_parameters"].update(rope_type="linear", factor=float(self._require("rope.scaling.factor")))
         for gguf_key, hf_key in (
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -213,9 +209,7 @@ class GGUFCheckpoint:
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError etc.
-            raise ConvertError(
-                f"{self.path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}"
-            ) from None
+            raise ConvertError(f"{self.path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}") from None
         w = w.reshape(self.shape(name))
         # llama.cpp permutes q/k rows for interleaved RoPE; NEOX-RoPE families (qwen2) store them as is.
         if GGUF_ARCHITECTURES[self.architecture].gguf_permuted_qk:

@@ -55,8 +55,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PEFT_PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
-_FACTORS = {"lora_A": ("linear", "A"), "lora_B": ("linear", "B"),
-            "lora_embedding_A": ("embedding", "A"), "lora_embedding_B": ("embedding", "B")}
+_FACTORS = {
+    "lora_A": ("linear", "A"),
+    "lora_B": ("linear", "B"),
+    "lora_embedding_A": ("embedding", "A"),
+    "lora_embedding_B": ("embedding", "B"),
+}
 # adapter_config.json keys whose non-default value makes the update something other than W + s*B@A.
 _UNSUPPORTED = {
     "use_dora": "DoRA rescales each column by a learned magnitude",
@@ -123,8 +127,9 @@ class AdapterConfig:
         if not self.layers_pattern:
             m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
         else:
-            m = next((x for p in self.layers_pattern if (x := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))),
-                     None)
+            m = next(
+                (x for p in self.layers_pattern if (x := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None
+            )
         if m is None:
             return False
         idx = int(m.group("idx"))
@@ -202,8 +207,9 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
         raise ConvertError(f"{d}: LoRA adapter directory not found")
     path = d / ADAPTER_CONFIG
     if not path.is_file():
-        raise ConvertError(f"{path}: missing (a PEFT LoRA adapter directory holds {ADAPTER_CONFIG} "
-                           f"and {ADAPTER_WEIGHTS})")
+        raise ConvertError(
+            f"{path}: missing (a PEFT LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
     contained_file(d, ADAPTER_CONFIG, what=f"LoRA adapter {ADAPTER_CONFIG}")
     try:
         raw = json.loads(path.read_text())
@@ -218,7 +224,8 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
             raise ConvertError(
                 f"{d / pickled[0]}: a pickled PyTorch file; adapter weights are read only from {ADAPTER_WEIGHTS} "
                 "(unpickling can run code). Convert it where you trust it, e.g. PeftModel.from_pretrained(...)"
-                ".save_pretrained(dir, safe_serialization=True)")
+                ".save_pretrained(dir, safe_serialization=True)"
+            )
         raise ConvertError(f"{weights}: missing (the adapter's weights)")
     contained_file(d, ADAPTER_WEIGHTS, what=f"LoRA adapter {ADAPTER_WEIGHTS}")
 
@@ -227,8 +234,10 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
         raise ConvertError(f"{path}: peft_type is {peft_type!r}; only LORA adapters are supported")
     bias = raw.get("bias", "none")
     if bias != "none":
-        raise ConvertError(f"{path}: bias {bias!r} is not supported (only 'none': the adapter would carry "
-                           "trained biases of the base model)")
+        raise ConvertError(
+            f"{path}: bias {bias!r} is not supported (only 'none': the adapter would carry "
+            "trained biases of the base model)"
+        )
     for key, why in _UNSUPPORTED.items():
         if raw.get(key) not in (None, False, [], {}):
             raise ConvertError(f"{path}: {key} = {raw[key]!r:.60} is not supported ({why})")
@@ -330,46 +339,56 @@ class LoraCheckpoint:
         adapter_names: set[str] = set()
         for key in self._weights.names():
             if not key.startswith(PEFT_PREFIX):
-                raise ConvertError(f"{self._file}: tensor {key!r} is not a PEFT key (expected "
-                                   f"{PEFT_PREFIX}<module>.lora_A.weight and the like)")
-            comps = key[len(PEFT_PREFIX):].split(".")
+                raise ConvertError(
+                    f"{self._file}: tensor {key!r} is not a PEFT key (expected "
+                    f"{PEFT_PREFIX}<module>.lora_A.weight and the like)"
+                )
+            comps = key[len(PEFT_PREFIX) :].split(".")
             if "lora_magnitude_vector" in comps:
                 raise ConvertError(f"{self._file}: tensor {key!r} is a DoRA magnitude; DoRA is not supported")
             at = max((i for i, c in enumerate(comps) if c in _FACTORS), default=None)
             if at is not None:
-                module, (layer, which), tail = ".".join(comps[:at]), _FACTORS[comps[at]], comps[at + 1:]
+                module, (layer, which), tail = ".".join(comps[:at]), _FACTORS[comps[at]], comps[at + 1 :]
                 if layer == "linear" and tail and tail[-1] == "bias":
                     raise ConvertError(f"{self._file}: tensor {key!r} is a LoRA bias; lora_bias is not supported")
                 name_tail = tail[:-1] if layer == "linear" else tail
                 if (layer == "linear" and (not tail or tail[-1] != "weight")) or len(name_tail) > 1:
-                    raise ConvertError(f"{self._file}: tensor {key!r} is not a LoRA factor PEFT writes "
-                                       f"(expected <module>.{comps[at]}{'.weight' if layer == 'linear' else ''})")
+                    raise ConvertError(
+                        f"{self._file}: tensor {key!r} is not a LoRA factor PEFT writes "
+                        f"(expected <module>.{comps[at]}{'.weight' if layer == 'linear' else ''})"
+                    )
                 adapter_names.update(name_tail)
                 slot = factors.setdefault((module, layer), {})
                 slot[which] = key
                 continue
             if "base_layer" in comps:  # an embedding saved in full beside its factors
                 j = comps.index("base_layer")
-                target = ".".join(comps[:j] + comps[j + 1:])
+                target = ".".join(comps[:j] + comps[j + 1 :])
             else:
                 module = ".".join(comps[:-1])
                 if not any(module.endswith(m) for m in self.adapter.modules_to_save):
                     raise ConvertError(
                         f"{self._file}: tensor {key!r} is neither a LoRA factor nor part of modules_to_save "
-                        f"{list(self.adapter.modules_to_save)} (bias 'none' adapters carry no other tensors)")
+                        f"{list(self.adapter.modules_to_save)} (bias 'none' adapters carry no other tensors)"
+                    )
                 target = ".".join(comps)
             base_name = by_canon.get(canon(target))
             if base_name is None:
-                raise ConvertError(f"{self._file}: tensor {key!r} replaces {target!r}, which base model "
-                                   f"{self.base.path} does not have")
+                raise ConvertError(
+                    f"{self._file}: tensor {key!r} replaces {target!r}, which base model {self.base.path} does not have"
+                )
             got, want = tuple(self._weights.shape(key)), tuple(self.base.shape(base_name))
             if got != want:
-                raise ConvertError(f"{self._file}: tensor {key!r} has shape {got} but {base_name!r} of base model "
-                                   f"{self.base.path} has {want}: the adapter was made for another base")
+                raise ConvertError(
+                    f"{self._file}: tensor {key!r} has shape {got} but {base_name!r} of base model "
+                    f"{self.base.path} has {want}: the adapter was made for another base"
+                )
             replaced[base_name] = key
         if len(adapter_names) > 1:
-            raise ConvertError(f"{self._file}: holds several adapters ({', '.join(sorted(adapter_names))}); "
-                               "save each in its own directory")
+            raise ConvertError(
+                f"{self._file}: holds several adapters ({', '.join(sorted(adapter_names))}); "
+                "save each in its own directory"
+            )
         updates = {}
         for (module, layer), slot in factors.items():
             upd, base_name = self._update(module, layer, slot, canon, kinds, by_canon)
@@ -380,8 +399,9 @@ class LoraCheckpoint:
             raise ConvertError(f"{self._file}: holds no LoRA factors")
         return updates, replaced
 
-    def _update(self, module: str, layer: str, slot: dict[str, str], canon: Any, kinds: dict[str, str],
-                by_canon: dict[str, str]) -> tuple[_Update, str]:
+    def _update(
+        self, module: str, layer: str, slot: dict[str, str], canon: Any, kinds: dict[str, str], by_canon: dict[str, str]
+    ) -> tuple[_Update, str]:
         for which in ("A", "B"):
             if which not in slot:
                 other = slot["B" if which == "A" else "A"]
@@ -391,23 +411,31 @@ class LoraCheckpoint:
         base_name = by_canon.get(weight)
         if base_name is None:
             tied = " (the base ties it to the input embedding)" if module.endswith("lm_head") else ""
-            raise ConvertError(f"{self._file}: tensor {a_key!r} adapts module {module!r}, which base model "
-                               f"{self.base.path} does not have{tied}")
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} adapts module {module!r}, which base model "
+                f"{self.base.path} does not have{tied}"
+            )
         kind = kinds.get(weight)
         is_linear = kind in ("linear", "conv1d") or (kind is None and len(self.base.shape(base_name)) == 2)
         if not self.adapter.targets(module, is_linear):
-            raise ConvertError(f"{self._file}: tensor {a_key!r} adapts module {module!r}, which target_modules "
-                               f"{self.adapter.target_modules!r} of {self.adapter.path.name} does not select "
-                               "(PEFT would ignore these factors)")
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} adapts module {module!r}, which target_modules "
+                f"{self.adapter.target_modules!r} of {self.adapter.path.name} does not select "
+                "(PEFT would ignore these factors)"
+            )
         a_shape, b_shape = tuple(self._weights.shape(a_key)), tuple(self._weights.shape(b_key))
         w_shape = tuple(self.base.shape(base_name))
         if len(a_shape) != 2 or len(b_shape) != 2 or len(w_shape) != 2:
-            raise ConvertError(f"{self._file}: tensor {a_key!r} {a_shape} / {b_key!r} {b_shape} adapt "
-                               f"{base_name!r} {w_shape}: LoRA factors and their weight must be 2-D")
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} {a_shape} / {b_key!r} {b_shape} adapt "
+                f"{base_name!r} {w_shape}: LoRA factors and their weight must be 2-D"
+            )
         rank = self.adapter.rank(module)
         if a_shape[0] != rank or b_shape[1] != rank:
-            raise ConvertError(f"{self._file}: tensor {a_key!r} {a_shape} / {b_key!r} {b_shape} have rank "
-                               f"{a_shape[0]}/{b_shape[1]} but {self.adapter.path.name} says r = {rank} for {module!r}")
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} {a_shape} / {b_key!r} {b_shape} have rank "
+                f"{a_shape[0]}/{b_shape[1]} but {self.adapter.path.name} says r = {rank} for {module!r}"
+            )
         if layer == "embedding":
             transpose = True
         elif kind in ("linear", "conv1d"):
@@ -419,7 +447,8 @@ class LoraCheckpoint:
             raise ConvertError(
                 f"{self._file}: tensor {b_key!r} {b_shape} @ {a_key!r} {a_shape} gives {product}"
                 f"{' transposed' if transpose else ''}, but {base_name!r} of base model {self.base.path} is "
-                f"{w_shape}: the adapter was made for another base")
+                f"{w_shape}: the adapter was made for another base"
+            )
         return _Update(module, a_key, b_key, self.adapter.scale(module), transpose), base_name
 
     # -- Checkpoint interface -------------------------------------------------
@@ -490,8 +519,10 @@ class LoraCheckpoint:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"LoraCheckpoint({str(self.base.path)!r} + {str(self.path)!r}, {len(self._updates)} LoRA update(s), "
-                f"{len(self._replaced)} replaced)")
+        return (
+            f"LoraCheckpoint({str(self.base.path)!r} + {str(self.path)!r}, {len(self._updates)} LoRA update(s), "
+            f"{len(self._replaced)} replaced)"
+        )
 
 
 def open_model(path: str | Path, adapter: str | Path | None = None) -> Checkpoint:

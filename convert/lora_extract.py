@@ -51,7 +51,7 @@ def low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, floa
     k = min(rank, *d.shape)
     u, s, vt = np.linalg.svd(d, full_matrices=False)
     s64 = s.astype(np.float64)
-    total = float(np.sum(s64 ** 2))
+    total = float(np.sum(s64**2))
     energy = float(np.sum(s64[:k] ** 2) / total) if total > 0 else 1.0
     root = np.sqrt(s[:k])
     b = np.ascontiguousarray(u[:, :k] * root[None, :], np.float32)
@@ -72,17 +72,28 @@ def _check_pair(model: Checkpoint, base: Checkpoint) -> None:
     extra = [n for n in model.names() if n not in base]
     if missing or extra:
         which, names, other = ("lacks", missing, "") if missing else ("has", extra, " the base lacks")
-        raise ConvertError(f"{model.path}: {which} tensor {names[0]!r}{other} ({len(names)} in all); "
-                           f"a LoRA adapter needs the same tensors as base {base.path}")
+        raise ConvertError(
+            f"{model.path}: {which} tensor {names[0]!r}{other} ({len(names)} in all); "
+            f"a LoRA adapter needs the same tensors as base {base.path}"
+        )
     for n in base.names():
         if tuple(model.shape(n)) != tuple(base.shape(n)):
-            raise ConvertError(f"{model.path}: tensor {n!r} has shape {tuple(model.shape(n))} but base "
-                               f"{base.path} has {tuple(base.shape(n))}")
+            raise ConvertError(
+                f"{model.path}: tensor {n!r} has shape {tuple(model.shape(n))} but base "
+                f"{base.path} has {tuple(base.shape(n))}"
+            )
 
 
-def write_adapter(dst: str | Path, model: Checkpoint, base: Checkpoint, rank: int, *,
-                  base_name: str, modules_to_save: bool = True,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def write_adapter(
+    dst: str | Path,
+    model: Checkpoint,
+    base: Checkpoint,
+    rank: int,
+    *,
+    base_name: str,
+    modules_to_save: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Write ``MODEL - BASE`` as a PEFT LoRA adapter into the existing directory `dst`; returns the report.
 
     Writes ``adapter_config.json``, ``adapter_model.safetensors`` and the
@@ -120,9 +131,17 @@ def write_adapter(dst: str | Path, model: Checkpoint, base: Checkpoint, rank: in
                 a, b, energy = low_rank(delta.T if kind == "conv1d" else delta, rank)
                 writer.add(f"{PEFT_PREFIX}{module}.lora_A.weight", a)
                 writer.add(f"{PEFT_PREFIX}{module}.lora_B.weight", b)
-                layers.append({"module": module, "tensor": n, "kind": kind, "shape": [b.shape[0], a.shape[1]],
-                               "rank": a.shape[0], "energy": energy,
-                               "relative_error": float(np.sqrt(max(0.0, 1.0 - energy)))})
+                layers.append(
+                    {
+                        "module": module,
+                        "tensor": n,
+                        "kind": kind,
+                        "shape": [b.shape[0], a.shape[1]],
+                        "rank": a.shape[0],
+                        "energy": energy,
+                        "relative_error": float(np.sqrt(max(0.0, 1.0 - energy))),
+                    }
+                )
             else:
                 norm = float(np.linalg.norm(w_base))
                 changed_other.append((n, module, kind, float(np.linalg.norm(delta)) / norm if norm else float("inf")))
@@ -130,11 +149,15 @@ def write_adapter(dst: str | Path, model: Checkpoint, base: Checkpoint, rank: in
         targets = {row["module"] for row in layers}
         saved, dropped = [], []
         for n, module, kind, rel in changed_other:
-            why = ("its module is a LoRA target (bias 'none' adapters cannot change its other tensors)"
-                   if module in targets else
-                   "a tied embedding (modules_to_save would untie it from the output head)"
-                   if kind == "embedding" and tied else
-                   "--no-modules-to-save" if not modules_to_save else None)
+            why = (
+                "its module is a LoRA target (bias 'none' adapters cannot change its other tensors)"
+                if module in targets
+                else "a tied embedding (modules_to_save would untie it from the output head)"
+                if kind == "embedding" and tied
+                else "--no-modules-to-save"
+                if not modules_to_save
+                else None
+            )
             if why is not None:
                 dropped.append({"tensor": n, "relative_change": rel, "reason": why})
             elif module not in saved:
@@ -143,8 +166,10 @@ def write_adapter(dst: str | Path, model: Checkpoint, base: Checkpoint, rank: in
             for n in by_module[module]:
                 writer.add(f"{PEFT_PREFIX}{canon(n)}", np.asarray(model.get(n)))
         if not layers and not saved:
-            raise ConvertError(f"{model.path}: no tensor differs from base {base.path} in a way a LoRA adapter "
-                               "can carry (nothing to extract)")
+            raise ConvertError(
+                f"{model.path}: no tensor differs from base {base.path} in a way a LoRA adapter "
+                "can carry (nothing to extract)"
+            )
         writer.close()
     except BaseException:
         writer.abort()
@@ -155,51 +180,83 @@ def write_adapter(dst: str | Path, model: Checkpoint, base: Checkpoint, rank: in
     energies = [row["energy"] for row in layers]
     worst = min(layers, key=lambda row: row["energy"]) if layers else None
     report = {
-        "rank": rank, "base_model": base_name, "layers": layers, "modules_to_save": saved, "dropped": dropped,
+        "rank": rank,
+        "base_model": base_name,
+        "layers": layers,
+        "modules_to_save": saved,
+        "dropped": dropped,
         "unchanged_tensors": unchanged,
-        "summary": {"lora_layers": len(layers), "min_energy": min(energies) if energies else None,
-                    "mean_energy": float(np.mean(energies)) if energies else None,
-                    "worst_layer": worst["module"] if worst else None},
+        "summary": {
+            "lora_layers": len(layers),
+            "min_energy": min(energies) if energies else None,
+            "mean_energy": float(np.mean(energies)) if energies else None,
+            "worst_layer": worst["module"] if worst else None,
+        },
     }
     (dst / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
-def adapter_config(hf_config: dict[str, Any], rank: int, layers: list[dict[str, Any]], saved: list[str],
-                   base_name: str) -> dict[str, Any]:
+def adapter_config(
+    hf_config: dict[str, Any], rank: int, layers: list[dict[str, Any]], saved: list[str], base_name: str
+) -> dict[str, Any]:
     """``adapter_config.json`` as PEFT writes it for these layers (scale 1: ``lora_alpha = r``)."""
     cut = {re.escape(row["module"]): row["rank"] for row in layers if row["rank"] != rank}
     return {
-        "peft_type": "LORA", "task_type": None if hf_config.get("model_type") == "bert" else "CAUSAL_LM",
-        "base_model_name_or_path": base_name, "revision": None,
-        "r": rank, "lora_alpha": rank, "use_rslora": False, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": None if hf_config.get("model_type") == "bert" else "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "use_dora": False,
         "target_modules": sorted(row["module"] for row in layers),
         "fan_in_fan_out": any(row["kind"] == "conv1d" for row in layers),
-        "bias": "none", "lora_dropout": 0.0, "modules_to_save": saved or None,
-        "rank_pattern": cut, "alpha_pattern": dict(cut),
-        "init_lora_weights": True, "inference_mode": True,
-        "layers_to_transform": None, "layers_pattern": None,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": saved or None,
+        "rank_pattern": cut,
+        "alpha_pattern": dict(cut),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
     }
 
 
 def summary(report: dict[str, Any], out: str | Path, worst: int = 5) -> str:
     """The printed summary of `write_adapter`'s report: totals and the least-retained layers."""
     s = report["summary"]
-    lines = [f"wrote LoRA adapter {out}: {s['lora_layers']} layer(s) at rank {report['rank']}"
-             + (f", retained energy min {s['min_energy']:.4f} ({s['worst_layer']}), mean {s['mean_energy']:.4f}"
-                if s["lora_layers"] else "")
-             + f"; {len(report['modules_to_save'])} module(s) saved in full, {report['unchanged_tensors']} "
-             "tensor(s) unchanged"]
+    lines = [
+        f"wrote LoRA adapter {out}: {s['lora_layers']} layer(s) at rank {report['rank']}"
+        + (
+            f", retained energy min {s['min_energy']:.4f} ({s['worst_layer']}), mean {s['mean_energy']:.4f}"
+            if s["lora_layers"]
+            else ""
+        )
+        + f"; {len(report['modules_to_save'])} module(s) saved in full, {report['unchanged_tensors']} "
+        "tensor(s) unchanged"
+    ]
     for row in sorted(report["layers"], key=lambda r: r["energy"])[:worst]:
-        lines.append(f"  {row['module']}: {row['shape'][0]}x{row['shape'][1]}, rank {row['rank']}, "
-                     f"energy {row['energy']:.4f}")
+        lines.append(
+            f"  {row['module']}: {row['shape'][0]}x{row['shape'][1]}, rank {row['rank']}, energy {row['energy']:.4f}"
+        )
     for row in report["dropped"]:
         lines.append(f"  dropped {row['tensor']} (|delta|/|base| {row['relative_change']:.3g}): {row['reason']}")
     return "\n".join(lines)
 
 
-def extract_lora(model: str | Path, base: str | Path, out: str | Path, rank: int, *, overwrite: bool = False,
-                 modules_to_save: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def extract_lora(
+    model: str | Path,
+    base: str | Path,
+    out: str | Path,
+    rank: int,
+    *,
+    overwrite: bool = False,
+    modules_to_save: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """`write_adapter` of checkpoints `model` and `base` into a new directory `out`, atomically.
 
     `out` follows `convert.atomic.atomic_output` (never an input; replaced
@@ -210,8 +267,9 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, rank: int
     inputs = {"MODEL": str(model), "BASE": str(base)}
     with open_checkpoint(model) as m, open_checkpoint(base) as b:
         with atomic_output(out, kind="lora", overwrite=overwrite, inputs=inputs) as tmp:
-            return write_adapter(tmp, m, b, rank, base_name=str(base), modules_to_save=modules_to_save,
-                                 progress=progress)
+            return write_adapter(
+                tmp, m, b, rank, base_name=str(base), modules_to_save=modules_to_save, progress=progress
+            )
 
 
 ADAPTER_SUBDIR = "adapter"

@@ -60,9 +60,7 @@ def check_architecture(config: dict[str, Any], where: str | Path) -> str:
     mt = config.get("model_type")
     supported = supported_architectures()
     if mt not in supported:
-        raise ConvertError(
-            f"{where}: unsupported architecture {mt!r}; supported: {', '.join(supported)}"
-        )
+        raise ConvertError(f"{where}: unsupported architecture {mt!r}; supported: {', '.join(supported)}")
     return str(mt)
 
 
@@ -143,9 +141,7 @@ def validate_checkpoint(ckpt: Checkpoint, *, require_all: bool = True) -> str:
             continue  # buffers such as position_ids, which the models recompute
         got = tuple(ckpt.shape(name))
         if got != shapes[name]:
-            raise ConvertError(
-                f"{ckpt.path}: tensor {name!r} has shape {got} but the config implies {shapes[name]}"
-            )
+            raise ConvertError(f"{ckpt.path}: tensor {name!r} has shape {got} but the config implies {shapes[name]}")
     if require_all:
         missing = [n for n in shapes if n not in ckpt]
         if missing:

@@ -20,8 +20,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # safetensors dtype tags -> numpy dtypes (bf16 via ml_dtypes, as safe_open returns).
 _ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
     "BOOL": "bool",
 }
 
@@ -107,8 +114,7 @@ class SafetensorsCheckpoint:
             shard = self.path / fname
             if not shard.is_file():
                 raise ConvertError(
-                    f"{shard}: shard named in {index.name} is missing "
-                    f"(it should hold e.g. {sorted(by_file[fname])[0]})"
+                    f"{shard}: shard named in {index.name} is missing (it should hold e.g. {sorted(by_file[fname])[0]})"
                 )
             self.shards.append(shard)
             self._scan_shard(shard, expected=by_file[fname])
@@ -216,7 +222,9 @@ class SafetensorsCheckpoint:
         fh.seek(begin + r0 * row_bytes)
         got = fh.readinto(arr.reshape(-1).view(np.uint8).data)
         if got != arr.nbytes:
-            raise ConvertError(f"{shard}: truncated while reading rows of tensor {name!r} ({got} of {arr.nbytes} bytes)")
+            raise ConvertError(
+                f"{shard}: truncated while reading rows of tensor {name!r} ({got} of {arr.nbytes} bytes)"
+            )
         return arr
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -231,9 +239,7 @@ class SafetensorsCheckpoint:
 
     def nbytes(self) -> int:
         """Total tensor bytes (what the index calls total_size)."""
-        return sum(
-            int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize for n, s in self._shapes.items()
-        )
+        return sum(int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize for n, s in self._shapes.items())
 
     def close(self) -> None:
         if self._handle is not None:

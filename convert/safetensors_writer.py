@@ -21,9 +21,16 @@ import ml_dtypes
 import numpy as np
 
 _TAGS: dict[np.dtype, str] = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
 }
 
 
@@ -58,8 +65,11 @@ class StreamingSafetensorsWriter:
         # A memoryview of the array (ndarray.data): no intermediate bytes copy.
         self._data.write(arr.reshape(-1).view(np.uint8).data)
         self.nbytes += arr.nbytes
-        self._header[name] = {"dtype": dtype_tag(arr.dtype), "shape": list(arr.shape),
-                              "data_offsets": [begin, self.nbytes]}
+        self._header[name] = {
+            "dtype": dtype_tag(arr.dtype),
+            "shape": list(arr.shape),
+            "data_offsets": [begin, self.nbytes],
+        }
 
     def __len__(self) -> int:
         return len(self._header)

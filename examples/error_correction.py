@@ -107,8 +107,10 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     layers = smollm2_layers() if args.smollm2 else synthetic_layers(rng)
-    print(f"{'layer':<34} {'density':>7} {'magnitude':>9} {'wanda':>7} {'OBS':>7} {'OBS+refit':>9} {'exact':>7} "
-          f"{'refit share':>11} {'OBS s':>6} {'+refit s':>8}")
+    print(
+        f"{'layer':<34} {'density':>7} {'magnitude':>9} {'wanda':>7} {'OBS':>7} {'OBS+refit':>9} {'exact':>7} "
+        f"{'refit share':>11} {'OBS s':>6} {'+refit s':>8}"
+    )
     for label, x, rows in layers:
         cols = x.shape[1]
         h = np.asarray(hessian_update(hessian_init(cols), x[None]).hessian)
@@ -132,8 +134,10 @@ def main() -> None:
                 a = np.asarray(damped_hessian(jnp.asarray(h), 0.01), np.float64)
                 e_ex = err(exact_refit(d64, a, obs != 0))
                 share = (e_obs - e_ref) / (e_obs - e_ex) if e_obs > e_ex else float("nan")
-            print(f"{label:<34} {density:>7.1f} {err(mag):>9.4f} {err(wanda):>7.4f} {e_obs:>7.4f} {e_ref:>9.4f} "
-                  f"{e_ex:>7.4f} {share:>10.0%} {t_obs:>6.3f} {t_ref:>8.3f}")
+            print(
+                f"{label:<34} {density:>7.1f} {err(mag):>9.4f} {err(wanda):>7.4f} {e_obs:>7.4f} {e_ref:>9.4f} "
+                f"{e_ex:>7.4f} {share:>10.0%} {t_obs:>6.3f} {t_ref:>8.3f}"
+            )
 
 
 if __name__ == "__main__":

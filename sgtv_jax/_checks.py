@@ -170,15 +170,15 @@ def check_symmetric(h: jax.Array, name: str, guard: Guard) -> None:
     ok = ~(gap > tol * top)
     guard.require(
         ok,
-        lambda: f"{name} is not symmetric: max |H - H^T| = {float(gap):.3g} exceeds "
-        f"{tol:.1e} * max |H| = {tol * float(top):.3g}; pass (H + H^T) / 2 if that is what you mean",
+        lambda: (
+            f"{name} is not symmetric: max |H - H^T| = {float(gap):.3g} exceeds "
+            f"{tol:.1e} * max |H| = {tol * float(top):.3g}; pass (H + H^T) / 2 if that is what you mean"
+        ),
         f"{name} is not symmetric: max |H - H^T| exceeds {tol:.1e} * max |H|",
     )
 
 
-def density_values(
-    density: Any, tasks: int, guard: Guard, name: str = "density"
-) -> tuple[float, ...] | jax.Array:
+def density_values(density: Any, tasks: int, guard: Guard, name: str = "density") -> tuple[float, ...] | jax.Array:
     """One density per task: Python floats when known now (today's checks and
     messages), else a traced float array `[tasks]` range-checked through `guard`."""
     if not is_traced(density):

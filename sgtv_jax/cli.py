@@ -84,8 +84,9 @@ def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
     """`--debug` before the subcommand (`sgtv --debug merge ...`) or after it."""
     parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     for p in subparsers.choices.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks of expected errors too")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of expected errors too"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,9 +78,7 @@ class HessianCalculator:
     def _factor(self, percdamp: float):
         factor = inverse_factor(self.get_hessian(), percdamp)
         if not bool(factor.ok):
-            raise ValueError(
-                f"Hessian is not positive definite even at percdamp={float(factor.percdamp):.3g}"
-            )
+            raise ValueError(f"Hessian is not positive definite even at percdamp={float(factor.percdamp):.3g}")
         return factor
 
     def get_inverse_hessian(self, percdamp: float = 0.01) -> jax.Array:
@@ -117,8 +115,7 @@ class SparseGPTTaskVector(HessianCalculator):
         tv = _checks.as_array(task_vector, "task_vector")
         if tv.shape != (self.rows, self.columns):
             raise ValueError(
-                f"task_vector shape {tuple(tv.shape)} does not match layer shape "
-                f"({self.rows}, {self.columns})"
+                f"task_vector shape {tuple(tv.shape)} does not match layer shape ({self.rows}, {self.columns})"
             )
         nm = bool(prunen or prunem)
         pruned, _ = obs_prune(
@@ -154,9 +151,7 @@ def prune_task_vector_with_error_correction(
     """
     del percdamp
     hinv = _checks.as_array(hessian_inv, "hessian_inv")
-    if hinv.ndim == 2 and bool(jnp.all(jnp.tril(hinv, -1) == 0)) and not bool(
-        jnp.all(hinv == hinv.T)
-    ):
+    if hinv.ndim == 2 and bool(jnp.all(jnp.tril(hinv, -1) == 0)) and not bool(jnp.all(hinv == hinv.T)):
         hinv = jnp.matmul(hinv.T, hinv, precision=jax.lax.Precision.HIGHEST)
     pruned, _ = obs_prune_from_inverse(task_vector, hinv, density=density, blocksize=blocksize)
     return _rescale(pruned, density, rescale)

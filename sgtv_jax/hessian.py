@@ -68,9 +68,7 @@ def _update(state: HessianState, x: jax.Array, mask: jax.Array) -> HessianState:
     return HessianState(hessian, n_new)
 
 
-def hessian_update(
-    state: HessianState, x: jax.Array, mask: jax.Array | None = None
-) -> HessianState:
+def hessian_update(state: HessianState, x: jax.Array, mask: jax.Array | None = None) -> HessianState:
     """Add one batch of layer inputs.
 
     Args:
@@ -87,17 +85,13 @@ def hessian_update(
         if mask is not None:
             mask = jnp.asarray(mask)[None]
     if x.ndim != 3 or x.shape[-1] != cols:
-        raise ValueError(
-            f"x must be [batch, seq, {cols}] or [tokens, {cols}], got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must be [batch, seq, {cols}] or [tokens, {cols}], got shape {tuple(x.shape)}")
     if mask is None:
         mask = jnp.ones(x.shape[:2], dtype=bool)
     else:
         mask = jnp.asarray(mask)
         if mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"mask must have shape {tuple(x.shape[:2])} to match x, got {tuple(mask.shape)}"
-            )
+            raise ValueError(f"mask must have shape {tuple(x.shape[:2])} to match x, got {tuple(mask.shape)}")
     return _update(state, x, mask)
 
 

@@ -60,6 +60,7 @@ class ObsInfo(NamedTuple):
     loss: jax.Array
     percdamp: jax.Array
 
+
 HIGHEST = jax.lax.Precision.HIGHEST
 # Inner panel width of the column sweep (see _sweep_block); tuned on CPU.
 SUB_BLOCKSIZE = 32
@@ -222,9 +223,7 @@ def block_prune_counts(densities: Sequence[float], rows: int, cols: int, blocksi
     for densities that are traced arrays.
     """
     widths = [min(blocksize, cols - i1) for i1 in range(0, cols, blocksize)]
-    return np.array(
-        [[round((1.0 - d) * rows * w) for w in widths] for d in densities], dtype=np.int32
-    )
+    return np.array([[round((1.0 - d) * rows * w) for w in widths] for d in densities], dtype=np.int32)
 
 
 def traced_block_prune_counts(densities: jax.Array, rows: int, cols: int, blocksize: int) -> jax.Array:
@@ -259,8 +258,7 @@ def _validate(delta, hessian, density, prunen, prunem, blocksize, hessian_name, 
     if hessian.shape != shared_shape and not (delta.ndim == 3 and hessian.shape == stacked_shape):
         allowed = f"{shared_shape}" + (f" or {stacked_shape}" if delta.ndim == 3 else "")
         raise ValueError(
-            f"{hessian_name} must have shape {allowed} for delta of shape {delta.shape}, "
-            f"got {hessian.shape}"
+            f"{hessian_name} must have shape {allowed} for delta of shape {delta.shape}, got {hessian.shape}"
         )
     blocksize = _checks.check_positive_int(blocksize, "blocksize")
     if prunen or prunem:
@@ -294,8 +292,10 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     where = f" for {name}" if name else ""
     guard.require(
         factor.ok,
-        lambda: f"Hessian{where} is not positive definite even after raising the damping "
-        f"to percdamp={float(jnp.max(factor.percdamp)):.3g}; check the calibration inputs",
+        lambda: (
+            f"Hessian{where} is not positive definite even after raising the damping "
+            f"to percdamp={float(jnp.max(factor.percdamp)):.3g}; check the calibration inputs"
+        ),
         f"Hessian{where} is not positive definite even after raising the damping "
         f"{MAX_ESCALATIONS} times by x10; check the calibration inputs",
     )
@@ -308,9 +308,7 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     else:
         counts = traced_block_prune_counts(densities, rows, cols, blocksize)
         keep_input = densities == 1.0
-    pruned, mask, loss = obs_sweep(
-        stack, factor, counts, blocksize=blocksize, prunen=prunen, prunem=prunem
-    )
+    pruned, mask, loss = obs_sweep(stack, factor, counts, blocksize=blocksize, prunen=prunen, prunem=prunem)
     if refit is not None:
         hessian, tol, maxiter = refit
         target = jnp.where(factor.dead[..., None, :], 0, stack.astype(pruned.dtype))
@@ -323,17 +321,37 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
 
 @overload
 def obs_prune(
-    delta, hessian, *, density: float | Sequence[float] | None = ..., prunen: int = ..., prunem: int = ...,
-    blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
-    refit_maxiter: int = ..., name: str | None = ..., return_info: Literal[False] = ...,
+    delta,
+    hessian,
+    *,
+    density: float | Sequence[float] | None = ...,
+    prunen: int = ...,
+    prunem: int = ...,
+    blocksize: int = ...,
+    percdamp: float = ...,
+    refit: bool = ...,
+    refit_tol: float = ...,
+    refit_maxiter: int = ...,
+    name: str | None = ...,
+    return_info: Literal[False] = ...,
 ) -> tuple[jax.Array, jax.Array]: ...
 
 
 @overload
 def obs_prune(
-    delta, hessian, *, density: float | Sequence[float] | None = ..., prunen: int = ..., prunem: int = ...,
-    blocksize: int = ..., percdamp: float = ..., refit: bool = ..., refit_tol: float = ...,
-    refit_maxiter: int = ..., name: str | None = ..., return_info: Literal[True],
+    delta,
+    hessian,
+    *,
+    density: float | Sequence[float] | None = ...,
+    prunen: int = ...,
+    prunem: int = ...,
+    blocksize: int = ...,
+    percdamp: float = ...,
+    refit: bool = ...,
+    refit_tol: float = ...,
+    refit_maxiter: int = ...,
+    name: str | None = ...,
+    return_info: Literal[True],
 ) -> tuple[jax.Array, ObsInfo]: ...
 
 

@@ -34,57 +34,126 @@ from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
 
 V = 48  # vocabulary of the text models
-EPS32 = 2.0 ** -23
+EPS32 = 2.0**-23
 
 
 def _t5():
-    return transformers.T5Config(vocab_size=V, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3,
-                                 num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
-                                 pad_token_id=0, eos_token_id=1)
+    return transformers.T5Config(
+        vocab_size=V,
+        d_model=16,
+        d_kv=4,
+        d_ff=24,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def _vit():
-    return transformers.ViTConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=4, intermediate_size=24,
-                                  image_size=8, patch_size=4, num_channels=3, num_labels=5)
+    return transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=24,
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        num_labels=5,
+    )
 
 
 def _opt():
-    return transformers.OPTConfig(vocab_size=V, hidden_size=16, ffn_dim=24, num_hidden_layers=3, num_attention_heads=4,
-                                  max_position_embeddings=32, word_embed_proj_dim=16, pad_token_id=1,
-                                  bos_token_id=0, eos_token_id=0)
+    return transformers.OPTConfig(
+        vocab_size=V,
+        hidden_size=16,
+        ffn_dim=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def _falcon(**kw):
-    return transformers.FalconConfig(vocab_size=V, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
-                                     bos_token_id=0, eos_token_id=0, **kw)
+    return transformers.FalconConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, bos_token_id=0, eos_token_id=0, **kw
+    )
 
 
 def _neox():
-    return transformers.GPTNeoXConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                                      num_attention_heads=4, max_position_embeddings=32, bos_token_id=0,
-                                      eos_token_id=0)
+    return transformers.GPTNeoXConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def _mistral(**kw):
-    return transformers.MistralConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)
+    return transformers.MistralConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        **kw,
+    )
 
 
 # model type: (config, transformers class, auto class, [(block pattern, config key of that stack's depth)])
 ARCHS = {
-    "t5": (_t5, transformers.T5ForConditionalGeneration, transformers.AutoModelForSeq2SeqLM,
-           [(r"^encoder\.block\.(\d+)\.", "num_layers"), (r"^decoder\.block\.(\d+)\.", "num_decoder_layers")]),
-    "vit": (_vit, transformers.ViTForImageClassification, transformers.AutoModelForImageClassification,
-            [(r"^vit\.encoder\.layer\.(\d+)\.", "num_hidden_layers")]),
-    "opt": (_opt, transformers.OPTForCausalLM, transformers.AutoModelForCausalLM,
-            [(r"^model\.decoder\.layers\.(\d+)\.", "num_hidden_layers")]),
-    "falcon": (_falcon, transformers.FalconForCausalLM, transformers.AutoModelForCausalLM,
-               [(r"^transformer\.h\.(\d+)\.", "num_hidden_layers")]),
-    "gpt_neox": (_neox, transformers.GPTNeoXForCausalLM, transformers.AutoModelForCausalLM,
-                 [(r"^gpt_neox\.layers\.(\d+)\.", "num_hidden_layers")]),
-    "mistral": (_mistral, transformers.MistralForCausalLM, transformers.AutoModelForCausalLM,
-                [(r"^model\.layers\.(\d+)\.", "num_hidden_layers")]),
+    "t5": (
+        _t5,
+        transformers.T5ForConditionalGeneration,
+        transformers.AutoModelForSeq2SeqLM,
+        [(r"^encoder\.block\.(\d+)\.", "num_layers"), (r"^decoder\.block\.(\d+)\.", "num_decoder_layers")],
+    ),
+    "vit": (
+        _vit,
+        transformers.ViTForImageClassification,
+        transformers.AutoModelForImageClassification,
+        [(r"^vit\.encoder\.layer\.(\d+)\.", "num_hidden_layers")],
+    ),
+    "opt": (
+        _opt,
+        transformers.OPTForCausalLM,
+        transformers.AutoModelForCausalLM,
+        [(r"^model\.decoder\.layers\.(\d+)\.", "num_hidden_layers")],
+    ),
+    "falcon": (
+        _falcon,
+        transformers.FalconForCausalLM,
+        transformers.AutoModelForCausalLM,
+        [(r"^transformer\.h\.(\d+)\.", "num_hidden_layers")],
+    ),
+    "gpt_neox": (
+        _neox,
+        transformers.GPTNeoXForCausalLM,
+        transformers.AutoModelForCausalLM,
+        [(r"^gpt_neox\.layers\.(\d+)\.", "num_hidden_layers")],
+    ),
+    "mistral": (
+        _mistral,
+        transformers.MistralForCausalLM,
+        transformers.AutoModelForCausalLM,
+        [(r"^model\.layers\.(\d+)\.", "num_hidden_layers")],
+    ),
 }
 # Mistral has a Flax family here: its name map merges the embedding in the swapped [hidden, vocab] view
 SWAPPED = {"mistral": ("model.embed_tokens.weight",)}
@@ -155,8 +224,12 @@ def task_arithmetic_reference(deltas: list[np.ndarray], weights: list[float], la
 
 
 def _config(paths: dict, method: str, **over) -> dict:
-    cfg = {"models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths["fts"], (1.0, 0.7))],
-           "merge_method": method, "base_model": str(paths["base"]), "dtype": "float32"}
+    cfg = {
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths["fts"], (1.0, 0.7))],
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "dtype": "float32",
+    }
     cfg.update(over)
     return cfg
 
@@ -175,8 +248,9 @@ def _load(arch: str, out: Path) -> dict[str, np.ndarray]:
     return written
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray, base: np.ndarray, deltas: list[np.ndarray], what: str,
-                  scale: float = 1.0) -> None:
+def _assert_close(
+    got: np.ndarray, want: np.ndarray, base: np.ndarray, deltas: list[np.ndarray], what: str, scale: float = 1.0
+) -> None:
     """Equal up to float32 rounding: a few ulps of the magnitudes summed (base, `scale` x each task vector)."""
     tol = 4 * EPS32 * (np.abs(base) + scale * sum(np.abs(d) for d in deltas) + np.abs(want)) + 1e-30
     bad = np.abs(got.astype(np.float64) - want) > tol
@@ -244,8 +318,16 @@ def test_dare_ties_equals_library_merge_and_keeps_the_density(family):
     got = _load(arch, root / "dare")
     base, fts = _tensors(paths["base"]), [_tensors(p) for p in paths["fts"]]
     swapped = SWAPPED.get(arch, ())
-    want = library_merge("dare_ties", base, fts, weights=[1.0, 0.7], densities=0.4, seed=17, lambda_=0.9,
-                         layout=lambda n: "flax" if n in swapped else "torch")
+    want = library_merge(
+        "dare_ties",
+        base,
+        fts,
+        weights=[1.0, 0.7],
+        densities=0.4,
+        seed=17,
+        lambda_=0.9,
+        layout=lambda n: "flax" if n in swapped else "torch",
+    )
     assert set(got) == set(base)
     for name in base:
         np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
@@ -353,7 +435,9 @@ def test_tied_and_untied_heads(tmp_path, base_ties):
     dirs = {}
     for label, ties in (("base", base_ties), ("ft_untied", False), ("ft_tied", True)):
         m = transformers.FalconForCausalLM(_falcon(tie_word_embeddings=ties)).eval()
-        m.load_state_dict({k: v.clone() for k, v in tied.state_dict().items()})  # an untied head starts as the embedding
+        m.load_state_dict(
+            {k: v.clone() for k, v in tied.state_dict().items()}
+        )  # an untied head starts as the embedding
         if label != "base":
             with torch.no_grad():
                 for p in m.parameters():
@@ -405,8 +489,9 @@ def test_report_card_and_check_for_an_unregistered_architecture(tmp_path):
         if r["trim"] == "unchanged":
             assert nonzero == [0, 0]
             continue
-        assert r["trim"] == "magnitude" and r["block"] == (int(r["name"].split(".")[2])
-                                                           if r["name"].startswith("gpt_neox.layers.") else None)
+        assert r["trim"] == "magnitude" and r["block"] == (
+            int(r["name"].split(".")[2]) if r["name"].startswith("gpt_neox.layers.") else None
+        )
         # the magnitude trim keeps round(0.5 n) entries, of which the nonzero ones count
         assert r["kept_density"] == [min(round(0.5 * n), z) / n for z in nonzero], r
     card = (tmp_path / "out" / "README.md").read_text()
@@ -458,12 +543,14 @@ def test_gguf_and_pytorch_bin_checkpoints(tmp_path):
 
     base = hf_tensors(tied=False, seed=0)
     rng = np.random.default_rng(1)
-    fts = [{k: v + (0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
-           for _ in range(2)]
-    paths = {"base": write_gguf(tmp_path / "base.gguf", base),
-             "fts": [write_gguf(tmp_path / f"ft{t}.gguf", f) for t, f in enumerate(fts)]}
-    run_merge(parse_config(_config(paths, "task_arithmetic", parameters={"lambda": 1.3})), tmp_path / "out",
-              progress=False)
+    fts = [{k: v + (0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()} for _ in range(2)]
+    paths = {
+        "base": write_gguf(tmp_path / "base.gguf", base),
+        "fts": [write_gguf(tmp_path / f"ft{t}.gguf", f) for t, f in enumerate(fts)],
+    }
+    run_merge(
+        parse_config(_config(paths, "task_arithmetic", parameters={"lambda": 1.3})), tmp_path / "out", progress=False
+    )
     got = _tensors(tmp_path / "out")
     assert set(got) == set(base)
     for name, b in base.items():
@@ -494,8 +581,11 @@ def test_safetensors_rows_read_only_their_range(tmp_path):
     from convert.safetensors_reader import SafetensorsCheckpoint
 
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.standard_normal((7, 3, 2)).astype(np.float32),
-               "b": rng.standard_normal((5, 4)).astype(ml_dtypes.bfloat16), "c": np.arange(6, dtype=np.int64)}
+    tensors = {
+        "a": rng.standard_normal((7, 3, 2)).astype(np.float32),
+        "b": rng.standard_normal((5, 4)).astype(ml_dtypes.bfloat16),
+        "c": np.arange(6, dtype=np.int64),
+    }
     save_file(tensors, str(tmp_path / "model.safetensors"))
     ckpt = SafetensorsCheckpoint(tmp_path)
     for name, arr in tensors.items():

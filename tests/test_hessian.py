@@ -79,6 +79,6 @@ def test_float_mask_weights_each_token_by_its_square():
         for x, w in zip(xs, ws):
             state = hessian_update(state, x, w)
         h = np.asarray(hessian_finalize(state))
-    expected = sum(np.einsum("bt,bti,btj->ij", w ** 2, x, x) for x, w in zip(xs, ws)) * 2.0 / 5
+    expected = sum(np.einsum("bt,bti,btj->ij", w**2, x, x) for x, w in zip(xs, ws)) * 2.0 / 5
     assert float(state.nsamples) == 5
     np.testing.assert_allclose(h, expected, rtol=1e-12)

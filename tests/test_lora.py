@@ -59,8 +59,7 @@ def peft_adapter(base_dir: Path, dst: Path, seed: int = 0, **lora) -> dict[str, 
 
 def assert_same_as(ckpt, expected: dict[str, np.ndarray]) -> None:
     for n in ckpt.names():
-        np.testing.assert_allclose(np.asarray(ckpt.get(n), np.float64), expected[n], rtol=2e-6, atol=2e-7,
-                                   err_msg=n)
+        np.testing.assert_allclose(np.asarray(ckpt.get(n), np.float64), expected[n], rtol=2e-6, atol=2e-7, err_msg=n)
 
 
 # --------------------------------------------------------------------------- LoRA in
@@ -68,8 +67,14 @@ def assert_same_as(ckpt, expected: dict[str, np.ndarray]) -> None:
 
 def test_llama_adapter_equals_peft_merge(llama, tmp_path):
     root, fam = llama
-    want = peft_adapter(fam["base"], tmp_path / "ad", r=4, lora_alpha=16,
-                        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    want = peft_adapter(
+        fam["base"],
+        tmp_path / "ad",
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+    )
     with open_model(fam["base"], tmp_path / "ad") as ck, open_checkpoint(fam["base"]) as base:
         assert isinstance(ck, LoraCheckpoint)
         assert ck.names() == base.names() and all(ck.shape(n) == base.shape(n) for n in ck.names())
@@ -78,16 +83,23 @@ def test_llama_adapter_equals_peft_merge(llama, tmp_path):
         assert all(s == 4.0 for s in ck.updated().values())
         assert_same_as(ck, want)
         assert not np.array_equal(ck.get("lm_head.weight"), base.get("lm_head.weight"))
-        assert np.array_equal(ck.get("model.layers.0.self_attn.k_proj.weight"),
-                              base.get("model.layers.0.self_attn.k_proj.weight"))
+        assert np.array_equal(
+            ck.get("model.layers.0.self_attn.k_proj.weight"), base.get("model.layers.0.self_attn.k_proj.weight")
+        )
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [True, False])
 def test_gpt2_conv1d_adapter_equals_peft_merge(gpt2, tmp_path, fan_in_fan_out):
     # PEFT follows the layer (Conv1D is [in, out]) even when the config's fan_in_fan_out is wrong; so do we
     root, fam = gpt2
-    want = peft_adapter(fam["base"], tmp_path / "ad", r=3, lora_alpha=5, fan_in_fan_out=fan_in_fan_out,
-                        target_modules=["c_attn", "c_proj", "c_fc"])
+    want = peft_adapter(
+        fam["base"],
+        tmp_path / "ad",
+        r=3,
+        lora_alpha=5,
+        fan_in_fan_out=fan_in_fan_out,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+    )
     with open_model(fam["base"], tmp_path / "ad") as ck:
         assert len(ck.updated()) == 12
         assert_same_as(ck, want)
@@ -96,13 +108,23 @@ def test_gpt2_conv1d_adapter_equals_peft_merge(gpt2, tmp_path, fan_in_fan_out):
 def test_rslora_scale_and_regex_targets_with_patterns(llama, tmp_path):
     root, fam = llama
     regex = r".*\.layers\.[01]\.(self_attn\.q_proj|mlp\.up_proj)"
-    want = peft_adapter(fam["base"], tmp_path / "ad", r=4, lora_alpha=8, use_rslora=True, target_modules=regex,
-                        rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 3})
+    want = peft_adapter(
+        fam["base"],
+        tmp_path / "ad",
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=regex,
+        rank_pattern={"up_proj": 2},
+        alpha_pattern={"up_proj": 3},
+    )
     with open_model(fam["base"], tmp_path / "ad") as ck:
         assert ck.updated() == {
-            "model.layers.0.self_attn.q_proj.weight": 8 / math.sqrt(4), "model.layers.1.self_attn.q_proj.weight": 4.0,
+            "model.layers.0.self_attn.q_proj.weight": 8 / math.sqrt(4),
+            "model.layers.1.self_attn.q_proj.weight": 4.0,
             "model.layers.0.mlp.up_proj.weight": 3 / math.sqrt(2),
-            "model.layers.1.mlp.up_proj.weight": 3 / math.sqrt(2)}
+            "model.layers.1.mlp.up_proj.weight": 3 / math.sqrt(2),
+        }
         assert_same_as(ck, want)
 
 
@@ -156,9 +178,15 @@ def test_merge_lora_model_with_full_finetune_loads_and_generates(llama, tmp_path
     peft_adapter(fam["base"], tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
     ad = os.path.relpath(tmp_path / "ad", tmp_path)
     base = os.path.relpath(fam["base"], tmp_path)
-    cfg = {"models": [{"model": f"{base}+{ad}", "parameters": {"weight": 0.6, "density": 0.5}},
-                      {"model": str(fam["fts"][0]), "parameters": {"weight": 0.4, "density": 0.5}}],
-           "merge_method": "ties", "base_model": str(fam["base"]), "dtype": "float32"}
+    cfg = {
+        "models": [
+            {"model": f"{base}+{ad}", "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(fam["fts"][0]), "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "merge_method": "ties",
+        "base_model": str(fam["base"]),
+        "dtype": "float32",
+    }
     path = _yaml(tmp_path, cfg)
     parsed = load_config(path)  # both parts relative to the YAML
     assert Path(parsed.models[0].model).resolve() == Path(fam["base"]).resolve()
@@ -255,7 +283,7 @@ def test_extract_rank_r_of_rank_r_delta_is_exact_and_lower_rank_reports_energy(l
     base = open_checkpoint(fam["base"])
     for n, d in deltas.items():
         s = np.linalg.svd(d, compute_uv=False)
-        assert rows[n]["energy"] == pytest.approx(s[0] ** 2 / np.sum(s ** 2), rel=1e-4)
+        assert rows[n]["energy"] == pytest.approx(s[0] ** 2 / np.sum(s**2), rel=1e-4)
         err = np.linalg.norm(got[n] - base.get(n) - d) / np.linalg.norm(d)
         assert err == pytest.approx(rows[n]["relative_error"], rel=1e-3)
 
@@ -266,7 +294,7 @@ def test_low_rank_factors_against_numpy():
     a, b, e = low_rank(d, 5)
     u, s, vt = np.linalg.svd(d)
     np.testing.assert_allclose(b.astype(np.float64) @ a, (u[:, :5] * s[:5]) @ vt[:5], atol=1e-5)
-    assert e == pytest.approx(np.sum(s[:5] ** 2) / np.sum(s ** 2), rel=1e-6)
+    assert e == pytest.approx(np.sum(s[:5] ** 2) / np.sum(s**2), rel=1e-6)
     a, b, e = low_rank(d, 50)  # capped at min(out, in)
     assert a.shape == (12, 12) and b.shape == (20, 12) and e == pytest.approx(1.0)
 
@@ -289,8 +317,12 @@ def test_extract_gpt2_conv1d_full_rank(gpt2, tmp_path):
 
 def test_merge_lora_flag_writes_adapter_that_reproduces_the_merge(llama, tmp_path, capsys):
     root, fam = llama
-    cfg = {"models": [{"model": str(fam["fts"][0]), "parameters": {"weight": 0.7}}],
-           "merge_method": "task_arithmetic", "base_model": str(fam["base"]), "dtype": "float32"}
+    cfg = {
+        "models": [{"model": str(fam["fts"][0]), "parameters": {"weight": 0.7}}],
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam["base"]),
+        "dtype": "float32",
+    }
     assert main(["merge", _yaml(tmp_path, cfg), str(tmp_path / "out"), "--quiet", "--lora", "64"]) == 0
     assert "wrote LoRA adapter" in capsys.readouterr().out
     adapter = tmp_path / "out" / "adapter"
@@ -312,8 +344,12 @@ def _run_err(capsys, argv) -> str:
 
 
 def _lora_yaml(tmp: Path, fam: dict, adapter: Path) -> str:
-    cfg = {"models": [{"model": f"{fam['base']}+{adapter}"}, {"model": str(fam["fts"][0])}],
-           "merge_method": "task_arithmetic", "base_model": str(fam["base"]), "dtype": "float32"}
+    cfg = {
+        "models": [{"model": f"{fam['base']}+{adapter}"}, {"model": str(fam["fts"][0])}],
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam["base"]),
+        "dtype": "float32",
+    }
     return _yaml(tmp, cfg)
 
 
@@ -358,8 +394,10 @@ def test_adapter_for_another_base_and_escaping_file(llama, gpt2, tmp_path, capsy
     err = _run_err(capsys, ["check", _lora_yaml(tmp_path, fam, other)])
     assert "adapter_model.safetensors" in err and "transformer.h.0.attn.c_attn" in err
     # same architecture, other shapes: a LLaMA adapter made for a wider model
-    t = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 64), np.float32),
-         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 2), np.float32)}
+    t = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 64), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 2), np.float32),
+    }
     wide = write_adapter(tmp_path / "wide", {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}, t)
     err = _run_err(capsys, ["merge", _lora_yaml(tmp_path, fam, wide), str(tmp_path / "out"), "--quiet"])
     assert "wide/adapter_model.safetensors" in err and "q_proj.lora_A.weight" in err and "another base" in err
@@ -377,11 +415,11 @@ def test_extract_bad_rank_and_mismatched_models(llama, gpt2, tmp_path, capsys):
     root, fam = llama
     err = _run_err(capsys, ["extract-lora", str(fam["fts"][0]), str(fam["base"]), str(tmp_path / "o"), "--rank", "0"])
     assert "--rank must be a positive integer, got 0" in err
-    err = _run_err(capsys, ["extract-lora", str(gpt2[1]["fts"][0]), str(fam["base"]), str(tmp_path / "o"),
-                            "--rank", "2"])
+    err = _run_err(
+        capsys, ["extract-lora", str(gpt2[1]["fts"][0]), str(fam["base"]), str(tmp_path / "o"), "--rank", "2"]
+    )
     assert "architecture 'gpt2' differs" in err
-    cfg = {"models": [{"model": str(fam["fts"][0])}], "merge_method": "task_arithmetic",
-           "base_model": str(fam["base"])}
+    cfg = {"models": [{"model": str(fam["fts"][0])}], "merge_method": "task_arithmetic", "base_model": str(fam["base"])}
     err = _run_err(capsys, ["merge", _yaml(tmp_path, cfg), str(tmp_path / "o"), "--lora", "0", "--quiet"])
     assert "--lora 0" in err
     assert not (tmp_path / "o").exists()
@@ -394,8 +432,11 @@ def test_plus_parsing_rules(llama, tmp_path):
     plain = tmp_path / "ft+v2"  # an existing directory whose name has a '+' is a plain model
     plain.symlink_to(fam["fts"][0], target_is_directory=True)
     ad = _good(tmp_path, fam)
-    raw = {"models": [{"model": "ft+v2"}, {"model": f"{fam['base']}+ad"}], "merge_method": "task_arithmetic",
-           "base_model": str(fam["base"])}
+    raw = {
+        "models": [{"model": "ft+v2"}, {"model": f"{fam['base']}+ad"}],
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam["base"]),
+    }
     cfg = parse_config(raw, root=tmp_path)
     assert (cfg.models[0].model, cfg.models[0].adapter) == (str(plain), "")
     assert (cfg.models[1].model, cfg.models[1].adapter) == (str(fam["base"]), str(ad))

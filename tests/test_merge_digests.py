@@ -85,6 +85,7 @@ def _sparsegpt(source: str) -> Callable[[dict, Path], dict]:
         if source == "per_task":  # model 1 calibrates on its own (JSONL) data
             cfg["models"][1]["calibration"] = {"data": str(root / "calib.jsonl"), "nsamples": 4, "seqlen": 16}
         return cfg
+
     return build
 
 
@@ -117,8 +118,11 @@ def _della_gradient(cfg: dict, root: Path) -> dict:
     cfg = _data_free(cfg)
     cfg.update(merge_method="della", seed=3)
     cfg["models"][0]["parameters"] = {"density": [0.3, 0.7], "weight": 1.0, "epsilon": 0.1}
-    cfg["models"][1]["parameters"] = {"density": 0.6, "epsilon": 0.2,
-                                      "weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}
+    cfg["models"][1]["parameters"] = {
+        "density": 0.6,
+        "epsilon": 0.2,
+        "weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}],
+    }
     return cfg
 
 
@@ -130,8 +134,7 @@ def _wanda_dare_linear(cfg: dict, root: Path) -> dict:
 
 def _breadcrumbs_rules(cfg: dict, root: Path) -> dict:
     """A trim per tensor by filter rules (sparsegpt on attention, magnitude elsewhere), gamma for model 0 only."""
-    cfg.update(merge_method="breadcrumbs_ties",
-               trim=[{"filter": "attn", "value": "sparsegpt"}, {"value": "magnitude"}])
+    cfg.update(merge_method="breadcrumbs_ties", trim=[{"filter": "attn", "value": "sparsegpt"}, {"value": "magnitude"}])
     cfg["models"][0]["parameters"]["gamma"] = 0.05
     return cfg
 
@@ -191,8 +194,10 @@ def families(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     return out
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.__version__ != RECORDED_JAX,
-                    reason=f"digests recorded on the CPU backend with jax {RECORDED_JAX}")
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu" or jax.__version__ != RECORDED_JAX,
+    reason=f"digests recorded on the CPU backend with jax {RECORDED_JAX}",
+)
 @pytest.mark.parametrize("name", list(CASES))
 def test_merge_output_is_bit_identical_to_the_recorded_digest(name, families, tmp_path):
     family = CASES[name][0]

@@ -364,8 +364,18 @@ CASES = {
 
 def test_every_new_method_has_a_transform_case():
     # the task-vector methods before these have theirs in tests/test_transforms.py
-    older = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
-             "breadcrumbs", "breadcrumbs_ties", "regmean"}
+    older = {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "regmean",
+    }
     assert set(CASES) == set(registry.METHODS) - older
 
 
@@ -415,14 +425,14 @@ def test_slerp_gradient_in_t_matches_finite_differences():
 
 
 def _raw(method, n_models=1, **over):
-    raw = {"models": [{"model": f"ft_{i}"} for i in range(n_models)], "merge_method": method,
-           "base_model": "base"}
+    raw = {"models": [{"model": f"ft_{i}"} for i in range(n_models)], "merge_method": method, "base_model": "base"}
     raw.update(over)
     return raw
 
 
-@pytest.mark.parametrize("method", ["slerp", "karcher", "nearswap", "model_stock", "arcee_fusion", "passthrough",
-                                    "nuslerp", "multislerp"])
+@pytest.mark.parametrize(
+    "method", ["slerp", "karcher", "nearswap", "model_stock", "arcee_fusion", "passthrough", "nuslerp", "multislerp"]
+)
 def test_config_refuses_trim_for_methods_not_on_task_vector_trims(method, tmp_path):
     spec = specs.METHOD_SPECS[method]
     params = {p.name: 0.5 for p in spec.params if p.required}
@@ -434,8 +444,9 @@ def test_config_refuses_trim_for_methods_not_on_task_vector_trims(method, tmp_pa
 
 
 def test_config_sce_composes_with_sparsegpt(tmp_path):
-    cfg = parse_config(_raw("sce", 2, trim="sparsegpt", calibration={"data": "c.txt"},
-                            parameters={"select_topk": 0.5}), tmp_path)
+    cfg = parse_config(
+        _raw("sce", 2, trim="sparsegpt", calibration={"data": "c.txt"}, parameters={"select_topk": 0.5}), tmp_path
+    )
     assert cfg.trim == "sparsegpt" and cfg.method_spec.trims
 
 

@@ -40,8 +40,11 @@ def test_resolve_plain_callable_rules_and_gradient():
 
 
 def test_per_model_takes_the_default_per_model_only():
-    assert paramspec.per_model([0.05, None, [{"filter": "x", "value": None}, {"value": 0.3}]], "x", 0.01) == \
-        (0.05, 0.01, 0.01)
+    assert paramspec.per_model([0.05, None, [{"filter": "x", "value": None}, {"value": 0.3}]], "x", 0.01) == (
+        0.05,
+        0.01,
+        0.01,
+    )
     assert paramspec.split_per_model(0.5, 3, "densities") == [0.5] * 3
     rules = [{"filter": "a", "value": 1.0}, {"value": 0.0}]
     assert paramspec.split_per_model(rules, 2, "weights") == [rules, rules]
@@ -56,16 +59,17 @@ def _breadcrumbs(d: np.ndarray, density: float, gamma: float) -> np.ndarray:
     top, k = round(gamma * n), round(density * n)
     order = np.argsort(-np.abs(flat), kind="stable")
     out = np.zeros_like(flat)
-    out[order[top:top + k]] = flat[order[top:top + k]]
+    out[order[top : top + k]] = flat[order[top : top + k]]
     return out.reshape(d.shape)
 
 
 def _config(gammas, top=None):
-    models = [{"model": f"ft_{i}", "parameters": {"density": 0.5} | ({} if g is None else {"gamma": g})}
-              for i, g in enumerate(gammas)]
+    models = [
+        {"model": f"ft_{i}", "parameters": {"density": 0.5} | ({} if g is None else {"gamma": g})}
+        for i, g in enumerate(gammas)
+    ]
     params = {} if top is None else {"gamma": top}
-    return parse_config({"models": models, "merge_method": "breadcrumbs", "base_model": "base",
-                         "parameters": params})
+    return parse_config({"models": models, "merge_method": "breadcrumbs", "base_model": "base", "parameters": params})
 
 
 def test_yaml_gamma_missing_for_one_model_keeps_the_others():
@@ -84,8 +88,13 @@ def test_yaml_gamma_missing_for_one_model_keeps_the_others():
 
 
 def test_yaml_resolver_errors_are_config_errors():
-    cfg = parse_config({"models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 1.0}]}}],
-                        "merge_method": "linear", "base_model": "base"})
+    cfg = parse_config(
+        {
+            "models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 1.0}]}}],
+            "merge_method": "linear",
+            "base_model": "base",
+        }
+    )
     with pytest.raises(ConfigError, match="no filter rule matches tensor 'model.norm.weight'"):
         plan_tensor(cfg, "model.norm.weight", None, 2, linear=False)
 
@@ -94,8 +103,7 @@ def _layered(tasks=2, layers=3):
     rng = np.random.default_rng(1)
     base = {f"layers.{i}.w": rng.standard_normal((4, 5)).astype(np.float32) for i in range(layers)}
     base["embed"] = rng.standard_normal((6, 5)).astype(np.float32)
-    models = [{k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
-              for _ in range(tasks)]
+    models = [{k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()} for _ in range(tasks)]
     return base, models
 
 
@@ -106,8 +114,7 @@ def _block(name: str) -> int | None:
 
 def test_library_gradient_over_blocks_and_per_model_none():
     base, models = _layered()
-    out = M.merge("task_arithmetic", base, models, block_of=_block, weights=[[0.0, 1.0], 1.0],
-                  **{"lambda": [0.5, 1.0]})
+    out = M.merge("task_arithmetic", base, models, block_of=_block, weights=[[0.0, 1.0], 1.0], **{"lambda": [0.5, 1.0]})
     for i, (w0, lam) in enumerate(((0.0, 0.5), (0.5, 0.75), (1.0, 1.0))):  # positions 0, 1/2, 1
         k = f"layers.{i}.w"
         want = base[k] + lam * (w0 * (models[0][k] - base[k]) + (models[1][k] - base[k]))

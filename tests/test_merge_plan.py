@@ -42,8 +42,14 @@ def _quad(e: np.ndarray, h: np.ndarray) -> float:
 def test_two_four_through_the_plan_matches_the_oracle_then_ties():
     d, h = _problem()
     w = np.array([1.0, 0.5])
-    plan = TensorPlan("ties", "layer.weight", weights=tuple(w), densities=(1.0, 1.0), trim="sparsegpt",
-                      obs=ObsOptions(blocksize=8, prunen=2, prunem=4))
+    plan = TensorPlan(
+        "ties",
+        "layer.weight",
+        weights=tuple(w),
+        densities=(1.0, 1.0),
+        trim="sparsegpt",
+        obs=ObsOptions(blocksize=8, prunen=2, prunem=4),
+    )
     with jax.enable_x64(True):
         merged, trimmed, info = merge_planned(plan, jnp.asarray(d), Calibration(hessian=jnp.asarray(h)))
         merged, trimmed = np.asarray(merged), np.asarray(trimmed)
@@ -61,8 +67,14 @@ def test_refit_through_the_plan_keeps_the_mask_and_lowers_the_error():
     calib = Calibration(hessian=jnp.asarray(h, jnp.float32))
     out = {}
     for refit in (False, True):
-        plan = TensorPlan("task_arithmetic", "w", weights=(1.0, 1.0), densities=(0.3, 0.3), trim="sparsegpt",
-                          obs=ObsOptions(blocksize=16, refit=refit))
+        plan = TensorPlan(
+            "task_arithmetic",
+            "w",
+            weights=(1.0, 1.0),
+            densities=(0.3, 0.3),
+            trim="sparsegpt",
+            obs=ObsOptions(blocksize=16, refit=refit),
+        )
         out[refit] = np.asarray(merge_planned(plan, jnp.asarray(d, jnp.float32), calib)[1], np.float64)
     np.testing.assert_array_equal(out[True] == 0, out[False] == 0)
     errs = {r: [_quad(out[r][t] - d[t], h) for t in range(2)] for r in out}

@@ -21,8 +21,15 @@ from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
 
-LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LLAMA_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 GPT2_LINEARS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
@@ -81,8 +88,14 @@ def test_llama_output_loads_in_transformers_and_report(llama_merged, llama):
     model = _torch(out)
     assert isinstance(model, transformers.LlamaForCausalLM)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "merge_report.json", "merge_layer_error.png",
-            "tokenizer.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "merge_report.json",
+        "merge_layer_error.png",
+        "tokenizer.json",
+    } <= names
     disk = json.loads((out / REPORT_FILE).read_text())
     assert set(disk["stages_s"]) == {"load", "calibrate", "prune", "merge", "export"}
     lin = [r for r in disk["layers"] if r["linear"]]
@@ -300,8 +313,11 @@ def test_killed_merge_leaves_no_complete_looking_output(llama, tmp_path):
     root, paths = llama
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(H.config_dict(paths, root)))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "sgtv_jax.cli", "merge", str(tmp_path / "m.yaml"), str(out),
-                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sgtv_jax.cli", "merge", str(tmp_path / "m.yaml"), str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()):

@@ -22,11 +22,24 @@ from sgtv_jax.models.moe import linear_input
 from sgtv_jax.pipeline.arch import declared_input_groups
 
 TINY = {
-    "llama": transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32),
+    "llama": transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    ),
     "gpt2": transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=4, n_positions=32),
-    "bert": transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
-                                    intermediate_size=32, max_position_embeddings=32),
+    "bert": transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    ),
 }
 
 
@@ -64,20 +77,38 @@ def test_declared_input_groups_equal_the_blocks_shared_inputs(family):
 
 
 def test_fused_phi3_groups_equal_the_blocks_shared_inputs():
-    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                  pad_token_id=0)
+    cfg = transformers.Phi3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     assert [g.names for g in _declared(cfg)] == _groups_by_identity(cfg)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_moe_groups_read_each_experts_routed_input(kind):
     """Each declared group's (input, token weights) is what `moe.linear_input` gives each of its layers."""
-    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=32, num_experts_per_tok=2)
-    cfg = (transformers.MixtralConfig(**small, intermediate_size=8, num_local_experts=3) if kind == "mixtral" else
-           transformers.Qwen2MoeConfig(**small, moe_intermediate_size=8, shared_expert_intermediate_size=12,
-                                       num_experts=3))
+    small = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        num_experts_per_tok=2,
+    )
+    cfg = (
+        transformers.MixtralConfig(**small, intermediate_size=8, num_local_experts=3)
+        if kind == "mixtral"
+        else transformers.Qwen2MoeConfig(
+            **small, moe_intermediate_size=8, shared_expert_intermediate_size=12, num_experts=3
+        )
+    )
     groups = _declared(cfg)
     model = build_model(cfg)
     ids = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)

@@ -30,7 +30,7 @@ def test_perplexity_equals_torch(tiny):
     tm = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     nll, n = 0.0, 0
     for s in range(0, len(ids), 32):
-        w = torch.tensor([ids[s:s + 32]])
+        w = torch.tensor([ids[s : s + 32]])
         if w.shape[1] < 2:
             continue
         with torch.no_grad():

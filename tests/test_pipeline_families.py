@@ -26,8 +26,15 @@ from sgtv_jax.pipeline.report import REPORT_FILE
 from sgtv_jax.pipeline.sequential import run_merge
 
 LINEARS = {
-    "qwen3": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "qwen3": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ],
     "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
 }
 LINEARS["gemma2"] = LINEARS["gemma3_text"] = LINEARS["qwen3"]
@@ -35,7 +42,8 @@ LINEARS["gemma2"] = LINEARS["gemma3_text"] = LINEARS["qwen3"]
 
 def _torch(path) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, attn_implementation="eager").eval()
+        str(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.parametrize("arch", sorted(LINEARS))
@@ -50,8 +58,9 @@ def test_base_hessians_equal_torch_hook_inputs_and_output_loads(arch, tmp_path):
         want = H.torch_hessians(base, calib.input_ids, calib.mask, f"model.layers.{block}.", LINEARS[arch])
         for n in LINEARS[arch]:
             got, ref = sink[f"model.layers.{block}.{n}.weight"], want[n]
-            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(),
-                                       err_msg=f"{arch} block {block} {n}")
+            np.testing.assert_allclose(
+                got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=f"{arch} block {block} {n}"
+            )
     merged = _torch(tmp_path / "merged")
     ids = torch.from_numpy(calib.input_ids[:2]).long()
     with torch.no_grad():

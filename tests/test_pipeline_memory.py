@@ -58,7 +58,7 @@ def test_per_task_by_hand(fam):
     est = estimate_memory(parse_config(raw))
     T = 2
     assert est.term("activations").bytes == 4 * D * (6 * 24 + 3 * 40 + max(6 * 24, 3 * 40))
-    assert est.term("attention").bytes == 4 * 2 * A * max(4 * 24 ** 2, 3 * 40 ** 2)
+    assert est.term("attention").bytes == 4 * 2 * A * max(4 * 24**2, 3 * 40**2)
     assert est.term("hessians").bytes == 4 * T * sum(c * c for _, c in LINEARS)
     assert est.term("obs").bytes == 4 * max(3 * T * r * c + 3 * T * c * c for r, c in LINEARS)
 

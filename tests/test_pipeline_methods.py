@@ -41,17 +41,21 @@ def _library(paths, method, **kw) -> dict[str, np.ndarray]:
     return merge(method, base, fts, **kw)
 
 
-@pytest.mark.parametrize("method,params,models", [
-    ("slerp", {"t": 0.3}, 1),
-    ("karcher", {}, 2),
-    ("passthrough", {"scale": 0.5}, 1),
-    ("model_stock", {}, 2),
-])
+@pytest.mark.parametrize(
+    "method,params,models",
+    [
+        ("slerp", {"t": 0.3}, 1),
+        ("karcher", {}, 2),
+        ("passthrough", {"scale": 0.5}, 1),
+        ("model_stock", {}, 2),
+    ],
+)
 def test_whole_weight_methods_equal_the_library(family, method, params, models):
     root, paths = family
     sub = dict(paths, fts=paths["fts"][:models])
-    got = _run(root, sub, f"{method}", merge_method=method, parameters=params,
-               models=[{"model": str(p)} for p in sub["fts"]])
+    got = _run(
+        root, sub, f"{method}", merge_method=method, parameters=params, models=[{"model": str(p)} for p in sub["fts"]]
+    )
     want = _library(paths, method, models=models, **params)
     assert set(got) == set(want)
     for n in got:
@@ -65,8 +69,14 @@ def test_whole_weight_methods_equal_the_library(family, method, params, models):
 
 def test_slerp_at_zero_is_the_base(family):
     root, paths = family
-    got = _run(root, dict(paths, fts=paths["fts"][:1]), "slerp0", merge_method="slerp", parameters={"t": 0.0},
-               models=[{"model": str(paths["fts"][0])}])
+    got = _run(
+        root,
+        dict(paths, fts=paths["fts"][:1]),
+        "slerp0",
+        merge_method="slerp",
+        parameters={"t": 0.0},
+        models=[{"model": str(paths["fts"][0])}],
+    )
     base = _tensors(paths["base"])
     for n in got:
         np.testing.assert_allclose(got[n], base[n], rtol=0, atol=1e-6, err_msg=n)
@@ -76,8 +86,9 @@ def test_count_floor_reaches_the_trim(family):
     root, paths = family
     # density 0.3: the 32-entry norms keep round(9.6) = 10 entries, floor keeps 9
     models = [{"model": str(p), "parameters": {"density": 0.3}} for p in paths["fts"]]
-    got = _run(root, paths, "floor", merge_method="ties", trim="magnitude", parameters={"count": "floor"},
-               models=models)
+    got = _run(
+        root, paths, "floor", merge_method="ties", trim="magnitude", parameters={"count": "floor"}, models=models
+    )
     want = _library(paths, "ties", densities=0.3, trim="magnitude", count="floor")
     rnd = _library(paths, "ties", densities=0.3, trim="magnitude")
     differs = False

@@ -47,17 +47,21 @@ SHARED = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.share
 
 def _torch(path) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, attn_implementation="eager").eval()
+        str(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
-def torch_expert_hessians(model, ids: np.ndarray, mask: np.ndarray, block: int, min_tokens: int
-                          ) -> tuple[dict[tuple[int, str], np.ndarray], list[int]]:
+def torch_expert_hessians(
+    model, ids: np.ndarray, mask: np.ndarray, block: int, min_tokens: int
+) -> tuple[dict[tuple[int, str], np.ndarray], list[int]]:
     """{(expert, "gate_up" | "down"): H} of one block, float64, and each expert's routed real-token count."""
     cfg = model.config
     moe = model.get_submodule(f"model.layers.{block}.mlp")  # in memory the MoE block is `mlp` for all three
     got: dict[str, torch.Tensor] = {}
-    hooks = [moe.gate.register_forward_hook(lambda m, a, out: got.__setitem__("logits", out[0].detach())),
-             moe.experts.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0].detach()))]
+    hooks = [
+        moe.gate.register_forward_hook(lambda m, a, out: got.__setitem__("logits", out[0].detach())),
+        moe.experts.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0].detach())),
+    ]
     with torch.no_grad():
         model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
     for h in hooks:
@@ -147,7 +151,9 @@ def test_expert_hessians_equal_torch_routing_weighted_hooks(arch, source, tmp_pa
         logits = merged(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
     assert torch.isfinite(logits).all()
     sd, base_sd = merged.state_dict(), base.state_dict()
-    assert not torch.equal(sd["model.layers.1.mlp.experts.gate_up_proj"], base_sd["model.layers.1.mlp.experts.gate_up_proj"])
+    assert not torch.equal(
+        sd["model.layers.1.mlp.experts.gate_up_proj"], base_sd["model.layers.1.mlp.experts.gate_up_proj"]
+    )
 
 
 def test_per_task_stacks_each_models_own_routing(tmp_path):

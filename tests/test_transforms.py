@@ -165,7 +165,10 @@ def test_table_hessian_update_jit_and_scan():
 
 
 def test_table_ties_jit():
-    same(jax.jit(lambda s: ties(s, weights=[1.0] * 3, densities=0.2))(STACK), ties(STACK, weights=[1.0] * 3, densities=0.2))
+    same(
+        jax.jit(lambda s: ties(s, weights=[1.0] * 3, densities=0.2))(STACK),
+        ties(STACK, weights=[1.0] * 3, densities=0.2),
+    )
 
 
 def test_table_ties_sparsegpt_jit():
@@ -225,7 +228,9 @@ def test_trim_jit_of_vmap_over_densities(kind):
     kw = dict(key=KEY, calib=CALIB, blocksize=BS, gamma=0.1, epsilon=0.1)
     grid_d = (0.0, 0.4, 1.0)
     per_task = (0.3, 0.5, 0.7)
-    f = jax.jit(lambda g, d: (jax.vmap(lambda x: trim_lib.trim(kind, STACK, x, **kw))(g), trim_lib.trim(kind, STACK, d, **kw)))
+    f = jax.jit(
+        lambda g, d: (jax.vmap(lambda x: trim_lib.trim(kind, STACK, x, **kw))(g), trim_lib.trim(kind, STACK, d, **kw))
+    )
     grid, tasks = f(jnp.asarray(grid_d), jnp.asarray(per_task))
     for i, d in enumerate(grid_d):
         same(grid[i], trim_lib.trim(kind, STACK, d, **kw), exact=False)
@@ -253,7 +258,9 @@ def test_inverse_factor_jit_vmap():
     fj = jax.jit(sg.inverse_factor)(H, 0.01)
     np.testing.assert_allclose(np.asarray(fj.upper), np.asarray(f.upper), rtol=1e-5, atol=1e-7)
     fv = jax.vmap(sg.inverse_factor, in_axes=(None, 0))(H, jnp.asarray([0.01, 0.1]))
-    np.testing.assert_allclose(np.asarray(fv.upper[1]), np.asarray(sg.inverse_factor(H, 0.1).upper), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(fv.upper[1]), np.asarray(sg.inverse_factor(H, 0.1).upper), rtol=1e-5, atol=1e-7
+    )
     assert bool(jnp.all(fv.ok))
 
 

@@ -41,8 +41,7 @@ from sgtv_jax.models.common import FamilyModel
 
 from ._base import FlaxPath, NameMap, Rule
 
-__all__ = ["FlaxPath", "NameMap", "Rule", "get_name_map",
-           "load_hf_state_dict_into_model", "model_to_hf_state_dict"]
+__all__ = ["FlaxPath", "NameMap", "Rule", "get_name_map", "load_hf_state_dict_into_model", "model_to_hf_state_dict"]
 
 
 def get_name_map(model_type: str) -> NameMap:
@@ -53,8 +52,9 @@ def get_name_map(model_type: str) -> NameMap:
     return get_architecture(model_type).name_map
 
 
-def load_hf_state_dict_into_model(model: FamilyModel, tensors: Mapping[str, np.ndarray], *,
-                                  strict: bool = True) -> nnx.Module:
+def load_hf_state_dict_into_model(
+    model: FamilyModel, tensors: Mapping[str, np.ndarray], *, strict: bool = True
+) -> nnx.Module:
     """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
 
     See ``NameMap.load_hf_state_dict_into_model``; the map is chosen from
@@ -66,4 +66,3 @@ def load_hf_state_dict_into_model(model: FamilyModel, tensors: Mapping[str, np.n
 def model_to_hf_state_dict(model: FamilyModel, dtype: Any = None) -> dict[str, np.ndarray]:
     """All parameters as ``{hf_name: np.ndarray}`` in HF layout (see ``NameMap.model_to_hf_state_dict``)."""
     return get_name_map(model.config.model_type).model_to_hf_state_dict(model, dtype=dtype)
-

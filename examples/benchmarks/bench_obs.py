@@ -118,9 +118,13 @@ def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> None:
         jt = med[f"jax{t}"]
         tt = med.get("torch1", math.nan) * (t if t == 1 else math.nan)
         gf = flops / jt / 1e9
-        print(f"{rows:>5} x {cols:<5} {t:>2} {jt:8.3f} {tt:8.3f} {jt / tt:6.2f} {gf:8.1f} {matmul_gflops:15.1f} {100 * gf / matmul_gflops:10.0f}%")
-    print(f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
-          + (f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x" if args.refit else ""))
+        print(
+            f"{rows:>5} x {cols:<5} {t:>2} {jt:8.3f} {tt:8.3f} {jt / tt:6.2f} {gf:8.1f} {matmul_gflops:15.1f} {100 * gf / matmul_gflops:10.0f}%"
+        )
+    print(
+        f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
+        + (f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x" if args.refit else "")
+    )
 
 
 def main() -> None:

@@ -50,8 +50,10 @@ def arcee_fusion(
     guard = _checks.Guard()
     x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
     if x.shape[0] != 1:
-        raise ValueError(f"arcee_fusion merges exactly two models (the base and one other), got {x.shape[0]} "
-                         f"fine-tuned models{where}")
+        raise ValueError(
+            f"arcee_fusion merges exactly two models (the base and one other), got {x.shape[0]} "
+            f"fine-tuned models{where}"
+        )
     unit_weights(weights, 1, "arcee_fusion", name, guard)
     if base is None:
         raise ValueError(f"arcee_fusion compares the models' softmax rows and needs base=theta_0{where}")
@@ -61,8 +63,10 @@ def arcee_fusion(
         raise ValueError(f"base has shape {tuple(b.shape)} but the task vector {tuple(tau.shape)}{where}")
     if tau.size == 0:
         return tau
-    scores = importance(tau.reshape((1,) if tau.ndim == 0 else tau.shape), b.astype(tau.dtype).reshape(
-        (1,) if tau.ndim == 0 else tau.shape)).reshape(tau.shape)
+    scores = importance(
+        tau.reshape((1,) if tau.ndim == 0 else tau.shape),
+        b.astype(tau.dtype).reshape((1,) if tau.ndim == 0 else tau.shape),
+    ).reshape(tau.shape)
     s = jnp.sort(scores.reshape(-1))
     median, q1, q3 = _quantile(s, 0.5), _quantile(s, 0.25), _quantile(s, 0.75)
     threshold = median + 1.5 * (q3 - q1)

@@ -135,6 +135,7 @@ def merge_grid(
         raise ValueError(f"method {method!r} has no parameter(s) {unknown}")
     if densities is not None and "densities" not in call_args(spec):
         raise ValueError(f"method {method!r} takes no densities")
+
     def is_traced(k: str, v: Any) -> bool:
         return k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))
 

@@ -76,7 +76,10 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register `methods` (sets `func`)."""
-    p = subparsers.add_parser("methods", help="list the merge methods and their parameters",
-                              description="Every merge_method with its parameters (type, default, range), "
-                              "the per-model parameters, and the mergekit methods refused with the reason.")
+    p = subparsers.add_parser(
+        "methods",
+        help="list the merge methods and their parameters",
+        description="Every merge_method with its parameters (type, default, range), "
+        "the per-model parameters, and the mergekit methods refused with the reason.",
+    )
     p.set_defaults(func=_run_methods)

@@ -110,9 +110,7 @@ class _SeedMerge:
         if use_sparsegpt:
             stats = hessian_invs if hessian_invs is not None else hessians
             if stats is None:
-                raise ValueError(
-                    "hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True"
-                )
+                raise ValueError("hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True")
             if single:
                 stats = {_SINGLE: stats}
             stats = {k: _stack_stats(v, hessian_invs is not None) for k, v in stats.items()}

@@ -56,14 +56,20 @@ def _base(base, like: jax.Array, method: str, name: str | None) -> jax.Array:
 def unit_weights(weights: Floats, tasks: int, method: str, name: str | None, guard: _checks.Guard) -> None:
     """Methods without per-model weights refuse any weight other than 1 (traced: a guard check)."""
     w = _validate.per_task_values(1.0 if weights is None else weights, tasks, "weights", name, guard)
-    msg = (f"{method} takes no per-model weight (mergekit has none for it), got weights "
-           f"{list(w) if isinstance(w, tuple) else '(traced)'}{_where(name)}")
+    msg = (
+        f"{method} takes no per-model weight (mergekit has none for it), got weights "
+        f"{list(w) if isinstance(w, tuple) else '(traced)'}{_where(name)}"
+    )
     guard.require(jnp.all(jnp.asarray(w) == 1.0), msg, f"{method} takes no per-model weight{_where(name)}")
 
 
 def slerp(
-    deltas: jax.Array, weights: Floats = 1.0, *, t: float | jax.Array | None = None,
-    base: jax.Array | None = None, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats = 1.0,
+    *,
+    t: float | jax.Array | None = None,
+    base: jax.Array | None = None,
+    name: str | None = None,
 ) -> jax.Array:
     """SLERP between the base model (`t = 0`) and the one other model (`t = 1`).
 
@@ -116,7 +122,11 @@ def _nuslerp_pairs(v0: jax.Array, v1: jax.Array, t: jax.Array, eps: float = 1e-8
 
 
 def nuslerp(
-    deltas: jax.Array, weights: Floats, *, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False,
+    deltas: jax.Array,
+    weights: Floats,
+    *,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
     name: str | None = None,
 ) -> jax.Array:
     """NuSLERP: slerp of two task vectors at `t = w_1 / (w_0 + w_1)` (0.5 when `|w_0 + w_1| < 1e-6`).
@@ -143,7 +153,11 @@ def nuslerp(
 
 
 def multislerp(
-    deltas: jax.Array, weights: Floats, *, normalize_weights: bool = True, eps: float = 1e-8,
+    deltas: jax.Array,
+    weights: Floats,
+    *,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
     name: str | None = None,
 ) -> jax.Array:
     """Multi-SLERP: a weighted barycentre of the task vectors on the sphere, rescaled.
@@ -188,8 +202,13 @@ def multislerp(
 
 
 def karcher(
-    deltas: jax.Array, weights: Floats = 1.0, *, max_iter: int = 10, tol: float | jax.Array = 1e-5,
-    base: jax.Array | None = None, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats = 1.0,
+    *,
+    max_iter: int = 10,
+    tol: float | jax.Array = 1e-5,
+    base: jax.Array | None = None,
+    name: str | None = None,
 ) -> jax.Array:
     """Karcher (Riemannian) mean of the models on the unit sphere, scaled by their mean norm.
 

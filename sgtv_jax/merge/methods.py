@@ -94,7 +94,9 @@ def generalized_task_arithmetic(
     gamma: Floats = 0.01,
     epsilon: Floats = 0.15,
     blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """Trim -> (elect) -> combine -> scale, the pipeline all task-vector methods share.
@@ -113,8 +115,19 @@ def generalized_task_arithmetic(
     x = deltas.astype(dt)
     if trim is not None:
         x = trim_lib.trim(
-            trim, x, dens, key=key, calib=calib, gamma=gamma, epsilon=epsilon, rescale=rescale,
-            blocksize=blocksize, percdamp=percdamp, refit=refit, name=name, count=count,
+            trim,
+            x,
+            dens,
+            key=key,
+            calib=calib,
+            gamma=gamma,
+            epsilon=epsilon,
+            rescale=rescale,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            refit=refit,
+            name=name,
+            count=count,
         )
     else:
         if count != "round":
@@ -150,7 +163,11 @@ def resolve_rescale(rescale: bool | None, default: bool, trim: str | None) -> bo
 
 
 def linear(
-    deltas: jax.Array, weights: Floats, *, normalize: bool = True, base: jax.Array | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    *,
+    normalize: bool = True,
+    base: jax.Array | None = None,
     name: str | None = None,
 ) -> jax.Array:
     """Linear (model soup): `theta = sum_t w_t theta_t / sum_t w_t`.
@@ -182,10 +199,22 @@ def linear(
 
 
 def task_arithmetic(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
-    lambda_: float = 1.0, trim: str | None = None, rescale: bool | None = None,
-    key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str | None = None,
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """Task arithmetic (Ilharco et al. 2023): `lambda * sum_t w_t tau_t`.
@@ -194,18 +223,45 @@ def task_arithmetic(
     `densities` to trim first, e.g. `trim="sparsegpt"`), rescale off.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def ties(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = True,
-    lambda_: float = 1.0, consensus: str = "sum", trim: str = "magnitude",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01,
-    refit: bool = False, count: str = "round", name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "magnitude",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """TIES (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
@@ -223,17 +279,43 @@ def ties(
     dense TIES merge); tune `lambda_` accordingly.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def dare_linear(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
-    lambda_: float = 1.0, trim: str = "random", rescale: bool | None = None,
-    key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str = "random",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """DARE (Yu et al. 2024) + task arithmetic: `lambda * sum_t w_t m_t tau_t / density_t`.
@@ -243,18 +325,45 @@ def dare_linear(
     normalize off, lambda 1. With `trim="sparsegpt"` rescale defaults off.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def dare_ties(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
-    lambda_: float = 1.0, consensus: str = "sum", trim: str = "random",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01,
-    refit: bool = False, count: str = "round", name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "random",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """DARE drop-and-rescale, then TIES sign election and (un-normalized) disjoint sum.
 
@@ -263,18 +372,44 @@ def dare_ties(
     Defaults (mergekit's): normalize False, rescale on, consensus "sum", lambda 1.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def della(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
-    normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
-    trim: str = "magprune", rescale: bool | None = None, key: jax.Array | None = None,
-    calib: Calibration | None = None, gamma: Floats = 0.01, blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    epsilon: Floats = 0.15,
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "magprune",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """DELLA (Deep et al. 2024): MagPrune, sign election, disjoint mean.
@@ -286,17 +421,43 @@ def della(
     mergekit rescales to match the L1 norm; we divide by `p` as the paper does.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def della_linear(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
-    normalize: bool = False, lambda_: float = 1.0, trim: str = "magprune",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    epsilon: Floats = 0.15,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str = "magprune",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """DELLA MagPrune without sign election: `lambda * sum_t w_t tau'_t`.
@@ -304,17 +465,43 @@ def della_linear(
     Defaults (mergekit's): epsilon 0.15, normalize False, rescale on (`1/p`), lambda 1.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def breadcrumbs(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
-    normalize: bool = False, lambda_: float = 1.0, trim: str = "breadcrumbs",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    gamma: Floats = 0.01,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str = "breadcrumbs",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and the smallest, sum.
@@ -324,18 +511,44 @@ def breadcrumbs(
     Defaults (mergekit's): gamma 0.01, normalize False, rescale off, lambda 1.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def breadcrumbs_ties(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
-    normalize: bool = False, lambda_: float = 1.0, consensus: str = "sum",
-    trim: str = "breadcrumbs", rescale: bool | None = None, key: jax.Array | None = None,
-    calib: Calibration | None = None, epsilon: Floats = 0.15, blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False, count: str = "round",
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    gamma: Floats = 0.01,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "breadcrumbs",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """Breadcrumbs trimming, then TIES sign election; un-normalized disjoint sum.
@@ -343,7 +556,21 @@ def breadcrumbs_ties(
     Defaults (mergekit's): gamma 0.01, normalize False, consensus "sum", rescale off.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )

@@ -81,7 +81,8 @@ def _check_models(base: dict, models: list[dict]) -> None:
             problems.append(f"model {i} has tensors the base model lacks: {extra}")
         shapes = [
             f"{n!r} {tuple(np.shape(m[n]))} vs base {tuple(np.shape(base[n]))}"
-            for n in base if n in m and tuple(np.shape(m[n])) != tuple(np.shape(base[n]))
+            for n in base
+            if n in m and tuple(np.shape(m[n])) != tuple(np.shape(base[n]))
         ]
         if shapes:
             problems.append(f"model {i} has tensors of different shapes: " + ", ".join(shapes))
@@ -136,14 +137,19 @@ def _stat(stats: Mapping[str, Any] | None, name: str) -> Any:
 def _calibration(inp: _Inputs, name: str, shape: tuple[int, ...], lay: str, cols: int | None) -> Calibration:
     """The tensor's statistics, each checked against its input width `cols`."""
     calib = Calibration(*(_stat(inp.stats[k], name) for k in ("hessians", "hessian_invs", "norms")))
-    for label, stat, nd in (("hessians", calib.hessian, 2), ("hessian_invs", calib.hessian_inv, 2),
-                            ("norms", calib.norms, 1)):
+    for label, stat, nd in (
+        ("hessians", calib.hessian, 2),
+        ("hessian_invs", calib.hessian_inv, 2),
+        ("norms", calib.norms, 1),
+    ):
         if stat is None:
             continue
         want = [(cols,) * nd, (inp.tasks,) + (cols,) * nd] if cols else []
         if tuple(stat.shape) not in want:
-            raise ValueError(f"{label}[{name!r}] has shape {tuple(stat.shape)}; expected one of {want} "
-                             f"for a tensor of shape {shape} (layout {lay!r})")
+            raise ValueError(
+                f"{label}[{name!r}] has shape {tuple(stat.shape)}; expected one of {want} "
+                f"for a tensor of shape {shape} (layout {lay!r})"
+            )
     return calib
 
 
@@ -155,27 +161,39 @@ def _per_model_values(inp: _Inputs, name: str, where: tuple) -> dict[str, tuple[
             continue
         vals = _validate.per_task(per_model(inp.per_model[kw], name, ps.default, *where), inp.tasks, kw, name)
         if ps.lo is not None or ps.hi is not None:
-            _validate.in_range(vals, -np.inf if ps.lo is None else ps.lo, np.inf if ps.hi is None else ps.hi,
-                               kw, name)
+            _validate.in_range(vals, -np.inf if ps.lo is None else ps.lo, np.inf if ps.hi is None else ps.hi, kw, name)
         out[kw] = vals
     return out
 
 
-def _check_trim(inp: _Inputs, name: str, shape: tuple[int, ...], kind: str | None, vals: dict,
-                obs: ObsOptions, calib: Calibration, params: dict, cols: int | None) -> bool:
+def _check_trim(
+    inp: _Inputs,
+    name: str,
+    shape: tuple[int, ...],
+    kind: str | None,
+    vals: dict,
+    obs: ObsOptions,
+    calib: Calibration,
+    params: dict,
+    cols: int | None,
+) -> bool:
     """Checks of the tensor's trim; returns whether its calibration statistics are missing."""
     if kind is None:
         if any(d != 1.0 for d in vals["densities"]):
-            raise ValueError(f"densities {list(vals['densities'])} < 1 for tensor {name!r} but method "
-                             f"{inp.spec.name!r} does not trim by itself: pass trim=... (one of {', '.join(TRIMS)})")
+            raise ValueError(
+                f"densities {list(vals['densities'])} < 1 for tensor {name!r} but method "
+                f"{inp.spec.name!r} does not trim by itself: pass trim=... (one of {', '.join(TRIMS)})"
+            )
         if params.get("rescale") is True:
             raise ValueError(f"rescale=True needs a trim, for tensor {name!r}")
         return False
     if kind not in TRIMS:
         raise ValueError(f"unknown trim {kind!r} for tensor {name!r}; known trims: {', '.join(TRIMS)}")
     if kind in DATA_TRIMS and len(shape) != 2:
-        raise ValueError(f"trim={kind!r} needs 2-D linear weights, but tensor {name!r} has shape {shape}; "
-                         "give it a data-free trim with a per-tensor trim spec")
+        raise ValueError(
+            f"trim={kind!r} needs 2-D linear weights, but tensor {name!r} has shape {shape}; "
+            "give it a data-free trim with a per-tensor trim spec"
+        )
     if kind == "sparsegpt" and obs.prunem and cols is not None and cols % obs.prunem:
         raise ValueError(f"tensor {name!r} has {cols} input columns, not a multiple of prunem {obs.prunem}")
     if kind == "sparsegpt" and obs.refit and calib.hessian is None and calib.hessian_inv is not None:
@@ -217,14 +235,21 @@ def _plan_tensor(inp: _Inputs, name: str, shape: tuple[int, ...]) -> tuple[_Plan
     missing = spec.trims and _check_trim(inp, name, shape, kind, vals, obs, calib, params, cols)
     tasks = inp.tasks
     plan = TensorPlan(
-        method=spec.name, name=name, weights=vals["weights"], densities=vals.get("densities", (1.0,) * tasks),
-        trim=trim, params=params, gamma=vals.get("gamma"), epsilon=vals.get("epsilon"), obs=obs, seed=inp.seed,
+        method=spec.name,
+        name=name,
+        weights=vals["weights"],
+        densities=vals.get("densities", (1.0,) * tasks),
+        trim=trim,
+        params=params,
+        gamma=vals.get("gamma"),
+        epsilon=vals.get("epsilon"),
+        obs=obs,
+        seed=inp.seed,
     )
     return _Planned(plan, calib, transpose), kind, missing
 
 
-def _check_arguments(spec: MethodSpec, params: dict[str, Any], options: dict[str, Any],
-                     given: dict[str, Any]) -> None:
+def _check_arguments(spec: MethodSpec, params: dict[str, Any], options: dict[str, Any], given: dict[str, Any]) -> None:
     """Parameters the method does not take; ValueError naming them and the ones it has."""
     keywords = {ps.name: ps.keyword for ps in spec.params}
     for k in list(params):
@@ -298,8 +323,7 @@ def merge(
       (non-floating tensors are copied from `base`).
     """
     spec = method_spec(method)
-    options = {k: v for k, v in zip(_TRIM_OPTIONS, (trim, blocksize, percdamp, prunen, prunem, refit))
-               if v is not None}
+    options = {k: v for k, v in zip(_TRIM_OPTIONS, (trim, blocksize, percdamp, prunen, prunem, refit)) if v is not None}
     given = {"weights": weights, "densities": densities, "gamma": gamma, "epsilon": epsilon}
     _check_arguments(spec, params, options, given)
     if isinstance(models, Mapping) or not isinstance(models, Sequence) or len(models) == 0:
@@ -323,8 +347,18 @@ def merge(
             except SpecError as e:
                 problems.append(str(e))
     stats = {"hessians": hessians, "hessian_invs": hessian_invs, "norms": norms}
-    inp = _Inputs(spec, tasks, per_model_specs, params, options, stats, layout, seed, block_of,
-                  max(blocks) + 1 if blocks else None)
+    inp = _Inputs(
+        spec,
+        tasks,
+        per_model_specs,
+        params,
+        options,
+        stats,
+        layout,
+        seed,
+        block_of,
+        max(blocks) + 1 if blocks else None,
+    )
     plans: dict[str, _Planned] = {}
     missing: dict[str, str | None] = {}
     kinds = set()

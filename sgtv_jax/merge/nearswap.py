@@ -28,14 +28,19 @@ def nearswap(
     guard = _checks.Guard()
     x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
     if x.shape[0] != 1:
-        raise ValueError(f"nearswap merges exactly two models (the base and one other), got {x.shape[0]} "
-                         f"fine-tuned models{where}")
+        raise ValueError(
+            f"nearswap merges exactly two models (the base and one other), got {x.shape[0]} fine-tuned models{where}"
+        )
     unit_weights(weights, 1, "nearswap", name, guard)
     if t is None:
         raise ValueError(f"nearswap needs t (the distance below which the other model's value is taken){where}")
     tt = jnp.asarray(t)
-    guard.require(jnp.isfinite(tt) & (tt >= 0), f"nearswap t must be a finite number >= 0, got {t!r}{where}"
-                  if not _checks.is_traced(t) else f"nearswap t must be a finite number >= 0{where}")
+    guard.require(
+        jnp.isfinite(tt) & (tt >= 0),
+        f"nearswap t must be a finite number >= 0, got {t!r}{where}"
+        if not _checks.is_traced(t)
+        else f"nearswap t must be a finite number >= 0{where}",
+    )
     d = x[0].astype(_validate.work_dtype(x.dtype))
     w = jnp.clip(tt.astype(d.dtype) / jnp.maximum(jnp.abs(d), 1e-6), 0, 1)
     return guard.apply(w * d)

@@ -46,8 +46,11 @@ def is_rules(spec: Any) -> bool:
 
 def is_gradient(spec: Any) -> bool:
     """Whether `spec` is a gradient (a non-empty list / tuple of real numbers, booleans excluded)."""
-    return (isinstance(spec, (list, tuple)) and len(spec) > 0
-            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in spec))
+    return (
+        isinstance(spec, (list, tuple))
+        and len(spec) > 0
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in spec)
+    )
 
 
 def spec_values(spec: Any) -> list[Any]:
@@ -83,14 +86,18 @@ def resolve(spec: Any, name: str, layer: int | None = None, num_layers: int | No
             filt = rule.get("filter")
             if filt is None or str(filt) in name:
                 return resolve(rule["value"], name, layer, num_layers)
-        raise SpecError(f"no filter rule matches tensor {name!r} in {short_repr(list(spec))} "
-                        "(add a rule without 'filter' as the default)")
+        raise SpecError(
+            f"no filter rule matches tensor {name!r} in {short_repr(list(spec))} "
+            "(add a rule without 'filter' as the default)"
+        )
     if is_gradient(spec):
         if len(spec) == 1:
             return float(spec[0])
         if num_layers is None:
-            raise SpecError(f"the gradient {short_repr(list(spec))} for tensor {name!r} needs the tensor's "
-                            "decoder block; give the blocks (block_of=...), one value, a callable or filter rules")
+            raise SpecError(
+                f"the gradient {short_repr(list(spec))} for tensor {name!r} needs the tensor's "
+                "decoder block; give the blocks (block_of=...), one value, a callable or filter rules"
+            )
         pos = layer_position(name, layer, num_layers)
         return float(np.interp(pos, np.linspace(0.0, 1.0, len(spec)), np.asarray(spec, float)))
     return spec
@@ -113,8 +120,9 @@ def split_per_model(spec: Any, tasks: int, what: str) -> list[Any]:
     return entries
 
 
-def per_model(specs: Sequence[Any], name: str, default: Any, layer: int | None = None,
-              num_layers: int | None = None) -> tuple[Any, ...]:
+def per_model(
+    specs: Sequence[Any], name: str, default: Any, layer: int | None = None, num_layers: int | None = None
+) -> tuple[Any, ...]:
     """Each model's value of a per-model parameter for tensor `name`; a model whose spec is
     (or resolves to) None takes `default`.
 

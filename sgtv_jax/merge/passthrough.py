@@ -16,8 +16,12 @@ from sgtv_jax.merge.methods import Floats
 
 
 def passthrough(
-    deltas: jax.Array, weights: Floats = 1.0, *, scale: float | jax.Array = 1.0,
-    base: jax.Array | None = None, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats = 1.0,
+    *,
+    scale: float | jax.Array = 1.0,
+    base: jax.Array | None = None,
+    name: str | None = None,
 ) -> jax.Array:
     """`scale * theta_1 - theta_0 = (scale - 1) theta_0 + scale tau` (just `tau` when scale is 1).
 

@@ -129,7 +129,9 @@ def maps_zero_to_zero(method: str) -> bool:
 
 
 def merge_planned(
-    plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None = None,
+    plan: TensorPlan,
+    deltas: jax.Array,
+    calib: trim_lib.Calibration | None = None,
     base: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, MergeInfo]:
     """Trim then merge `deltas` `[T, ...]` as `plan` says.
@@ -155,8 +157,10 @@ def merge_planned(
     damping = None
     if kind is None:
         if any(d != 1.0 for d in plan.densities):
-            raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
-                            f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)")
+            raise PlanError(
+                f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
+                f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)"
+            )
         trimmed = deltas
     elif kind == "sparsegpt":
         trimmed, damping = _obs_trim(plan, deltas, calib, rescale)
@@ -166,22 +170,42 @@ def merge_planned(
             extra["gamma"] = list(plan.gamma)
         if plan.epsilon is not None:
             extra["epsilon"] = list(plan.epsilon)
-        trimmed = trim_lib.trim(kind, deltas, list(plan.densities), key=key, calib=calib, rescale=rescale,
-                                blocksize=plan.obs.blocksize, percdamp=plan.obs.percdamp, name=plan.name,
-                                count=count, **extra)
-    merged = get_method(plan.method)(trimmed, list(plan.weights), 1.0, trim=None, rescale=False,
-                                     name=plan.name, key=key, **kw)
+        trimmed = trim_lib.trim(
+            kind,
+            deltas,
+            list(plan.densities),
+            key=key,
+            calib=calib,
+            rescale=rescale,
+            blocksize=plan.obs.blocksize,
+            percdamp=plan.obs.percdamp,
+            name=plan.name,
+            count=count,
+            **extra,
+        )
+    merged = get_method(plan.method)(
+        trimmed, list(plan.weights), 1.0, trim=None, rescale=False, name=plan.name, key=key, **kw
+    )
     return merged, trimmed, MergeInfo(kind, damping)
 
 
-def _obs_trim(plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None,
-              rescale: bool) -> tuple[jax.Array, float | None]:
+def _obs_trim(
+    plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None, rescale: bool
+) -> tuple[jax.Array, float | None]:
     """SparseGPT trim with the plan's OBS options; returns (trimmed, damping used: None from an inverse)."""
     o = plan.obs
     nm = dict(prunen=o.prunen, prunem=o.prunem) if o.prunem else dict(density=list(plan.densities))
     if calib is not None and calib.hessian is not None:
-        trimmed, info = obs_prune(deltas, calib.hessian, blocksize=o.blocksize, percdamp=o.percdamp,
-                                  refit=o.refit, name=plan.name, return_info=True, **nm)
+        trimmed, info = obs_prune(
+            deltas,
+            calib.hessian,
+            blocksize=o.blocksize,
+            percdamp=o.percdamp,
+            refit=o.refit,
+            name=plan.name,
+            return_info=True,
+            **nm,
+        )
         damping = float(jnp.max(info.percdamp))
     elif calib is not None and calib.hessian_inv is not None:
         if o.refit:
@@ -195,8 +219,9 @@ def _obs_trim(plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration |
     return trimmed, damping
 
 
-def _merge_untrimmed(plan: TensorPlan, spec: MethodSpec, deltas: jax.Array,
-                     calib: trim_lib.Calibration | None, base: jax.Array | None) -> jax.Array:
+def _merge_untrimmed(
+    plan: TensorPlan, spec: MethodSpec, deltas: jax.Array, calib: trim_lib.Calibration | None, base: jax.Array | None
+) -> jax.Array:
     """Methods without a trim step (linear, regmean) on the raw task vectors."""
     kw = dict(plan.params or {})
     kw.pop("rescale", None)
@@ -204,8 +229,10 @@ def _merge_untrimmed(plan: TensorPlan, spec: MethodSpec, deltas: jax.Array,
         kw["grams"] = calib.hessian
     if spec.needs_base:
         if base is None and plan.method == "linear" and kw.get("normalize", spec.normalize_default) is False:
-            raise PlanError(f"{plan.method} with normalize=false sums whole models and needs the base tensor "
-                            f"of {plan.name!r} (merge_planned(..., base=theta_0))")
+            raise PlanError(
+                f"{plan.method} with normalize=false sums whole models and needs the base tensor "
+                f"of {plan.name!r} (merge_planned(..., base=theta_0))"
+            )
         if base is not None:
             kw["base"] = base
     return get_method(plan.method)(deltas, list(plan.weights), name=plan.name, **kw)

@@ -46,6 +46,4 @@ def get_method(name: str) -> Callable:
     try:
         return METHODS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown merge method {name!r}; known methods: {', '.join(METHODS)}"
-        ) from None
+        raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(METHODS)}") from None

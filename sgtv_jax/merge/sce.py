@@ -51,10 +51,22 @@ def sce_weights(deltas: jax.Array) -> jax.Array:
 
 
 def sce(
-    deltas: jax.Array, weights: Floats = 1.0, densities: Floats = 1.0, *, select_topk: float = 1.0,
-    trim: str | None = None, rescale: bool | None = None, key: jax.Array | None = None,
-    calib: Calibration | None = None, gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False, count: str = "round", name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats = 1.0,
+    densities: Floats = 1.0,
+    *,
+    select_topk: float = 1.0,
+    trim: str | None = None,
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """SCE: `sum_t c_t m_t tau'_t / max(sum_t c_t m_t, 1e-6)`.
 
@@ -79,8 +91,21 @@ def sce(
     x = x.astype(_validate.work_dtype(x.dtype))
     rescale = resolve_rescale(rescale, False, trim)
     if trim is not None:
-        x = trim_lib.trim(trim, x, dens, key=key, calib=calib, gamma=gamma, epsilon=epsilon, rescale=rescale,
-                          blocksize=blocksize, percdamp=percdamp, refit=refit, count=count, name=name)
+        x = trim_lib.trim(
+            trim,
+            x,
+            dens,
+            key=key,
+            calib=calib,
+            gamma=gamma,
+            epsilon=epsilon,
+            rescale=rescale,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            refit=refit,
+            count=count,
+            name=name,
+        )
     else:
         _no_trim_args(dens, rescale, count, guard, name)
     if _checks.is_traced(select_topk) or float(select_topk) < 1.0:
@@ -93,12 +118,15 @@ def sce(
     return guard.apply(merged)
 
 
-def _no_trim_args(dens: Sequence[float] | jax.Array, rescale: bool, count: str, guard: _checks.Guard,
-                  name: str | None) -> None:
+def _no_trim_args(
+    dens: Sequence[float] | jax.Array, rescale: bool, count: str, guard: _checks.Guard, name: str | None
+) -> None:
     if isinstance(dens, tuple):
         if any(d != 1.0 for d in dens):
-            raise ValueError(f"densities {list(dens)} given but no trim{_where(name)}; pass trim=... "
-                             f"(one of {', '.join(trim_lib.TRIMS)})")
+            raise ValueError(
+                f"densities {list(dens)} given but no trim{_where(name)}; pass trim=... "
+                f"(one of {', '.join(trim_lib.TRIMS)})"
+            )
     else:
         guard.require(jnp.all(dens == 1.0), "densities given but no trim; pass trim=...")
     if rescale:

@@ -157,8 +157,10 @@ class _Source:
         bad = [(t, int(np.count_nonzero(~np.isfinite(d[t])))) for t in range(d.shape[0])]
         bad = [(t, c) for t, c in bad if c]
         if bad:
-            raise ValueError(f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
-                             + ", ".join(f"model {t} ({c} entries)" for t, c in bad))
+            raise ValueError(
+                f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
+                + ", ".join(f"model {t} ({c} entries)" for t, c in bad)
+            )
         return b, d
 
 
@@ -193,21 +195,29 @@ def merge_rows(
     if tasks == 0:
         raise ValueError(f"no models to merge for tensor {plan.name!r}")
     if len(plan.weights) != tasks or len(plan.densities) != tasks:
-        raise ValueError(f"tensor {plan.name!r}: the plan has {len(plan.weights)} weights and "
-                         f"{len(plan.densities)} densities for {tasks} models")
+        raise ValueError(
+            f"tensor {plan.name!r}: the plan has {len(plan.weights)} weights and "
+            f"{len(plan.densities)} densities for {tasks} models"
+        )
     if transpose and len(shape) != 2:
         raise ValueError(f"tensor {plan.name!r}: transpose needs a 2-D tensor, got shape {shape}")
     spec = method_spec(plan.method)
     kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
     if kind not in STREAMED_TRIMS:
-        raise PlanError(f"trim {kind!r} of tensor {plan.name!r} needs calibration statistics: "
-                        "merge it with merge_planned and its Hessian")
+        raise PlanError(
+            f"trim {kind!r} of tensor {plan.name!r} needs calibration statistics: "
+            "merge it with merge_planned and its Hessian"
+        )
     if spec.trims and kind is None and any(d != 1.0 for d in plan.densities):
-        raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
-                        f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)")
+        raise PlanError(
+            f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
+            f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)"
+        )
     if not spec.trims and spec.needs_base and (plan.params or {}).get("normalize", spec.normalize_default) is False:
-        raise PlanError(f"{plan.method} with normalize=false needs whole models (the base weights); "
-                        "not supported per tensor nor by the pipeline")
+        raise PlanError(
+            f"{plan.method} with normalize=false needs whole models (the base weights); "
+            "not supported per tensor nor by the pipeline"
+        )
     stats = stats if stats is not None else StreamStats()
     step = chunk_rows(shape, tasks, budget_bytes)
     stats.trim = kind
@@ -221,8 +231,9 @@ def merge_rows(
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
 
 
-def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bool, out_dtype: Any,
-           stats: StreamStats) -> Iterator[np.ndarray]:
+def _whole(
+    plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bool, out_dtype: Any, stats: StreamStats
+) -> Iterator[np.ndarray]:
     """The tensor in one piece: `merge_planned` on the whole stack, as the pipeline does."""
     b, d = src.rows(0, shape[0] if len(shape) else 1)
     b, d = b.reshape(shape), d.reshape((d.shape[0], *shape))
@@ -245,8 +256,17 @@ def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bo
 class _Chunked:
     """The chunked merge of one tensor (see the module doc); `run` yields the output chunks."""
 
-    def __init__(self, plan: TensorPlan, spec: MethodSpec, kind: str | None, dens: tuple[float, ...],
-                 src: _Source, step: int, transpose: bool, stats: StreamStats) -> None:
+    def __init__(
+        self,
+        plan: TensorPlan,
+        spec: MethodSpec,
+        kind: str | None,
+        dens: tuple[float, ...],
+        src: _Source,
+        step: int,
+        transpose: bool,
+        stats: StreamStats,
+    ) -> None:
         self.plan, self.spec, self.kind, self.dens, self.src = plan, spec, kind, dens, src
         self.transpose, self.stats = transpose, stats
         self.tasks = len(dens)
@@ -255,12 +275,12 @@ class _Chunked:
         self.spans = [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)]
         stats.chunks = len(self.spans)
         self.kw = dict(plan.params or {})
-        self.rescale = resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims \
-            else False
+        self.rescale = (
+            resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims else False
+        )
         tasks, name = self.tasks, plan.name
         self.gamma = _validate.per_task(0.01 if plan.gamma is None else list(plan.gamma), tasks, "gamma", name)
-        self.epsilon = _validate.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon",
-                                          name)
+        self.epsilon = _validate.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name)
         if kind == "breadcrumbs":
             _validate.in_range(self.gamma, 0.0, 1.0, "gamma", name)
         self.key = plan.key
@@ -297,15 +317,22 @@ class _Chunked:
             trimmed = []
             for t in range(self.tasks):
                 row_keys: Any = keys.get(t)
-                y = self._trim(t, jnp.asarray(d[t]), r0,
-                               functools.partial(self._take_rank, t, row_keys, cuts, seen))
+                y = self._trim(t, jnp.asarray(d[t]), r0, functools.partial(self._take_rank, t, row_keys, cuts, seen))
                 kept[t] += int(jnp.count_nonzero(y))
                 trimmed.append(y)
             stack = jnp.stack(trimmed)
             del trimmed, keys, d
             if self.spec.trims:
-                merged = method(stack, list(self.plan.weights), 1.0, trim=None, rescale=False, name=self.plan.name,
-                                key=self.key, **self.kw)
+                merged = method(
+                    stack,
+                    list(self.plan.weights),
+                    1.0,
+                    trim=None,
+                    rescale=False,
+                    name=self.plan.name,
+                    key=self.key,
+                    **self.kw,
+                )
             else:
                 merged = method(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
             del stack
@@ -329,8 +356,9 @@ class _Chunked:
                 return trim_lib.random(x, dens, self.keys[t], rescale=self.rescale, offset=r0 * self.cols)
             mask = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
         else:  # magprune, not transposed: whole rows, drawn at their place in the tensor
-            return trim_lib.magprune(x, dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale,
-                                     offset=r0 * self.cols)
+            return trim_lib.magprune(
+                x, dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale, offset=r0 * self.cols
+            )
         return trim_lib.keep(x, jnp.asarray(np.asarray(mask).reshape(shape)), dens, rescale=self.rescale)
 
     def _take_rank(self, t: int, keys: np.ndarray, cuts: dict, seen: dict, m: int) -> np.ndarray:
@@ -353,7 +381,7 @@ class _Chunked:
             seen[tm] += count
             return out
         # transposed: every tie left of column `col`, and the first `col_ties` of column `col` by row
-        out[:, :cut.col] |= eq[:, :cut.col]
+        out[:, : cut.col] |= eq[:, : cut.col]
         col = eq[:, cut.col]
         out[:, cut.col] |= col & (seen[tm] + np.cumsum(col) <= cut.col_ties)
         seen[tm] += int(np.count_nonzero(col))
@@ -416,7 +444,7 @@ class _Chunked:
         self.stats.passes += 1
         for r0, r1 in self.spans:
             _, d = self.src.rows(r0, r1)
-            for (t, m) in per_col:
+            for t, m in per_col:
                 kr = _reversed_keys(d[t]).reshape(r1 - r0, self.cols)
                 per_col[(t, m)] += np.count_nonzero(kr == np.uint32(cuts[(t, m)].key), axis=0)
         for tm, counts in per_col.items():

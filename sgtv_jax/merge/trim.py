@@ -192,8 +192,14 @@ def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = 
 
 
 def magprune(
-    delta: jax.Array, density: float, key: jax.Array, *, epsilon: float = 0.15, rescale: bool = True,
-    guard: _checks.Guard | None = None, offset: int = 0,
+    delta: jax.Array,
+    density: float,
+    key: jax.Array,
+    *,
+    epsilon: float = 0.15,
+    rescale: bool = True,
+    guard: _checks.Guard | None = None,
+    offset: int = 0,
 ) -> jax.Array:
     """DELLA MagPrune: per row, keep probability linear in the magnitude rank.
 
@@ -238,8 +244,13 @@ def magprune(
 
 
 def breadcrumbs(
-    delta: jax.Array, density: float, *, gamma: float = 0.01, rescale: bool = False,
-    guard: _checks.Guard | None = None, count: str = "round",
+    delta: jax.Array,
+    density: float,
+    *,
+    gamma: float = 0.01,
+    rescale: bool = False,
+    guard: _checks.Guard | None = None,
+    count: str = "round",
 ) -> jax.Array:
     """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`.
 
@@ -298,7 +309,8 @@ def sparsegpt(
     calib: Calibration,
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False,
+    percdamp: float = 0.01,
+    refit: bool = False,
     rescale: bool = False,
     name: str | None = None,
 ) -> jax.Array:
@@ -319,15 +331,18 @@ def sparsegpt(
     dens: Any = densities if _checks.is_traced(densities) else list(densities)
     if calib.hessian is not None:
         pruned, _ = obs.obs_prune(
-            deltas, calib.hessian, density=dens, blocksize=blocksize,
-            percdamp=percdamp, refit=refit, name=name,
+            deltas,
+            calib.hessian,
+            density=dens,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            refit=refit,
+            name=name,
         )
     elif calib.hessian_inv is not None:
         if refit:
             raise ValueError(f"refit needs the Hessian itself, not its inverse{_where(name)}")
-        pruned, _ = obs.obs_prune_from_inverse(
-            deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name
-        )
+        pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name)
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
     return inverse_density_scale(pruned, densities) if rescale else pruned
@@ -336,8 +351,11 @@ def sparsegpt(
 def inverse_density_scale(x: jax.Array, densities: Sequence[float] | jax.Array) -> jax.Array:
     """`x[t] / density_t` for a stack `[T, ...]` (DARE-style rescale; density 0 -> 0)."""
     if _checks.is_traced(densities):
-        scale = jnp.stack([jnp.asarray(_inverse(d, x.dtype)) for d in densities]) if isinstance(
-            densities, (list, tuple)) else jnp.asarray(_inverse(jnp.asarray(densities), x.dtype))
+        scale = (
+            jnp.stack([jnp.asarray(_inverse(d, x.dtype)) for d in densities])
+            if isinstance(densities, (list, tuple))
+            else jnp.asarray(_inverse(jnp.asarray(densities), x.dtype))
+        )
     else:
         scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], x.dtype)
     return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -368,7 +386,8 @@ def trim(
     epsilon: float | Sequence[float] = 0.15,
     rescale: bool = False,
     blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False,
+    percdamp: float = 0.01,
+    refit: bool = False,
     name: str | None = None,
     count: str = "round",
 ) -> jax.Array:
@@ -395,9 +414,11 @@ def trim(
     if kind == "sparsegpt":
         if calib.hessian is None and calib.hessian_inv is None:
             raise ValueError(missing_stats_message(kind, name))
-        return guard.apply(sparsegpt(
-            deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
-        ))
+        return guard.apply(
+            sparsegpt(
+                deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
+            )
+        )
     # per task: fn(delta_t, density_t, *per_task_args_t); shared args are closed over
     args: list = [deltas, dens]
     if kind in RANDOM_TRIMS:
@@ -442,6 +463,7 @@ def trim(
 
         def fn(x, d, nrm):
             return wanda(x, d, nrm, rescale=rescale, count=count)
+
     if all(isinstance(a, (tuple, list)) for a in args[1:]) and not _checks.is_traced(*args[1:]):
         # known parameters: one call per task with Python floats (host counts, edge shortcuts)
         return jnp.stack([fn(*(a[t] for a in args)) for t in range(tasks)])

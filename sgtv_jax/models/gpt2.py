@@ -105,7 +105,7 @@ class GPT2Attention(nnx.Module):
             caps["attn.c_attn"] = x
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, cfg.n_head, dh) for t in (q, k, v))
-        scale = dh ** -0.5 if cfg.scale_attn_weights else 1.0
+        scale = dh**-0.5 if cfg.scale_attn_weights else 1.0
         o = dot_product_attention(q, k, v, mask, scale).reshape(b, s, d)
         if caps is not None:
             caps["attn.c_proj"] = o
@@ -159,8 +159,11 @@ class GPT2LMHeadModel(FamilyModel):
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, param_dtype=pd)
-        self.lm_head = (None if cfg.tie_word_embeddings
-                        else Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
+        )
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -172,8 +175,9 @@ class GPT2LMHeadModel(FamilyModel):
             positions = jnp.arange(input_ids.shape[1])[None, :]
         return self.wte(input_ids) + self.wpe(positions)
 
-    def block_kwargs(self, attention_mask: jax.Array | None, seq_len: int,
-                     batch: int | None = None) -> dict[str, jax.Array]:
+    def block_kwargs(
+        self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None
+    ) -> dict[str, jax.Array]:
         """``{"mask": [B, 1, S, S]}``: causal and padding."""
         if batch is None:
             if attention_mask is None:

@@ -41,8 +41,10 @@ class InputGroup:
         if not self.names:
             raise ValueError("an InputGroup needs at least one linear layer name")
         if (self.weights_key is None) != (self.column is None):
-            raise ValueError(f"InputGroup {self.names!r}: weights_key and column go together, "
-                             f"got weights_key={self.weights_key!r}, column={self.column!r}")
+            raise ValueError(
+                f"InputGroup {self.names!r}: weights_key and column go together, "
+                f"got weights_key={self.weights_key!r}, column={self.column!r}"
+            )
 
     @property
     def input_key(self) -> str:
@@ -69,4 +71,3 @@ def as_input_group(g: InputGroup | Sequence[str]) -> InputGroup:
     if isinstance(g, str):
         raise TypeError(f"an input group is a tuple of linear layer names, got the string {g!r}")
     return InputGroup(tuple(g))
-

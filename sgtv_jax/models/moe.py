@@ -87,8 +87,20 @@ class Expert(nnx.Module):
 class SparseMoE(nnx.Module):
     """Top-k routed experts (+ optional gated shared expert). ``[B, S, D] -> [B, S, D]``."""
 
-    def __init__(self, kind: str, d: int, f: int, num_experts: int, top_k: int, *, norm_topk_prob: bool,
-                 act: str, shared_intermediate: int = 0, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        kind: str,
+        d: int,
+        f: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        norm_topk_prob: bool,
+        act: str,
+        shared_intermediate: int = 0,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if kind not in EXPERT_NAMES:
             raise ValueError(f"unknown MoE kind {kind!r}; expected one of {sorted(EXPERT_NAMES)}")
         if not 0 < top_k <= num_experts:
@@ -97,11 +109,14 @@ class SparseMoE(nnx.Module):
         self.kind, self.prefix = kind, MOE_PREFIX[kind]
         self.num_experts, self.top_k, self.norm_topk_prob, self.act = num_experts, top_k, norm_topk_prob, act
         self.gate = Linear(d, num_experts, use_bias=False, param_dtype=param_dtype, rngs=rngs)
-        self.experts = nnx.List([Expert(d, f, EXPERT_NAMES[kind], param_dtype=param_dtype, rngs=rngs)
-                                 for _ in range(num_experts)])
+        self.experts = nnx.List(
+            [Expert(d, f, EXPERT_NAMES[kind], param_dtype=param_dtype, rngs=rngs) for _ in range(num_experts)]
+        )
         if shared_intermediate:
             names = EXPERT_NAMES["qwen"]
-            self.shared_expert: Expert | None = Expert(d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert: Expert | None = Expert(
+                d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs
+            )
             self.shared_expert_gate: Linear | None = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
         else:
             self.shared_expert = None
@@ -128,7 +143,7 @@ class SparseMoE(nnx.Module):
             if caps is not None:
                 caps[f"{p}.experts.{e}.{expert.names[2]}"] = h
             # Same order as transformers: down-project, then scale by the routing weight.
-            out = out + (expert.down(h) * w[..., e:e + 1].astype(h.dtype)).astype(x.dtype)
+            out = out + (expert.down(h) * w[..., e : e + 1].astype(h.dtype)).astype(x.dtype)
         if self.shared_expert is not None and self.shared_expert_gate is not None:  # set together
             if caps is not None:
                 for n in ("gate_proj", "up_proj"):
@@ -169,8 +184,11 @@ def expert_input_groups(kind: str, num_experts: int, *, shared: bool) -> tuple[I
     groups = []
     for e in range(num_experts):
         weights = f"{p}.routing_weights"
-        groups.append(InputGroup((f"{p}.experts.{e}.{g}", f"{p}.experts.{e}.{u}"), key=f"{p}.experts",
-                                 weights_key=weights, column=e))
+        groups.append(
+            InputGroup(
+                (f"{p}.experts.{e}.{g}", f"{p}.experts.{e}.{u}"), key=f"{p}.experts", weights_key=weights, column=e
+            )
+        )
         groups.append(InputGroup((f"{p}.experts.{e}.{d}",), weights_key=weights, column=e))
     if shared:
         groups.append(InputGroup((f"{p}.shared_expert.gate_proj", f"{p}.shared_expert.up_proj")))

@@ -23,8 +23,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 def get_family(model_type: str | None) -> ModuleType:
     """Family module (``llama``/``gemma``/``gpt2``/``bert``): config class, ``hf_block_prefix``, ``MODEL_CLASS``."""
     if model_type not in _FAMILIES:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return _FAMILIES[model_type]
 
 

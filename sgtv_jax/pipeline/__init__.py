@@ -33,7 +33,19 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CalibrationConfig", "CalibrationError", "CalibrationSet", "CheckResult", "ConfigError", "MergeConfig",
-    "MergeRun", "ModelEntry", "check_config", "load_calibration", "load_config", "merge_tensor", "parse_config",
-    "resolve_spec", "run_merge",
+    "CalibrationConfig",
+    "CalibrationError",
+    "CalibrationSet",
+    "CheckResult",
+    "ConfigError",
+    "MergeConfig",
+    "MergeRun",
+    "ModelEntry",
+    "check_config",
+    "load_calibration",
+    "load_config",
+    "merge_tensor",
+    "parse_config",
+    "resolve_spec",
+    "run_merge",
 ]

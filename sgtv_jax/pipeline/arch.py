@@ -60,7 +60,8 @@ class Arch:
             raise ConfigError(
                 f"calibrated trims (sparsegpt, wanda) and regmean are not supported for {self.model_type} "
                 f"checkpoints: the {self.family.__name__} family declares no input groups for its linear "
-                "layers; use a data-free trim (magnitude, random, ...)")
+                "layers; use a data-free trim (magnitude, random, ...)"
+            )
         return self.input_groups
 
     def abstract_model(self) -> Any:
@@ -98,8 +99,7 @@ class Arch:
         return TensorLayout(outer, blocks, rules)
 
 
-def declared_input_groups(family: Any, config: Any, linear_names: tuple[str, ...]
-                          ) -> tuple[InputGroup, ...] | None:
+def declared_input_groups(family: Any, config: Any, linear_names: tuple[str, ...]) -> tuple[InputGroup, ...] | None:
     """The family's `input_groups(config)` as `InputGroup`s, checked to partition the block's `linear_names`."""
     declared = family.input_groups(config)
     if declared is None:
@@ -108,8 +108,10 @@ def declared_input_groups(family: Any, config: Any, linear_names: tuple[str, ...
     flat = [n for g in groups for n in g.names]
     if not groups or sorted(flat) != sorted(linear_names):
         names = [g.names for g in groups]
-        raise ValueError(f"{family.__name__}.input_groups {names!r} must list each of its linear layers "
-                         f"{tuple(linear_names)!r} exactly once")
+        raise ValueError(
+            f"{family.__name__}.input_groups {names!r} must list each of its linear layers "
+            f"{tuple(linear_names)!r} exactly once"
+        )
     return groups
 
 
@@ -123,5 +125,6 @@ def arch_of(base_ckpt: Any) -> Arch:
     graphdefs = [split_block(model, i)[0] for i in range(len(model.blocks))]
     state = split_block(model, 0)[1]
     groups = declared_input_groups(row.family, model.config, tuple(model.linear_names))
-    return Arch(mt, cfg, obj, row.name_map, row.family, len(model.blocks), graphdefs,
-                list(nnx.to_flat_state(state)), groups)
+    return Arch(
+        mt, cfg, obj, row.name_map, row.family, len(model.blocks), graphdefs, list(nnx.to_flat_state(state)), groups
+    )

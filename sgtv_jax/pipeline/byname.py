@@ -63,7 +63,7 @@ def block_of(name: str) -> tuple[str, int] | None:
     m = LAYER_PATTERN.search(name)
     if m is None:
         return None
-    return name[:m.start(1)], int(m.group(1))
+    return name[: m.start(1)], int(m.group(1))
 
 
 def stack_depths(names: Sequence[str]) -> dict[str, int]:
@@ -168,8 +168,9 @@ class _Headers:
         self.vocab = vocab_size_of(self.config)
 
 
-def _tie_partner(head: str, shape: tuple[int, ...], everywhere: list[str], shapes: dict[str, tuple[int, ...]],
-                 vocab: int | None) -> str | None:
+def _tie_partner(
+    head: str, shape: tuple[int, ...], everywhere: list[str], shapes: dict[str, tuple[int, ...]], vocab: int | None
+) -> str | None:
     """The input embedding a tied `head` `[vocab, hidden]` stands for; None when there is not exactly one.
 
     It is the tensor every model has with the head's shape and a name that
@@ -220,14 +221,17 @@ def _vocab_problem(name: str, shapes: list[tuple[str, tuple[int, ...]]], vocabs:
 
 def vocab_message(detail: str) -> str:
     """The refusal of a vocabulary mismatch, pointing at what would fix it."""
-    return (f"{detail}: models with different vocabularies cannot be merged row by row (nothing is truncated "
-            "or padded). Merging them needs tokenizer_source (a union or chosen tokenizer with embeddings "
-            "mapped to it), which is not supported yet; if the extra rows are only padding, resize that "
-            "model's embeddings to the base's vocabulary first (transformers: model.resize_token_embeddings(n))")
+    return (
+        f"{detail}: models with different vocabularies cannot be merged row by row (nothing is truncated "
+        "or padded). Merging them needs tokenizer_source (a union or chosen tokenizer with embeddings "
+        "mapped to it), which is not supported yet; if the extra rows are only padding, resize that "
+        "model's embeddings to the base's vocabulary first (transformers: model.resize_token_embeddings(n))"
+    )
 
 
-def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_model",
-                 labels: Sequence[str] | None = None) -> NamePlan:
+def plan_by_name(
+    base: Any, models: Sequence[Any], *, base_label: str = "base_model", labels: Sequence[str] | None = None
+) -> NamePlan:
     """The `NamePlan` of merging open checkpoints `models` onto `base` (headers and configs only).
 
     `base_label` / `labels` name the checkpoints in messages (as the YAML
@@ -242,8 +246,9 @@ def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_mo
     mt = str(b.config.get("model_type"))
     for h in fts:
         if h.config.get("model_type") != b.config.get("model_type"):
-            problems.append(f"{h.label}: architecture {h.config.get('model_type')!r} differs from the base "
-                            f"model's {mt!r}")
+            problems.append(
+                f"{h.label}: architecture {h.config.get('model_type')!r} differs from the base model's {mt!r}"
+            )
     if problems:
         raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
     vocabs = {h.vocab for h in everyone if h.vocab is not None}
@@ -285,18 +290,39 @@ def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_mo
             continue
         if n not in b.names:
             first = next(t for t, h in enumerate(fts) if n in h.names)
-            entries.append(TensorEntry(n, COPY, fts[first].shapes[n], source=first, block=blk, depth=depth,
-                                       reason=f"not in the base: copied from {fts[first].label}"))
-            rules.append({"tensor": n, "rule": "copied from the first model having it",
-                          "detail": f"the base lacks it; taken from {fts[first].label}"})
+            entries.append(
+                TensorEntry(
+                    n,
+                    COPY,
+                    fts[first].shapes[n],
+                    source=first,
+                    block=blk,
+                    depth=depth,
+                    reason=f"not in the base: copied from {fts[first].label}",
+                )
+            )
+            rules.append(
+                {
+                    "tensor": n,
+                    "rule": "copied from the first model having it",
+                    "detail": f"the base lacks it; taken from {fts[first].label}",
+                }
+            )
             continue
         shape = b.shapes[n]
         without = [h.label for h in fts if n not in h.names]
         if without:
-            entries.append(TensorEntry(n, BASE, shape, block=blk, depth=depth,
-                                       reason=f"missing in {', '.join(without)}: taken from the base"))
-            rules.append({"tensor": n, "rule": "taken from the base",
-                          "detail": f"{', '.join(without)} lack(s) it"})
+            entries.append(
+                TensorEntry(
+                    n,
+                    BASE,
+                    shape,
+                    block=blk,
+                    depth=depth,
+                    reason=f"missing in {', '.join(without)}: taken from the base",
+                )
+            )
+            rules.append({"tensor": n, "rule": "taken from the base", "detail": f"{', '.join(without)} lack(s) it"})
             continue
         shapes = [(h.label, h.shapes[n]) for h in everyone]
         if len({s for _, s in shapes}) > 1:
@@ -305,12 +331,21 @@ def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_mo
                 if len(vocabs) <= 1:  # the configs agree but the tensors do not: say so once per tensor
                     problems.append(vocab_message(why))
             else:
-                problems.append(f"tensor {n!r} has different shapes: "
-                                + ", ".join(f"{lab} {list(s)}" for lab, s in shapes))
+                problems.append(
+                    f"tensor {n!r} has different shapes: " + ", ".join(f"{lab} {list(s)}" for lab, s in shapes)
+                )
             continue
         if not is_float(b.dtypes[n]):
-            entries.append(TensorEntry(n, BASE, shape, block=blk, depth=depth,
-                                       reason=f"{b.dtypes[n]} tensor (not a weight): taken from the base"))
+            entries.append(
+                TensorEntry(
+                    n,
+                    BASE,
+                    shape,
+                    block=blk,
+                    depth=depth,
+                    reason=f"{b.dtypes[n]} tensor (not a weight): taken from the base",
+                )
+            )
             continue
         transpose = False
         if name_map is not None:
@@ -319,43 +354,94 @@ def plan_by_name(base: Any, models: Sequence[Any], *, base_label: str = "base_mo
             except ValueError:
                 rule = False  # a name the name map does not know: merged as stored, like any architecture
             if rule is None:
-                entries.append(TensorEntry(n, BASE, shape, block=blk, depth=depth,
-                                           reason=f"not a parameter of the {mt} name map: taken from the base"))
+                entries.append(
+                    TensorEntry(
+                        n,
+                        BASE,
+                        shape,
+                        block=blk,
+                        depth=depth,
+                        reason=f"not a parameter of the {mt} name map: taken from the base",
+                    )
+                )
                 continue
             transpose = bool(rule) and len(shape) == 2 and not rule.transpose
-        entries.append(TensorEntry(n, MERGE, shape, sources=(n,) * len(everyone), block=blk, depth=depth,
-                                   transpose=transpose))
+        entries.append(
+            TensorEntry(n, MERGE, shape, sources=(n,) * len(everyone), block=blk, depth=depth, transpose=transpose)
+        )
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
-    return NamePlan(mt, tuple(entries), out_config, tuple(rules), depths,
-                    next(iter(vocabs)) if vocabs else None, name_map is not None)
+    return NamePlan(
+        mt,
+        tuple(entries),
+        out_config,
+        tuple(rules),
+        depths,
+        next(iter(vocabs)) if vocabs else None,
+        name_map is not None,
+    )
 
 
-def _head_entry(head: str, embed: str, b: _Headers, fts: list[_Headers], out_config: dict[str, Any],
-                rules: list[dict[str, Any]], blk: int | None, depth: int) -> TensorEntry | None:
+def _head_entry(
+    head: str,
+    embed: str,
+    b: _Headers,
+    fts: list[_Headers],
+    out_config: dict[str, Any],
+    rules: list[dict[str, Any]],
+    blk: int | None,
+    depth: int,
+) -> TensorEntry | None:
     """The output head `head` that tied models do not store (`embed` stands in for it), or None (tied output)."""
     everyone = [b] + fts
     # a model's head: its own stored head when its config unties it, else its input embedding
     sources = tuple(head if (head in h.names and not h.ties) else embed for h in everyone)
     ignored = [h.label for h in everyone if head in h.names and h.ties]
     if ignored:
-        rules.append({"tensor": head, "rule": "tied head not read",
-                      "detail": f"{', '.join(ignored)} store(s) {head!r} but tie it to {embed!r} (config): "
-                                "transformers uses the embedding, so does the merge"})
+        rules.append(
+            {
+                "tensor": head,
+                "rule": "tied head not read",
+                "detail": f"{', '.join(ignored)} store(s) {head!r} but tie it to {embed!r} (config): "
+                "transformers uses the embedding, so does the merge",
+            }
+        )
     untied = [h.label for h, s in zip(everyone, sources) if s == head]
     if not untied:
-        rules.append({"tensor": head, "rule": "tied output",
-                      "detail": f"every model ties {head!r} to {embed!r}: only the embedding is merged"})
+        rules.append(
+            {
+                "tensor": head,
+                "rule": "tied output",
+                "detail": f"every model ties {head!r} to {embed!r}: only the embedding is merged",
+            }
+        )
         return None
     tied = [h.label for h, s in zip(everyone, sources) if s == embed]
     if sources[0] == embed:
         out_config["tie_word_embeddings"] = False
-        rules.append({"tensor": head, "rule": "untied output",
-                      "detail": f"the base ties its head but {', '.join(untied)} do(es) not: the output unties "
-                                f"(tie_word_embeddings: false) and {head!r} merges every model's head, "
-                                f"{', '.join(tied)} contributing its embedding {embed!r}"})
+        rules.append(
+            {
+                "tensor": head,
+                "rule": "untied output",
+                "detail": f"the base ties its head but {', '.join(untied)} do(es) not: the output unties "
+                f"(tie_word_embeddings: false) and {head!r} merges every model's head, "
+                f"{', '.join(tied)} contributing its embedding {embed!r}",
+            }
+        )
     else:
-        rules.append({"tensor": head, "rule": "tied model's head is its embedding",
-                      "detail": f"{', '.join(tied)} tie(s) the head: {embed!r} is its head in the merge"})
-    return TensorEntry(head, MERGE, b.shapes[embed], sources=sources, block=blk, depth=depth,
-                       reason="head merged with tied models' embeddings")
+        rules.append(
+            {
+                "tensor": head,
+                "rule": "tied model's head is its embedding",
+                "detail": f"{', '.join(tied)} tie(s) the head: {embed!r} is its head in the merge",
+            }
+        )
+    return TensorEntry(
+        head,
+        MERGE,
+        b.shapes[embed],
+        sources=sources,
+        block=blk,
+        depth=depth,
+        reason="head merged with tied models' embeddings",
+    )

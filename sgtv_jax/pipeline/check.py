@@ -35,8 +35,10 @@ class CheckResult:
     notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        head = (f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
-                f"{self.tensors} tensors per model")
+        head = (
+            f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
+            f"{self.tensors} tensors per model"
+        )
         return "\n  ".join((head,) + self.notes)
 
 
@@ -109,9 +111,11 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         return _check_by_name(cfg, base)
     require_flax_family(cfg, str(mt))
     if mt not in supported_architectures():  # calibration data given for reconstruction errors only
-        raise ConfigError(f"base_model {cfg.base_model_written or cfg.base_model}: unsupported architecture "
-                          f"{mt!r} for a merge with calibration data; supported: "
-                          f"{', '.join(supported_architectures())}")
+        raise ConfigError(
+            f"base_model {cfg.base_model_written or cfg.base_model}: unsupported architecture "
+            f"{mt!r} for a merge with calibration data; supported: "
+            f"{', '.join(supported_architectures())}"
+        )
     vocab = base.get("vocab_size")
     configs: list[dict[str, Any] | None] = []
     for i, m in enumerate(cfg.models):
@@ -123,17 +127,29 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
             continue
         configs.append(c)
         if c.get("model_type") != mt:
-            problems.append(f"models[{i}] {m.model}: architecture {c.get('model_type')!r} differs from the "
-                            f"base model's {mt!r}")
+            problems.append(
+                f"models[{i}] {m.model}: architecture {c.get('model_type')!r} differs from the base model's {mt!r}"
+            )
             continue
         if c.get("vocab_size") != vocab:
-            problems.append(f"models[{i}] {m.model}: vocabulary size {c.get('vocab_size')} differs from the "
-                            f"base model's {vocab} (vocabularies must match; nothing is truncated)")
-        for key in ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "intermediate_size",
-                    "num_attention_heads", "num_key_value_heads", "tie_word_embeddings"):
+            problems.append(
+                f"models[{i}] {m.model}: vocabulary size {c.get('vocab_size')} differs from the "
+                f"base model's {vocab} (vocabularies must match; nothing is truncated)"
+            )
+        for key in (
+            "hidden_size",
+            "n_embd",
+            "num_hidden_layers",
+            "n_layer",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "tie_word_embeddings",
+        ):
             if key in base and c.get(key) != base.get(key):
-                problems.append(f"models[{i}] {m.model}: {key} = {c.get(key)!r} differs from the base "
-                                f"model's {base.get(key)!r}")
+                problems.append(
+                    f"models[{i}] {m.model}: {key} = {c.get(key)!r} differs from the base model's {base.get(key)!r}"
+                )
     if problems:  # configs disagree: comparing tensors would only repeat it
         raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
 
@@ -153,8 +169,11 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
             problems.append(f"models[{i}] {m.model} lacks {len(missing)} tensor(s) of the base: {missing[:5]}")
         if extra:
             problems.append(f"models[{i}] {m.model} has {len(extra)} tensor(s) the base lacks: {extra[:5]}")
-        bad = [f"{n!r} {shapes[n]} vs base {base_shapes[n]}" for n in base_shapes
-               if n in shapes and shapes[n] != base_shapes[n]]
+        bad = [
+            f"{n!r} {shapes[n]} vs base {base_shapes[n]}"
+            for n in base_shapes
+            if n in shapes and shapes[n] != base_shapes[n]
+        ]
         if bad:
             problems.append(f"models[{i}] {m.model}: tensor shapes differ: {', '.join(bad[:5])}")
 
@@ -173,8 +192,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
                 check_files(cal.data, cal.text_field)
             except CalibrationError as e:
                 problems.append(f"{where}: {e}")
-        if seen and not any(
-                (Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if seen and not any((Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
@@ -202,15 +220,27 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
                 problems.append(f"models[{i}]: {e}")
         if problems:
             raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
-        plan = plan_by_name(base_ckpt, opened, base_label=base_label,
-                            labels=[f"models[{i}] ({m.label})" for i, m in enumerate(cfg.models)])
+        plan = plan_by_name(
+            base_ckpt,
+            opened,
+            base_label=base_label,
+            labels=[f"models[{i}] ({m.label})" for i, m in enumerate(cfg.models)],
+        )
         tensors = len(base_ckpt.names())
     finally:
         for c in [base_ckpt] + opened:
             c.close()
     notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
     if any(cfg.calibration_for(t) is not None for t in range(len(cfg.models))):
-        notes += (f"calibration data unused: no tensor needs it and {plan.model_type!r} has no Flax family "
-                  "to measure reconstruction errors with",)
-    return CheckResult(plan.model_type, plan.num_layers, int(plan.vocab_size or 0), max_positions_of(base),
-                       tensors, ("merged by tensor name (data-free)",) + notes)
+        notes += (
+            f"calibration data unused: no tensor needs it and {plan.model_type!r} has no Flax family "
+            "to measure reconstruction errors with",
+        )
+    return CheckResult(
+        plan.model_type,
+        plan.num_layers,
+        int(plan.vocab_size or 0),
+        max_positions_of(base),
+        tensors,
+        ("merged by tensor name (data-free)",) + notes,
+    )

@@ -49,8 +49,10 @@ class Checkpoints:
         if a.dtype.kind not in "biu":  # float16/32/64 and ml_dtypes' bfloat16 (kind "V")
             bad = int(np.count_nonzero(~np.isfinite(a)))
             if bad:
-                raise NumericsError(f"tensor {name!r} of {self.label(ckpt)} has {bad} NaN or Inf entries "
-                                    "(a broken checkpoint: fix or replace this model)")
+                raise NumericsError(
+                    f"tensor {name!r} of {self.label(ckpt)} has {bad} NaN or Inf entries "
+                    "(a broken checkpoint: fix or replace this model)"
+                )
         return a
 
     def read_base(self, names: list[str]) -> dict[str, np.ndarray]:

@@ -56,15 +56,17 @@ def _locate(model: Any, layer_names: Sequence[str]) -> dict[str, tuple[int, str]
         found = None
         for i in range(len(model.blocks)):
             p = model.hf_block_prefix(i)
-            if name.startswith(p) and name[len(p):] in model.linear_names:
-                found = (i, name[len(p):])
+            if name.startswith(p) and name[len(p) :] in model.linear_names:
+                found = (i, name[len(p) :])
         if found is None:
             bad.append(name)
         else:
             where[name] = found
     if bad:
-        raise ValueError(f"unknown layer name(s) {bad}; expected e.g. {model.hf_block_prefix(0)}"
-                         f"{model.linear_names[0]} (linear layers: {', '.join(model.linear_names)})")
+        raise ValueError(
+            f"unknown layer name(s) {bad}; expected e.g. {model.hf_block_prefix(0)}"
+            f"{model.linear_names[0]} (linear layers: {', '.join(model.linear_names)})"
+        )
     return where
 
 
@@ -118,15 +120,23 @@ class TaskVectorImportanceCalculator:
 
     def _hessian(self, layer_name: str) -> jax.Array:
         if layer_name not in self.hessians:
-            raise KeyError(f"no Hessian for {layer_name!r}; call compute_hessians_for_layers first "
-                           f"(have: {sorted(self.hessians)})")
+            raise KeyError(
+                f"no Hessian for {layer_name!r}; call compute_hessians_for_layers first (have: {sorted(self.hessians)})"
+            )
         return self.hessians[layer_name]
 
-    def prune_task_vector_with_error_correction(self, layer_name: str, task_vector: Any, density: float,
-                                                blocksize: int = 128) -> jax.Array:
+    def prune_task_vector_with_error_correction(
+        self, layer_name: str, task_vector: Any, density: float, blocksize: int = 128
+    ) -> jax.Array:
         """OBS-pruned task vector `[out, in]` (or a stack `[T, out, in]`) keeping `density`."""
-        pruned, _ = obs_prune(task_vector, self._hessian(layer_name), density=density, blocksize=blocksize,
-                              percdamp=self.percdamp, name=layer_name)
+        pruned, _ = obs_prune(
+            task_vector,
+            self._hessian(layer_name),
+            density=density,
+            blocksize=blocksize,
+            percdamp=self.percdamp,
+            name=layer_name,
+        )
         return pruned
 
 
@@ -136,8 +146,12 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
     def __init__(self, finetuned_models: Sequence[Any], calibration_loaders: Any, percdamp: float = 0.01):
         self.models = list(finetuned_models)
         loaders = calibration_loaders
-        if not (isinstance(loaders, (list, tuple)) and len(loaders) == len(self.models)
-                and all(not hasattr(x, "shape") for x in loaders) and not isinstance(loaders[0], dict)):
+        if not (
+            isinstance(loaders, (list, tuple))
+            and len(loaders) == len(self.models)
+            and all(not hasattr(x, "shape") for x in loaders)
+            and not isinstance(loaders[0], dict)
+        ):
             loaders = [loaders] * len(self.models)
         self.calibrations = [list(x) for x in loaders]
         self.percdamp = percdamp
@@ -150,8 +164,9 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
             self.hessians[n] = jnp.stack([p[n] for p in per])
         return {n: self.hessians[n] for n in layer_names}
 
-    def prune_task_vector_with_error_correction(self, layer_name: str, task_vector: Any, density: float,
-                                                blocksize: int = 128, task_index: int | None = None) -> jax.Array:
+    def prune_task_vector_with_error_correction(
+        self, layer_name: str, task_vector: Any, density: float, blocksize: int = 128, task_index: int | None = None
+    ) -> jax.Array:
         """Prune a stack `[T, out, in]` with each task's H, or one `[out, in]` with task `task_index`'s."""
         h = self._hessian(layer_name)
         tv = jnp.asarray(task_vector)
@@ -163,9 +178,15 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
         return pruned
 
 
-def sequential_layer_pruning(base_model: Any, finetuned_models: Sequence[Any], calibration_loader: Iterable[Any],
-                             layer_names: Sequence[str], density: float = 0.5, blocksize: int = 128,
-                             percdamp: float = 0.01) -> dict[str, list[jax.Array]]:
+def sequential_layer_pruning(
+    base_model: Any,
+    finetuned_models: Sequence[Any],
+    calibration_loader: Iterable[Any],
+    layer_names: Sequence[str],
+    density: float = 0.5,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> dict[str, list[jax.Array]]:
     """`{layer_name: [OBS-pruned task vector [out, in] of each fine-tuned model]}` with base-model Hessians."""
     calc = TaskVectorImportanceCalculator(base_model, calibration_loader, percdamp)
     calc.compute_hessians_for_layers(layer_names)

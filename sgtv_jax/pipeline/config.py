@@ -69,22 +69,54 @@ from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
 
-__all__ = ["CALIBRATION_KEYS", "CalibrationConfig", "ConfigError", "DTYPES", "HESSIAN_SOURCES", "MODEL_KEYS",
-           "MergeConfig", "ModelEntry", "PER_MODEL_PARAMS", "TOP_KEYS", "check_param", "layer_position",
-           "load_config", "method_kwargs", "method_parameters", "model_parameters", "parse_config", "read_yaml",
-           "resolve_spec", "spec_values"]
+__all__ = [
+    "CALIBRATION_KEYS",
+    "CalibrationConfig",
+    "ConfigError",
+    "DTYPES",
+    "HESSIAN_SOURCES",
+    "MODEL_KEYS",
+    "MergeConfig",
+    "ModelEntry",
+    "PER_MODEL_PARAMS",
+    "TOP_KEYS",
+    "check_param",
+    "layer_position",
+    "load_config",
+    "method_kwargs",
+    "method_parameters",
+    "model_parameters",
+    "parse_config",
+    "read_yaml",
+    "resolve_spec",
+    "spec_values",
+]
 
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
-    "models", "merge_method", "base_model", "parameters", "dtype", "tokenizer_source", "trim",
-    "calibration", "hessian_source", "blocksize", "percdamp", "prunen", "prunem", "refit", "seed",
-    "batch_size", "max_shard_size", "moe_min_tokens",
+    "models",
+    "merge_method",
+    "base_model",
+    "parameters",
+    "dtype",
+    "tokenizer_source",
+    "trim",
+    "calibration",
+    "hessian_source",
+    "blocksize",
+    "percdamp",
+    "prunen",
+    "prunem",
+    "refit",
+    "seed",
+    "batch_size",
+    "max_shard_size",
+    "moe_min_tokens",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
 PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
 CALIBRATION_KEYS = ("data", "nsamples", "seqlen", "seed", "text_field")
-DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
-          "float32": "fp32", "fp32": "fp32"}
+DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
 
 
 class ConfigError(SgtvError):
@@ -107,8 +139,13 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with the paths as written."""
-        return {"data": list(self.written or self.data), "nsamples": self.nsamples, "seqlen": self.seqlen,
-                "seed": self.seed, "text_field": self.text_field}
+        return {
+            "data": list(self.written or self.data),
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "text_field": self.text_field,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,9 +212,14 @@ class MergeConfig:
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base_model_written"}
         out["base_model"] = self.base_model_written or self.base_model
-        out["models"] = [{"model": m.label, "parameters": dict(m.parameters),
-                          "calibration": m.calibration.to_dict() if m.calibration else None}
-                         for m in self.models]
+        out["models"] = [
+            {
+                "model": m.label,
+                "parameters": dict(m.parameters),
+                "calibration": m.calibration.to_dict() if m.calibration else None,
+            }
+            for m in self.models
+        ]
         out["parameters"] = dict(self.parameters)
         out["calibration"] = self.calibration.to_dict() if self.calibration else None
         return out
@@ -224,8 +266,7 @@ def _path(value: Any, root: Path, where: str, problems: list[str]) -> str:
     return str(p if p.is_absolute() else (root / p))
 
 
-def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: list[str],
-         minimum: int = 1) -> int:
+def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: list[str], minimum: int = 1) -> int:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < minimum:
         problems.append(f"{where}{key} must be an integer >= {minimum}, got {short_repr(v)}")
@@ -273,8 +314,9 @@ def _rules_shape(spec: Any, key: str, problems: list[str]) -> None:
         if "value" not in r:
             problems.append(f"{key}: filter rule {short_repr(r)} has no 'value'")
         if r.get("filter") is not None and not isinstance(r.get("filter"), str):
-            problems.append(f"{key}: filter must be a string (a substring of tensor names), "
-                            f"got {short_repr(r.get('filter'))}")
+            problems.append(
+                f"{key}: filter must be a string (a substring of tensor names), got {short_repr(r.get('filter'))}"
+            )
         _rules_shape(r.get("value"), key, problems)
 
 
@@ -285,8 +327,11 @@ def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
     if ps.kind == "bool":
         return None if isinstance(v, bool) else f"must be true or false, got {short_repr(v)}"
     if ps.kind == "choice":
-        return None if isinstance(v, str) and v in ps.choices else \
-            f"must be one of {', '.join(map(str, ps.choices))}, got {short_repr(v)}"
+        return (
+            None
+            if isinstance(v, str) and v in ps.choices
+            else f"must be one of {', '.join(map(str, ps.choices))}, got {short_repr(v)}"
+        )
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return f"must be a number (or a gradient / filter rules), got {short_repr(v)}"
     if ps.kind == "int" and not isinstance(v, numbers.Integral):
@@ -341,9 +386,13 @@ def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> 
     path, adapter = _model_and_adapter(m["model"], root, f"{where}.model", problems)
     if base and path == base and not adapter:
         problems.append(f"{where}.model is the base model itself ({short_repr(m['model'])})")
-    return ModelEntry(model=path, parameters=p, written=m["model"] if isinstance(m["model"], str) else "",
-                      adapter=adapter,
-                      calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems))
+    return ModelEntry(
+        model=path,
+        parameters=p,
+        written=m["model"] if isinstance(m["model"], str) else "",
+        adapter=adapter,
+        calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems),
+    )
 
 
 def _model_and_adapter(value: Any, root: Path, where: str, problems: list[str]) -> tuple[str, str]:
@@ -389,8 +438,7 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
     for k in gparams:
         if k in own or k in PER_MODEL_PARAMS:
             continue
-        hint = (f" ({short_repr(k)} is a top-level key)" if k in TOP_KEYS
-                else _suggest(k, tuple(own) + PER_MODEL_PARAMS))
+        hint = f" ({short_repr(k)} is a top-level key)" if k in TOP_KEYS else _suggest(k, tuple(own) + PER_MODEL_PARAMS)
         problems.append(f"unknown key {short_repr(k)} in parameters (method {spec.name!r}){hint}")
     for ps in spec.params:
         if ps.name in gparams:
@@ -424,8 +472,10 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
     if base and "+" in str(base_raw) and not Path(base).exists():
-        problems.append(f"base_model {short_repr(base_raw)}: a LoRA adapter ('model+adapter') is supported in "
-                        "models[].model only (apply the adapter to the base model first)")
+        problems.append(
+            f"base_model {short_repr(base_raw)}: a LoRA adapter ('model+adapter') is supported in "
+            "models[].model only (apply the adapter to the base model first)"
+        )
 
     gparams = raw.get("parameters") or {}
     if not isinstance(gparams, Mapping):
@@ -449,8 +499,11 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
                 problems.append(f"unknown trim {short_repr(v)}{_suggest(v, TRIMS)}; known trims: {', '.join(TRIMS)}")
                 break
         if spec is not None and not spec.trims:
-            problems.append(f"merge_method {spec.name!r} does not trim; remove 'trim' (methods that trim: "
-                            + ", ".join(n for n, s in METHOD_SPECS.items() if s.trims) + ")")
+            problems.append(
+                f"merge_method {spec.name!r} does not trim; remove 'trim' (methods that trim: "
+                + ", ".join(n for n, s in METHOD_SPECS.items() if s.trims)
+                + ")"
+            )
 
     dtype = raw.get("dtype")
     if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
@@ -480,15 +533,26 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
 
     cfg = MergeConfig(
-        base_model=base, models=tuple(entries), merge_method=spec.name if spec else "",
-        parameters=gparams, trim=trim, dtype=DTYPES[dtype] if dtype is not None else None,
-        tokenizer_source="base", calibration=calib, hessian_source=hs,
-        blocksize=blocksize, percdamp=float(percdamp), prunen=prunen, prunem=prunem, refit=refit,
+        base_model=base,
+        models=tuple(entries),
+        merge_method=spec.name if spec else "",
+        parameters=gparams,
+        trim=trim,
+        dtype=DTYPES[dtype] if dtype is not None else None,
+        tokenizer_source="base",
+        calibration=calib,
+        hessian_source=hs,
+        blocksize=blocksize,
+        percdamp=float(percdamp),
+        prunen=prunen,
+        prunem=prunem,
+        refit=refit,
         seed=_int(raw, "seed", 0, "", problems, minimum=0),
         batch_size=_int(raw, "batch_size", 8, "", problems),
         max_shard_size=str(shard),
-        moe_min_tokens=(_int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None
-                        else None),
+        moe_min_tokens=(
+            _int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None else None
+        ),
         base_model_written=base_raw if isinstance(base_raw, str) else "",
     )
     if spec is not None and entries and not problems:
@@ -502,24 +566,30 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
     """Checks that combine keys (run once every key is valid on its own)."""
     n = len(cfg.models)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-        want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
-                else f"at least {spec.min_models}" if spec.max_models is None
-                else f"{spec.min_models} to {spec.max_models}")
-        problems.append(f"merge_method {spec.name!r} merges {want} model(s) besides base_model, "
-                        f"got {n} under models")
+        want = (
+            f"exactly {spec.min_models}"
+            if spec.max_models == spec.min_models
+            else f"at least {spec.min_models}"
+            if spec.max_models is None
+            else f"{spec.min_models} to {spec.max_models}"
+        )
+        problems.append(f"merge_method {spec.name!r} merges {want} model(s) besides base_model, got {n} under models")
     if cfg.needs_calibration():
         for t in range(len(cfg.models)):
             if cfg.calibration_for(t) is None:
                 problems.append(
                     f"trim {short_repr(cfg.trim)} / method {spec.name!r} needs calibration data: add "
-                    f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)")
+                    f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)"
+                )
                 break
     if cfg.trim is None and spec.default_trim is None:
         for t in range(len(cfg.models)):
             dens = model_parameters(cfg, t).get("density")
             if any(isinstance(v, numbers.Real) and v < 1 for v in spec_values(dens)):
-                problems.append(f"models[{t}] has density < 1 but merge_method {spec.name!r} does not trim by "
-                                "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)")
+                problems.append(
+                    f"models[{t}] has density < 1 but merge_method {spec.name!r} does not trim by "
+                    "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)"
+                )
                 break
     if cfg.prunem and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
         problems.append("prunen/prunem (N:M) need trim: sparsegpt")
@@ -537,8 +607,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             ev = self.peek_event()
-            raise ConfigError(f"{self.name}:{ev.start_mark.line + 1}: YAML alias '*{str(ev.anchor)[:40]}' "
-                              "refused (aliases/anchors are not supported in merge configs; write the value out)")
+            raise ConfigError(
+                f"{self.name}:{ev.start_mark.line + 1}: YAML alias '*{str(ev.anchor)[:40]}' "
+                "refused (aliases/anchors are not supported in merge configs; write the value out)"
+            )
         return super().compose_node(parent, index)
 
 

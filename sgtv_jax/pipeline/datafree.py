@@ -51,12 +51,14 @@ class TensorInputs(NamedTuple):
 
 def plan_checkpoints(ckpts: Checkpoints) -> NamePlan:
     """The `NamePlan` of open checkpoints, messages naming each model as the YAML wrote it."""
-    return plan_by_name(ckpts.base, ckpts.models, base_label=ckpts.label(ckpts.base),
-                        labels=[ckpts.label(m) for m in ckpts.models])
+    return plan_by_name(
+        ckpts.base, ckpts.models, base_label=ckpts.label(ckpts.base), labels=[ckpts.label(m) for m in ckpts.models]
+    )
 
 
-def merge_entry(cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_dtype: np.dtype,
-                timer: StageTimer) -> tuple[np.ndarray, LayerRecord]:
+def merge_entry(
+    cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_dtype: np.dtype, timer: StageTimer
+) -> tuple[np.ndarray, LayerRecord]:
     """Merge one `merge` entry; returns (the output tensor in `out_dtype`, stored layout; its report row).
 
     The task vectors `[T, ...]` are `model_t - base` in float32, swapped to
@@ -75,24 +77,38 @@ def merge_entry(cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_
     if entry.transpose:
         deltas = jnp.swapaxes(deltas, 1, 2)
     plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
-    record: dict[str, Any] = dict(name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape),
-                  density=list(plan.densities))
+    record: dict[str, Any] = dict(
+        name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape), density=list(plan.densities)
+    )
     with timer("prune"):
         unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(tasks))
         if not unchanged:
             merged, trimmed, info = _merge_planned(plan, deltas, b.T if entry.transpose else b)
     if unchanged:
         # every trim and method maps zero task vectors to a zero merge: the result is the base
-        return b.astype(out_dtype), LayerRecord(**record, trim="unchanged", kept_density=[0.0] * tasks,
-                                                damping=None, trim_error=None, merge_error=None,
-                                                time_s=time.perf_counter() - t0)
+        return b.astype(out_dtype), LayerRecord(
+            **record,
+            trim="unchanged",
+            kept_density=[0.0] * tasks,
+            damping=None,
+            trim_error=None,
+            merge_error=None,
+            time_s=time.perf_counter() - t0,
+        )
     with timer("merge"):
         kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(tasks)]
         if entry.transpose:
             merged = merged.T
         out = np.asarray(b + np.asarray(merged, np.float32)).astype(out_dtype)
-    return out, LayerRecord(**record, trim=info.trim, kept_density=kept, damping=info.damping, trim_error=None,
-                            merge_error=None, time_s=time.perf_counter() - t0)
+    return out, LayerRecord(
+        **record,
+        trim=info.trim,
+        kept_density=kept,
+        damping=info.damping,
+        trim_error=None,
+        merge_error=None,
+        time_s=time.perf_counter() - t0,
+    )
 
 
 def _merge_planned(plan: TensorPlan, deltas: jax.Array, base: np.ndarray) -> tuple[jax.Array, jax.Array, Any]:
@@ -103,8 +119,7 @@ def _merge_planned(plan: TensorPlan, deltas: jax.Array, base: np.ndarray) -> tup
     except PlanError as e:
         raise ConfigError(str(e)) from e
     except ValueError as e:  # the merge library's checks on this tensor's values: say which tensor
-        raise NumericsError(f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): "
-                            f"{e}") from e
+        raise NumericsError(f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}") from e
     return jax.block_until_ready(merged), trimmed, info
 
 
@@ -152,9 +167,21 @@ class DataFreeRun:
             src = self.ckpts.base if entry.action == BASE else self.ckpts.models[entry.source]
             with self.timer("load"):
                 arr = self.ckpts.get(src, entry.name)
-            self.records.append(LayerRecord(entry.name, entry.block, False, tuple(arr.shape),
-                                            "base" if entry.action == BASE else f"copy models[{entry.source}]",
-                                            [], [], None, None, None, time.perf_counter() - t0))
+            self.records.append(
+                LayerRecord(
+                    entry.name,
+                    entry.block,
+                    False,
+                    tuple(arr.shape),
+                    "base" if entry.action == BASE else f"copy models[{entry.source}]",
+                    [],
+                    [],
+                    None,
+                    None,
+                    None,
+                    time.perf_counter() - t0,
+                )
+            )
             yield entry.name, arr
 
     def report(self, wall_s: float) -> dict[str, Any]:
@@ -185,11 +212,15 @@ class DataFreeRun:
 
         mt = self.plan.model_type
         if mt not in SUPPORTED_MODEL_TYPES:
-            return (f"--format orbax holds a Flax model, and architecture {mt!r} has no Flax family here "
-                    f"(those with one: {', '.join(SUPPORTED_MODEL_TYPES)}); use --format hf")
+            return (
+                f"--format orbax holds a Flax model, and architecture {mt!r} has no Flax family here "
+                f"(those with one: {', '.join(SUPPORTED_MODEL_TYPES)}); use --format hf"
+            )
         if self.plan.config != dict(self.base.config) or any(e.action == COPY for e in self.plan.entries):
-            return ("--format orbax holds the base architecture's parameters, but this merge changes them "
-                    "(an untied head or tensors the base lacks, see `sgtv check`); use --format hf")
+            return (
+                "--format orbax holds the base architecture's parameters, but this merge changes them "
+                "(an untied head or tensors the base lacks, see `sgtv check`); use --format hf"
+            )
         return None
 
     def close(self) -> None:
@@ -218,10 +249,10 @@ def require_flax_family(cfg: MergeConfig, model_type: str) -> None:
 
     if model_type in SUPPORTED_MODEL_TYPES:
         return
-    what = (f"merge_method {cfg.merge_method!r} (Gram matrices)" if cfg.method_spec.needs_grams
-            else f"trim {cfg.trim!r}")
+    what = f"merge_method {cfg.merge_method!r} (Gram matrices)" if cfg.method_spec.needs_grams else f"trim {cfg.trim!r}"
     raise ConfigError(
         f"base_model: {what} needs calibration data run through a model of the architecture, and "
         f"architecture {model_type!r} has no Flax family here (those with one: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}). Use a data-free trim (magnitude, random, magprune, breadcrumbs) "
-        "and a method without Grams: data-free merges work on any architecture")
+        "and a method without Grams: data-free merges work on any architecture"
+    )

@@ -121,8 +121,7 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
             rows, cols = shape if block_rules[n].transpose else shape[::-1]  # torch layout is [out, in]
             linears.append(_Linear(int(rows), int(cols)))
     block_set = set(is_block)
-    outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None),
-                default=0)
+    outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None), default=0)
     return hf, linears, block_params, int(outer)
 
 
@@ -139,11 +138,16 @@ def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
         ckpts.close()
     T = len(cfg.models)
     n_max = plan.largest(MERGE)
-    return MemoryEstimate((
-        Term("tensor", F32 * (T + 1) * n_max,
-             f"the largest merged tensor ({n_max} entries), base and {T} task vectors in float32",
-             ("the number of models",)),
-    ))
+    return MemoryEstimate(
+        (
+            Term(
+                "tensor",
+                F32 * (T + 1) * n_max,
+                f"the largest merged tensor ({n_max} entries), base and {T} task vectors in float32",
+                ("the number of models",),
+            ),
+        )
+    )
 
 
 def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
@@ -169,25 +173,45 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     k = T if per_task else 1
     tokens = [c.nsamples * c.seqlen for c in sets]
     activations = F32 * hidden * (sum(tokens) + max(tokens, default=0))
-    attention = F32 * 2 * heads * max((min(cfg.batch_size, c.nsamples) * c.seqlen ** 2 for c in sets), default=0)
-    hessians = F32 * k * sum(w.cols ** 2 for w in linears) if use_data else 0
-    obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols ** 2 for w in linears), default=0) \
-        if use_data else 0
+    attention = F32 * 2 * heads * max((min(cfg.batch_size, c.nsamples) * c.seqlen**2 for c in sets), default=0)
+    hessians = F32 * k * sum(w.cols**2 for w in linears) if use_data else 0
+    obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols**2 for w in linears), default=0) if use_data else 0
     seqlens = sorted({c.seqlen for c in sets})
-    return MemoryEstimate((
-        Term("activations", activations, f"{len(sets)} calibration stream(s) x nsamples x seqlen x hidden {hidden}",
-             ("calibration nsamples", "calibration seqlen")),
-        Term("attention", attention, f"batch_size {cfg.batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
-             ("calibration seqlen", "batch_size")),
-        Term("hessians", hessians, f"{len(linears)} linear inputs per block" + (" per model" if per_task else ""),
-             ("hessian_source (per_task keeps one Hessian per model)",)),
-        Term("obs", obs, "the largest linear layer's OBS problem over all models",
-             ("the number of models",)),
-        Term("block", F32 * (T + 1) * block_params, f"one block of the base and {T} models",
-             ("the number of models",)),
-        Term("outer", F32 * (T + 1) * outer, "the largest tensor outside the blocks, stacked over models",
-             ("the number of models",)),
-    ))
+    return MemoryEstimate(
+        (
+            Term(
+                "activations",
+                activations,
+                f"{len(sets)} calibration stream(s) x nsamples x seqlen x hidden {hidden}",
+                ("calibration nsamples", "calibration seqlen"),
+            ),
+            Term(
+                "attention",
+                attention,
+                f"batch_size {cfg.batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
+                ("calibration seqlen", "batch_size"),
+            ),
+            Term(
+                "hessians",
+                hessians,
+                f"{len(linears)} linear inputs per block" + (" per model" if per_task else ""),
+                ("hessian_source (per_task keeps one Hessian per model)",),
+            ),
+            Term("obs", obs, "the largest linear layer's OBS problem over all models", ("the number of models",)),
+            Term(
+                "block",
+                F32 * (T + 1) * block_params,
+                f"one block of the base and {T} models",
+                ("the number of models",),
+            ),
+            Term(
+                "outer",
+                F32 * (T + 1) * outer,
+                "the largest tensor outside the blocks, stacked over models",
+                ("the number of models",),
+            ),
+        )
+    )
 
 
 def available_bytes() -> int | None:
@@ -213,4 +237,5 @@ def refuse_if_too_big(est: MemoryEstimate, available: int | None) -> None:
     raise ResourceError(
         f"the merge needs about {human(est.total)} of memory but {human(available)} is available: "
         + "; ".join(f"{t.name} {human(t.bytes)} ({t.detail})" for t in top)
-        + f". Lower {' / '.join(knobs)}, or pass --force to try anyway")
+        + f". Lower {' / '.join(knobs)}, or pass --force to try anyway"
+    )

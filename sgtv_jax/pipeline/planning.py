@@ -48,8 +48,9 @@ def trim_for(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, li
 
 def obs_options(cfg: MergeConfig) -> ObsOptions:
     """The config's OBS (sparsegpt) options."""
-    return ObsOptions(blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem,
-                      refit=cfg.refit)
+    return ObsOptions(
+        blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem, refit=cfg.refit
+    )
 
 
 def plan_tensor(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, *, linear: bool) -> TensorPlan:

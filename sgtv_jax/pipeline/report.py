@@ -73,8 +73,9 @@ class LayerRecord:
 
 
 @jax.jit
-def relative_errors(deltas: jax.Array, trimmed: jax.Array, merged: jax.Array, weights: jax.Array,
-                    hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
+def relative_errors(
+    deltas: jax.Array, trimmed: jax.Array, merged: jax.Array, weights: jax.Array, hessian: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Relative output errors under H: per task `tr(E H E^T)/tr(D H D^T)`, and of the merge.
 
     deltas, trimmed `[T, rows, cols]`; merged `[rows, cols]`; weights `[T]`;

@@ -61,15 +61,33 @@ from sgtv_jax.pipeline.report import (
 )
 from sgtv_jax.pipeline.sources import make_source
 
-__all__ = ["FORMATS", "PLOT_FILE", "REPORT_FILE", "STAGES", "LayerRecord", "MergeRun", "merge_inputs",
-           "merge_tensor", "peak_rss_mb", "plot_report", "run_merge"]
+__all__ = [
+    "FORMATS",
+    "PLOT_FILE",
+    "REPORT_FILE",
+    "STAGES",
+    "LayerRecord",
+    "MergeRun",
+    "merge_inputs",
+    "merge_tensor",
+    "peak_rss_mb",
+    "plot_report",
+    "run_merge",
+]
 
 FORMATS = ("hf", "orbax")
 
 
-def merge_tensor(method: str, deltas: jax.Array, *, name: str, hessian: jax.Array | None = None,
-                 plan: TensorPlan | None = None, base: jax.Array | None = None,
-                 **fields: Any) -> tuple[jax.Array, jax.Array, MergeInfo]:
+def merge_tensor(
+    method: str,
+    deltas: jax.Array,
+    *,
+    name: str,
+    hessian: jax.Array | None = None,
+    plan: TensorPlan | None = None,
+    base: jax.Array | None = None,
+    **fields: Any,
+) -> tuple[jax.Array, jax.Array, MergeInfo]:
     """Merge one tensor's task vectors `deltas` `[T, ...]` (2-D ones `[out, in]`) with `merge_planned`.
 
     The driver's one call per tensor. Give its `plan` (for `method` and
@@ -101,8 +119,9 @@ class MergeRun:
       progress: show a tqdm bar per block.
     """
 
-    def __init__(self, cfg: MergeConfig, *, hessian_sink: dict[str, np.ndarray] | None = None,
-                 progress: bool = True) -> None:
+    def __init__(
+        self, cfg: MergeConfig, *, hessian_sink: dict[str, np.ndarray] | None = None, progress: bool = True
+    ) -> None:
         self.cfg = cfg
         self.sink = hessian_sink
         self.progress = progress
@@ -117,8 +136,9 @@ class MergeRun:
         use_data = any(cfg.calibration_for(t) is not None for t in range(self.T))
         if use_data:
             self.arch.require_input_groups()  # refuse before any calibration work
-        self.source = (make_source(cfg.hessian_source, self.arch, cfg.batch_size, cfg.moe_min_tokens)
-                       if use_data else None)
+        self.source = (
+            make_source(cfg.hessian_source, self.arch, cfg.batch_size, cfg.moe_min_tokens) if use_data else None
+        )
         self.calib_tokens = 0
 
     @property
@@ -175,12 +195,12 @@ class MergeRun:
         prefix = self.arch.prefix(i)
         merged = {}
         for n in names:
-            h = _linear_hessian(hess, n[len(prefix):], base[n])
+            h = _linear_hessian(hess, n[len(prefix) :], base[n])
             if h is not None and self.sink is not None:
                 self.sink[n] = np.asarray(h)
             stats = None
             if h is not None:
-                local = n[len(prefix):-len(".weight")]
+                local = n[len(prefix) : -len(".weight")]
                 stats = dict(hessian_tokens=tokens[local], hessian_fallback=fallback[local])
             merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose, stats)
         if self.source is not None:
@@ -190,10 +210,16 @@ class MergeRun:
         for n in names:
             yield n, merged[n]
 
-    def _merge_one(self, name: str, layer: int | None, base: np.ndarray,
-                   fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
-                   hessian: jax.Array | None, torch_layout: bool,
-                   hessian_stats: dict[str, Any] | None = None) -> np.ndarray:
+    def _merge_one(
+        self,
+        name: str,
+        layer: int | None,
+        base: np.ndarray,
+        fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
+        hessian: jax.Array | None,
+        torch_layout: bool,
+        hessian_stats: dict[str, Any] | None = None,
+    ) -> np.ndarray:
         """Merge one tensor; returns the merged tensor in the output dtype (HF layout).
 
         `fts`: model t's tensor, as a list or a reader `t -> array` (then only
@@ -207,8 +233,14 @@ class MergeRun:
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
         plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
-        record = dict(name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
-                      density=list(plan.densities), **(hessian_stats or {}))
+        record = dict(
+            name=name,
+            block=layer,
+            linear=hessian is not None,
+            shape=tuple(base.shape),
+            density=list(plan.densities),
+            **(hessian_stats or {}),
+        )
         with self.timer("prune"):
             unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(self.T))
             if not unchanged:
@@ -216,28 +248,53 @@ class MergeRun:
         if unchanged:
             # No model changed this tensor: every trim and method maps zero task vectors
             # to a zero merge, so the base tensor is the result (no OBS / sort work).
-            self.records.append(LayerRecord(**record, trim="unchanged", kept_density=[0.0] * self.T, damping=None,
-                                            trim_error=None, merge_error=None, time_s=time.perf_counter() - t0))
+            self.records.append(
+                LayerRecord(
+                    **record,
+                    trim="unchanged",
+                    kept_density=[0.0] * self.T,
+                    damping=None,
+                    trim_error=None,
+                    merge_error=None,
+                    time_s=time.perf_counter() - t0,
+                )
+            )
             return b.astype(self.out_dtype)
         with self.timer("merge"):
             kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(self.T)]
             trim_err = merge_err = None
             if hessian is not None and deltas.ndim == 3:
-                te, me = relative_errors(deltas, trimmed.astype(jnp.float32), merged.astype(jnp.float32),
-                                         jnp.asarray(plan.weights, jnp.float32), hessian)
+                te, me = relative_errors(
+                    deltas,
+                    trimmed.astype(jnp.float32),
+                    merged.astype(jnp.float32),
+                    jnp.asarray(plan.weights, jnp.float32),
+                    hessian,
+                )
                 trim_err, merge_err = [float(x) for x in te], float(me)
             if transpose:
                 merged = merged.T
             out = np.asarray(b + np.asarray(merged, np.float32)).astype(self.out_dtype)
-        self.records.append(LayerRecord(**record, trim=info.trim, kept_density=kept, damping=info.damping,
-                                        trim_error=trim_err, merge_error=merge_err, time_s=time.perf_counter() - t0))
+        self.records.append(
+            LayerRecord(
+                **record,
+                trim=info.trim,
+                kept_density=kept,
+                damping=info.damping,
+                trim_error=trim_err,
+                merge_error=merge_err,
+                time_s=time.perf_counter() - t0,
+            )
+        )
         return out
 
-    def _merge_planned(self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None, base: np.ndarray
-                       ) -> tuple[jax.Array, jax.Array, MergeInfo]:
+    def _merge_planned(
+        self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None, base: np.ndarray
+    ) -> tuple[jax.Array, jax.Array, MergeInfo]:
         try:
-            merged, trimmed, info = merge_tensor(plan.method, deltas, name=plan.name, plan=plan, hessian=hessian,
-                                                 base=jnp.asarray(base))
+            merged, trimmed, info = merge_tensor(
+                plan.method, deltas, name=plan.name, plan=plan, hessian=hessian, base=jnp.asarray(base)
+            )
         except SgtvError:
             raise
         except PlanError as e:  # the config asks what the method cannot do for this tensor
@@ -245,8 +302,9 @@ class MergeRun:
         except ValueError as e:
             # The merge library's checks (an indefinite Hessian after damping, magprune's
             # density/epsilon bounds, ...) fail on this tensor's data: say which tensor.
-            raise NumericsError(f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): "
-                                f"{e}") from e
+            raise NumericsError(
+                f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}"
+            ) from e
         return jax.block_until_ready(merged), trimmed, info
 
     def report(self, wall_s: float) -> dict[str, Any]:
@@ -282,7 +340,7 @@ def _linear_hessian(hess: dict[str, jax.Array], local: str, base: np.ndarray) ->
     """The Hessian of block tensor `local` (HF name within the block) if it is a linear layer's weight."""
     if not local.endswith(".weight") or base.ndim != 2:
         return None
-    return hess.get(local[:-len(".weight")])
+    return hess.get(local[: -len(".weight")])
 
 
 def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
@@ -333,10 +391,13 @@ def run_merge(
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
-    if lora_rank is not None and (format != "hf" or isinstance(lora_rank, bool) or not isinstance(lora_rank, int)
-                                  or lora_rank < 1):
-        raise ConfigError(f"--lora {lora_rank!r}: the adapter's rank must be a positive integer, and it is written "
-                          "beside a Hugging Face model (--format hf)")
+    if lora_rank is not None and (
+        format != "hf" or isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1
+    ):
+        raise ConfigError(
+            f"--lora {lora_rank!r}: the adapter's rank must be a positive integer, and it is written "
+            "beside a Hugging Face model (--format hf)"
+        )
     out = Path(out)
     inputs = merge_inputs(cfg)
     prepare_output(out, overwrite=overwrite, inputs=inputs)
@@ -365,24 +426,49 @@ def run_merge(
         if lora_rank is not None:
             write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 
-    card = {"method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
-            "parameters": jsonable(cfg.to_dict())}
+    card = {
+        "method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
+        "parameters": jsonable(cfg.to_dict()),
+    }
     try:
         if format == "hf" and isinstance(run, DataFreeRun):
             # every output tensor comes from the run (base copies included), with the plan's config
             base_dir = Path(run.base.path)
-            export_hf(run.tensors(), out, config=run.plan.config, dtype=run.out_dtype_name,
-                      copy_files_from=base_dir if base_dir.is_dir() else None,
-                      max_shard_size=cfg.max_shard_size, model_card=card, overwrite=overwrite,
-                      finalize=finalize, inputs=inputs)
+            export_hf(
+                run.tensors(),
+                out,
+                config=run.plan.config,
+                dtype=run.out_dtype_name,
+                copy_files_from=base_dir if base_dir.is_dir() else None,
+                max_shard_size=cfg.max_shard_size,
+                model_card=card,
+                overwrite=overwrite,
+                finalize=finalize,
+                inputs=inputs,
+            )
         elif format == "hf":
-            export_hf(run.tensors(), out, base=run.base, dtype=run.out_dtype_name,
-                      max_shard_size=cfg.max_shard_size, model_card=card, overwrite=overwrite,
-                      finalize=finalize, inputs=inputs)
+            export_hf(
+                run.tensors(),
+                out,
+                base=run.base,
+                dtype=run.out_dtype_name,
+                max_shard_size=cfg.max_shard_size,
+                model_card=card,
+                overwrite=overwrite,
+                finalize=finalize,
+                inputs=inputs,
+            )
         else:
             arch = run.arch if isinstance(run, MergeRun) else arch_of(run.base)
-            export_orbax(run.tensors(), out, arch=arch, dtype=run.out_dtype, overwrite=overwrite,
-                         finalize=finalize, inputs=inputs)
+            export_orbax(
+                run.tensors(),
+                out,
+                arch=arch,
+                dtype=run.out_dtype,
+                overwrite=overwrite,
+                finalize=finalize,
+                inputs=inputs,
+            )
     finally:
         run.close()
     rep = with_export_time(box["report"], time.perf_counter() - t0)
@@ -391,4 +477,3 @@ def run_merge(
     except OSError:
         pass
     return rep
-

@@ -87,10 +87,10 @@ class HessianSource:
             per.append(cap)
             self.advance(stream, cap.outputs)
         names = per[0].hessians
-        hess = ({n: jnp.stack([p.hessians[n] for p in per]) for n in names} if self.stacked
-                else dict(per[0].hessians))
-        return BlockHessians(hess, {n: [p.tokens[n] for p in per] for n in names},
-                             {n: [p.fallback[n] for p in per] for n in names})
+        hess = {n: jnp.stack([p.hessians[n] for p in per]) for n in names} if self.stacked else dict(per[0].hessians)
+        return BlockHessians(
+            hess, {n: [p.tokens[n] for p in per] for n in names}, {n: [p.fallback[n] for p in per] for n in names}
+        )
 
     def advance(self, stream: Stream, outs: list[jax.Array]) -> None:
         """After capture: the stream moves on through the block it was captured in."""

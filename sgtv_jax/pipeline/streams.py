@@ -48,8 +48,8 @@ def embed_stream(arch: Arch, outer: dict[str, np.ndarray], calib: Any, batch_siz
     hs, ms, kws = [], [], []
     n = calib.input_ids.shape[0]
     for s in range(0, n, batch_size):
-        ids = jnp.asarray(calib.input_ids[s:s + batch_size])
-        mask = jnp.asarray(calib.mask[s:s + batch_size])
+        ids = jnp.asarray(calib.input_ids[s : s + batch_size])
+        mask = jnp.asarray(calib.mask[s : s + batch_size])
         hs.append(model.embed(ids))
         ms.append(mask)
         kws.append(model.block_kwargs(mask, ids.shape[1], batch=ids.shape[0]))
@@ -65,8 +65,9 @@ class Captured(NamedTuple):
     fallback: dict[str, bool]  # linear layer -> its H is the all-token fallback (experts given too few tokens)
 
 
-def capture(arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[InputGroup],
-            min_routed_tokens: int | None = None) -> Captured:
+def capture(
+    arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[InputGroup], min_routed_tokens: int | None = None
+) -> Captured:
     """Run block i over a stream: Hessian per input group (keyed by each member), outputs, token counts.
 
     `min_routed_tokens`: the fewest routed tokens a weighted group (an expert)
@@ -101,8 +102,7 @@ def capture(arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[Inp
     return Captured(hess, outs, n_tok, fell)
 
 
-def _pooled(arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[InputGroup]
-            ) -> dict[InputGroup, Any]:
+def _pooled(arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[InputGroup]) -> dict[InputGroup, Any]:
     """Unweighted H of each group's input over every real token (a second pass over the stream).
 
     Groups reading one capture key (every expert's gate / up) share one accumulator.
@@ -120,5 +120,4 @@ def _pooled(arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[Inp
 
 def propagate(arch: Arch, i: int, state: Any, stream: Stream) -> list[jax.Array]:
     """Block i's outputs over a stream (no capture)."""
-    return [apply_block(arch.graphdef(i), state, h, capture=False, **kw)
-            for h, kw in zip(stream.hidden, stream.kwargs)]
+    return [apply_block(arch.graphdef(i), state, h, capture=False, **kw) for h, kw in zip(stream.hidden, stream.kwargs)]
