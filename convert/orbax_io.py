@@ -17,8 +17,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
 from convert.atomic import atomic_output
 from convert.errors import ConvertError
+from convert.readers import hf_config_object
+from sgtv_jax.models import build_model
 
 META_FILE = "sgtv_model.json"
 STATE_DIR = "state"
@@ -26,18 +32,12 @@ FORMAT = "sgtv-jax/nnx-orbax/v1"
 
 
 def _default_build(hf_config: Mapping[str, Any], param_dtype: str = "float32") -> Any:
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from convert.readers import hf_config_object
-    from sgtv_jax.models import build_model
 
     return build_model(hf_config_object(dict(hf_config)), nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype))
 
 
 def _param_dtype(model: Any) -> str | None:
     """The dtype shared by all parameters, if there is one."""
-    from flax import nnx
 
     dtypes = {str(v.get_value().dtype) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     return dtypes.pop() if len(dtypes) == 1 else None
@@ -49,8 +49,6 @@ def write_orbax(model: Any, directory: str | Path, *, hf_config: Mapping[str, An
     No atomicity of its own: callers write into the temporary directory of
     ``convert.atomic.atomic_output``. Waits for Orbax's asynchronous write.
     """
-    import orbax.checkpoint as ocp
-    from flax import nnx
 
     if "model_type" not in hf_config:
         raise ConvertError("save_orbax: hf_config has no 'model_type'")
@@ -121,8 +119,6 @@ def restore_orbax(
     traced under ``nnx.eval_shape``. The default uses ``sgtv_jax.models`` with
     the parameter dtype recorded at save time, so bf16 models restore as bf16.
     """
-    import orbax.checkpoint as ocp
-    from flax import nnx
 
     path = Path(path).absolute()
     meta = read_orbax_metadata(path)

@@ -66,7 +66,7 @@ def check_architecture(config: dict[str, Any], where: str | Path) -> str:
 
 def hf_config_object(config: dict[str, Any]) -> Any:
     """A transformers ``PretrainedConfig`` from a config dict (local, no remote code)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
     cfg = dict(config)
     mt = cfg.pop("model_type")
@@ -89,8 +89,8 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None
 
 def _expected_shapes_from_transformers(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
     try:
-        import torch
-        from transformers import AutoModel, AutoModelForCausalLM
+        import torch  # noqa: PLC0415 (optional: shapes from the PyTorch class when installed)
+        from transformers import AutoModel, AutoModelForCausalLM  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
     except ImportError:
         return None
     cfg = hf_config_object(config)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from convert.containment import contained_file
@@ -24,7 +25,7 @@ INDEX_FILE = "pytorch_model.bin.index.json"
 
 def _import_torch(path: Path) -> Any:
     try:
-        import torch
+        import torch  # noqa: PLC0415 (torch is optional: only .bin checkpoints need it)
     except ImportError:
         raise ConvertError(
             f"{path}: this is a pickled PyTorch checkpoint and reading it safely needs "
@@ -36,8 +37,7 @@ def _import_torch(path: Path) -> Any:
 
 def torch_to_numpy(t: Any) -> np.ndarray:
     """A CPU torch tensor as a numpy array of the same dtype (bf16 -> ml_dtypes)."""
-    import ml_dtypes
-    import torch
+    import torch  # noqa: PLC0415 (torch is optional: only .bin checkpoints need it)
 
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:

@@ -1,4 +1,4 @@
-"""Per-task vs shared Hessians for OBS trimming of task vectors (the seed's comparison).
+"""Per-task vs shared Hessians for OBS trimming of task vectors (the PyTorch original's comparison).
 
     python examples/per_task_hessian.py [--work DIR] [--density 0.1]
 

@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from sgtv_jax.errors import SgtvError
+
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 _OOM_HINT = "lower batch_size / seqlen / nsamples in the config (or merge fewer models at once)"
@@ -42,8 +44,6 @@ def _os_message(e: OSError) -> str:
 
 def expected_error(e: BaseException, command: str = "") -> str | None:
     """The one-line message for an expected failure, or None for a bug (keeps its traceback)."""
-    from sgtv_jax.errors import SgtvError
-
     doing = f" while running `sgtv {command}`" if command else ""
     if isinstance(e, SgtvError):
         return str(e)

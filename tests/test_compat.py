@@ -1,4 +1,4 @@
-"""The seed's API gives the core's results, and keeps its names and arguments."""
+"""The PyTorch original's API gives the core's results, and keeps its names and arguments."""
 
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ def test_missing_calibration_lists_tensors_before_any_work():
         M.merge("ties", base, models, densities=0.5, trim="sparsegpt", hessians={"layers.0.mlp.weight": np.eye(6)})
 
 
-# ----------------------------------------------------------------- the seed's API
+# ----------------------------------------------------------------- the PyTorch original's API
 
 
 def test_seed_ties_on_one_tensor_and_on_a_model():
@@ -225,7 +225,7 @@ def test_seed_sparsegpt_with_inverse_or_plain_hessians():
     )
     np.testing.assert_allclose(np.asarray(b), exp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
-    # the seed's get_inverse_hessian returned the upper Cholesky factor of H^-1: same result
+    # the PyTorch original's get_inverse_hessian returned the upper Cholesky factor of H^-1: same result
     ups = [np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32) for h in damped]
     c = M.TIES().merge([1, 1, 1], base[k], tv, [0.3] * 3, hessian_invs=ups, use_sparsegpt=True, blocksize=4)
     np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-3, atol=1e-4)

@@ -1,4 +1,4 @@
-"""The seed's pipeline API: sequential_layer_pruning and the importance calculators."""
+"""The PyTorch original's pipeline API: sequential_layer_pruning and the importance calculators."""
 
 from __future__ import annotations
 

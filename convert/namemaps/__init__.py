@@ -46,8 +46,7 @@ __all__ = ["FlaxPath", "NameMap", "Rule", "get_name_map", "load_hf_state_dict_in
 
 def get_name_map(model_type: str) -> NameMap:
     """Name map for an HF ``model_type`` (``convert.architectures``); ConvertError listing the supported ones."""
-    # Imported here: the registry imports this package's per-family modules.
-    from convert.architectures import get_architecture
+    from convert.architectures import get_architecture  # noqa: PLC0415 (cycle: the registry imports this package's name maps)
 
     return get_architecture(model_type).name_map
 

@@ -17,7 +17,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 FlaxPath = tuple[Any, ...]  # e.g. ("blocks", 3, "self_attn", "q_proj", "kernel")
 
@@ -169,7 +171,6 @@ class NameMap:
         each parameter's dtype (bf16 -> f32 is exact). With ``strict``, a
         parameter that no tensor provided is an error naming its HF name.
         """
-        import jax.numpy as jnp
 
         cfg = model.config
         params = _flat_params(model)
@@ -220,7 +221,6 @@ class NameMap:
 
 
 def _flat_params(model: Any) -> dict[FlaxPath, Any]:
-    from flax import nnx
 
     return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate
 from sgtv_jax.merge.interpolation import unit_weights
 from sgtv_jax.merge.methods import Floats
 
@@ -48,7 +47,7 @@ def arcee_fusion(
     """
     where = f" for tensor {name!r}" if name else ""
     guard = _checks.Guard()
-    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     if x.shape[0] != 1:
         raise ValueError(
             f"arcee_fusion merges exactly two models (the base and one other), got {x.shape[0]} "
@@ -57,7 +56,7 @@ def arcee_fusion(
     unit_weights(weights, 1, "arcee_fusion", name, guard)
     if base is None:
         raise ValueError(f"arcee_fusion compares the models' softmax rows and needs base=theta_0{where}")
-    tau = x[0].astype(_validate.work_dtype(x.dtype))
+    tau = x[0].astype(_checks.work_dtype(x.dtype))
     b = _checks.as_array(base, "base")
     if tuple(b.shape) != tuple(tau.shape):
         raise ValueError(f"base has shape {tuple(b.shape)} but the task vector {tuple(tau.shape)}{where}")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgtv_jax.merge import _validate
+from sgtv_jax import _checks
 from sgtv_jax.merge.registry import get_method
 from sgtv_jax.merge.specs import call_args, method_spec
 from sgtv_jax.merge.trim import Calibration
@@ -112,18 +112,18 @@ def merge_grid(
       half-integer.
     """
     spec = method_spec(method)
-    deltas = _validate.stack(deltas)
+    deltas = _checks.stack(deltas)
     tasks = deltas.shape[0]
     w = _grid_axis(weights, tasks, "weights")
     if not isinstance(w, jax.core.Tracer):
         for row in np.asarray(w):
-            _validate.per_task(list(row), tasks, "weights")
+            _checks.per_task(list(row), tasks, "weights")
     d = None
     if densities is not None:
         d = _grid_axis(densities, tasks, "densities")
         if not isinstance(d, jax.core.Tracer):
             for row in np.asarray(d):
-                _validate.densities(list(row), tasks)
+                _checks.densities(list(row), tasks)
     lam = jnp.atleast_1d(jnp.asarray(1.0 if lambdas is None else lambdas))
     if lam.ndim != 1:
         raise ValueError(f"lambdas must be [settings], got shape {tuple(lam.shape)}")

@@ -9,6 +9,8 @@ import argparse
 import math
 from typing import Any
 
+from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, REFUSED
+
 
 def _value(v: Any) -> str:
     if v is None:
@@ -42,8 +44,6 @@ def _models(spec: Any) -> str:
 
 def describe_methods() -> str:
     """The text `sgtv methods` prints: methods, their parameters, per-model parameters, refused names."""
-    from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, REFUSED
-
     lines = ["merge methods (merge_method:) and their parameters (parameters:)", ""]
     for name, spec in METHOD_SPECS.items():
         tags = [f"models: {_models(spec)}"]

@@ -62,7 +62,7 @@ def _stack_stats(value: Any, inverse: bool) -> Any:
     return fix(_checks.as_array(value, "hessian"))
 
 
-class _SeedMerge:
+class _CompatMerge:
     method = ""
     data_free_trim = ""
 
@@ -124,7 +124,7 @@ class _SeedMerge:
         return merged[_SINGLE] if single else merged
 
 
-class TIES(_SeedMerge):
+class TIES(_CompatMerge):
     """The original's TIES: trim (magnitude or SparseGPT), elect sign, disjoint mean.
 
     `merge(...)` = `sgtv_jax.merge.merge("ties", ...)`: normalize on, rescale
@@ -135,7 +135,7 @@ class TIES(_SeedMerge):
     data_free_trim = "magnitude"
 
 
-class DARE(_SeedMerge):
+class DARE(_CompatMerge):
     """The original's DARE: drop (random or SparseGPT), rescale, weighted sum.
 
     `merge(...)` = `sgtv_jax.merge.merge("dare_linear", ...)`: rescale

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate
 from sgtv_jax.merge.methods import Floats
 
 SLERP_DOT_THRESHOLD = 0.9995
@@ -35,13 +34,13 @@ def _where(name: str | None) -> str:
 
 
 def _stack(deltas, name, guard, tasks: int | None = None, method: str = "") -> jax.Array:
-    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     if tasks is not None and x.shape[0] != tasks:
         raise ValueError(
             f"{method} merges exactly {tasks + 1} models (the base and {tasks} other"
             f"{'s' if tasks > 1 else ''}), got {x.shape[0]} fine-tuned model(s){_where(name)}"
         )
-    return x.astype(_validate.work_dtype(x.dtype))
+    return x.astype(_checks.work_dtype(x.dtype))
 
 
 def _base(base, like: jax.Array, method: str, name: str | None) -> jax.Array:
@@ -55,7 +54,7 @@ def _base(base, like: jax.Array, method: str, name: str | None) -> jax.Array:
 
 def unit_weights(weights: Floats, tasks: int, method: str, name: str | None, guard: _checks.Guard) -> None:
     """Methods without per-model weights refuse any weight other than 1 (traced: a guard check)."""
-    w = _validate.per_task_values(1.0 if weights is None else weights, tasks, "weights", name, guard)
+    w = _checks.per_task_values(1.0 if weights is None else weights, tasks, "weights", name, guard)
     msg = (
         f"{method} takes no per-model weight (mergekit has none for it), got weights "
         f"{list(w) if isinstance(w, tuple) else '(traced)'}{_where(name)}"
@@ -139,7 +138,7 @@ def nuslerp(
     """
     guard = _checks.Guard()
     x = _stack(deltas, name, guard, 2, "nuslerp")
-    w = jnp.asarray(_validate.per_task_values(weights, 2, "weights", name, guard), x.dtype)
+    w = jnp.asarray(_checks.per_task_values(weights, 2, "weights", name, guard), x.dtype)
     total = w[0] + w[1]
     t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1, total))
     v0, v1 = x[0], x[1]
@@ -172,7 +171,7 @@ def multislerp(
     guard = _checks.Guard()
     x = _stack(deltas, name, guard)
     tasks = x.shape[0]
-    w = jnp.asarray(_validate.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
+    w = jnp.asarray(_checks.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
     if tasks == 1:
         return guard.apply(x[0])
     if normalize_weights:
@@ -226,7 +225,7 @@ def karcher(
     tasks = x.shape[0]
     max_iter = _checks.check_positive_int(max_iter, "max_iter") if not _checks.is_traced(max_iter) else max_iter
     guard.require(jnp.asarray(tol) >= 0, f"tol must be >= 0{_where(name)}")
-    w = jnp.asarray(_validate.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
+    w = jnp.asarray(_checks.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
     guard.require(jnp.sum(w) != 0, f"karcher needs weights that do not sum to 0{_where(name)}")
     b = _base(base, x, "karcher", name)
     pts = (b[None] + x).reshape(tasks, -1)

@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate, combine, elect
+from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.trim import Calibration
 
@@ -105,13 +105,13 @@ def generalized_task_arithmetic(
     `normalize`), `m_t` the sign-agreement mask (ones when `consensus` is None).
     """
     guard = _checks.Guard()
-    deltas = _validate.stack(deltas, name, guard=guard)
+    deltas = _checks.stack(deltas, name, guard=guard)
     tasks = deltas.shape[0]
-    w = _validate.per_task_values(weights, tasks, "weights", name, guard)
-    dens = _validate.densities_values(densities, tasks, name, guard)
+    w = _checks.per_task_values(weights, tasks, "weights", name, guard)
+    dens = _checks.densities_values(densities, tasks, name, guard)
     if consensus is not None and consensus not in elect.CONSENSUS:
         raise ValueError(f"unknown consensus {consensus!r}; known: {', '.join(elect.CONSENSUS)} or None")
-    dt = _validate.work_dtype(deltas.dtype)
+    dt = _checks.work_dtype(deltas.dtype)
     x = deltas.astype(dt)
     if trim is not None:
         x = trim_lib.trim(
@@ -180,9 +180,9 @@ def linear(
     weight sum with `normalize` is an error (mergekit would divide by zero).
     """
     guard = _checks.Guard()
-    deltas = _validate.stack(deltas, name, guard=guard)
-    w = _validate.per_task_values(weights, deltas.shape[0], "weights", name, guard)
-    dt = _validate.work_dtype(deltas.dtype)
+    deltas = _checks.stack(deltas, name, guard=guard)
+    w = _checks.per_task_values(weights, deltas.shape[0], "weights", name, guard)
+    dt = _checks.work_dtype(deltas.dtype)
     mixed = combine.weighted_sum(deltas.astype(dt), jnp.asarray(w, dt), normalize=False)
     # known weights: summed in Python (float64) as always; traced: in the program
     total = sum(w) if isinstance(w, tuple) else jnp.sum(w)

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate
 from sgtv_jax.merge.paramspec import SpecError, per_model, resolve, split_per_model
 from sgtv_jax.merge.plan import ObsOptions, TensorPlan, merge_planned
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS, MethodSpec, call_args, method_spec
@@ -159,9 +158,9 @@ def _per_model_values(inp: _Inputs, name: str, where: tuple) -> dict[str, tuple[
     for kw, ps in _PER_MODEL.items():
         if kw not in call_args(inp.spec):
             continue
-        vals = _validate.per_task(per_model(inp.per_model[kw], name, ps.default, *where), inp.tasks, kw, name)
+        vals = _checks.per_task(per_model(inp.per_model[kw], name, ps.default, *where), inp.tasks, kw, name)
         if ps.lo is not None or ps.hi is not None:
-            _validate.in_range(vals, -np.inf if ps.lo is None else ps.lo, np.inf if ps.hi is None else ps.hi, kw, name)
+            _checks.in_range(vals, -np.inf if ps.lo is None else ps.lo, np.inf if ps.hi is None else ps.hi, kw, name)
         out[kw] = vals
     return out
 
@@ -394,7 +393,7 @@ def merge(
             continue
         plan, calib, transpose = plans[name]
         b = jnp.asarray(base_leaves[name])
-        dt = _validate.work_dtype(b.dtype)
+        dt = _checks.work_dtype(b.dtype)
         deltas = jnp.stack([jnp.asarray(m[name]).astype(dt) for m in model_leaves]) - b.astype(dt)
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate
 from sgtv_jax.merge.interpolation import unit_weights
 from sgtv_jax.merge.methods import Floats
 
@@ -34,14 +33,14 @@ def model_stock(
     the method (mergekit has none): any weight other than 1 is refused.
     """
     guard = _checks.Guard()
-    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     tasks = x.shape[0]
     if tasks < 2:
         raise ValueError(
             f"model_stock needs at least two fine-tuned models besides the base, got {tasks}{_where(name)}"
         )
     unit_weights(weights, tasks, "model_stock", name, guard)
-    x = x.astype(_validate.work_dtype(x.dtype))
+    x = x.astype(_checks.work_dtype(x.dtype))
     shape = x.shape[1:]
     if filter_wise:
         v = x.reshape(tasks, 1, -1) if x.ndim <= 2 else x

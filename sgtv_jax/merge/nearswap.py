@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate
 from sgtv_jax.merge.interpolation import unit_weights
 from sgtv_jax.merge.methods import Floats
 
@@ -26,7 +25,7 @@ def nearswap(
     """
     where = f" for tensor {name!r}" if name else ""
     guard = _checks.Guard()
-    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     if x.shape[0] != 1:
         raise ValueError(
             f"nearswap merges exactly two models (the base and one other), got {x.shape[0]} fine-tuned models{where}"
@@ -41,6 +40,6 @@ def nearswap(
         if not _checks.is_traced(t)
         else f"nearswap t must be a finite number >= 0{where}",
     )
-    d = x[0].astype(_validate.work_dtype(x.dtype))
+    d = x[0].astype(_checks.work_dtype(x.dtype))
     w = jnp.clip(tt.astype(d.dtype) / jnp.maximum(jnp.abs(d), 1e-6), 0, 1)
     return guard.apply(w * d)

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate
 from sgtv_jax.merge.interpolation import unit_weights
 from sgtv_jax.merge.methods import Floats
 
@@ -30,11 +29,11 @@ def passthrough(
     """
     where = f" for tensor {name!r}" if name else ""
     guard = _checks.Guard()
-    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     if x.shape[0] != 1:
         raise ValueError(f"passthrough takes exactly one model's tensor, got {x.shape[0]} fine-tuned models{where}")
     unit_weights(weights, 1, "passthrough", name, guard)
-    d = x[0].astype(_validate.work_dtype(x.dtype))
+    d = x[0].astype(_checks.work_dtype(x.dtype))
     guard.finite(jnp.asarray(scale), "scale")
     if not _checks.is_traced(scale) and float(scale) == 1.0:
         return guard.apply(d)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate, combine
+from sgtv_jax.merge import combine
 
 
 def _where(name: str | None) -> str:
@@ -60,15 +60,15 @@ def regmean(
     Returns: `(sum_t w_t tau_t G~_t)(sum_t w_t G~_t)^-1`, float32 (float64 for f64 input).
     """
     guard = _checks.Guard()
-    deltas = _validate.stack(deltas, name, guard=guard)
+    deltas = _checks.stack(deltas, name, guard=guard)
     tasks = deltas.shape[0]
-    w = _validate.per_task_values(weights, tasks, "weights", name, guard)
+    w = _checks.per_task_values(weights, tasks, "weights", name, guard)
     if not _checks.is_traced(alpha):
         if not (0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"regmean alpha must be in [0, 1], got {alpha!r}")
     else:
         guard.require((alpha >= 0) & (alpha <= 1), "regmean alpha must be in [0, 1]")
-    dt = _validate.work_dtype(deltas.dtype)
+    dt = _checks.work_dtype(deltas.dtype)
     x = deltas.astype(dt)
     wa = jnp.asarray(w, dt)
     if grams is None or x.ndim != 3:

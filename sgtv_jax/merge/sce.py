@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import _validate, elect
+from sgtv_jax.merge import elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.methods import Floats, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
@@ -78,17 +78,17 @@ def sce(
     Defaults: select_topk 1 (no selection), no trim, rescale off.
     """
     guard = _checks.Guard()
-    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     tasks = x.shape[0]
-    w = _validate.per_task_values(weights, tasks, "weights", name, guard)
-    dens = _validate.densities_values(densities, tasks, name, guard)
+    w = _checks.per_task_values(weights, tasks, "weights", name, guard)
+    dens = _checks.densities_values(densities, tasks, name, guard)
     if not _checks.is_traced(select_topk):
         if not 0.0 <= float(select_topk) <= 1.0:
             raise ValueError(f"select_topk must be in [0, 1], got {select_topk!r}{_where(name)}")
     else:
         sk = jnp.asarray(select_topk)
         guard.require((sk >= 0) & (sk <= 1), f"select_topk must be in [0, 1]{_where(name)}")
-    x = x.astype(_validate.work_dtype(x.dtype))
+    x = x.astype(_checks.work_dtype(x.dtype))
     rescale = resolve_rescale(rescale, False, trim)
     if trim is not None:
         x = trim_lib.trim(

@@ -52,7 +52,8 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from sgtv_jax.merge import _validate, blockrng
+from sgtv_jax import _checks
+from sgtv_jax.merge import blockrng
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.merge.methods import resolve_rescale
@@ -227,7 +228,7 @@ def merge_rows(
         stats.rows_per_chunk = rows
         return _whole(plan, src, shape, transpose, out_dtype, stats)
     stats.rows_per_chunk = step
-    dens = _validate.densities(list(plan.densities), tasks, plan.name)
+    dens = _checks.densities(list(plan.densities), tasks, plan.name)
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
 
 
@@ -279,10 +280,10 @@ class _Chunked:
             resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims else False
         )
         tasks, name = self.tasks, plan.name
-        self.gamma = _validate.per_task(0.01 if plan.gamma is None else list(plan.gamma), tasks, "gamma", name)
-        self.epsilon = _validate.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name)
+        self.gamma = _checks.per_task(0.01 if plan.gamma is None else list(plan.gamma), tasks, "gamma", name)
+        self.epsilon = _checks.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name)
         if kind == "breadcrumbs":
-            _validate.in_range(self.gamma, 0.0, 1.0, "gamma", name)
+            _checks.in_range(self.gamma, 0.0, 1.0, "gamma", name)
         self.key = plan.key
         # one key per task for random trims (None where no draw happens)
         self.keys: list[Any] = list(task_keys(self.key, tasks)) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks

@@ -43,9 +43,10 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from sgtv_jax import _checks
+from sgtv_jax import _checks, obs
 from sgtv_jax.counts import exact_floor, exact_round
-from sgtv_jax.merge import _validate, blockrng
+from sgtv_jax.hessian import input_norms
+from sgtv_jax.merge import blockrng
 from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.select import largest_mask
 
@@ -63,7 +64,7 @@ class Calibration(NamedTuple):
     hessian: `[cols, cols]` (shared by every task) or `[T, cols, cols]`, as from
       `sgtv_jax.hessian.hessian_finalize` (`H = (2/n) sum x x^T`).
     hessian_inv: full (damped) inverse Hessian, same shapes; used by `sparsegpt`
-      only when `hessian` is absent (the seed's `hessian_invs`).
+      only when `hessian` is absent (the PyTorch original's `hessian_invs`).
     norms: `[cols]` or `[T, cols]` input norms for `wanda`; derived from
       `hessian` (`sgtv_jax.hessian.input_norms`) when absent.
     """
@@ -157,7 +158,7 @@ def _edge(delta: jax.Array, density: float | jax.Array) -> jax.Array | None:
 
 
 def _finish(delta: jax.Array, kept: jax.Array, scale: Any) -> jax.Array:
-    out = jnp.where(kept, delta.astype(_validate.work_dtype(delta.dtype)), 0)
+    out = jnp.where(kept, delta.astype(_checks.work_dtype(delta.dtype)), 0)
     if scale is not None:
         out = out * scale
     return out.astype(delta.dtype)
@@ -165,7 +166,7 @@ def _finish(delta: jax.Array, kept: jax.Array, scale: Any) -> jax.Array:
 
 def keep(delta: jax.Array, kept: jax.Array, density: float, *, rescale: bool = False) -> jax.Array:
     """`delta` where `kept`, else 0; times `1/density` when `rescale` (what every mask trim returns)."""
-    return _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
+    return _finish(delta, kept, _inverse(density, _checks.work_dtype(delta.dtype)) if rescale else None)
 
 
 def magnitude(delta: jax.Array, density: float, *, rescale: bool = False, count: str = "round") -> jax.Array:
@@ -176,7 +177,7 @@ def magnitude(delta: jax.Array, density: float, *, rescale: bool = False, count:
     # ranked in delta's own dtype: a bfloat16 |d| orders exactly as its float32 value, in half the bits
     flat = jnp.abs(delta.reshape(-1))
     kept = _top_mask(flat, _count(density, flat.size, count)).reshape(delta.shape)
-    return _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
+    return _finish(delta, kept, _inverse(density, _checks.work_dtype(delta.dtype)) if rescale else None)
 
 
 def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = True, offset: int = 0) -> jax.Array:
@@ -188,7 +189,7 @@ def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = 
     if (e := _edge(delta, density)) is not None:
         return e
     kept = random_mask(key, density, delta.shape, offset)
-    return _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
+    return _finish(delta, kept, _inverse(density, _checks.work_dtype(delta.dtype)) if rescale else None)
 
 
 def magprune(
@@ -227,7 +228,7 @@ def magprune(
             (d <= 0) | (d >= 1) | ((d - eps > 0) & (d + eps < 1)),
             "magprune needs 0 < density - epsilon and density + epsilon < 1",
         )
-    dt = _validate.work_dtype(delta.dtype)
+    dt = _checks.work_dtype(delta.dtype)
     rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
     n = rows.shape[-1]
     order = jnp.argsort(jnp.abs(rows).astype(dt), axis=-1, stable=True)
@@ -277,7 +278,7 @@ def breadcrumbs(
     n_top = jnp.minimum(top, n - k) if _checks.is_traced(density, gamma) else min(top, n - k)
     # ranks [n_top, n_top + k) of the stable descending order: the top n_top + k minus the top n_top
     kept = (_top_mask(flat, n_top + k) & ~_top_mask(flat, n_top)).reshape(delta.shape)
-    out = _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
+    out = _finish(delta, kept, _inverse(density, _checks.work_dtype(delta.dtype)) if rescale else None)
     return guard.apply(out) if own else out
 
 
@@ -297,7 +298,7 @@ def wanda(
         raise ValueError(f"wanda norms must have shape ({delta.shape[1]},), got {norms.shape}")
     if (e := _edge(delta, density)) is not None:
         return e
-    dt = _validate.work_dtype(delta.dtype)
+    dt = _checks.work_dtype(delta.dtype)
     scores = jnp.abs(delta.astype(dt)) * norms.astype(dt)[None, :]
     kept = _top_mask(scores, _count(density, delta.shape[1], count))
     return _finish(delta, kept, _inverse(density, dt) if rescale else None)
@@ -321,8 +322,6 @@ def sparsegpt(
     change value (compensation) and may flip sign. `refit=True` then re-solves
     the kept entries exactly for the final mask (`sgtv_jax.refit`; needs the Hessian).
     """
-    from sgtv_jax import obs  # the OBS core; imported lazily
-
     if deltas.ndim != 3:
         raise ValueError(
             f"sparsegpt trimming needs 2-D [out, in] task vectors{_where(name)}, "
@@ -409,7 +408,7 @@ def trim(
         raise ValueError(f"unknown trim {kind!r}; known trims: {', '.join(TRIMS)}")
     tasks = deltas.shape[0]
     guard = _checks.Guard()
-    dens = _validate.densities_values(densities, tasks, name, guard)
+    dens = _checks.densities_values(densities, tasks, name, guard)
     calib = calib or Calibration()
     if kind == "sparsegpt":
         if calib.hessian is None and calib.hessian_inv is None:
@@ -435,13 +434,13 @@ def trim(
         def fn(x, d, k):
             return random(x, d, k, rescale=rescale)
     elif kind == "magprune":
-        args.append(_validate.per_task_values(epsilon, tasks, "epsilon", name, guard))
+        args.append(_checks.per_task_values(epsilon, tasks, "epsilon", name, guard))
 
         def fn(x, d, k, e):
             return magprune(x, d, k, epsilon=e, rescale=rescale)
     elif kind == "breadcrumbs":
-        gam = _validate.per_task_values(gamma, tasks, "gamma", name, guard)
-        _validate.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
+        gam = _checks.per_task_values(gamma, tasks, "gamma", name, guard)
+        _checks.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
         args.append(gam)
 
         def fn(x, d, g):
@@ -454,8 +453,6 @@ def trim(
             )
         norms = calib.norms
         if norms is None and calib.hessian is not None:
-            from sgtv_jax.hessian import input_norms
-
             norms = input_norms(jnp.asarray(calib.hessian))
         if norms is None:
             raise ValueError(missing_stats_message(kind, name))

@@ -26,7 +26,7 @@ _LAZY = {"MergeRun", "merge_tensor", "run_merge"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from sgtv_jax.pipeline import sequential
+        from sgtv_jax.pipeline import sequential  # noqa: PLC0415 (see _LAZY)
 
         return getattr(sequential, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

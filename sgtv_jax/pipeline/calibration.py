@@ -81,7 +81,7 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
 
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The base model's tokenizer (local files only)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 

@@ -24,11 +24,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
+from flax import nnx
 
 from convert.atomic import mark_output, prepare_output, read_marker
+from convert.conversion import load_flax_model
+from convert.demo import fetch_smollm2
 from convert.errors import ConvertError
+from convert.export import export_hf
+from convert.namemaps import get_name_map
+from convert.readers import open_checkpoint
+from sgtv_jax.models import apply_block, get_block_state, set_block_state, split_block
+from sgtv_jax.pipeline.calibration import load_tokenizer
+from sgtv_jax.pipeline.config import load_config
+from sgtv_jax.pipeline.evaluate import exact_match, load_model, perplexity
+from sgtv_jax.pipeline.sequential import run_merge
 
 TOP_BLOCKS = 4
 COLOURS = ("teal", "amber", "violet", "crimson", "olive", "silver", "indigo", "coral")
@@ -81,16 +95,6 @@ def finetune(
     seed: int = 0,
 ) -> Path:
     """Adam on the top `TOP_BLOCKS` blocks of the base model; saves an HF dir at `dst` (fp32)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from convert.conversion import load_flax_model
-    from convert.export import export_hf
-    from convert.namemaps import get_name_map
-    from convert.readers import open_checkpoint
-    from sgtv_jax.models import apply_block, get_block_state, set_block_state, split_block
 
     model, cfg = load_flax_model(base_dir)
     L = len(model.blocks)
@@ -188,11 +192,6 @@ def run_demo(
     density: float = 0.5,
 ) -> dict[str, dict[str, float]]:
     """Run the demo in `out` (see module doc); returns `{model: {facts_em, logs_ppl}}`."""
-    from convert.demo import fetch_smollm2
-    from sgtv_jax.pipeline.calibration import load_tokenizer
-    from sgtv_jax.pipeline.config import load_config
-    from sgtv_jax.pipeline.evaluate import exact_match, load_model, perplexity
-    from sgtv_jax.pipeline.sequential import run_merge
 
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and read_marker(out) is None:

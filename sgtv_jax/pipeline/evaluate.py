@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convert.conversion import load_flax_model
 from sgtv_jax.errors import SgtvError
-from sgtv_jax.pipeline.calibration import read_text
+from sgtv_jax.models import forward_blockwise
+from sgtv_jax.pipeline.calibration import load_tokenizer, read_text
 
 
 class EvalError(SgtvError):
@@ -34,15 +36,12 @@ class EvalError(SgtvError):
 
 def load_model(model_dir: str | Path) -> tuple[Any, Any]:
     """(Flax model, tokenizer) of an HF directory."""
-    from convert.conversion import load_flax_model
-    from sgtv_jax.pipeline.calibration import load_tokenizer
 
     model, _ = load_flax_model(str(model_dir))
     return model, load_tokenizer(model_dir)
 
 
 def _logits(model: Any, ids: np.ndarray, mask: np.ndarray | None) -> jax.Array:
-    from sgtv_jax.models import forward_blockwise
 
     return forward_blockwise(model, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
 
