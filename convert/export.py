@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from convert.atomic import atomic_output, labelled_inputs
 from convert.checkpoint import Checkpoint
@@ -277,8 +278,6 @@ def export_hf(
         tied = bool(cfg.get("tie_word_embeddings", False))
         stream: Iterable[tuple[str, Any]] = _with_base(tensors, base, fill_from_base, tied)
         if progress:
-            from tqdm import tqdm
-
             total = (
                 len(base)
                 if base is not None and fill_from_base

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
 
 from convert.architectures import GGUF_ARCHITECTURES
 from convert.errors import ConvertError
@@ -75,8 +77,6 @@ class GGUFCheckpoint:
     """Lazy reader over one ``.gguf`` file, presenting HF LLaMA tensors (float32)."""
 
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ConvertError(f"{self.path}: no such GGUF file")
@@ -174,7 +174,7 @@ class GGUFCheckpoint:
 
     def hf_config(self) -> Any:
         """The config as a transformers ``PretrainedConfig`` (needs transformers)."""
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
         cfg = dict(self._config)
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -203,8 +203,6 @@ class GGUFCheckpoint:
             raise ConvertError(f"{self.path}: no tensor named {name!r}") from None
 
     def get(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
         t = self._tensor(name)
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)

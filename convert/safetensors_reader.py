@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -34,8 +35,6 @@ _ST_DTYPES = {
 
 
 def _np_dtype(tag: str) -> np.dtype:
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-
     name = _ST_DTYPES.get(tag)
     if name is None:
         raise ConvertError(f"unsupported safetensors dtype {tag}")

@@ -202,30 +202,31 @@ def density_values(density: Any, tasks: int, guard: Guard, name: str = "density"
 # in the result, never a silent wrong merge.
 
 
-def _where(name: str | None) -> str:
+def where(name: str | None) -> str:
+    """The suffix ` for tensor 'name'` of error messages (empty without a name)."""
     return f" for tensor {name!r}" if name else ""
 
 
 def per_task(value: Any, tasks: int, what: str, name: str | None = None) -> tuple[float, ...]:
     """A scalar broadcast to `tasks` floats, or a sequence that must have length `tasks`."""
     if value is None:
-        raise ValueError(f"{what} is required{_where(name)}")
+        raise ValueError(f"{what} is required{where(name)}")
     if np.ndim(value) == 0:
         values = [value] * tasks
     else:
         values = list(np.asarray(value).reshape(-1)) if not isinstance(value, (list, tuple)) else list(value)
         if len(values) != tasks:
             raise ValueError(
-                f"{what} has {len(values)} entries but there are {tasks} task vectors (models){_where(name)}"
+                f"{what} has {len(values)} entries but there are {tasks} task vectors (models){where(name)}"
             )
     out = []
     for i, v in enumerate(values):
         try:
             f = float(v)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{what}[{i}] must be a number, got {v!r}{_where(name)}") from e
+            raise ValueError(f"{what}[{i}] must be a number, got {v!r}{where(name)}") from e
         if math.isnan(f) or math.isinf(f):
-            raise ValueError(f"{what}[{i}] must be finite, got {v!r}{_where(name)}")
+            raise ValueError(f"{what}[{i}] must be finite, got {v!r}{where(name)}")
         out.append(f)
     return tuple(out)
 
@@ -238,7 +239,7 @@ def per_task_values(value: Any, tasks: int, what: str, name: str | None, guard: 
     if isinstance(value, (list, tuple)):
         if len(value) != tasks:
             raise ValueError(
-                f"{what} has {len(value)} entries but there are {tasks} task vectors (models){_where(name)}"
+                f"{what} has {len(value)} entries but there are {tasks} task vectors (models){where(name)}"
             )
         arr = jnp.stack([jnp.asarray(v) for v in value])
     else:
@@ -248,8 +249,8 @@ def per_task_values(value: Any, tasks: int, what: str, name: str | None, guard: 
     if arr.ndim == 0:
         arr = jnp.broadcast_to(arr, (tasks,))
     if arr.shape != (tasks,):
-        raise ValueError(f"{what} has shape {arr.shape} but there are {tasks} task vectors (models){_where(name)}")
-    guard.require(jnp.isfinite(arr), f"{what} must be finite{_where(name)}")
+        raise ValueError(f"{what} has shape {arr.shape} but there are {tasks} task vectors (models){where(name)}")
+    guard.require(jnp.isfinite(arr), f"{what} must be finite{where(name)}")
     return arr
 
 
@@ -265,13 +266,13 @@ def values_in_range(
     if isinstance(values, tuple):
         in_range(values, lo, hi, what, name)
     else:
-        guard.require((values >= lo) & (values <= hi), f"{what} must be in [{lo:g}, {hi:g}]{_where(name)}")
+        guard.require((values >= lo) & (values <= hi), f"{what} must be in [{lo:g}, {hi:g}]{where(name)}")
 
 
 def in_range(values: Sequence[float], lo: float, hi: float, what: str, name: str | None = None) -> None:
     for i, v in enumerate(values):
         if not (lo <= v <= hi):
-            raise ValueError(f"{what}[{i}] must be in [{lo:g}, {hi:g}], got {v!r}{_where(name)}")
+            raise ValueError(f"{what}[{i}] must be in [{lo:g}, {hi:g}], got {v!r}{where(name)}")
 
 
 def densities(value: Any, tasks: int, name: str | None = None) -> tuple[float, ...]:
@@ -297,7 +298,7 @@ def stack(deltas: Any, name: str | None = None, *, min_ndim: int = 1, guard: Gua
         shapes = {tuple(a.shape) for a in arrays}
         if len(shapes) > 1:
             raise ValueError(
-                f"task vectors have different shapes{_where(name)}: "
+                f"task vectors have different shapes{where(name)}: "
                 + ", ".join(f"[{i}] {tuple(a.shape)}" for i, a in enumerate(arrays))
             )
         deltas = jnp.stack(arrays)
@@ -306,23 +307,23 @@ def stack(deltas: Any, name: str | None = None, *, min_ndim: int = 1, guard: Gua
     if deltas.ndim < min_ndim + 1:
         raise ValueError(
             f"deltas must be a stack [T, ...] with at least {min_ndim} dimension(s) per task,"
-            f" got shape {tuple(deltas.shape)}{_where(name)}"
+            f" got shape {tuple(deltas.shape)}{where(name)}"
         )
     if deltas.shape[0] == 0:
         raise ValueError(
-            f"no task vectors to merge{_where(name)}: the stack of models is empty (shape {tuple(deltas.shape)})"
+            f"no task vectors to merge{where(name)}: the stack of models is empty (shape {tuple(deltas.shape)})"
         )
     if not jnp.issubdtype(deltas.dtype, jnp.floating):
-        raise ValueError(f"task vectors must be floating point, got {deltas.dtype}{_where(name)}")
+        raise ValueError(f"task vectors must be floating point, got {deltas.dtype}{where(name)}")
     finite = jnp.all(jnp.isfinite(deltas.reshape(deltas.shape[0], -1)), axis=1)
     if known(jnp.all(finite)) is None:
-        (guard or Guard()).require(finite, f"NaN or Inf in task vector(s){_where(name)}")
+        (guard or Guard()).require(finite, f"NaN or Inf in task vector(s){where(name)}")
     elif not bool(jnp.all(finite)):
         bad = [int(i) for i in np.flatnonzero(~np.asarray(finite))]
         counts = [int(jnp.sum(~jnp.isfinite(deltas[i]))) for i in bad]
         raise ValueError(
             "NaN or Inf in task vector(s)"
-            + _where(name)
+            + where(name)
             + ": "
             + ", ".join(f"model {i} ({c} entries)" for i, c in zip(bad, counts))
         )

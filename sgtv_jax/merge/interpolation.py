@@ -29,26 +29,24 @@ SLERP_DOT_THRESHOLD = 0.9995
 """slerp interpolates linearly when `|cos(angle)|` of the two models exceeds this (mergekit's value)."""
 
 
-def _where(name: str | None) -> str:
-    return f" for tensor {name!r}" if name else ""
-
-
 def _stack(deltas, name, guard, tasks: int | None = None, method: str = "") -> jax.Array:
     x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     if tasks is not None and x.shape[0] != tasks:
         raise ValueError(
             f"{method} merges exactly {tasks + 1} models (the base and {tasks} other"
-            f"{'s' if tasks > 1 else ''}), got {x.shape[0]} fine-tuned model(s){_where(name)}"
+            f"{'s' if tasks > 1 else ''}), got {x.shape[0]} fine-tuned model(s){_checks.where(name)}"
         )
     return x.astype(_checks.work_dtype(x.dtype))
 
 
 def _base(base, like: jax.Array, method: str, name: str | None) -> jax.Array:
     if base is None:
-        raise ValueError(f"{method} works on whole weights and needs base=theta_0{_where(name)}")
+        raise ValueError(f"{method} works on whole weights and needs base=theta_0{_checks.where(name)}")
     b = _checks.as_array(base, "base")
     if tuple(b.shape) != tuple(like.shape[1:]):
-        raise ValueError(f"base has shape {tuple(b.shape)} but the task vectors {tuple(like.shape[1:])}{_where(name)}")
+        raise ValueError(
+            f"base has shape {tuple(b.shape)} but the task vectors {tuple(like.shape[1:])}{_checks.where(name)}"
+        )
     return b.astype(like.dtype)
 
 
@@ -57,9 +55,9 @@ def unit_weights(weights: Floats, tasks: int, method: str, name: str | None, gua
     w = _checks.per_task_values(1.0 if weights is None else weights, tasks, "weights", name, guard)
     msg = (
         f"{method} takes no per-model weight (mergekit has none for it), got weights "
-        f"{list(w) if isinstance(w, tuple) else '(traced)'}{_where(name)}"
+        f"{list(w) if isinstance(w, tuple) else '(traced)'}{_checks.where(name)}"
     )
-    guard.require(jnp.all(jnp.asarray(w) == 1.0), msg, f"{method} takes no per-model weight{_where(name)}")
+    guard.require(jnp.all(jnp.asarray(w) == 1.0), msg, f"{method} takes no per-model weight{_checks.where(name)}")
 
 
 def slerp(
@@ -83,7 +81,7 @@ def slerp(
     x = _stack(deltas, name, guard, 1, "slerp")
     unit_weights(weights, 1, "slerp", name, guard)
     if t is None:
-        raise ValueError(f"slerp needs t (0: the base model, 1: the other model){_where(name)}")
+        raise ValueError(f"slerp needs t (0: the base model, 1: the other model){_checks.where(name)}")
     guard.finite(jnp.asarray(t), "t")
     v0 = _base(base, x, "slerp", name)
     d = x[0]
@@ -176,7 +174,9 @@ def multislerp(
         return guard.apply(x[0])
     if normalize_weights:
         total = jnp.sum(w)
-        guard.require(total != 0, f"multislerp with normalize_weights needs weights that do not sum to 0{_where(name)}")
+        guard.require(
+            total != 0, f"multislerp with normalize_weights needs weights that do not sum to 0{_checks.where(name)}"
+        )
         w = w / total
     flat = x.reshape(tasks, -1)
     norms = jnp.linalg.norm(flat, axis=-1, keepdims=True)
@@ -187,7 +187,7 @@ def multislerp(
     if tasks > 2:
         guard.require(
             ~degenerate,
-            f"multislerp: the weighted sum of the unit task vectors is zero{_where(name)} (antipodal vectors "
+            f"multislerp: the weighted sum of the unit task vectors is zero{_checks.where(name)} (antipodal vectors "
             "whose weights balance out); use different weights",
         )
     m = mean / jnp.where(degenerate, 1, mean_norm)
@@ -224,9 +224,9 @@ def karcher(
     x = _stack(deltas, name, guard)
     tasks = x.shape[0]
     max_iter = _checks.check_positive_int(max_iter, "max_iter") if not _checks.is_traced(max_iter) else max_iter
-    guard.require(jnp.asarray(tol) >= 0, f"tol must be >= 0{_where(name)}")
+    guard.require(jnp.asarray(tol) >= 0, f"tol must be >= 0{_checks.where(name)}")
     w = jnp.asarray(_checks.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
-    guard.require(jnp.sum(w) != 0, f"karcher needs weights that do not sum to 0{_where(name)}")
+    guard.require(jnp.sum(w) != 0, f"karcher needs weights that do not sum to 0{_checks.where(name)}")
     b = _base(base, x, "karcher", name)
     pts = (b[None] + x).reshape(tasks, -1)
     if tasks == 1:

@@ -21,7 +21,11 @@ method's default, except that it is off whenever `trim` is "sparsegpt" or
 "wanda" (OBS already compensates kept entries; rescaling double-counts);
 `key` is this tensor's PRNG key (`keys.tensor_key`) for random trims; `gamma`,
 `epsilon` may be per task; `blocksize`, `percdamp` go to the OBS core; `name`
-labels errors.
+labels errors. Each method below is `generalized_task_arithmetic` with its own
+defaults, and restates the keyword list on purpose (as optax's `nadam` restates
+`adam`'s): the signature then shows that method's defaults to readers, IDEs and
+mypy; `tests/test_merge_specs.py` checks every signature against the one table,
+`specs.METHOD_SPECS`.
 
 Inside JAX transforms: `weights`, `densities`, `lambda_`, `gamma`, `epsilon`
 and `percdamp` may be traced arrays (`jit`, `vmap` over settings, `grad`);
@@ -73,10 +77,6 @@ from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.trim import Calibration
 
 Floats = float | Sequence[float]
-
-
-def _where(name: str | None) -> str:
-    return f" for tensor {name!r}" if name else ""
 
 
 def generalized_task_arithmetic(
@@ -132,7 +132,7 @@ def generalized_task_arithmetic(
     else:
         if count != "round":
             raise ValueError(
-                f"count={count!r} sets how a trim counts entries, but no trim is given{_where(name)}; "
+                f"count={count!r} sets how a trim counts entries, but no trim is given{_checks.where(name)}; "
                 "pass trim=... (or leave count at 'round')"
             )
         if isinstance(dens, tuple) and any(d != 1.0 for d in dens):

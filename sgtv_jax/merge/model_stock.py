@@ -16,10 +16,6 @@ from sgtv_jax.merge.interpolation import unit_weights
 from sgtv_jax.merge.methods import Floats
 
 
-def _where(name: str | None) -> str:
-    return f" for tensor {name!r}" if name else ""
-
-
 def model_stock(
     deltas: jax.Array, weights: Floats = 1.0, *, filter_wise: bool = False, name: str | None = None
 ) -> jax.Array:
@@ -37,7 +33,7 @@ def model_stock(
     tasks = x.shape[0]
     if tasks < 2:
         raise ValueError(
-            f"model_stock needs at least two fine-tuned models besides the base, got {tasks}{_where(name)}"
+            f"model_stock needs at least two fine-tuned models besides the base, got {tasks}{_checks.where(name)}"
         )
     unit_weights(weights, tasks, "model_stock", name, guard)
     x = x.astype(_checks.work_dtype(x.dtype))
@@ -56,7 +52,7 @@ def model_stock(
     denom = 1 + (tasks - 1) * c
     guard.require(
         jnp.all(denom != 0),
-        f"model_stock: the task vectors' mean cosine is -1/(N-1){_where(name)}, so t is undefined",
+        f"model_stock: the task vectors' mean cosine is -1/(N-1){_checks.where(name)}, so t is undefined",
     )
     t = tasks * c / jnp.where(denom == 0, 1, denom)
     out = t * jnp.mean(v, axis=0)

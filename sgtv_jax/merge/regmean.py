@@ -36,10 +36,6 @@ from sgtv_jax import _checks
 from sgtv_jax.merge import combine
 
 
-def _where(name: str | None) -> str:
-    return f" for tensor {name!r}" if name else ""
-
-
 def regmean(
     deltas: jax.Array,
     weights: float | Sequence[float] = 1.0,
@@ -75,8 +71,8 @@ def regmean(
         total = sum(w) if isinstance(w, tuple) else jnp.sum(w)
         guard.require(
             jnp.abs(total) >= 1e-12,
-            lambda: f"regmean needs weights that do not sum to 0, got {list(w)}{_where(name)}",
-            f"regmean needs weights that do not sum to 0{_where(name)}",
+            lambda: f"regmean needs weights that do not sum to 0, got {list(w)}{_checks.where(name)}",
+            f"regmean needs weights that do not sum to 0{_checks.where(name)}",
         )
         return guard.apply(combine.weighted_sum(x, wa, normalize=True))
     g = jnp.asarray(grams).astype(dt)
@@ -84,10 +80,10 @@ def regmean(
     if g.shape not in ((cols, cols), (tasks, cols, cols)):
         raise ValueError(
             f"regmean grams must have shape {(cols, cols)} or {(tasks, cols, cols)} for task "
-            f"vectors of shape {tuple(x.shape)}, got {tuple(g.shape)}{_where(name)}"
+            f"vectors of shape {tuple(x.shape)}, got {tuple(g.shape)}{_checks.where(name)}"
         )
-    guard.require(jnp.all(jnp.isfinite(g)), f"regmean grams contain NaN or Inf{_where(name)}")
-    _checks.check_symmetric(g, f"regmean grams{_where(name)}", guard)
+    guard.require(jnp.all(jnp.isfinite(g)), f"regmean grams contain NaN or Inf{_checks.where(name)}")
+    _checks.check_symmetric(g, f"regmean grams{_checks.where(name)}", guard)
     if g.ndim == 2:
         g = jnp.broadcast_to(g, (tasks, cols, cols))
     diag = jnp.diagonal(g, axis1=-2, axis2=-1)  # [T, cols]
@@ -102,6 +98,6 @@ def regmean(
     merged = jnp.linalg.solve(denom, numer.T).T
     guard.require(
         jnp.all(jnp.isfinite(merged)),
-        f"regmean: the summed Gram matrix is singular{_where(name)}; use alpha < 1 or more calibration data",
+        f"regmean: the summed Gram matrix is singular{_checks.where(name)}; use alpha < 1 or more calibration data",
     )
     return guard.apply(merged)

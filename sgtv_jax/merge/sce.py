@@ -20,10 +20,6 @@ from sgtv_jax.merge.methods import Floats, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
 
 
-def _where(name: str | None) -> str:
-    return f" for tensor {name!r}" if name else ""
-
-
 def select_mask(deltas: jax.Array, select_topk: float | jax.Array) -> jax.Array:
     """`[...]` bool: the `int(nonzero * select_topk)` entries of largest variance across tasks.
 
@@ -84,10 +80,10 @@ def sce(
     dens = _checks.densities_values(densities, tasks, name, guard)
     if not _checks.is_traced(select_topk):
         if not 0.0 <= float(select_topk) <= 1.0:
-            raise ValueError(f"select_topk must be in [0, 1], got {select_topk!r}{_where(name)}")
+            raise ValueError(f"select_topk must be in [0, 1], got {select_topk!r}{_checks.where(name)}")
     else:
         sk = jnp.asarray(select_topk)
-        guard.require((sk >= 0) & (sk <= 1), f"select_topk must be in [0, 1]{_where(name)}")
+        guard.require((sk >= 0) & (sk <= 1), f"select_topk must be in [0, 1]{_checks.where(name)}")
     x = x.astype(_checks.work_dtype(x.dtype))
     rescale = resolve_rescale(rescale, False, trim)
     if trim is not None:
@@ -124,12 +120,12 @@ def _no_trim_args(
     if isinstance(dens, tuple):
         if any(d != 1.0 for d in dens):
             raise ValueError(
-                f"densities {list(dens)} given but no trim{_where(name)}; pass trim=... "
+                f"densities {list(dens)} given but no trim{_checks.where(name)}; pass trim=... "
                 f"(one of {', '.join(trim_lib.TRIMS)})"
             )
     else:
         guard.require(jnp.all(dens == 1.0), "densities given but no trim; pass trim=...")
     if rescale:
-        raise ValueError(f"rescale=True needs a trim{_where(name)}")
+        raise ValueError(f"rescale=True needs a trim{_checks.where(name)}")
     if count != "round":
-        raise ValueError(f"count={count!r} sets how a trim counts entries, but no trim is given{_where(name)}")
+        raise ValueError(f"count={count!r} sets how a trim counts entries, but no trim is given{_checks.where(name)}")

@@ -74,10 +74,6 @@ class Calibration(NamedTuple):
     norms: Any = None
 
 
-def _where(name: str | None) -> str:
-    return f" for tensor {name!r}" if name else ""
-
-
 def _check_count(count: str) -> None:
     if count not in COUNTS:
         raise ValueError(f"unknown count rule {count!r}; known: {', '.join(COUNTS)}")
@@ -324,7 +320,7 @@ def sparsegpt(
     """
     if deltas.ndim != 3:
         raise ValueError(
-            f"sparsegpt trimming needs 2-D [out, in] task vectors{_where(name)}, "
+            f"sparsegpt trimming needs 2-D [out, in] task vectors{_checks.where(name)}, "
             f"got per-task shape {tuple(deltas.shape[1:])}"
         )
     dens: Any = densities if _checks.is_traced(densities) else list(densities)
@@ -340,7 +336,7 @@ def sparsegpt(
         )
     elif calib.hessian_inv is not None:
         if refit:
-            raise ValueError(f"refit needs the Hessian itself, not its inverse{_where(name)}")
+            raise ValueError(f"refit needs the Hessian itself, not its inverse{_checks.where(name)}")
         pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name)
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
@@ -363,7 +359,7 @@ def inverse_density_scale(x: jax.Array, densities: Sequence[float] | jax.Array) 
 def missing_stats_message(kind: str, name: str | None) -> str:
     need = "a Hessian (or inverse Hessian)" if kind == "sparsegpt" else "input norms or a Hessian"
     return (
-        f"trim={kind!r} needs calibration statistics: {need}{_where(name)}; compute them with "
+        f"trim={kind!r} needs calibration statistics: {need}{_checks.where(name)}; compute them with "
         "sgtv_jax.hessian (hessian_update / hessian_finalize) and pass them in, or use a "
         "data-free trim (magnitude, random, magprune, breadcrumbs) for this tensor"
     )
@@ -422,7 +418,7 @@ def trim(
     args: list = [deltas, dens]
     if kind in RANDOM_TRIMS:
         if key is None:
-            raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
+            raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_checks.where(name)}")
         args.append(task_keys(key, tasks))
     fn: Callable[..., jax.Array]
     if kind == "magnitude":
@@ -448,7 +444,7 @@ def trim(
     else:  # wanda
         if deltas.ndim != 3:
             raise ValueError(
-                f"wanda trimming needs 2-D [out, in] task vectors{_where(name)}, "
+                f"wanda trimming needs 2-D [out, in] task vectors{_checks.where(name)}, "
                 f"got per-task shape {tuple(deltas.shape[1:])}"
             )
         norms = calib.norms

@@ -46,7 +46,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from convert.architectures import ARCHITECTURES
 from convert.dtypes import is_float
+from convert.readers import hf_config_object
 from sgtv_jax.pipeline.config import ConfigError
 
 MERGE, BASE, COPY = "merge", "base", "copy"
@@ -86,8 +88,6 @@ def ties_head(config: dict[str, Any]) -> bool:
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
     try:
-        from convert.readers import hf_config_object
-
         return bool(getattr(hf_config_object(config), "tie_word_embeddings", True))
     except Exception:  # noqa: BLE001 - a model_type transformers does not know: its base default
         return True
@@ -189,12 +189,10 @@ def _name_map_layout(model_type: str, config: dict[str, Any]) -> Any:
     model lacks): a data-free merge does not need the model, so it goes on as
     for any architecture.
     """
-    from convert.architectures import ARCHITECTURES
 
     row = ARCHITECTURES.get(model_type)
     if row is None:
         return None
-    from convert.readers import hf_config_object
 
     try:
         obj = hf_config_object(config)

@@ -20,7 +20,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from convert.errors import ConvertError
+from convert.lora import open_model
+from convert.readers import open_checkpoint, supported_architectures
+from convert.safetensors_reader import read_config
+from sgtv_jax.pipeline.byname import plan_by_name
+from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +51,6 @@ class CheckResult:
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     """config.json of a model directory (ConfigError naming the path if absent / invalid)."""
-    from convert.errors import ConvertError
-    from convert.safetensors_reader import read_config
 
     p = Path(path)
     if not p.exists():
@@ -53,8 +58,6 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     directory = p if p.is_dir() else p.parent
     try:
         if p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf"))):
-            from convert.readers import open_checkpoint  # a GGUF file carries its config in its metadata
-
             ckpt = open_checkpoint(p)
             try:
                 return dict(ckpt.config)
@@ -83,7 +86,6 @@ def max_positions_of(hf: dict[str, Any]) -> int | None:
 
 
 def _shapes(path: str, adapter: str = "") -> dict[str, tuple[int, ...]]:
-    from convert.lora import open_model
 
     ckpt = open_model(path, adapter)  # a LoRA adapter is checked against the model's shapes here
     try:
@@ -97,9 +99,6 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
 
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
-    from convert.readers import supported_architectures
-    from sgtv_jax.pipeline.calibration import CalibrationError, check_files
-    from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
 
     problems: list[str] = []
     try:
@@ -201,9 +200,6 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
 
 def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
     """Check a merge by tensor name: plan it from the headers (every problem at once)."""
-    from convert.errors import ConvertError
-    from convert.readers import open_checkpoint
-    from sgtv_jax.pipeline.byname import plan_by_name
 
     problems: list[str] = []
     base_label = f"base_model ({cfg.base_model_written or cfg.base_model})"

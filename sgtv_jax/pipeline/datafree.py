@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from convert.architectures import SUPPORTED_MODEL_TYPES
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from sgtv_jax.errors import NumericsError, SgtvError
@@ -208,7 +209,6 @@ class DataFreeRun:
 
     def orbax_refusal(self) -> str | None:
         """Why this merge cannot be written as Orbax (None: it can)."""
-        from convert.architectures import SUPPORTED_MODEL_TYPES
 
         mt = self.plan.model_type
         if mt not in SUPPORTED_MODEL_TYPES:
@@ -235,7 +235,6 @@ def uses_by_name(cfg: MergeConfig, model_type: str) -> bool:
     given to a data-free merge of a registered architecture still measures the
     block merge's reconstruction errors).
     """
-    from convert.architectures import SUPPORTED_MODEL_TYPES
 
     if cfg.needs_calibration():
         return False
@@ -245,7 +244,6 @@ def uses_by_name(cfg: MergeConfig, model_type: str) -> bool:
 
 def require_flax_family(cfg: MergeConfig, model_type: str) -> None:
     """`ConfigError` naming the architecture when a merge that needs calibration data has no Flax family."""
-    from convert.architectures import SUPPORTED_MODEL_TYPES
 
     if model_type in SUPPORTED_MODEL_TYPES:
         return

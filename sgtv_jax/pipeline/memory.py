@@ -41,8 +41,15 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from convert.namemaps import get_name_map
+from convert.readers import hf_config_object, open_checkpoint
 from sgtv_jax.errors import ResourceError
+from sgtv_jax.models import get_family
+from sgtv_jax.pipeline.byname import MERGE
+from sgtv_jax.pipeline.check import base_model_type, num_layers_of, read_hf_config
+from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import MergeConfig
+from sgtv_jax.pipeline.datafree import plan_checkpoints, uses_by_name
 
 F32 = 4
 
@@ -92,10 +99,6 @@ class _Linear(NamedTuple):
 
 def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int, int]:
     """(HF config, linear weights of block 0, parameters of block 0, largest outer tensor) from headers."""
-    from convert.namemaps import get_name_map
-    from convert.readers import hf_config_object, open_checkpoint
-    from sgtv_jax.models import get_family
-    from sgtv_jax.pipeline.check import num_layers_of, read_hf_config
 
     hf = read_hf_config(cfg.base_model)
     mt = hf["model_type"]
@@ -127,9 +130,6 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
 
 def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
     """The by-name merge's term (module doc), from the plan of `byname.plan_by_name` (headers only)."""
-    from sgtv_jax.pipeline.byname import MERGE
-    from sgtv_jax.pipeline.checkpoints import Checkpoints
-    from sgtv_jax.pipeline.datafree import plan_checkpoints
 
     ckpts = Checkpoints(cfg)
     try:
@@ -152,8 +152,6 @@ def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
 
 def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     """The module-doc estimate for `cfg` (reads config.json and tensor headers only)."""
-    from sgtv_jax.pipeline.check import base_model_type
-    from sgtv_jax.pipeline.datafree import uses_by_name
 
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
