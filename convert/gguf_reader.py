@@ -1,10 +1,26 @@
-"""GGUF (llama.cpp) checkpoints as Hugging Face LLaMA-family tensors (llama, mistral, qwen2, qwen3).
+"""GGUF (llama.cpp) checkpoints as Hugging Face tensors: the llama family, phi3, gemma2/3 and the MoE families.
 
 Tensors are dequantised to float32 one at a time (``gguf.quants.dequantize``)
-from the memory-mapped file, renamed to Hugging Face names, and for LLaMA the
-q/k row permutation that llama.cpp's converter applies (to turn HF's split-half
-RoPE into interleaved RoPE) is inverted, as transformers' GGUF loader does.
-The config is built from the GGUF metadata.
+from the memory-mapped file and renamed to Hugging Face names by the
+architecture's ``gguf_block`` table (``convert.architectures``). What llama.cpp's
+converter changed is undone, as transformers' GGUF loader does:
+
+* llama / mistral / mixtral: the q/k row permutation for interleaved RoPE is inverted;
+* gemma2 / gemma3: RMSNorm weights are stored as ``1 + w``; ``w = stored - 1`` in float32;
+* MoE: experts stacked as one ``[E, out, in]`` tensor (``ffn_gate_exps`` ...) become
+  E per-expert HF tensors (the names ``save_pretrained`` writes); a quantised
+  stack is dequantised one expert's rows at a time (blocks never span rows);
+* qwen2moe: a 1-D ``ffn_gate_inp_shexp`` is HF's ``[1, D]`` shared-expert gate.
+
+The config is built from the GGUF metadata, with llama.cpp's own rules where it
+stores nothing: its Mixtral is ``llama`` with expert tensors; phi3's LongRoPE
+factors are the ``rope_factors_long`` / ``rope_factors_short`` tensors; gemma's
+``query_pre_attn_scalar`` is the head dimension except for the 27B models
+(gemma2 with 46 blocks, gemma3 with 62), where it is hidden / heads; gemma2
+alternates sliding (even) and global (odd) layers, gemma3 makes every sixth
+layer global (unless ``attention.sliding_window_pattern`` says otherwise) with
+local RoPE base 10000 (unless ``rope.freq_base_swa``); qwen3moe normalises the
+top-k routing weights and qwen2moe does not (unless ``expert_weights_norm``).
 """
 
 from __future__ import annotations
@@ -12,13 +28,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
 from gguf.quants import dequantize
 
-from convert.architectures import GGUF_ARCHITECTURES
+from convert.architectures import GGUF_ARCHITECTURES, GGUF_MOE_VARIANTS, Architecture
 from convert.errors import ConvertError
 
 _GLOBAL_NAMES = {
@@ -26,30 +42,22 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3
-    "attn_k_norm": "self_attn.k_norm",
-}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# phi3 LongRoPE: llama.cpp stores HF's rope_scaling factor lists as tensors.
+_ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
+# Blocks llama.cpp treats as the 27B model, whose query scale is 1/sqrt(hidden / heads).
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+_QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 
 
-def gguf_to_hf_name(name: str) -> str:
-    """Map one GGUF tensor name to its Hugging Face LLaMA name."""
+def gguf_to_hf_name(name: str, arch: Architecture) -> str:
+    """Map one GGUF tensor name to its Hugging Face name; ``{e}`` in it marks a stack of experts."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    raise ConvertError(f"GGUF tensor {name!r} has no Hugging Face LLaMA equivalent")
+    if m and m.group(2) in arch.gguf_block:
+        return f"model.layers.{m.group(1)}.{arch.gguf_block[m.group(2)]}.{m.group(3)}"
+    raise ConvertError(f"GGUF tensor {name!r} has no Hugging Face {arch.model_type} equivalent")
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -73,8 +81,16 @@ def _f32_repr(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+class _Source(NamedTuple):
+    """Where one HF tensor lives in the file."""
+
+    tensor: Any  # gguf.ReaderTensor
+    expert: int | None  # index into a stacked [E, ...] expert tensor, or None
+    shape: tuple[int, ...]  # the HF shape (numpy order)
+
+
 class GGUFCheckpoint:
-    """Lazy reader over one ``.gguf`` file, presenting HF LLaMA tensors (float32)."""
+    """Lazy reader over one ``.gguf`` file, presenting Hugging Face tensors (float32)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -85,20 +101,44 @@ class GGUFCheckpoint:
         except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors/etc.
             raise ConvertError(f"{self.path}: not a readable GGUF file ({e})") from None
         self._reader: gguf.GGUFReader | None = reader
-        arch = self._field("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
+        arch_name = self._field("general.architecture")
+        if arch_name not in GGUF_ARCHITECTURES:
             raise ConvertError(
-                f"{self.path}: GGUF architecture {arch!r} is not supported; "
+                f"{self.path}: GGUF architecture {arch_name!r} is not supported; "
                 f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
             )
-        self.architecture: str = arch
-        self._tensors = {}
+        self.architecture: str = arch_name
+        arch = GGUF_ARCHITECTURES[arch_name]
+        if arch_name in GGUF_MOE_VARIANTS and any("_exps." in t.name for t in reader.tensors):
+            arch = GGUF_MOE_VARIANTS[arch_name]
+        self.arch: Architecture = arch
+        self._tensors: dict[str, _Source] = {}
+        self._rope_factors: dict[str, Any] = {}
         for t in reader.tensors:
             if t.name == "rope_freqs.weight":
                 # llama3-style RoPE scaling stored as a tensor: HF expresses it in
                 # config.rope_parameters, which we cannot recover exactly here.
                 raise ConvertError(f"{self.path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported")
-            self._tensors[gguf_to_hf_name(t.name)] = t
+            if t.name in _ROPE_FACTORS and arch.model_type == "phi3":
+                self._rope_factors[_ROPE_FACTORS[t.name]] = t
+                continue
+            try:
+                hf = gguf_to_hf_name(t.name, arch)
+            except ConvertError as err:
+                raise ConvertError(f"{self.path}: {err}") from None
+            # GGUF lists dimensions fastest-first; numpy / PyTorch order is reversed.
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if hf.endswith("shared_expert_gate.weight") and len(shape) == 1:
+                shape = (1, *shape)  # llama.cpp may store qwen2moe's [1, D] gate as [D]
+            if "{e}" in hf:
+                if len(shape) != 3:
+                    raise ConvertError(
+                        f"{self.path}: expert tensor {t.name!r} has shape {shape}, expected [E, out, in]"
+                    )
+                for expert in range(shape[0]):
+                    self._tensors[hf.format(e=expert)] = _Source(t, expert, shape[1:])
+            else:
+                self._tensors[hf] = _Source(t, None, shape)
         self._config = self._build_config()
 
     # -- metadata -------------------------------------------------------------
@@ -131,14 +171,16 @@ class GGUFCheckpoint:
         vocab = self._arch_field("vocab_size")
         if vocab is None:
             tokens = self._field("tokenizer.ggml.tokens")
-            vocab = len(tokens) if tokens else int(embed.shape[-1])
-        arch = GGUF_ARCHITECTURES[self.architecture]
+            vocab = len(tokens) if tokens else int(embed.shape[0])
+        arch = self.arch
+        mt = arch.model_type
+        # Qwen MoE blocks have no dense MLP: their intermediate_size defaults to the experts'.
+        ff = self._arch_field("feed_forward_length") if mt in _QWEN_MOE else self._require("feed_forward_length")
         cfg: dict[str, Any] = {
             "architectures": [arch.hf_class],
-            "model_type": arch.model_type,
+            "model_type": mt,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
-            "intermediate_size": int(self._require("feed_forward_length")),
             "num_hidden_layers": int(self._require("block_count")),
             "num_attention_heads": n_head,
             "num_key_value_heads": n_kv,
@@ -149,19 +191,31 @@ class GGUFCheckpoint:
                 "rope_type": "default",
                 "rope_theta": _f32_repr(self._arch_field("rope.freq_base", 10000.0)),
             },
-            "hidden_act": "silu",
             # llama.cpp drops output.weight when the head is tied to the embedding.
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "dtype": "float32",
         }
-        if arch.model_type == "llama":
+        if ff is not None:
+            cfg["intermediate_size"] = int(ff)
+        if mt not in ("gemma2", "gemma3_text"):
+            cfg["hidden_act"] = "silu"
+        if mt == "llama":
             cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self._tensors
             cfg["mlp_bias"] = False
         scaling = self._arch_field("rope.scaling.type")
         if scaling not in (None, "none"):
             if scaling != "linear":
                 raise ConvertError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
+            # gemma3: these become the global layers' parameters (llama.cpp scales only those, as HF does).
             cfg["rope_parameters"].update(rope_type="linear", factor=float(self._require("rope.scaling.factor")))
+        if mt == "mixtral" or mt in _QWEN_MOE:
+            cfg.update(self._moe_config())
+            if "intermediate_size" not in cfg:
+                cfg["intermediate_size"] = cfg["moe_intermediate_size"]
+        elif mt == "phi3":
+            cfg.update(self._phi3_config(cfg, head_dim))
+        elif mt in ("gemma2", "gemma3_text"):
+            cfg.update(self._gemma_config(cfg, head_dim))
         for gguf_key, hf_key in (
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -171,6 +225,92 @@ class GGUFCheckpoint:
             if v is not None:
                 cfg[hf_key] = int(v)
         return cfg
+
+    def _moe_config(self) -> dict[str, Any]:
+        """Expert counts and sizes (metadata, else the expert tensors' shapes)."""
+        mt = self.arch.model_type
+        n_layers = int(self._require("block_count"))
+        n_experts = int(self._require("expert_count"))
+        dense = [
+            i for i in range(n_layers) if f"model.layers.{i}.{self.arch.gguf_block['ffn_gate_inp']}.weight" not in self
+        ]
+        if mt == "mixtral":
+            if dense:
+                raise ConvertError(f"{self.path}: block {dense[0]} has no expert router (ffn_gate_inp)")
+            return {"num_local_experts": n_experts, "num_experts_per_tok": int(self._require("expert_used_count"))}
+        first = next(i for i in range(n_layers) if i not in dense) if len(dense) < n_layers else None
+        if first is None:
+            raise ConvertError(f"{self.path}: no block has expert tensors (ffn_gate_exps)")
+        moe_ff = self._arch_field("expert_feed_forward_length")
+        if moe_ff is None:
+            moe_ff = self.shape(f"model.layers.{first}.mlp.experts.0.gate_proj.weight")[0]
+        out: dict[str, Any] = {
+            "num_experts": n_experts,
+            "num_experts_per_tok": int(self._require("expert_used_count")),
+            "moe_intermediate_size": int(moe_ff),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": dense,
+            # llama.cpp's qwen3moe graph normalises the top-k routing weights, its qwen2moe graph does not.
+            "norm_topk_prob": bool(self._arch_field("expert_weights_norm", mt == "qwen3_moe")),
+        }
+        bias = f"model.layers.{first}.self_attn.q_proj.bias" in self
+        if mt == "qwen2_moe":
+            shared = self._arch_field("expert_shared_feed_forward_length")
+            shared_name = f"model.layers.{first}.mlp.shared_expert.gate_proj.weight"
+            if shared is None and shared_name in self:
+                shared = self.shape(shared_name)[0]
+            out["shared_expert_intermediate_size"] = int(shared or 0)
+            out["qkv_bias"] = bias
+        else:
+            out["attention_bias"] = bias
+        return out
+
+    def _phi3_config(self, cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
+        """Partial rotary, sliding window (0 = none, llama.cpp's Phi-4 marker) and LongRoPE factors."""
+        rope = dict(cfg["rope_parameters"])
+        rot = self._arch_field("rope.dimension_count")
+        rope["partial_rotary_factor"] = int(rot) / head_dim if rot else 1.0
+        orig = int(self._arch_field("rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+        if self._rope_factors:
+            if set(self._rope_factors) != set(_ROPE_FACTORS.values()):
+                raise ConvertError(f"{self.path}: phi3 LongRoPE needs both rope_factors_long and rope_factors_short")
+            rope.update(rope_type="longrope", original_max_position_embeddings=orig)
+            for key, t in self._rope_factors.items():
+                rope[key] = [_f32_repr(float(x)) for x in np.asarray(t.data, dtype=np.float32).ravel()]
+        window = int(self._arch_field("attention.sliding_window", 0))
+        return {"rope_parameters": rope, "original_max_position_embeddings": orig, "sliding_window": window or None}
+
+    def _gemma_config(self, cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
+        """Soft-caps, sliding / global layer pattern, query scale and (gemma3) per-layer-type RoPE."""
+        n_layers, gemma3 = cfg["num_hidden_layers"], cfg["model_type"] == "gemma3_text"
+        big = n_layers == _GEMMA_27B_BLOCKS[self.architecture]
+        out: dict[str, Any] = {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if big else head_dim,
+            "sliding_window": int(self._require("attention.sliding_window")),
+        }
+        attn_cap, final_cap = (None, None) if gemma3 else (50.0, 30.0)  # llama.cpp's defaults when absent
+        attn_cap = self._arch_field("attn_logit_softcapping", attn_cap)
+        final_cap = self._arch_field("final_logit_softcapping", final_cap)
+        out["attn_logit_softcapping"] = None if attn_cap is None else _f32_repr(attn_cap)
+        out["final_logit_softcapping"] = None if final_cap is None else _f32_repr(final_cap)
+        pattern = self._arch_field("attention.sliding_window_pattern", 6 if gemma3 else 2)
+        if isinstance(pattern, list):
+            if len(pattern) != n_layers:
+                raise ConvertError(
+                    f"{self.path}: sliding_window_pattern has {len(pattern)} entries for {n_layers} blocks"
+                )
+            sliding = [bool(x) for x in pattern]
+        else:
+            sliding = [(i + 1) % int(pattern) != 0 for i in range(n_layers)]
+        out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+        if gemma3:
+            full = dict(cfg["rope_parameters"])
+            if self._arch_field("rope.freq_base") is None:
+                full["rope_theta"] = 1000000.0  # llama.cpp's gemma3 global default
+            local = {"rope_type": "default", "rope_theta": _f32_repr(self._arch_field("rope.freq_base_swa", 10000.0))}
+            out["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
+        return out
 
     def hf_config(self) -> Any:
         """The config as a transformers ``PretrainedConfig`` (needs transformers)."""
@@ -189,28 +329,32 @@ class GGUFCheckpoint:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        # GGUF lists dimensions fastest-first; numpy / PyTorch order is reversed.
-        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+        return self._source(name).shape
 
     def dtype(self, name: str) -> np.dtype:
-        self._tensor(name)
+        self._source(name)
         return np.dtype(np.float32)
 
-    def _tensor(self, name: str) -> Any:
+    def _source(self, name: str) -> _Source:
         try:
             return self._tensors[name]
         except KeyError:
             raise ConvertError(f"{self.path}: no tensor named {name!r}") from None
 
     def get(self, name: str) -> np.ndarray:
-        t = self._tensor(name)
+        src = self._source(name)
+        t = src.tensor
+        # A quantised stack is [E, rows, bytes]: one expert's slice holds whole blocks.
+        data = t.data if src.expert is None else t.data[src.expert]
         try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError etc.
             raise ConvertError(f"{self.path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}") from None
-        w = w.reshape(self.shape(name))
+        w = w.reshape(src.shape)
+        if self.arch.gguf_norm_plus_one and t.name.endswith("norm.weight"):
+            w = w - np.float32(1.0)
         # llama.cpp permutes q/k rows for interleaved RoPE; NEOX-RoPE families (qwen2) store them as is.
-        if GGUF_ARCHITECTURES[self.architecture].gguf_permuted_qk:
+        if self.arch.gguf_permuted_qk:
             if ".self_attn.q_proj." in name:
                 w = unpermute_qk(w, self._config["num_attention_heads"])
             elif ".self_attn.k_proj." in name:
@@ -230,11 +374,12 @@ class GGUFCheckpoint:
 
     def tensor_type(self, name: str) -> str:
         """The GGUF storage type (e.g. 'Q4_1', 'F32') of a tensor."""
-        return self._tensor(name).tensor_type.name
+        return self._source(name).tensor.tensor_type.name
 
     def close(self) -> None:
         # GGUFReader holds a np.memmap; dropping our references unmaps it.
         self._tensors = {}
+        self._rope_factors = {}
         self._reader = None
 
     def __enter__(self) -> GGUFCheckpoint:

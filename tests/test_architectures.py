@@ -3,7 +3,7 @@
 import pytest
 import transformers
 
-from convert.architectures import ARCHITECTURES, GGUF_ARCHITECTURES, get_architecture
+from convert.architectures import ARCHITECTURES, GGUF_ARCHITECTURES, GGUF_MOE_VARIANTS, get_architecture
 from convert.errors import ConvertError
 from convert.namemaps import get_name_map
 from convert.readers import supported_architectures
@@ -31,7 +31,14 @@ def test_gguf_rows():
         "mistral": "mistral",
         "qwen2": "qwen2",
         "qwen3": "qwen3",
+        "phi3": "phi3",
+        "qwen2moe": "qwen2_moe",
+        "qwen3moe": "qwen3_moe",
+        "gemma2": "gemma2",
+        "gemma3": "gemma3_text",
     }
+    # llama.cpp writes Mixtral as "llama" with expert tensors.
+    assert {a: r.model_type for a, r in GGUF_MOE_VARIANTS.items()} == {"llama": "mixtral"}
     # qwen2 GGUFs use NEOX RoPE: q/k stored unpermuted.
     assert not GGUF_ARCHITECTURES["qwen2"].gguf_permuted_qk
     assert GGUF_ARCHITECTURES["llama"].gguf_permuted_qk

@@ -220,7 +220,10 @@ def test_gguf_to_hf_directory(tmp_path):
 
 def test_gguf_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "odd.gguf", hf_tensors(tied=True), arch="falcon")
-    with pytest.raises(ConvertError, match=r"odd\.gguf.*'falcon' is not supported; supported: llama, mistral, qwen2"):
+    with pytest.raises(
+        ConvertError,
+        match=r"odd\.gguf.*'falcon' is not supported; supported: gemma2, gemma3, llama, mistral, phi3, qwen2, qwen2moe, qwen3, qwen3moe",
+    ):
         open_checkpoint(path)
 
 
