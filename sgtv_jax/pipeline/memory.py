@@ -155,6 +155,11 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     from sgtv_jax.pipeline.check import base_model_type
     from sgtv_jax.pipeline.datafree import uses_by_name
 
+    if cfg.slices or cfg.tokenizer is not None:
+        from sgtv_jax.pipeline.mapped import estimate_mapped  # slices / re-indexed vocabulary: their own plan
+
+        if (mapped := estimate_mapped(cfg)) is not None:
+            return mapped
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
     hf, linears, block_params, outer = _model_layout(cfg)
