@@ -83,8 +83,11 @@ def test_filter_rules_first_match_and_nested_gradient():
             "multiple of prunem",
         ),
         ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "not both"),
-        ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": {"kind": "one"}}}}}, r"tokens\['<x>'\]"),
-        ({"tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of must be an integer >= 1"),
+        (
+            {"tokenizer_source": None, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "one"}}}}},
+            r"tokens\['<x>'\]",
+        ),
+        ({"tokenizer_source": None, "tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of must be an integer"),
         ({"chat_template": "chatm"}, "neither a known template"),
         ({"chat_template": "{% for m in messages %}{{ m }"}, "not valid Jinja"),
         ({"out_dtype": "float8"}, "out_dtype 'float8' is not supported"),

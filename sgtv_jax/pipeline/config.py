@@ -959,10 +959,11 @@ def _slice_models(slices: tuple[SliceDef, ...], base: str) -> tuple[str, list[Mo
 def slice_roles(cfg: MergeConfig, k: int) -> tuple[int, tuple[int, ...]]:
     """(the source of slice `k` that is its base, the sources merged onto it) as indices into its sources.
 
-    The base is the slice's `base_model` (else the top-level one) when it is
-    one of the sources; a linear merge without one takes its first source as
-    the reference (the weighted mean does not depend on it) and merges every
-    source; passthrough merges none (its one source is copied). ConfigError
+    A linear merge (normalized) weighs every source, as mergekit's does: its
+    first source is only the reference the task vectors are taken against
+    (the weighted mean does not depend on it). Otherwise the base is the
+    slice's `base_model` (else the top-level one), which must be one of the
+    sources; passthrough merges none (its one source is copied). ConfigError
     when the slice's method needs a base its sources lack.
     """
     sl = cfg.slices[k]
@@ -974,12 +975,12 @@ def slice_roles(cfg: MergeConfig, k: int) -> tuple[int, tuple[int, ...]]:
                 "(stack them as separate slices, or merge them with another method)"
             )
         return 0, ()
+    if cfg.merge_method == "linear" and {**cfg.parameters, **sl.parameters}.get("normalize", True) is not False:
+        return 0, tuple(range(n))  # mergekit's linear weighs every source, the base included
     base = sl.base_model or cfg.base_model
     at = next((j for j, s in enumerate(sl.sources) if s.model == base and not s.adapter), None)
     if at is not None:
         return at, tuple(j for j in range(n) if j != at)
-    if cfg.merge_method == "linear" and cfg.parameters.get("normalize", True) is not False:
-        return 0, tuple(range(n))
     raise ConfigError(
         f"slices[{k}]: merge_method {cfg.merge_method!r} merges task vectors against a base model, and "
         f"the slice's base ({sl.base_written or cfg.base_model_written or base}) is none of its sources: "

@@ -148,7 +148,7 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
     if missing:
         out_tok.add_tokens(missing)
         changed = True
-    vocab = dict(out_tok.get_vocab())
+    vocab = dict(sorted(out_tok.get_vocab().items(), key=lambda kv: kv[1]))  # by id (get_vocab: any order)
     n = len(vocab)
     pad = spec.pad_to_multiple_of
     size = n if not pad or n % pad == 0 else n + pad - n % pad
@@ -190,7 +190,7 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
         vocabs=tuple(vocabs),
         tokens=tokens,
         tokenizer=out_tok if changed else None,
-        added=tuple(t for t in vocab if t not in base_vocab),
+        added=tuple(sorted((t for t in vocab if t not in base_vocab), key=vocab.__getitem__)),
         assumed_base=tuple(assumed),
     )
 
