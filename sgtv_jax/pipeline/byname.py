@@ -111,6 +111,10 @@ class TensorEntry:
     `copy`, the fine-tuned model it comes from; block, depth: decoder block and
     its stack's depth (None, 0 outside blocks); transpose: merge the 2-D tensor
     in the swapped view; reason: why a tensor is not merged as usual.
+    readers: the checkpoint each of `sources` is read from (0 the base, t + 1
+    model t; empty: the base then every model, in order); vocab_rows: one row
+    per vocabulary entry, re-indexed to the output vocabulary
+    (`pipeline.tokenizer`); group: the output slice it belongs to (-1: none).
     """
 
     name: str
@@ -122,6 +126,9 @@ class TensorEntry:
     depth: int = 0
     transpose: bool = False
     reason: str | None = None
+    readers: tuple[int, ...] = ()
+    vocab_rows: bool = False
+    group: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,13 +234,30 @@ def vocab_message(detail: str) -> str:
     )
 
 
+_VOCAB_HINTS = _EMBED_HINTS + ("lm_head", "embed_out", "output", "head")
+
+
+def is_vocab_tensor(name: str, shape: tuple[int, ...], vocab: int | None) -> bool:
+    """Whether tensor `name` `shape` has one row per vocabulary entry of a model with `vocab` tokens."""
+    return vocab is not None and len(shape) == 2 and shape[0] == vocab and any(h in name for h in _VOCAB_HINTS)
+
+
 def plan_by_name(
-    base: Any, models: Sequence[Any], *, base_label: str = "base_model", labels: Sequence[str] | None = None
+    base: Any,
+    models: Sequence[Any],
+    *,
+    base_label: str = "base_model",
+    labels: Sequence[str] | None = None,
+    vocab_out: int | None = None,
 ) -> NamePlan:
     """The `NamePlan` of merging open checkpoints `models` onto `base` (headers and configs only).
 
     `base_label` / `labels` name the checkpoints in messages (as the YAML
-    wrote them). Raises `ConfigError` listing every problem.
+    wrote them). `vocab_out`: the output vocabulary size when the models'
+    vocabulary-indexed tensors are re-indexed to one vocabulary
+    (`pipeline.tokenizer`): their sizes may then differ, the entries say
+    `vocab_rows` and have `vocab_out` rows. Raises `ConfigError` listing
+    every problem.
     """
     labels = list(labels) if labels is not None else [f"models[{t}]" for t in range(len(models))]
     b = _Headers(base, base_label)
@@ -250,6 +274,16 @@ def plan_by_name(
     if problems:
         raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
     vocabs = {h.vocab for h in everyone if h.vocab is not None}
+    vocab_names = {
+        n
+        for n in {n for h in everyone for n in h.order}
+        if vocab_out is not None and all(is_vocab_tensor(n, h.shapes[n], h.vocab) for h in everyone if n in h.names)
+    }
+    if vocab_names:  # re-indexed to one vocabulary: compare them by their other axes
+        for h in everyone:
+            for n in vocab_names & h.names:
+                h.shapes[n] = (int(vocab_out or 0),) + h.shapes[n][1:]
+        vocabs = {int(vocab_out or 0)}
     if len(vocabs) > 1:
         listed = ", ".join(f"{h.label}: {h.vocab}" for h in everyone)
         problems.append(vocab_message(f"vocabulary sizes (config vocab_size) differ ({listed})"))
@@ -266,7 +300,7 @@ def plan_by_name(
         shape = holders[0].shapes[n]
         if len(shape) != 2:
             continue
-        partner = _tie_partner(n, shape, in_all, b.shapes, b.vocab)
+        partner = _tie_partner(n, shape, in_all, b.shapes, vocab_out if vocab_names else b.vocab)
         if partner is not None:
             heads[n] = partner
 
@@ -369,6 +403,14 @@ def plan_by_name(
         )
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
+    if vocab_names:
+        out_config["vocab_size"] = vocab_out
+        entries = [
+            dataclasses.replace(e, vocab_rows=True)
+            if e.name in vocab_names or any(s in vocab_names for s in e.sources)
+            else e
+            for e in entries
+        ]
     return NamePlan(
         mt,
         tuple(entries),

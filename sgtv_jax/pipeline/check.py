@@ -106,6 +106,11 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     except ConfigError as e:
         raise ConfigError(f"base_model: {e}") from None
     mt = base.get("model_type")
+    if (cfg.slices or cfg.tokenizer is not None) and uses_by_name(cfg, str(mt)):
+        from sgtv_jax.pipeline.mapped import check_mapped  # slices / re-indexed vocabulary: their own plan
+
+        if (mapped := check_mapped(cfg)) is not None:
+            return mapped
     if uses_by_name(cfg, str(mt)):
         return _check_by_name(cfg, base)
     require_flax_family(cfg, str(mt))

@@ -57,6 +57,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 from convert.errors import ConvertError
@@ -68,6 +69,7 @@ from sgtv_jax.merge.plan import ObsOptions
 from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
+from sgtv_jax.pipeline.chat_templates import AUTO, CHAT_TEMPLATES
 
 __all__ = [
     "CALIBRATION_KEYS",
@@ -112,10 +114,18 @@ TOP_KEYS = (
     "batch_size",
     "max_shard_size",
     "moe_min_tokens",
+    "slices",
+    "tokenizer",
+    "chat_template",
+    "out_dtype",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
 PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
 CALIBRATION_KEYS = ("data", "nsamples", "seqlen", "seed", "text_field")
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
 
 
@@ -170,6 +180,104 @@ class ModelEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class SliceSource:
+    """One source of an output slice: decoder layers `[start, stop)` of `model` (resolved path).
+
+    `parameters`: per-model parameter specs for this source only (they win over
+    the slice's and the top-level ones); `adapter`: a LoRA adapter (``base+adapter``).
+    """
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Mapping[str, Any]
+    written: str = ""
+    adapter: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.written or self.model
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.label, "layer_range": list(self.layer_range), "parameters": dict(self.parameters)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceDef:
+    """One output slice (mergekit `slices[]`): its sources' layers merged, stacked after the previous slices.
+
+    `base_model`: the slice's own base (resolved path; "" = the top-level one);
+    `parameters`: specs for this slice, between the sources' and the top-level ones.
+    """
+
+    sources: tuple[SliceSource, ...]
+    parameters: Mapping[str, Any]
+    base_model: str = ""
+    base_written: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sources": [s.to_dict() for s in self.sources], "parameters": dict(self.parameters)}
+        if self.base_model:
+            out["base_model"] = self.base_written or self.base_model
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding row comes from (mergekit `tokenizer.tokens.<token>`).
+
+    kind: "default" (the rules for a missing token), "zero", "model" (that
+    model's row of this token) or "model_token" (that model's row of `token`
+    / `token_id`); force: use it for every model, even those having the token.
+    """
+
+    kind: str
+    model: str = ""
+    written: str = ""
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.written or self.model or None,
+            "token": self.token,
+            "token_id": self.token_id,
+            "force": self.force,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """The output vocabulary (`tokenizer_source`, or the `tokenizer:` block).
+
+    source: "union", "base" or a model directory (resolved path) whose
+    tokenizer is used; tokens: per-token embedding sources (tokens not in the
+    vocabulary are added); pad_to_multiple_of: round the vocabulary size up.
+    """
+
+    source: str
+    written: str = ""
+    tokens: Mapping[str, TokenSource] = dataclasses.field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.written or self.source,
+            "tokens": {k: v.to_dict() for k, v in self.tokens.items()},
+            "pad_to_multiple_of": self.pad_to_multiple_of,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class MergeConfig:
     """A validated merge configuration (paths resolved to absolute strings, as-written kept)."""
 
@@ -192,6 +300,10 @@ class MergeConfig:
     max_shard_size: str = "5GB"
     moe_min_tokens: int | None = None  # None: the model's hidden size
     base_model_written: str = ""
+    slices: tuple[SliceDef, ...] = ()
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+    compute_dtype: str | None = None  # `dtype` as written when `out_dtype` sets the output's
 
     @property
     def method_spec(self) -> MethodSpec:
@@ -210,8 +322,15 @@ class MergeConfig:
 
         Shallow (parameter specs are shared, not copied).
         """
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base_model_written"}
+        skip = ("base_model_written", "slices", "tokenizer", "compute_dtype")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["base_model"] = self.base_model_written or self.base_model
+        if self.compute_dtype is not None:
+            out["dtype"], out["out_dtype"] = self.compute_dtype, self.dtype
+        if self.slices:
+            out["slices"] = [s.to_dict() for s in self.slices]
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.to_dict()
         out["models"] = [
             {
                 "model": m.label,
@@ -468,7 +587,10 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
 
     spec = _method(raw, problems)
     base_raw = raw.get("base_model")
-    if base_raw is None:
+    sliced = raw.get("slices") is not None
+    if sliced and raw.get("models") is not None:
+        problems.append("give either 'models' (whole models) or 'slices' (layer ranges), not both")
+    if base_raw is None and not sliced:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
     if base and "+" in str(base_raw) and not Path(base).exists():
@@ -483,13 +605,21 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         gparams = {}
     gparams = dict(gparams)
     if spec is not None:
-        _method_parameters(gparams, spec, problems)
+        top: list[str] = []
+        _method_parameters(gparams, spec, top)
+        # with slices a required parameter may be set per slice: checked there
+        problems.extend(p for p in top if not (sliced and "is required by" in p))
 
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        problems.append("models must be a non-empty list of {model: path, parameters: {...}}")
-        models_raw = []
-    entries = [e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, base, root, problems)) is not None]
+    slices: tuple[SliceDef, ...] = ()
+    if sliced:
+        slices = _slices(raw.get("slices"), root, problems)
+        base, entries = _slice_models(slices, base)
+    else:
+        models_raw = raw.get("models")
+        if not isinstance(models_raw, list) or not models_raw:
+            problems.append("models must be a non-empty list of {model: path, parameters: {...}}")
+            models_raw = []
+        entries = [e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, base, root, problems)) is not None]
 
     trim = raw.get("trim")
     if trim is not None:
@@ -509,9 +639,12 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
         problems.append(f"dtype {short_repr(dtype)} is not supported{_suggest(dtype, list(DTYPES))}")
         dtype = None
-    tok = raw.get("tokenizer_source", "base")
-    if tok != "base":
-        problems.append(f"tokenizer_source {short_repr(tok)} is not supported: only 'base' (vocabularies must match)")
+    out_dtype = raw.get("out_dtype")
+    if out_dtype is not None and not (isinstance(out_dtype, str) and out_dtype in DTYPES):
+        problems.append(f"out_dtype {short_repr(out_dtype)} is not supported{_suggest(out_dtype, list(DTYPES))}")
+        out_dtype = None
+    tokenizer = _tokenizer(raw, root, problems)
+    chat_template = _chat_template(raw.get("chat_template"), problems)
     hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
     percdamp = raw.get("percdamp", 0.01)
     if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= float(percdamp) < math.inf:
@@ -538,8 +671,12 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         merge_method=spec.name if spec else "",
         parameters=gparams,
         trim=trim,
-        dtype=DTYPES[dtype] if dtype is not None else None,
-        tokenizer_source="base",
+        dtype=DTYPES[out_dtype] if out_dtype is not None else DTYPES[dtype] if dtype is not None else None,
+        compute_dtype=(DTYPES[dtype] if dtype is not None else None) if out_dtype is not None else None,
+        tokenizer_source=tokenizer.written if tokenizer is not None else "base",
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        slices=slices,
         calibration=calib,
         hessian_source=hs,
         blocksize=blocksize,
@@ -553,9 +690,12 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         moe_min_tokens=(
             _int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None else None
         ),
-        base_model_written=base_raw if isinstance(base_raw, str) else "",
+        base_model_written=base_raw if isinstance(base_raw, str) else slices[0].sources[0].label if slices else "",
     )
-    if spec is not None and entries and not problems:
+    if spec is not None and slices and not problems:
+        for k in range(len(slices)):
+            _slice_checks(cfg, k, spec, problems)
+    elif spec is not None and entries and not problems:
         _cross_checks(cfg, spec, problems)
     if problems:
         raise ConfigError("invalid merge config:\n  - " + "\n  - ".join(problems))
@@ -595,6 +735,313 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
         problems.append("prunen/prunem (N:M) need trim: sparsegpt")
     if cfg.refit and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
         problems.append("refit: true refits what OBS kept: it needs trim: sparsegpt")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _model_ref(v: Any, root: Path, where: str, problems: list[str]) -> str:
+    """A model directory named by a tokenizer key (`model:` prefix allowed), resolved against `root`."""
+    if isinstance(v, str) and v.startswith("model:"):
+        v = v[len("model:") :]
+    path = _path(v, root, where, problems)
+    if path and not Path(path).is_dir():
+        problems.append(f"{where}: model directory {short_repr(v)} not found")
+    return path
+
+
+def _token_source(tok: str, v: Any, root: Path, problems: list[str]) -> TokenSource | None:
+    where = f"tokenizer.tokens[{tok!r}]"
+    if not isinstance(v, Mapping):
+        problems.append(f"{where} must be a mapping with 'source' (and 'force'), got {short_repr(v)}")
+        return None
+    _unknown(v, TOKEN_KEYS, where, problems)
+    force = v.get("force", False)
+    if not isinstance(force, bool):
+        problems.append(f"{where}.force must be true or false, got {short_repr(force)}")
+        force = False
+    src = v.get("source")
+    if src is None:
+        return TokenSource("default", force=force)
+    if isinstance(src, str):
+        return TokenSource("model", _model_ref(src, root, f"{where}.source", problems), src, force=force)
+    if not isinstance(src, Mapping) or src.get("kind") not in ("zero", "model_token"):
+        problems.append(
+            f"{where}.source must be a model path, {{kind: zero}} or {{kind: model_token, model: path, "
+            f"token: str | token_id: int}}, got {short_repr(src)}"
+        )
+        return None
+    if src["kind"] == "zero":
+        _unknown(src, ("kind",), f"{where}.source", problems)
+        return TokenSource("zero", force=force)
+    _unknown(src, ("kind", "model", "token", "token_id"), f"{where}.source", problems)
+    token, token_id = src.get("token"), src.get("token_id")
+    if (token is None) == (token_id is None):
+        problems.append(f"{where}.source: give exactly one of 'token' and 'token_id'")
+    elif token is not None and not isinstance(token, str):
+        problems.append(f"{where}.source.token must be a string, got {short_repr(token)}")
+    elif token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+        problems.append(f"{where}.source.token_id must be an integer >= 0, got {short_repr(token_id)}")
+    model = src.get("model")
+    return TokenSource(
+        "model_token",
+        _model_ref(model, root, f"{where}.source.model", problems),
+        model if isinstance(model, str) else "",
+        token=token if isinstance(token, str) else None,
+        token_id=token_id if isinstance(token_id, int) and not isinstance(token_id, bool) else None,
+        force=force,
+    )
+
+
+def _tokenizer(raw: Mapping[str, Any], root: Path, problems: list[str]) -> TokenizerSpec | None:
+    """`tokenizer_source` (union | base | a model path, `model:` prefix allowed) or the `tokenizer:` block."""
+    legacy, block = raw.get("tokenizer_source"), raw.get("tokenizer")
+    if legacy is not None and block is not None:
+        problems.append("give either tokenizer_source or tokenizer (its 'source' key), not both")
+        return None
+    if block is None and legacy is None:
+        return None
+    if block is None:
+        block = {"source": legacy}
+        where = "tokenizer_source"
+    else:
+        where = "tokenizer.source"
+        if not isinstance(block, Mapping):
+            problems.append(
+                f"tokenizer must be a mapping with source / tokens / pad_to_multiple_of, got {short_repr(block)}"
+            )
+            return None
+        _unknown(block, TOKENIZER_KEYS, "tokenizer", problems)
+    src = block.get("source", "union")
+    if not isinstance(src, str) or not src:
+        problems.append(f"{where} must be 'union', 'base' or a model path, got {short_repr(src)}")
+        return None
+    source = src if src in ("union", "base") else _model_ref(src, root, where, problems)
+    tokens_raw = block.get("tokens") or {}
+    tokens: dict[str, TokenSource] = {}
+    if not isinstance(tokens_raw, Mapping):
+        problems.append(
+            f"tokenizer.tokens must be a mapping of token -> {{source, force}}, got {short_repr(tokens_raw)}"
+        )
+    else:
+        for tok, v in tokens_raw.items():
+            if not isinstance(tok, str) or not tok:
+                problems.append(f"tokenizer.tokens: a token must be a non-empty string, got {short_repr(tok)}")
+                continue
+            if (ts := _token_source(tok, v, root, problems)) is not None:
+                tokens[tok] = ts
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        problems.append(f"tokenizer.pad_to_multiple_of must be an integer >= 1, got {short_repr(pad)}")
+        pad = None
+    return TokenizerSpec(source, src, tokens, pad)
+
+
+def _chat_template(v: Any, problems: list[str]) -> str | None:
+    """The Jinja text of `chat_template` (a name of `chat_templates.CHAT_TEMPLATES`, `auto`, or Jinja)."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        problems.append(f"chat_template must be a template name or Jinja text, got {short_repr(v)}")
+        return None
+    if v == AUTO or v in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES.get(v, v)
+    if len(v) < 20 or "{" not in v:
+        problems.append(
+            f"chat_template {short_repr(v)} is neither a known template (auto, {', '.join(CHAT_TEMPLATES)}) "
+            "nor Jinja text"
+        )
+        return None
+    try:
+        jinja2.Environment().parse(v)
+    except jinja2.TemplateSyntaxError as e:
+        problems.append(f"chat_template is not valid Jinja (line {e.lineno}): {e.message}")
+        return None
+    return v
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def _layer_range(v: Any, where: str, problems: list[str]) -> tuple[int, int]:
+    ok = (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v)
+        and 0 <= int(v[0]) < int(v[1])
+    )
+    if not ok:
+        problems.append(f"{where} must be [start, stop] with 0 <= start < stop (decoder layers), got {short_repr(v)}")
+        return (0, 1)
+    return (int(v[0]), int(v[1]))
+
+
+def _per_model_params(p: Any, where: str, problems: list[str], allowed: Sequence[str] = PER_MODEL_PARAMS) -> dict:
+    if p is None:
+        return {}
+    if not isinstance(p, Mapping):
+        problems.append(f"{where} must be a mapping, got {short_repr(p)}")
+        return {}
+    p = dict(p)
+    _unknown(p, allowed, where, problems)
+    for ps in _PER_MODEL_SPECS:
+        if ps.name in p:
+            check_param(p[ps.name], ps, where, problems)
+    return p
+
+
+def _slices(raw: Any, root: Path, problems: list[str]) -> tuple[SliceDef, ...]:
+    """`slices:` (mergekit's output slices), checked key by key; layer counts against the models come later."""
+    if not isinstance(raw, list) or not raw:
+        problems.append("slices must be a non-empty list of {sources: [{model: path, layer_range: [start, stop]}]}")
+        return ()
+    out = []
+    for k, sl in enumerate(raw):
+        where = f"slices[{k}]"
+        if not isinstance(sl, Mapping):
+            problems.append(f"{where} must be a mapping with 'sources', got {short_repr(sl)}")
+            continue
+        _unknown(sl, SLICE_KEYS, where, problems)
+        srcs_raw = sl.get("sources")
+        if not isinstance(srcs_raw, list) or not srcs_raw:
+            problems.append(f"{where}.sources must be a non-empty list of {{model: path, layer_range: [start, stop]}}")
+            continue
+        sources = []
+        for j, src in enumerate(srcs_raw):
+            w = f"{where}.sources[{j}]"
+            if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
+                problems.append(f"{w} must be a mapping with 'model' and 'layer_range', got {short_repr(src)}")
+                continue
+            _unknown(src, SOURCE_KEYS, w, problems)
+            path, adapter = _model_and_adapter(src["model"], root, f"{w}.model", problems)
+            sources.append(
+                SliceSource(
+                    model=path,
+                    layer_range=_layer_range(src["layer_range"], f"{w}.layer_range", problems),
+                    parameters=_per_model_params(src.get("parameters"), f"{w}.parameters", problems),
+                    written=src["model"] if isinstance(src["model"], str) else "",
+                    adapter=adapter,
+                )
+            )
+        if len({s.num_layers for s in sources}) > 1:
+            problems.append(
+                f"{where}: every source of a slice must span the same number of layers, got "
+                + ", ".join(f"{s.label} {list(s.layer_range)}" for s in sources)
+            )
+        sbase = sl.get("base_model")
+        base = _path(sbase, root, f"{where}.base_model", problems) if sbase is not None else ""
+        params = sl.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            problems.append(f"{where}.parameters must be a mapping, got {short_repr(params)}")
+            params = {}
+        if sources:
+            out.append(SliceDef(tuple(sources), dict(params), base, sbase if isinstance(sbase, str) else ""))
+    return tuple(out)
+
+
+def _slice_models(slices: tuple[SliceDef, ...], base: str) -> tuple[str, list[ModelEntry]]:
+    """(the base: `base` or the first slice's first model; every other model the slices read, once)."""
+    if not slices:
+        return base, []
+    if not base:
+        base = slices[0].sources[0].model
+    seen: dict[tuple[str, str], ModelEntry] = {}
+    for sl in slices:
+        for s in sl.sources:
+            key = (s.model, s.adapter)
+            if key != (base, "") and key not in seen:
+                seen[key] = ModelEntry(model=s.model, parameters={}, written=s.written, adapter=s.adapter)
+        if sl.base_model and (sl.base_model, "") not in seen and sl.base_model != base:
+            seen[(sl.base_model, "")] = ModelEntry(model=sl.base_model, parameters={}, written=sl.base_written)
+    return base, list(seen.values())
+
+
+def slice_roles(cfg: MergeConfig, k: int) -> tuple[int, tuple[int, ...]]:
+    """(the source of slice `k` that is its base, the sources merged onto it) as indices into its sources.
+
+    A linear merge (normalized) weighs every source, as mergekit's does: its
+    first source is only the reference the task vectors are taken against
+    (the weighted mean does not depend on it). Otherwise the base is the
+    slice's `base_model` (else the top-level one), which must be one of the
+    sources; passthrough merges none (its one source is copied). ConfigError
+    when the slice's method needs a base its sources lack.
+    """
+    sl = cfg.slices[k]
+    n = len(sl.sources)
+    if cfg.merge_method == "passthrough":
+        if n != 1:
+            raise ConfigError(
+                f"slices[{k}]: merge_method 'passthrough' copies one source per slice, got {n} "
+                "(stack them as separate slices, or merge them with another method)"
+            )
+        return 0, ()
+    if cfg.merge_method == "linear" and {**cfg.parameters, **sl.parameters}.get("normalize", True) is not False:
+        return 0, tuple(range(n))  # mergekit's linear weighs every source, the base included
+    base = sl.base_model or cfg.base_model
+    at = next((j for j, s in enumerate(sl.sources) if s.model == base and not s.adapter), None)
+    if at is not None:
+        return at, tuple(j for j in range(n) if j != at)
+    raise ConfigError(
+        f"slices[{k}]: merge_method {cfg.merge_method!r} merges task vectors against a base model, and "
+        f"the slice's base ({sl.base_written or cfg.base_model_written or base}) is none of its sources: "
+        "list the base model with its layer_range among the slice's sources"
+    )
+
+
+def slice_config(cfg: MergeConfig, k: int) -> MergeConfig:
+    """The `MergeConfig` of slice `k` alone: its base, its merged sources as models, its parameters.
+
+    Precedence as mergekit: a source's own `parameters`, then the slice's,
+    then the top-level ones.
+    """
+    sl = cfg.slices[k]
+    b, merged = slice_roles(cfg, k)
+    src = sl.sources[b]
+    return dataclasses.replace(
+        cfg,
+        base_model=src.model,
+        base_model_written=src.label,
+        models=tuple(
+            ModelEntry(sl.sources[j].model, sl.sources[j].parameters, None, sl.sources[j].label, sl.sources[j].adapter)
+            for j in merged
+        ),
+        parameters={**cfg.parameters, **sl.parameters},
+        slices=(),
+    )
+
+
+def _slice_checks(cfg: MergeConfig, k: int, spec: MethodSpec, problems: list[str]) -> None:
+    """Slice `k`'s own checks: its roles, parameters, model count, and no calibrated trim."""
+    sl = cfg.slices[k]
+    own: list[str] = []
+    _method_parameters(dict(sl.parameters), spec, own)
+    problems.extend(f"slices[{k}].{p}" for p in own if "is required by" not in p)
+    if cfg.needs_calibration() or cfg.calibration is not None:
+        if k == 0:
+            problems.append(
+                "slices with calibration data (trim sparsegpt / wanda, regmean, or 'calibration') are refused: "
+                "calibrated trims run whole models block by block through a Flax model of the architecture, "
+                "and slices build a new stack of layers from several models; use a data-free trim "
+                "(magnitude, random, magprune, breadcrumbs)"
+            )
+        return
+    try:
+        b, merged = slice_roles(cfg, k)
+    except ConfigError as e:
+        problems.append(str(e))
+        return
+    if not merged:
+        scale = spec_values(cfg.parameters.get("scale", 1.0)) + spec_values(sl.parameters.get("scale", 1.0))
+        if any(v != 1 for v in scale):
+            problems.append(f"slices[{k}]: passthrough 'scale' other than 1 is not supported with slices")
+        return
+    sub = []
+    scfg = slice_config(cfg, k)
+    for ps in spec.params:
+        if ps.required and ps.name not in scfg.parameters:
+            sub.append(f"parameters.{ps.name} is required by merge_method {spec.name!r} ({ps.doc})")
+    _cross_checks(scfg, spec, sub)
+    problems.extend(f"slices[{k}]: {p}" for p in sub)
 
 
 class _NoAliasLoader(yaml.SafeLoader):

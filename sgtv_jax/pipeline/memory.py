@@ -153,6 +153,11 @@ def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
 def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     """The module-doc estimate for `cfg` (reads config.json and tensor headers only)."""
 
+    if cfg.slices or cfg.tokenizer is not None:
+        from sgtv_jax.pipeline.mapped import estimate_mapped  # slices / re-indexed vocabulary: their own plan
+
+        if (mapped := estimate_mapped(cfg)) is not None:
+            return mapped
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
     hf, linears, block_params, outer = _model_layout(cfg)

@@ -45,6 +45,7 @@ from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import DataFreeRun, require_flax_family, uses_by_name
+from sgtv_jax.pipeline.mapped import mapped_run, write_output_files
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import (
@@ -409,8 +410,9 @@ def run_merge(
         require_flax_family(cfg, model_type)
     t0 = time.perf_counter()
     run: MergeRun | DataFreeRun
-    if by_name:
-        run = DataFreeRun(cfg, progress=progress)
+    mapped = mapped_run(cfg, by_name=by_name, progress=progress)  # slices / re-indexed vocabulary
+    if mapped is not None or by_name:
+        run = mapped if mapped is not None else DataFreeRun(cfg, progress=progress)
         why = run.orbax_refusal() if format == "orbax" else None
         if why is not None:
             run.close()
@@ -423,6 +425,7 @@ def run_merge(
         box["report"] = rep = run.report(time.perf_counter() - t0)
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
         plot_report(rep, tmp / PLOT_FILE)
+        write_output_files(cfg, run, tmp)  # tokenizer (re-indexed vocabulary) and chat_template
         if lora_rank is not None:
             write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 
