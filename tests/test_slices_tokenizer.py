@@ -197,8 +197,9 @@ def test_slices_slerp_gradient_over_the_slice(fam, tmp_path):
         om = np.arccos(np.clip(x @ y / np.linalg.norm(x) / np.linalg.norm(y), -1, 1))
         want = (np.sin((1 - t) * om) * x + np.sin(t * om) * y) / np.sin(om)
         np.testing.assert_allclose(got[name].ravel(), want, rtol=1e-5, atol=1e-6, err_msg=name)
-    # outside the layers: gradient position 0 (mergekit), i.e. the base's tensors
-    np.testing.assert_allclose(got["model.norm.weight"], t0["model.norm.weight"], rtol=1e-6)
+    # outside the layers (mergekit's plan.py): embeddings at position 0 (the base's), final norm at 1 (A's)
+    np.testing.assert_allclose(got["model.embed_tokens.weight"], t0["model.embed_tokens.weight"], rtol=1e-6)
+    np.testing.assert_allclose(got["model.norm.weight"], ta["model.norm.weight"], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -306,3 +307,29 @@ def test_same_tokenizer_base_is_the_plain_merge(fam, tmp_path):
     run_merge(parse_config({**raw, "tokenizer_source": "base"}), tmp_path / "tb", progress=False)
     a, b = _tensors(tmp_path / "plain"), _tensors(tmp_path / "tb")
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_slices_gradient_positions_outside_the_layers_are_mergekits(fam, tmp_path):
+    """mergekit's plan: embeddings at gradient position 0, the final norm and head at 1."""
+    a, b = fam["fts"]
+    raw = {
+        "slices": [{"sources": [{"model": str(a), "layer_range": [0, 3]}, {"model": str(b), "layer_range": [0, 3]}]}],
+        "merge_method": "linear",
+        "parameters": {"weight": 1.0, "normalize": True},
+        "dtype": "float32",
+    }
+    # A's weight runs 1 -> 3 over positions 0 .. 1; B's stays 1.
+    raw["slices"][0]["sources"][0]["parameters"] = {"weight": [1.0, 3.0]}
+    out = tmp_path / "grad"
+    run_merge(parse_config(raw), out, progress=False)
+    got, ta, tb = _tensors(out), _tensors(a), _tensors(b)
+
+    def mean(wa: float, name: str) -> np.ndarray:
+        return (wa * ta[name].astype(np.float64) + tb[name].astype(np.float64)) / (wa + 1.0)
+
+    for name, arr in got.items():
+        if ".layers." in name:
+            wa = 1.0 + 2.0 * int(name.split(".layers.")[1].split(".")[0]) / 2  # layer i of 3: t = i / 2
+        else:
+            wa = 1.0 if "embed" in name else 3.0
+        np.testing.assert_allclose(arr, mean(wa, name), rtol=1e-6, atol=1e-7, err_msg=name)

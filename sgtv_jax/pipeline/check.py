@@ -28,6 +28,7 @@ from sgtv_jax.pipeline.byname import plan_by_name
 from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
+from sgtv_jax.pipeline.mapped import headers_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +108,8 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         raise ConfigError(f"base_model: {e}") from None
     mt = base.get("model_type")
     if (cfg.slices or cfg.tokenizer is not None) and uses_by_name(cfg, str(mt)):
-        from sgtv_jax.pipeline.mapped import check_mapped  # slices / re-indexed vocabulary: their own plan
-
-        if (mapped := check_mapped(cfg)) is not None:
+        # slices / a re-indexed vocabulary: their own plan
+        if (mapped := _check_mapped(cfg)) is not None:
             return mapped
     if uses_by_name(cfg, str(mt)):
         return _check_by_name(cfg, base)
@@ -243,5 +243,24 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
         int(plan.vocab_size or 0),
         max_positions_of(base),
         tensors,
+        ("merged by tensor name (data-free)",) + notes,
+    )
+
+
+def _check_mapped(cfg: MergeConfig) -> CheckResult | None:
+    """`sgtv check` of a mapped config (a `CheckResult`), or None when the usual check applies."""
+    planned = headers_plan(cfg)
+    if planned is None:
+        return None
+    plan, vm = planned
+    notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
+    if vm is not None:
+        notes += (f"tokenizer {cfg.tokenizer_source}: {vm.size} rows, {len(vm.added)} token(s) the base lacks",)
+    return CheckResult(
+        plan.model_type,
+        plan.num_layers,
+        int(plan.vocab_size or 0),
+        max_positions_of(plan.config),
+        len(plan.entries),
         ("merged by tensor name (data-free)",) + notes,
     )

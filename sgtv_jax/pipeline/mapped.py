@@ -9,8 +9,8 @@ re-indexed when `vocab_rows`, and merged by `datafree.merge_entry` with the
 parameters of its slice (`config.slice_config`). Copied tensors are the
 stored bytes.
 
-`mapped_run` says whether a config needs it; `check_mapped` /
-`estimate_mapped` are `sgtv check`'s and the memory estimate's view of it;
+`mapped_run` says whether a config needs it; `headers_plan` is the same plan
+from tensor headers only (what `sgtv check` and the memory estimate read);
 `write_output_files` writes the tokenizer and chat template of any merge.
 """
 
@@ -195,7 +195,7 @@ def mapped_run(cfg: MergeConfig, *, by_name: bool, progress: bool = True) -> Map
     return MappedRun(cfg, planned, ckpts, progress=progress)
 
 
-def _headers_plan(cfg: MergeConfig) -> tuple[NamePlan, VocabMap | None] | None:
+def headers_plan(cfg: MergeConfig) -> tuple[NamePlan, VocabMap | None] | None:
     """`plan_mapped` from headers only (for check and the memory estimate)."""
     if not cfg.slices and cfg.tokenizer is None:
         return None
@@ -204,52 +204,6 @@ def _headers_plan(cfg: MergeConfig) -> tuple[NamePlan, VocabMap | None] | None:
         return plan_mapped(cfg, [ckpts.base] + ckpts.models)
     finally:
         ckpts.close()
-
-
-def check_mapped(cfg: MergeConfig) -> Any:
-    """`sgtv check` of a mapped config (a `check.CheckResult`), or None when the usual check applies."""
-    from sgtv_jax.pipeline.check import CheckResult, max_positions_of
-
-    planned = _headers_plan(cfg)
-    if planned is None:
-        return None
-    plan, vm = planned
-    notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
-    if vm is not None:
-        notes += (f"tokenizer {cfg.tokenizer_source}: {vm.size} rows, {len(vm.added)} token(s) the base lacks",)
-    return CheckResult(
-        plan.model_type,
-        plan.num_layers,
-        int(plan.vocab_size or 0),
-        max_positions_of(plan.config),
-        len(plan.entries),
-        ("merged by tensor name (data-free)",) + notes,
-    )
-
-
-def estimate_mapped(cfg: MergeConfig) -> Any:
-    """The memory estimate (`memory.MemoryEstimate`) of a mapped config, or None when the usual one applies."""
-    from sgtv_jax.pipeline.memory import F32, MemoryEstimate, Term
-
-    planned = _headers_plan(cfg)
-    if planned is None:
-        return None
-    plan = planned[0]
-    sizes = [
-        ((len(e.readers) if e.readers else len(cfg.models) + 1) if e.action == MERGE else 1) * int(np.prod(e.shape))
-        for e in plan.entries
-    ]
-    n = max(sizes, default=0)
-    return MemoryEstimate(
-        (
-            Term(
-                "tensor",
-                F32 * n,
-                "the largest merged tensor's inputs in float32 (every source of it, re-indexed vocabularies included)",
-                ("the number of models",),
-            ),
-        )
-    )
 
 
 def write_output_files(cfg: MergeConfig, run: Any, out: Path) -> None:
@@ -261,8 +215,7 @@ def write_output_files(cfg: MergeConfig, run: Any, out: Path) -> None:
 
 __all__ = [
     "MappedRun",
-    "check_mapped",
-    "estimate_mapped",
+    "headers_plan",
     "mapped_run",
     "write_output_files",
 ]

@@ -50,6 +50,7 @@ from sgtv_jax.pipeline.check import base_model_type, num_layers_of, read_hf_conf
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import MergeConfig
 from sgtv_jax.pipeline.datafree import plan_checkpoints, uses_by_name
+from sgtv_jax.pipeline.mapped import headers_plan
 
 F32 = 4
 
@@ -154,9 +155,8 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     """The module-doc estimate for `cfg` (reads config.json and tensor headers only)."""
 
     if cfg.slices or cfg.tokenizer is not None:
-        from sgtv_jax.pipeline.mapped import estimate_mapped  # slices / re-indexed vocabulary: their own plan
-
-        if (mapped := estimate_mapped(cfg)) is not None:
+        # slices / a re-indexed vocabulary: their own plan
+        if (mapped := _estimate_mapped(cfg)) is not None:
             return mapped
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
@@ -241,4 +241,27 @@ def refuse_if_too_big(est: MemoryEstimate, available: int | None) -> None:
         f"the merge needs about {human(est.total)} of memory but {human(available)} is available: "
         + "; ".join(f"{t.name} {human(t.bytes)} ({t.detail})" for t in top)
         + f". Lower {' / '.join(knobs)}, or pass --force to try anyway"
+    )
+
+
+def _estimate_mapped(cfg: MergeConfig) -> MemoryEstimate | None:
+    """The memory estimate  of a mapped config, or None when the usual one applies."""
+    planned = headers_plan(cfg)
+    if planned is None:
+        return None
+    plan = planned[0]
+    sizes = [
+        ((len(e.readers) if e.readers else len(cfg.models) + 1) if e.action == MERGE else 1) * math.prod(e.shape)
+        for e in plan.entries
+    ]
+    n = max(sizes, default=0)
+    return MemoryEstimate(
+        (
+            Term(
+                "tensor",
+                F32 * n,
+                "the largest merged tensor's inputs in float32 (every source of it, re-indexed vocabularies included)",
+                ("the number of models",),
+            ),
+        )
     )

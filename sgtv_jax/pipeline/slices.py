@@ -7,7 +7,8 @@ or copied byte for byte by `passthrough`). The tensors outside the layers come
 from the first slice's sources when they sit before the layers (names with
 `embed`, `wte`, `wpe`: embeddings) and from the last slice's sources otherwise
 (final norm, output head). Gradient parameters run over each slice's own
-layers: position `i / (n - 1)`, 1 for a one-layer slice, 0 outside the layers.
+layers: position `i / (n - 1)`, 1 for a one-layer slice; outside the layers
+0 for the embeddings and 1 for the final norm and head (mergekit's `plan.py`).
 
 The output config is the base model's (`base_model`, else the first slice's
 first model) with its layer count (`num_hidden_layers` / `n_layer`) set to the
@@ -168,7 +169,7 @@ def plan_slices(
             )
         )
 
-    def outer(name: str, k: int) -> None:
+    def outer(name: str, k: int, block: int, depth: int) -> None:
         srcs = []
         for j in order(k):
             m = readers[k][j]
@@ -176,12 +177,12 @@ def plan_slices(
                 problems.append(f"tensor {name!r} (slices[{k}]): {heads[m].label} lacks it")
                 return
             srcs.append((m, name))
-        add(name, k, srcs, 0, 1)  # outside the layers: gradient position 0, as mergekit
+        add(name, k, srcs, block, depth)
 
     outside = [n for n in heads[0].order if block_of(n) is None]
     pre = [n for n in outside if any(e in n for e in EMBEDDING_MARKS)]
     for n in pre:
-        outer(n, 0)
+        outer(n, 0, 0, 1)  # before the layers: gradient position 0, as mergekit
     out_layer = 0
     for k, sl in enumerate(cfg.slices):
         for i in range(sl.num_layers):
@@ -200,7 +201,7 @@ def plan_slices(
             out_layer += 1
     for n in outside:
         if n not in pre:
-            outer(n, len(cfg.slices) - 1)
+            outer(n, len(cfg.slices) - 1, 1, 2)  # after the layers: position 1, as mergekit
     if problems:
         raise ConfigError("slices cannot be planned:\n  - " + "\n  - ".join(problems))
 

@@ -45,7 +45,7 @@ def load_tokenizer(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_dir() or not any((p / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
@@ -128,7 +128,7 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
 
     changed = False
     if spec.source == "union":
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
         out_tok = AutoTokenizer.from_pretrained(paths[0], local_files_only=True)  # a fresh copy to extend
         plain, added = _union(base_tok, toks, sizes)
