@@ -35,10 +35,14 @@ go to the entries that come first in the merge order, counted across chunks
 entry's index in the merge order as threefry counter (`blockrng`). Sign
 election and the (disjoint) mean are per entry.
 
-Merged in one piece with `merge_planned` (memory: the whole stack): tensors
-whose stack fits the budget, 1-D tensors, and `magprune` on a transposed
-tensor (its rows are the stored columns). Calibration trims (`wanda`,
-`sparsegpt`) are refused: use `merge_planned` with the Hessian.
+One chunk (its selections then run in memory, with `trim`'s radix select):
+tensors whose stack fits the budget, 1-D tensors, and `magprune` on a
+transposed tensor (its rows are the stored columns: memory is the whole
+stack). Each chunk is trimmed and merged on the host in NumPy (`host_merge`: the
+JAX methods' operations in their order, so the same bits; much faster than
+XLA on CPU for these memory-bound steps); random draws stay JAX's threefry
+(`blockrng`), DELLA's per-row ranks `trim.magprune`. Calibration trims (`wanda`, `sparsegpt`) are
+refused: use `merge_planned` with the Hessian.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ import numpy as np
 
 from sgtv_jax.merge import _validate, blockrng
 from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.host_merge import TINY, check_params, host_merge, moderate
 from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.merge.methods import resolve_rescale
-from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, merge_planned
+from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan
 from sgtv_jax.merge.registry import get_method
 from sgtv_jax.merge.specs import MethodSpec, method_spec
 from sgtv_jax.select import digit_plan
@@ -68,6 +73,8 @@ DEFAULT_BUDGET = 1 << 30
 STREAMED_TRIMS = ("magnitude", "breadcrumbs", "random", "magprune", None)
 
 _KEY_MAX = np.uint32(0x7FFFFFFF)  # |d| bit patterns are <= this (no NaN)
+_KEY_INF = int(_KEY_MAX) - 0x7F800000  # keys <= this: |d| is Inf or NaN
+_KEY_TINY = int(_KEY_MAX) - int(np.float32(TINY).view(np.uint32))  # keys above it (not max): 0 < |d| < TINY
 _DIGITS = digit_plan(32, 1 << 32)  # 16 + 16 bits, whatever the tensor's size
 
 
@@ -146,23 +153,34 @@ class _Source:
             raise ValueError(f"tensor {self.name!r}: {what} rows [{r0}, {r1}) have shape {a.shape}, expected {want}")
         return a
 
-    def rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(base rows float32, task vectors `[T, r1 - r0, ...]` float32 = model - base), NaN-checked."""
+    def rows(self, r0: int, r1: int) -> _Rows:
+        """Rows `[r0, r1)`: base float32, task vectors `model - base` float32 and their keys, checked."""
         b = self.read(self.base, r0, r1, "base").astype(np.float32, copy=False)
         d = np.empty((len(self.models),) + b.shape, np.float32)
+        keys = np.empty(d.shape, np.uint32)
+        bad, tiny = [], False
         for t, reader in enumerate(self.models):
             np.subtract(self.read(reader, r0, r1, f"model {t}").astype(np.float32, copy=False), b, out=d[t])
-        bad = [(t, int(np.count_nonzero(~np.isfinite(d[t])))) for t in range(d.shape[0])]
-        bad = [(t, c) for t, c in bad if c]
+            k = np.abs(d[t], out=keys[t].view(np.float32)).view(np.uint32)
+            np.subtract(_KEY_MAX, k, out=k)
+            if k.size and int(k.min()) <= _KEY_INF:  # |d| >= inf bits: Inf or NaN
+                bad.append((t, int(np.count_nonzero(~np.isfinite(d[t])))))
+            tiny = tiny or (k.size > 0 and int(np.max(k, where=k != _KEY_MAX, initial=0)) > _KEY_TINY)
         if bad:
             raise ValueError(f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
                              + ", ".join(f"model {t} ({c} entries)" for t, c in bad))
-        return b, d
+        return _Rows(b, d, keys, tiny)
 
 
-def _reversed_keys(d: np.ndarray) -> np.ndarray:
-    """`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys (uint32, same shape)."""
-    return _KEY_MAX - np.abs(d).view(np.uint32)
+class _Rows(NamedTuple):
+    """One chunk: base `[rows, ...]`, task vectors `d` `[T, rows, ...]` and their reversed keys
+    (`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys); `tiny`: some
+    task-vector entry is nonzero but below `host_merge.TINY`."""
+
+    b: np.ndarray
+    d: np.ndarray
+    keys: np.ndarray
+    tiny: bool
 
 
 def merge_rows(
@@ -181,10 +199,11 @@ def merge_rows(
     `plan`: the tensor's `TensorPlan` (data-free: no calibration). `base`,
     `models`: row readers of the base and of the T fine-tuned models.
     `transpose`: merge a 2-D tensor as its transpose (see the module doc).
-    A tensor whose whole stack fits `budget_bytes` is merged in one piece
-    with `merge_planned`. `stats` (optional) is filled in as the merge runs.
-    Raises PlanError for what the plan cannot run (at once), ValueError for
-    NaN / Inf task vectors or rows of the wrong shape, naming the tensor and model.
+    A tensor whose stack fits `budget_bytes` is one chunk (its selections
+    then run in memory, `trim`'s own radix select). `stats` (optional) is
+    filled in as the merge runs. Raises PlanError for what the plan cannot
+    run (at once), ValueError for NaN / Inf task vectors or rows of the wrong
+    shape, naming the tensor and model.
     """
     shape = tuple(int(s) for s in shape)
     tasks = len(models)
@@ -195,6 +214,8 @@ def merge_rows(
                          f"{len(plan.densities)} densities for {tasks} models")
     if transpose and len(shape) != 2:
         raise ValueError(f"tensor {plan.name!r}: transpose needs a 2-D tensor, got shape {shape}")
+    if not shape:
+        raise ValueError(f"tensor {plan.name!r} is a scalar: merge it with merge_planned")
     spec = method_spec(plan.method)
     kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
     if kind not in STREAMED_TRIMS:
@@ -206,38 +227,14 @@ def merge_rows(
     if not spec.trims and spec.needs_base and (plan.params or {}).get("normalize", spec.normalize_default) is False:
         raise PlanError(f"{plan.method} with normalize=false needs whole models (the base weights); "
                         "not supported per tensor nor by the pipeline")
+    dens = _validate.densities(list(plan.densities), tasks, plan.name)
     stats = stats if stats is not None else StreamStats()
     step = chunk_rows(shape, tasks, budget_bytes)
-    stats.trim = kind
-    src = _Source(plan.name, base, models, shape if shape else (1,))
-    rows = shape[0] if shape else 1
-    if len(shape) < 2 or step >= rows or (transpose and kind == "magprune"):
-        stats.rows_per_chunk = rows
-        return _whole(plan, src, shape, transpose, out_dtype, stats)
-    stats.rows_per_chunk = step
-    dens = _validate.densities(list(plan.densities), tasks, plan.name)
+    if len(shape) < 2 or (transpose and kind == "magprune"):
+        step = shape[0]  # one row (a vector), or rows that are the stored columns: all at once
+    stats.trim, stats.rows_per_chunk = kind, step
+    src = _Source(plan.name, base, models, shape)
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
-
-
-def _whole(plan: TensorPlan, src: _Source, shape: tuple[int, ...], transpose: bool, out_dtype: np.dtype,
-           stats: StreamStats) -> Iterator[np.ndarray]:
-    """The tensor in one piece: `merge_planned` on the whole stack, as the pipeline does."""
-    b, d = src.rows(0, shape[0] if shape else 1)
-    b, d = b.reshape(shape), d.reshape((d.shape[0],) + shape)
-    stats.passes, stats.chunks = 1, 1
-    if not np.any(d):
-        stats.unchanged, stats.kept = True, [0.0] * d.shape[0]
-        yield b.astype(out_dtype)
-        return
-    deltas = jnp.asarray(d)
-    del d
-    merged, trimmed, info = merge_planned(plan, jnp.swapaxes(deltas, 1, 2) if transpose else deltas)
-    stats.trim = info.trim
-    size = max(math.prod(shape), 1)
-    stats.kept = [int(jnp.count_nonzero(trimmed[t])) / size for t in range(trimmed.shape[0])]
-    del trimmed, deltas
-    merged = np.asarray(merged, np.float32)
-    yield np.asarray(b + (merged.T if transpose else merged)).astype(out_dtype)
 
 
 class _Chunked:
@@ -250,8 +247,10 @@ class _Chunked:
         self.tasks = len(dens)
         self.rows, self.cols = src.shape[0], math.prod(src.shape[1:])
         self.n = self.rows * self.cols
-        self.spans = [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)]
+        self.spans = [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)] or [(0, 0)]
         stats.chunks = len(self.spans)
+        self.whole = len(self.spans) == 1
+        self._cached: tuple[np.ndarray, np.ndarray] | None = None
         self.kw = dict(plan.params or {})
         self.rescale = resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims \
             else False
@@ -261,8 +260,7 @@ class _Chunked:
                                           name)
         if kind == "breadcrumbs":
             _validate.in_range(self.gamma, 0.0, 1.0, "gamma", name)
-        self.key = plan.key
-        self.keys = task_keys(self.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
+        self.keys = task_keys(plan.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
         # "the m largest |d| of task t" for each selection: magnitude the top k; breadcrumbs
         # the top n_top + k minus the top n_top (ranks [n_top, n_top + k) of the stable order)
         self.ranks: dict[int, list[int]] = {}
@@ -271,61 +269,109 @@ class _Chunked:
                 k = int(round(dens[t] * self.n))
                 n_top = min(int(round(self.gamma[t] * self.n)), self.n - k)
                 self.ranks[t] = [k] if kind == "magnitude" else [n_top + k, n_top]
+        self.modes = tuple("pass" if kind is None or d >= 1.0 else "zero" if d <= 0.0
+                           else "pass" if kind == "magprune" else "mask" for d in dens)
+        try:
+            check_params(plan.method, plan.weights, self.kw, name)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        # the NumPy merge gives XLA's bits while no value can turn subnormal (see host_merge)
+        self.host = tasks <= 256 and moderate(list(plan.weights) + [self.kw.get("lambda_", 1.0)])
 
     def run(self, out_dtype: np.dtype) -> Iterator[np.ndarray]:
-        stats = self.stats
+        stats, shape = self.stats, self.src.shape
         cuts, changed = self._find_cuts()
         if changed is None:  # no selection pass ran: look for a change (stops at the first)
-            stats.passes += 1
-            changed = any(np.any(self.src.rows(r0, r1)[1]) for r0, r1 in self.spans)
-        if not changed:
+            changed = any(np.any(self._rows(r0, r1).d) for r0, r1 in self.spans)
+        if not changed:  # the base, as the pipeline returns it: float32(base).astype(out_dtype)
             stats.unchanged, stats.kept = True, [0.0] * self.tasks
-            stats.passes += 1
+            stats.passes += self._cached is None
             for r0, r1 in self.spans:
-                yield self.src.read(self.src.base, r0, r1, "base").astype(out_dtype)
+                b = self._cached.b if self._cached is not None else \
+                    self.src.read(self.src.base, r0, r1, "base").astype(np.float32)
+                yield b.astype(out_dtype)
             return
         seen = {tm: 0 for tm in cuts}  # ties (of the counted kind) met in earlier chunks
-        method = get_method(self.plan.method)
-        kept = [0] * self.tasks
-        stats.passes += 1
+        kept = np.zeros(self.tasks, np.int64)
         for r0, r1 in self.spans:
-            b, d = self.src.rows(r0, r1)
-            keys = {t: _reversed_keys(d[t]).reshape(r1 - r0, self.cols) for t in self.ranks}
-            trimmed = []
+            chunk = self._rows(r0, r1)
+            self._cached = None
+            host = self.host and not chunk.tiny
+            ys = []
             for t in range(self.tasks):
-                y = self._trim(t, jnp.asarray(d[t]), r0, lambda m: self._take(keys[t], cuts[(t, m)], seen, (t, m)))
-                kept[t] += int(jnp.count_nonzero(y))
-                trimmed.append(y)
-            stack = jnp.stack(trimmed)
-            del trimmed, keys, d
-            if self.spec.trims:
-                merged = method(stack, list(self.plan.weights), 1.0, trim=None, rescale=False, name=self.plan.name,
-                                key=self.key, **self.kw)
-            else:
-                merged = method(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
-            del stack
-            yield np.asarray(b + np.asarray(merged, np.float32)).astype(out_dtype)
-        stats.kept = [c / max(self.n, 1) for c in kept]
+                # a whole tensor keeps its shape (a vector is one magprune row)
+                x = chunk.d[t].reshape(shape) if self.whole else chunk.d[t].reshape(r1 - r0, self.cols)
+                y = self._trim(t, x, chunk.keys[t].reshape(-1, self.cols), r0, cuts, seen, host)
+                kept[t] += int(np.count_nonzero(y)) if host else int(jnp.count_nonzero(y))
+                ys.append(y)
+            b = chunk.b
+            del chunk
+            if host:
+                merged = host_merge(self.plan.method, ys, self.plan.weights, self.kw)
+            else:  # XLA's own arithmetic (subnormal flushing included): the method as merge_planned calls it
+                merged = np.array(self._jax_method(jnp.stack(ys)), np.float32)
+            del ys
+            merged += b.reshape(merged.shape)  # b + merged, as the pipeline adds them
+            yield merged.reshape(b.shape).astype(out_dtype)
+        stats.kept = [int(c) / max(self.n, 1) for c in kept]
 
-    def _trim(self, t: int, x, r0: int, take: Callable[[int], np.ndarray]):
-        """Task t's trimmed rows `[r0, r0 + len(x))`, as `trim.trim` gives them within the whole tensor."""
-        kind, dens, shape = self.kind, self.dens[t], tuple(x.shape)
-        if kind is None or dens >= 1.0:
-            return x
-        if dens <= 0.0:
-            return jnp.zeros_like(x)
-        if kind == "magnitude":
-            mask = take(self.ranks[t][0])
-        elif kind == "breadcrumbs":
-            mask = take(self.ranks[t][0]) & ~take(self.ranks[t][1])
-        elif kind == "random":
-            if not self.transpose:
-                return trim_lib.random(x, dens, self.keys[t], rescale=self.rescale, offset=r0 * self.cols)
-            mask = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
-        else:  # magprune, not transposed: whole rows, drawn at their place in the tensor
-            return trim_lib.magprune(x, dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale,
-                                     offset=r0 * self.cols)
-        return trim_lib.keep(x, jnp.asarray(np.asarray(mask).reshape(shape)), dens, rescale=self.rescale)
+    def _jax_method(self, stack: jnp.ndarray) -> jnp.ndarray:
+        fn = get_method(self.plan.method)
+        if self.spec.trims:
+            return fn(stack, list(self.plan.weights), 1.0, trim=None, rescale=False, name=self.plan.name,
+                      key=self.plan.key, **self.kw)
+        return fn(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
+
+    def _rows(self, r0: int, r1: int) -> _Rows:
+        """`_Source.rows` (a read of the first chunk counts a pass); a tensor in one chunk is read
+        once and kept until its merge."""
+        if self._cached is not None:
+            return self._cached
+        self.stats.passes += r0 == self.spans[0][0]
+        rows = self.src.rows(r0, r1)
+        if self.whole:
+            self._cached = rows
+        return rows
+
+    def _trim(self, t: int, x: np.ndarray, keys: np.ndarray, r0: int, cuts: dict, seen: dict, host: bool):
+        """Task t's trimmed rows `[r0, r0 + len(x))`, as `trim.trim` trims the whole tensor.
+
+        `host`: a float32 NumPy array (`host_merge` follows); else a JAX array
+        finished by `trim.keep` itself (XLA's arithmetic).
+        """
+        mode, kind, dens = self.modes[t], self.kind, self.dens[t]
+        if mode == "zero":
+            return np.zeros_like(x) if host else jnp.zeros(x.shape, jnp.float32)
+        if kind is None or (mode == "pass" and kind != "magprune"):
+            return x if host else jnp.asarray(x)
+        shape = tuple(x.shape)
+        if kind == "magprune":  # whole rows, drawn at their place (transposed: the whole tensor)
+            if self.transpose:
+                y = trim_lib.magprune(jnp.asarray(x.T), dens, self.keys[t], epsilon=self.epsilon[t],
+                                      rescale=self.rescale).T
+            else:
+                y = trim_lib.magprune(jnp.asarray(x), dens, self.keys[t], epsilon=self.epsilon[t],
+                                      rescale=self.rescale, offset=r0 * self.cols)
+            return np.array(y, np.float32) if host else y
+        if kind == "random":
+            if self.transpose:
+                mask = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
+            else:
+                mask = trim_lib.random_mask(self.keys[t], dens, shape, r0 * self.cols)
+            mask = np.asarray(mask)
+        else:
+            m = self.ranks[t]
+            mask = self._take(keys, cuts[(t, m[0])], seen, (t, m[0]))
+            if kind == "breadcrumbs":
+                mask &= ~self._take(keys, cuts[(t, m[1])], seen, (t, m[1]))
+            mask = mask.reshape(shape)
+        if not host:
+            return trim_lib.keep(jnp.asarray(x), jnp.asarray(mask), dens, rescale=self.rescale)
+        # trim.keep: where(kept, x, 0), times 1/density (rounded to float32) when rescaling
+        y = np.where(mask, x, np.float32(0))
+        if self.rescale:
+            y *= np.float32(1.0 / dens)
+        return y
 
     def _take(self, keys: np.ndarray, cut: _Cut, seen: dict, tm: tuple[int, int]) -> np.ndarray:
         """This chunk's entries among the cut's m largest (`keys` `[rows, cols]`); updates `seen`."""
@@ -369,12 +415,11 @@ class _Chunked:
             bins = 1 << width
             groups = {(t, prefix) for (t, _), (prefix, _) in open_.items()}  # one histogram per (task, prefix)
             hists = {g: np.zeros(bins, np.int64) for g in groups}
-            self.stats.passes += 1
             for r0, r1 in self.spans:
-                _, d = self.src.rows(r0, r1)
-                changed = changed or bool(np.any(d))
+                chunk = self._rows(r0, r1)
+                changed = changed or bool(np.any(chunk.d))
                 for t in {t for t, _ in groups}:
-                    kr = _reversed_keys(d[t]).reshape(-1)
+                    kr = chunk.keys[t].reshape(-1)
                     digit = (kr >> np.uint32(shift)) & np.uint32(bins - 1)
                     high = kr >> np.uint32(shift + width) if i else None
                     for gt, prefix in groups:
@@ -403,11 +448,10 @@ class _Chunked:
     def _column_ties(self, cuts: dict[tuple[int, int], _Cut]) -> dict[tuple[int, int], _Cut]:
         """Transposed merge order is column-major: per column, count the keys equal to each cut (one pass)."""
         per_col = {tm: np.zeros(self.cols, np.int64) for tm, c in cuts.items() if c.ties}
-        self.stats.passes += 1
         for r0, r1 in self.spans:
-            _, d = self.src.rows(r0, r1)
+            keys = self._rows(r0, r1).keys
             for (t, m) in per_col:
-                kr = _reversed_keys(d[t]).reshape(r1 - r0, self.cols)
+                kr = keys[t].reshape(r1 - r0, self.cols)
                 per_col[(t, m)] += np.count_nonzero(kr == np.uint32(cuts[(t, m)].key), axis=0)
         for tm, counts in per_col.items():
             cut = cuts[tm]
