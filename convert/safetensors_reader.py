@@ -192,6 +192,24 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{shard}: truncated while reading tensor {name!r} ({got} of {arr.nbytes} bytes)")
         return arr
 
+    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of tensor ``name`` (its first axis), reading only their bytes."""
+        shape = self.shape(name)
+        if not shape or not (0 <= r0 <= r1 <= shape[0]):
+            raise ConvertError(f"{self.shard_of(name)}: rows [{r0}, {r1}) of tensor {name!r} with shape {shape}")
+        arr = np.empty((r1 - r0,) + tuple(shape[1:]), dtype=self._dtypes[name])
+        begin, end = self._offsets[name]
+        row_bytes = arr.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        if row_bytes * shape[0] != end - begin:
+            raise ConvertError(f"{self.shard_of(name)}: tensor {name!r} spans {end - begin} bytes, "
+                               f"its shape/dtype need {row_bytes * shape[0]}")
+        fh = self._handle_for(self.shard_of(name))
+        fh.seek(begin + r0 * row_bytes)
+        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        if got != arr.nbytes:
+            raise ConvertError(f"{self.shard_of(name)}: truncated while reading tensor {name!r} rows [{r0}, {r1})")
+        return arr
+
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.names():
             yield name, self.get(name)

@@ -153,19 +153,21 @@ class _Source:
             raise ValueError(f"tensor {self.name!r}: {what} rows [{r0}, {r1}) have shape {a.shape}, expected {want}")
         return a
 
-    def rows(self, r0: int, r1: int) -> _Rows:
-        """Rows `[r0, r1)`: base float32, task vectors `model - base` float32 and their keys, checked."""
+    def rows(self, r0: int, r1: int, tiny: bool = True) -> _Rows:
+        """Rows `[r0, r1)`: base float32, task vectors `model - base` float32 and their keys, checked
+        for NaN / Inf; `tiny`: also look for entries below `host_merge.TINY` (else `_Rows.tiny` is False)."""
         b = self.read(self.base, r0, r1, "base").astype(np.float32, copy=False)
         d = np.empty((len(self.models),) + b.shape, np.float32)
         keys = np.empty(d.shape, np.uint32)
-        bad, tiny = [], False
+        bad, check_tiny, tiny = [], tiny, False
         for t, reader in enumerate(self.models):
             np.subtract(self.read(reader, r0, r1, f"model {t}").astype(np.float32, copy=False), b, out=d[t])
             k = np.abs(d[t], out=keys[t].view(np.float32)).view(np.uint32)
             np.subtract(_KEY_MAX, k, out=k)
             if k.size and int(k.min()) <= _KEY_INF:  # |d| >= inf bits: Inf or NaN
                 bad.append((t, int(np.count_nonzero(~np.isfinite(d[t])))))
-            tiny = tiny or (k.size > 0 and int(np.max(k, where=k != _KEY_MAX, initial=0)) > _KEY_TINY)
+            if check_tiny and not tiny and k.size:
+                tiny = int(np.max(k, where=k != _KEY_MAX, initial=0)) > _KEY_TINY
         if bad:
             raise ValueError(f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
                              + ", ".join(f"model {t} ({c} entries)" for t, c in bad))
@@ -294,7 +296,7 @@ class _Chunked:
         seen = {tm: 0 for tm in cuts}  # ties (of the counted kind) met in earlier chunks
         kept = np.zeros(self.tasks, np.int64)
         for r0, r1 in self.spans:
-            chunk = self._rows(r0, r1)
+            chunk = self._rows(r0, r1, final=True)
             self._cached = None
             host = self.host and not chunk.tiny
             ys = []
@@ -322,13 +324,13 @@ class _Chunked:
                       key=self.plan.key, **self.kw)
         return fn(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
 
-    def _rows(self, r0: int, r1: int) -> _Rows:
-        """`_Source.rows` (a read of the first chunk counts a pass); a tensor in one chunk is read
-        once and kept until its merge."""
+    def _rows(self, r0: int, r1: int, final: bool = False) -> _Rows:
+        """`_Source.rows` (a read of the first chunk counts a pass; the merge pass also looks for
+        tiny entries); a tensor in one chunk is read once and kept until its merge."""
         if self._cached is not None:
             return self._cached
         self.stats.passes += r0 == self.spans[0][0]
-        rows = self.src.rows(r0, r1)
+        rows = self.src.rows(r0, r1, tiny=final or self.whole)
         if self.whole:
             self._cached = rows
         return rows
