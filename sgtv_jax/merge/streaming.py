@@ -239,6 +239,18 @@ def merge_rows(
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
 
 
+def _nth_true(flags: np.ndarray, nth: int) -> int:
+    """Index of the `nth` (1-based) True of the bool vector `flags`: counts per block, then one block."""
+    block = 1 << 16
+    whole = flags.size // block * block
+    counts = np.count_nonzero(flags[:whole].reshape(-1, block), axis=1)
+    cum = np.cumsum(counts)
+    j = int(np.searchsorted(cum, nth))  # the first block whose running count reaches nth
+    before = int(cum[j - 1]) if j else 0
+    start = j * block
+    return start + int(np.flatnonzero(flags[start:start + block] if j < len(counts) else flags[start:])[nth - before - 1])
+
+
 class _Chunked:
     """The chunked merge of one tensor (see the module doc); `run` yields the output chunks."""
 
@@ -387,7 +399,8 @@ class _Chunked:
             if seen[tm] + count <= cut.ties:
                 out |= eq
             elif seen[tm] < cut.ties:
-                out |= (flat & (seen[tm] + np.cumsum(flat) <= cut.ties)).reshape(eq.shape)
+                end = _nth_true(flat, cut.ties - seen[tm]) + 1
+                out.reshape(-1)[:end] |= flat[:end]
             seen[tm] += count
             return out
         # transposed: every tie left of column `col`, and the first `col_ties` of column `col` by row
@@ -422,12 +435,15 @@ class _Chunked:
                 changed = changed or bool(np.any(chunk.d))
                 for t in {t for t, _ in groups}:
                     kr = chunk.keys[t].reshape(-1)
-                    digit = (kr >> np.uint32(shift)) & np.uint32(bins - 1)
-                    high = kr >> np.uint32(shift + width) if i else None
+                    if i == 0:  # keys < 2^31: the top digit needs no mask
+                        hists[(t, 0)] += np.bincount(kr >> np.uint32(shift), minlength=bins)
+                        continue
+                    high = kr >> np.uint32(shift + width)
                     for gt, prefix in groups:
                         if gt == t:
-                            sel = digit if i == 0 else digit[high == np.uint32(prefix)]
-                            hists[(t, prefix)] += np.bincount(sel, minlength=bins)
+                            sel = kr[high == np.uint32(prefix)]
+                            hists[(t, prefix)] += np.bincount((sel >> np.uint32(shift)) & np.uint32(bins - 1),
+                                                              minlength=bins)
             for (t, m), (prefix, below) in list(open_.items()):
                 hist = hists[(t, prefix)]
                 cum = below + np.cumsum(hist)
