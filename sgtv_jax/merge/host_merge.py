@@ -42,12 +42,13 @@ PARAMS = frozenset({"normalize", "lambda_", "consensus", "alpha"})
 """The method keywords this module mirrors (every data-free method's parameters)."""
 
 
-def _sum(terms) -> np.ndarray:
-    """`((0 + a_0) + a_1) + ...` of an iterable of float32 arrays (the first is reused as the accumulator)."""
+def _sum(terms, inplace: bool = True) -> np.ndarray:
+    """`((0 + a_0) + a_1) + ...` of an iterable of float32 arrays (the first is the accumulator
+    when `inplace`, else a new array)."""
     acc = None
     for a in terms:
-        if acc is None:
-            acc = np.add(a, F32(0), out=a)  # 0 + a: turns -0 into +0 as the reduction's init does
+        if acc is None:  # 0 + a: turns -0 into +0 as the reduction's init does
+            acc = np.add(a, F32(0), out=a if inplace else None)
         else:
             acc += a
     return acc
@@ -122,7 +123,7 @@ def host_merge(method: str, trimmed: Sequence[np.ndarray], weights: Sequence[flo
             mixed = _normalized(mixed, w)
     else:
         if consensus == "sum":
-            total = _sum(a.copy() for a in weighted)
+            total = _sum(weighted, inplace=False)
         elif consensus == "count":
             total = _sum(np.sign(a) for a in weighted)
         else:

@@ -159,30 +159,33 @@ class _Source:
         b = self.read(self.base, r0, r1, "base").astype(np.float32, copy=False)
         d = np.empty((len(self.models),) + b.shape, np.float32)
         keys = np.empty(d.shape, np.uint32)
-        bad, check_tiny, tiny = [], tiny, False
+        bad, check_tiny, tiny, changed = [], tiny, False, False
         for t, reader in enumerate(self.models):
             np.subtract(self.read(reader, r0, r1, f"model {t}").astype(np.float32, copy=False), b, out=d[t])
             k = np.abs(d[t], out=keys[t].view(np.float32)).view(np.uint32)
             np.subtract(_KEY_MAX, k, out=k)
-            if k.size and int(k.min()) <= _KEY_INF:  # |d| >= inf bits: Inf or NaN
+            kmin = int(k.min()) if k.size else int(_KEY_MAX)
+            if kmin <= _KEY_INF:  # |d| >= inf bits: Inf or NaN
                 bad.append((t, int(np.count_nonzero(~np.isfinite(d[t])))))
+            changed = changed or kmin != _KEY_MAX  # some |d| > 0
             if check_tiny and not tiny and k.size:
                 tiny = int(np.max(k, where=k != _KEY_MAX, initial=0)) > _KEY_TINY
         if bad:
             raise ValueError(f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
                              + ", ".join(f"model {t} ({c} entries)" for t, c in bad))
-        return _Rows(b, d, keys, tiny)
+        return _Rows(b, d, keys, tiny, changed)
 
 
 class _Rows(NamedTuple):
     """One chunk: base `[rows, ...]`, task vectors `d` `[T, rows, ...]` and their reversed keys
     (`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys); `tiny`: some
-    task-vector entry is nonzero but below `host_merge.TINY`."""
+    task-vector entry is nonzero but below `host_merge.TINY`; `changed`: some entry is nonzero."""
 
     b: np.ndarray
     d: np.ndarray
     keys: np.ndarray
     tiny: bool
+    changed: bool
 
 
 def merge_rows(
@@ -296,7 +299,7 @@ class _Chunked:
         stats, shape = self.stats, self.src.shape
         cuts, changed = self._find_cuts()
         if changed is None:  # no selection pass ran: look for a change (stops at the first)
-            changed = any(np.any(self._rows(r0, r1).d) for r0, r1 in self.spans)
+            changed = any(self._rows(r0, r1).changed for r0, r1 in self.spans)
         if not changed:  # the base, as the pipeline returns it: float32(base).astype(out_dtype)
             stats.unchanged, stats.kept = True, [0.0] * self.tasks
             stats.passes += self._cached is None
@@ -432,7 +435,7 @@ class _Chunked:
             hists = {g: np.zeros(bins, np.int64) for g in groups}
             for r0, r1 in self.spans:
                 chunk = self._rows(r0, r1)
-                changed = changed or bool(np.any(chunk.d))
+                changed = changed or chunk.changed
                 for t in {t for t, _ in groups}:
                     kr = chunk.keys[t].reshape(-1)
                     if i == 0:  # keys < 2^31: the top digit needs no mask
