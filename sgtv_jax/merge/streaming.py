@@ -29,7 +29,10 @@ How each trim is chunked (chunks are rows of the stored tensor):
 Thresholds: `|d|` as float32 bit patterns, reversed (`0x7FFFFFFF - bits`)
 so the k largest are the k smallest keys, found digit by digit (16 + 16
 bits, the plan of `sgtv_jax.select`): a histogram of the high digit, then
-of the low digit inside the bin holding the k-th key. Ties at the threshold
+of the low digit inside the bin holding the k-th key. A tensor in one chunk
+is in memory: a uniform sample of its keys brackets the k-th key, and one
+pass counts the keys below the bracket and partitions those inside it (the
+histograms only when the bracket misses, which 6 sigma makes rare). Ties at the threshold
 go to the entries that come first in the merge order, counted across chunks
 (transposed: per column, which takes one more pass). Random draws use the
 entry's index in the merge order as threefry counter (`blockrng`). Sign
@@ -242,6 +245,59 @@ def merge_rows(
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
 
 
+SAMPLE = 1 << 16
+"""Keys sampled to bracket a cut point of a tensor held in memory."""
+
+
+def _cut_at(key: int, below: int, equal: int, m: int) -> _Cut:
+    """The cut taking the m smallest keys when `below` keys are < `key` and `equal` are == it."""
+    ties = m - below
+    return _Cut(key + 1, 0) if ties == equal else _Cut(key, ties)
+
+
+def _bracket_cut(keys: np.ndarray, m: int) -> _Cut | None:
+    """The cut of the m smallest of `keys` `[n]` (1 <= m <= n), or None when the bracket misses.
+
+    Small n: `np.partition`. Else the keys at ranks `m/n * s -/+ (6 sigma + 16)` of a
+    uniform sample of s = SAMPLE positions bracket the m-th key; one pass counts the keys
+    below the bracket and gathers those inside (at most n / 8), whose partition gives it.
+    """
+    n = keys.size
+    if n <= 4 * SAMPLE:
+        key = int(np.partition(keys, m - 1)[m - 1])
+        return _cut_at(key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key)), m)
+    sample = np.sort(keys[np.random.default_rng(0).integers(0, n, SAMPLE)])
+    q = m / n
+    delta = 6.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
+    lo_i, hi_i = int(q * SAMPLE - delta), int(q * SAMPLE + delta) + 1
+    lo = int(sample[lo_i]) if lo_i >= 0 else 0
+    hi = int(sample[hi_i]) if hi_i < SAMPLE else int(_KEY_MAX)
+    below = int(np.count_nonzero(keys < np.uint32(lo)))
+    if below >= m:
+        return None
+    if lo == hi:
+        equal = int(np.count_nonzero(keys == np.uint32(lo)))
+        return _cut_at(lo, below, equal, m) if below + equal >= m else None
+    inside = (keys - np.uint32(lo)) <= np.uint32(hi - lo)  # keys below lo wrap around: outside
+    count = int(np.count_nonzero(inside))
+    if below + count < m:
+        return None
+    if count > n // 8:  # a wide bracket, usually many ties at its ends: settle those first
+        at_lo = int(np.count_nonzero(keys == np.uint32(lo)))
+        if below + at_lo >= m:
+            return _cut_at(lo, below, at_lo, m)
+        at_hi = int(np.count_nonzero(keys == np.uint32(hi)))
+        if below + count - at_hi < m:
+            return _cut_at(hi, below + count - at_hi, at_hi, m)
+        if count - at_lo - at_hi > n // 8:
+            return None
+        below += at_lo
+        inside &= (keys != np.uint32(lo)) & (keys != np.uint32(hi))
+    cand = keys[inside]
+    key = int(np.partition(cand, m - below - 1)[m - below - 1])
+    return _cut_at(key, below + int(np.count_nonzero(cand < key)), int(np.count_nonzero(cand == key)), m)
+
+
 def _nth_true(flags: np.ndarray, nth: int) -> int:
     """Index of the `nth` (1-based) True of the bool vector `flags`: counts per block, then one block."""
     block = 1 << 16
@@ -429,7 +485,17 @@ class _Chunked:
         if not open_:
             return cuts, None
         changed = False
+        if self.whole:  # in memory: a sampled bracket (one pass), the histograms only if it misses
+            chunk = self._rows(*self.spans[0])
+            changed = chunk.changed
+            for t, m in list(open_):
+                cut = _bracket_cut(chunk.keys[t].reshape(-1), m)
+                if cut is not None:
+                    cuts[(t, m)] = cut
+                    del open_[(t, m)]
         for i, (shift, width) in enumerate(_DIGITS):
+            if not open_:
+                break
             bins = 1 << width
             groups = {(t, prefix) for (t, _), (prefix, _) in open_.items()}  # one histogram per (task, prefix)
             hists = {g: np.zeros(bins, np.int64) for g in groups}
