@@ -50,6 +50,7 @@ refused: use `merge_planned` with the Hessian.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -79,6 +80,27 @@ _KEY_MAX = np.uint32(0x7FFFFFFF)  # |d| bit patterns are <= this (no NaN)
 _KEY_INF = int(_KEY_MAX) - 0x7F800000  # keys <= this: |d| is Inf or NaN
 _KEY_TINY = int(_KEY_MAX) - int(np.float32(TINY).view(np.uint32))  # keys above it (not max): 0 < |d| < TINY
 _DIGITS = digit_plan(32, 1 << 32)  # 16 + 16 bits, whatever the tensor's size
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed large blocks for reuse instead of returning them to the OS.
+
+    A streamed merge allocates and frees chunk-sized temporaries over and over; by
+    default each one above malloc's mmap threshold is a fresh mapping whose pages
+    fault in on first touch, which costs several times the arithmetic (measured
+    here: 2.7 vs 0.3 ns per float32 for `a * 2`). Raising the mmap and trim
+    thresholds (as `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` would)
+    keeps them in the heap; peak RSS stays bounded by the working set. Process-wide,
+    so left to the program (the `sgtv` command, a script) to call once. Returns
+    False where there is no glibc (nothing changed).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def bytes_per_entry(tasks: int) -> int:
