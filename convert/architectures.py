@@ -47,14 +47,10 @@ class Architecture(NamedTuple):
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
-        Architecture("llama", llama, llama_map.NAME_MAP, "LlamaForCausalLM",
-                     gguf="llama", gguf_permuted_qk=True),
-        Architecture("mistral", llama, llama_map.NAME_MAP, "MistralForCausalLM",
-                     gguf="mistral", gguf_permuted_qk=True),
-        Architecture("qwen2", llama, llama_map.NAME_MAP, "Qwen2ForCausalLM",
-                     gguf="qwen2"),
-        Architecture("qwen3", llama, llama_map.NAME_MAP, "Qwen3ForCausalLM",
-                     gguf="qwen3"),
+        Architecture("llama", llama, llama_map.NAME_MAP, "LlamaForCausalLM", gguf="llama", gguf_permuted_qk=True),
+        Architecture("mistral", llama, llama_map.NAME_MAP, "MistralForCausalLM", gguf="mistral", gguf_permuted_qk=True),
+        Architecture("qwen2", llama, llama_map.NAME_MAP, "Qwen2ForCausalLM", gguf="qwen2"),
+        Architecture("qwen3", llama, llama_map.NAME_MAP, "Qwen3ForCausalLM", gguf="qwen3"),
         Architecture("phi3", llama, llama_map.NAME_MAP, "Phi3ForCausalLM"),
         Architecture("mixtral", llama, llama_map.NAME_MAP, "MixtralForCausalLM"),
         Architecture("qwen2_moe", llama, llama_map.NAME_MAP, "Qwen2MoeForCausalLM"),

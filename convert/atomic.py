@@ -202,8 +202,10 @@ def prepare_output(
         what = "is the current directory" if str(target) == cwd else "contains the current directory"
         raise ConvertError(f"output {given} {what}; refusing to write or replace it: give a new directory name")
     if os.path.islink(given) and not os.path.exists(given):
-        raise ConvertError(f"output {given} is a symlink to {os.readlink(given)}, which does not exist; "
-                           "remove the link or create its target")
+        raise ConvertError(
+            f"output {given} is a symlink to {os.readlink(given)}, which does not exist; "
+            "remove the link or create its target"
+        )
     if os.path.lexists(target):
         if not overwrite:
             raise ConvertError(f"{given}: already exists (pass --overwrite to replace it)")
@@ -229,8 +231,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _replaceable(target: Path) -> bool:
-    return target.is_dir() and not target.is_symlink() and (
-        not os.listdir(target) or read_marker(target) is not None)
+    return target.is_dir() and not target.is_symlink() and (not os.listdir(target) or read_marker(target) is not None)
 
 
 def commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
@@ -244,8 +245,10 @@ def commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
         if not overwrite:
             raise ConvertError(f"{target}: appeared while writing; not replacing it")
         if not _replaceable(target):
-            raise ConvertError(f"{target}: changed while writing and is no longer an output of sgtv-jax "
-                               "or an empty directory; not replacing it")
+            raise ConvertError(
+                f"{target}: changed while writing and is no longer an output of sgtv-jax "
+                "or an empty directory; not replacing it"
+            )
         old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Mark it before it moves, so a run killed between the two renames leaves
         # something `remove_leftovers` recognises and restores.

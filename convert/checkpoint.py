@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -53,6 +53,12 @@ class Checkpoint(Protocol):
     def close(self) -> None:
         """Release file handles / maps."""
         ...
+
+    def __enter__(self) -> Self:
+        """A checkpoint is a context manager that calls ``close()`` on exit."""
+        ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class LazyTensors(Mapping):

@@ -57,8 +57,10 @@ class ChunkedTensor:
         for c in self._chunks:
             c = np.asarray(c)
             if c.dtype != self.dtype or c.shape[1:] != self.shape[1:] or c.ndim != self.ndim:
-                raise ChunkError(f"chunk of {c.dtype}{list(c.shape)} does not fit a {self.dtype}{list(self.shape)} "
-                                 f"tensor (rows {rows}..)")
+                raise ChunkError(
+                    f"chunk of {c.dtype}{list(c.shape)} does not fit a {self.dtype}{list(self.shape)} "
+                    f"tensor (rows {rows}..)"
+                )
             rows += c.shape[0]
             if rows > self.shape[0]:
                 raise ChunkError(f"chunks hold more than the {self.shape[0]} rows of the tensor")
@@ -66,7 +68,7 @@ class ChunkedTensor:
         if rows != self.shape[0]:
             raise ChunkError(f"chunks hold {rows} of the tensor's {self.shape[0]} rows")
 
-    def map(self, fn: Callable[[np.ndarray], np.ndarray], dtype: np.dtype) -> "ChunkedTensor":
+    def map(self, fn: Callable[[np.ndarray], np.ndarray], dtype: np.dtype) -> ChunkedTensor:
         """The same tensor with `fn` applied to every chunk (e.g. a cast), as `dtype`."""
         return ChunkedTensor(self.shape, dtype, (fn(c) for c in self))
 
@@ -74,8 +76,9 @@ class ChunkedTensor:
         return f"ChunkedTensor({self.dtype}{list(self.shape)})"
 
 
-def rows_of(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], dtype: np.dtype,
-            rows_per_chunk: int) -> ChunkedTensor:
+def rows_of(
+    read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], dtype: np.dtype, rows_per_chunk: int
+) -> ChunkedTensor:
     """A `ChunkedTensor` reading `rows_per_chunk` rows at a time through `read(r0, r1)`."""
     shape = tuple(int(s) for s in shape)
     if not shape:

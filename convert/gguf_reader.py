@@ -81,9 +81,10 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise ConvertError(f"{self.path}: no such GGUF file")
         try:
-            self._reader = gguf.GGUFReader(str(self.path))
+            reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors/etc.
             raise ConvertError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self._reader: gguf.GGUFReader | None = reader
         arch = self._field("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ConvertError(
@@ -92,19 +93,19 @@ class GGUFCheckpoint:
             )
         self.architecture: str = arch
         self._tensors = {}
-        for t in self._reader.tensors:
+        for t in reader.tensors:
             if t.name == "rope_freqs.weight":
                 # llama3-style RoPE scaling stored as a tensor: HF expresses it in
                 # config.rope_parameters, which we cannot recover exactly here.
-                raise ConvertError(
-                    f"{self.path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported"
-                )
+                raise ConvertError(f"{self.path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling) is not supported")
             self._tensors[gguf_to_hf_name(t.name)] = t
         self._config = self._build_config()
 
     # -- metadata -------------------------------------------------------------
 
     def _field(self, key: str, default: Any = None) -> Any:
+        if self._reader is None:
+            raise ConvertError(f"{self.path}: the GGUF file is closed")
         f = self._reader.fields.get(key)
         if f is None:
             return default
@@ -160,9 +161,7 @@ class GGUFCheckpoint:
         if scaling not in (None, "none"):
             if scaling != "linear":
                 raise ConvertError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
-            cfg["rope_parameters"].update(
-                rope_type="linear", factor=float(self._require("rope.scaling.factor"))
-            )
+            cfg["rope_parameters"].update(rope_type="linear", factor=float(self._require("rope.scaling.factor")))
         for gguf_key, hf_key in (
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -210,9 +209,7 @@ class GGUFCheckpoint:
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - unsupported quant types raise NotImplementedError etc.
-            raise ConvertError(
-                f"{self.path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}"
-            ) from None
+            raise ConvertError(f"{self.path}: cannot dequantise {t.name} ({t.tensor_type.name}): {e}") from None
         w = w.reshape(self.shape(name))
         # llama.cpp permutes q/k rows for interleaved RoPE; NEOX-RoPE families (qwen2) store them as is.
         if GGUF_ARCHITECTURES[self.architecture].gguf_permuted_qk:
@@ -242,7 +239,7 @@ class GGUFCheckpoint:
         self._tensors = {}
         self._reader = None
 
-    def __enter__(self) -> "GGUFCheckpoint":
+    def __enter__(self) -> GGUFCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,13 +28,22 @@ CONTROL, USER_DEFINED = 3, 4
 
 # Pre-tokenizer splits by `tokenizer.ggml.pre`. None: GPT-2's own regex, which
 # the ByteLevel pre-tokenizer applies itself.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS: dict[str, str | None] = {
-    "default": None, "gpt2": None, "gpt-2": None, "smollm": None,
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+    "default": None,
+    "gpt2": None,
+    "gpt-2": None,
+    "smollm": None,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT,
 }
 
@@ -87,11 +96,18 @@ def read_tokenizer_spec(gguf_file: str | Path) -> GGUFTokenizerSpec:
         return int(v)
 
     return GGUFTokenizerSpec(
-        model=str(field("tokenizer.ggml.model", "")), pre=str(field("tokenizer.ggml.pre", "default")),
-        tokens=list(tokens), token_types=[int(t) for t in types], merges=list(field("tokenizer.ggml.merges") or []),
-        bos_id=token_id("bos_token_id"), eos_id=token_id("eos_token_id"), unk_id=token_id("unknown_token_id"),
-        pad_id=token_id("padding_token_id"), add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
-        add_eos=bool(field("tokenizer.ggml.add_eos_token", False)), chat_template=field("tokenizer.chat_template"),
+        model=str(field("tokenizer.ggml.model", "")),
+        pre=str(field("tokenizer.ggml.pre", "default")),
+        tokens=list(tokens),
+        token_types=[int(t) for t in types],
+        merges=list(field("tokenizer.ggml.merges") or []),
+        bos_id=token_id("bos_token_id"),
+        eos_id=token_id("eos_token_id"),
+        unk_id=token_id("unknown_token_id"),
+        pad_id=token_id("padding_token_id"),
+        add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+        add_eos=bool(field("tokenizer.ggml.add_eos_token", False)),
+        chat_template=field("tokenizer.chat_template"),
     )
 
 
@@ -121,8 +137,10 @@ def build_tokenizer(spec: GGUFTokenizerSpec, source: str = "GGUF") -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     if not supports(spec):
-        raise ConvertError(f"{source}: tokenizer {spec.model!r} with pre-tokenizer {spec.pre!r} is not supported "
-                           f"here (byte-level 'gpt2' with one of {', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
+        raise ConvertError(
+            f"{source}: tokenizer {spec.model!r} with pre-tokenizer {spec.pre!r} is not supported "
+            f"here (byte-level 'gpt2' with one of {', '.join(sorted(PRE_TOKENIZER_SPLITS))})"
+        )
     spelling = byte_to_unicode()
     alphabet = set(spelling.values())
 
@@ -143,8 +161,12 @@ def build_tokenizer(spec: GGUFTokenizerSpec, source: str = "GGUF") -> Any:
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, ...) match whole and are special; user-defined
     # ones match whole but are ordinary text. An added token is looked up in the
@@ -170,10 +192,12 @@ def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec)
     from transformers.utils import is_torch_available
 
     if not is_torch_available():
-        raise ConvertError(f"{gguf_file}: its tokenizer ({spec.model!r}, pre-tokenizer {spec.pre!r}) is built by "
-                           f"transformers' GGUF loader, which needs torch (pip install torch); byte-level "
-                           f"'gpt2' vocabularies with pre-tokenizer {', '.join(sorted(PRE_TOKENIZER_SPLITS))} "
-                           f"need nothing more")
+        raise ConvertError(
+            f"{gguf_file}: its tokenizer ({spec.model!r}, pre-tokenizer {spec.pre!r}) is built by "
+            f"transformers' GGUF loader, which needs torch (pip install torch); byte-level "
+            f"'gpt2' vocabularies with pre-tokenizer {', '.join(sorted(PRE_TOKENIZER_SPLITS))} "
+            f"need nothing more"
+        )
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from the file
     AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).save_pretrained(str(dst))
 
@@ -194,9 +218,15 @@ def save_gguf_tokenizer(gguf_file: str | Path, dst: str | Path) -> None:
 
     if supports(spec):
         fast = PreTrainedTokenizerFast(
-            tokenizer_object=build_tokenizer(spec, str(gguf_file)), bos_token=text(spec.bos_id),
-            eos_token=text(spec.eos_id), unk_token=text(spec.unk_id), pad_token=text(spec.pad_id),
-            add_bos_token=spec.add_bos, add_eos_token=spec.add_eos, chat_template=spec.chat_template)
+            tokenizer_object=build_tokenizer(spec, str(gguf_file)),
+            bos_token=text(spec.bos_id),
+            eos_token=text(spec.eos_id),
+            unk_token=text(spec.unk_id),
+            pad_token=text(spec.pad_id),
+            add_bos_token=spec.add_bos,
+            add_eos_token=spec.add_eos,
+            chat_template=spec.chat_template,
+        )
         fast.save_pretrained(str(dst))
     else:
         _save_with_transformers(gguf_file, dst, spec)

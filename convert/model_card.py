@@ -39,8 +39,11 @@ def render_model_card(card: Mapping[str, Any], config: Mapping[str, Any] | None 
     lines = front + ["", f"# {title}", ""]
     if desc:
         lines += [str(desc), ""]
-    lines += ["This model was produced by merging fine-tuned models with "
-              "sgtv-jax (task vectors pruned with SparseGPT-style OBS).", ""]
+    lines += [
+        "This model was produced by merging fine-tuned models with "
+        "sgtv-jax (task vectors pruned with SparseGPT-style OBS).",
+        "",
+    ]
     lines += ["## Merge details", ""]
     if method:
         lines.append(f"- **Method:** `{method}`")

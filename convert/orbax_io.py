@@ -54,8 +54,12 @@ def write_orbax(model: Any, directory: str | Path, *, hf_config: Mapping[str, An
 
     if "model_type" not in hf_config:
         raise ConvertError("save_orbax: hf_config has no 'model_type'")
-    meta = {"format": FORMAT, "model_type": hf_config["model_type"], "hf_config": dict(hf_config),
-            "param_dtype": _param_dtype(model)}
+    meta = {
+        "format": FORMAT,
+        "model_type": hf_config["model_type"],
+        "hf_config": dict(hf_config),
+        "param_dtype": _param_dtype(model),
+    }
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as e:

@@ -27,7 +27,6 @@ from convert.torch_reader import SINGLE_FILE as PT_SINGLE
 from convert.torch_reader import TorchBinCheckpoint
 
 
-
 def supported_architectures() -> tuple[str, ...]:
     """HF ``model_type`` values we have Flax models and name maps for (``convert.architectures``)."""
     return SUPPORTED_MODEL_TYPES
@@ -61,9 +60,7 @@ def check_architecture(config: dict[str, Any], where: str | Path) -> str:
     mt = config.get("model_type")
     supported = supported_architectures()
     if mt not in supported:
-        raise ConvertError(
-            f"{where}: unsupported architecture {mt!r}; supported: {', '.join(supported)}"
-        )
+        raise ConvertError(f"{where}: unsupported architecture {mt!r}; supported: {', '.join(supported)}")
     return str(mt)
 
 
@@ -144,9 +141,7 @@ def validate_checkpoint(ckpt: Checkpoint, *, require_all: bool = True) -> str:
             continue  # buffers such as position_ids, which the models recompute
         got = tuple(ckpt.shape(name))
         if got != shapes[name]:
-            raise ConvertError(
-                f"{ckpt.path}: tensor {name!r} has shape {got} but the config implies {shapes[name]}"
-            )
+            raise ConvertError(f"{ckpt.path}: tensor {name!r} has shape {got} but the config implies {shapes[name]}")
     if require_all:
         missing = [n for n in shapes if n not in ckpt]
         if missing:

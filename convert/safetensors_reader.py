@@ -20,8 +20,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # safetensors dtype tags -> numpy dtypes (bf16 via ml_dtypes, as safe_open returns).
 _ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
     "BOOL": "bool",
 }
 
@@ -61,7 +68,9 @@ class SafetensorsCheckpoint:
     nothing of the shard stays resident afterwards.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, single_file: str = SINGLE_FILE) -> None:
+        # `single_file`: another file name read the same way (a PEFT adapter's
+        # adapter_model.safetensors); an index is then not looked for.
         self.path = Path(directory)
         if not self.path.is_dir():
             raise ConvertError(f"{self.path}: not a directory")
@@ -73,15 +82,16 @@ class SafetensorsCheckpoint:
         self.shards: list[Path] = []
         self.metadata: dict[str, str] = {}
         index = self.path / INDEX_FILE
-        single = self.path / SINGLE_FILE
-        if index.is_file():
+        single = self.path / single_file
+        if single_file == SINGLE_FILE and index.is_file():
             self._open_index(index)
         elif single.is_file():
-            contained_file(self.path, SINGLE_FILE, what=SINGLE_FILE)
+            contained_file(self.path, single_file, what=single_file)
             self.shards = [single]
             self._scan_shard(single, expected=None)
         else:
-            raise ConvertError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+            want = f"neither {SINGLE_FILE} nor {INDEX_FILE}" if single_file == SINGLE_FILE else f"no {single_file}"
+            raise ConvertError(f"{self.path}: {want} found")
         self._open_file: Path | None = None
         self._handle: Any = None
 
@@ -104,8 +114,7 @@ class SafetensorsCheckpoint:
             shard = self.path / fname
             if not shard.is_file():
                 raise ConvertError(
-                    f"{shard}: shard named in {index.name} is missing "
-                    f"(it should hold e.g. {sorted(by_file[fname])[0]})"
+                    f"{shard}: shard named in {index.name} is missing (it should hold e.g. {sorted(by_file[fname])[0]})"
                 )
             self.shards.append(shard)
             self._scan_shard(shard, expected=by_file[fname])
@@ -187,27 +196,35 @@ class SafetensorsCheckpoint:
             raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, its shape/dtype need {arr.nbytes}")
         fh = self._handle_for(shard)
         fh.seek(begin)
-        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        got = fh.readinto(arr.reshape(-1).view(np.uint8).data)
         if got != arr.nbytes:
             raise ConvertError(f"{shard}: truncated while reading tensor {name!r} ({got} of {arr.nbytes} bytes)")
         return arr
 
     def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        """Rows ``[r0, r1)`` of tensor ``name`` (its first axis), reading only their bytes."""
-        shape = self.shape(name)
-        if not shape or not (0 <= r0 <= r1 <= shape[0]):
-            raise ConvertError(f"{self.shard_of(name)}: rows [{r0}, {r1}) of tensor {name!r} with shape {shape}")
-        arr = np.empty((r1 - r0,) + tuple(shape[1:]), dtype=self._dtypes[name])
+        """Rows ``[r0, r1)`` of tensor ``name`` (along its first axis), reading only their bytes.
+
+        Row-major storage makes a row range one contiguous byte range, so this
+        costs ``(r1 - r0) / rows`` of ``get(name)``. A 0-d tensor has no rows.
+        """
+        shard = self.shard_of(name)
+        shape = self._shapes[name]
+        if not shape:
+            raise ConvertError(f"{shard}: tensor {name!r} is a scalar; it has no rows to read")
+        if not 0 <= r0 <= r1 <= shape[0]:
+            raise ConvertError(f"{shard}: rows [{r0}, {r1}) of tensor {name!r} are outside its {shape[0]} rows")
         begin, end = self._offsets[name]
-        row_bytes = arr.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-        if row_bytes * shape[0] != end - begin:
-            raise ConvertError(f"{self.shard_of(name)}: tensor {name!r} spans {end - begin} bytes, "
-                               f"its shape/dtype need {row_bytes * shape[0]}")
-        fh = self._handle_for(self.shard_of(name))
+        arr = np.empty((r1 - r0,) + shape[1:], dtype=self._dtypes[name])
+        row_bytes = arr.nbytes // max(r1 - r0, 1) if r1 > r0 else 0
+        if r1 > r0 and begin + r1 * row_bytes > end:
+            raise ConvertError(f"{shard}: tensor {name!r} spans {end - begin} bytes, too few for its shape")
+        fh = self._handle_for(shard)
         fh.seek(begin + r0 * row_bytes)
-        got = fh.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        got = fh.readinto(arr.reshape(-1).view(np.uint8).data)
         if got != arr.nbytes:
-            raise ConvertError(f"{self.shard_of(name)}: truncated while reading tensor {name!r} rows [{r0}, {r1})")
+            raise ConvertError(
+                f"{shard}: truncated while reading rows of tensor {name!r} ({got} of {arr.nbytes} bytes)"
+            )
         return arr
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -222,9 +239,7 @@ class SafetensorsCheckpoint:
 
     def nbytes(self) -> int:
         """Total tensor bytes (what the index calls total_size)."""
-        return sum(
-            int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize for n, s in self._shapes.items()
-        )
+        return sum(int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize for n, s in self._shapes.items())
 
     def close(self) -> None:
         if self._handle is not None:
@@ -232,7 +247,7 @@ class SafetensorsCheckpoint:
         self._handle = None
         self._open_file = None
 
-    def __enter__(self) -> "SafetensorsCheckpoint":
+    def __enter__(self) -> SafetensorsCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,9 +25,16 @@ import numpy as np
 from convert.chunked import ChunkedTensor
 
 _TAGS: dict[np.dtype, str] = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
 }
 
 
@@ -74,10 +81,12 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"tensor {name!r} written twice")
         begin = self.nbytes
         tag = dtype_tag(arr.dtype)
-        for part in (arr if isinstance(arr, ChunkedTensor) else (arr,)):
+        for part in arr if isinstance(arr, ChunkedTensor) else (arr,):
             self._write(part)
         if self.nbytes - begin != arr.nbytes:
-            raise ValueError(f"tensor {name!r}: wrote {self.nbytes - begin} bytes, its shape and dtype need {arr.nbytes}")
+            raise ValueError(
+                f"tensor {name!r}: wrote {self.nbytes - begin} bytes, its shape and dtype need {arr.nbytes}"
+            )
         self._header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [begin, self.nbytes]}
 
     def _write(self, arr: np.ndarray) -> None:
@@ -85,8 +94,8 @@ class StreamingSafetensorsWriter:
         arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        # memoryview of the array: no intermediate bytes copy.
-        self._data.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        # A memoryview of the array (ndarray.data): no intermediate bytes copy.
+        self._data.write(arr.reshape(-1).view(np.uint8).data)
         self.nbytes += arr.nbytes
 
     def __len__(self) -> int:

@@ -84,8 +84,8 @@ class TorchBinCheckpoint:
             # Names are only known after loading; a single file is one shard anyway.
             self._load(single)
             self._where = {n: single for n in self._cache}
-        self._shapes = {}
-        self._dtypes = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, np.dtype] = {}
 
     def _load(self, shard: Path) -> dict[str, np.ndarray]:
         if self._cache_file != shard:
@@ -143,7 +143,7 @@ class TorchBinCheckpoint:
     def close(self) -> None:
         self._cache, self._cache_file = {}, None
 
-    def __enter__(self) -> "TorchBinCheckpoint":
+    def __enter__(self) -> TorchBinCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

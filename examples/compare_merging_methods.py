@@ -81,8 +81,9 @@ class Tasks:
     def pretrain(self, n):
         c = self.rng.integers(0, TASKS + 1, n)
         centres = np.stack([np.zeros(D_IN)] + self.centres)
-        x = (centres[c] + self.rng.standard_normal((n, LATENT)) @ self.mix.T
-             + 0.05 * self.rng.standard_normal((n, D_IN))).astype(np.float32)
+        x = (
+            centres[c] + self.rng.standard_normal((n, LATENT)) @ self.mix.T + 0.05 * self.rng.standard_normal((n, D_IN))
+        ).astype(np.float32)
         return x, np.argmax((x - centres[c]) @ self.generic.T, axis=1)
 
 
@@ -176,7 +177,9 @@ def main(argv=None) -> None:
                 errs.append(np.sqrt(np.trace(e @ h @ e.T) / np.trace(d @ h @ d.T)))
         return accs, float(np.mean(errs))
 
-    kernel = lambda trim, rest: [{"filter": "kernel", "value": trim}, {"value": rest}]  # noqa: E731
+    def kernel(trim, rest):
+        return [{"filter": "kernel", "value": trim}, {"value": rest}]
+
     methods = {
         "TA": ("task_arithmetic", {}, False),
         "TIES": ("ties", {}, True),
@@ -191,8 +194,11 @@ def main(argv=None) -> None:
     common = dict(weights=[1.0] * TASKS, layout="flax", seed=args.seed)
 
     rows = []
-    header = f"{'model / method':<18} {'density':>7} {'time s':>7} " + " ".join(
-        f"{'task' + str(t):>6}" for t in range(TASKS)) + f" {'mean':>6} {'recon':>6}"
+    header = (
+        f"{'model / method':<18} {'density':>7} {'time s':>7} "
+        + " ".join(f"{'task' + str(t):>6}" for t in range(TASKS))
+        + f" {'mean':>6} {'recon':>6}"
+    )
     print(header)
     print("-" * len(header))
 
@@ -200,8 +206,7 @@ def main(argv=None) -> None:
         d = "-" if dens is None else f"{dens:.1f}"
         s = "-" if secs is None else f"{secs:.3f}"
         e = "-" if err is None else f"{err:.3f}"
-        print(f"{label:<18} {d:>7} {s:>7} " + " ".join(f"{a:6.3f}" for a in accs)
-              + f" {np.mean(accs):6.3f} {e:>6}")
+        print(f"{label:<18} {d:>7} {s:>7} " + " ".join(f"{a:6.3f}" for a in accs) + f" {np.mean(accs):6.3f} {e:>6}")
 
     show("base", None, None, evaluate(base_params)[0], None)
     for t in range(TASKS):
@@ -235,8 +240,9 @@ def main(argv=None) -> None:
             ax1.plot(xs, [np.mean(r[3]) for r in pts], "o-", label=label)
             ax2.plot(xs, [r[4] for r in pts], "o-", label=label)
     ax1.set(xlabel="density", ylabel="mean test accuracy over the 3 tasks", title="merged model quality")
-    ax2.set(xlabel="density", ylabel="||(W_merged - W_t) X_t|| / ||(W_t - W_0) X_t||",
-            title="layer reconstruction error")
+    ax2.set(
+        xlabel="density", ylabel="||(W_merged - W_t) X_t|| / ||(W_t - W_0) X_t||", title="layer reconstruction error"
+    )
     handles, labels = ax1.get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.83, 1))

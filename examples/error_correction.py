@@ -17,6 +17,7 @@ vector is Gaussian noise shaped like the layer, since no fine-tune ships with it
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -86,6 +87,11 @@ def exact_refit(d, h, keep):
     return out
 
 
+def output_error(d: np.ndarray, dp: np.ndarray, x: np.ndarray) -> float:
+    """Relative output error ``||(d - dp) x|| / ||d x||`` of a pruned delta ``dp``."""
+    return float(np.linalg.norm((d - dp) @ x) / np.linalg.norm(d @ x))
+
+
 def timed(fn):
     fn()  # compile
     t0 = time.perf_counter()
@@ -101,14 +107,16 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     layers = smollm2_layers() if args.smollm2 else synthetic_layers(rng)
-    print(f"{'layer':<34} {'density':>7} {'magnitude':>9} {'wanda':>7} {'OBS':>7} {'OBS+refit':>9} {'exact':>7} "
-          f"{'refit share':>11} {'OBS s':>6} {'+refit s':>8}")
+    print(
+        f"{'layer':<34} {'density':>7} {'magnitude':>9} {'wanda':>7} {'OBS':>7} {'OBS+refit':>9} {'exact':>7} "
+        f"{'refit share':>11} {'OBS s':>6} {'+refit s':>8}"
+    )
     for label, x, rows in layers:
         cols = x.shape[1]
         h = np.asarray(hessian_update(hessian_init(cols), x[None]).hessian)
         d = (rng.standard_normal((rows, cols)) * 1e-2).astype(np.float32)
         x64, d64 = x.astype(np.float64).T, d.astype(np.float64)
-        err = lambda dp: np.linalg.norm((d64 - dp) @ x64) / np.linalg.norm(d64 @ x64)
+        err = functools.partial(output_error, d64, x=x64)
         norms = np.asarray(input_norms(h))
         for density in DENSITIES:
             k = round(density * d.size)
@@ -116,8 +124,8 @@ def main() -> None:
             wscore = np.abs(d) * norms
             kr = round(density * cols)
             wanda = np.where(wscore >= np.sort(wscore, axis=1)[:, -kr][:, None], d, 0)
-            (obs, _), t_obs = timed(lambda: obs_prune(d, h, density=density))
-            (ref, _), t_ref = timed(lambda: obs_prune(d, h, density=density, refit=True))
+            (obs, _), t_obs = timed(functools.partial(obs_prune, d, h, density=density))
+            (ref, _), t_ref = timed(functools.partial(obs_prune, d, h, density=density, refit=True))
             obs, ref = np.asarray(obs, np.float64), np.asarray(ref, np.float64)
             e_obs, e_ref = err(obs), err(ref)
             if args.no_exact:
@@ -126,8 +134,10 @@ def main() -> None:
                 a = np.asarray(damped_hessian(jnp.asarray(h), 0.01), np.float64)
                 e_ex = err(exact_refit(d64, a, obs != 0))
                 share = (e_obs - e_ref) / (e_obs - e_ex) if e_obs > e_ex else float("nan")
-            print(f"{label:<34} {density:>7.1f} {err(mag):>9.4f} {err(wanda):>7.4f} {e_obs:>7.4f} {e_ref:>9.4f} "
-                  f"{e_ex:>7.4f} {share:>10.0%} {t_obs:>6.3f} {t_ref:>8.3f}")
+            print(
+                f"{label:<34} {density:>7.1f} {err(mag):>9.4f} {err(wanda):>7.4f} {e_obs:>7.4f} {e_ref:>9.4f} "
+                f"{e_ex:>7.4f} {share:>10.0%} {t_obs:>6.3f} {t_ref:>8.3f}"
+            )
 
 
 if __name__ == "__main__":

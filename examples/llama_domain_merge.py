@@ -50,11 +50,16 @@ def prepare(work: Path, model_dir: str | None, steps: int) -> dict[str, Any]:
         finetune(base, work / "ft_facts", ids, lm, steps=steps, lr=1e-3)
     if not (work / "ft_logs").is_dir():
         lines = logs_train.splitlines()
-        chunks = ["\n".join(lines[i:i + 2]) + "\n" for i in range(0, len(lines), 2)]
+        chunks = ["\n".join(lines[i : i + 2]) + "\n" for i in range(0, len(lines), 2)]
         ids, lm = _examples(tok, chunks, [0] * len(chunks), 64)
         finetune(base, work / "ft_logs", ids, lm, steps=steps, lr=3e-4)
-    return {"base": base, "fts": [work / "ft_facts", work / "ft_logs"], "facts": facts, "logs_eval": logs_eval,
-            "calib": {"facts": work / "facts.txt", "logs": work / "logs.txt", "both": work / "calibration.txt"}}
+    return {
+        "base": base,
+        "fts": [work / "ft_facts", work / "ft_logs"],
+        "facts": facts,
+        "logs_eval": logs_eval,
+        "calib": {"facts": work / "facts.txt", "logs": work / "logs.txt", "both": work / "calibration.txt"},
+    }
 
 
 def variants(densities: tuple[float, ...], sources: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
@@ -64,17 +69,27 @@ def variants(densities: tuple[float, ...], sources: tuple[str, ...]) -> list[tup
         out.append((f"ties d={d}", {"merge_method": "ties", "density": d}))
         out.append((f"dare_ties d={d}", {"merge_method": "dare_ties", "density": d}))
         for s in sources:
-            out.append((f"ties+sparsegpt d={d} H={s}", {"merge_method": "ties", "density": d, "trim": "sparsegpt",
-                                                        "hessian_source": s}))
-            out.append((f"dare_ties+sparsegpt d={d} H={s}", {"merge_method": "dare_ties", "density": d,
-                                                             "trim": "sparsegpt", "hessian_source": s}))
+            out.append(
+                (
+                    f"ties+sparsegpt d={d} H={s}",
+                    {"merge_method": "ties", "density": d, "trim": "sparsegpt", "hessian_source": s},
+                )
+            )
+            out.append(
+                (
+                    f"dare_ties+sparsegpt d={d} H={s}",
+                    {"merge_method": "dare_ties", "density": d, "trim": "sparsegpt", "hessian_source": s},
+                )
+            )
     return out
 
 
 def config_for(prep: dict[str, Any], over: dict[str, Any], nsamples: int, seqlen: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in prep["fts"]],
-        "merge_method": over["merge_method"], "base_model": str(prep["base"]), "dtype": "float32",
+        "merge_method": over["merge_method"],
+        "base_model": str(prep["base"]),
+        "dtype": "float32",
     }
     if over["density"] < 1.0:
         for m in cfg["models"]:

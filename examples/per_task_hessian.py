@@ -49,8 +49,10 @@ def main() -> None:
             run_merge(parse_config(ldm.config_for(prep, over, args.nsamples, args.seqlen)), out, progress=False)
         rep = json.loads((out / REPORT_FILE).read_text())
         errs = [np.mean(r["trim_error"]) for r in rep["layers"] if r["trim_error"] is not None]
-        rows[source] = {"mean_trim_error": float(np.mean(errs)) if errs else float("nan"),
-                        **ldm.evaluate_dir(out, prep)}
+        rows[source] = {
+            "mean_trim_error": float(np.mean(errs)) if errs else float("nan"),
+            **ldm.evaluate_dir(out, prep),
+        }
     print(f"{'H source':<10}{'mean trim error':>18}{'facts EM':>10}{'logs ppl':>10}")
     for s, r in rows.items():
         print(f"{s:<10}{r['mean_trim_error']:>18.4f}{r['facts_em']:>10.3f}{r['logs_ppl']:>10.2f}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ def require_finite(x: jax.Array, name: str) -> None:
         raise ValueError(f"{name} contains {n_bad} NaN or Inf entries")
 
 
-def check_density(density: float, name: str = "density") -> float:
+def check_density(density: Any, name: str = "density") -> float:
     try:
         d = float(density)
     except (TypeError, ValueError) as e:
@@ -46,7 +47,7 @@ def densities_for_stack(density: float | Sequence[float] | None, tasks: int) -> 
     """One density per task: a scalar is broadcast; a sequence must have length `tasks`."""
     if density is None:
         raise ValueError("density is required for unstructured pruning (or give prunen/prunem)")
-    if np.ndim(density) == 0:
+    if isinstance(density, (int, float)) or np.ndim(density) == 0:
         return (check_density(density),) * tasks
     values = [check_density(d, f"density[{i}]") for i, d in enumerate(density)]
     if len(values) != tasks:
@@ -144,10 +145,10 @@ def check_percdamp(percdamp: Any, guard: Guard) -> None:
         if not (math.isfinite(p) and p >= 0):
             raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
         return
-    p = jnp.asarray(percdamp)
-    if p.ndim != 0:
-        raise ValueError(f"percdamp must be a scalar, got shape {p.shape}")
-    guard.require(jnp.isfinite(p) & (p >= 0), "percdamp must be a finite number >= 0")
+    pa = jnp.asarray(percdamp)
+    if pa.ndim != 0:
+        raise ValueError(f"percdamp must be a scalar, got shape {pa.shape}")
+    guard.require(jnp.isfinite(pa) & (pa >= 0), "percdamp must be a finite number >= 0")
 
 
 def symmetry_tolerance(dtype: jnp.dtype) -> float:
@@ -169,15 +170,15 @@ def check_symmetric(h: jax.Array, name: str, guard: Guard) -> None:
     ok = ~(gap > tol * top)
     guard.require(
         ok,
-        lambda: f"{name} is not symmetric: max |H - H^T| = {float(gap):.3g} exceeds "
-        f"{tol:.1e} * max |H| = {tol * float(top):.3g}; pass (H + H^T) / 2 if that is what you mean",
+        lambda: (
+            f"{name} is not symmetric: max |H - H^T| = {float(gap):.3g} exceeds "
+            f"{tol:.1e} * max |H| = {tol * float(top):.3g}; pass (H + H^T) / 2 if that is what you mean"
+        ),
         f"{name} is not symmetric: max |H - H^T| exceeds {tol:.1e} * max |H|",
     )
 
 
-def density_values(
-    density: Any, tasks: int, guard: Guard, name: str = "density"
-) -> tuple[float, ...] | jax.Array:
+def density_values(density: Any, tasks: int, guard: Guard, name: str = "density") -> tuple[float, ...] | jax.Array:
     """One density per task: Python floats when known now (today's checks and
     messages), else a traced float array `[tasks]` range-checked through `guard`."""
     if not is_traced(density):

@@ -14,7 +14,8 @@ import argparse
 import errno
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -83,8 +84,9 @@ def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
     """`--debug` before the subcommand (`sgtv --debug merge ...`) or after it."""
     parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
     for p in subparsers.choices.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks of expected errors too")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of expected errors too"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     # Each job module exposes add_parser(subparsers) that sets `func` on its parser.
     from convert import cli as convert_cli
+    from sgtv_jax.merge import cli as merge_cli
     from sgtv_jax.pipeline import cli as pipeline_cli
 
     convert_cli.add_parser(sub)
     pipeline_cli.add_parser(sub)
+    merge_cli.add_parser(sub)
     add_debug_flag(parser, sub)
     args = parser.parse_args(argv)
     return run_guarded(args.func, args)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from sgtv_jax import _checks
 from sgtv_jax.factor import inverse_factor
-from sgtv_jax.hessian import hessian_finalize, hessian_init, hessian_update
+from sgtv_jax.hessian import HessianState, hessian_finalize, hessian_init, hessian_update
 from sgtv_jax.obs import obs_prune, obs_prune_from_inverse
 
 
@@ -39,9 +39,9 @@ def _layer_shape(layer_shape) -> tuple[int, int]:
     return rows, cols
 
 
-def _rescale(pruned: jax.Array, density: float, rescale: bool) -> jax.Array:
+def _rescale(pruned: jax.Array, density: float | None, rescale: bool) -> jax.Array:
     """DARE-style 1/density; double-counts on top of OBS compensation, so opt-in."""
-    return pruned / density if rescale and density > 0 else pruned
+    return pruned / density if rescale and density is not None and density > 0 else pruned
 
 
 class HessianCalculator:
@@ -50,32 +50,35 @@ class HessianCalculator:
     def __init__(self, layer_shape, device: Any = None):
         self.rows, self.columns = _layer_shape(layer_shape)
         self.device = device  # kept for signature compatibility; JAX places arrays
-        self._state = hessian_init(self.columns)
+        self._state: HessianState | None = hessian_init(self.columns)
+
+    def _live_state(self) -> HessianState:
+        if self._state is None:
+            raise ValueError("this pruner was freed; create a new one")
+        return self._state
 
     @property
     def H(self) -> jax.Array:
-        return self._state.hessian
+        return self._live_state().hessian
 
     @property
     def nsamples(self) -> int:
-        return int(self._state.nsamples)
+        return int(self._live_state().nsamples)
 
     def add_batch(self, batch, mask=None) -> None:
         """batch: `[batch, seq, columns]` or `[tokens, columns]` layer inputs."""
         x = _checks.as_array(batch, "batch")
         _checks.require_finite(x, "batch (layer inputs)")
-        self._state = hessian_update(self._state, x, mask)
+        self._state = hessian_update(self._live_state(), x, mask)
 
     def get_hessian(self) -> jax.Array:
         """H `[columns, columns]`."""
-        return hessian_finalize(self._state)
+        return hessian_finalize(self._live_state())
 
     def _factor(self, percdamp: float):
         factor = inverse_factor(self.get_hessian(), percdamp)
         if not bool(factor.ok):
-            raise ValueError(
-                f"Hessian is not positive definite even at percdamp={float(factor.percdamp):.3g}"
-            )
+            raise ValueError(f"Hessian is not positive definite even at percdamp={float(factor.percdamp):.3g}")
         return factor
 
     def get_inverse_hessian(self, percdamp: float = 0.01) -> jax.Array:
@@ -112,8 +115,7 @@ class SparseGPTTaskVector(HessianCalculator):
         tv = _checks.as_array(task_vector, "task_vector")
         if tv.shape != (self.rows, self.columns):
             raise ValueError(
-                f"task_vector shape {tuple(tv.shape)} does not match layer shape "
-                f"({self.rows}, {self.columns})"
+                f"task_vector shape {tuple(tv.shape)} does not match layer shape ({self.rows}, {self.columns})"
             )
         nm = bool(prunen or prunem)
         pruned, _ = obs_prune(
@@ -149,9 +151,7 @@ def prune_task_vector_with_error_correction(
     """
     del percdamp
     hinv = _checks.as_array(hessian_inv, "hessian_inv")
-    if hinv.ndim == 2 and bool(jnp.all(jnp.tril(hinv, -1) == 0)) and not bool(
-        jnp.all(hinv == hinv.T)
-    ):
+    if hinv.ndim == 2 and bool(jnp.all(jnp.tril(hinv, -1) == 0)) and not bool(jnp.all(hinv == hinv.T)):
         hinv = jnp.matmul(hinv.T, hinv, precision=jax.lax.Precision.HIGHEST)
     pruned, _ = obs_prune_from_inverse(task_vector, hinv, density=density, blocksize=blocksize)
     return _rescale(pruned, density, rescale)

@@ -12,13 +12,15 @@ two (12-bit limbs in int32), every float64 operation rounds it to 53
 significant bits (half-even), and the final rounding is half-even at the
 binary point. The result equals Python's for the float64 value of the traced
 float32 density (`float(np.float32(d))`), which is what an eager call made with
-that array computes.
+that array computes. `exact_floor` is the same with `int()` (truncation, which is
+the floor for these non-negative products) in place of `round()`: mergekit's count.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 _BITS = 12
 _MASK = (1 << _BITS) - 1
@@ -85,6 +87,11 @@ def _round_at(a: jax.Array, p: jax.Array) -> jax.Array:
     return _carry(cleared + up[..., None] * _pow2(jnp.maximum(p, 0), n))
 
 
+def _floor_at(a: jax.Array, p: jax.Array) -> jax.Array:
+    """Round down to a multiple of 2^p (p <= 0: unchanged)."""
+    return jnp.where((p > 0)[..., None], a & ~_low_mask(a.shape[-1], p), a)
+
+
 def _round53(a: jax.Array) -> jax.Array:
     """The float64 rounding of an integer: keep 53 significant bits, half to even."""
     return _round_at(a, jnp.maximum(_bitlen(a) - 53, 0))
@@ -97,7 +104,7 @@ def _shift_down(a: jax.Array, s: jax.Array) -> jax.Array:
     return jnp.sum(parts, axis=-1)
 
 
-def _emulated(v: jax.Array, factors: tuple[int, ...], complement: bool) -> jax.Array:
+def _emulated(v: jax.Array, factors: tuple[int, ...], complement: bool, floor: bool = False) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
     expo = (bits >> 23) & 0xFF
     frac = bits & 0x7FFFFF
@@ -112,25 +119,34 @@ def _emulated(v: jax.Array, factors: tuple[int, ...], complement: bool) -> jax.A
         a = _round53(_carry(_pow2(scale, nlimbs) - a))
     for f in factors:  # float64 (... * f), left to right as Python evaluates it
         a = _round53(_mul_const(a, int(f)))
-    return _shift_down(_round_at(a, scale), scale)
+    return _shift_down(_floor_at(a, scale) if floor else _round_at(a, scale), scale)
 
 
-def exact_round(value: jax.Array, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
+def exact_round(value: ArrayLike, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
     """int32 `round((1 - value) * f1 * f2 ...)` (complement) or `round(value * f1 ...)`, as Python's float64.
 
     `value`: any shape, floating, in [0, 1] (NaN and values outside are clipped
     into [0, 1] here; callers check the range). `factors`: static non-negative
     ints below 2^36 whose product is below 2^31.
     """
+    return _exact(value, factors, complement, floor=False)
+
+
+def exact_floor(value: ArrayLike, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
+    """int32 `int(value * f1 * f2 ...)` (or of `(1 - value) * ...`), as Python's float64; see `exact_round`."""
+    return _exact(value, factors, complement, floor=True)
+
+
+def _exact(value: ArrayLike, factors: tuple[int, ...], complement: bool, floor: bool) -> jax.Array:
     v = jnp.asarray(value)
     if not jnp.issubdtype(v.dtype, jnp.floating):
         v = v.astype(jnp.float32)
     v = jnp.clip(jnp.where(jnp.isnan(v), 0, v), 0, 1)
-    if jax.config.jax_enable_x64:
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # config options are dynamic attributes
         x = 1.0 - v.astype(jnp.float64) if complement else v.astype(jnp.float64)
         for f in factors:
             x = x * float(f)
-        return jnp.round(x).astype(jnp.int32)
+        return (jnp.floor(x) if floor else jnp.round(x)).astype(jnp.int32)
     if v.dtype != jnp.float32:
         v = v.astype(jnp.float32)  # bf16 / f16 widen exactly
-    return _emulated(v, tuple(int(f) for f in factors), complement)
+    return _emulated(v, tuple(int(f) for f in factors), complement, floor)

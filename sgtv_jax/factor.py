@@ -103,11 +103,14 @@ def damped(h: jax.Array, percdamp: jax.Array) -> jax.Array:
 
 def damped_hessian(hessian: jax.Array, percdamp: jax.Array) -> jax.Array:
     """The matrix the sweep factors: dead columns fixed, then damped; `[cols, cols]` or `[T, cols, cols]`."""
-    one = lambda h, p: damped(fix_dead_columns(h)[0], p)
+
+    def one(h, p):
+        return damped(fix_dead_columns(h)[0], p)
+
     return jax.vmap(one)(hessian, percdamp) if hessian.ndim == 3 else one(hessian, percdamp)
 
 
-def _factor_one(hessian: jax.Array, percdamp: jax.Array, max_escalations: int) -> InverseFactor:
+def _factor_one(hessian: jax.Array, percdamp: float | jax.Array, max_escalations: int) -> InverseFactor:
     h, dead = fix_dead_columns(hessian)
     percdamp = jnp.asarray(percdamp, h.dtype)
 

@@ -11,7 +11,9 @@ An optax-style trio of pure functions over a `HessianState`:
 one), so H is a running mean over sequences exactly as the SparseGPT reference
 accumulates it. The scale of H does not change OBS results; it does matter for
 comparing Hessians across sources, which is why we keep the reference's.
-Padded tokens are excluded by a `[batch, seq]` (or `[tokens]`) mask.
+Padded tokens are excluded by a `[batch, seq]` (or `[tokens]`) mask; a float
+mask `w` weights each token: `H = (2/n) * sum_tokens w^2 x x^T` (a routed
+expert's tokens scaled by their routing weights, `sgtv_jax.models.moe`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class HessianState(NamedTuple):
 
 def default_dtype() -> jnp.dtype:
     """float64 when JAX runs with x64 enabled, else float32."""
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32  # type: ignore[attr-defined]  # dynamic option
 
 
 def hessian_init(cols: int, dtype: jnp.dtype | None = None) -> HessianState:
@@ -66,9 +68,7 @@ def _update(state: HessianState, x: jax.Array, mask: jax.Array) -> HessianState:
     return HessianState(hessian, n_new)
 
 
-def hessian_update(
-    state: HessianState, x: jax.Array, mask: jax.Array | None = None
-) -> HessianState:
+def hessian_update(state: HessianState, x: jax.Array, mask: jax.Array | None = None) -> HessianState:
     """Add one batch of layer inputs.
 
     Args:
@@ -76,6 +76,7 @@ def hessian_update(
       x: `[batch, seq, cols]` (batch sequences) or `[tokens, cols]` (one sequence).
       mask: optional `[batch, seq]` / `[tokens]`, nonzero for real tokens; padded
         tokens contribute nothing (the sequence still counts in `nsamples`).
+        Float values weight tokens: `x` is scaled by `mask`, so `x x^T` by `mask^2`.
     """
     x = jnp.asarray(x)
     cols = state.hessian.shape[0]
@@ -84,17 +85,13 @@ def hessian_update(
         if mask is not None:
             mask = jnp.asarray(mask)[None]
     if x.ndim != 3 or x.shape[-1] != cols:
-        raise ValueError(
-            f"x must be [batch, seq, {cols}] or [tokens, {cols}], got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must be [batch, seq, {cols}] or [tokens, {cols}], got shape {tuple(x.shape)}")
     if mask is None:
         mask = jnp.ones(x.shape[:2], dtype=bool)
     else:
         mask = jnp.asarray(mask)
         if mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"mask must have shape {tuple(x.shape[:2])} to match x, got {tuple(mask.shape)}"
-            )
+            raise ValueError(f"mask must have shape {tuple(x.shape[:2])} to match x, got {tuple(mask.shape)}")
     return _update(state, x, mask)
 
 

@@ -29,7 +29,8 @@ is not used (`sgtv_jax._checks.Guard`).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,7 @@ class ObsInfo(NamedTuple):
 
     loss: jax.Array
     percdamp: jax.Array
+
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Inner panel width of the column sweep (see _sweep_block); tuned on CPU.
@@ -221,9 +223,7 @@ def block_prune_counts(densities: Sequence[float], rows: int, cols: int, blocksi
     for densities that are traced arrays.
     """
     widths = [min(blocksize, cols - i1) for i1 in range(0, cols, blocksize)]
-    return np.array(
-        [[round((1.0 - d) * rows * w) for w in widths] for d in densities], dtype=np.int32
-    )
+    return np.array([[round((1.0 - d) * rows * w) for w in widths] for d in densities], dtype=np.int32)
 
 
 def traced_block_prune_counts(densities: jax.Array, rows: int, cols: int, blocksize: int) -> jax.Array:
@@ -258,8 +258,7 @@ def _validate(delta, hessian, density, prunen, prunem, blocksize, hessian_name, 
     if hessian.shape != shared_shape and not (delta.ndim == 3 and hessian.shape == stacked_shape):
         allowed = f"{shared_shape}" + (f" or {stacked_shape}" if delta.ndim == 3 else "")
         raise ValueError(
-            f"{hessian_name} must have shape {allowed} for delta of shape {delta.shape}, "
-            f"got {hessian.shape}"
+            f"{hessian_name} must have shape {allowed} for delta of shape {delta.shape}, got {hessian.shape}"
         )
     blocksize = _checks.check_positive_int(blocksize, "blocksize")
     if prunen or prunem:
@@ -293,8 +292,10 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     where = f" for {name}" if name else ""
     guard.require(
         factor.ok,
-        lambda: f"Hessian{where} is not positive definite even after raising the damping "
-        f"to percdamp={float(jnp.max(factor.percdamp)):.3g}; check the calibration inputs",
+        lambda: (
+            f"Hessian{where} is not positive definite even after raising the damping "
+            f"to percdamp={float(jnp.max(factor.percdamp)):.3g}; check the calibration inputs"
+        ),
         f"Hessian{where} is not positive definite even after raising the damping "
         f"{MAX_ESCALATIONS} times by x10; check the calibration inputs",
     )
@@ -307,9 +308,7 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     else:
         counts = traced_block_prune_counts(densities, rows, cols, blocksize)
         keep_input = densities == 1.0
-    pruned, mask, loss = obs_sweep(
-        stack, factor, counts, blocksize=blocksize, prunen=prunen, prunem=prunem
-    )
+    pruned, mask, loss = obs_sweep(stack, factor, counts, blocksize=blocksize, prunen=prunen, prunem=prunem)
     if refit is not None:
         hessian, tol, maxiter = refit
         target = jnp.where(factor.dead[..., None, :], 0, stack.astype(pruned.dtype))
@@ -318,6 +317,42 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
     pruned = jnp.where(keep_input[:, None, None], stack, pruned).astype(delta.dtype)
     loss = jnp.where(keep_input, 0, loss)
     return (pruned[0], loss[0], factor.percdamp) if squeeze else (pruned, loss, factor.percdamp)
+
+
+@overload
+def obs_prune(
+    delta,
+    hessian,
+    *,
+    density: float | Sequence[float] | None = ...,
+    prunen: int = ...,
+    prunem: int = ...,
+    blocksize: int = ...,
+    percdamp: float = ...,
+    refit: bool = ...,
+    refit_tol: float = ...,
+    refit_maxiter: int = ...,
+    name: str | None = ...,
+    return_info: Literal[False] = ...,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def obs_prune(
+    delta,
+    hessian,
+    *,
+    density: float | Sequence[float] | None = ...,
+    prunen: int = ...,
+    prunem: int = ...,
+    blocksize: int = ...,
+    percdamp: float = ...,
+    refit: bool = ...,
+    refit_tol: float = ...,
+    refit_maxiter: int = ...,
+    name: str | None = ...,
+    return_info: Literal[True],
+) -> tuple[jax.Array, ObsInfo]: ...
 
 
 def obs_prune(
@@ -334,7 +369,7 @@ def obs_prune(
     refit_maxiter: int = 20,
     name: str | None = None,
     return_info: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, ObsInfo]:
     """Prune task vector(s) with blockwise OBS error correction.
 
     Args:
@@ -354,7 +389,8 @@ def obs_prune(
       name: layer name used in error messages.
       return_info: return an `ObsInfo` (loss and the damping used) instead of the loss.
     Returns:
-      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`).
+      (pruned delta, same shape and dtype; OBS loss of the sweep, scalar or `[T]`), or
+      (pruned delta, `ObsInfo`) with `return_info=True`.
     """
     guard = _checks.Guard()
     delta, hessian, densities, prunen, prunem, blocksize = _validate(

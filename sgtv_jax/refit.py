@@ -28,7 +28,10 @@ def _refit_rows(delta, values, keep, a, tol, maxiter):
     """delta, values, keep: `[rows, cols]`; a: `[cols, cols]` (SPD). Returns (values, iterations)."""
     keep = keep.astype(delta.dtype)
     precond = keep / jnp.diagonal(a)  # Jacobi, restricted to the kept entries
-    matvec = lambda p: keep * jnp.matmul(p, a, precision=HIGHEST)
+
+    def matvec(p):
+        return keep * jnp.matmul(p, a, precision=HIGHEST)
+
     values = keep * values
     r = keep * jnp.matmul(delta - values, a, precision=HIGHEST)  # -gradient / 2
     z = precond * r
@@ -87,6 +90,9 @@ def refit_kept(
     if a.ndim == 3:
         return jax.vmap(lambda d, v, k, at: _refit_rows(d, v, k, at, tol, maxiter))(delta, values, keep, a)
     tasks, rows, cols = values.shape
-    flat = lambda x: x.reshape(tasks * rows, cols)
+
+    def flat(x):
+        return x.reshape(tasks * rows, cols)
+
     out, iters = _refit_rows(flat(delta), flat(values), flat(keep), a, tol, maxiter)
     return out.reshape(values.shape), iters

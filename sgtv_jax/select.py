@@ -62,7 +62,7 @@ def order_key(scores: jax.Array) -> jax.Array:
     return jnp.where(bits >= top, ~bits, bits | top)
 
 
-def kth_smallest_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def kth_smallest_key(keys: jax.Array, k: jax.Array | int) -> tuple[jax.Array, jax.Array]:
     """(the k-th smallest of `keys` `[n]`, how many keys are strictly smaller); 1 <= k <= n.
 
     For k = 0 returns (0, 0). One histogram pass per digit of `digit_plan`
@@ -111,7 +111,7 @@ def first_true_cutoff(flags: jax.Array, need: jax.Array) -> jax.Array:
     return jnp.where(need > 0, j * block + i + 1, 0)
 
 
-def _take_smallest_keys(keys: jax.Array, k: jax.Array) -> jax.Array:
+def _take_smallest_keys(keys: jax.Array, k: jax.Array | int) -> jax.Array:
     thresh, below = kth_smallest_key(keys, k)
     equal = keys == thresh
     cutoff = first_true_cutoff(equal, jnp.asarray(k, jnp.int32) - below)

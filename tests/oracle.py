@@ -1,7 +1,8 @@
-"""Plain float64 NumPy oracles of the REFERENCE semantics, written for reading, not speed.
+"""Plain float64 NumPy oracles of the OBS semantics (stated in `sgtv_jax/obs.py`'s module
+docstring), written for reading, not speed.
 
-Deliberately independent of the library: a Python loop over columns, the
-reference's cholesky -> inverse -> cholesky, a stable argsort for the prune set.
+Deliberately independent of the library: a Python loop over columns,
+SparseGPT's cholesky -> inverse -> cholesky, a stable argsort for the prune set.
 """
 
 from __future__ import annotations

@@ -27,7 +27,11 @@ def test_row_matches_family_and_name_map(model_type):
 
 def test_gguf_rows():
     assert {a: r.model_type for a, r in GGUF_ARCHITECTURES.items()} == {
-        "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+        "llama": "llama",
+        "mistral": "mistral",
+        "qwen2": "qwen2",
+        "qwen3": "qwen3",
+    }
     # qwen2 GGUFs use NEOX RoPE: q/k stored unpermuted.
     assert not GGUF_ARCHITECTURES["qwen2"].gguf_permuted_qk
     assert GGUF_ARCHITECTURES["llama"].gguf_permuted_qk

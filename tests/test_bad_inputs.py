@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file, save_file
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 
 NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"
@@ -146,11 +146,14 @@ def test_alias_bomb_as_parameter_value_refused_fast(case):
     case.run(["merge", case.yaml(text), str(case.tmp / "out"), "--quiet"], names=("m.yaml:2", "alias"), timeout=20)
 
 
-@pytest.mark.parametrize("body, names", [
-    ("", ("m.yaml", "empty")),
-    ("- merge_method: ties\n", ("m.yaml", "mapping", "list")),
-    ("merge_method: [ties\n", ("m.yaml", "not valid YAML")),
-])
+@pytest.mark.parametrize(
+    "body, names",
+    [
+        ("", ("m.yaml", "empty")),
+        ("- merge_method: ties\n", ("m.yaml", "mapping", "list")),
+        ("merge_method: [ties\n", ("m.yaml", "not valid YAML")),
+    ],
+)
 def test_yaml_shapes(case, body, names):
     case.run(["check", case.yaml(body)], names=names)
 
@@ -172,42 +175,55 @@ def _set(raw, where, key, value):
     return raw
 
 
-@pytest.mark.parametrize("where, key, value, names", [
-    ("global", "normalize", "false", ("parameters.normalize must be true or false, got 'false'",)),
-    ("global", "lambda", "big", ("parameters.lambda must be a number", "'big'")),
-    ("global", "lambda", float("inf"), ("parameters.lambda must be finite, got inf",)),
-    ("global", "consensus", "max", ("parameters.consensus must be one of sum, count",)),
-    (0, "density", "0.5", ("models[0].parameters.density must be a number", "'0.5'")),
-    (0, "density", float("nan"), ("models[0].parameters.density must be finite, got nan",)),
-    (1, "weight", float("inf"), ("models[1].parameters.weight must be finite, got inf",)),
-    (1, "weight", float("-inf"), ("models[1].parameters.weight must be finite, got -inf",)),
-    (0, "density", -0.1, ("models[0].parameters.density must be in [0.0, 1.0], got -0.1",)),
-    (0, "density", [1.0, float("nan")], ("models[0].parameters.density must be finite, got nan",)),
-    (1, "weight", [{"filter": "mlp", "value": float("nan")}, {"value": 1.0}],
-     ("models[1].parameters.weight must be finite, got nan",)),
-    ("global", "density", float("inf"), ("parameters.density must be finite, got inf",)),
-    ("global", "refit", True, ("unknown key 'refit' in parameters", "top-level")),
-])
+@pytest.mark.parametrize(
+    "where, key, value, names",
+    [
+        ("global", "normalize", "false", ("parameters.normalize must be true or false, got 'false'",)),
+        ("global", "lambda", "big", ("parameters.lambda must be a number", "'big'")),
+        ("global", "lambda", float("inf"), ("parameters.lambda must be finite, got inf",)),
+        ("global", "consensus", "max", ("parameters.consensus must be one of sum, count",)),
+        (0, "density", "0.5", ("models[0].parameters.density must be a number", "'0.5'")),
+        (0, "density", float("nan"), ("models[0].parameters.density must be finite, got nan",)),
+        (1, "weight", float("inf"), ("models[1].parameters.weight must be finite, got inf",)),
+        (1, "weight", float("-inf"), ("models[1].parameters.weight must be finite, got -inf",)),
+        (0, "density", -0.1, ("models[0].parameters.density must be in [0.0, 1.0], got -0.1",)),
+        (0, "density", [1.0, float("nan")], ("models[0].parameters.density must be finite, got nan",)),
+        (
+            1,
+            "weight",
+            [{"filter": "mlp", "value": float("nan")}, {"value": 1.0}],
+            ("models[1].parameters.weight must be finite, got nan",),
+        ),
+        ("global", "density", float("inf"), ("parameters.density must be finite, got inf",)),
+        ("global", "refit", True, ("unknown key 'refit' in parameters", "top-level")),
+    ],
+)
 def test_bad_parameter_value_named(case, where, key, value, names):
     raw = _set(case.data_free(), where, key, value)
     case.run(["check", case.yaml(raw)], names=names)
 
 
-@pytest.mark.parametrize("over, names", [
-    ({"merge_methd": "ties"}, ("unknown key 'merge_methd'", "did you mean 'merge_method'")),
-    ({"merge_method": "tie"}, ("unknown merge_method 'tie'", "did you mean 'ties'")),
-    ({"percdamp": float("nan")}, ("percdamp must be a finite number",)),
-    ({"calibration": {"data": "calib.txt", "seqlen": "long"}}, ("calibration.seqlen must be an integer",)),
-])
+@pytest.mark.parametrize(
+    "over, names",
+    [
+        ({"merge_methd": "ties"}, ("unknown key 'merge_methd'", "did you mean 'merge_method'")),
+        ({"merge_method": "tie"}, ("unknown merge_method 'tie'", "did you mean 'ties'")),
+        ({"percdamp": float("nan")}, ("percdamp must be a finite number",)),
+        ({"calibration": {"data": "calib.txt", "seqlen": "long"}}, ("calibration.seqlen must be an integer",)),
+    ],
+)
 def test_bad_top_level_key_named(case, over, names):
     case.run(["check", case.yaml(case.raw(**over))], names=names)
 
 
-@pytest.mark.parametrize("over", [
-    {"parameters": {"normalize": "false"}},
-    {"merge_method": "tie"},
-    {"base_model": "/nonexistent/base"},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"parameters": {"normalize": "false"}},
+        {"merge_method": "tie"},
+        {"base_model": "/nonexistent/base"},
+    ],
+)
 def test_check_and_merge_agree(case, over):
     path = case.yaml(case.data_free(**over))
     err_check = case.run(["check", path])
@@ -220,8 +236,10 @@ def test_check_and_merge_agree(case, over):
 
 
 def test_missing_base_model(case):
-    case.run(["check", case.yaml(case.data_free(base_model="no_such_base"))],
-             names=("base_model", "no_such_base", "does not exist"))
+    case.run(
+        ["check", case.yaml(case.data_free(base_model="no_such_base"))],
+        names=("base_model", "no_such_base", "does not exist"),
+    )
 
 
 def test_non_utf8_calibration_file_names_it(case):
@@ -239,8 +257,9 @@ def test_nan_in_finetune_names_tensor_and_model_as_written(case, trim):
         raw.pop("calibration")
     raw["models"][0]["model"] = "ft_nan"  # relative to the YAML's folder, as a user writes it
     (case.tmp / "ft_nan").symlink_to(case.root / "ft_nan")
-    err = case.run(["merge", case.yaml(raw), str(case.tmp / "out"), "--quiet"],
-                   names=(NAN_TENSOR, "models[0] (ft_nan)", "NaN"))
+    err = case.run(
+        ["merge", case.yaml(raw), str(case.tmp / "out"), "--quiet"], names=(NAN_TENSOR, "models[0] (ft_nan)", "NaN")
+    )
     assert str(case.root) not in err
     assert not (case.tmp / "out").exists()
 
@@ -249,10 +268,10 @@ def test_huge_seqlen_refused_by_memory_guard_before_weights(case, monkeypatch):
     long_base = case.tmp / "base_long"
     shutil.copytree(case.paths["base"], long_base)
     c = json.loads((long_base / "config.json").read_text())
-    c["max_position_embeddings"] = 10 ** 7
+    c["max_position_embeddings"] = 10**7
     (long_base / "config.json").write_text(json.dumps(c))
     raw = case.raw(base_model=str(long_base))
-    raw["calibration"]["seqlen"] = 10 ** 7
+    raw["calibration"]["seqlen"] = 10**7
     from convert.safetensors_reader import SafetensorsCheckpoint
 
     def no_reads(self, name):
@@ -293,8 +312,9 @@ def test_read_only_output_parent_named(case, monkeypatch):
 
         monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
     try:
-        case.run(["merge", case.yaml(case.data_free()), str(ro / "out"), "--quiet"],
-                 names=(str(ro), "Permission denied"))
+        case.run(
+            ["merge", case.yaml(case.data_free()), str(ro / "out"), "--quiet"], names=(str(ro), "Permission denied")
+        )
     finally:
         ro.chmod(0o755)
     assert list(ro.iterdir()) == []
@@ -307,8 +327,10 @@ def test_disk_full_named(case, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._data_path))
 
     monkeypatch.setattr(StreamingSafetensorsWriter, "add", full)
-    case.run(["merge", case.yaml(case.data_free()), str(case.tmp / "out"), "--quiet"],
-             names=("no space left on device", str(case.tmp)))
+    case.run(
+        ["merge", case.yaml(case.data_free()), str(case.tmp / "out"), "--quiet"],
+        names=("no space left on device", str(case.tmp)),
+    )
     assert not (case.tmp / "out").exists()
 
 
@@ -324,8 +346,10 @@ def test_out_of_memory_is_an_error_line(case, monkeypatch, kind):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB.")
 
     monkeypatch.setattr(seq, "run_merge", oom)
-    case.run(["merge", case.yaml(case.data_free()), str(case.tmp / "out"), "--quiet"],
-             names=("out of memory", "sgtv merge", "batch_size / seqlen / nsamples"))
+    case.run(
+        ["merge", case.yaml(case.data_free()), str(case.tmp / "out"), "--quiet"],
+        names=("out of memory", "sgtv merge", "batch_size / seqlen / nsamples"),
+    )
 
 
 def test_interrupt_exits_130(case, monkeypatch):
@@ -383,8 +407,13 @@ def test_eval_non_utf8_text_names_it(case):
 
 def test_python_m_convert_uses_the_same_guard(case, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-    res = subprocess.run([sys.executable, "-m", "convert", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
-                         capture_output=True, text=True, timeout=120, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "convert", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "nope" in res.stderr, res.stderr
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-
 import test_pipeline_helpers as H
-from convert.atomic import OUTPUT_MARKER, PARTIAL_MARKER, remove_leftovers
+import yaml
 from safetensors.numpy import load_file
+
+from convert.atomic import OUTPUT_MARKER, PARTIAL_MARKER, remove_leftovers
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.config import load_config
 from sgtv_jax.pipeline.sequential import run_merge
@@ -46,8 +46,13 @@ def fam(tmp_path_factory):
     shutil.copy(root / "calib.txt", root / "calibdir" / "calib.txt")
     secret = tmp_path_factory.mktemp("secret") / "id_rsa"
     secret.write_text("-----BEGIN PRIVATE KEY----- not for publishing\n")
-    return {"root": root, "base": paths["base"], "fts": paths["fts"], "calib": root / "calibdir" / "calib.txt",
-            "secret": secret}
+    return {
+        "root": root,
+        "base": paths["base"],
+        "fts": paths["fts"],
+        "calib": root / "calibdir" / "calib.txt",
+        "secret": secret,
+    }
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
@@ -220,8 +225,7 @@ def _c_tokenizer_link_to_secret(fam, tmp):
     base = copy_model(fam["base"], tmp / "base")
     (base / "tokenizer_config.json").unlink()
     (base / "tokenizer_config.json").symlink_to(fam["secret"])
-    return (_merge(tmp, fam, tmp / "out", base=base),
-            [base / "tokenizer_config.json", fam["secret"]], [fam["secret"]])
+    return (_merge(tmp, fam, tmp / "out", base=base), [base / "tokenizer_config.json", fam["secret"]], [fam["secret"]])
 
 
 def _c_tokenizer_link_into_sibling(fam, tmp):
@@ -250,8 +254,11 @@ def _c_index_shard_parent(fam, tmp):
     copy_model(fam["base"], tmp / "other")
     base = copy_model(fam["base"], tmp / "base")
     make_index(base, "../other/model.safetensors")
-    return (_merge(tmp, fam, tmp / "out", base=base),
-            [base / "model.safetensors.index.json", "../other/model.safetensors"], [])
+    return (
+        _merge(tmp, fam, tmp / "out", base=base),
+        [base / "model.safetensors.index.json", "../other/model.safetensors"],
+        [],
+    )
 
 
 def _c_index_shard_absolute(fam, tmp):
@@ -266,8 +273,11 @@ def _c_index_shard_symlink_out(fam, tmp):
     base = copy_model(fam["base"], tmp / "base")
     make_index(base, "model-00001-of-00001.safetensors")
     (base / "model-00001-of-00001.safetensors").symlink_to(other / "model.safetensors")
-    return (_merge(tmp, fam, tmp / "out", base=base),
-            ["model-00001-of-00001.safetensors", other / "model.safetensors"], [])
+    return (
+        _merge(tmp, fam, tmp / "out", base=base),
+        ["model-00001-of-00001.safetensors", other / "model.safetensors"],
+        [],
+    )
 
 
 def _c_single_file_symlink_out(fam, tmp):
@@ -303,8 +313,11 @@ def _c_convert_dst_contains_src(fam, tmp):
 
 
 def _c_convert_orbax_dst_is_src(fam, tmp):
-    return (["convert", fam["base"], fam["base"], "--overwrite", "--format", "orbax", "-q"],
-            [fam["base"], "the source"], [])
+    return (
+        ["convert", fam["base"], fam["base"], "--overwrite", "--format", "orbax", "-q"],
+        [fam["base"], "the source"],
+        [],
+    )
 
 
 def _c_convert_dot(fam, tmp):
@@ -456,8 +469,9 @@ def test_set_aside_output_of_killed_run_is_restored(tmp_path):
     old.mkdir()
     (old / OUTPUT_MARKER).write_text(json.dumps({"tool": "sgtv-jax", "kind": "hf"}))
     (old / "model.safetensors").write_bytes(b"previous model")
-    (old / PARTIAL_MARKER).write_text(json.dumps({"tool": "sgtv-jax", "pid": _dead_pid(),
-                                                  "host": socket.gethostname()}))
+    (old / PARTIAL_MARKER).write_text(
+        json.dumps({"tool": "sgtv-jax", "pid": _dead_pid(), "host": socket.gethostname()})
+    )
     msgs = []
     remove_leftovers(out, msgs.append)
     assert (out / "model.safetensors").read_bytes() == b"previous model" and not old.exists()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import oracle
 import pytest
 import torch
 
-import oracle
 import sgtv_jax
 from sgtv_jax import (
     HessianCalculator,

@@ -34,15 +34,32 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 TINY = {
     "llama": lambda: transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True),
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False),
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "bert": lambda: transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
-                                            num_attention_heads=4, intermediate_size=48,
-                                            max_position_embeddings=64),
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    ),
 }
 
 
@@ -72,9 +89,16 @@ def params(model) -> dict:
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
-                                        ("gpt2", torch.float32), ("bert", torch.float32),
-                                        ("llama", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        ("llama", torch.float32),
+        ("qwen2", torch.float32),
+        ("gpt2", torch.float32),
+        ("bert", torch.float32),
+        ("llama", torch.bfloat16),
+    ],
+)
 def test_hf_flax_hf_byte_identical(tmp_path, kind, dtype):
     base_dir = save_tiny(kind, tmp_path / "base", dtype)
     base = open_checkpoint(base_dir)
@@ -83,8 +107,14 @@ def test_hf_flax_hf_byte_identical(tmp_path, kind, dtype):
     pd = jnp.bfloat16 if dtype == torch.bfloat16 else jnp.float32
     model, cfg = load_flax_model(base, param_dtype=pd)
     hf = namemaps.model_to_hf_state_dict(model)
-    out = export_hf(hf, tmp_path / "out", base=base, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                    fill_from_base=False, max_shard_size="30KB")
+    out = export_hf(
+        hf,
+        tmp_path / "out",
+        base=base,
+        dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+        fill_from_base=False,
+        max_shard_size="30KB",
+    )
     src, dst = raw(base_dir), raw(out)
     # Buffers that are not model parameters (e.g. BERT position_ids) are not round-tripped.
     nm, hf_cfg = namemaps.get_name_map(kind), hf_config_object(base.config)
@@ -99,8 +129,9 @@ def test_export_flax_model_streams_byte_identical(tmp_path):
     import jax.numpy as jnp
 
     model, _ = load_flax_model(base_dir, param_dtype=jnp.bfloat16)
-    out = export_flax_model(model, tmp_path / "out", base=base_dir, dtype="bf16", max_shard_size="30KB",
-                            model_card={"method": "identity"})
+    out = export_flax_model(
+        model, tmp_path / "out", base=base_dir, dtype="bf16", max_shard_size="30KB", model_card={"method": "identity"}
+    )
     assert raw(out) == raw(base_dir)
     # Edited parameters are what gets written; the tied head stays tied.
     model.blocks[0].mlp.up_proj.kernel[...] = model.blocks[0].mlp.up_proj.kernel[...] * 2

@@ -21,46 +21,71 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -
     """Verbatim logic of llama.cpp convert_hf_to_gguf.py LlamaModel.permute."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def hf_tensors(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+
+    def r(*s):
+        return rng.standard_normal(s).astype(np.float32)
+
     t = {"model.embed_tokens.weight": r(VOCAB, HIDDEN), "model.norm.weight": r(HIDDEN)}
     if not tied:
         t["lm_head.weight"] = r(VOCAB, HIDDEN)
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": r(HIDDEN), p + "post_attention_layernorm.weight": r(HIDDEN),
-              p + "self_attn.q_proj.weight": r(HEADS * HEAD_DIM, HIDDEN),
-              p + "self_attn.k_proj.weight": r(KV * HEAD_DIM, HIDDEN),
-              p + "self_attn.v_proj.weight": r(KV * HEAD_DIM, HIDDEN),
-              p + "self_attn.o_proj.weight": r(HIDDEN, HEADS * HEAD_DIM),
-              p + "mlp.gate_proj.weight": r(FF, HIDDEN), p + "mlp.up_proj.weight": r(FF, HIDDEN),
-              p + "mlp.down_proj.weight": r(HIDDEN, FF)}
+        t |= {
+            p + "input_layernorm.weight": r(HIDDEN),
+            p + "post_attention_layernorm.weight": r(HIDDEN),
+            p + "self_attn.q_proj.weight": r(HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.k_proj.weight": r(KV * HEAD_DIM, HIDDEN),
+            p + "self_attn.v_proj.weight": r(KV * HEAD_DIM, HIDDEN),
+            p + "self_attn.o_proj.weight": r(HIDDEN, HEADS * HEAD_DIM),
+            p + "mlp.gate_proj.weight": r(FF, HIDDEN),
+            p + "mlp.up_proj.weight": r(FF, HIDDEN),
+            p + "mlp.down_proj.weight": r(HIDDEN, FF),
+        }
     return t
 
 
 GGUF_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 
 
 def to_gguf_name(name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if name in fixed:
         return fixed[name]
     _, _, i, *rest = name.split(".")
     return f"blk.{i}.{GGUF_NAMES['.'.join(rest[:-1])]}.{rest[-1]}"
 
 
-def write_gguf(path: Path, tensors: dict[str, np.ndarray], *, arch: str = "llama",
-               quantize: set[str] = frozenset(), permute: bool = True) -> Path:
+def write_gguf(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    *,
+    arch: str = "llama",
+    quantize: set[str] = frozenset(),
+    permute: bool = True,
+) -> Path:
     """Write a llama GGUF as llama.cpp's converter would (q/k permuted), with tokenizer metadata."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny test llama")
@@ -145,8 +170,11 @@ def test_gguf_matches_transformers_loader(tmp_path):
     """transformers' own GGUF loader (independent permutation inverse) agrees tensor by tensor."""
     pytest.importorskip("torch")
     ref = hf_tensors(tied=False, seed=1)
-    path = write_gguf(tmp_path / "tiny.gguf", ref, quantize={"model.layers.1.mlp.up_proj.weight",
-                                                             "model.layers.0.self_attn.q_proj.weight"})
+    path = write_gguf(
+        tmp_path / "tiny.gguf",
+        ref,
+        quantize={"model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"},
+    )
     _, theirs = transformers_gguf_model(path)
     g = GGUFCheckpoint(path)
     assert set(theirs) == set(g.names())

@@ -32,9 +32,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def tiny_llama_config(**kw):
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                tie_word_embeddings=False)
+    args = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     args.update(kw)
     return transformers.LlamaConfig(**args)
 
@@ -46,8 +53,14 @@ def save_tiny(path: Path, *, dtype=torch.float32, shard="40KB", bin_format=False
         # transformers 5 writes only safetensors; a .bin checkpoint is a torch.save'd state dict.
         path.mkdir(parents=True)
         model.config.save_pretrained(path)
-        torch.save({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
-                    or not model.config.tie_word_embeddings}, path / "pytorch_model.bin")
+        torch.save(
+            {
+                k: v.contiguous()
+                for k, v in model.state_dict().items()
+                if k != "lm_head.weight" or not model.config.tie_word_embeddings
+            },
+            path / "pytorch_model.bin",
+        )
     else:
         model.save_pretrained(path, max_shard_size=shard)
     (path / "tokenizer.json").write_text('{"fake": "tokenizer"}')  # copied verbatim by export
@@ -145,8 +158,9 @@ def test_sharded_bin_reader(tmp_path):
     halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
     for fname, part in halves.items():
         torch.save({n: torch.from_numpy(ref[n].copy()) for n in part}, d / fname)
-    (d / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}))
+    (d / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}})
+    )
     ckpt = open_checkpoint(d)
     assert isinstance(ckpt, TorchBinCheckpoint) and set(ckpt.names()) == set(ref)
     for name, arr in ckpt:
@@ -161,8 +175,9 @@ def test_sharded_bin_reader(tmp_path):
 
 def test_round_trip_byte_identical_and_loadable(sharded, tmp_path):
     base = open_checkpoint(sharded)
-    out = export_hf(iter(base), tmp_path / "out", config=base.config, dtype="fp32",
-                    max_shard_size="50KB", copy_files_from=sharded)
+    out = export_hf(
+        iter(base), tmp_path / "out", config=base.config, dtype="fp32", max_shard_size="50KB", copy_files_from=sharded
+    )
     src, dst = read_raw(sharded), read_raw(out)
     assert src.keys() == dst.keys()
     for k in src:
@@ -187,9 +202,13 @@ def test_unchanged_tensors_pass_through_bytes(sharded_bf16, tmp_path):
     base = open_checkpoint(sharded_bf16)
     name = "model.layers.0.mlp.up_proj.weight"
     merged = base.get(name).astype(np.float32) * 2.0
-    out = export_hf({name: merged, "model.norm.weight": UNCHANGED}, tmp_path / "m", base=base,
-                    dtype="bf16", model_card={"method": "ties+obs", "base_model": "tiny",
-                                              "models": ["a", "b"], "parameters": {"density": 0.2}})
+    out = export_hf(
+        {name: merged, "model.norm.weight": UNCHANGED},
+        tmp_path / "m",
+        base=base,
+        dtype="bf16",
+        model_card={"method": "ties+obs", "base_model": "tiny", "models": ["a", "b"], "parameters": {"density": 0.2}},
+    )
     src, dst = read_raw(sharded_bf16), read_raw(out)
     assert src.keys() == dst.keys()  # fill_from_base adds every untouched tensor
     for k in src:
@@ -197,8 +216,8 @@ def test_unchanged_tensors_pass_through_bytes(sharded_bf16, tmp_path):
             assert dst[k] == src[k], k
     assert dst[name][0] == "bfloat16"
     np.testing.assert_array_equal(
-        np.frombuffer(dst[name][1], ml_dtypes.bfloat16).reshape(merged.shape),
-        merged.astype(ml_dtypes.bfloat16))
+        np.frombuffer(dst[name][1], ml_dtypes.bfloat16).reshape(merged.shape), merged.astype(ml_dtypes.bfloat16)
+    )
     card = (out / "README.md").read_text()
     assert "ties+obs" in card and "density" in card and "`a`" in card
     ids = torch.arange(1, 9).reshape(1, 8)
@@ -207,8 +226,9 @@ def test_unchanged_tensors_pass_through_bytes(sharded_bf16, tmp_path):
         assert torch.isfinite(model(ids).logits).all()
 
 
-@pytest.mark.parametrize("dtype,np_dtype,cfg_name", [("bf16", ml_dtypes.bfloat16, "bfloat16"),
-                                                     ("fp16", np.float16, "float16")])
+@pytest.mark.parametrize(
+    "dtype,np_dtype,cfg_name", [("bf16", ml_dtypes.bfloat16, "bfloat16"), ("fp16", np.float16, "float16")]
+)
 def test_dtype_conversion(sharded, tmp_path, dtype, np_dtype, cfg_name):
     out = convert_to_hf(sharded, tmp_path / dtype, dtype=dtype, max_shard_size="30KB")
     ref = dict(iter(open_checkpoint(sharded)))
@@ -285,12 +305,13 @@ def test_shape_disagrees_with_config(sharded, tmp_path):
 
 def test_bin_without_torch(tmp_path):
     d = save_tiny(tmp_path / "bin", bin_format=True)
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from convert import open_checkpoint, ConvertError\n"
-            f"try:\n    open_checkpoint({str(d)!r})\n"
-            "except ConvertError as e:\n    print('ERR', e)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).parents[1])
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from convert import open_checkpoint, ConvertError\n"
+        f"try:\n    open_checkpoint({str(d)!r})\n"
+        "except ConvertError as e:\n    print('ERR', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr
     assert "ERR" in res.stdout and "pytorch_model.bin" in res.stdout and "needs torch" in res.stdout
 
@@ -300,8 +321,7 @@ def test_nan_tensor_refused_without_partial_output(sharded, tmp_path):
     bad = base.get("model.layers.1.mlp.down_proj.weight").copy()
     bad[3, 5] = np.nan
     with pytest.raises(ConvertError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*non-finite"):
-        export_hf({"model.layers.1.mlp.down_proj.weight": bad}, tmp_path / "out", base=base,
-                  max_shard_size="20KB")
+        export_hf({"model.layers.1.mlp.down_proj.weight": bad}, tmp_path / "out", base=base, max_shard_size="20KB")
     _no_partial(tmp_path, "out")
     # fp32 -> fp16 overflow to inf is refused as well.
     huge = base.get("model.norm.weight") * 1e6
@@ -353,8 +373,9 @@ def test_shape_mismatch_against_base(sharded, tmp_path):
 
 
 def test_cli_convert_and_errors(sharded, tmp_path, capsys):
-    rc = convert_main(["convert", str(sharded), str(tmp_path / "o"), "--dtype", "bf16",
-                       "--max-shard-size", "30KB", "-q"])
+    rc = convert_main(
+        ["convert", str(sharded), str(tmp_path / "o"), "--dtype", "bf16", "--max-shard-size", "30KB", "-q"]
+    )
     assert rc == 0 and (tmp_path / "o" / "model.safetensors.index.json").is_file()
     rc = convert_main(["convert", str(sharded), str(tmp_path / "o"), "-q"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
@@ -362,8 +383,12 @@ def test_cli_convert_and_errors(sharded, tmp_path, capsys):
 
 def test_python_m_convert_and_sgtv_entry(sharded, tmp_path):
     root = Path(__file__).parents[1]
-    res = subprocess.run([sys.executable, "-m", "convert", "convert", str(sharded), str(tmp_path / "a"), "-q"],
-                         capture_output=True, text=True, cwd=root)
+    res = subprocess.run(
+        [sys.executable, "-m", "convert", "convert", str(sharded), str(tmp_path / "a"), "-q"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert res.returncode == 0, res.stderr
     from sgtv_jax.cli import main as sgtv_main
 

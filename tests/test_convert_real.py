@@ -39,9 +39,9 @@ PROMPTS = (
     "The capital of Spain is Madrid. The capital of Portugal is Lisbon. The capital of Austria is Vienna. "
     "The capital of Poland is Warsaw. The capital of Sweden is Stockholm. The capital of Norway is Oslo. "
     "The capital of Finland is Helsinki. The capital of Greece is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
     "    a, b = 0, 1\n    for _ in range(n - 1):\n        a, b = b, a + b\n    return b\n\n\n"
-    "def factorial(n):\n    \"\"\"Return n factorial.\"\"\"\n",
+    'def factorial(n):\n    """Return n factorial."""\n',
 )
 PROMPT_LEN, NEW_TOKENS = 64, 10
 
@@ -79,9 +79,19 @@ def test_smollm2_gguf_equals_transformers_gguf_loading(smollm2_gguf):
         max_diff = max(max_diff, float(np.abs(a - b).max()))
     assert max_diff == 0.0
     c = ours.config
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert c[key] == getattr(hf_cfg, key), key
     assert c["rope_parameters"]["rope_theta"] == hf_cfg.rope_parameters["rope_theta"] == 100000.0
     assert abs(c["rms_norm_eps"] - hf_cfg.rms_norm_eps) < 1e-12
@@ -97,7 +107,7 @@ def test_smollm2_hf_directory(smollm2_dir, smollm2_torch):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = smollm2_torch.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
 def _flax_greedy(model, prompt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +132,7 @@ def _flax_greedy(model, prompt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
         if first is None:
             first = logits[0, : prompt.size]
         buf[0, cur] = int(logits[0, cur - 1].argmax())
-    return first, buf[0, prompt.size:]
+    return first, buf[0, prompt.size :]
 
 
 def test_smollm2_flax_logit_parity(smollm2_dir, smollm2_torch):
@@ -139,8 +149,9 @@ def test_smollm2_flax_logit_parity(smollm2_dir, smollm2_torch):
             t_ids = torch.from_numpy(prompt.astype(np.int64))[None]
             with torch.no_grad():
                 theirs = smollm2_torch(t_ids).logits[0].numpy()
-                gen = smollm2_torch.generate(t_ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                             min_new_tokens=NEW_TOKENS)
+                gen = smollm2_torch.generate(
+                    t_ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS
+                )
             diff = float(np.abs(ours - theirs).max())
             worst = max(worst, diff)
             assert diff <= 1e-3, f"max |logit diff| {diff:.2e} on prompt {text[:30]!r}"
@@ -153,12 +164,12 @@ def test_minilm_reader_and_flax_parity():
     ckpt = open_checkpoint(d)
     assert validate_checkpoint(ckpt) == "bert" and len(ckpt) > 100
     tok = transformers.AutoTokenizer.from_pretrained(d)
-    enc = tok(["A man is playing a guitar.", "Sparse task vectors merge well."], padding=True,
-              return_tensors="np")
+    enc = tok(["A man is playing a guitar.", "Sparse task vectors merge well."], padding=True, return_tensors="np")
     tmodel = transformers.AutoModel.from_pretrained(d, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = tmodel(input_ids=torch.from_numpy(enc["input_ids"]),
-                     attention_mask=torch.from_numpy(enc["attention_mask"])).last_hidden_state.numpy()
+        ref = tmodel(
+            input_ids=torch.from_numpy(enc["input_ids"]), attention_mask=torch.from_numpy(enc["attention_mask"])
+        ).last_hidden_state.numpy()
     model, _ = load_flax_model(ckpt)
     with jax.default_matmul_precision("highest"):
         ours = np.asarray(model(jnp.asarray(enc["input_ids"]), attention_mask=jnp.asarray(enc["attention_mask"])))

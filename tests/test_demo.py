@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 import pytest
+import test_pipeline_helpers as H
 import yaml
 
-import test_pipeline_helpers as H
 from sgtv_jax.pipeline import demo
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config

@@ -25,9 +25,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="module")
 def base_bf16(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("base") / "tiny"
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path, max_shard_size="30KB")
     return path
@@ -35,18 +42,24 @@ def base_bf16(tmp_path_factory) -> Path:
 
 def files(directory: Path) -> dict[str, bytes]:
     """Every tensor file and the index, by name, as raw bytes."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
-            if p.suffix == ".safetensors" or p.name.endswith(".index.json")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.suffix == ".safetensors" or p.name.endswith(".index.json")
+    }
 
 
 def chunks_of(a: np.ndarray, rows: int) -> ChunkedTensor:
-    return ChunkedTensor(a.shape, a.dtype, (a[r0:r0 + rows] for r0 in range(0, a.shape[0], rows)))
+    return ChunkedTensor(a.shape, a.dtype, (a[r0 : r0 + rows] for r0 in range(0, a.shape[0], rows)))
 
 
 def merged_tensors(base) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {n: (base.get(n).astype(np.float32) + rng.standard_normal(base.shape(n)).astype(np.float32) * 0.01)
-            for n in base.names() if "mlp" in n or "embed" in n}
+    return {
+        n: (base.get(n).astype(np.float32) + rng.standard_normal(base.shape(n)).astype(np.float32) * 0.01)
+        for n in base.names()
+        if "mlp" in n or "embed" in n
+    }
 
 
 @pytest.mark.parametrize("rows", [1, 7, 1000])
@@ -54,13 +67,19 @@ def test_chunked_values_write_the_same_bytes(base_bf16, tmp_path, rows):
     base = open_checkpoint(base_bf16)
     merged = merged_tensors(base)
     whole = export_hf(merged, tmp_path / "whole", base=base, dtype="bf16", max_shard_size="40KB")
-    chunked = export_hf({n: chunks_of(a, rows) for n, a in merged.items()}, tmp_path / "chunked", base=base,
-                        dtype="bf16", max_shard_size="40KB")
+    chunked = export_hf(
+        {n: chunks_of(a, rows) for n, a in merged.items()},
+        tmp_path / "chunked",
+        base=base,
+        dtype="bf16",
+        max_shard_size="40KB",
+    )
     assert files(whole) == files(chunked) and len(files(whole)) > 3
     model = transformers.AutoModelForCausalLM.from_pretrained(chunked, dtype=torch.float32)
     name = "model.layers.1.mlp.down_proj.weight"
-    np.testing.assert_array_equal(model.state_dict()[name].numpy(),
-                                  merged[name].astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        model.state_dict()[name].numpy(), merged[name].astype(ml_dtypes.bfloat16).astype(np.float32)
+    )
 
 
 def test_unchanged_base_tensors_copied_in_row_chunks(base_bf16, tmp_path, monkeypatch):
@@ -110,6 +129,7 @@ def test_chunk_errors_name_the_tensor_and_leave_nothing(base_bf16, tmp_path):
 
 def test_writer_holds_one_chunk_not_the_tensor(tmp_path):
     rows, cols, step = 4096, 2048, 64  # a 32 MiB float32 tensor in 512 KiB chunks
+
     def gen():
         for r0 in range(0, rows, step):
             yield np.arange(r0 * cols, (r0 + step) * cols, dtype=np.float32).reshape(step, cols)

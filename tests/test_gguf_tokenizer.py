@@ -23,10 +23,14 @@ from convert.gguf_tokenizer import byte_to_unicode, read_tokenizer_spec, save_gg
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 
-TRAIN_TEXT = ("The year 2024 had 366 days; 1999 and 20000 did not. Hello, world! It's we'll they've. "
-              "naïve café Ünïcødé 日本語 über   spaced\tout\n\nlines 3.14159 x=42 y+=7\n") * 8
-CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TRAIN_TEXT = (
+    "The year 2024 had 366 days; 1999 and 20000 did not. Hello, world! It's we'll they've. "
+    "naïve café Ünïcødé 日本語 über   spaced\tout\n\nlines 3.14159 x=42 y+=7\n"
+) * 8
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Control tokens, a user-defined one, and a "control" token written in raw text
 # (a space is not in the byte alphabet): both loaders must leave that one to BPE.
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<raw ctl>"]
@@ -45,15 +49,23 @@ SAMPLES = [
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
 
 
-def write_tokenizer_gguf(path: Path, *, pre: str = "default", model: str = "gpt2", add_bos: bool = True,
-                         merges: list[str] | None = None, bos_id: int | None = None) -> Path:
+def write_tokenizer_gguf(
+    path: Path,
+    *,
+    pre: str = "default",
+    model: str = "gpt2",
+    add_bos: bool = True,
+    merges: list[str] | None = None,
+    bos_id: int | None = None,
+) -> Path:
     """A llama-architecture GGUF holding only a byte-level BPE vocabulary trained on TRAIN_TEXT."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     bpe.train_from_iterator([TRAIN_TEXT], trainer)
     learned = json.loads(bpe.to_str())["model"]
     spell = byte_to_unicode()
@@ -195,12 +207,18 @@ def test_library_cli_and_demo_tokenizer_without_torch(tmp_path):
     """Every module of sgtv_jax and convert imports, and the demo's tokenizer is built, with torch absent."""
     ok = write_tokenizer_gguf(tmp_path / "ok.gguf", pre="smollm")
     spm = write_tokenizer_gguf(tmp_path / "spm.gguf", model="llama")
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(NO_TORCH), str(ok), str(tmp_path / "out"), str(spm)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NO_TORCH), str(ok), str(tmp_path / "out"), str(spm)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0] in
-                 ("IDS", "REFUSED", "HELP"))
+    lines = dict(
+        line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0] in ("IDS", "REFUSED", "HELP")
+    )
     ref = transformers_gguf_tokenizer(ok)
     assert lines["IDS"] == str(ref("a<|im_end|>b 2024", add_special_tokens=False)["input_ids"])
     assert "spm.gguf" in lines["REFUSED"] and "'llama'" in lines["REFUSED"] and "needs torch" in lines["REFUSED"]

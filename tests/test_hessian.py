@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 from sgtv_jax import hessian_finalize, hessian_init, hessian_update, input_norms
 
 
@@ -67,3 +67,18 @@ def test_bad_inputs():
     bad = hessian_update(hessian_init(8), np.full((1, 2, 8), np.nan))
     with pytest.raises(ValueError, match="hessian .* NaN or Inf"):
         hessian_finalize(bad)
+
+
+def test_float_mask_weights_each_token_by_its_square():
+    """A float mask w (routing weights) gives (2/n_sequences) sum w^2 x x^T; n still counts sequences."""
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((b, 5, 6)) for b in (2, 3)]
+    ws = [rng.random((b, 5)) * (rng.random((b, 5)) > 0.4) for b in (2, 3)]
+    with jax.enable_x64(True):
+        state = hessian_init(6)
+        for x, w in zip(xs, ws):
+            state = hessian_update(state, x, w)
+        h = np.asarray(hessian_finalize(state))
+    expected = sum(np.einsum("bt,bti,btj->ij", w**2, x, x) for x, w in zip(xs, ws)) * 2.0 / 5
+    assert float(state.nsamples) == 5
+    np.testing.assert_allclose(h, expected, rtol=1e-12)

@@ -269,10 +269,15 @@ def test_nan_inf_task_vector_error_names_model_and_tensor():
     bad = D.copy()
     bad[1, 0, 0] = np.nan
     bad[2, 1, 1] = np.inf
-    with pytest.raises(ValueError, match=r"NaN or Inf in task vector\(s\) for tensor 'w': model 1 \(1 entries\), model 2"):
+    with pytest.raises(
+        ValueError, match=r"NaN or Inf in task vector\(s\) for tensor 'w': model 1 \(1 entries\), model 2"
+    ):
         M.ties(bad, W, 0.5, name="w")
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(ValueError, match="unknown merge method 'slerp'; known methods: linear, task_arithmetic, ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, regmean"):
-        M.get_method("slerp")
+    with pytest.raises(
+        ValueError,
+        match="unknown merge method 'slurp'; known methods: linear, task_arithmetic, ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties, regmean, slerp, nuslerp, multislerp, karcher, model_stock, sce, nearswap, arcee_fusion, passthrough",
+    ):
+        M.get_method("slurp")

@@ -16,7 +16,10 @@ def make_models(seed=0, tasks=3):
     }
     models = []
     for _ in range(tasks):
-        m = {k: (v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) if v.dtype != np.int32 else v) for k, v in base.items()}
+        m = {
+            k: (v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) if v.dtype != np.int32 else v)
+            for k, v in base.items()
+        }
         models.append(m)
     return base, models
 
@@ -45,8 +48,14 @@ def test_model_merge_matches_tensor_merge_and_copies_non_float():
 def test_per_tensor_parameters_filter_rules_and_callables():
     base, models = make_models()
     dens = [[{"filter": "mlp", "value": 0.2}, {"value": 1.0}], 0.5, lambda n: 0.9 if "bias" in n else 0.4]
-    out = M.merge("ties", base, models, weights=[1, 1, 1], densities=dens,
-                  **{"lambda": [{"filter": "attn", "value": 0.5}, {"value": 1.0}]})
+    out = M.merge(
+        "ties",
+        base,
+        models,
+        weights=[1, 1, 1],
+        densities=dens,
+        **{"lambda": [{"filter": "attn", "value": 0.5}, {"value": 1.0}]},
+    )
     k = "layers.0.attn.weight"
     exp = base[k] + np.asarray(M.ties(deltas(base, models, k), [1, 1, 1], [1.0, 0.5, 0.4], lambda_=0.5))
     np.testing.assert_allclose(np.asarray(out[k]), exp, rtol=1e-6, atol=1e-6)
@@ -59,11 +68,21 @@ def test_nested_pytree_and_flax_layout():
     rng = np.random.default_rng(1)
     kern = rng.standard_normal((8, 6)).astype(np.float32)  # flax [in, out]
     base = {"dense": {"kernel": kern, "bias": np.zeros(6, np.float32)}}
-    models = [{"dense": {"kernel": kern + rng.standard_normal((8, 6)).astype(np.float32), "bias": np.ones(6, np.float32) * t}} for t in range(2)]
+    models = [
+        {"dense": {"kernel": kern + rng.standard_normal((8, 6)).astype(np.float32), "bias": np.ones(6, np.float32) * t}}
+        for t in range(2)
+    ]
     x = rng.standard_normal((8, 30))
     h = (2 * x @ x.T / 30).astype(np.float32)
-    out = M.merge("ties", base, models, densities=0.5, layout="flax", hessians={"dense.kernel": h},
-                  trim=[{"filter": "kernel", "value": "sparsegpt"}, {"value": "magnitude"}])
+    out = M.merge(
+        "ties",
+        base,
+        models,
+        densities=0.5,
+        layout="flax",
+        hessians={"dense.kernel": h},
+        trim=[{"filter": "kernel", "value": "sparsegpt"}, {"value": "magnitude"}],
+    )
     d = np.stack([m["dense"]["kernel"] - kern for m in models]).transpose(0, 2, 1)  # [T, out, in]
     exp = kern + np.asarray(M.ties(d, [1, 1], 0.5, trim="sparsegpt", calib=M.Calibration(hessian=h))).T
     np.testing.assert_allclose(np.asarray(out["dense"]["kernel"]), exp, rtol=1e-5, atol=1e-5)
@@ -88,7 +107,10 @@ def test_seed_bit_identical_and_order_independent():
     kw = dict(weights=[1, 1, 1], densities=[0.3, 0.5, 0.7])
     a = M.merge("dare_ties", base, models, seed=7, **kw)
     b = M.merge("dare_ties", base, models, seed=7, **kw)
-    rev = lambda d: dict(reversed(list(d.items())))  # noqa: E731
+
+    def rev(d):
+        return dict(reversed(list(d.items())))
+
     c = M.merge("dare_ties", rev(base), [rev(m) for m in models], seed=7, **kw)
     only = {k: base[k] for k in ["layers.0.attn.weight"]}
     d = M.merge("dare_ties", only, [{k: m[k] for k in only} for m in models], seed=7, **kw)
@@ -99,8 +121,10 @@ def test_seed_bit_identical_and_order_independent():
     np.testing.assert_array_equal(np.asarray(a["layers.0.attn.weight"]), np.asarray(d["layers.0.attn.weight"]))
     assert not np.array_equal(np.asarray(a["layers.0.attn.weight"]), np.asarray(e["layers.0.attn.weight"]))
     # tensors of equal shape still get independent masks
-    assert not np.array_equal(np.asarray(a["layers.0.mlp.weight"] != base["layers.0.mlp.weight"])[:, :6],
-                              np.asarray(a["layers.0.attn.weight"] != base["layers.0.attn.weight"])[:6, :6])
+    assert not np.array_equal(
+        np.asarray(a["layers.0.mlp.weight"] != base["layers.0.mlp.weight"])[:, :6],
+        np.asarray(a["layers.0.attn.weight"] != base["layers.0.attn.weight"])[:6, :6],
+    )
 
 
 # ----------------------------------------------------------------- errors
@@ -130,7 +154,9 @@ def test_parameter_errors():
         M.merge("ties", base, models, densities=[1, 1, 2.0])
     with pytest.raises(ValueError, match="method 'ties' has no parameter\\(s\\) \\['alpha'\\]"):
         M.merge("ties", base, models, alpha=0.5)
-    with pytest.raises(ValueError, match="unknown merge method 'frankenmerge'; known methods: linear, task_arithmetic, ties"):
+    with pytest.raises(
+        ValueError, match="unknown merge method 'frankenmerge'; known methods: linear, task_arithmetic, ties"
+    ):
         M.merge("frankenmerge", base, models)
     with pytest.raises(ValueError, match="no filter rule matches tensor"):
         M.merge("ties", base, models, densities=[[{"filter": "mlp", "value": 0.5}]] * 3)
@@ -147,8 +173,14 @@ def test_missing_calibration_lists_tensors_before_any_work():
     base, models = make_models()
     h = np.eye(8, dtype=np.float32)
     with pytest.raises(ValueError) as e:
-        M.merge("ties", base, models, densities=0.5, trim=[{"filter": "weight", "value": "sparsegpt"}, {"value": "magnitude"}],
-                hessians={"layers.0.attn.weight": h})
+        M.merge(
+            "ties",
+            base,
+            models,
+            densities=0.5,
+            trim=[{"filter": "weight", "value": "sparsegpt"}, {"value": "magnitude"}],
+            hessians={"layers.0.attn.weight": h},
+        )
     assert "1 tensor(s) have no calibration statistics for trim sparsegpt: ['layers.0.mlp.weight']" in str(e.value)
     with pytest.raises(ValueError, match="needs 2-D linear weights, but tensor 'layers.0.mlp.bias'"):
         M.merge("ties", base, models, densities=0.5, trim="wanda", hessians={"layers.0.attn.weight": h})
@@ -178,9 +210,19 @@ def test_seed_sparsegpt_with_inverse_or_plain_hessians():
     invs = [np.linalg.inv(h).astype(np.float32) for h in damped]
     tv = [m[k] for m in models]
     a = M.TIES().merge([1, 1, 1], base[k], tv, [0.3] * 3, hessian_invs=invs, use_sparsegpt=True, blocksize=4)
-    b = M.TIES().merge([1, 1, 1], base[k], tv, [0.3] * 3, hessians=[h.astype(np.float32) for h in hs], use_sparsegpt=True, blocksize=4)
-    exp = base[k] + np.asarray(M.ties(deltas(base, models, k), [1, 1, 1], 0.3, trim="sparsegpt",
-                                      calib=M.Calibration(hessian=np.stack(hs).astype(np.float32)), blocksize=4))
+    b = M.TIES().merge(
+        [1, 1, 1], base[k], tv, [0.3] * 3, hessians=[h.astype(np.float32) for h in hs], use_sparsegpt=True, blocksize=4
+    )
+    exp = base[k] + np.asarray(
+        M.ties(
+            deltas(base, models, k),
+            [1, 1, 1],
+            0.3,
+            trim="sparsegpt",
+            calib=M.Calibration(hessian=np.stack(hs).astype(np.float32)),
+            blocksize=4,
+        )
+    )
     np.testing.assert_allclose(np.asarray(b), exp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
     # the seed's get_inverse_hessian returned the upper Cholesky factor of H^-1: same result
@@ -191,7 +233,12 @@ def test_seed_sparsegpt_with_inverse_or_plain_hessians():
     full = M.TIES().merge([1, 1, 1], base, models, [0.3] * 3, hessian_invs={k: invs}, use_sparsegpt=True, blocksize=4)
     np.testing.assert_allclose(np.asarray(full[k]), np.asarray(a), rtol=1e-6, atol=1e-6)
     kb = "layers.0.mlp.bias"
-    np.testing.assert_allclose(np.asarray(full[kb]), base[kb] + np.asarray(M.ties(deltas(base, models, kb), [1, 1, 1], 0.3)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(full[kb]),
+        base[kb] + np.asarray(M.ties(deltas(base, models, kb), [1, 1, 1], 0.3)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="hessian_invs \\(full inverse Hessians\\) or hessians is required"):
         M.TIES().merge([1, 1, 1], base[k], tv, [0.3] * 3, use_sparsegpt=True)
     with pytest.raises(ValueError, match="not both"):
@@ -205,11 +252,15 @@ def test_seed_dare_seeded_and_rescale_default():
     a = M.DARE().merge([1, 1, 1], base[k], tv, [0.4] * 3, seed=3)
     b = M.DARE().merge([1, 1, 1], base[k], tv, [0.4] * 3, seed=3)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    exp = base[k] + np.asarray(M.dare_linear(deltas(base, models, k), [1, 1, 1], 0.4, key=M.keys.tensor_key(3, "tensor")))
+    exp = base[k] + np.asarray(
+        M.dare_linear(deltas(base, models, k), [1, 1, 1], 0.4, key=M.keys.tensor_key(3, "tensor"))
+    )
     np.testing.assert_allclose(np.asarray(a), exp, rtol=1e-6, atol=1e-6)
     h = np.eye(8, dtype=np.float32)
     obs = M.DARE().merge([1, 1, 1], base[k], tv, [0.4] * 3, hessians=[h] * 3, use_sparsegpt=True, blocksize=4)
-    obs_r = M.DARE().merge([1, 1, 1], base[k], tv, [0.4] * 3, hessians=[h] * 3, use_sparsegpt=True, blocksize=4, rescale=True)
+    obs_r = M.DARE().merge(
+        [1, 1, 1], base[k], tv, [0.4] * 3, hessians=[h] * 3, use_sparsegpt=True, blocksize=4, rescale=True
+    )
     np.testing.assert_allclose(np.asarray(obs_r) - base[k], (np.asarray(obs) - base[k]) / 0.4, rtol=1e-5, atol=1e-6)
 
 
@@ -227,7 +278,9 @@ def test_linear_model_level():
     base, models = make_models(9)
     k = "layers.0.attn.weight"
     out = M.merge("linear", base, models, weights=[1, 2, 1])
-    np.testing.assert_allclose(np.asarray(out[k]), (models[0][k] + 2 * models[1][k] + models[2][k]) / 4, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out[k]), (models[0][k] + 2 * models[1][k] + models[2][k]) / 4, rtol=1e-5, atol=1e-5
+    )
     out = M.merge("linear", base, models, weights=[0.5, 0.5, 0.5], normalize=False)
     np.testing.assert_allclose(np.asarray(out[k]), 0.5 * sum(m[k] for m in models), rtol=1e-5, atol=1e-5)
 
@@ -238,6 +291,7 @@ def test_della_epsilon_checked_up_front():
         M.merge("della", base, models, densities=[0.1, 0.5, 0.5])
     out = M.merge("della", base, models, densities=[0.3, 0.5, 0.5], epsilon=0.05, seed=1)
     k = "layers.0.attn.weight"
-    exp = base[k] + np.asarray(M.della(deltas(base, models, k), [1, 1, 1], [0.3, 0.5, 0.5], epsilon=0.05,
-                                       key=M.keys.tensor_key(1, k)))
+    exp = base[k] + np.asarray(
+        M.della(deltas(base, models, k), [1, 1, 1], [0.3, 0.5, 0.5], epsilon=0.05, key=M.keys.tensor_key(1, k))
+    )
     np.testing.assert_allclose(np.asarray(out[k]), exp, rtol=1e-6, atol=1e-6)

@@ -81,7 +81,9 @@ def test_sign_election_runs_after_the_obs_sweep():
 def test_per_task_hessians_and_shared_hessian():
     hs = jnp.stack([hessian_of(correlated_inputs(s)) for s in (3, 4, 5)])
     got = M.ties(TASKS, [1, 1, 1], [0.2, 0.3, 0.4], trim="sparsegpt", calib=M.Calibration(hessian=hs), blocksize=8)
-    per = np.stack([np.asarray(obs.obs_prune(TASKS[t], hs[t], density=d, blocksize=8)[0]) for t, d in enumerate([0.2, 0.3, 0.4])])
+    per = np.stack(
+        [np.asarray(obs.obs_prune(TASKS[t], hs[t], density=d, blocksize=8)[0]) for t, d in enumerate([0.2, 0.3, 0.4])]
+    )
     np.testing.assert_allclose(np.asarray(got, np.float64), np_ties_combine(per, [1, 1, 1]), rtol=1e-5, atol=1e-5)
 
 
@@ -102,12 +104,23 @@ def test_rescale_defaults_off_with_obs_and_wanda():
         k = int(round(0.4 * 32))
         keep = np.argsort(np.argsort(-s, axis=1, kind="stable"), axis=1) < k
         ref.append(np.where(keep, TASKS[t], 0.0))
-    np.testing.assert_allclose(np.asarray(wanda), np_ties_combine(np.stack(ref), [1, 1, 1], normalize=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(wanda), np_ties_combine(np.stack(ref), [1, 1, 1], normalize=False), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_every_task_vector_method_accepts_obs_trim():
     calib = M.Calibration(hessian=H)
     key = jax.random.PRNGKey(0)
-    for name in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"):
+    for name in (
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+    ):
         out = M.get_method(name)(TASKS, [1, 1, 1], 0.3, trim="sparsegpt", calib=calib, key=key, blocksize=8)
         assert out.shape == (24, 32) and bool(jnp.all(jnp.isfinite(out)))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.trim import Calibration
 
@@ -42,8 +42,14 @@ def _quad(e: np.ndarray, h: np.ndarray) -> float:
 def test_two_four_through_the_plan_matches_the_oracle_then_ties():
     d, h = _problem()
     w = np.array([1.0, 0.5])
-    plan = TensorPlan("ties", "layer.weight", weights=tuple(w), densities=(1.0, 1.0), trim="sparsegpt",
-                      obs=ObsOptions(blocksize=8, prunen=2, prunem=4))
+    plan = TensorPlan(
+        "ties",
+        "layer.weight",
+        weights=tuple(w),
+        densities=(1.0, 1.0),
+        trim="sparsegpt",
+        obs=ObsOptions(blocksize=8, prunen=2, prunem=4),
+    )
     with jax.enable_x64(True):
         merged, trimmed, info = merge_planned(plan, jnp.asarray(d), Calibration(hessian=jnp.asarray(h)))
         merged, trimmed = np.asarray(merged), np.asarray(trimmed)
@@ -61,8 +67,14 @@ def test_refit_through_the_plan_keeps_the_mask_and_lowers_the_error():
     calib = Calibration(hessian=jnp.asarray(h, jnp.float32))
     out = {}
     for refit in (False, True):
-        plan = TensorPlan("task_arithmetic", "w", weights=(1.0, 1.0), densities=(0.3, 0.3), trim="sparsegpt",
-                          obs=ObsOptions(blocksize=16, refit=refit))
+        plan = TensorPlan(
+            "task_arithmetic",
+            "w",
+            weights=(1.0, 1.0),
+            densities=(0.3, 0.3),
+            trim="sparsegpt",
+            obs=ObsOptions(blocksize=16, refit=refit),
+        )
         out[refit] = np.asarray(merge_planned(plan, jnp.asarray(d, jnp.float32), calib)[1], np.float64)
     np.testing.assert_array_equal(out[True] == 0, out[False] == 0)
     errs = {r: [_quad(out[r][t] - d[t], h) for t in range(2)] for r in out}
@@ -94,3 +106,18 @@ def test_sparsegpt_without_a_hessian_names_the_tensor():
     plan = TensorPlan("ties", "blk.0.q.weight", weights=(1.0,), densities=(0.5,), trim="sparsegpt")
     with pytest.raises(PlanError, match="blk.0.q.weight"):
         merge_planned(plan, jnp.ones((1, 4, 4)))
+
+
+def test_linear_without_normalize_sums_whole_models_from_the_base():
+    """sum_t w_t theta_t in task-vector form: (sum_t w_t - 1) theta_0 + sum_t w_t tau_t."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((4, 6))
+    thetas = base + rng.standard_normal((2, 4, 6))
+    plan = TensorPlan("linear", "w", weights=(0.5, 2.0), densities=(1.0, 1.0), params={"normalize": False})
+    with jax.enable_x64(True):
+        merged, _, info = merge_planned(plan, jnp.asarray(thetas - base), base=jnp.asarray(base))
+        merged = np.asarray(merged)
+    np.testing.assert_allclose(base + merged, 0.5 * thetas[0] + 2.0 * thetas[1], rtol=1e-12, atol=1e-12)
+    assert info == MergeInfo(None, None)
+    with pytest.raises(PlanError, match="needs the base tensor of 'w'"):
+        merge_planned(plan, jnp.asarray(thetas - base))

@@ -10,7 +10,7 @@ import pytest
 
 from sgtv_jax.merge import elect
 from sgtv_jax.merge.registry import METHODS
-from sgtv_jax.merge.specs import CALLER_ARGS, KINDS, METHOD_SPECS, PER_MODEL_PARAMS
+from sgtv_jax.merge.specs import CALLER_ARGS, KINDS, METHOD_SPECS, PER_MODEL_PARAMS, call_args
 
 
 def _sig(name):
@@ -41,6 +41,14 @@ def test_declared_parameters_match_signature(name):
     assert spec.needs_base == ("base" in sig)
     if spec.consensus is not None:
         assert spec.param("consensus").choices == elect.CONSENSUS
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_call_args_and_parameters_are_exactly_the_signature(name):
+    """What callers read instead of the signature (`call_args`: batch.merge_grid, model.merge) is complete."""
+    spec = METHOD_SPECS[name]
+    assert set(call_args(spec)) | {ps.keyword for ps in spec.params} == set(_sig(name))
+    assert not set(call_args(spec)) & {ps.keyword for ps in spec.params}
 
 
 def test_per_model_defaults_match_the_functions_that_take_them():

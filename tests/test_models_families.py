@@ -37,9 +37,18 @@ NEW_TOKENS = 8
 
 def _common(**kw):
     # Larger init than HF's 0.02 so logits are O(1) and the comparison means something.
-    base = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(kw)
     return base
 
@@ -48,29 +57,64 @@ CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(**_common(head_dim=24, tie_word_embeddings=False)),
     "qwen3_tied": lambda: transformers.Qwen3Config(**_common(head_dim=16, tie_word_embeddings=True)),
     # LongRoPE with original_max 8 < S: the forward uses the long factors, decoding switches at 9 tokens.
-    "phi3": lambda: transformers.Phi3Config(**_common(
-        sliding_window=7, max_position_embeddings=64, original_max_position_embeddings=8,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
-                         "long_factor": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0],
-                         "original_max_position_embeddings": 8})),
+    "phi3": lambda: transformers.Phi3Config(
+        **_common(
+            sliding_window=7,
+            max_position_embeddings=64,
+            original_max_position_embeddings=8,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0],
+                "original_max_position_embeddings": 8,
+            },
+        )
+    ),
     # Alternating sliding (window 5 < S) / full layers, both soft-caps, query_pre_attn_scalar != head_dim.
-    "gemma2": lambda: transformers.Gemma2Config(**_common(
-        hidden_size=48, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
-        attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
-    "gemma3": lambda: transformers.Gemma3TextConfig(**_common(
-        hidden_size=48, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}},
-        final_logit_softcapping=None, tie_word_embeddings=False)),
-    "mixtral": lambda: transformers.MixtralConfig(**_common(
-        num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_common(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-        norm_topk_prob=False)),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_common(
-        num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=24)),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_common(
+            hidden_size=48,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+        )
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **_common(
+            hidden_size=48,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+            final_logit_softcapping=None,
+            tie_word_embeddings=False,
+        )
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **_common(num_local_experts=4, num_experts_per_tok=2, sliding_window=6)
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_common(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+        )
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_common(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=24)
+    ),
 }
 MOE_KEYS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -123,7 +167,7 @@ def _inputs(vocab: int):
     rs = np.random.RandomState(1)
     ids = rs.randint(3, vocab, size=(B, S)).astype(np.int64)
     mask = np.ones((B, S), np.int64)
-    mask[1, S - 4:] = 0  # right padding
+    mask[1, S - 4 :] = 0  # right padding
     mask[2, :3] = 0  # left padding
     return ids, mask
 
@@ -156,9 +200,14 @@ def test_greedy_decoding_identical(key, workdir):
     cfg, tm, _, model = _reference(key, workdir)
     prompt = np.random.RandomState(2).randint(3, cfg.vocab_size, size=(1, 5)).astype(np.int64)
     with torch.no_grad():
-        ref = tm.generate(torch.tensor(prompt), attention_mask=torch.ones_like(torch.tensor(prompt)),
-                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                          pad_token_id=cfg.pad_token_id).numpy()[0, prompt.shape[1]:]
+        ref = tm.generate(
+            torch.tensor(prompt),
+            attention_mask=torch.ones_like(torch.tensor(prompt)),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=cfg.pad_token_id,
+        ).numpy()[0, prompt.shape[1] :]
     n = prompt.shape[1]
     buf = np.zeros((1, n + NEW_TOKENS), np.int64)
     buf[0, :n] = prompt[0]
@@ -180,8 +229,11 @@ def _hook_inputs(tm, names_by_module: dict[str, str]):
     got, handles = {}, []
     for path, key in names_by_module.items():
         mod = tm.get_submodule(path)
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, key=key: got.__setitem__(key, args[0].detach().numpy().copy())))
+        handles.append(
+            mod.register_forward_pre_hook(
+                lambda m, args, key=key: got.__setitem__(key, args[0].detach().numpy().copy())
+            )
+        )
     return got, handles
 
 
@@ -256,6 +308,10 @@ def test_convert_cli_orbax_round_trip_exact(key, workdir, tmp_path):
     out = export_flax_model(restored, tmp_path / "hf", base=d, dtype="fp32")
     nm = get_name_map(cfg.model_type)
     assert _raw(out) == {k: v for k, v in _raw(d).items() if not nm.is_ignored(k, cfg)}
+    # The CLI's Orbax -> HF direction: the same bytes, and transformers loads it.
+    assert convert_main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf3"), "-q"]) == 0
+    assert _raw(tmp_path / "hf3") == _raw(out)
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf3"))
     # And the CLI's HF -> HF path (safetensors re-sharded, bytes kept).
     assert convert_main(["convert", str(d), str(tmp_path / "hf2"), "-q", "--max-shard-size", "100KB"]) == 0
     assert _raw(tmp_path / "hf2") == _raw(d)
@@ -288,17 +344,47 @@ def test_qwen3_qk_norm_is_per_head_and_phi3_is_fused(workdir):
 # --------------------------------------------------------------------------- RoPE scalings
 
 _ROPES = {
-    "yarn": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-              "original_max_position_embeddings": 32}, 128, 1.0),
-    "yarn_mscale": ({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0, "mscale": 0.7,
-                     "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2,
-                     "original_max_position_embeddings": 64}, 512, 1.0),
-    "yarn_partial_untruncated": ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
-                                  "truncate": False, "original_max_position_embeddings": 32}, 64, 0.5),
-    "longrope": ({"rope_type": "longrope", "rope_theta": 10000.0,
-                  "short_factor": [1.0, 1.2, 1.5, 2.0, 2.2, 3.0, 3.5, 4.0],
-                  "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 10.0, 12.0, 16.0],
-                  "original_max_position_embeddings": 16}, 128, 1.0),
+    "yarn": (
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+        128,
+        1.0,
+    ),
+    "yarn_mscale": (
+        {
+            "rope_type": "yarn",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "mscale": 0.7,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "original_max_position_embeddings": 64,
+        },
+        512,
+        1.0,
+    ),
+    "yarn_partial_untruncated": (
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 2.0,
+            "truncate": False,
+            "original_max_position_embeddings": 32,
+        },
+        64,
+        0.5,
+    ),
+    "longrope": (
+        {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.2, 1.5, 2.0, 2.2, 3.0, 3.5, 4.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 10.0, 12.0, 16.0],
+            "original_max_position_embeddings": 16,
+        },
+        128,
+        1.0,
+    ),
     "linear_partial": ({"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0}, 64, 0.75),
 }
 
@@ -311,8 +397,13 @@ def test_rope_scalings_match_transformers_init_functions(name):
 
     params, max_pos, prf = _ROPES[name]
     params = dict(params, partial_rotary_factor=prf)
-    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16 if prf == 1.0 else 32,
-                                  max_position_embeddings=max_pos, rope_parameters=dict(params))
+    hf = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=16 if prf == 1.0 else 32,
+        max_position_embeddings=max_pos,
+        rope_parameters=dict(params),
+    )
     head_dim = hf.head_dim
     inv, scaling = rope_inv_freq(head_dim, hf.rope_parameters, max_pos)
     ref, ref_scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, None)
@@ -333,10 +424,18 @@ def test_rope_scalings_match_transformers_init_functions(name):
 
 def test_yarn_rope_model_logits_match_transformers(workdir):
     """A whole model with YaRN (attention factor != 1)."""
-    cfg = transformers.LlamaConfig(**_common(
-        head_dim=16, max_position_embeddings=32,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 8}))
+    cfg = transformers.LlamaConfig(
+        **_common(
+            head_dim=16,
+            max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        )
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(3)
     tm = transformers.LlamaForCausalLM(cfg).eval()
@@ -348,8 +447,13 @@ def test_yarn_rope_model_logits_match_transformers(workdir):
     assert diff[mask.astype(bool)].max() <= TOL
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
-                                  {"rope_type": "proportional", "rope_theta": 10000.0}])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        {"rope_type": "proportional", "rope_theta": 10000.0},
+    ],
+)
 def test_unsupported_rope_type_is_named(rope):
     from sgtv_jax.models.common import rope_inv_freq
 
@@ -358,6 +462,7 @@ def test_unsupported_rope_type_is_named(rope):
 
 
 # --------------------------------------------------------------------------- Gemma specifics
+
 
 def test_gemma_embedding_scale_rounds_in_bf16_like_hf(workdir):
     """sqrt(48) is multiplied in the parameter dtype: bf16(6.928...) = 6.9375, as HF's scaled embedding."""
@@ -370,7 +475,7 @@ def test_gemma_embedding_scale_rounds_in_bf16_like_hf(workdir):
         emb.weight.copy_(tm.model.embed_tokens.weight.to(torch.bfloat16))
         ref = emb(torch.tensor(ids)).float().numpy()
     np.testing.assert_array_equal(ours, ref)
-    exact = tm.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()[ids] * 48 ** 0.5
+    exact = tm.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()[ids] * 48**0.5
     assert np.abs(ours - exact).max() > 0  # the rounding of the scale is visible
 
 
@@ -391,6 +496,7 @@ def test_gemma_sliding_and_full_blocks_compile_once_each(workdir):
 
 # --------------------------------------------------------------------------- MoE specifics
 
+
 @pytest.mark.parametrize("key", MOE_KEYS)
 def test_moe_captures_match_torch_experts_and_router(key, workdir):
     """Expert inputs, routing weights and per-expert down-projection inputs vs transformers' fused experts."""
@@ -400,16 +506,20 @@ def test_moe_captures_match_torch_experts_and_router(key, workdir):
     ids, mask = _inputs(cfg.vocab_size)
     valid = mask.reshape(-1).astype(bool)
     kind = model.config.moe
-    p, (g_name, u_name, d_name) = MOE_PREFIX[kind], EXPERT_NAMES[kind]
+    p, (g_name, _, d_name) = MOE_PREFIX[kind], EXPERT_NAMES[kind]
     n_exp = model.config.num_experts
     got, handles = {}, []
     for i in range(len(model.blocks)):
         mod = tm.get_submodule(f"model.layers.{i}.mlp.experts")  # in memory the MoE block is always `mlp`
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, i=i: got.__setitem__(i, [a.detach().clone() for a in args])))
+        handles.append(
+            mod.register_forward_pre_hook(lambda m, args, i=i: got.__setitem__(i, [a.detach().clone() for a in args]))
+        )
         mod = tm.get_submodule(f"model.layers.{i}.mlp.gate")
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, i=i: got.__setitem__(("gate", i), args[0].detach().numpy().copy())))
+        handles.append(
+            mod.register_forward_pre_hook(
+                lambda m, args, i=i: got.__setitem__(("gate", i), args[0].detach().numpy().copy())
+            )
+        )
     _torch_logits(tm, ids, mask)
     for h in handles:
         h.remove()
@@ -438,7 +548,9 @@ def test_moe_captures_match_torch_experts_and_router(key, workdir):
             h = np.asarray(caps[f"{p}.experts.{e}.{d_name}"]).reshape(h_ref.shape)
             assert np.abs(h - h_ref)[valid].max() <= TOL, (i, e)
             xin, tw = linear_input(caps, f"{p}.experts.{e}.{g_name}")
-            assert xin is caps[f"{p}.experts"] and np.array_equal(np.asarray(tw), np.asarray(caps[f"{p}.routing_weights"])[..., e])
+            assert xin is caps[f"{p}.experts"] and np.array_equal(
+                np.asarray(tw), np.asarray(caps[f"{p}.routing_weights"])[..., e]
+            )
             xin, tw = linear_input(caps, f"{p}.experts.{e}.{d_name}")
             assert xin is caps[f"{p}.experts.{e}.{d_name}"] and tw.shape == (B, S)
         assert linear_input(caps, "self_attn.q_proj")[1] is None
@@ -463,24 +575,36 @@ def test_moe_name_maps_use_saved_per_expert_names(workdir):
 
 
 def test_qwen_moe_with_dense_layers_is_refused():
-    cfg = transformers.Qwen3MoeConfig(**_common(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                                mlp_only_layers=[1]))
+    cfg = transformers.Qwen3MoeConfig(
+        **_common(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1])
+    )
     with pytest.raises(ValueError, match=r"qwen3_moe: only configs where every layer is sparse.*mlp_only_layers=\[1\]"):
         get_name_map("qwen3_moe").expected_hf_tensors(cfg)
 
 
 # --------------------------------------------------------------------------- GGUF
 
-_GGUF_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+_GGUF_BLOCK = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def _gguf_name(name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if name in fixed:
         return fixed[name]
     _, _, i, *rest = name.split(".")

@@ -18,11 +18,17 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
-from convert.namemaps import (get_name_map, load_hf_state_dict_into_model,  # noqa: E402
-                              model_to_hf_state_dict)
-from sgtv_jax.models import (apply_block, build_abstract_model, build_model,  # noqa: E402
-                             forward_blockwise, get_block_state, get_model_class, set_block_state,
-                             split_block)
+from convert.namemaps import get_name_map, load_hf_state_dict_into_model, model_to_hf_state_dict  # noqa: E402
+from sgtv_jax.models import (  # noqa: E402
+    apply_block,
+    build_abstract_model,
+    build_model,
+    forward_blockwise,
+    get_block_state,
+    get_model_class,
+    set_block_state,
+    split_block,
+)
 
 # fp32 end to end on CPU; differences come only from summation order.
 TOL = 1e-4
@@ -38,41 +44,118 @@ def _common(**kw):
 
 
 CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**_common(
-        vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-6)),
-    "llama_tied": lambda: transformers.LlamaConfig(**_common(
-        vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
-    "llama3_rope": lambda: transformers.LlamaConfig(**_common(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 64})),
-    "llama_biases_linear_rope": lambda: transformers.LlamaConfig(**_common(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
-        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
-    "qwen2": lambda: transformers.Qwen2Config(**_common(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-    "mistral": lambda: transformers.MistralConfig(**_common(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5)),
-    "gpt2": lambda: transformers.GPT2Config(**_common(
-        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
-    "gpt2_untied": lambda: transformers.GPT2Config(**_common(
-        vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0)),
-    "bert": lambda: transformers.BertConfig(**_common(
-        vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=32, type_vocab_size=2)),
+    "llama": lambda: transformers.LlamaConfig(
+        **_common(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-6,
+        )
+    ),
+    "llama_tied": lambda: transformers.LlamaConfig(
+        **_common(
+            vocab_size=101,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    ),
+    "llama3_rope": lambda: transformers.LlamaConfig(
+        **_common(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    ),
+    "llama_biases_linear_rope": lambda: transformers.LlamaConfig(
+        **_common(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        )
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **_common(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        **_common(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=5,
+        )
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        **_common(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    ),
+    "gpt2_untied": lambda: transformers.GPT2Config(
+        **_common(
+            vocab_size=101,
+            n_positions=32,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ),
+    "bert": lambda: transformers.BertConfig(
+        **_common(
+            vocab_size=101,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=32,
+            type_vocab_size=2,
+        )
+    ),
 }
 
 _TORCH_CLASSES = {
-    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-    "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
 }
 
 _CACHE: dict[str, tuple] = {}
@@ -94,7 +177,7 @@ def _reference(key: str):
         torch.manual_seed(0)
         tm = getattr(transformers, _TORCH_CLASSES[cfg.model_type])(cfg).eval()
         with torch.no_grad():  # non-trivial norm weights/biases (HF inits them to 1/0)
-            for n, p in tm.named_parameters():
+            for p in tm.parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
         sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
@@ -107,7 +190,7 @@ def _inputs(vocab: int):
     rs = np.random.RandomState(1)
     ids = rs.randint(0, vocab, size=(B, S)).astype(np.int64)
     mask = np.ones((B, S), np.int64)
-    mask[1, S - 4:] = 0  # right padding
+    mask[1, S - 4 :] = 0  # right padding
     mask[2, :3] = 0  # left padding
     return ids, mask
 
@@ -155,8 +238,9 @@ def _hook_inputs(tm, prefix: str, names) -> tuple[dict[str, np.ndarray], list]:
     got, handles = {}, []
     for n in names:
         mod = tm.get_submodule(prefix + n)
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, n=n: got.__setitem__(n, args[0].detach().numpy().copy())))
+        handles.append(
+            mod.register_forward_pre_hook(lambda m, args, n=n: got.__setitem__(n, args[0].detach().numpy().copy()))
+        )
     return got, handles
 
 
@@ -258,8 +342,9 @@ def test_qwen2_has_qkv_biases_and_linear_transposes():
     assert "model.layers.0.self_attn.o_proj.bias" not in exp
     k = np.asarray(model.blocks[0].self_attn.k_proj.kernel[...])
     np.testing.assert_array_equal(k, sd["model.layers.0.self_attn.k_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(model.blocks[0].self_attn.k_proj.bias[...]),
-                                  sd["model.layers.0.self_attn.k_proj.bias"])
+    np.testing.assert_array_equal(
+        np.asarray(model.blocks[0].self_attn.k_proj.bias[...]), sd["model.layers.0.self_attn.k_proj.bias"]
+    )
 
 
 def test_gpt2_conv1d_not_transposed_and_c_attn_fused():
@@ -282,8 +367,9 @@ def test_tied_vs_untied_head(tied_key, untied_key):
     no_head = {k: v for k, v in sd_t.items() if k != "lm_head.weight"}
     load_hf_state_dict_into_model(build_abstract_model(cfg_t), no_head)
     with pytest.raises(ValueError, match="lm_head.weight"):
-        load_hf_state_dict_into_model(build_abstract_model(cfg_u),
-                                      {k: v for k, v in sd_u.items() if k != "lm_head.weight"})
+        load_hf_state_dict_into_model(
+            build_abstract_model(cfg_u), {k: v for k, v in sd_u.items() if k != "lm_head.weight"}
+        )
     # The untied model really uses its own head: logits are x @ lm_head, not x @ embedding.T.
     ids, mask = _inputs(cfg_u.vocab_size)
     x = model_u.embed(jnp.asarray(ids))
@@ -314,14 +400,14 @@ def test_shape_mismatch_names_tensor_and_shapes():
 def test_unknown_tensor_name_is_an_error():
     cfg, _, sd, _ = _reference("bert")
     with pytest.raises(ValueError, match="encoder.layer.0.attention.self.rotary"):
-        load_hf_state_dict_into_model(build_abstract_model(cfg),
-                                      {**sd, "encoder.layer.0.attention.self.rotary.weight": np.zeros(3)})
+        load_hf_state_dict_into_model(
+            build_abstract_model(cfg), {**sd, "encoder.layer.0.attention.self.rotary.weight": np.zeros(3)}
+        )
 
 
 def test_unknown_architecture_lists_supported():
     t5 = transformers.T5Config(vocab_size=32, d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
-    for fn in (lambda: get_name_map("t5"), lambda: get_model_class("t5"),
-               lambda: build_model(t5, nnx.Rngs(0))):
+    for fn in (lambda: get_name_map("t5"), lambda: get_model_class("t5"), lambda: build_model(t5, nnx.Rngs(0))):
         with pytest.raises(ValueError) as ei:
             fn()
         msg = str(ei.value)
@@ -332,11 +418,18 @@ def test_unknown_architecture_lists_supported():
 
 def test_smollm2_135m_shapes_without_weights():
     """SmolLM2-135M geometry: tied, 9 heads / 3 KV heads, head_dim 64, 30 layers."""
-    hf = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                  num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                  tie_word_embeddings=True, rms_norm_eps=1e-5,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-                                  max_position_embeddings=8192)
+    hf = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        max_position_embeddings=8192,
+    )
     model = build_abstract_model(hf)
     exp = get_name_map("llama").expected_hf_tensors(hf)
     assert len(exp) == 1 + 30 * 9 + 1 and "lm_head.weight" not in exp
@@ -353,8 +446,9 @@ def test_explicit_positions_for_left_padding_match_hf_position_ids():
     ids, mask = _inputs(cfg.vocab_size)
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     with torch.no_grad():
-        ref = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos)).logits.numpy()
+        ref = tm(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+        ).logits.numpy()
     ours = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos)))
     assert np.abs(ours - ref)[mask.astype(bool)].max() <= TOL
 
@@ -371,21 +465,28 @@ def test_block_prefix_and_linear_names_match_hf_tensors(key):
 def test_alternative_hf_spellings_load():
     """GPT2Model names (no ``transformer.``) and BertForMaskedLM names (``bert.``, ``cls.*``)."""
     cfg, _, sd, ref = _reference("gpt2")
-    bare = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in sd.items()}
+    bare = {k[len("transformer.") :] if k.startswith("transformer.") else k: v for k, v in sd.items()}
     m = load_hf_state_dict_into_model(build_abstract_model(cfg), bare)
-    assert model_to_hf_state_dict(m)["transformer.h.1.mlp.c_fc.weight"].tobytes() == \
-        sd["transformer.h.1.mlp.c_fc.weight"].tobytes()
+    assert (
+        model_to_hf_state_dict(m)["transformer.h.1.mlp.c_fc.weight"].tobytes()
+        == sd["transformer.h.1.mlp.c_fc.weight"].tobytes()
+    )
     cfg, _, sd, _ = _reference("bert")
     mlm = {"bert." + k: v for k, v in sd.items()}
     mlm["cls.predictions.bias"] = np.zeros(cfg.vocab_size, np.float32)
     m = load_hf_state_dict_into_model(build_abstract_model(cfg), mlm)
-    np.testing.assert_array_equal(model_to_hf_state_dict(m)["encoder.layer.0.output.dense.weight"],
-                                  sd["encoder.layer.0.output.dense.weight"])
+    np.testing.assert_array_equal(
+        model_to_hf_state_dict(m)["encoder.layer.0.output.dense.weight"], sd["encoder.layer.0.output.dense.weight"]
+    )
 
 
 def test_registry_builds_random_models():
-    for key, cls_name in [("mistral", "LlamaForCausalLM"), ("qwen2", "LlamaForCausalLM"),
-                          ("gpt2", "GPT2LMHeadModel"), ("bert", "BertModel")]:
+    for key, cls_name in [
+        ("mistral", "LlamaForCausalLM"),
+        ("qwen2", "LlamaForCausalLM"),
+        ("gpt2", "GPT2LMHeadModel"),
+        ("bert", "BertModel"),
+    ]:
         assert get_model_class(CONFIGS[key]().model_type).__name__ == cls_name
     # One random init end to end (eager init compiles per shape, so only one: runtime budget).
     cfg = CONFIGS["mistral"]()

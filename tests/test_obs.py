@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
-import oracle
 from sgtv_jax import block_prune_counts, inverse_factor, obs_prune, obs_prune_from_inverse
 
 
@@ -41,12 +41,12 @@ def test_matches_oracle_x64(rows, cols, density, blocksize, ill):
     d, h = problem(rows, cols, seed=rows + cols, ill=ill)
     q, mask, loss = oracle.obs_prune(d, h, density=density, blocksize=blocksize)
     with jax.enable_x64(True):
-        p, l = obs_prune(jnp.asarray(d), jnp.asarray(h), density=density, blocksize=blocksize)
+        p, got_loss = obs_prune(jnp.asarray(d), jnp.asarray(h), density=density, blocksize=blocksize)
         assert p.dtype == jnp.float64
         p = np.asarray(p)
     np.testing.assert_array_equal(p == 0, mask)
     assert rel(p, q) < 1e-6
-    assert abs(float(l) - loss) <= 1e-6 * abs(loss)
+    assert abs(float(got_loss) - loss) <= 1e-6 * abs(loss)
 
 
 @pytest.mark.parametrize("rows,cols,density,blocksize", CASES[:3])
@@ -123,8 +123,8 @@ def test_obs_beats_magnitude_on_correlated_inputs():
         p = np.asarray(obs_prune(d.astype(np.float32), h.astype(np.float32), density=density)[0], np.float64)
         thresh = np.sort(np.abs(d).ravel())[round((1 - density) * d.size)]
         mag = np.where(np.abs(d) >= thresh, d, 0)
-        err = lambda dp: np.linalg.norm((d - dp) @ x) / np.linalg.norm(d @ x)
-        assert err(p) < err(mag), (density, err(p), err(mag))
+        e_obs, e_mag = (np.linalg.norm((d - dp) @ x) / np.linalg.norm(d @ x) for dp in (p, mag))
+        assert e_obs < e_mag, (density, e_obs, e_mag)
 
 
 def test_stack_shared_hessian_equals_loop():

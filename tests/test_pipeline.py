@@ -12,17 +12,24 @@ import time
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
 
-LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LLAMA_LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 GPT2_LINEARS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
@@ -81,8 +88,14 @@ def test_llama_output_loads_in_transformers_and_report(llama_merged, llama):
     model = _torch(out)
     assert isinstance(model, transformers.LlamaForCausalLM)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "merge_report.json", "merge_layer_error.png",
-            "tokenizer.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "merge_report.json",
+        "merge_layer_error.png",
+        "tokenizer.json",
+    } <= names
     disk = json.loads((out / REPORT_FILE).read_text())
     assert set(disk["stages_s"]) == {"load", "calibrate", "prune", "merge", "export"}
     lin = [r for r in disk["layers"] if r["linear"]]
@@ -104,7 +117,10 @@ def test_llama_merged_mode_hessians_equal_merged_so_far_inputs(llama_merged, lla
     cfg, rep, sink, out = llama_merged
     _, paths = llama
     calib = _windows(cfg)
-    pref = lambda i: f"model.layers.{i}."  # noqa: E731
+
+    def pref(i):
+        return f"model.layers.{i}."
+
     for block in range(3):
         model = _partial(paths["base"], out, block, pref)
         want = H.torch_hessians(model, calib.input_ids, calib.mask, pref(block), LLAMA_LINEARS)
@@ -183,7 +199,10 @@ def test_gpt2_merge_loads_and_hessians_follow_merged_model(gpt2):
     lin = [r for r in rep["layers"] if r["linear"]]
     assert len(lin) == 3 * 4 and all(r["trim"] == "sparsegpt" for r in lin)
     calib = _windows(cfg)
-    pref = lambda i: f"transformer.h.{i}."  # noqa: E731
+
+    def pref(i):
+        return f"transformer.h.{i}."
+
     for block in (0, 2):
         partial = _partial(paths["base"], root / "merged", block, pref)
         want = H.torch_hessians(partial, calib.input_ids, calib.mask, pref(block), GPT2_LINEARS)
@@ -294,8 +313,11 @@ def test_killed_merge_leaves_no_complete_looking_output(llama, tmp_path):
     root, paths = llama
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(H.config_dict(paths, root)))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "sgtv_jax.cli", "merge", str(tmp_path / "m.yaml"), str(out),
-                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sgtv_jax.cli", "merge", str(tmp_path / "m.yaml"), str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()):
@@ -312,9 +334,10 @@ def test_killed_merge_leaves_no_complete_looking_output(llama, tmp_path):
 
 
 def test_orbax_output_equals_hf_output(llama, tmp_path):
+    from safetensors.numpy import load_file
+
     from convert import restore_orbax
     from convert.namemaps import get_name_map
-    from safetensors.numpy import load_file
 
     root, paths = llama
     raw = H.config_dict(paths, root, trim=None)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from convert import load_flax_model
 from sgtv_jax.obs import obs_prune
-from sgtv_jax.pipeline.compat import (TaskVectorImportanceCalculator, TaskVectorImportanceCalculatorPerTask,
-                                      sequential_layer_pruning)
+from sgtv_jax.pipeline.compat import (
+    TaskVectorImportanceCalculator,
+    TaskVectorImportanceCalculatorPerTask,
+    sequential_layer_pruning,
+)
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 
@@ -40,8 +43,10 @@ def test_sequential_layer_pruning_uses_base_hessians(family):
     paths, base, fts, loader, ids, mask = family
     out = sequential_layer_pruning(base, fts, loader, LAYERS, density=0.3, blocksize=16, percdamp=0.01)
     assert set(out) == set(LAYERS)
-    sd = [transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).state_dict()
-          for p in [paths["base"]] + paths["fts"]]
+    sd = [
+        transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).state_dict()
+        for p in [paths["base"]] + paths["fts"]
+    ]
     for layer in LAYERS:
         h = _torch_h(paths["base"], ids, mask, layer)
         assert len(out[layer]) == 2
@@ -56,8 +61,9 @@ def test_calculators(family):
     paths, base, fts, loader, ids, mask = family
     calc = TaskVectorImportanceCalculator(base, loader)
     hs = calc.compute_hessians_for_layers(LAYERS[:1])
-    np.testing.assert_allclose(np.asarray(hs[LAYERS[0]]), _torch_h(paths["base"], ids, mask, LAYERS[0]),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(hs[LAYERS[0]]), _torch_h(paths["base"], ids, mask, LAYERS[0]), rtol=1e-4, atol=1e-6
+    )
     tv = np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32)
     got = calc.prune_task_vector_with_error_correction(LAYERS[0], tv, 0.5, 16)
     want, _ = obs_prune(tv, hs[LAYERS[0]], density=0.5, blocksize=16)

@@ -10,9 +10,13 @@ from sgtv_jax.pipeline.config import ConfigError, load_config, method_kwargs, pa
 
 def _raw(**over):
     raw = {
-        "models": [{"model": "ft_a", "parameters": {"density": 0.5, "weight": 1.0}},
-                   {"model": "ft_b", "parameters": {"density": [1, 0.7, 0.1],
-                                                    "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}],
+        "models": [
+            {"model": "ft_a", "parameters": {"density": 0.5, "weight": 1.0}},
+            {
+                "model": "ft_b",
+                "parameters": {"density": [1, 0.7, 0.1], "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]},
+            },
+        ],
         "merge_method": "ties",
         "base_model": "base",
         "parameters": {"normalize": True, "lambda": 0.8},
@@ -59,26 +63,34 @@ def test_filter_rules_first_match_and_nested_gradient():
         resolve_spec([{"filter": "mlp", "value": 1}], "model.norm.weight", None, 3)
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"merge_methd": "ties"}, "unknown key 'merge_methd' in the config \\(did you mean 'merge_method'\\?\\)"),
-    ({"merge_method": "tie"}, "unknown merge_method 'tie' \\(did you mean 'ties'\\?\\)"),
-    ({"hessian_source": "merge"}, "did you mean 'merged'"),
-    ({"trim": "sparsgpt", "calibration": {"data": "c.txt"}}, "unknown trim 'sparsgpt' \\(did you mean 'sparsegpt'\\?\\)"),
-    ({"parameters": {"normalise": True}}, "did you mean 'normalize'"),
-    ({"calibration": {"data": "c.txt", "nsample": 4}}, "did you mean 'nsamples'"),
-    ({"dtype": "bfloat61"}, "dtype 'bfloat61'"),
-    ({"trim": "sparsegpt"}, "needs calibration data"),
-    ({"prunen": 2}, "prunen and prunem go together"),
-    ({"prunen": 2, "prunem": 4, "blocksize": 6, "trim": "sparsegpt", "calibration": {"data": "c"}},
-     "multiple of prunem"),
-    ({"tokenizer_source": "union"}, "only 'base'"),
-    ({"refit": "yes"}, "refit must be true or false"),
-    ({"refit": True}, "refit: true refits what OBS kept: it needs trim: sparsegpt"),
-    ({"merge_method": "task_arithmetic"}, "does not trim by itself: add 'trim: magnitude'"),
-    ({"merge_method": "linear", "trim": "magnitude"}, "'linear' does not trim"),
-    ({"base_model": None}, "base_model is required"),
-    ({"models": []}, "models must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"merge_methd": "ties"}, "unknown key 'merge_methd' in the config \\(did you mean 'merge_method'\\?\\)"),
+        ({"merge_method": "tie"}, "unknown merge_method 'tie' \\(did you mean 'ties'\\?\\)"),
+        ({"hessian_source": "merge"}, "did you mean 'merged'"),
+        (
+            {"trim": "sparsgpt", "calibration": {"data": "c.txt"}},
+            "unknown trim 'sparsgpt' \\(did you mean 'sparsegpt'\\?\\)",
+        ),
+        ({"parameters": {"normalise": True}}, "did you mean 'normalize'"),
+        ({"calibration": {"data": "c.txt", "nsample": 4}}, "did you mean 'nsamples'"),
+        ({"dtype": "bfloat61"}, "dtype 'bfloat61'"),
+        ({"trim": "sparsegpt"}, "needs calibration data"),
+        ({"prunen": 2}, "prunen and prunem go together"),
+        (
+            {"prunen": 2, "prunem": 4, "blocksize": 6, "trim": "sparsegpt", "calibration": {"data": "c"}},
+            "multiple of prunem",
+        ),
+        ({"tokenizer_source": "union"}, "only 'base'"),
+        ({"refit": "yes"}, "refit must be true or false"),
+        ({"refit": True}, "refit: true refits what OBS kept: it needs trim: sparsegpt"),
+        ({"merge_method": "task_arithmetic"}, "does not trim by itself: add 'trim: magnitude'"),
+        ({"merge_method": "linear", "trim": "magnitude"}, "'linear' does not trim"),
+        ({"base_model": None}, "base_model is required"),
+        ({"models": []}, "models must be a non-empty list"),
+    ],
+)
 def test_bad_config_names_the_key(over, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(_raw(**over))

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.evaluate import exact_match, is_match, load_model, perplexity
 
@@ -30,7 +30,7 @@ def test_perplexity_equals_torch(tiny):
     tm = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     nll, n = 0.0, 0
     for s in range(0, len(ids), 32):
-        w = torch.tensor([ids[s:s + 32]])
+        w = torch.tensor([ids[s : s + 32]])
         if w.shape[1] < 2:
             continue
         with torch.no_grad():

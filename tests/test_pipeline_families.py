@@ -3,26 +3,38 @@
 Gemma alternates sliding-window and global layers (different static graphs per
 block), phi3 fuses q/k/v and gate/up into one linear each, qwen3 normalises
 q/k per head; each must give every linear layer the inputs the PyTorch model
-gives it. MoE blocks have no shared input groups: calibrated trims are
-refused by name, data-free merges work.
+gives it. MoE blocks merge with calibrated trims (routing-weighted expert
+Hessians, tested in test_pipeline_moe.py); a family without input groups is
+refused by name.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
 import torch
 import transformers
+import yaml
 
-import test_pipeline_helpers as H
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.config import parse_config
+from sgtv_jax.pipeline.report import REPORT_FILE
 from sgtv_jax.pipeline.sequential import run_merge
 
 LINEARS = {
-    "qwen3": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "qwen3": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ],
     "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
 }
 LINEARS["gemma2"] = LINEARS["gemma3_text"] = LINEARS["qwen3"]
@@ -30,7 +42,8 @@ LINEARS["gemma2"] = LINEARS["gemma3_text"] = LINEARS["qwen3"]
 
 def _torch(path) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, attn_implementation="eager").eval()
+        str(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.parametrize("arch", sorted(LINEARS))
@@ -45,8 +58,9 @@ def test_base_hessians_equal_torch_hook_inputs_and_output_loads(arch, tmp_path):
         want = H.torch_hessians(base, calib.input_ids, calib.mask, f"model.layers.{block}.", LINEARS[arch])
         for n in LINEARS[arch]:
             got, ref = sink[f"model.layers.{block}.{n}.weight"], want[n]
-            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(),
-                                       err_msg=f"{arch} block {block} {n}")
+            np.testing.assert_allclose(
+                got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=f"{arch} block {block} {n}"
+            )
     merged = _torch(tmp_path / "merged")
     ids = torch.from_numpy(calib.input_ids[:2]).long()
     with torch.no_grad():
@@ -57,21 +71,44 @@ def test_base_hessians_equal_torch_hook_inputs_and_output_loads(arch, tmp_path):
     assert not torch.equal(base_sd[name], merged_sd[name])
 
 
-def test_moe_calibrated_trim_refused_by_name_data_free_merges(tmp_path, capsys):
+def test_moe_merges_with_sparsegpt_and_data_free_from_the_cli(tmp_path):
+    """Routed experts get routing-weighted Hessians (checked against PyTorch in test_pipeline_moe.py)."""
     paths = H.make_family(tmp_path, "qwen3_moe")
-    import yaml
+    cfgfile = tmp_path / "merge.yaml"
+    cfgfile.write_text(yaml.safe_dump(H.config_dict(paths, tmp_path)))
+    assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    experts = [r for r in rep["layers"] if ".mlp.experts." in r["name"]]
+    assert len(experts) == 3 * 4 * 3 and all(r["trim"] == "sparsegpt" for r in experts)
+    # Top-2 of 4: each real token is routed to two experts of every block.
+    downs = [r["hessian_tokens"][0] for r in experts if r["name"].endswith("down_proj.weight")]
+    assert sum(downs) == 2 * 3 * rep["calibration_tokens"]
+    merged = _torch(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()
 
+    free = H.config_dict(paths, tmp_path, trim="magnitude")
+    del free["calibration"]
+    cfgfile.write_text(yaml.safe_dump(free))
+    assert main(["merge", str(cfgfile), str(tmp_path / "out2"), "--quiet"]) == 0
+    with torch.no_grad():
+        assert torch.isfinite(_torch(tmp_path / "out2")(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()
+
+
+def test_a_family_without_input_groups_refuses_calibrated_trims_by_name(tmp_path, capsys, monkeypatch):
+    """A family that declares no input groups gets a clear refusal before any work, data-free still merges."""
+    import sgtv_jax.models.llama as llama
+
+    paths = H.make_family(tmp_path, "qwen3")
+    monkeypatch.setattr(llama, "input_groups", lambda cfg: None)
     cfgfile = tmp_path / "merge.yaml"
     cfgfile.write_text(yaml.safe_dump(H.config_dict(paths, tmp_path)))
     assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "qwen3_moe" in err and "data-free trim" in err
+    assert "qwen3" in err and "declares no input groups" in err and "data-free trim" in err
     assert not (tmp_path / "out").exists()
 
     free = H.config_dict(paths, tmp_path, trim="magnitude")
     del free["calibration"]
     cfgfile.write_text(yaml.safe_dump(free))
     assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 0
-    merged = _torch(tmp_path / "out")
-    with torch.no_grad():
-        assert torch.isfinite(merged(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()

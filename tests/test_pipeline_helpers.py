@@ -26,8 +26,9 @@ def make_tokenizer(dst: Path, vocab_size: int = 300) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(str(dst))
@@ -38,15 +39,35 @@ def tiny_config(arch: str, vocab_size: int):
 
     if arch == "llama":
         return transformers.LlamaConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=False, eos_token_id=0, pad_token_id=1, bos_token_id=0)
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            eos_token_id=0,
+            pad_token_id=1,
+            bos_token_id=0,
+        )
     if arch == "gpt2":
-        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                                       eos_token_id=0, bos_token_id=0)
-    small = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                 eos_token_id=0, pad_token_id=1, bos_token_id=0)
+        return transformers.GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=0, bos_token_id=0
+        )
+    small = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        eos_token_id=0,
+        pad_token_id=1,
+        bos_token_id=0,
+    )
     if arch == "qwen3":
         return transformers.Qwen3Config(**small, tie_word_embeddings=False)
     if arch == "phi3":
@@ -57,6 +78,14 @@ def tiny_config(arch: str, vocab_size: int):
         return cls(**small, sliding_window=6, query_pre_attn_scalar=8)
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**small, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":  # with a gated shared expert; routing weights not renormalised (norm_topk_prob False)
+        return transformers.Qwen2MoeConfig(
+            **small, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2
+        )
+    if arch == "mixtral":  # intermediate_size is each expert's width
+        return transformers.MixtralConfig(
+            **{**small, "intermediate_size": 16}, num_local_experts=4, num_experts_per_tok=2
+        )
     raise ValueError(arch)
 
 
@@ -113,8 +142,9 @@ def config_dict(paths: dict, root: Path, **over) -> dict:
     return cfg
 
 
-def torch_hessians(model, input_ids: np.ndarray, mask: np.ndarray, layer_prefix: str,
-                   linear_names: list[str]) -> dict[str, np.ndarray]:
+def torch_hessians(
+    model, input_ids: np.ndarray, mask: np.ndarray, layer_prefix: str, linear_names: list[str]
+) -> dict[str, np.ndarray]:
     """H = (2/n) sum x x^T of each named linear's input in one block, by forward hooks (float64)."""
     import torch
 
@@ -122,8 +152,10 @@ def torch_hessians(model, input_ids: np.ndarray, mask: np.ndarray, layer_prefix:
     hooks = []
     mods = dict(model.named_modules())
     for n in linear_names:
+
         def hook(mod, inp, out, n=n):
             acc[n].append(inp[0].detach().double())
+
         hooks.append(mods[layer_prefix + n].register_forward_hook(hook))
     with torch.no_grad():
         model(input_ids=torch.from_numpy(input_ids).long(), attention_mask=torch.from_numpy(mask).long())
@@ -132,7 +164,7 @@ def torch_hessians(model, input_ids: np.ndarray, mask: np.ndarray, layer_prefix:
     out = {}
     m = torch.from_numpy(mask).double()
     for n, xs in acc.items():
-        x = xs[0] * m[..., None]
+        x = xs[0].reshape(*mask.shape, -1) * m[..., None]  # MoE blocks run their MLP on [B*S, D]
         x = x.reshape(-1, x.shape[-1])
         out[n] = (2.0 / input_ids.shape[0] * x.T @ x).numpy()
     return out

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import test_pipeline_helpers as H
+
 from sgtv_jax.errors import ResourceError
 from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.memory import estimate_memory, refuse_if_too_big
 
 # tiny LLaMA of test_pipeline_helpers: hidden 32, 4 heads (2 KV heads of 8), intermediate 64, 3 blocks
-D, A, I, KV = 32, 4, 64, 16
-LINEARS = [(D, D), (KV, D), (KV, D), (D, D), (I, D), (I, D), (D, I)]  # [rows, cols] of q k v o gate up down
+D, A, FF, KV = 32, 4, 64, 16
+LINEARS = [(D, D), (KV, D), (KV, D), (D, D), (FF, D), (FF, D), (D, FF)]  # [rows, cols] of q k v o gate up down
 BLOCK = sum(r * c for r, c in LINEARS) + 2 * D  # + two RMSNorm weights
 
 
@@ -58,18 +58,20 @@ def test_per_task_by_hand(fam):
     est = estimate_memory(parse_config(raw))
     T = 2
     assert est.term("activations").bytes == 4 * D * (6 * 24 + 3 * 40 + max(6 * 24, 3 * 40))
-    assert est.term("attention").bytes == 4 * 2 * A * max(4 * 24 ** 2, 3 * 40 ** 2)
+    assert est.term("attention").bytes == 4 * 2 * A * max(4 * 24**2, 3 * 40**2)
     assert est.term("hessians").bytes == 4 * T * sum(c * c for _, c in LINEARS)
     assert est.term("obs").bytes == 4 * max(3 * T * r * c + 3 * T * c * c for r, c in LINEARS)
 
 
-def test_data_free_has_no_calibration_terms(fam):
+def test_data_free_holds_one_tensor_stack(fam, monkeypatch):
+    """Data-free merges go tensor by tensor by name: only the largest tensor's stack counts."""
     root, paths, vocab = fam
     raw = H.config_dict(paths, root, trim=None)
     raw.pop("calibration")
+    _no_reads(monkeypatch)
     est = estimate_memory(parse_config(raw))
-    assert [t.name for t in est.terms if t.bytes] == ["block", "outer"]
-    assert est.total == 4 * 3 * (BLOCK + vocab * D)
+    assert [t.name for t in est.terms if t.bytes] == ["tensor"]
+    assert est.total == 4 * 3 * max(vocab * D, FF * D)  # base + 2 task vectors of the embedding / head
 
 
 def test_refusal_names_the_largest_terms_knobs(fam):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from convert import default_cache_dir, fetch_smollm2, open_checkpoint
-from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.arch import arch_of
+from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.report import relative_errors
 from sgtv_jax.pipeline.sequential import merge_tensor
 from sgtv_jax.pipeline.streams import capture, embed_stream
@@ -42,7 +42,7 @@ def real_layers(smollm2_dir, tmp_path_factory):
         names = [n for n in ckpt.names() if n.startswith(arch.prefix(i))]
         tensors = {n: ckpt.get(n) for n in names}
         state = arch.block_state(i, tensors)
-        hess, stream.hidden = capture(arch, i, state, stream, arch.require_input_groups())
+        hess, stream.hidden = capture(arch, i, state, stream, arch.require_input_groups())[:2]
         for ln in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
             name = f"{arch.prefix(i)}{ln}.weight"
             out[name] = (np.asarray(tensors[name], np.float32), hess[ln])
@@ -53,7 +53,7 @@ def real_layers(smollm2_dir, tmp_path_factory):
 def _task_vectors(w: np.ndarray, tasks: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows, cols = w.shape
-    scale = 0.01 * np.sqrt(np.mean(w ** 2))
+    scale = 0.01 * np.sqrt(np.mean(w**2))
     d = []
     for _ in range(tasks):
         low = rng.standard_normal((rows, 4)) @ rng.standard_normal((4, cols)) / 2.0
@@ -67,12 +67,21 @@ def test_sparsegpt_ties_beats_magnitude_ties_at_density_01(real_layers):
         deltas = jnp.asarray(_task_vectors(w, 2, k))
         errs = {}
         for trim in ("sparsegpt", "magnitude"):
-            merged, trimmed, _ = merge_tensor("ties", deltas, weights=[1.0, 1.0], densities=[0.1, 0.1], trim=trim,
-                                              hessian=h, params={}, seed=0, name=name)
+            merged, trimmed, _ = merge_tensor(
+                "ties",
+                deltas,
+                weights=[1.0, 1.0],
+                densities=[0.1, 0.1],
+                trim=trim,
+                hessian=h,
+                params={},
+                seed=0,
+                name=name,
+            )
             kept = np.asarray(jnp.mean(trimmed != 0, axis=(1, 2)))
             np.testing.assert_allclose(kept, 0.1, atol=0.005)
             te, me = relative_errors(deltas, trimmed, merged, jnp.ones(2), h)
             errs[trim] = (np.asarray(te), float(me))
         sp, mag = errs["sparsegpt"], errs["magnitude"]
-        assert np.all(sp[0] < mag[0]), (name, errs)   # each task vector's output error
-        assert sp[1] < mag[1], (name, errs)            # the merged layer's output error
+        assert np.all(sp[0] < mag[0]), (name, errs)  # each task vector's output error
+        assert sp[1] < mag[1], (name, errs)  # the merged layer's output error

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import test_pipeline_helpers as helpers
 import yaml
 
-import test_pipeline_helpers as helpers
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
 
@@ -78,8 +78,10 @@ def readme_blocks(text: str, where: str = "README.md") -> list[Block]:
 
 
 def example_configs() -> list[Block]:
-    return [Block(f"examples/configs/{p.name}", 0, "yaml", p.read_text())
-            for p in sorted((ROOT / "examples" / "configs").glob("*.yaml"))]
+    return [
+        Block(f"examples/configs/{p.name}", 0, "yaml", p.read_text())
+        for p in sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+    ]
 
 
 BLOCKS = readme_blocks(README.read_text()) + example_configs()
@@ -103,8 +105,7 @@ def family(tmp_path_factory) -> dict[str, Any]:
 def _paths_of(raw: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
     """(model paths in order, base last; [(calibration file, text_field)]) named by a raw config."""
     models = [m["model"] for m in raw.get("models") or [] if isinstance(m, dict) and "model" in m]
-    calibs = [raw.get("calibration")] + [m.get("calibration") for m in raw.get("models") or []
-                                         if isinstance(m, dict)]
+    calibs = [raw.get("calibration")] + [m.get("calibration") for m in raw.get("models") or [] if isinstance(m, dict)]
     files = []
     for c in calibs:
         c = {"data": c} if isinstance(c, (str, list)) else c
@@ -151,10 +152,12 @@ FREE_NAMES: dict[str, Callable[[Path], Any]] = {
     "task_vector": lambda ws: 0.01 * _x(ROWS, COLS, seed=6),
     "weights": lambda ws: [1.0, 1.0],
     "base_params": lambda ws: {"layer.weight": _x(ROWS, COLS, seed=7)},
-    "ft_params": lambda ws: [{"layer.weight": _x(ROWS, COLS, seed=7) + 0.01 * _x(ROWS, COLS, seed=8 + t)}
-                             for t in range(2)],
+    "ft_params": lambda ws: [
+        {"layer.weight": _x(ROWS, COLS, seed=7) + 0.01 * _x(ROWS, COLS, seed=8 + t)} for t in range(2)
+    ],
     "densities": lambda ws: [0.5, 0.5],
     "hessians": lambda ws: {"layer.weight": _gram(COLS, 10)},
+    "H": lambda ws: _gram(WIDTH, 11),  # matches `delta` / `stack` ([..., WIDTH])
     # The convert snippet's replacement for one tensor of `hf_dir` (the tiny LLaMA).
     "new_w": lambda ws: np.zeros(_up_proj_shape(ws / "hf_dir"), np.float32),
 }
@@ -228,8 +231,10 @@ def check_command(words: list[str], monkeypatch) -> None:
     elif words[0] == "python" and words[1].endswith(".py"):
         assert (ROOT / words[1]).is_file(), f"{words[1]}: no such file in the repository"
     else:
-        pytest.fail(f"no checker for the command {shlex.join(words)!r}: add one in tests/test_readme.py, "
-                    f"or mark the block with <!-- readme-test: skip (reason) -->")
+        pytest.fail(
+            f"no checker for the command {shlex.join(words)!r}: add one in tests/test_readme.py, "
+            f"or mark the block with <!-- readme-test: skip (reason) -->"
+        )
 
 
 # --------------------------------------------------------------------------- the test
@@ -268,16 +273,20 @@ def test_block(block: Block, family, tmp_path, monkeypatch):
             while words:
                 cut = words.index("&&") if "&&" in words else len(words)
                 check_command(words[:cut], monkeypatch)
-                words = words[cut + 1:]
+                words = words[cut + 1 :]
     else:
-        pytest.fail(f"no runner for ```{block.lang} blocks: add one in tests/test_readme.py, "
-                    f"or mark the block with <!-- readme-test: skip (reason) -->")
+        pytest.fail(
+            f"no runner for ```{block.lang} blocks: add one in tests/test_readme.py, "
+            f"or mark the block with <!-- readme-test: skip (reason) -->"
+        )
 
 
 def test_harness_finds_every_block_and_marker():
     """The fence and marker rules, on a README-like text (so a block is never silently dropped)."""
-    text = ("intro\n```bash\nsgtv demo\n```\n\n<!-- readme-test: skip (needs a GPU) -->\n\n```python\nx = 1\n```\n"
-            "```\noutput\n```\n```yaml\nmodels: []\n```\n")
+    text = (
+        "intro\n```bash\nsgtv demo\n```\n\n<!-- readme-test: skip (needs a GPU) -->\n\n```python\nx = 1\n```\n"
+        "```\noutput\n```\n```yaml\nmodels: []\n```\n"
+    )
     got = readme_blocks(text)
     assert [(b.lang, b.skip) for b in got] == [("bash", None), ("python", "needs a GPU"), ("yaml", None)]
     assert got[1].code == "x = 1\n" and got[2].id.startswith("README.md#3-yaml-models")

@@ -105,8 +105,9 @@ def test_block_draws_equal_whole_draws(shape):
             part = (r1 - r0,) + shape[1:]
             u = np.asarray(blockrng.uniform_block(key, part, np.float32, r0 * cols))
             np.testing.assert_array_equal(u.view(np.uint32), whole_u[r0:r1].view(np.uint32))
-            np.testing.assert_array_equal(np.asarray(blockrng.bernoulli_block(key, 0.37, part, r0 * cols)),
-                                          whole_b[r0:r1])
+            np.testing.assert_array_equal(
+                np.asarray(blockrng.bernoulli_block(key, 0.37, part, r0 * cols)), whole_b[r0:r1]
+            )
 
 
 def test_block_draws_float64():
@@ -149,8 +150,18 @@ def reader(a: np.ndarray):
 
 def run_rows(plan, base, models, rows_per_chunk, out_dtype, stats=None, transpose=False):
     per_row = math.prod(base.shape[1:]) * bytes_per_entry(len(models))
-    chunks = list(merge_rows(plan, reader(base), [reader(m) for m in models], base.shape, out_dtype=out_dtype,
-                             budget_bytes=rows_per_chunk * per_row, stats=stats, transpose=transpose))
+    chunks = list(
+        merge_rows(
+            plan,
+            reader(base),
+            [reader(m) for m in models],
+            base.shape,
+            out_dtype=out_dtype,
+            budget_bytes=rows_per_chunk * per_row,
+            stats=stats,
+            transpose=transpose,
+        )
+    )
     return np.concatenate(chunks) if base.ndim else chunks[0]
 
 
@@ -192,9 +203,16 @@ CASES = [
 
 def plan_for(method, trim, params, tasks=3, densities=(0.5, 0.3, 0.75)):
     untrimmed = method in ("linear", "regmean") or (method == "task_arithmetic" and trim is None)
-    return TensorPlan(method, "model.layers.0.mlp.up_proj.weight", weights=(1.0, 0.5, 2.0)[:tasks],
-                      densities=(1.0,) * tasks if untrimmed else densities[:tasks], trim=trim, params=params,
-                      seed=5, gamma=(0.1, 0.05, 0.2)[:tasks] if "breadcrumbs" in (method, trim) else None)
+    return TensorPlan(
+        method,
+        "model.layers.0.mlp.up_proj.weight",
+        weights=(1.0, 0.5, 2.0)[:tasks],
+        densities=(1.0,) * tasks if untrimmed else densities[:tasks],
+        trim=trim,
+        params=params,
+        seed=5,
+        gamma=(0.1, 0.05, 0.2)[:tasks] if "breadcrumbs" in (method, trim) else None,
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
@@ -223,16 +241,19 @@ def test_transposed_ties_need_one_more_pass():
     base, models = family(8, (12, 4), 2, BF16)
     plan = plan_for("ties", None, {}, tasks=2)
     stats = StreamStats()
-    same_bits(run_rows(plan, base, models, 5, BF16, stats, transpose=True),
-              whole_reference(plan, base, models, BF16, transpose=True))
+    same_bits(
+        run_rows(plan, base, models, 5, BF16, stats, transpose=True),
+        whole_reference(plan, base, models, BF16, transpose=True),
+    )
     assert stats.passes == 4  # high digit, low digit, ties per column, merge
     # and the transposed order matters: the untransposed merge differs here
-    assert not np.array_equal(whole_reference(plan, base, models, BF16).view(np.uint16),
-                              whole_reference(plan, base, models, BF16, transpose=True).view(np.uint16))
+    assert not np.array_equal(
+        whole_reference(plan, base, models, BF16).view(np.uint16),
+        whole_reference(plan, base, models, BF16, transpose=True).view(np.uint16),
+    )
 
 
-@pytest.mark.parametrize("method,trim", [("ties", None), ("dare_ties", None), ("breadcrumbs", None),
-                                         ("della", None)])
+@pytest.mark.parametrize("method,trim", [("ties", None), ("dare_ties", None), ("breadcrumbs", None), ("della", None)])
 def test_chunked_merge_3d_tensor_and_float32_output(method, trim):
     base, models = family(1, (9, 2, 5), 2, np.float32)
     plan = plan_for(method, trim, {}, tasks=2)
@@ -277,7 +298,7 @@ def test_chunked_breadcrumbs_matches_float64_reference():
         n, k = d.size, int(round(de * d.size))
         n_top = min(int(round(g * n)), n - k)
         keep = np.zeros(n, bool)
-        keep[np.argsort(-np.abs(d), kind="stable")[n_top:n_top + k]] = True
+        keep[np.argsort(-np.abs(d), kind="stable")[n_top : n_top + k]] = True
         want += w * np.where(keep, d, 0.0)
     for rows in (1, 4, 10):
         got = run_rows(plan, base, models, rows, np.float32)
@@ -320,13 +341,25 @@ def test_reads_never_exceed_a_chunk_and_selection_uses_three_passes():
         def read(r0, r1):
             calls.append((r0, r1))
             return a[r0:r1]
+
         return read
 
     plan = plan_for("ties", None, {}, tasks=2)
     stats = StreamStats()
     per_row = 8 * bytes_per_entry(2)
-    out = np.concatenate(list(merge_rows(plan, counted(base), [counted(m) for m in models], base.shape,
-                                         out_dtype=BF16, budget_bytes=7 * per_row, stats=stats)))
+    out = np.concatenate(
+        list(
+            merge_rows(
+                plan,
+                counted(base),
+                [counted(m) for m in models],
+                base.shape,
+                out_dtype=BF16,
+                budget_bytes=7 * per_row,
+                stats=stats,
+            )
+        )
+    )
     same_bits(out, whole_reference(plan, base, models, BF16))
     assert max(r1 - r0 for r0, r1 in calls) == 7 == stats.rows_per_chunk
     assert stats.passes == 3  # high digit, low digit, merge
@@ -348,23 +381,42 @@ def test_errors_name_the_tensor_and_model():
     with pytest.raises(ValueError, match=r"up_proj.*model 1 \(1 entries\)"):
         run_rows(plan, base, models, 2, np.float32)
     with pytest.raises(ValueError, match="model 0 rows"):
-        list(merge_rows(plan, reader(base), [lambda r0, r1: base[r0:r1, :3], reader(base)], base.shape,
-                        out_dtype=np.float32, budget_bytes=1))
+        list(
+            merge_rows(
+                plan,
+                reader(base),
+                [lambda r0, r1: base[r0:r1, :3], reader(base)],
+                base.shape,
+                out_dtype=np.float32,
+                budget_bytes=1,
+            )
+        )
     with pytest.raises(PlanError, match="calibration"):
-        merge_rows(plan._replace(trim="sparsegpt"), reader(base), [reader(base)] * 2, base.shape,
-                   out_dtype=np.float32)
+        merge_rows(plan._replace(trim="sparsegpt"), reader(base), [reader(base)] * 2, base.shape, out_dtype=np.float32)
     with pytest.raises(PlanError, match="does not trim"):
-        merge_rows(plan_for("task_arithmetic", None, {}, tasks=2)._replace(densities=(0.5, 0.5)), reader(base),
-                   [reader(base)] * 2, base.shape, out_dtype=np.float32)
+        merge_rows(
+            plan_for("task_arithmetic", None, {}, tasks=2)._replace(densities=(0.5, 0.5)),
+            reader(base),
+            [reader(base)] * 2,
+            base.shape,
+            out_dtype=np.float32,
+        )
 
 
 # --------------------------------------------------------------------------- host merge
 
 
 HOST_CASES = [
-    ("ties", {}), ("ties", {"consensus": "count", "normalize": False, "lambda_": 0.75}), ("dare_ties", {}),
-    ("task_arithmetic", {"lambda_": 1.5}), ("task_arithmetic", {"normalize": True}), ("breadcrumbs_ties", {}),
-    ("della", {"normalize": False}), ("della_linear", {}), ("linear", {}), ("regmean", {"alpha": 0.5}),
+    ("ties", {}),
+    ("ties", {"consensus": "count", "normalize": False, "lambda_": 0.75}),
+    ("dare_ties", {}),
+    ("task_arithmetic", {"lambda_": 1.5}),
+    ("task_arithmetic", {"normalize": True}),
+    ("breadcrumbs_ties", {}),
+    ("della", {"normalize": False}),
+    ("della_linear", {}),
+    ("linear", {}),
+    ("regmean", {"alpha": 0.5}),
 ]
 
 
@@ -409,10 +461,12 @@ def test_bracket_cut_takes_the_m_smallest(kind):
 
     rng = np.random.default_rng(11)
     n = 300_000
-    keys = {"distinct": rng.permutation(n).astype(np.uint32) * np.uint32(7),
-            "few values": rng.integers(0, 40, n).astype(np.uint32) << np.uint32(20),
-            "mostly zero": np.where(rng.random(n) < 0.7, 0x7FFFFFFF, rng.integers(0, 1 << 30, n)).astype(np.uint32),
-            "two values": np.where(rng.random(n) < 0.5, 5, 9).astype(np.uint32)}[kind]
+    keys = {
+        "distinct": rng.permutation(n).astype(np.uint32) * np.uint32(7),
+        "few values": rng.integers(0, 40, n).astype(np.uint32) << np.uint32(20),
+        "mostly zero": np.where(rng.random(n) < 0.7, 0x7FFFFFFF, rng.integers(0, 1 << 30, n)).astype(np.uint32),
+        "two values": np.where(rng.random(n) < 0.5, 5, 9).astype(np.uint32),
+    }[kind]
     ordered = np.sort(keys)
     for m in (1, 1000, n // 3, n // 2, n - 1, n):
         cut = _bracket_cut(keys, m)

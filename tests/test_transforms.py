@@ -74,6 +74,10 @@ def _host(v, factors, complement):
     return round(x)
 
 
+def _round_both(v, factors):
+    return counts.exact_round(v, factors, complement=True), counts.exact_round(v, factors)
+
+
 def test_traced_counts_equal_host_float64_at_half_boundaries():
     rng = np.random.default_rng(0)
     for factors in [(7, 3), (999999, 1000)]:
@@ -86,8 +90,8 @@ def test_traced_counts_equal_host_float64_at_half_boundaries():
                 vals += [f, up, down, np.nextafter(up, np.float32(2))]
         vals += [np.float32(v) for v in (0, 1, 0.5, 0.25, 0.15, 0.1, 2**-30, 2**-61, 1e-45)]
         vals = np.clip(np.array(vals, np.float32), 0, 1)
-        both = jax.jit(lambda v: (counts.exact_round(v, factors, complement=True), counts.exact_round(v, factors)))
-        for complement, got in zip((True, False), both(vals)):
+        both = jax.jit(_round_both, static_argnums=1)(vals, factors)
+        for complement, got in zip((True, False), both):
             want = np.array([_host(v, factors, complement) for v in vals])
             np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{factors} {complement}")
             # float32 arithmetic alone gets these boundaries wrong: the test can fail
@@ -137,7 +141,10 @@ def test_table_obs_prune_vmap_over_deltas():
 def test_table_obs_prune_grad_eager():
     # For a fixed mask the sweep is linear in delta, so f(delta) = <grad f, delta>.
     c = jnp.asarray(np.random.default_rng(1).standard_normal(STACK.shape), jnp.float32)
-    f = lambda d: jnp.sum(c * sg.obs_prune(d, H, density=0.5, blocksize=BS)[0])
+
+    def f(d):
+        return jnp.sum(c * sg.obs_prune(d, H, density=0.5, blocksize=BS)[0])
+
     g = jax.grad(f)(STACK)
     assert float(jnp.max(jnp.abs(g))) > 0
     np.testing.assert_allclose(float(jnp.sum(g * STACK)), float(f(STACK)), rtol=1e-4)
@@ -149,17 +156,26 @@ def test_table_hessian_update_jit_and_scan():
     for b in x:
         state = sg.hessian_update(state, b)
     eager = sg.hessian_finalize(state)
-    step = lambda s, b: (sg.hessian_update(s, b), None)
+
+    def step(s, b):
+        return sg.hessian_update(s, b), None
+
     scanned, _ = jax.jit(lambda x: jax.lax.scan(step, sg.hessian_init(COLS), x))(x)
     np.testing.assert_allclose(np.asarray(jax.jit(sg.hessian_finalize)(scanned)), np.asarray(eager), rtol=1e-6)
 
 
 def test_table_ties_jit():
-    same(jax.jit(lambda s: ties(s, weights=[1.0] * 3, densities=0.2))(STACK), ties(STACK, weights=[1.0] * 3, densities=0.2))
+    same(
+        jax.jit(lambda s: ties(s, weights=[1.0] * 3, densities=0.2))(STACK),
+        ties(STACK, weights=[1.0] * 3, densities=0.2),
+    )
 
 
 def test_table_ties_sparsegpt_jit():
-    f = lambda s, h: ties(s, weights=[1.0] * 3, densities=0.3, trim="sparsegpt", calib=Calibration(hessian=h), blocksize=BS)
+
+    def f(s, h):
+        return ties(s, weights=[1.0] * 3, densities=0.3, trim="sparsegpt", calib=Calibration(hessian=h), blocksize=BS)
+
     same(jax.jit(f)(STACK, H), f(STACK, H))
 
 
@@ -212,7 +228,9 @@ def test_trim_jit_of_vmap_over_densities(kind):
     kw = dict(key=KEY, calib=CALIB, blocksize=BS, gamma=0.1, epsilon=0.1)
     grid_d = (0.0, 0.4, 1.0)
     per_task = (0.3, 0.5, 0.7)
-    f = jax.jit(lambda g, d: (jax.vmap(lambda x: trim_lib.trim(kind, STACK, x, **kw))(g), trim_lib.trim(kind, STACK, d, **kw)))
+    f = jax.jit(
+        lambda g, d: (jax.vmap(lambda x: trim_lib.trim(kind, STACK, x, **kw))(g), trim_lib.trim(kind, STACK, d, **kw))
+    )
     grid, tasks = f(jnp.asarray(grid_d), jnp.asarray(per_task))
     for i, d in enumerate(grid_d):
         same(grid[i], trim_lib.trim(kind, STACK, d, **kw), exact=False)
@@ -240,7 +258,9 @@ def test_inverse_factor_jit_vmap():
     fj = jax.jit(sg.inverse_factor)(H, 0.01)
     np.testing.assert_allclose(np.asarray(fj.upper), np.asarray(f.upper), rtol=1e-5, atol=1e-7)
     fv = jax.vmap(sg.inverse_factor, in_axes=(None, 0))(H, jnp.asarray([0.01, 0.1]))
-    np.testing.assert_allclose(np.asarray(fv.upper[1]), np.asarray(sg.inverse_factor(H, 0.1).upper), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(fv.upper[1]), np.asarray(sg.inverse_factor(H, 0.1).upper), rtol=1e-5, atol=1e-7
+    )
     assert bool(jnp.all(fv.ok))
 
 

@@ -31,15 +31,17 @@ materialised whole.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
 
+from sgtv_jax.models.common import FamilyModel
+
 from ._base import FlaxPath, NameMap, Rule
 
-__all__ = ["FlaxPath", "NameMap", "Rule", "get_name_map",
-           "load_hf_state_dict_into_model", "model_to_hf_state_dict"]
+__all__ = ["FlaxPath", "NameMap", "Rule", "get_name_map", "load_hf_state_dict_into_model", "model_to_hf_state_dict"]
 
 
 def get_name_map(model_type: str) -> NameMap:
@@ -50,8 +52,9 @@ def get_name_map(model_type: str) -> NameMap:
     return get_architecture(model_type).name_map
 
 
-def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.ndarray], *,
-                                  strict: bool = True) -> nnx.Module:
+def load_hf_state_dict_into_model(
+    model: FamilyModel, tensors: Mapping[str, np.ndarray], *, strict: bool = True
+) -> nnx.Module:
     """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
 
     See ``NameMap.load_hf_state_dict_into_model``; the map is chosen from
@@ -60,7 +63,6 @@ def load_hf_state_dict_into_model(model: nnx.Module, tensors: Mapping[str, np.nd
     return get_name_map(model.config.model_type).load_hf_state_dict_into_model(model, tensors, strict=strict)
 
 
-def model_to_hf_state_dict(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
+def model_to_hf_state_dict(model: FamilyModel, dtype: Any = None) -> dict[str, np.ndarray]:
     """All parameters as ``{hf_name: np.ndarray}`` in HF layout (see ``NameMap.model_to_hf_state_dict``)."""
     return get_name_map(model.config.model_type).model_to_hf_state_dict(model, dtype=dtype)
-

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -53,18 +54,24 @@ class NameMap:
       config_fn: ``hf_or_our_config -> our config``.
     """
 
-    def __init__(self, family: str, rules_fn: Callable[[Any], Iterable[Rule]],
-                 normalize_fn: Callable[[str], str], ignore_patterns: Iterable[str],
-                 config_fn: Callable[[Any], Any]):
+    def __init__(
+        self,
+        family: str,
+        rules_fn: Callable[[Any], Iterable[Rule]],
+        normalize_fn: Callable[[str], str],
+        ignore_patterns: Iterable[str],
+        config_fn: Callable[[Any], Any],
+    ):
         self.family = family
         self._rules_fn = rules_fn
         self._normalize = normalize_fn
         self._ignore = [re.compile(p) for p in ignore_patterns]
         self._config_fn = config_fn
+        # Per instance (not a method decorator, whose cache would be shared by all maps and keep them alive).
+        self._tables = functools.lru_cache(maxsize=32)(self._build_tables)
 
     # -- tables ---------------------------------------------------------------
-    @functools.lru_cache(maxsize=32)
-    def _tables(self, cfg: Any) -> tuple[dict[str, Rule], dict[FlaxPath, Rule]]:
+    def _build_tables(self, cfg: Any) -> tuple[dict[str, Rule], dict[FlaxPath, Rule]]:
         by_hf: dict[str, Rule] = {}
         by_flax: dict[FlaxPath, Rule] = {}
         for r in self._rules_fn(cfg):
@@ -104,15 +111,13 @@ class NameMap:
             return rule
         if any(p.search(canon) for p in self._ignore):
             return None
-        raise ValueError(f"{self.family}: unexpected tensor {name!r} (not a parameter of this "
-                         f"architecture/config)")
+        raise ValueError(f"{self.family}: unexpected tensor {name!r} (not a parameter of this architecture/config)")
 
     def check_hf_tensor(self, name: str, shape: tuple[int, ...], config: Any) -> Rule | None:
         """Validate one tensor's shape against the config (ValueError naming both shapes)."""
         rule = self.rule_for_hf(name, config)
         if rule is not None and tuple(shape) != rule.hf_shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(shape)} but the config expects "
-                             f"{rule.hf_shape}")
+            raise ValueError(f"tensor {name!r} has shape {tuple(shape)} but the config expects {rule.hf_shape}")
         return rule
 
     def hf_to_flax(self, name: str, array: np.ndarray, config: Any) -> tuple[FlaxPath, np.ndarray] | None:
@@ -133,8 +138,10 @@ class NameMap:
         if rule is None:
             raise ValueError(f"{self.family}: no HF tensor for Flax path {tuple(flax_path)!r}")
         if tuple(np.shape(array)) != rule.flax_shape:
-            raise ValueError(f"Flax parameter {tuple(flax_path)!r} has shape {tuple(np.shape(array))} "
-                             f"but the config expects {rule.flax_shape} (HF {rule.hf_name!r})")
+            raise ValueError(
+                f"Flax parameter {tuple(flax_path)!r} has shape {tuple(np.shape(array))} "
+                f"but the config expects {rule.flax_shape} (HF {rule.hf_name!r})"
+            )
         arr = _transpose(array) if rule.transpose else np.ascontiguousarray(np.asarray(array))
         return rule.hf_name, arr
 
@@ -149,10 +156,10 @@ class NameMap:
             raise ValueError(f"{self.family}: no HF tensor for Flax path {tuple(flax_path)!r}")
         return rule.hf_name
 
-
     # -- whole model ------------------------------------------------------------
-    def load_hf_state_dict_into_model(self, model: Any, tensors: Mapping[str, np.ndarray], *,
-                                      strict: bool = True) -> Any:
+    def load_hf_state_dict_into_model(
+        self, model: Any, tensors: Mapping[str, np.ndarray], *, strict: bool = True
+    ) -> Any:
         """Load HF-named tensors into ``model`` (concrete or abstract); returns the model.
 
         Tensors are fetched one at a time (``tensors`` may be lazy). Every
@@ -185,8 +192,10 @@ class NameMap:
         if strict:
             missing = [self.flax_path_to_hf_name(p, cfg) for p in params if p not in filled]
             if missing:
-                raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: "
-                                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+                raise ValueError(
+                    f"checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                    f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+                )
         return model
 
     def model_to_hf_state_dict(self, model: Any, dtype: Any = None) -> dict[str, np.ndarray]:
@@ -227,8 +236,9 @@ def _cheap_shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...] | Non
     return None
 
 
-def block_rules(prefix: str, flax_prefix: FlaxPath, entries: Iterable[tuple[str, str, bool, tuple[int, ...]]]
-                ) -> list[Rule]:
+def block_rules(
+    prefix: str, flax_prefix: FlaxPath, entries: Iterable[tuple[str, str, bool, tuple[int, ...]]]
+) -> list[Rule]:
     """Rules for ``(hf_local_name, flax_leaf, transpose, hf_shape)`` entries under a prefix.
 
     ``hf_local_name`` like ``"self_attn.q_proj.weight"``; its module part is

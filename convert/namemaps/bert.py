@@ -37,40 +37,54 @@ def _rules(cfg: BertConfig) -> list[Rule]:
     e = ("embeddings",)
     rules = [
         Rule("embeddings.word_embeddings.weight", e + ("word_embeddings", "embedding"), False, (cfg.vocab_size, d)),
-        Rule("embeddings.position_embeddings.weight", e + ("position_embeddings", "embedding"), False,
-             (cfg.max_position_embeddings, d)),
-        Rule("embeddings.token_type_embeddings.weight", e + ("token_type_embeddings", "embedding"), False,
-             (cfg.type_vocab_size, d)),
+        Rule(
+            "embeddings.position_embeddings.weight",
+            e + ("position_embeddings", "embedding"),
+            False,
+            (cfg.max_position_embeddings, d),
+        ),
+        Rule(
+            "embeddings.token_type_embeddings.weight",
+            e + ("token_type_embeddings", "embedding"),
+            False,
+            (cfg.type_vocab_size, d),
+        ),
         Rule("embeddings.LayerNorm.weight", e + ("LayerNorm", "scale"), False, (d,)),
         Rule("embeddings.LayerNorm.bias", e + ("LayerNorm", "bias"), False, (d,)),
     ]
     for i in range(cfg.num_hidden_layers):
-        rules += block_rules(hf_block_prefix(i), ("blocks", i), [
-            ("attention.self.query.weight", "kernel", True, (d, d)),
-            ("attention.self.query.bias", "bias", False, (d,)),
-            ("attention.self.key.weight", "kernel", True, (d, d)),
-            ("attention.self.key.bias", "bias", False, (d,)),
-            ("attention.self.value.weight", "kernel", True, (d, d)),
-            ("attention.self.value.bias", "bias", False, (d,)),
-            ("attention.output.dense.weight", "kernel", True, (d, d)),
-            ("attention.output.dense.bias", "bias", False, (d,)),
-            ("attention.output.LayerNorm.weight", "scale", False, (d,)),
-            ("attention.output.LayerNorm.bias", "bias", False, (d,)),
-            ("intermediate.dense.weight", "kernel", True, (f, d)),
-            ("intermediate.dense.bias", "bias", False, (f,)),
-            ("output.dense.weight", "kernel", True, (d, f)),
-            ("output.dense.bias", "bias", False, (d,)),
-            ("output.LayerNorm.weight", "scale", False, (d,)),
-            ("output.LayerNorm.bias", "bias", False, (d,)),
-        ])
+        rules += block_rules(
+            hf_block_prefix(i),
+            ("blocks", i),
+            [
+                ("attention.self.query.weight", "kernel", True, (d, d)),
+                ("attention.self.query.bias", "bias", False, (d,)),
+                ("attention.self.key.weight", "kernel", True, (d, d)),
+                ("attention.self.key.bias", "bias", False, (d,)),
+                ("attention.self.value.weight", "kernel", True, (d, d)),
+                ("attention.self.value.bias", "bias", False, (d,)),
+                ("attention.output.dense.weight", "kernel", True, (d, d)),
+                ("attention.output.dense.bias", "bias", False, (d,)),
+                ("attention.output.LayerNorm.weight", "scale", False, (d,)),
+                ("attention.output.LayerNorm.bias", "bias", False, (d,)),
+                ("intermediate.dense.weight", "kernel", True, (f, d)),
+                ("intermediate.dense.bias", "bias", False, (f,)),
+                ("output.dense.weight", "kernel", True, (d, f)),
+                ("output.dense.bias", "bias", False, (d,)),
+                ("output.LayerNorm.weight", "scale", False, (d,)),
+                ("output.LayerNorm.bias", "bias", False, (d,)),
+            ],
+        )
     if cfg.add_pooling_layer:
-        rules += [Rule("pooler.dense.weight", ("pooler", "dense", "kernel"), True, (d, d)),
-                  Rule("pooler.dense.bias", ("pooler", "dense", "bias"), False, (d,))]
+        rules += [
+            Rule("pooler.dense.weight", ("pooler", "dense", "kernel"), True, (d, d)),
+            Rule("pooler.dense.bias", ("pooler", "dense", "bias"), False, (d,)),
+        ]
     return rules
 
 
 def _normalize(name: str) -> str:
-    name = name[len("bert."):] if name.startswith("bert.") else name
+    name = name[len("bert.") :] if name.startswith("bert.") else name
     # Pre-2019 checkpoints spell LayerNorm parameters gamma/beta.
     return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 

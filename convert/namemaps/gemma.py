@@ -40,17 +40,31 @@ def _rules(cfg: GemmaConfig) -> list[Rule]:
             ("self_attn.o_proj.weight", "kernel", True, (d, q)),
         ]
         if cfg.attention_bias:
-            e += [("self_attn.q_proj.bias", "bias", False, (q,)), ("self_attn.k_proj.bias", "bias", False, (kv,)),
-                  ("self_attn.v_proj.bias", "bias", False, (kv,)), ("self_attn.o_proj.bias", "bias", False, (d,))]
+            e += [
+                ("self_attn.q_proj.bias", "bias", False, (q,)),
+                ("self_attn.k_proj.bias", "bias", False, (kv,)),
+                ("self_attn.v_proj.bias", "bias", False, (kv,)),
+                ("self_attn.o_proj.bias", "bias", False, (d,)),
+            ]
         if cfg.qk_norm:
-            e += [("self_attn.q_norm.weight", "scale", False, (dh,)),
-                  ("self_attn.k_norm.weight", "scale", False, (dh,))]
-        e += [("mlp.gate_proj.weight", "kernel", True, (f, d)),
-              ("mlp.up_proj.weight", "kernel", True, (f, d)),
-              ("mlp.down_proj.weight", "kernel", True, (d, f))]
-        e += [(f"{n}.weight", "scale", False, (d,)) for n in (
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm")]
+            e += [
+                ("self_attn.q_norm.weight", "scale", False, (dh,)),
+                ("self_attn.k_norm.weight", "scale", False, (dh,)),
+            ]
+        e += [
+            ("mlp.gate_proj.weight", "kernel", True, (f, d)),
+            ("mlp.up_proj.weight", "kernel", True, (f, d)),
+            ("mlp.down_proj.weight", "kernel", True, (d, f)),
+        ]
+        e += [
+            (f"{n}.weight", "scale", False, (d,))
+            for n in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            )
+        ]
         rules += block_rules(hf_block_prefix(i), ("blocks", i), e)
     rules.append(Rule("model.norm.weight", ("norm", "scale"), False, (d,)))
     if not cfg.tie_word_embeddings:

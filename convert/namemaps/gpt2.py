@@ -34,25 +34,33 @@ def _config(config: Any) -> GPT2Config:
 
 def _rules(cfg: GPT2Config) -> list[Rule]:
     d, f, v = cfg.n_embd, cfg.n_inner, cfg.vocab_size
-    rules = [Rule("transformer.wte.weight", ("wte", "embedding"), False, (v, d)),
-             Rule("transformer.wpe.weight", ("wpe", "embedding"), False, (cfg.n_positions, d))]
+    rules = [
+        Rule("transformer.wte.weight", ("wte", "embedding"), False, (v, d)),
+        Rule("transformer.wpe.weight", ("wpe", "embedding"), False, (cfg.n_positions, d)),
+    ]
     for i in range(cfg.n_layer):
-        rules += block_rules(hf_block_prefix(i), ("blocks", i), [
-            ("ln_1.weight", "scale", False, (d,)),
-            ("ln_1.bias", "bias", False, (d,)),
-            ("attn.c_attn.weight", "kernel", False, (d, 3 * d)),
-            ("attn.c_attn.bias", "bias", False, (3 * d,)),
-            ("attn.c_proj.weight", "kernel", False, (d, d)),
-            ("attn.c_proj.bias", "bias", False, (d,)),
-            ("ln_2.weight", "scale", False, (d,)),
-            ("ln_2.bias", "bias", False, (d,)),
-            ("mlp.c_fc.weight", "kernel", False, (d, f)),
-            ("mlp.c_fc.bias", "bias", False, (f,)),
-            ("mlp.c_proj.weight", "kernel", False, (f, d)),
-            ("mlp.c_proj.bias", "bias", False, (d,)),
-        ])
-    rules += [Rule("transformer.ln_f.weight", ("ln_f", "scale"), False, (d,)),
-              Rule("transformer.ln_f.bias", ("ln_f", "bias"), False, (d,))]
+        rules += block_rules(
+            hf_block_prefix(i),
+            ("blocks", i),
+            [
+                ("ln_1.weight", "scale", False, (d,)),
+                ("ln_1.bias", "bias", False, (d,)),
+                ("attn.c_attn.weight", "kernel", False, (d, 3 * d)),
+                ("attn.c_attn.bias", "bias", False, (3 * d,)),
+                ("attn.c_proj.weight", "kernel", False, (d, d)),
+                ("attn.c_proj.bias", "bias", False, (d,)),
+                ("ln_2.weight", "scale", False, (d,)),
+                ("ln_2.bias", "bias", False, (d,)),
+                ("mlp.c_fc.weight", "kernel", False, (d, f)),
+                ("mlp.c_fc.bias", "bias", False, (f,)),
+                ("mlp.c_proj.weight", "kernel", False, (f, d)),
+                ("mlp.c_proj.bias", "bias", False, (d,)),
+            ],
+        )
+    rules += [
+        Rule("transformer.ln_f.weight", ("ln_f", "scale"), False, (d,)),
+        Rule("transformer.ln_f.bias", ("ln_f", "bias"), False, (d,)),
+    ]
     if not cfg.tie_word_embeddings:
         rules.append(Rule("lm_head.weight", ("lm_head", "kernel"), True, (v, d)))
     return rules

@@ -53,33 +53,48 @@ def _rules(cfg: LlamaConfig) -> list[Rule]:
         if cfg.fused:
             if cfg.qkv_bias or cfg.mlp_bias:
                 raise ValueError("fused qkv_proj / gate_up_proj with biases is not supported")
-            e = [("self_attn.qkv_proj.weight", "kernel", True, (q + 2 * kv, d)),
-                 ("self_attn.o_proj.weight", "kernel", True, (d, q)),
-                 ("mlp.gate_up_proj.weight", "kernel", True, (2 * f, d)),
-                 ("mlp.down_proj.weight", "kernel", True, (d, f))]
+            e = [
+                ("self_attn.qkv_proj.weight", "kernel", True, (q + 2 * kv, d)),
+                ("self_attn.o_proj.weight", "kernel", True, (d, q)),
+                ("mlp.gate_up_proj.weight", "kernel", True, (2 * f, d)),
+                ("mlp.down_proj.weight", "kernel", True, (d, f)),
+            ]
         else:
-            e = [("self_attn.q_proj.weight", "kernel", True, (q, d)),
-                 ("self_attn.k_proj.weight", "kernel", True, (kv, d)),
-                 ("self_attn.v_proj.weight", "kernel", True, (kv, d)),
-                 ("self_attn.o_proj.weight", "kernel", True, (d, q))]
+            e = [
+                ("self_attn.q_proj.weight", "kernel", True, (q, d)),
+                ("self_attn.k_proj.weight", "kernel", True, (kv, d)),
+                ("self_attn.v_proj.weight", "kernel", True, (kv, d)),
+                ("self_attn.o_proj.weight", "kernel", True, (d, q)),
+            ]
             if cfg.moe is None:
-                e += [("mlp.gate_proj.weight", "kernel", True, (f, d)),
-                      ("mlp.up_proj.weight", "kernel", True, (f, d)),
-                      ("mlp.down_proj.weight", "kernel", True, (d, f))]
-        e += [("input_layernorm.weight", "scale", False, (d,)),
-              ("post_attention_layernorm.weight", "scale", False, (d,))]
+                e += [
+                    ("mlp.gate_proj.weight", "kernel", True, (f, d)),
+                    ("mlp.up_proj.weight", "kernel", True, (f, d)),
+                    ("mlp.down_proj.weight", "kernel", True, (d, f)),
+                ]
+        e += [
+            ("input_layernorm.weight", "scale", False, (d,)),
+            ("post_attention_layernorm.weight", "scale", False, (d,)),
+        ]
         if cfg.qk_norm:
-            e += [("self_attn.q_norm.weight", "scale", False, (cfg.head_dim,)),
-                  ("self_attn.k_norm.weight", "scale", False, (cfg.head_dim,))]
+            e += [
+                ("self_attn.q_norm.weight", "scale", False, (cfg.head_dim,)),
+                ("self_attn.k_norm.weight", "scale", False, (cfg.head_dim,)),
+            ]
         if cfg.qkv_bias:
-            e += [("self_attn.q_proj.bias", "bias", False, (q,)),
-                  ("self_attn.k_proj.bias", "bias", False, (kv,)),
-                  ("self_attn.v_proj.bias", "bias", False, (kv,))]
+            e += [
+                ("self_attn.q_proj.bias", "bias", False, (q,)),
+                ("self_attn.k_proj.bias", "bias", False, (kv,)),
+                ("self_attn.v_proj.bias", "bias", False, (kv,)),
+            ]
         if cfg.o_bias:
             e.append(("self_attn.o_proj.bias", "bias", False, (d,)))
         if cfg.mlp_bias:
-            e += [("mlp.gate_proj.bias", "bias", False, (f,)), ("mlp.up_proj.bias", "bias", False, (f,)),
-                  ("mlp.down_proj.bias", "bias", False, (d,))]
+            e += [
+                ("mlp.gate_proj.bias", "bias", False, (f,)),
+                ("mlp.up_proj.bias", "bias", False, (f,)),
+                ("mlp.down_proj.bias", "bias", False, (d,)),
+            ]
         rules += block_rules(hf_block_prefix(i), ("blocks", i), e)
         if cfg.moe is not None:
             rules += _moe_rules(cfg, i)
@@ -92,6 +107,7 @@ def _rules(cfg: LlamaConfig) -> list[Rule]:
 def _moe_rules(cfg: LlamaConfig, i: int) -> list[Rule]:
     """Router, per-expert and shared-expert tensors of block ``i`` (expert index is an int path element)."""
     d, fe, fs, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.num_experts
+    assert cfg.moe is not None, "expert tensors exist only in MoE configs"  # the caller checks
     p = MOE_PREFIX[cfg.moe]
     hf, fx = f"{hf_block_prefix(i)}{p}.", ("blocks", i, p)
     rules = [Rule(hf + "gate.weight", fx + ("gate", "kernel"), True, (n, d))]

@@ -30,8 +30,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--densities", type=int, default=8)
     ap.add_argument("--weights", type=int, default=8)
-    ap.add_argument("--eager-calls", type=int, default=0,
-                    help="time only this many eager calls and extrapolate (0: all of them)")
+    ap.add_argument(
+        "--eager-calls", type=int, default=0, help="time only this many eager calls and extrapolate (0: all of them)"
+    )
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -69,18 +70,23 @@ def main() -> None:
         differ += int(jnp.sum((out == 0) != (g == 0)))
     eager_time = (time.perf_counter() - t0) * len(settings) / len(timed)
 
-    print(f"stack {args.tasks}x{args.rows}x{args.cols}, {len(settings)} settings "
-          f"({len(densities)} densities x {len(weights)} weight vectors), TIES + sparsegpt, "
-          f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
+    print(
+        f"stack {args.tasks}x{args.rows}x{args.cols}, {len(settings)} settings "
+        f"({len(densities)} densities x {len(weights)} weight vectors), TIES + sparsegpt, "
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
+    )
     print("| run | seconds | per setting (ms) |")
     print("| --- | ---: | ---: |")
-    print(f"| {len(settings)} eager `ties` calls{' (extrapolated)' if timed is not settings else ''} "
-          f"| {eager_time:.2f} | {1000 * eager_time / len(settings):.1f} |")
+    print(
+        f"| {len(settings)} eager `ties` calls{' (extrapolated)' if timed is not settings else ''} "
+        f"| {eager_time:.2f} | {1000 * eager_time / len(settings):.1f} |"
+    )
     print(f"| one `merge_grid` call | {grid_time:.2f} | {1000 * grid_time / len(settings):.1f} |")
-    print(f"speed-up {eager_time / grid_time:.1f}x; first calls (with compilation): eager "
-          f"{eager_compile:.1f} s, grid {grid_first:.1f} s")
-    print(f"agreement over {len(timed)} settings: max |diff| {worst:.2e}, "
-          f"{differ} zero-pattern differences")
+    print(
+        f"speed-up {eager_time / grid_time:.1f}x; first calls (with compilation): eager "
+        f"{eager_compile:.1f} s, grid {grid_first:.1f} s"
+    )
+    print(f"agreement over {len(timed)} settings: max |diff| {worst:.2e}, {differ} zero-pattern differences")
 
 
 if __name__ == "__main__":

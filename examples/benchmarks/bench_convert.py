@@ -43,10 +43,14 @@ def llama_shapes(vocab: int, hidden: int, inter: int, layers: int, heads: int, k
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv * hd, hidden),
-            p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * hd, hidden),
+            p + "self_attn.k_proj.weight": (kv * hd, hidden),
+            p + "self_attn.v_proj.weight": (kv * hd, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * hd),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
             p + "mlp.down_proj.weight": (hidden, inter),
         }
     shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
@@ -57,12 +61,30 @@ def make_checkpoint(path: Path, layers: int, shard_mb: int) -> None:
     """Random fp32 LLaMA written shard by shard (never whole in memory)."""
     from safetensors.numpy import save_file
 
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=16000, hidden_size=1024,
-               intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
-               max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="float32",
-               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, hidden_act="silu")
-    shapes = llama_shapes(cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], layers,
-                          cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    cfg = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=16000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        dtype="float32",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        hidden_act="silu",
+    )
+    shapes = llama_shapes(
+        cfg["vocab_size"],
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        layers,
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+    )
     path.mkdir(parents=True)
     rng = np.random.default_rng(0)
     groups: list[list[str]] = [[]]
@@ -83,19 +105,20 @@ def make_checkpoint(path: Path, layers: int, shard_mb: int) -> None:
         weight_map |= {n: fname for n in names}
         del tensors
     (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (path / "config.json").write_text(json.dumps(cfg))
 
 
 def child(src: str, dst: str, dtype: str, out_shard: str) -> None:
     """Run one conversion and print its metrics as JSON (peak RSS of this process)."""
     import convert  # noqa: F401  (imports counted in the baseline)
-    from convert import convert_to_hf
-    from convert.readers import hf_config_object, open_checkpoint
 
     # Shape validation imports the name maps (jax, flax) and transformers' configs;
     # count those imports in the baseline, not in the conversion.
     import convert.namemaps  # noqa: F401
+    from convert import convert_to_hf
+    from convert.readers import hf_config_object, open_checkpoint
 
     hf_config_object({"model_type": "llama"})
     base = _rss_now()
@@ -130,8 +153,17 @@ def main() -> None:
         make_checkpoint(src, args.size_layers, args.shard_mb)
         shards = sorted(src.glob("*.safetensors"))
         ckpt_bytes = sum(p.stat().st_size for p in shards)
-        cmd = [sys.executable, __file__, "--child", str(src), str(dst), "--dtype", args.dtype,
-               "--out-shard", args.out_shard]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(src),
+            str(dst),
+            "--dtype",
+            args.dtype,
+            "--out-shard",
+            args.out_shard,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
         if res.returncode != 0:
             sys.exit(res.stderr)
@@ -143,17 +175,22 @@ def main() -> None:
         largest_tensor = max(int(np.prod(s)) for s in llama_shapes(16000, 1024, 2816, 1, 16, 4).values()) * 4
         held = largest_tensor * (1 + (0 if args.dtype == "fp32" else 0.5))
         target = held + largest_in
-        print(f"checkpoint: {ckpt_bytes / MB:.1f} MB fp32 in {len(shards)} shards "
-              f"(largest {largest_in / MB:.1f} MB)")
-        print(f"output:     {sum(p.stat().st_size for p in out_shards) / MB:.1f} MB {args.dtype} in "
-              f"{len(out_shards)} shards (largest {largest_out / MB:.1f} MB)")
+        print(f"checkpoint: {ckpt_bytes / MB:.1f} MB fp32 in {len(shards)} shards (largest {largest_in / MB:.1f} MB)")
+        print(
+            f"output:     {sum(p.stat().st_size for p in out_shards) / MB:.1f} MB {args.dtype} in "
+            f"{len(out_shards)} shards (largest {largest_out / MB:.1f} MB)"
+        )
         print(f"wall time:  {m['wall_s']:.2f} s ({ckpt_bytes / MB / m['wall_s']:.0f} MB/s read)")
-        print(f"peak RSS:   {m['peak_rss'] / MB:.1f} MB (after imports {m['base_rss'] / MB:.1f} MB; "
-              f"conversion used {used / MB:.1f} MB)")
-        print(f"target:     held tensors ({held / MB:.1f} MB) + one input shard ({largest_in / MB:.1f} MB) = "
-              f"{target / MB:.1f} MB -> {'OK' if used <= target else 'OVER'}; conversion used "
-              f"{used / ckpt_bytes:.2f}x the checkpoint, {used / (largest_out + largest_in):.2f}x "
-              f"(largest output shard + largest input shard)")
+        print(
+            f"peak RSS:   {m['peak_rss'] / MB:.1f} MB (after imports {m['base_rss'] / MB:.1f} MB; "
+            f"conversion used {used / MB:.1f} MB)"
+        )
+        print(
+            f"target:     held tensors ({held / MB:.1f} MB) + one input shard ({largest_in / MB:.1f} MB) = "
+            f"{target / MB:.1f} MB -> {'OK' if used <= target else 'OVER'}; conversion used "
+            f"{used / ckpt_bytes:.2f}x the checkpoint, {used / (largest_out + largest_in):.2f}x "
+            f"(largest output shard + largest input shard)"
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -93,6 +93,40 @@ def interleaved(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> None:
+    """Time OBS (1 and 4 tasks), the matmul roofline and torch on one ``[rows, cols]`` shape; print a row per T."""
+    d4, h = inputs(rows, cols, 4)
+    hj = jnp.asarray(h)
+    a = jnp.asarray(d4[0])
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
+    one_task = jnp.asarray(d4[0])
+    four_tasks = jnp.asarray(d4)
+    fns = {
+        "jax1": lambda: obs_prune(one_task, hj, density=args.density)[0].block_until_ready(),
+        "jax4": lambda: obs_prune(four_tasks, hj, density=args.density)[0].block_until_ready(),
+        "matmul": lambda: matmul(a, hj).block_until_ready(),
+    }
+    if args.refit:
+        fns["refit1"] = lambda: obs_prune(one_task, hj, density=args.density, refit=True)[0].block_until_ready()
+    if torch is not None:
+        tw, th = torch.from_numpy(d4[0]), torch.from_numpy(h)
+        fns["torch1"] = lambda: torch_sparsegpt(tw, th, args.density)
+    med = interleaved(fns, args.reps)
+    matmul_gflops = 2 * rows * cols * cols / med["matmul"] / 1e9
+    for t in (1, 4):
+        flops = t * rows * cols**2 + 2 / 3 * cols**3
+        jt = med[f"jax{t}"]
+        tt = med.get("torch1", math.nan) * (t if t == 1 else math.nan)
+        gf = flops / jt / 1e9
+        print(
+            f"{rows:>5} x {cols:<5} {t:>2} {jt:8.3f} {tt:8.3f} {jt / tt:6.2f} {gf:8.1f} {matmul_gflops:15.1f} {100 * gf / matmul_gflops:10.0f}%"
+        )
+    print(
+        f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
+        + (f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x" if args.refit else "")
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -105,32 +139,7 @@ def main() -> None:
     header = f"{'rows x cols':>12} {'T':>2} {'jax s':>8} {'torch s':>8} {'ratio':>6} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'% of matmul':>11}"
     print(header)
     for rows, cols in shapes:
-        d4, h = inputs(rows, cols, 4)
-        hj = jnp.asarray(h)
-        a = jnp.asarray(d4[0])
-        matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
-        one_task = jnp.asarray(d4[0])
-        four_tasks = jnp.asarray(d4)
-        fns = {
-            "jax1": lambda: obs_prune(one_task, hj, density=args.density)[0].block_until_ready(),
-            "jax4": lambda: obs_prune(four_tasks, hj, density=args.density)[0].block_until_ready(),
-            "matmul": lambda: matmul(a, hj).block_until_ready(),
-        }
-        if args.refit:
-            fns["refit1"] = lambda: obs_prune(one_task, hj, density=args.density, refit=True)[0].block_until_ready()
-        if torch is not None:
-            tw, th = torch.from_numpy(d4[0]), torch.from_numpy(h)
-            fns["torch1"] = lambda: torch_sparsegpt(tw, th, args.density)
-        med = interleaved(fns, args.reps)
-        matmul_gflops = 2 * rows * cols * cols / med["matmul"] / 1e9
-        for t in (1, 4):
-            flops = t * rows * cols**2 + 2 / 3 * cols**3
-            jt = med[f"jax{t}"]
-            tt = med.get("torch1", math.nan) * (t if t == 1 else math.nan)
-            gf = flops / jt / 1e9
-            print(f"{rows:>5} x {cols:<5} {t:>2} {jt:8.3f} {tt:8.3f} {jt / tt:6.2f} {gf:8.1f} {matmul_gflops:15.1f} {100 * gf / matmul_gflops:10.0f}%")
-        print(f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
-              + (f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x" if args.refit else ""))
+        bench_shape(rows, cols, args)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ page faults than arithmetic.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -65,14 +66,37 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, vocab_size=128256,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-               max_position_embeddings=131072, rms_norm_eps=1e-5,
-               rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
-    "small": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, vocab_size=49152,
-                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                  max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        vocab_size=128256,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    ),
+    "small": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        intermediate_size=1536,
+        vocab_size=49152,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    ),
 }
 METHODS = ("ties", "dare_ties", "task_arithmetic")
 GB = 1e9
@@ -82,9 +106,19 @@ GB = 1e9
 
 
 def llama_config(size: str) -> dict:
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                tie_word_embeddings=True, attention_bias=False, mlp_bias=False, bos_token_id=1,
-                eos_token_id=2, torch_dtype="bfloat16", initializer_range=0.02, **SHAPES[size])
+    return dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="bfloat16",
+        initializer_range=0.02,
+        **SHAPES[size],
+    )
 
 
 def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -94,11 +128,17 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
     for L in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{L}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
-                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
-                (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (q, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
     return out + [("model.norm.weight", (h,))]
 
 
@@ -149,6 +189,7 @@ def make_checkpoints(cache: Path, size: str, tasks: int = 3) -> tuple[Path, list
         t0 = time.perf_counter()
         rng = np.random.default_rng(100 + t)
         with open_checkpoint(base) as b:
+
             def gen(b=b, rng=rng, t=t):
                 for name in b.names():
                     w = b.get(name)
@@ -225,50 +266,72 @@ def plain_average(base: Path, fts: list[Path], out: Path) -> dict:
 
 
 def streaming_driver(config: Path, out: Path, budget: int) -> dict:
-    """`sgtv merge` for data-free configs, every tensor through `merge_rows` (row chunks within `budget`).
+    """`sgtv merge`'s data-free path with every mergeable tensor through `merge_rows` (chunks within `budget`).
 
-    Per tensor: the plan `sgtv merge` would use (`pipeline.planning.plan_tensor`), row
-    readers on the base and every model (`SafetensorsCheckpoint.get_rows`), and the merged
-    rows streamed into `export_hf` as a `ChunkedTensor`.
+    `sgtv_jax.pipeline.datafree.DataFreeRun` as `sgtv merge` runs it, except at its seam
+    (`merge_entry`): a tensor to merge goes through `merge_rows` (its row readers are
+    `TensorInputs.read_rows`, its transposition `TensorEntry.transpose`) and reaches
+    `export_hf` as a `ChunkedTensor`; base / copied tensors are copied in row chunks.
+    Methods `merge_rows` does not chunk go through `merge_entry` as in `sgtv merge`.
     """
     from convert.chunked import ChunkedTensor
-    from convert.dtypes import parse_dtype
     from convert.export import COPY_CHUNK_BYTES, export_hf
-    from convert.readers import open_checkpoint
-    from sgtv_jax.merge.streaming import bytes_per_entry, merge_rows, working_set_bytes
-    from sgtv_jax.pipeline.arch import arch_of
+    from sgtv_jax.merge.streaming import bytes_per_entry, merge_rows, why_not_streamed, working_set_bytes
+    from sgtv_jax.pipeline.byname import MERGE
     from sgtv_jax.pipeline.config import load_config
+    from sgtv_jax.pipeline.datafree import DataFreeRun, merge_entry
     from sgtv_jax.pipeline.planning import plan_tensor
 
     r0 = rss_now()
     cfg = load_config(config)
-    base = open_checkpoint(cfg.base_model)
-    models = [open_checkpoint(m.model) for m in cfg.models]
-    arch = arch_of(base)
-    out_dtype = parse_dtype(cfg.dtype)
-    layout = arch.layout(list(base.names()))
-    order = [(n, None) for n in layout.outer] + [(n, i) for i, names in enumerate(layout.blocks) for n in names]
-    T = len(models)
-    work = max(working_set_bytes(base.shape(n), T, budget) for n, _ in order)
-    # one output chunk of the tensor with the largest working set, plus a base row chunk copied by export
-    out_chunk = work // bytes_per_entry(T) * out_dtype.itemsize
+    run = DataFreeRun(cfg, progress=False)
+    T = run.T
+    work = max(working_set_bytes(e.shape, T, budget) for e in run.plan.entries if e.shape)
+    # one output chunk of the tensor with the largest working set, plus a row chunk copied by export
+    out_chunk = work // bytes_per_entry(T) * run.out_dtype.itemsize
     formula = r0 + work + out_chunk + COPY_CHUNK_BYTES
 
-    def rows(ckpt, name):
-        return lambda a, b: ckpt.get_rows(name, a, b)
-
     def tensors():
-        for name, layer in order:
-            # as the pipeline: a 2-D tensor whose name-map rule keeps the stored layout (the
-            # embedding) is merged as its transpose
-            transpose = len(base.shape(name)) == 2 and not layout.rules[name].transpose
-            plan = plan_tensor(cfg, name, layer, arch.num_layers, linear=False)
-            chunks = merge_rows(plan, rows(base, name), [rows(m, name) for m in models], base.shape(name),
-                                out_dtype=out_dtype, budget_bytes=budget, transpose=transpose)
-            yield name, ChunkedTensor(base.shape(name), out_dtype, chunks)
+        ckpts = [run.ckpts.base] + run.ckpts.models
+        for entry in run.plan.entries:
+            shape = tuple(entry.shape)
+            if entry.action == MERGE:
+                plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
+                if shape and why_not_streamed(plan) is None:
+                    inputs = run.inputs(entry)
+                    readers = [functools.partial(inputs.read_rows, m) for m in range(T + 1)]
+                    chunks = merge_rows(
+                        plan,
+                        readers[0],
+                        readers[1:],
+                        shape,
+                        out_dtype=run.out_dtype,
+                        budget_bytes=budget,
+                        transpose=entry.transpose,
+                    )
+                    yield entry.name, ChunkedTensor(shape, run.out_dtype, chunks)
+                else:
+                    yield entry.name, merge_entry(cfg, entry, run.inputs(entry), run.out_dtype, run.timer)[0]
+                continue
+            ckpt = run.ckpts.base if entry.action != "copy" else run.ckpts.models[entry.source]
+            if not shape:
+                yield entry.name, run.ckpts.get(ckpt, entry.name)
+                continue
+            rows = max(1, COPY_CHUNK_BYTES // max(1, math.prod(shape[1:]) * ckpt.dtype(entry.name).itemsize))
+            parts = (run.ckpts.get_rows(ckpt, entry.name, a, min(a + rows, shape[0])) for a in range(0, shape[0], rows))
+            yield entry.name, ChunkedTensor(shape, ckpt.dtype(entry.name), parts)
+        del ckpts
 
-    export_hf(tensors(), out, base=base, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,
-              copy_files_from=None, overwrite=True)
+    base_dir = Path(run.base.path)
+    export_hf(
+        tensors(),
+        out,
+        config=run.plan.config,
+        dtype=run.out_dtype_name,
+        copy_files_from=base_dir if base_dir.is_dir() else None,
+        max_shard_size=cfg.max_shard_size,
+        overwrite=True,
+    )
     return {"rss_after_imports": r0, "working_set": work, "formula": formula}
 
 
@@ -338,8 +401,16 @@ def run_child(argv: list[str], out: Path, keep: bool = False) -> dict:
 
 def run_mergekit(config: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(out),
-           "--lazy-unpickle"]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "mergekit.scripts.run_yaml",
+        str(config),
+        str(out),
+        "--lazy-unpickle",
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -362,11 +433,18 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="checkpoint cache (default /tmp/sgtv-bench-scale-<size>)")
     ap.add_argument("--ways", type=int, nargs="+", default=[2, 3], choices=[2, 3])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--tools", nargs="+", default=["plain", "streaming", "sgtv", "mergekit"],
-                    choices=["plain", "streaming", "sgtv", "mergekit"])
+    ap.add_argument(
+        "--tools",
+        nargs="+",
+        default=["plain", "streaming", "sgtv", "mergekit"],
+        choices=["plain", "streaming", "sgtv", "mergekit"],
+    )
     ap.add_argument("--budget", default="1GiB", help="streaming working-set budget per tensor (default 1GiB)")
-    ap.add_argument("--verify", action="store_true",
-                    help="check that the streaming output equals sgtv merge's, tensor by tensor, bit for bit")
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="check that the streaming output equals sgtv merge's, tensor by tensor, bit for bit",
+    )
     ap.add_argument("--child", choices=["plain", "streaming", "sgtv"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -384,14 +462,15 @@ def main() -> None:
     warm_page_cache([base] + fts)
     work = cache / "work"
     work.mkdir(exist_ok=True)
-    budget = parse_size(args.budget)
     has_mergekit = importlib.util.find_spec("mergekit") is not None
     rows, verified = [], []
     for T in args.ways:
         plain = None
         if "plain" in args.tools:
-            plain = run_child(["--child", "plain", "--base", str(base), "--fts", *map(str, fts[:T]),
-                               "--out", str(work / "plain")], work / "plain")
+            plain = run_child(
+                ["--child", "plain", "--base", str(base), "--fts", *map(str, fts[:T]), "--out", str(work / "plain")],
+                work / "plain",
+            )
             rows.append((f"{T}-way", "read+average+write", plain, None))
             print(rows[-1], flush=True)
         for method in args.methods:
@@ -411,11 +490,13 @@ def main() -> None:
                 shutil.rmtree(work / tool, ignore_errors=True)
             if "mergekit" in args.tools and has_mergekit:
                 rows.append((f"{T}-way {method}", "mergekit", run_mergekit(config, work / "mergekit"), None))
-        for i, (label, tool, res, formula) in enumerate(rows):
+        for label, _tool, res, _formula in rows:
             if label.startswith(f"{T}-way") and plain and "error" not in plain and "error" not in res:
                 res["x_plain"] = res["wall_s"] / plain["wall_s"]
-    print(f"\n{size} shapes, budget {args.budget}, CPU cores: {os.cpu_count()}, mergekit: "
-          f"{'installed' if has_mergekit else 'not installed'}")
+    print(
+        f"\n{size} shapes, budget {args.budget}, CPU cores: {os.cpu_count()}, mergekit: "
+        f"{'installed' if has_mergekit else 'not installed'}"
+    )
     print("| run | tool | wall s | x plain | peak RSS GB | formula GB | RSS after imports GB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, tool, res, formula in rows:

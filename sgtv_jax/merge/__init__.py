@@ -3,13 +3,18 @@
 Tensor level (pure functions on a stack of task vectors `[T, ...]`, returning
 the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
 `dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`,
-`regmean`, all reachable by name with `get_method`. Model level: `merge(method,
+`regmean`, `slerp`, `nuslerp`, `multislerp`, `karcher`, `model_stock`, `sce`,
+`nearswap`, `arcee_fusion`, `passthrough`, all reachable by name with
+`get_method`; what each takes: `specs.METHOD_SPECS`. Model level: `merge(method,
 base, models, ...)` over pytrees / dicts with per-model and per-tensor
-parameters. The seed's API: `TIES().merge(...)`, `DARE().merge(...)`.
+parameters (specs: `paramspec`), each tensor merged by `plan.merge_planned`. The
+PyTorch original's API: `TIES().merge(...)`, `DARE().merge(...)`.
 """
 
 from sgtv_jax.merge import combine, elect, keys, trim
+from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.compat import DARE, TIES
+from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.methods import (
     breadcrumbs,
     breadcrumbs_ties,
@@ -22,9 +27,14 @@ from sgtv_jax.merge.methods import (
     task_arithmetic,
     ties,
 )
-from sgtv_jax.merge.model import merge, resolve
-from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.model import merge
+from sgtv_jax.merge.model_stock import model_stock
+from sgtv_jax.merge.nearswap import nearswap
+from sgtv_jax.merge.paramspec import resolve
+from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.registry import METHODS, available_methods, get_method
+from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.trim import TRIMS, Calibration
 
 __all__ = [
@@ -33,6 +43,7 @@ __all__ = [
     "METHODS",
     "TIES",
     "TRIMS",
+    "arcee_fusion",
     "available_methods",
     "breadcrumbs",
     "breadcrumbs_ties",
@@ -44,11 +55,19 @@ __all__ = [
     "elect",
     "generalized_task_arithmetic",
     "get_method",
+    "karcher",
     "keys",
     "linear",
     "merge",
+    "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "passthrough",
     "regmean",
     "resolve",
+    "sce",
+    "slerp",
     "task_arithmetic",
     "ties",
     "trim",

@@ -9,7 +9,8 @@ user check plus NaN in the result, never a silent wrong merge.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,7 @@ def per_task(value: Any, tasks: int, what: str, name: str | None = None) -> tupl
         values = list(np.asarray(value).reshape(-1)) if not isinstance(value, (list, tuple)) else list(value)
         if len(values) != tasks:
             raise ValueError(
-                f"{what} has {len(values)} entries but there are {tasks} task vectors"
-                f" (models){_where(name)}"
+                f"{what} has {len(values)} entries but there are {tasks} task vectors (models){_where(name)}"
             )
     out = []
     for i, v in enumerate(values):
@@ -67,15 +67,17 @@ def per_task_values(
     if arr.ndim == 0:
         arr = jnp.broadcast_to(arr, (tasks,))
     if arr.shape != (tasks,):
-        raise ValueError(
-            f"{what} has shape {arr.shape} but there are {tasks} task vectors (models){_where(name)}"
-        )
+        raise ValueError(f"{what} has shape {arr.shape} but there are {tasks} task vectors (models){_where(name)}")
     guard.require(jnp.isfinite(arr), f"{what} must be finite{_where(name)}")
     return arr
 
 
 def values_in_range(
-    values: tuple[float, ...] | jax.Array, lo: float, hi: float, what: str, name: str | None,
+    values: tuple[float, ...] | jax.Array,
+    lo: float,
+    hi: float,
+    what: str,
+    name: str | None,
     guard: _checks.Guard,
 ) -> None:
     """`in_range` for known values; a `guard` check for traced ones."""
@@ -97,18 +99,14 @@ def densities(value: Any, tasks: int, name: str | None = None) -> tuple[float, .
     return d
 
 
-def densities_values(
-    value: Any, tasks: int, name: str | None, guard: _checks.Guard
-) -> tuple[float, ...] | jax.Array:
+def densities_values(value: Any, tasks: int, name: str | None, guard: _checks.Guard) -> tuple[float, ...] | jax.Array:
     """`densities` for known values, else a traced `[tasks]` array range-checked by `guard`."""
     d = per_task_values(value, tasks, "densities", name, guard)
     values_in_range(d, 0.0, 1.0, "densities", name, guard)
     return d
 
 
-def stack(
-    deltas: Any, name: str | None = None, *, min_ndim: int = 1, guard: _checks.Guard | None = None
-) -> jax.Array:
+def stack(deltas: Any, name: str | None = None, *, min_ndim: int = 1, guard: _checks.Guard | None = None) -> jax.Array:
     """Task vectors as one `[T, ...]` floating array; raises on NaN/Inf naming the task.
 
     With traced task vectors the NaN/Inf check goes through `guard`.
@@ -131,8 +129,7 @@ def stack(
         )
     if deltas.shape[0] == 0:
         raise ValueError(
-            f"no task vectors to merge{_where(name)}: the stack of models is empty "
-            f"(shape {tuple(deltas.shape)})"
+            f"no task vectors to merge{_where(name)}: the stack of models is empty (shape {tuple(deltas.shape)})"
         )
     if not jnp.issubdtype(deltas.dtype, jnp.floating):
         raise ValueError(f"task vectors must be floating point, got {deltas.dtype}{_where(name)}")

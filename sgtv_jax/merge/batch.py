@@ -18,8 +18,7 @@ static parameters and shapes; new values of the grid do not recompile.
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import numpy as np
 
 from sgtv_jax.merge import _validate
 from sgtv_jax.merge.registry import get_method
+from sgtv_jax.merge.specs import call_args, method_spec
 from sgtv_jax.merge.trim import Calibration
 
 # Numeric method parameters that stay traced (changing them does not recompile).
@@ -57,8 +57,10 @@ def _grid(deltas, weights, densities, lambdas, calib, key, traced, *, method, st
 
     def one(d, w):
         extra = {"densities": d} if densities is not None else {}
-        if calib is not None:
-            extra["calib" if method != "regmean" else "grams"] = calib if method != "regmean" else calib.hessian
+        if calib is not None and method_spec(method).needs_grams:  # RegMean: the Hessian as its Grams
+            extra["grams"] = calib.hessian
+        elif calib is not None:
+            extra["calib"] = calib
         if key is not None:
             extra["key"] = key
         return fn(deltas, w, **extra, **traced, **kwargs)
@@ -109,7 +111,7 @@ def merge_grid(
       Python float's except when `(1 - d) * n` lies within `n * 3e-8` of a
       half-integer.
     """
-    fn = get_method(method)
+    spec = method_spec(method)
     deltas = _validate.stack(deltas)
     tasks = deltas.shape[0]
     w = _grid_axis(weights, tasks, "weights")
@@ -127,13 +129,16 @@ def merge_grid(
         raise ValueError(f"lambdas must be [settings], got shape {tuple(lam.shape)}")
     if "lambda_" in params or "lambda" in params:
         raise ValueError("give the global scale as lambdas=[...] (a grid axis), not lambda_")
-    accepted = set(get_method_params(fn))
+    accepted = set(grid_parameters(method))
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"method {method!r} has no parameter(s) {unknown}")
-    if densities is not None and "densities" not in accepted:
+    if densities is not None and "densities" not in call_args(spec):
         raise ValueError(f"method {method!r} takes no densities")
-    is_traced = lambda k, v: k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))
+
+    def is_traced(k: str, v: Any) -> bool:
+        return k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))
+
     traced = {k: jnp.asarray(v) for k, v in params.items() if is_traced(k, v)}
     static = tuple(sorted((k, v) for k, v in params.items() if not is_traced(k, v)))
     try:
@@ -143,6 +148,11 @@ def merge_grid(
     return _grid(deltas, w, d, lam, calib, key, traced, method=method, static=static)
 
 
-def get_method_params(fn) -> Sequence[str]:
-    """Keyword parameters of a merge method, without the ones the grid supplies."""
-    return [p for p in inspect.signature(fn).parameters if p not in ("deltas", "weights", "calib", "key", "grams")]
+# What the grid itself passes to the method (task vectors, a grid axis, statistics, the key).
+_GRID_ARGS = ("deltas", "weights", "densities", "calib", "key", "grams")
+
+
+def grid_parameters(method: str) -> tuple[str, ...]:
+    """Keywords `merge_grid` passes on to `method` (from its spec, not its signature)."""
+    spec = method_spec(method)
+    return tuple(ps.keyword for ps in spec.params) + tuple(a for a in call_args(spec) if a not in _GRID_ARGS)

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
-_MANTISSA = {np.dtype(np.float32): (32, 23, np.uint32), np.dtype(np.float64): (64, 52, np.uint64)}
+_MANTISSA: dict[np.dtype, tuple[int, int, Any]] = {
+    np.dtype(np.float32): (32, 23, np.uint32),
+    np.dtype(np.float64): (64, 52, np.uint64),
+}
 
 
 def _is_typed(key: jax.Array) -> bool:
@@ -36,11 +40,12 @@ def _is_typed(key: jax.Array) -> bool:
 
 def counter_based(key: jax.Array) -> bool:
     """True when `key`'s draws are threefry's partitionable counter-based bits (JAX's default)."""
-    if not jax.config.jax_threefry_partitionable:
+    if not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]  # dynamic option
         return False
     if _is_typed(key):
         return "threefry" in str(jax.random.key_impl(key))
-    return jax.config.jax_default_prng_impl == "threefry2x32" and tuple(key.shape[-1:]) == (2,)
+    impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]  # dynamic option
+    return impl == "threefry2x32" and tuple(key.shape[-1:]) == (2,)
 
 
 def _words(key: jax.Array) -> jax.Array:
@@ -61,8 +66,7 @@ def _floats(bits1: jax.Array, bits2: jax.Array, dtype: np.dtype) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("dtype",))
-def _uniform_at(words: jax.Array, base_hi: jax.Array, base_lo: jax.Array, add: jax.Array,
-                dtype: np.dtype) -> jax.Array:
+def _uniform_at(words: jax.Array, base_hi: jax.Array, base_lo: jax.Array, add: jax.Array, dtype: np.dtype) -> jax.Array:
     """Uniforms at the 64-bit counters `(base_hi, base_lo) + add` (broadcast; `add` uint32)."""
     lo = base_lo + add
     hi = base_hi + (lo < base_lo).astype(jnp.uint32)  # carry into the high word
@@ -71,8 +75,9 @@ def _uniform_at(words: jax.Array, base_hi: jax.Array, base_lo: jax.Array, add: j
 
 
 @partial(jax.jit, static_argnames=("shape", "dtype"))
-def _uniform_contiguous(words: jax.Array, off_hi: jax.Array, off_lo: jax.Array, shape: tuple[int, ...],
-                        dtype: np.dtype) -> jax.Array:
+def _uniform_contiguous(
+    words: jax.Array, off_hi: jax.Array, off_lo: jax.Array, shape: tuple[int, ...], dtype: np.dtype
+) -> jax.Array:
     return _uniform_at(words, off_hi, off_lo, jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape), dtype)
 
 
@@ -85,13 +90,14 @@ def _checked_words(key: jax.Array, dtype: np.dtype) -> jax.Array:
     if np.dtype(dtype) not in _MANTISSA:
         raise TypeError(f"block draws are float32 or float64, got {dtype}")
     if not counter_based(key):
-        raise ValueError("block draws need a threefry key with jax_threefry_partitionable on "
-                         "(JAX's default); draw the whole array with jax.random instead")
+        raise ValueError(
+            "block draws need a threefry key with jax_threefry_partitionable on "
+            "(JAX's default); draw the whole array with jax.random instead"
+        )
     return _words(key)
 
 
-def uniform_block(key: jax.Array, shape: tuple[int, ...], dtype: np.dtype = np.float32,
-                  offset: int = 0) -> jax.Array:
+def uniform_block(key: jax.Array, shape: tuple[int, ...], dtype: Any = np.float32, offset: int = 0) -> jax.Array:
     """Entries `[offset, offset + prod(shape))` (row-major) of a `jax.random.uniform` draw, as `shape`.
 
     `dtype`: float32 or float64. Needs `counter_based(key)`.
@@ -101,8 +107,9 @@ def uniform_block(key: jax.Array, shape: tuple[int, ...], dtype: np.dtype = np.f
     return _uniform_contiguous(words, hi, lo, tuple(int(s) for s in shape), np.dtype(dtype))
 
 
-def uniform_transposed_block(key: jax.Array, shape: tuple[int, int], dtype: np.dtype, row0: int,
-                             total_rows: int) -> jax.Array:
+def uniform_transposed_block(
+    key: jax.Array, shape: tuple[int, int], dtype: np.dtype, row0: int, total_rows: int
+) -> jax.Array:
     """Rows `[row0, row0 + shape[0])` of a `[total_rows, cols]` array whose uniforms were drawn
     for its transpose: entry `[r, c]` is draw `c * total_rows + row0 + r` of
     `jax.random.uniform(key, (cols, total_rows), dtype)`."""
@@ -130,8 +137,9 @@ def bernoulli_block(key: jax.Array, p: float | jax.Array, shape: tuple[int, ...]
     return uniform_block(key, shape, p.dtype, offset) < p
 
 
-def bernoulli_transposed_block(key: jax.Array, p: float | jax.Array, shape: tuple[int, int], row0: int,
-                               total_rows: int) -> jax.Array:
+def bernoulli_transposed_block(
+    key: jax.Array, p: float | jax.Array, shape: tuple[int, int], row0: int, total_rows: int
+) -> jax.Array:
     """`jax.random.bernoulli(key, p, (cols, total_rows)).T[row0 : row0 + shape[0]]`, drawing only those."""
     p = _p(p)
     return uniform_transposed_block(key, shape, p.dtype, row0, total_rows) < p

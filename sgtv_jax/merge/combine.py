@@ -28,9 +28,7 @@ def weighted_sum(deltas: jax.Array, weights: jax.Array, *, normalize: bool = Fal
     return mixed
 
 
-def disjoint_merge(
-    deltas: jax.Array, weights: jax.Array, mask: jax.Array, *, normalize: bool = True
-) -> jax.Array:
+def disjoint_merge(deltas: jax.Array, weights: jax.Array, mask: jax.Array, *, normalize: bool = True) -> jax.Array:
     """`sum_t m_t w_t tau_t`, divided by `sum_t m_t w_t` when `normalize` (disjoint mean)."""
     w = broadcast_weights(weights.astype(deltas.dtype), deltas.ndim)
     m = mask.astype(deltas.dtype)

@@ -1,4 +1,4 @@
-"""The seed project's `TIES` and `DARE` classes, as thin wrappers over `merge`.
+"""The PyTorch original's `TIES` and `DARE` classes, as thin wrappers over `merge`.
 
     merged = TIES().merge(weights, base, [ft_1, ft_2], densities,
                           hessian_invs=[h1_inv, h2_inv], use_sparsegpt=True)
@@ -10,7 +10,7 @@ torch (CPU) tensors are accepted; results are JAX arrays.
 
 Calibration statistics (only used with `use_sparsegpt=True`), per the rule:
 
-* `hessian_invs=`: full inverse Hessians `[in, in]` (the seed's argument),
+* `hessian_invs=`: full inverse Hessians `[in, in]` (the original's argument),
   or their upper Cholesky factors `U` (`H^-1 = U^T U`; recognised as an
   upper-triangular, non-symmetric matrix, as in `sgtv_jax.compat`); no
   dead-column fix or damping can be applied to an inverse (damp before inverting);
@@ -21,19 +21,20 @@ single tensor pass a list with one matrix per model (or one shared matrix); for
 a model a dict `name -> matrix or list`. Tensors of a model without an entry
 are trimmed by the method's data-free trim (magnitude for TIES, random for DARE).
 
-Differences from the seed: the sign is elected on weighted task vectors
-(mergekit's order; the seed elected on unweighted ones, which differs only for
+Differences from the original: the sign is elected on weighted task vectors
+(mergekit's order; the original elected on unweighted ones, which differs only for
 unequal weights); magnitude trimming keeps exactly `round(density * n)` entries
-(the seed kept every entry tied with the threshold); NaN/Inf task vectors raise
+(the original kept every entry tied with the threshold); NaN/Inf task vectors raise
 instead of being zeroed with a warning; DARE's `1/density` rescale defaults off
-with SparseGPT trimming (the seed rescaled the OBS-compensated vectors, which
+with SparseGPT trimming (the original rescaled the OBS-compensated vectors, which
 double-counts); `device` is ignored (JAX places arrays); `importance_masks` is
 not supported.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +46,9 @@ _SINGLE = "tensor"
 
 
 def _full_inverse(m: jax.Array) -> jax.Array:
-    """The seed's `hessian_invs` entry as a full inverse: an upper-triangular,
+    """The original's `hessian_invs` entry as a full inverse: an upper-triangular,
     non-symmetric matrix is the upper Cholesky factor `U` of `H^-1` (what the
-    seed's `get_inverse_hessian` returned) and becomes `U^T U` - the same rule
+    original's `get_inverse_hessian` returned) and becomes `U^T U` - the same rule
     as `sgtv_jax.compat.prune_task_vector_with_error_correction`."""
     if m.ndim == 2 and bool(jnp.all(jnp.tril(m, -1) == 0)) and not bool(jnp.all(m == m.T)):
         return jnp.matmul(m.T, m, precision=jax.lax.Precision.HIGHEST)
@@ -102,19 +103,16 @@ class _SeedMerge:
         if single:
             base = {_SINGLE: _checks.as_array(base_model_parameters, "base_model_parameters")}
             models = [{_SINGLE: _checks.as_array(m, "ft_models_parameters")} for m in ft_models_parameters]
-            wrap = lambda s: None if s is None else {_SINGLE: s}  # noqa: E731
         else:
             base = {k: _checks.as_array(v, k) for k, v in base_model_parameters.items()}
             models = [{k: _checks.as_array(v, k) for k, v in m.items()} for m in ft_models_parameters]
-            wrap = lambda s: s  # noqa: E731
         kwargs: dict[str, Any] = dict(weights=list(weights), densities=list(densities), seed=seed, layout=layout)
         if use_sparsegpt:
             stats = hessian_invs if hessian_invs is not None else hessians
             if stats is None:
-                raise ValueError(
-                    "hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True"
-                )
-            stats = wrap(stats) if single else stats
+                raise ValueError("hessian_invs (full inverse Hessians) or hessians is required when use_sparsegpt=True")
+            if single:
+                stats = {_SINGLE: stats}
             stats = {k: _stack_stats(v, hessian_invs is not None) for k, v in stats.items()}
             kwargs["hessian_invs" if hessian_invs is not None else "hessians"] = stats
             known = set(stats)
@@ -127,7 +125,7 @@ class _SeedMerge:
 
 
 class TIES(_SeedMerge):
-    """The seed's TIES: trim (magnitude or SparseGPT), elect sign, disjoint mean.
+    """The original's TIES: trim (magnitude or SparseGPT), elect sign, disjoint mean.
 
     `merge(...)` = `sgtv_jax.merge.merge("ties", ...)`: normalize on, rescale
     off, consensus "sum"; see the module doc for the arguments.
@@ -138,11 +136,11 @@ class TIES(_SeedMerge):
 
 
 class DARE(_SeedMerge):
-    """The seed's DARE: drop (random or SparseGPT), rescale, weighted sum.
+    """The original's DARE: drop (random or SparseGPT), rescale, weighted sum.
 
     `merge(...)` = `sgtv_jax.merge.merge("dare_linear", ...)`: rescale
     `1/density` on for random drops and off by default with SparseGPT (pass
-    `rescale=True` for the seed's behaviour), normalize off. `seed` makes the
+    `rescale=True` for the original's behaviour), normalize off. `seed` makes the
     drops reproducible (bit-identical per seed).
     """
 

@@ -1,7 +1,7 @@
 """TIES sign election: which task vectors agree with the elected sign, entry by entry.
 
 Runs on the *weighted, trimmed* task vectors `w_t * tau_t` (mergekit's order;
-the seed elected on unweighted task vectors). After OBS trimming that is after
+the PyTorch original elected on unweighted task vectors). After OBS trimming that is after
 compensation, so a kept entry that flipped sign votes with its new sign.
 """
 

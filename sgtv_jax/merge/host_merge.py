@@ -29,7 +29,8 @@ has entries below `TINY` or the weights are not `moderate`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,12 +46,14 @@ PARAMS = frozenset({"normalize", "lambda_", "consensus", "alpha"})
 def _sum(terms, inplace: bool = True) -> np.ndarray:
     """`((0 + a_0) + a_1) + ...` of an iterable of float32 arrays (the first is the accumulator
     when `inplace`, else a new array)."""
-    acc = None
+    acc: np.ndarray | None = None
     for a in terms:
         if acc is None:  # 0 + a: turns -0 into +0 as the reduction's init does
             acc = np.add(a, F32(0), out=a if inplace else None)
         else:
             acc += a
+    if acc is None:
+        raise ValueError("no task vectors to merge")
     return acc
 
 
@@ -58,7 +61,7 @@ def _weighted(tau: np.ndarray, w: np.float32) -> np.ndarray:
     return np.multiply(tau, w)
 
 
-TINY = np.float32(2.0 ** -32)
+TINY = np.float32(2.0**-32)
 """Nonzero task-vector entries below this in magnitude could meet XLA's subnormal flushing.
 
 With every |entry| 0 or >= TINY, weights and lambda `moderate` and at most
@@ -70,11 +73,12 @@ never applies and `host_merge` gives its bits.
 
 def moderate(values: Sequence[float]) -> bool:
     """Every nonzero value in [2^-16, 2^16] in magnitude (see `TINY`)."""
-    return all(v == 0 or 2.0 ** -16 <= abs(float(v)) <= 2.0 ** 16 for v in values)
+    return all(v == 0 or 2.0**-16 <= abs(float(v)) <= 2.0**16 for v in values)
 
 
-def check_params(method: str, weights: Sequence[float], params: Mapping[str, Any] | None,
-                 name: str | None = None) -> None:
+def check_params(
+    method: str, weights: Sequence[float], params: Mapping[str, Any] | None, name: str | None = None
+) -> None:
     """The checks the JAX method makes on its arguments, with its messages (ValueError)."""
     spec = method_spec(method)
     params = dict(params or {})
@@ -92,8 +96,9 @@ def check_params(method: str, weights: Sequence[float], params: Mapping[str, Any
         raise ValueError(f"regmean alpha must be in [0, 1], got {params['alpha']!r}")
 
 
-def host_merge(method: str, trimmed: Sequence[np.ndarray], weights: Sequence[float],
-               params: Mapping[str, Any] | None = None) -> np.ndarray:
+def host_merge(
+    method: str, trimmed: Sequence[np.ndarray], weights: Sequence[float], params: Mapping[str, Any] | None = None
+) -> np.ndarray:
     """The merged task vector of the trimmed float32 task vectors `trimmed[t]` (same shape each).
 
     `params`: the method's keywords (`PARAMS`); values are assumed valid (the

@@ -33,15 +33,36 @@ the elected sign are constants for `grad` (the election reads
 moves with the coefficients for the current masks. Value checks on traced
 arguments become checkify user checks and NaN results (`sgtv_jax._checks.Guard`).
 
-Differences from mergekit: counts use `round`, ties are broken stably, DARE /
-DELLA `rescale` divides by the keep probability (mergekit matches L1 norms);
-density 0 gives zeros instead of an assertion; `lambda_` exists for every
-method (mergekit: della only, in older versions).
+mergekit's TIES, per tensor in the dtype it loaded the models in: `tau_t =
+theta_t - theta_0`; keep the first `int(density_t * n)` entries of an
+(unstable) descending sort of `|tau_t|`; `x_t = w_t tau'_t`; elect `+1` where
+`sum_t x_t >= 0`, else `-1`; `m_t = [sign(x_t) == elected]` (zeros never agree);
+`sum_t m_t x_t / sum_t m_t w_t` (a zero divisor -> 1), times lambda. Ours is the
+same computation (in float32, or float64 for float64 input) except for:
+
+* the count: `round(density * n)` by default. mergekit's `int()` truncates, so a
+  float error just below an integer loses an entry (`int(0.29 * 100) == 28`)
+  and `density * n = k + 1/2` keeps `k`. We keep `round` because a density then
+  means the nearest count; `count="floor"` gives mergekit's count exactly (also
+  for traced densities). Nothing else changes with it.
+* entries tied in `|tau|` at the cut: we keep the earlier ones (a stable sort).
+  mergekit's torch `argsort` is unstable, so which of the tied entries it keeps
+  is unspecified (it differs between sort implementations, CPU and GPU); task
+  vectors of fine-tunes trained in bf16 and saved in float32 have thousands of
+  entries tied at a typical threshold. No rule reproduces that order, so exact
+  parity holds where the cut falls between distinct magnitudes.
+* DARE / DELLA `rescale` divides by the keep probability (mergekit matches the
+  L1 norm of the untrimmed vector); density 0 (or a count of 0) gives zeros
+  instead of an assertion; `lambda_` exists for every method.
+
+mergekit also runs the whole computation in the config's `dtype` (e.g. sums in
+bfloat16) and casts fine-tunes to the base's dtype before subtracting; we
+compute task vectors and merges in float32 and round once at the end.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +73,10 @@ from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.trim import Calibration
 
 Floats = float | Sequence[float]
+
+
+def _where(name: str | None) -> str:
+    return f" for tensor {name!r}" if name else ""
 
 
 def generalized_task_arithmetic(
@@ -69,7 +94,9 @@ def generalized_task_arithmetic(
     gamma: Floats = 0.01,
     epsilon: Floats = 0.15,
     blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """Trim -> (elect) -> combine -> scale, the pipeline all task-vector methods share.
@@ -88,10 +115,26 @@ def generalized_task_arithmetic(
     x = deltas.astype(dt)
     if trim is not None:
         x = trim_lib.trim(
-            trim, x, dens, key=key, calib=calib, gamma=gamma, epsilon=epsilon, rescale=rescale,
-            blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+            trim,
+            x,
+            dens,
+            key=key,
+            calib=calib,
+            gamma=gamma,
+            epsilon=epsilon,
+            rescale=rescale,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            refit=refit,
+            name=name,
+            count=count,
         )
     else:
+        if count != "round":
+            raise ValueError(
+                f"count={count!r} sets how a trim counts entries, but no trim is given{_where(name)}; "
+                "pass trim=... (or leave count at 'round')"
+            )
         if isinstance(dens, tuple) and any(d != 1.0 for d in dens):
             raise ValueError(
                 f"densities {list(dens)} given but this method does not trim; pass trim=... "
@@ -120,7 +163,11 @@ def resolve_rescale(rescale: bool | None, default: bool, trim: str | None) -> bo
 
 
 def linear(
-    deltas: jax.Array, weights: Floats, *, normalize: bool = True, base: jax.Array | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    *,
+    normalize: bool = True,
+    base: jax.Array | None = None,
     name: str | None = None,
 ) -> jax.Array:
     """Linear (model soup): `theta = sum_t w_t theta_t / sum_t w_t`.
@@ -152,10 +199,23 @@ def linear(
 
 
 def task_arithmetic(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
-    lambda_: float = 1.0, trim: str | None = None, rescale: bool | None = None,
-    key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str | None = None,
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """Task arithmetic (Ilharco et al. 2023): `lambda * sum_t w_t tau_t`.
 
@@ -163,17 +223,44 @@ def task_arithmetic(
     `densities` to trim first, e.g. `trim="sparsegpt"`), rescale off.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def ties(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = True,
-    lambda_: float = 1.0, consensus: str = "sum", trim: str = "magnitude",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "magnitude",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """TIES (Yadav et al. 2023): trim, elect sign, disjoint mean.
@@ -192,17 +279,44 @@ def ties(
     dense TIES merge); tune `lambda_` accordingly.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def dare_linear(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
-    lambda_: float = 1.0, trim: str = "random", rescale: bool | None = None,
-    key: jax.Array | None = None, calib: Calibration | None = None, gamma: Floats = 0.01,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str = "random",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """DARE (Yu et al. 2024) + task arithmetic: `lambda * sum_t w_t m_t tau_t / density_t`.
 
@@ -211,17 +325,44 @@ def dare_linear(
     normalize off, lambda 1. With `trim="sparsegpt"` rescale defaults off.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def dare_ties(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, normalize: bool = False,
-    lambda_: float = 1.0, consensus: str = "sum", trim: str = "random",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "random",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
     name: str | None = None,
 ) -> jax.Array:
     """DARE drop-and-rescale, then TIES sign election and (un-normalized) disjoint sum.
@@ -231,18 +372,45 @@ def dare_ties(
     Defaults (mergekit's): normalize False, rescale on, consensus "sum", lambda 1.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def della(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
-    normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum",
-    trim: str = "magprune", rescale: bool | None = None, key: jax.Array | None = None,
-    calib: Calibration | None = None, gamma: Floats = 0.01, blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    epsilon: Floats = 0.15,
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "magprune",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """DELLA (Deep et al. 2024): MagPrune, sign election, disjoint mean.
 
@@ -253,34 +421,88 @@ def della(
     mergekit rescales to match the L1 norm; we divide by `p` as the paper does.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def della_linear(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, epsilon: Floats = 0.15,
-    normalize: bool = False, lambda_: float = 1.0, trim: str = "magprune",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    gamma: Floats = 0.01, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    epsilon: Floats = 0.15,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str = "magprune",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """DELLA MagPrune without sign election: `lambda * sum_t w_t tau'_t`.
 
     Defaults (mergekit's): epsilon 0.15, normalize False, rescale on (`1/p`), lambda 1.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, True, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def breadcrumbs(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
-    normalize: bool = False, lambda_: float = 1.0, trim: str = "breadcrumbs",
-    rescale: bool | None = None, key: jax.Array | None = None, calib: Calibration | None = None,
-    epsilon: Floats = 0.15, blocksize: int = 128, percdamp: float = 0.01, refit: bool = False, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    gamma: Floats = 0.01,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    trim: str = "breadcrumbs",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and the smallest, sum.
 
@@ -289,25 +511,66 @@ def breadcrumbs(
     Defaults (mergekit's): gamma 0.01, normalize False, rescale off, lambda 1.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=None, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=None,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )
 
 
 def breadcrumbs_ties(
-    deltas: jax.Array, weights: Floats, densities: Floats = 1.0, *, gamma: Floats = 0.01,
-    normalize: bool = False, lambda_: float = 1.0, consensus: str = "sum",
-    trim: str = "breadcrumbs", rescale: bool | None = None, key: jax.Array | None = None,
-    calib: Calibration | None = None, epsilon: Floats = 0.15, blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False, name: str | None = None,
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    gamma: Floats = 0.01,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    consensus: str = "sum",
+    trim: str = "breadcrumbs",
+    rescale: bool | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    count: str = "round",
+    name: str | None = None,
 ) -> jax.Array:
     """Breadcrumbs trimming, then TIES sign election; un-normalized disjoint sum.
 
     Defaults (mergekit's): gamma 0.01, normalize False, consensus "sum", rescale off.
     """
     return generalized_task_arithmetic(
-        deltas, weights, densities, trim=trim, consensus=consensus, normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim), lambda_=lambda_, key=key, calib=calib,
-        gamma=gamma, epsilon=epsilon, blocksize=blocksize, percdamp=percdamp, refit=refit, name=name,
+        deltas,
+        weights,
+        densities,
+        trim=trim,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=resolve_rescale(rescale, False, trim),
+        lambda_=lambda_,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        count=count,
+        name=name,
     )

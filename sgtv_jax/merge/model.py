@@ -1,4 +1,4 @@
-"""Whole-model merges: map a tensor-level method over every tensor of a model.
+"""Whole-model merges: every tensor of a model planned (`TensorPlan`), then merged by `merge_planned`.
 
 Models are pytrees of arrays (a flat dict `name -> array`, nested dicts, Flax
 NNX states, ...) with the same tensor names. A tensor's name is its key for
@@ -7,22 +7,26 @@ flat dicts, else the pytree path joined with "." (e.g. `layers.0.kernel`).
 Parameters can vary per model and per tensor:
 
 * per-model parameters (`weights`, `densities`, `gamma`, `epsilon`): a sequence
-  with one entry per fine-tuned model, or one entry broadcast to all;
-* every entry, and every method parameter (`normalize`, `trim`, `lambda_`, ...),
-  is a *spec*: a plain value, a callable `name -> value`, or mergekit-style
-  filter rules `[{"filter": "mlp", "value": 0.5}, {"value": 0.0}]` (the first
-  rule whose `filter` is a substring of the name wins; a rule without `filter`
-  matches everything).
+  with one entry per fine-tuned model, or one entry broadcast to all; a model
+  whose entry is None takes the method's default;
+* every entry, every method parameter (`normalize`, `lambda_`, ...) and the
+  trim options (`trim`, `blocksize`, `percdamp`, `prunen`, `prunem`, `refit`)
+  is a *spec* (`sgtv_jax.merge.paramspec`): a plain value, a callable
+  `name -> value`, mergekit-style filter rules
+  `[{"filter": "mlp", "value": 0.5}, {"value": 0.0}]`, or a gradient over the
+  decoder blocks when `block_of` says which block a tensor is in.
 
 Everything is validated before any tensor is merged: missing / extra tensors
 and shape mismatches (all names listed), NaN/Inf in any model, parameter
-lengths and ranges, and calibration statistics missing for a data-aware trim.
+lengths and ranges, trim and OBS options, and calibration statistics missing
+for a data-aware trim. Each tensor is then merged by
+`sgtv_jax.merge.plan.merge_planned`, the function the YAML pipeline uses too.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,46 +34,16 @@ import numpy as np
 
 from sgtv_jax import _checks
 from sgtv_jax.merge import _validate
-from sgtv_jax.merge.keys import tensor_key
-from sgtv_jax.merge.registry import get_method
-from sgtv_jax.merge.trim import DATA_TRIMS, Calibration, missing_stats_message
+from sgtv_jax.merge.paramspec import SpecError, per_model, resolve, split_per_model
+from sgtv_jax.merge.plan import ObsOptions, TensorPlan, merge_planned
+from sgtv_jax.merge.specs import PER_MODEL_PARAMS, MethodSpec, call_args, method_spec
+from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS, Calibration, missing_stats_message
 
-PER_MODEL = ("weights", "densities", "gamma", "epsilon")
+__all__ = ["LAYOUTS", "merge", "named_leaves", "resolve"]
+
 LAYOUTS = ("torch", "flax")
-
-
-# --------------------------------------------------------------------------- specs
-
-
-def _is_rules(spec: Any) -> bool:
-    return isinstance(spec, (list, tuple)) and len(spec) > 0 and all(isinstance(r, Mapping) for r in spec)
-
-
-def resolve(spec: Any, name: str) -> Any:
-    """The value of a parameter spec for tensor `name` (plain value, callable or filter rules)."""
-    if callable(spec):
-        return spec(name)
-    if _is_rules(spec):
-        for rule in spec:
-            if "value" not in rule:
-                raise ValueError(f"filter rule {dict(rule)!r} has no 'value'")
-            filt = rule.get("filter")
-            if filt is None or str(filt) in name:
-                return rule["value"]
-        raise ValueError(f"no filter rule matches tensor {name!r} in {list(spec)!r} (add a rule without 'filter')")
-    return spec
-
-
-def _per_model(spec: Any, tasks: int, what: str, name: str) -> list[Any]:
-    if isinstance(spec, (list, tuple)) and not _is_rules(spec):
-        entries = list(spec)
-    elif hasattr(spec, "shape") and len(spec.shape) == 1:
-        entries = list(np.asarray(spec))
-    else:
-        return [resolve(spec, name)] * tasks
-    if len(entries) != tasks:
-        raise ValueError(f"{what} has {len(entries)} entries but there are {tasks} fine-tuned models")
-    return [resolve(e, name) for e in entries]
+_PER_MODEL = {ps.keyword: ps for ps in PER_MODEL_PARAMS}  # weights, densities, gamma, epsilon
+_TRIM_OPTIONS = ("trim",) + ObsOptions._fields  # options of methods that trim
 
 
 # --------------------------------------------------------------------------- pytrees
@@ -107,7 +81,8 @@ def _check_models(base: dict, models: list[dict]) -> None:
             problems.append(f"model {i} has tensors the base model lacks: {extra}")
         shapes = [
             f"{n!r} {tuple(np.shape(m[n]))} vs base {tuple(np.shape(base[n]))}"
-            for n in base if n in m and tuple(np.shape(m[n])) != tuple(np.shape(base[n]))
+            for n in base
+            if n in m and tuple(np.shape(m[n])) != tuple(np.shape(base[n]))
         ]
         if shapes:
             problems.append(f"model {i} has tensors of different shapes: " + ", ".join(shapes))
@@ -126,11 +101,30 @@ def _check_finite(base: dict, models: list[dict], names: list[str]) -> None:
         raise ValueError("NaN or Inf in " + ", ".join(bad))
 
 
-# --------------------------------------------------------------------------- merge
+# --------------------------------------------------------------------------- planning
 
 
-def _method_params(fn: Callable) -> set[str]:
-    return set(inspect.signature(fn).parameters)
+class _Planned(NamedTuple):
+    """One tensor ready to merge: its plan, statistics and whether it is a transposed flax kernel."""
+
+    plan: TensorPlan
+    calib: Calibration
+    transpose: bool
+
+
+class _Inputs(NamedTuple):
+    """The arguments of `merge` every tensor's plan is resolved from."""
+
+    spec: MethodSpec
+    tasks: int
+    per_model: dict[str, list[Any]]  # keyword -> one spec per model (None: the default)
+    params: dict[str, Any]  # method keyword -> spec
+    options: dict[str, Any]  # trim / ObsOptions field -> spec (given ones only)
+    stats: dict[str, Mapping[str, Any] | None]
+    layout: Any
+    seed: int | jax.Array
+    block_of: Callable[[str], int | None] | None
+    num_layers: int | None
 
 
 def _stat(stats: Mapping[str, Any] | None, name: str) -> Any:
@@ -138,6 +132,139 @@ def _stat(stats: Mapping[str, Any] | None, name: str) -> Any:
         return None
     value = stats.get(name)
     return None if value is None else _checks.as_array(value, f"statistics of {name!r}")
+
+
+def _calibration(inp: _Inputs, name: str, shape: tuple[int, ...], lay: str, cols: int | None) -> Calibration:
+    """The tensor's statistics, each checked against its input width `cols`."""
+    calib = Calibration(*(_stat(inp.stats[k], name) for k in ("hessians", "hessian_invs", "norms")))
+    for label, stat, nd in (
+        ("hessians", calib.hessian, 2),
+        ("hessian_invs", calib.hessian_inv, 2),
+        ("norms", calib.norms, 1),
+    ):
+        if stat is None:
+            continue
+        want = [(cols,) * nd, (inp.tasks,) + (cols,) * nd] if cols else []
+        if tuple(stat.shape) not in want:
+            raise ValueError(
+                f"{label}[{name!r}] has shape {tuple(stat.shape)}; expected one of {want} "
+                f"for a tensor of shape {shape} (layout {lay!r})"
+            )
+    return calib
+
+
+def _per_model_values(inp: _Inputs, name: str, where: tuple) -> dict[str, tuple[float, ...]]:
+    """Every per-model parameter the method takes, one checked float per model."""
+    out = {}
+    for kw, ps in _PER_MODEL.items():
+        if kw not in call_args(inp.spec):
+            continue
+        vals = _validate.per_task(per_model(inp.per_model[kw], name, ps.default, *where), inp.tasks, kw, name)
+        if ps.lo is not None or ps.hi is not None:
+            _validate.in_range(vals, -np.inf if ps.lo is None else ps.lo, np.inf if ps.hi is None else ps.hi, kw, name)
+        out[kw] = vals
+    return out
+
+
+def _check_trim(
+    inp: _Inputs,
+    name: str,
+    shape: tuple[int, ...],
+    kind: str | None,
+    vals: dict,
+    obs: ObsOptions,
+    calib: Calibration,
+    params: dict,
+    cols: int | None,
+) -> bool:
+    """Checks of the tensor's trim; returns whether its calibration statistics are missing."""
+    if kind is None:
+        if any(d != 1.0 for d in vals["densities"]):
+            raise ValueError(
+                f"densities {list(vals['densities'])} < 1 for tensor {name!r} but method "
+                f"{inp.spec.name!r} does not trim by itself: pass trim=... (one of {', '.join(TRIMS)})"
+            )
+        if params.get("rescale") is True:
+            raise ValueError(f"rescale=True needs a trim, for tensor {name!r}")
+        return False
+    if kind not in TRIMS:
+        raise ValueError(f"unknown trim {kind!r} for tensor {name!r}; known trims: {', '.join(TRIMS)}")
+    if kind in DATA_TRIMS and len(shape) != 2:
+        raise ValueError(
+            f"trim={kind!r} needs 2-D linear weights, but tensor {name!r} has shape {shape}; "
+            "give it a data-free trim with a per-tensor trim spec"
+        )
+    if kind == "sparsegpt" and obs.prunem and cols is not None and cols % obs.prunem:
+        raise ValueError(f"tensor {name!r} has {cols} input columns, not a multiple of prunem {obs.prunem}")
+    if kind == "sparsegpt" and obs.refit and calib.hessian is None and calib.hessian_inv is not None:
+        raise ValueError(f"refit needs the Hessian itself, not its inverse, for tensor {name!r}")
+    if kind == "magprune":
+        for i, (d, e) in enumerate(zip(vals["densities"], vals["epsilon"])):
+            if 0.0 < d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+                raise ValueError(
+                    f"magprune (DELLA) needs 0 < density - epsilon and density + epsilon < 1; "
+                    f"model {i} has density {d}, epsilon {e} for tensor {name!r}"
+                )
+    if kind in DATA_TRIMS:
+        if kind == "sparsegpt":
+            return calib.hessian is None and calib.hessian_inv is None
+        return calib.hessian is None and calib.norms is None
+    return False
+
+
+def _plan_tensor(inp: _Inputs, name: str, shape: tuple[int, ...]) -> tuple[_Planned, str | None, bool]:
+    """(the tensor's plan, its trim, whether its statistics are missing); ValueError naming it."""
+    spec = inp.spec
+    layer = inp.block_of(name) if inp.block_of is not None else None
+    where = (layer, inp.num_layers)
+    params = {k: resolve(v, name, *where) for k, v in inp.params.items()}
+    vals = _per_model_values(inp, name, where)
+    lay = resolve(inp.layout, name, *where)
+    if lay not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {lay!r} for tensor {name!r}")
+    transpose = lay == "flax" and len(shape) == 2
+    cols = (shape[0] if transpose else shape[-1]) if len(shape) == 2 else None
+    calib = _calibration(inp, name, shape, lay, cols)
+    options = {k: resolve(v, name, *where) for k, v in inp.options.items()}
+    obs = ObsOptions(**{k: v for k, v in options.items() if k != "trim" and v is not None})
+    bad = obs.problems()
+    if bad:
+        raise ValueError("; ".join(bad))
+    trim = options.get("trim")
+    kind = trim if trim is not None else spec.default_trim
+    missing = spec.trims and _check_trim(inp, name, shape, kind, vals, obs, calib, params, cols)
+    tasks = inp.tasks
+    plan = TensorPlan(
+        method=spec.name,
+        name=name,
+        weights=vals["weights"],
+        densities=vals.get("densities", (1.0,) * tasks),
+        trim=trim,
+        params=params,
+        gamma=vals.get("gamma"),
+        epsilon=vals.get("epsilon"),
+        obs=obs,
+        seed=inp.seed,
+    )
+    return _Planned(plan, calib, transpose), kind, missing
+
+
+def _check_arguments(spec: MethodSpec, params: dict[str, Any], options: dict[str, Any], given: dict[str, Any]) -> None:
+    """Parameters the method does not take; ValueError naming them and the ones it has."""
+    keywords = {ps.name: ps.keyword for ps in spec.params}
+    for k in list(params):
+        if k in keywords and k != keywords[k]:  # a config name (`lambda`) for the keyword (`lambda_`)
+            params[keywords[k]] = params.pop(k)
+    allowed = set(keywords.values()) | (set(_TRIM_OPTIONS) if spec.trims else set())
+    unknown = sorted((set(params) | set(options)) - allowed)
+    if unknown:
+        raise ValueError(f"method {spec.name!r} has no parameter(s) {unknown}; its parameters: {sorted(allowed)}")
+    for kw, v in given.items():
+        if v is not None and kw not in call_args(spec):
+            raise ValueError(f"method {spec.name!r} takes no {kw!r}")
+
+
+# --------------------------------------------------------------------------- merge
 
 
 def merge(
@@ -154,16 +281,24 @@ def merge(
     norms: Mapping[str, Any] | None = None,
     layout: Any = "torch",
     seed: int | jax.Array = 0,
+    trim: Any = None,
+    blocksize: Any = None,
+    percdamp: Any = None,
+    prunen: Any = None,
+    prunem: Any = None,
+    refit: Any = None,
+    block_of: Callable[[str], int | None] | None = None,
     **params: Any,
 ) -> Any:
     """Merge fine-tuned `models` into `base` with `method` (see `available_methods()`).
 
     Args:
-      method: a name from `sgtv_jax.merge.registry.METHODS`.
+      method: a name from `sgtv_jax.merge.specs.METHOD_SPECS`.
       base: the base model `theta_0` (pytree of arrays).
       models: the fine-tuned models `theta_t`, same tensor names and shapes.
       weights, densities, gamma, epsilon: per-model parameters (specs, see module
-        doc); weights default to 1 each, densities to 1 (no trimming).
+        doc); unset, each model takes the method's default (weight 1, density 1
+        (no trimming), gamma 0.01, epsilon 0.15).
       hessians: `name -> H` `[in, in]` (shared) or `[T, in, in]` (per model), the
         calibration statistics for `trim="sparsegpt"` / `"wanda"` and regmean's
         Grams; `hessian_invs`: full inverse Hessians instead (sparsegpt only);
@@ -173,25 +308,24 @@ def merge(
         per output feature).
       seed: int or PRNG key; tensor `name` uses `keys.tensor_key(seed, name)`,
         so the result is bit-identical for a seed whatever the visiting order.
+      trim: spec, a trim of `trim.TRIMS` replacing the method's own (methods that trim).
+      blocksize, percdamp, prunen, prunem, refit: specs, the OBS options of a
+        `sparsegpt` trim (`plan.ObsOptions`; unset: its defaults): N:M pruning
+        (e.g. `prunen=2, prunem=4`) replaces the densities; `refit=True`
+        re-solves the kept entries by least squares (needs `hessians`).
+      block_of: `name -> decoder block index` (None outside the blocks); with it
+        a spec may be a gradient over the blocks (`paramspec`), the number of
+        blocks being one more than the largest index.
       **params: method parameters (specs), e.g. `normalize`, `lambda_` (or
-        `"lambda"` via `**{"lambda": 0.5}`), `trim`, `rescale`, `alpha`.
+        `"lambda"` via `**{"lambda": 0.5}`), `rescale`, `consensus`, `alpha`.
     Returns:
       The merged model, same pytree structure and dtypes as `base`
       (non-floating tensors are copied from `base`).
     """
-    fn = get_method(method)
-    accepted = _method_params(fn)
-    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
-    if "lambda" in params:
-        params["lambda_"] = params.pop("lambda")
-    unknown = sorted(set(params) - (accepted - {"deltas", "weights", "densities", "key", "calib", "grams", "base", "name"}))
-    if unknown:
-        allowed = sorted(accepted - {"deltas", "weights", "densities", "key", "calib", "grams", "base", "name"})
-        raise ValueError(f"method {method!r} has no parameter(s) {unknown}; its parameters: {allowed}")
-    per_model = {"weights": weights, "densities": densities, "gamma": gamma, "epsilon": epsilon}
-    for p, v in per_model.items():
-        if v is not None and p not in accepted:
-            raise ValueError(f"method {method!r} takes no {p!r}")
+    spec = method_spec(method)
+    options = {k: v for k, v in zip(_TRIM_OPTIONS, (trim, blocksize, percdamp, prunen, prunem, refit)) if v is not None}
+    given = {"weights": weights, "densities": densities, "gamma": gamma, "epsilon": epsilon}
+    _check_arguments(spec, params, options, given)
     if isinstance(models, Mapping) or not isinstance(models, Sequence) or len(models) == 0:
         raise ValueError("models must be a non-empty sequence of fine-tuned models")
     tasks = len(models)
@@ -200,95 +334,71 @@ def merge(
     model_leaves = [named_leaves(m)[0] for m in models]
     _check_models(base_leaves, model_leaves)
     _check_finite(base_leaves, model_leaves, names)
+    floats = [n for n in names if jnp.issubdtype(jnp.asarray(base_leaves[n]).dtype, jnp.floating)]
+    blocks = [b for b in map(block_of, floats) if b is not None] if block_of is not None else []
 
     # ---- plan: resolve and validate every tensor's parameters before merging anything
-    plan, missing_stats, problems = {}, [], []
-    for name in names:
-        b = jnp.asarray(base_leaves[name])
-        if not jnp.issubdtype(b.dtype, jnp.floating):
-            continue
-        try:
-            kw = {p: resolve(v, name) for p, v in params.items()}
-            for p, v in per_model.items():
-                if p in accepted and (v is not None or p == "weights"):
-                    vals = _per_model(1.0 if v is None else v, tasks, p, name)
-                    vals = _validate.per_task(vals, tasks, p, name)
-                    if p == "densities":
-                        _validate.in_range(vals, 0.0, 1.0, p, name)
-                    kw[p] = list(vals)
-            lay = resolve(layout, name)
-            if lay not in LAYOUTS:
-                raise ValueError(f"layout must be one of {LAYOUTS}, got {lay!r} for tensor {name!r}")
-            transpose = lay == "flax" and b.ndim == 2
-            cols = (b.shape[0] if transpose else b.shape[-1]) if b.ndim == 2 else None
-            calib = Calibration(_stat(hessians, name), _stat(hessian_invs, name), _stat(norms, name))
-            for label, stat, nd in (("hessians", calib.hessian, 2), ("hessian_invs", calib.hessian_inv, 2), ("norms", calib.norms, 1)):
-                if stat is None:
-                    continue
-                want = [(cols,) * nd, (tasks,) + (cols,) * nd] if cols else []
-                if tuple(stat.shape) not in want:
-                    raise ValueError(
-                        f"{label}[{name!r}] has shape {tuple(stat.shape)}; expected one of {want} "
-                        f"for a tensor of shape {tuple(b.shape)} (layout {lay!r})"
-                    )
-            trim = kw.get("trim", defaults.get("trim"))
-            if "key" in accepted:
-                kw["key"] = tensor_key(seed, name)
-            if "calib" in accepted:
-                if trim in DATA_TRIMS and b.ndim != 2:
-                    raise ValueError(
-                        f"trim={trim!r} needs 2-D linear weights, but tensor {name!r} has shape "
-                        f"{tuple(b.shape)}; give it a data-free trim with a per-tensor trim spec"
-                    )
-                if trim in DATA_TRIMS:
-                    has = calib.hessian is not None or (
-                        calib.hessian_inv is not None if trim == "sparsegpt" else calib.norms is not None
-                    )
-                    if not has:
-                        missing_stats.append(name)
-                kw["calib"] = calib
-            if trim == "magprune":
-                eps = kw.get("epsilon", defaults["epsilon"])
-                eps = _validate.per_task(eps, tasks, "epsilon", name)
-                for i, (d, e) in enumerate(zip(kw.get("densities", [1.0] * tasks), eps)):
-                    if 0.0 < d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
-                        raise ValueError(
-                            f"magprune (DELLA) needs 0 < density - epsilon and density + epsilon < 1; "
-                            f"model {i} has density {d}, epsilon {e} for tensor {name!r}"
-                        )
-            if "grams" in accepted:
-                kw["grams"] = calib.hessian
-            if "base" in accepted and kw.get("normalize") is False:
-                kw["base"] = b.T if transpose else b
-            kw["name"] = name
-            plan[name] = (kw, transpose)
-        except ValueError as e:
-            problems.append(str(e))
-    if missing_stats:
-        trims = sorted({str(resolve(params.get("trim"), n)) for n in missing_stats})
+    problems: list[str] = []
+    per_model_specs = {}
+    for kw, v in given.items():
+        if kw in call_args(spec):
+            try:
+                per_model_specs[kw] = split_per_model(v, tasks, kw)
+            except SpecError as e:
+                problems.append(str(e))
+    stats = {"hessians": hessians, "hessian_invs": hessian_invs, "norms": norms}
+    inp = _Inputs(
+        spec,
+        tasks,
+        per_model_specs,
+        params,
+        options,
+        stats,
+        layout,
+        seed,
+        block_of,
+        max(blocks) + 1 if blocks else None,
+    )
+    plans: dict[str, _Planned] = {}
+    missing: dict[str, str | None] = {}
+    kinds = set()
+    if not problems:
+        for name in floats:
+            try:
+                plans[name], kind, lacks = _plan_tensor(inp, name, tuple(jnp.shape(base_leaves[name])))
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            kinds.add(kind)
+            if lacks:
+                missing[name] = kind
+    if missing:
+        trims = sorted({str(k) for k in missing.values()})
         problems.append(
-            f"{len(missing_stats)} tensor(s) have no calibration statistics for trim "
-            f"{'/'.join(trims)}: {missing_stats}. "
+            f"{len(missing)} tensor(s) have no calibration statistics for trim "
+            f"{'/'.join(trims)}: {list(missing)}. "
             + missing_stats_message(trims[0] if len(trims) == 1 else "sparsegpt", None)
             + " (a per-tensor trim spec such as [{'filter': 'kernel', 'value': 'sparsegpt'}, "
             "{'value': 'magnitude'}] trims the others without data)"
         )
+    if plans and "sparsegpt" not in kinds and any(p.plan.obs.prunem or p.plan.obs.refit for p in plans.values()):
+        problems.append("prunen/prunem (N:M) and refit act on the OBS trim: they need trim='sparsegpt'")
     if problems:
-        raise ValueError("invalid merge: " + "; ".join(problems))
+        raise ValueError("invalid merge: " + "; ".join(dict.fromkeys(problems)))
 
     # ---- merge tensor by tensor
     out = []
     for name in names:
-        b = jnp.asarray(base_leaves[name])
-        if name not in plan:
+        if name not in plans:
             out.append(base_leaves[name])
             continue
-        kw, transpose = plan[name]
+        plan, calib, transpose = plans[name]
+        b = jnp.asarray(base_leaves[name])
         dt = _validate.work_dtype(b.dtype)
         deltas = jnp.stack([jnp.asarray(m[name]).astype(dt) for m in model_leaves]) - b.astype(dt)
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
-        merged = fn(deltas, **kw)
+        merged, _, _ = merge_planned(plan, deltas, calib, base=b.T if transpose else b)
         if transpose:
             merged = merged.T
         out.append((b.astype(merged.dtype) + merged).astype(b.dtype))

@@ -10,28 +10,35 @@ from its signature:
     methods that trim (spec.trims):
         trim = plan.trim or spec.default_trim
         sparsegpt -> sgtv_jax.obs.obs_prune (N:M when obs.prunem, else the densities;
-                     refit when obs.refit), then 1/density only if rescale is asked
-        any other -> sgtv_jax.merge.trim.trim (rescale: the method's rule)
+                     refit when obs.refit), or obs_prune_from_inverse given only an
+                     inverse Hessian; then 1/density only if rescale is asked
+        any other -> sgtv_jax.merge.trim.trim (rescale: the method's rule; wanda
+                     reads the input norms, or derives them from the Hessian)
         then the method without trimming (sign election on the trimmed vectors)
     methods that do not (linear, regmean): the method on the raw task vectors
-        (RegMean's Grams are the calibration Hessian of a 2-D tensor)
+        (RegMean's Grams are the calibration Hessian of a 2-D tensor; linear
+        without normalize sums whole models and reads the base tensor)
 
 2-D task vectors are `[out, in]` (PyTorch layout), like the Hessians `[in, in]`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from sgtv_jax.errors import short_repr
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.merge.registry import get_method
 from sgtv_jax.merge.specs import MethodSpec, method_spec
-from sgtv_jax.obs import obs_prune
+from sgtv_jax.obs import obs_prune, obs_prune_from_inverse
 
 
 class PlanError(ValueError):
@@ -52,6 +59,29 @@ class ObsOptions(NamedTuple):
     prunen: int = 0
     prunem: int = 0
     refit: bool = False
+
+    def problems(self) -> list[str]:
+        """Every reason these options cannot run (empty: none), each naming the option."""
+        out = []
+        b, p, n, m = self.blocksize, self.percdamp, self.prunen, self.prunem
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
+            out.append(f"blocksize must be an integer >= 1, got {short_repr(b)}")
+            b = 0
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < math.inf:
+            out.append(f"percdamp must be a finite number >= 0, got {short_repr(p)}")
+        if not isinstance(self.refit, bool):
+            out.append(f"refit must be true or false, got {short_repr(self.refit)}")
+        for label, v in (("prunen", n), ("prunem", m)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                out.append(f"{label} must be an integer >= 0, got {short_repr(v)}")
+                return out
+        if (n == 0) != (m == 0):
+            out.append(f"prunen and prunem go together (N:M pruning), got prunen={n}, prunem={m}")
+        elif m and not (0 < n < m):
+            out.append(f"prunen must be in (0, prunem), got {n}:{m}")
+        elif m and b and b % m:
+            out.append(f"blocksize {b} must be a multiple of prunem {m}")
+        return out
 
 
 class TensorPlan(NamedTuple):
@@ -89,69 +119,120 @@ class MergeInfo(NamedTuple):
     damping: float | None
 
 
+def maps_zero_to_zero(method: str) -> bool:
+    """Whether all-zero task vectors merge to a zero change (then the base tensor is the result).
+
+    True for methods on task vectors; not for methods on whole weights
+    (`MethodSpec.needs_base`: passthrough with a scale changes an untouched tensor).
+    """
+    return not method_spec(method).needs_base
+
+
 def merge_planned(
-    plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None = None
+    plan: TensorPlan,
+    deltas: jax.Array,
+    calib: trim_lib.Calibration | None = None,
+    base: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, MergeInfo]:
     """Trim then merge `deltas` `[T, ...]` as `plan` says.
 
-    `calib`: the tensor's calibration statistics (a Hessian `[in, in]` or
-    `[T, in, in]`), needed by `sparsegpt` / `wanda` trims and RegMean.
+    `calib`: the tensor's calibration statistics (`Calibration`: a Hessian
+    `[in, in]` or `[T, in, in]`, or a full inverse Hessian, or input norms
+    `[in]` / `[T, in]`), needed by `sparsegpt` / `wanda` trims and RegMean.
+    `base`: the base tensor `theta_0` (same layout as one task vector), needed
+    by methods on whole weights (`MethodSpec.needs_base`: slerp, karcher,
+    arcee_fusion, passthrough with a scale, linear with normalize false).
     Returns (merged task vector `[...]`, trimmed stack `[T, ...]` (the input
     for methods that do not trim), `MergeInfo`).
     """
     spec = method_spec(plan.method)
     if not spec.trims:
-        return _merge_untrimmed(plan, spec, deltas, calib), deltas, MergeInfo(None, None)
+        return _merge_untrimmed(plan, spec, deltas, calib, base), deltas, MergeInfo(None, None)
     kind = plan.trim if plan.trim is not None else spec.default_trim
     kw = dict(plan.params or {})
     # The method's own rule: random default trims rescale by 1/density, calibration trims don't.
     rescale = resolve_rescale(kw.pop("rescale", None), spec.rescale_default, kind)
+    count = kw.pop("count", "round")  # how many entries a top-k trim keeps: it belongs to the trim
     key = plan.key
     damping = None
     if kind is None:
         if any(d != 1.0 for d in plan.densities):
-            raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
-                            f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)")
+            raise PlanError(
+                f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
+                f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)"
+            )
         trimmed = deltas
     elif kind == "sparsegpt":
         trimmed, damping = _obs_trim(plan, deltas, calib, rescale)
     else:
-        extra = {}
+        extra: dict[str, Any] = {}
         if plan.gamma is not None:
             extra["gamma"] = list(plan.gamma)
         if plan.epsilon is not None:
             extra["epsilon"] = list(plan.epsilon)
-        trimmed = trim_lib.trim(kind, deltas, list(plan.densities), key=key, calib=calib, rescale=rescale,
-                                blocksize=plan.obs.blocksize, percdamp=plan.obs.percdamp, name=plan.name,
-                                **extra)
-    merged = get_method(plan.method)(trimmed, list(plan.weights), 1.0, trim=None, rescale=False,
-                                     name=plan.name, key=key, **kw)
+        trimmed = trim_lib.trim(
+            kind,
+            deltas,
+            list(plan.densities),
+            key=key,
+            calib=calib,
+            rescale=rescale,
+            blocksize=plan.obs.blocksize,
+            percdamp=plan.obs.percdamp,
+            name=plan.name,
+            count=count,
+            **extra,
+        )
+    merged = get_method(plan.method)(
+        trimmed, list(plan.weights), 1.0, trim=None, rescale=False, name=plan.name, key=key, **kw
+    )
     return merged, trimmed, MergeInfo(kind, damping)
 
 
-def _obs_trim(plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None,
-              rescale: bool) -> tuple[jax.Array, float]:
-    """SparseGPT trim with the plan's OBS options; returns (trimmed, damping used)."""
-    if calib is None or calib.hessian is None:
-        raise PlanError(trim_lib.missing_stats_message("sparsegpt", plan.name))
+def _obs_trim(
+    plan: TensorPlan, deltas: jax.Array, calib: trim_lib.Calibration | None, rescale: bool
+) -> tuple[jax.Array, float | None]:
+    """SparseGPT trim with the plan's OBS options; returns (trimmed, damping used: None from an inverse)."""
     o = plan.obs
     nm = dict(prunen=o.prunen, prunem=o.prunem) if o.prunem else dict(density=list(plan.densities))
-    trimmed, info = obs_prune(deltas, calib.hessian, blocksize=o.blocksize, percdamp=o.percdamp, refit=o.refit,
-                              name=plan.name, return_info=True, **nm)
-    damping = float(jnp.max(info.percdamp))
+    if calib is not None and calib.hessian is not None:
+        trimmed, info = obs_prune(
+            deltas,
+            calib.hessian,
+            blocksize=o.blocksize,
+            percdamp=o.percdamp,
+            refit=o.refit,
+            name=plan.name,
+            return_info=True,
+            **nm,
+        )
+        damping = float(jnp.max(info.percdamp))
+    elif calib is not None and calib.hessian_inv is not None:
+        if o.refit:
+            raise PlanError(f"refit needs the Hessian itself, not its inverse, for tensor {plan.name!r}")
+        trimmed, _ = obs_prune_from_inverse(deltas, calib.hessian_inv, blocksize=o.blocksize, name=plan.name, **nm)
+        damping = None
+    else:
+        raise PlanError(trim_lib.missing_stats_message("sparsegpt", plan.name))
     if rescale:
         trimmed = trim_lib.inverse_density_scale(trimmed, list(plan.densities))
     return trimmed, damping
 
 
-def _merge_untrimmed(plan: TensorPlan, spec: MethodSpec, deltas: jax.Array,
-                     calib: trim_lib.Calibration | None) -> jax.Array:
+def _merge_untrimmed(
+    plan: TensorPlan, spec: MethodSpec, deltas: jax.Array, calib: trim_lib.Calibration | None, base: jax.Array | None
+) -> jax.Array:
     """Methods without a trim step (linear, regmean) on the raw task vectors."""
     kw = dict(plan.params or {})
     kw.pop("rescale", None)
     if spec.needs_grams and calib is not None and calib.hessian is not None and deltas.ndim == 3:
         kw["grams"] = calib.hessian
-    if spec.needs_base and kw.get("normalize", spec.normalize_default) is False:
-        raise PlanError(f"{plan.method} with normalize=false needs whole models (the base weights); "
-                        "not supported per tensor nor by the pipeline")
+    if spec.needs_base:
+        if base is None and plan.method == "linear" and kw.get("normalize", spec.normalize_default) is False:
+            raise PlanError(
+                f"{plan.method} with normalize=false sums whole models and needs the base tensor "
+                f"of {plan.name!r} (merge_planned(..., base=theta_0))"
+            )
+        if base is not None:
+            kw["base"] = base
     return get_method(plan.method)(deltas, list(plan.weights), name=plan.name, **kw)

@@ -1,11 +1,17 @@
-"""Merge methods by name (mergekit's names, plus `regmean`)."""
+"""Merge methods by name (mergekit's names, plus `regmean`); what each takes: `specs.METHOD_SPECS`."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from sgtv_jax.merge import methods
+from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
+from sgtv_jax.merge.model_stock import model_stock
+from sgtv_jax.merge.nearswap import nearswap
+from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.sce import sce
 
 METHODS: dict[str, Callable] = {
     "linear": methods.linear,
@@ -18,6 +24,15 @@ METHODS: dict[str, Callable] = {
     "breadcrumbs": methods.breadcrumbs,
     "breadcrumbs_ties": methods.breadcrumbs_ties,
     "regmean": regmean,
+    "slerp": slerp,
+    "nuslerp": nuslerp,
+    "multislerp": multislerp,
+    "karcher": karcher,
+    "model_stock": model_stock,
+    "sce": sce,
+    "nearswap": nearswap,
+    "arcee_fusion": arcee_fusion,
+    "passthrough": passthrough,
 }
 
 
@@ -31,6 +46,4 @@ def get_method(name: str) -> Callable:
     try:
         return METHODS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown merge method {name!r}; known methods: {', '.join(METHODS)}"
-        ) from None
+        raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(METHODS)}") from None

@@ -26,7 +26,8 @@ parameters).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,6 @@ def regmean(
     merged = jnp.linalg.solve(denom, numer.T).T
     guard.require(
         jnp.all(jnp.isfinite(merged)),
-        f"regmean: the summed Gram matrix is singular{_where(name)}; use alpha < 1 "
-        "or more calibration data",
+        f"regmean: the summed Gram matrix is singular{_where(name)}; use alpha < 1 or more calibration data",
     )
     return guard.apply(merged)

@@ -11,12 +11,27 @@ with this table; `tests/test_merge_specs.py` checks that they do.
 Parameter kinds: "bool" (YAML `true` / `false` only, never a quoted string),
 "float" (a finite real; `.nan` / `.inf` refused), "int", "choice" (one of
 `choices`). A default of None means "the method's own rule" (e.g. `rescale`:
-`MethodSpec.rescale_default`, off for calibration trims).
+`MethodSpec.rescale_default`, off for calibration trims). A `required`
+parameter has no default: a config must set it (slerp's and nearswap's `t`).
+
+Function convention (every method, `registry.METHODS[name]`):
+`f(deltas [T, ...], weights [T], *, <parameters>, name=...) -> [...]`, the merged
+*task vector* (the merged tensor is `theta_0 + result`); `deltas[t] = theta_t -
+theta_0` in config order, 2-D tensors in PyTorch `[out, in]` layout. Methods
+with `trims` also take `densities` (third positional), `trim`, `key`, `calib`,
+`gamma`, `epsilon`, `blocksize`, `percdamp`, `refit`. Methods with `needs_base`
+also take `base=theta_0` `[...]` (same layout as one task vector): slerp,
+karcher and arcee_fusion always read it, linear (normalize false) and
+passthrough (scale != 1) for some settings. `min_models` / `max_models` bound T.
+`REFUSED` names the mergekit methods not implemented, each with the reason.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
+
+from sgtv_jax.merge.trim import COUNTS
 
 KINDS = ("bool", "float", "int", "choice")
 
@@ -36,6 +51,7 @@ class ParamSpec(NamedTuple):
     doc: str = ""
     choices: tuple[Any, ...] = ()
     arg: str = ""
+    required: bool = False
 
     @property
     def keyword(self) -> str:
@@ -50,7 +66,8 @@ class MethodSpec(NamedTuple):
     None meaning no trimming unless asked); consensus: its sign election
     ("sum") or None; needs_grams: it reads calibration Gram matrices (RegMean);
     needs_base: it needs the base weights for some setting (linear without
-    normalize sums whole models).
+    normalize sums whole models); min_models / max_models: how many fine-tuned
+    models (besides the base) it merges.
     """
 
     name: str
@@ -63,6 +80,8 @@ class MethodSpec(NamedTuple):
     needs_grams: bool = False
     needs_base: bool = False
     doc: str = ""
+    min_models: int = 1
+    max_models: int | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called `name` in a config, or None."""
@@ -74,71 +93,292 @@ class MethodSpec(NamedTuple):
 
 
 PER_MODEL_PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("density", "float", 1.0, 0.0, 1.0, "fraction of each task vector the trim keeps"),
-    ParamSpec("weight", "float", 1.0, None, None, "the model's weight in the combination"),
+    ParamSpec("density", "float", 1.0, 0.0, 1.0, "fraction of each task vector the trim keeps", arg="densities"),
+    ParamSpec("weight", "float", 1.0, None, None, "the model's weight in the combination", arg="weights"),
     ParamSpec("gamma", "float", 0.01, 0.0, 1.0, "breadcrumbs: fraction of largest entries dropped as outliers"),
     ParamSpec("epsilon", "float", 0.15, 0.0, 0.5, "magprune (DELLA): keep-probability spread around density"),
 )
 """Per-model parameters (each model's `parameters`, or top-level as the default for all)."""
 
-# Arguments of the method functions that callers fill in (per-model values, calibration,
-# top-level config keys), so they are not `parameters` of a config.
-CALLER_ARGS = frozenset({"deltas", "weights", "densities", "key", "calib", "grams", "base", "name", "gamma",
-                         "epsilon", "trim", "blocksize", "percdamp", "refit"})
+# The method functions' keywords that callers fill in (task vectors, per-model values, the
+# PRNG key, calibration, the trim and its OBS options): never `parameters` of a config.
+# The one list of them; `call_args` says which a given method takes.
+COMMON_ARGS = ("deltas", "weights", "name")
+TRIM_ARGS = ("densities", "key", "calib", "gamma", "epsilon", "trim", "blocksize", "percdamp", "refit")
 
 _NORMALIZE = "divide by the sum of the (agreeing) weights"
 
 
 def _common(normalize: bool, consensus: bool) -> tuple[ParamSpec, ...]:
-    out = (
+    out: tuple[ParamSpec, ...] = (
         ParamSpec("normalize", "bool", normalize, doc=_NORMALIZE),
         ParamSpec("lambda", "float", 1.0, doc="scale of the merged task vector", arg="lambda_"),
         ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)"),
+        ParamSpec(
+            "count",
+            "choice",
+            "round",
+            choices=COUNTS,
+            doc="entries a magnitude / breadcrumbs / wanda trim keeps: round(density*n), "
+            "or floor = mergekit's int(density*n)",
+        ),
     )
     if consensus:
         out += (ParamSpec("consensus", "choice", "sum", doc="sign election rule", choices=("sum", "count")),)
     return out
 
 
-def _gta(name: str, *, trim: str | None, consensus: bool, normalize: bool, rescale: bool,
-         doc: str) -> MethodSpec:
-    return MethodSpec(name, _common(normalize, consensus), trims=True, default_trim=trim,
-                      consensus="sum" if consensus else None, normalize_default=normalize,
-                      rescale_default=rescale, doc=doc)
+def _gta(name: str, *, trim: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str) -> MethodSpec:
+    return MethodSpec(
+        name,
+        _common(normalize, consensus),
+        trims=True,
+        default_trim=trim,
+        consensus="sum" if consensus else None,
+        normalize_default=normalize,
+        rescale_default=rescale,
+        doc=doc,
+    )
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
-    s.name: s for s in (
-        MethodSpec("linear", (ParamSpec("normalize", "bool", True, doc=_NORMALIZE),), trims=False,
-                   default_trim=None, consensus=None, normalize_default=True, rescale_default=False,
-                   needs_base=True, doc="weighted average of the models (model soup)"),
-        _gta("task_arithmetic", trim=None, consensus=False, normalize=False, rescale=False,
-             doc="lambda * sum_t w_t tau_t"),
-        _gta("ties", trim="magnitude", consensus=True, normalize=True, rescale=False,
-             doc="magnitude trim, sign election, disjoint mean"),
-        _gta("dare_linear", trim="random", consensus=False, normalize=False, rescale=True,
-             doc="random drop and 1/density rescale, then sum"),
-        _gta("dare_ties", trim="random", consensus=True, normalize=False, rescale=True,
-             doc="random drop and rescale, sign election, disjoint sum"),
-        _gta("della", trim="magprune", consensus=True, normalize=True, rescale=True,
-             doc="MagPrune, sign election, disjoint mean"),
-        _gta("della_linear", trim="magprune", consensus=False, normalize=False, rescale=True,
-             doc="MagPrune, then sum"),
-        _gta("breadcrumbs", trim="breadcrumbs", consensus=False, normalize=False, rescale=False,
-             doc="drop outliers and the smallest entries, sum"),
-        _gta("breadcrumbs_ties", trim="breadcrumbs", consensus=True, normalize=False, rescale=False,
-             doc="breadcrumbs trim, sign election, disjoint sum"),
-        MethodSpec("regmean", (ParamSpec("alpha", "float", 0.9, 0.0, 1.0,
-                                         doc="scale of the Grams' off-diagonal entries"),),
-                   trims=False, default_trim=None, consensus=None, normalize_default=None,
-                   rescale_default=False, needs_grams=True,
-                   doc="closed-form least-squares merge of linear layers from calibration Grams"),
+    s.name: s
+    for s in (
+        MethodSpec(
+            "linear",
+            (ParamSpec("normalize", "bool", True, doc=_NORMALIZE),),
+            trims=False,
+            default_trim=None,
+            consensus=None,
+            normalize_default=True,
+            rescale_default=False,
+            needs_base=True,
+            doc="weighted average of the models (model soup)",
+        ),
+        _gta(
+            "task_arithmetic",
+            trim=None,
+            consensus=False,
+            normalize=False,
+            rescale=False,
+            doc="lambda * sum_t w_t tau_t",
+        ),
+        _gta(
+            "ties",
+            trim="magnitude",
+            consensus=True,
+            normalize=True,
+            rescale=False,
+            doc="magnitude trim, sign election, disjoint mean",
+        ),
+        _gta(
+            "dare_linear",
+            trim="random",
+            consensus=False,
+            normalize=False,
+            rescale=True,
+            doc="random drop and 1/density rescale, then sum",
+        ),
+        _gta(
+            "dare_ties",
+            trim="random",
+            consensus=True,
+            normalize=False,
+            rescale=True,
+            doc="random drop and rescale, sign election, disjoint sum",
+        ),
+        _gta(
+            "della",
+            trim="magprune",
+            consensus=True,
+            normalize=True,
+            rescale=True,
+            doc="MagPrune, sign election, disjoint mean",
+        ),
+        _gta("della_linear", trim="magprune", consensus=False, normalize=False, rescale=True, doc="MagPrune, then sum"),
+        _gta(
+            "breadcrumbs",
+            trim="breadcrumbs",
+            consensus=False,
+            normalize=False,
+            rescale=False,
+            doc="drop outliers and the smallest entries, sum",
+        ),
+        _gta(
+            "breadcrumbs_ties",
+            trim="breadcrumbs",
+            consensus=True,
+            normalize=False,
+            rescale=False,
+            doc="breadcrumbs trim, sign election, disjoint sum",
+        ),
+        MethodSpec(
+            "regmean",
+            (ParamSpec("alpha", "float", 0.9, 0.0, 1.0, doc="scale of the Grams' off-diagonal entries"),),
+            trims=False,
+            default_trim=None,
+            consensus=None,
+            normalize_default=None,
+            rescale_default=False,
+            needs_grams=True,
+            doc="closed-form least-squares merge of linear layers from calibration Grams",
+        ),
     )
 }
 
 
+def _plain(
+    name: str,
+    params: tuple[ParamSpec, ...],
+    doc: str,
+    *,
+    needs_base: bool = False,
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> MethodSpec:
+    """A method without a trim step or sign election (the interpolation and geometric methods)."""
+    return MethodSpec(
+        name,
+        params,
+        trims=False,
+        default_trim=None,
+        consensus=None,
+        normalize_default=None,
+        rescale_default=False,
+        needs_base=needs_base,
+        doc=doc,
+        min_models=min_models,
+        max_models=max_models,
+    )
+
+
+_NEW = (
+    _plain(
+        "slerp",
+        (ParamSpec("t", "float", None, doc="interpolation factor: 0 the base model, 1 the other", required=True),),
+        "spherical interpolation between the base and one model (linear when nearly parallel)",
+        needs_base=True,
+        max_models=1,
+    ),
+    _plain(
+        "nuslerp",
+        (
+            ParamSpec("nuslerp_flatten", "bool", True, doc="one slerp over the whole tensor"),
+            ParamSpec(
+                "nuslerp_row_wise",
+                "bool",
+                False,
+                doc="without flatten: slerp the vectors along the first axis, not the last",
+            ),
+        ),
+        "slerp of two task vectors at t = w_1 / (w_0 + w_1)",
+        min_models=2,
+        max_models=2,
+    ),
+    _plain(
+        "multislerp",
+        (
+            ParamSpec("normalize_weights", "bool", True, doc="divide the weights by their sum"),
+            ParamSpec("eps", "float", 1e-8, 0.0, math.inf, doc="numerical floor of norms"),
+        ),
+        "weighted barycentre of the task vectors on the sphere, scaled by their mean norm",
+    ),
+    _plain(
+        "karcher",
+        (
+            ParamSpec("max_iter", "int", 10, 1, math.inf, doc="most Riemannian mean iterations"),
+            ParamSpec("tol", "float", 1e-5, 0.0, math.inf, doc="convergence and zero-norm tolerance"),
+        ),
+        "Riemannian (Karcher) mean of the models on the sphere, scaled by their mean norm",
+        needs_base=True,
+    ),
+    _plain(
+        "model_stock",
+        (ParamSpec("filter_wise", "bool", False, doc="one interpolation factor per row"),),
+        "interpolate base -> models' mean by t from the task vectors' mean cosine",
+        min_models=2,
+    ),
+    MethodSpec(
+        "sce",
+        (
+            ParamSpec(
+                "select_topk", "float", 1.0, 0.0, 1.0, doc="fraction of entries of largest variance across models kept"
+            ),
+            ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (with a trim)"),
+            ParamSpec(
+                "count",
+                "choice",
+                "round",
+                choices=COUNTS,
+                doc="entries a magnitude / breadcrumbs / wanda trim keeps: round, or floor",
+            ),
+        ),
+        trims=True,
+        default_trim=None,
+        consensus=None,
+        normalize_default=None,
+        rescale_default=False,
+        doc="select by variance, weights from mean squares, sign election, disjoint weighted mean",
+    ),
+    _plain(
+        "nearswap",
+        (
+            ParamSpec(
+                "t",
+                "float",
+                None,
+                0.0,
+                math.inf,
+                required=True,
+                doc="distance below which the other model's value is taken",
+            ),
+        ),
+        "move each entry to the other model by min(1, t / |change|)",
+        max_models=1,
+    ),
+    _plain(
+        "arcee_fusion",
+        (),
+        "keep changes whose |change| * row KL divergence is >= median + 1.5 IQR",
+        needs_base=True,
+        max_models=1,
+    ),
+    _plain(
+        "passthrough",
+        (ParamSpec("scale", "float", 1.0, doc="multiply the model's tensor"),),
+        "one model's tensor, optionally scaled",
+        needs_base=True,
+        max_models=1,
+    ),
+)
+METHOD_SPECS.update({s.name: s for s in _NEW})
+
+REFUSED: dict[str, str] = {
+    "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "
+    "in this config format",
+    "ramplus_tl": "not implemented yet (RAM+ tensor-local; see 'ram')",
+}
+"""mergekit method names that a config may not use here, with the reason."""
+
+
+def call_args(spec: MethodSpec) -> tuple[str, ...]:
+    """The keywords of `spec`'s method function besides its `params`, from what the method does."""
+    return (
+        COMMON_ARGS
+        + (TRIM_ARGS if spec.trims else ())
+        + (("grams",) if spec.needs_grams else ())
+        + (("base",) if spec.needs_base else ())
+    )
+
+
+CALLER_ARGS = frozenset(a for s in METHOD_SPECS.values() for a in call_args(s))
+"""Every caller-filled keyword of any method function."""
+
+
 def method_spec(name: str) -> MethodSpec:
     """The spec of method `name`; ValueError listing the known methods."""
+    if isinstance(name, str) and name in REFUSED:
+        raise ValueError(f"merge method {name!r} is not supported: {REFUSED[name]}")
     try:
         return METHOD_SPECS[name]
     except (KeyError, TypeError):

@@ -7,7 +7,8 @@ merged tensor's rows in order, chunk by chunk, in the output dtype:
 `(base + merged task vector).astype(out_dtype)`, bit for bit what
 `sgtv_jax.merge.plan.merge_planned` gives on the whole stack of task vectors
 `float32(model) - float32(base)`, and the base itself when no model changed
-the tensor (the pipeline's rule). At most one chunk of every model is in
+the tensor and the method maps zero task vectors to zero (the pipeline's
+rule, `plan.maps_zero_to_zero`). At most one chunk of every model is in
 memory: the working set is `working_set_bytes(shape, T, budget)`, at most
 the budget (unless one row exceeds it).
 
@@ -53,7 +54,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
-from typing import Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +65,7 @@ from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.host_merge import TINY, check_params, host_merge, moderate
 from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.merge.methods import resolve_rescale
-from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan
+from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, maps_zero_to_zero
 from sgtv_jax.merge.registry import get_method
 from sgtv_jax.merge.specs import MethodSpec, method_spec
 from sgtv_jax.select import digit_plan
@@ -75,6 +77,34 @@ DEFAULT_BUDGET = 1 << 30
 """Default working-set budget of one tensor's merge, in bytes."""
 
 STREAMED_TRIMS = ("magnitude", "breadcrumbs", "random", "magprune", None)
+STREAMED_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "regmean",
+)
+"""Methods merged in row chunks (per-entry after their trims); the others (slerp, karcher,
+model_stock, sce, ...) need whole tensors: `merge_planned`."""
+
+
+def why_not_streamed(plan: TensorPlan) -> str | None:
+    """None when `merge_rows` can merge `plan` in row chunks, else the reason (for a message)."""
+    spec = method_spec(plan.method)
+    if plan.method not in STREAMED_METHODS:
+        return f"method {plan.method!r} needs whole tensors"
+    kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
+    if kind not in STREAMED_TRIMS:
+        return f"trim {kind!r} needs calibration statistics"
+    if plan.method == "linear" and (plan.params or {}).get("normalize", True) is False:
+        return "linear with normalize=false sums whole models (needs the base weights)"
+    return None
+
 
 _KEY_MAX = np.uint32(0x7FFFFFFF)  # |d| bit patterns are <= this (no NaN)
 _KEY_INF = int(_KEY_MAX) - 0x7F800000  # keys <= this: |d| is Inf or NaN
@@ -196,8 +226,10 @@ class _Source:
             if check_tiny and not tiny and k.size:
                 tiny = int(np.max(k, where=k != _KEY_MAX, initial=0)) > _KEY_TINY
         if bad:
-            raise ValueError(f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
-                             + ", ".join(f"model {t} ({c} entries)" for t, c in bad))
+            raise ValueError(
+                f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
+                + ", ".join(f"model {t} ({c} entries)" for t, c in bad)
+            )
         return _Rows(b, d, keys, tiny, changed)
 
 
@@ -240,23 +272,24 @@ def merge_rows(
     if tasks == 0:
         raise ValueError(f"no models to merge for tensor {plan.name!r}")
     if len(plan.weights) != tasks or len(plan.densities) != tasks:
-        raise ValueError(f"tensor {plan.name!r}: the plan has {len(plan.weights)} weights and "
-                         f"{len(plan.densities)} densities for {tasks} models")
+        raise ValueError(
+            f"tensor {plan.name!r}: the plan has {len(plan.weights)} weights and "
+            f"{len(plan.densities)} densities for {tasks} models"
+        )
     if transpose and len(shape) != 2:
         raise ValueError(f"tensor {plan.name!r}: transpose needs a 2-D tensor, got shape {shape}")
     if not shape:
         raise ValueError(f"tensor {plan.name!r} is a scalar: merge it with merge_planned")
     spec = method_spec(plan.method)
     kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
-    if kind not in STREAMED_TRIMS:
-        raise PlanError(f"trim {kind!r} of tensor {plan.name!r} needs calibration statistics: "
-                        "merge it with merge_planned and its Hessian")
+    reason = why_not_streamed(plan)
+    if reason is not None:
+        raise PlanError(f"tensor {plan.name!r} is not merged in row chunks: {reason}; use merge_planned")
     if spec.trims and kind is None and any(d != 1.0 for d in plan.densities):
-        raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
-                        f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)")
-    if not spec.trims and spec.needs_base and (plan.params or {}).get("normalize", spec.normalize_default) is False:
-        raise PlanError(f"{plan.method} with normalize=false needs whole models (the base weights); "
-                        "not supported per tensor nor by the pipeline")
+        raise PlanError(
+            f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
+            f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)"
+        )
     dens = _validate.densities(list(plan.densities), tasks, plan.name)
     stats = stats if stats is not None else StreamStats()
     step = chunk_rows(shape, tasks, budget_bytes)
@@ -329,14 +362,25 @@ def _nth_true(flags: np.ndarray, nth: int) -> int:
     j = int(np.searchsorted(cum, nth))  # the first block whose running count reaches nth
     before = int(cum[j - 1]) if j else 0
     start = j * block
-    return start + int(np.flatnonzero(flags[start:start + block] if j < len(counts) else flags[start:])[nth - before - 1])
+    return start + int(
+        np.flatnonzero(flags[start : start + block] if j < len(counts) else flags[start:])[nth - before - 1]
+    )
 
 
 class _Chunked:
     """The chunked merge of one tensor (see the module doc); `run` yields the output chunks."""
 
-    def __init__(self, plan: TensorPlan, spec: MethodSpec, kind: str | None, dens: tuple[float, ...],
-                 src: _Source, step: int, transpose: bool, stats: StreamStats) -> None:
+    def __init__(
+        self,
+        plan: TensorPlan,
+        spec: MethodSpec,
+        kind: str | None,
+        dens: tuple[float, ...],
+        src: _Source,
+        step: int,
+        transpose: bool,
+        stats: StreamStats,
+    ) -> None:
         self.plan, self.spec, self.kind, self.dens, self.src = plan, spec, kind, dens, src
         self.transpose, self.stats = transpose, stats
         self.tasks = len(dens)
@@ -345,27 +389,35 @@ class _Chunked:
         self.spans = [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)] or [(0, 0)]
         stats.chunks = len(self.spans)
         self.whole = len(self.spans) == 1
-        self._cached: tuple[np.ndarray, np.ndarray] | None = None
+        self._cached: _Rows | None = None
         self.kw = dict(plan.params or {})
-        self.rescale = resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims \
-            else False
+        self.rescale = (
+            resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims else False
+        )
+        count = self.kw.pop("count", "round")  # how many entries a top-k trim keeps (belongs to the trim)
+        if count not in trim_lib.COUNTS:
+            raise PlanError(
+                f"unknown count rule {count!r} for tensor {plan.name!r}; known: {', '.join(trim_lib.COUNTS)}"
+            )
+        self.count = count
         tasks, name = self.tasks, plan.name
         self.gamma = _validate.per_task(0.01 if plan.gamma is None else list(plan.gamma), tasks, "gamma", name)
-        self.epsilon = _validate.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon",
-                                          name)
+        self.epsilon = _validate.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name)
         if kind == "breadcrumbs":
             _validate.in_range(self.gamma, 0.0, 1.0, "gamma", name)
-        self.keys = task_keys(plan.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
+        self.keys: list[Any] = task_keys(plan.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
         # "the m largest |d| of task t" for each selection: magnitude the top k; breadcrumbs
         # the top n_top + k minus the top n_top (ranks [n_top, n_top + k) of the stable order)
         self.ranks: dict[int, list[int]] = {}
         for t in range(tasks):
             if kind in ("magnitude", "breadcrumbs") and 0.0 < dens[t] < 1.0:
-                k = int(round(dens[t] * self.n))
-                n_top = min(int(round(self.gamma[t] * self.n)), self.n - k)
+                k = self._count(dens[t])
+                n_top = min(self._count(self.gamma[t]), self.n - k)
                 self.ranks[t] = [k] if kind == "magnitude" else [n_top + k, n_top]
-        self.modes = tuple("pass" if kind is None or d >= 1.0 else "zero" if d <= 0.0
-                           else "pass" if kind == "magprune" else "mask" for d in dens)
+        self.modes = tuple(
+            "pass" if kind is None or d >= 1.0 else "zero" if d <= 0.0 else "pass" if kind == "magprune" else "mask"
+            for d in dens
+        )
         try:
             check_params(plan.method, plan.weights, self.kw, name)
         except ValueError as e:
@@ -373,17 +425,24 @@ class _Chunked:
         # the NumPy merge gives XLA's bits while no value can turn subnormal (see host_merge)
         self.host = tasks <= 256 and moderate(list(plan.weights) + [self.kw.get("lambda_", 1.0)])
 
+    def _count(self, fraction: float) -> int:
+        """`round(fraction * n)`, or `int(fraction * n)` for count "floor" (as `trim`)."""
+        return int(fraction * self.n) if self.count == "floor" else int(round(fraction * self.n))
+
     def run(self, out_dtype: np.dtype) -> Iterator[np.ndarray]:
         stats, shape = self.stats, self.src.shape
         cuts, changed = self._find_cuts()
         if changed is None:  # no selection pass ran: look for a change (stops at the first)
             changed = any(self._rows(r0, r1).changed for r0, r1 in self.spans)
-        if not changed:  # the base, as the pipeline returns it: float32(base).astype(out_dtype)
+        if not changed and maps_zero_to_zero(self.plan.method):  # the base, as the pipeline returns it
             stats.unchanged, stats.kept = True, [0.0] * self.tasks
             stats.passes += self._cached is None
             for r0, r1 in self.spans:
-                b = self._cached.b if self._cached is not None else \
-                    self.src.read(self.src.base, r0, r1, "base").astype(np.float32)
+                b = (
+                    self._cached.b
+                    if self._cached is not None
+                    else self.src.read(self.src.base, r0, r1, "base").astype(np.float32)
+                )
                 yield b.astype(out_dtype)
             return
         seen = {tm: 0 for tm in cuts}  # ties (of the counted kind) met in earlier chunks
@@ -413,8 +472,16 @@ class _Chunked:
     def _jax_method(self, stack: jnp.ndarray) -> jnp.ndarray:
         fn = get_method(self.plan.method)
         if self.spec.trims:
-            return fn(stack, list(self.plan.weights), 1.0, trim=None, rescale=False, name=self.plan.name,
-                      key=self.plan.key, **self.kw)
+            return fn(
+                stack,
+                list(self.plan.weights),
+                1.0,
+                trim=None,
+                rescale=False,
+                name=self.plan.name,
+                key=self.plan.key,
+                **self.kw,
+            )
         return fn(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
 
     def _rows(self, r0: int, r1: int, final: bool = False) -> _Rows:
@@ -442,18 +509,26 @@ class _Chunked:
         shape = tuple(x.shape)
         if kind == "magprune":  # whole rows, drawn at their place (transposed: the whole tensor)
             if self.transpose:
-                y = trim_lib.magprune(jnp.asarray(x.T), dens, self.keys[t], epsilon=self.epsilon[t],
-                                      rescale=self.rescale).T
+                pruned = trim_lib.magprune(
+                    jnp.asarray(x.T), dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale
+                ).T
             else:
-                y = trim_lib.magprune(jnp.asarray(x), dens, self.keys[t], epsilon=self.epsilon[t],
-                                      rescale=self.rescale, offset=r0 * self.cols)
-            return np.array(y, np.float32) if host else y
+                pruned = trim_lib.magprune(
+                    jnp.asarray(x),
+                    dens,
+                    self.keys[t],
+                    epsilon=self.epsilon[t],
+                    rescale=self.rescale,
+                    offset=r0 * self.cols,
+                )
+            return np.array(pruned, np.float32) if host else pruned
+        mask: np.ndarray
         if kind == "random":
             if self.transpose:
-                mask = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
+                drawn = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
             else:
-                mask = trim_lib.random_mask(self.keys[t], dens, shape, r0 * self.cols)
-            mask = np.asarray(mask)
+                drawn = trim_lib.random_mask(self.keys[t], dens, shape, r0 * self.cols)
+            mask = np.asarray(drawn)
         else:
             m = self.ranks[t]
             mask = self._take(keys, cuts[(t, m[0])], seen, (t, m[0]))
@@ -485,7 +560,7 @@ class _Chunked:
             seen[tm] += count
             return out
         # transposed: every tie left of column `col`, and the first `col_ties` of column `col` by row
-        out[:, :cut.col] |= eq[:, :cut.col]
+        out[:, : cut.col] |= eq[:, : cut.col]
         col = eq[:, cut.col]
         out[:, cut.col] |= col & (seen[tm] + np.cumsum(col) <= cut.col_ties)
         seen[tm] += int(np.count_nonzero(col))
@@ -533,8 +608,9 @@ class _Chunked:
                     for gt, prefix in groups:
                         if gt == t:
                             sel = kr[high == np.uint32(prefix)]
-                            hists[(t, prefix)] += np.bincount((sel >> np.uint32(shift)) & np.uint32(bins - 1),
-                                                              minlength=bins)
+                            hists[(t, prefix)] += np.bincount(
+                                (sel >> np.uint32(shift)) & np.uint32(bins - 1), minlength=bins
+                            )
             for (t, m), (prefix, below) in list(open_.items()):
                 hist = hists[(t, prefix)]
                 cum = below + np.cumsum(hist)
@@ -559,7 +635,7 @@ class _Chunked:
         per_col = {tm: np.zeros(self.cols, np.int64) for tm, c in cuts.items() if c.ties}
         for r0, r1 in self.spans:
             keys = self._rows(r0, r1).keys
-            for (t, m) in per_col:
+            for t, m in per_col:
                 kr = keys[t].reshape(r1 - r0, self.cols)
                 per_col[(t, m)] += np.count_nonzero(kr == np.uint32(cuts[(t, m)].key), axis=0)
         for tm, counts in per_col.items():

@@ -2,9 +2,11 @@
 
 Every trim keeps a fraction `density` of one task vector and zeros the rest;
 `density == 1` returns the input unchanged and `density == 0` returns zeros.
-Counts are `k = round(density * n)` (mergekit truncates with `int()`, which can
-lose an entry to float error, e.g. `int(0.29 * 100) == 28`). Ties in score are
-broken by stable row-major order (the earlier entry is kept).
+Counts are `k = round(density * n)` by default; `count="floor"` takes
+mergekit's `int(density * n)` instead (truncation, which can lose an entry to
+float error, e.g. `int(0.29 * 100) == 28`). Ties in score are broken by stable
+row-major order (the earlier entry is kept); mergekit ranks with torch's
+unstable `argsort`, whose order among equal scores is unspecified.
 
 | trim          | scope           | rule                                                       |
 | ------------- | --------------- | ---------------------------------------------------------- |
@@ -35,13 +37,14 @@ Layout: 2-D task vectors are `[out, in]` (PyTorch). Row-wise trims (`magprune`,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.counts import exact_round
+from sgtv_jax.counts import exact_floor, exact_round
 from sgtv_jax.merge import _validate, blockrng
 from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.select import largest_mask
@@ -49,6 +52,8 @@ from sgtv_jax.select import largest_mask
 TRIMS = ("magnitude", "random", "magprune", "breadcrumbs", "wanda", "sparsegpt")
 """Known trims; the last two need calibration statistics (`Calibration`)."""
 DATA_TRIMS = ("wanda", "sparsegpt")
+COUNTS = ("round", "floor")
+"""How `density * n` becomes an entry count: Python's `round` (ours) or `int` (mergekit's)."""
 RANDOM_TRIMS = ("random", "magprune")
 
 
@@ -72,11 +77,19 @@ def _where(name: str | None) -> str:
     return f" for tensor {name!r}" if name else ""
 
 
-def _count(density: float | jax.Array, n: int) -> int | jax.Array:
-    """`round(density * n)`: on the host for a known density, exactly the same in the program for a traced one."""
+def _check_count(count: str) -> None:
+    if count not in COUNTS:
+        raise ValueError(f"unknown count rule {count!r}; known: {', '.join(COUNTS)}")
+
+
+def _count(density: float | jax.Array, n: int, count: str = "round") -> int | jax.Array:
+    """`round(density * n)` (or `int(density * n)` for count "floor"): on the host for a
+    known density, exactly the same integer in the program for a traced one."""
+    _check_count(count)
     if _checks.is_traced(density):
-        return exact_round(density, (n,))
-    return int(round(density * n))
+        return (exact_floor if count == "floor" else exact_round)(density, (n,))
+    known = cast(float, density)  # a Python or NumPy number here (round() of the float | Array union types as object)
+    return int(known * n) if count == "floor" else int(round(known * n))
 
 
 def _inverse(density: float | jax.Array, dtype: jnp.dtype) -> float | jax.Array:
@@ -155,13 +168,14 @@ def keep(delta: jax.Array, kept: jax.Array, density: float, *, rescale: bool = F
     return _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
 
 
-def magnitude(delta: jax.Array, density: float, *, rescale: bool = False) -> jax.Array:
-    """Keep the `round(density * size)` largest-magnitude entries of `delta` (any shape)."""
+def magnitude(delta: jax.Array, density: float, *, rescale: bool = False, count: str = "round") -> jax.Array:
+    """Keep the `round(density * size)` (count "floor": `int(...)`) largest-`|d|` entries of `delta` (any shape)."""
+    _check_count(count)
     if (e := _edge(delta, density)) is not None:
         return e
     # ranked in delta's own dtype: a bfloat16 |d| orders exactly as its float32 value, in half the bits
     flat = jnp.abs(delta.reshape(-1))
-    kept = top_mask(flat, _count(density, flat.size)).reshape(delta.shape)
+    kept = top_mask(flat, _count(density, flat.size, count)).reshape(delta.shape)
     return _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
 
 
@@ -178,8 +192,14 @@ def random(delta: jax.Array, density: float, key: jax.Array, *, rescale: bool = 
 
 
 def magprune(
-    delta: jax.Array, density: float, key: jax.Array, *, epsilon: float = 0.15, rescale: bool = True,
-    guard: _checks.Guard | None = None, offset: int = 0,
+    delta: jax.Array,
+    density: float,
+    key: jax.Array,
+    *,
+    epsilon: float = 0.15,
+    rescale: bool = True,
+    guard: _checks.Guard | None = None,
+    offset: int = 0,
 ) -> jax.Array:
     """DELLA MagPrune: per row, keep probability linear in the magnitude rank.
 
@@ -224,15 +244,22 @@ def magprune(
 
 
 def breadcrumbs(
-    delta: jax.Array, density: float, *, gamma: float = 0.01, rescale: bool = False,
+    delta: jax.Array,
+    density: float,
+    *,
+    gamma: float = 0.01,
+    rescale: bool = False,
     guard: _checks.Guard | None = None,
+    count: str = "round",
 ) -> jax.Array:
     """Model Breadcrumbs: drop the top `gamma` outliers and the smallest, keep `density`.
 
     With `n` entries ranked by `|d|` descending, keeps ranks
-    `[n_top, n_top + k)`, `n_top = round(gamma * n)`, `k = round(density * n)`;
-    when `n_top + k > n`, fewer outliers are dropped (mergekit's rule).
+    `[n_top, n_top + k)`, `n_top = round(gamma * n)`, `k = round(density * n)`
+    (count "floor": `int(...)` for both, as mergekit); when `n_top + k > n`, fewer
+    outliers are dropped (mergekit's rule).
     """
+    _check_count(count)
     if (e := _edge(delta, density)) is not None:
         return e
     own = guard is None
@@ -245,20 +272,24 @@ def breadcrumbs(
         guard.require((g >= 0) & (g <= 1), "gamma must be in [0, 1]")
     flat = jnp.abs(delta.reshape(-1))  # ranked in its own dtype, as in `magnitude`
     n = flat.size
-    k = _count(density, n)
-    n_top = jnp.minimum(_count(gamma, n), n - k) if _checks.is_traced(density, gamma) else min(_count(gamma, n), n - k)
+    k = _count(density, n, count)
+    top = _count(gamma, n, count)
+    n_top = jnp.minimum(top, n - k) if _checks.is_traced(density, gamma) else min(top, n - k)
     # ranks [n_top, n_top + k) of the stable descending order: the top n_top + k minus the top n_top
     kept = (top_mask(flat, n_top + k) & ~top_mask(flat, n_top)).reshape(delta.shape)
     out = _finish(delta, kept, _inverse(density, _validate.work_dtype(delta.dtype)) if rescale else None)
     return guard.apply(out) if own else out
 
 
-def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool = False) -> jax.Array:
-    """Wanda: per output row keep the `round(density*cols)` largest `|d_ij| * norms_j`.
+def wanda(
+    delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool = False, count: str = "round"
+) -> jax.Array:
+    """Wanda: per output row keep the `round(density*cols)` (or `int`) largest `|d_ij| * norms_j`.
 
     delta `[rows, cols]` (PyTorch layout), norms `[cols]` (`||x_j||`). No update
     of the kept entries (it is OBS with diag(H) only).
     """
+    _check_count(count)
     if delta.ndim != 2:
         raise ValueError(f"wanda trimming needs a 2-D [out, in] task vector, got shape {delta.shape}")
     norms = jnp.asarray(norms)
@@ -268,17 +299,18 @@ def wanda(delta: jax.Array, density: float, norms: jax.Array, *, rescale: bool =
         return e
     dt = _validate.work_dtype(delta.dtype)
     scores = jnp.abs(delta.astype(dt)) * norms.astype(dt)[None, :]
-    kept = top_mask(scores, _count(density, delta.shape[1]))
+    kept = top_mask(scores, _count(density, delta.shape[1], count))
     return _finish(delta, kept, _inverse(density, dt) if rescale else None)
 
 
 def sparsegpt(
     deltas: jax.Array,
-    densities: Sequence[float],
+    densities: Sequence[float] | jax.Array,
     calib: Calibration,
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False,
+    percdamp: float = 0.01,
+    refit: bool = False,
     rescale: bool = False,
     name: str | None = None,
 ) -> jax.Array:
@@ -296,28 +328,34 @@ def sparsegpt(
             f"sparsegpt trimming needs 2-D [out, in] task vectors{_where(name)}, "
             f"got per-task shape {tuple(deltas.shape[1:])}"
         )
-    dens = densities if _checks.is_traced(densities) else list(densities)
+    dens: Any = densities if _checks.is_traced(densities) else list(densities)
     if calib.hessian is not None:
         pruned, _ = obs.obs_prune(
-            deltas, calib.hessian, density=dens, blocksize=blocksize,
-            percdamp=percdamp, refit=refit, name=name,
+            deltas,
+            calib.hessian,
+            density=dens,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            refit=refit,
+            name=name,
         )
     elif calib.hessian_inv is not None:
         if refit:
             raise ValueError(f"refit needs the Hessian itself, not its inverse{_where(name)}")
-        pruned, _ = obs.obs_prune_from_inverse(
-            deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name
-        )
+        pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name)
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
     return inverse_density_scale(pruned, densities) if rescale else pruned
 
 
-def inverse_density_scale(x: jax.Array, densities: Sequence[float]) -> jax.Array:
+def inverse_density_scale(x: jax.Array, densities: Sequence[float] | jax.Array) -> jax.Array:
     """`x[t] / density_t` for a stack `[T, ...]` (DARE-style rescale; density 0 -> 0)."""
     if _checks.is_traced(densities):
-        scale = jnp.stack([jnp.asarray(_inverse(d, x.dtype)) for d in densities]) if isinstance(
-            densities, (list, tuple)) else _inverse(densities, x.dtype)
+        scale = (
+            jnp.stack([jnp.asarray(_inverse(d, x.dtype)) for d in densities])
+            if isinstance(densities, (list, tuple))
+            else jnp.asarray(_inverse(jnp.asarray(densities), x.dtype))
+        )
     else:
         scale = jnp.asarray([1.0 / d if d > 0 else 0.0 for d in densities], x.dtype)
     return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -340,7 +378,7 @@ def _per_task_stat(stat: Any, t: int, tasks: int, ndim: int) -> Any:
 def trim(
     kind: str,
     deltas: jax.Array,
-    densities: float | Sequence[float],
+    densities: float | Sequence[float] | jax.Array,
     *,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
@@ -348,8 +386,10 @@ def trim(
     epsilon: float | Sequence[float] = 0.15,
     rescale: bool = False,
     blocksize: int = 128,
-    percdamp: float = 0.01, refit: bool = False,
+    percdamp: float = 0.01,
+    refit: bool = False,
     name: str | None = None,
+    count: str = "round",
 ) -> jax.Array:
     """Trim each task vector of a stack `[T, ...]`; returns `[T, ...]` (same dtype).
 
@@ -361,7 +401,10 @@ def trim(
       calib: statistics for `wanda` / `sparsegpt`.
       gamma: breadcrumbs' outlier fraction, per task or shared.
       epsilon: magprune's half-width of the keep-probability range.
+      count: "round" (default) or "floor" (mergekit's `int`) for the entry counts of
+        `magnitude`, `breadcrumbs` and `wanda` (the others take no count).
     """
+    _check_count(count)
     if kind not in TRIMS:
         raise ValueError(f"unknown trim {kind!r}; known trims: {', '.join(TRIMS)}")
     tasks = deltas.shape[0]
@@ -371,27 +414,38 @@ def trim(
     if kind == "sparsegpt":
         if calib.hessian is None and calib.hessian_inv is None:
             raise ValueError(missing_stats_message(kind, name))
-        return guard.apply(sparsegpt(
-            deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
-        ))
-    if kind in RANDOM_TRIMS and key is None:
-        raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
+        return guard.apply(
+            sparsegpt(
+                deltas, dens, calib, blocksize=blocksize, percdamp=percdamp, refit=refit, rescale=rescale, name=name
+            )
+        )
     # per task: fn(delta_t, density_t, *per_task_args_t); shared args are closed over
     args: list = [deltas, dens]
+    if kind in RANDOM_TRIMS:
+        if key is None:
+            raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_where(name)}")
+        args.append(task_keys(key, tasks))
+    fn: Callable[..., jax.Array]
     if kind == "magnitude":
-        fn = lambda x, d: magnitude(x, d, rescale=rescale)
+
+        def fn(x, d):
+            return magnitude(x, d, rescale=rescale, count=count)
     elif kind == "random":
-        args.append(task_keys(key, tasks))
-        fn = lambda x, d, k: random(x, d, k, rescale=rescale)
+
+        def fn(x, d, k):
+            return random(x, d, k, rescale=rescale)
     elif kind == "magprune":
-        args.append(task_keys(key, tasks))
         args.append(_validate.per_task_values(epsilon, tasks, "epsilon", name, guard))
-        fn = lambda x, d, k, e: magprune(x, d, k, epsilon=e, rescale=rescale)
+
+        def fn(x, d, k, e):
+            return magprune(x, d, k, epsilon=e, rescale=rescale)
     elif kind == "breadcrumbs":
         gam = _validate.per_task_values(gamma, tasks, "gamma", name, guard)
         _validate.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
         args.append(gam)
-        fn = lambda x, d, g: breadcrumbs(x, d, gamma=g, rescale=rescale)
+
+        def fn(x, d, g):
+            return breadcrumbs(x, d, gamma=g, rescale=rescale, count=count)
     else:  # wanda
         if deltas.ndim != 3:
             raise ValueError(
@@ -406,7 +460,10 @@ def trim(
         if norms is None:
             raise ValueError(missing_stats_message(kind, name))
         args.append([_per_task_stat(norms, t, tasks, 1) for t in range(tasks)])
-        fn = lambda x, d, nrm: wanda(x, d, nrm, rescale=rescale)
+
+        def fn(x, d, nrm):
+            return wanda(x, d, nrm, rescale=rescale, count=count)
+
     if all(isinstance(a, (tuple, list)) for a in args[1:]) and not _checks.is_traced(*args[1:]):
         # known parameters: one call per task with Python floats (host counts, edge shortcuts)
         return jnp.stack([fn(*(a[t] for a in args)) for t in range(tasks)])

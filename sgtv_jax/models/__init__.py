@@ -30,11 +30,25 @@ by ``convert.namemaps.load_hf_state_dict_into_model``), ``config_from_hf``.
 """
 
 from .common import apply_block, forward_blockwise, get_block_state, set_block_state, split_block
-from .registry import (SUPPORTED_MODEL_TYPES, build_abstract_model, build_model, config_from_hf,
-                       get_family, get_model_class)
+from .registry import (
+    SUPPORTED_MODEL_TYPES,
+    build_abstract_model,
+    build_model,
+    config_from_hf,
+    get_family,
+    get_model_class,
+)
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "apply_block", "build_abstract_model", "build_model", "config_from_hf",
+    "SUPPORTED_MODEL_TYPES",
+    "apply_block",
+    "build_abstract_model",
+    "build_model",
+    "config_from_hf",
     "forward_blockwise",
-    "get_block_state", "get_family", "get_model_class", "set_block_state", "split_block",
+    "get_block_state",
+    "get_family",
+    "get_model_class",
+    "set_block_state",
+    "split_block",
 ]

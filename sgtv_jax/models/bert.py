@@ -26,14 +26,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
 
 MODEL_TYPES = ("bert",)
-LINEAR_NAMES = ("attention.self.query", "attention.self.key", "attention.self.value",
-                "attention.output.dense", "intermediate.dense", "output.dense")
+LINEAR_NAMES = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 # Linear layers that read the same input tensor (one Hessian per group), in execution order.
-INPUT_GROUPS = (("attention.self.query", "attention.self.key", "attention.self.value"),
-                ("attention.output.dense",), ("intermediate.dense",), ("output.dense",))
+INPUT_GROUPS = (
+    ("attention.self.query", "attention.self.key", "attention.self.value"),
+    ("attention.output.dense",),
+    ("intermediate.dense",),
+    ("output.dense",),
+)
 
 
 def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
@@ -64,8 +74,7 @@ class BertConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32,
-                add_pooling_layer: bool = True) -> "BertConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32, add_pooling_layer: bool = True) -> BertConfig:
         """Build from a transformers ``BertConfig``."""
         if hf_config.model_type not in MODEL_TYPES:
             raise ValueError(f"BertConfig.from_hf: model_type {hf_config.model_type!r} is not bert")
@@ -128,7 +137,7 @@ class BertBlock(nnx.Module):
         q = sa.query(x).reshape(b, s, h, dh)
         k = sa.key(x).reshape(b, s, h, dh)
         v = sa.value(x).reshape(b, s, h, dh)
-        ctx = dot_product_attention(q, k, v, mask, dh ** -0.5).reshape(b, s, d)
+        ctx = dot_product_attention(q, k, v, mask, dh**-0.5).reshape(b, s, d)
         if caps is not None:
             caps["attention.output.dense"] = ctx
         a = self.attention.output.LayerNorm(self.attention.output.dense(ctx) + x)
@@ -141,7 +150,7 @@ class BertBlock(nnx.Module):
         return (y, caps) if capture else y
 
 
-class BertModel(nnx.Module):
+class BertModel(FamilyModel):
     """BERT encoder. ``__call__(input_ids [B,S], attention_mask [B,S]) -> hidden [B,S,D]``."""
 
     config_class = BertConfig
@@ -157,7 +166,7 @@ class BertModel(nnx.Module):
         self.embeddings.LayerNorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=pd)
         self.blocks = nnx.List([BertBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         if cfg.add_pooling_layer:
-            self.pooler = _Module()
+            self.pooler: _Module | None = _Module()
             self.pooler.dense = Linear(d, d, use_bias=True, param_dtype=pd, rngs=rngs)
         else:
             self.pooler = None
@@ -166,8 +175,9 @@ class BertModel(nnx.Module):
     def hf_block_prefix(i: int) -> str:
         return hf_block_prefix(i)
 
-    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
-              positions: jax.Array | None = None) -> jax.Array:
+    def embed(
+        self, input_ids: jax.Array, token_type_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
         """``[B, S]`` ids -> ``LN(word + position + token_type)`` ``[B, S, D]``."""
         e = self.embeddings
         if positions is None:
@@ -178,8 +188,9 @@ class BertModel(nnx.Module):
         x = x + e.position_embeddings(positions)
         return e.LayerNorm(x)
 
-    def block_kwargs(self, attention_mask: jax.Array | None, seq_len: int,
-                     batch: int | None = None) -> dict[str, jax.Array]:
+    def block_kwargs(
+        self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None
+    ) -> dict[str, jax.Array]:
         """``{"mask": [B, 1, S, S]}``: bidirectional, padding keys masked."""
         if batch is None:
             if attention_mask is None:
@@ -205,8 +216,9 @@ class BertModel(nnx.Module):
         m = attention_mask.astype(x.dtype)[..., None]
         return jnp.sum(x * m, axis=1) / jnp.clip(jnp.sum(m, axis=1), 1e-9)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, token_type_ids: jax.Array | None = None
+    ) -> jax.Array:
         b, s = input_ids.shape
         kw = self.block_kwargs(attention_mask, s, batch=b)
         x = self.embed(input_ids, token_type_ids)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,16 @@ class Linear(nnx.Module):
     parameter dtype).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
-                 param_dtype: Any = jnp.float32, dtype: Any = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+        rngs: nnx.Rngs,
+    ):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
@@ -58,8 +67,7 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     """Token/position embedding table ``[num, features]``; ``ids [...] -> [..., features]``."""
 
-    def __init__(self, num_embeddings: int, features: int, *, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, num_embeddings: int, features: int, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.embedding = nnx.Param(default_kernel_init()(rngs.params(), (num_embeddings, features), param_dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -120,8 +128,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return table[name]
 
 
-def attention_mask_bool(attention_mask: jax.Array | None, batch: int, seq: int, *, causal: bool,
-                        sliding_window: int | None = None) -> jax.Array:
+def attention_mask_bool(
+    attention_mask: jax.Array | None, batch: int, seq: int, *, causal: bool, sliding_window: int | None = None
+) -> jax.Array:
     """Boolean ``[B, 1, S, S]`` mask, True where a query may attend to a key.
 
     ``attention_mask``: ``[B, S]`` with 1 for real tokens and 0 for padding (or
@@ -142,8 +151,9 @@ def attention_mask_bool(attention_mask: jax.Array | None, batch: int, seq: int, 
     return allowed
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          scale: float, softcap: float | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, softcap: float | None = None
+) -> jax.Array:
     """Grouped-query attention.
 
     q ``[B, S, H, Dh]``, k/v ``[B, T, K, Dh]`` with ``H % K == 0`` (query head
@@ -169,9 +179,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 # Block-level functional API shared by all families.
 
 
+class FamilyModel(nnx.Module):
+    """Base of each family's top-level model: the interface the blockwise functions below rely on.
+
+    Declared for type checkers only (each family implements it; nothing here runs):
+    ``config`` (the family's frozen config, ``config_class``), ``blocks``,
+    ``embed`` -> ``blocks`` with ``block_kwargs`` -> ``head``, and the HF names
+    ``hf_block_prefix(i)`` and ``linear_names``.
+    """
+
+    if TYPE_CHECKING:
+        config_class: ClassVar[type[Any]]
+        config: Any
+        blocks: nnx.List
+        embed: Callable[..., jax.Array]  # input_ids [B, S] (+ family extras) -> hidden [B, S, D]
+        block_kwargs: Callable[..., dict[str, Any]]  # (attention_mask, seq_len, batch=...) -> block kwargs
+        head: Callable[[jax.Array], jax.Array]
+        hf_block_prefix: Callable[[int], str]
+
+        def __init__(self, cfg: Any, *, rngs: nnx.Rngs) -> None: ...
+
+        @property
+        def linear_names(self) -> tuple[str, ...]: ...
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capture",))
-def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, capture: bool = False,
-                **kwargs: Any):
+def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, capture: bool = False, **kwargs: Any):
     """Run one block given as ``nnx.split`` pieces: ``(graphdef, state, x, **block_kwargs)``.
 
     All blocks of a model have the same graphdef and state shapes, so this
@@ -182,8 +215,9 @@ def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, captu
     return block(x, capture=capture, **kwargs)
 
 
-def forward_blockwise(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      **embed_kwargs: Any) -> jax.Array:
+def forward_blockwise(
+    model: FamilyModel, input_ids: jax.Array, attention_mask: jax.Array | None = None, **embed_kwargs: Any
+) -> jax.Array:
     """Full forward through ``apply_block`` (one compiled block program reused for every block).
 
     Same result as ``model(input_ids, attention_mask)``; ``[B, S] -> [B, S, V]``
@@ -198,17 +232,17 @@ def forward_blockwise(model: nnx.Module, input_ids: jax.Array, attention_mask: j
     return model.head(x)
 
 
-def split_block(model: nnx.Module, i: int) -> tuple[nnx.GraphDef, nnx.State]:
+def split_block(model: FamilyModel, i: int) -> tuple[nnx.GraphDef, nnx.State]:
     """``nnx.split`` of block ``i`` (graphdef is identical across blocks)."""
     return nnx.split(model.blocks[i])
 
 
-def get_block_state(model: nnx.Module, i: int) -> nnx.State:
+def get_block_state(model: FamilyModel, i: int) -> nnx.State:
     """Parameters of block ``i`` as an ``nnx.State`` (paths relative to the block)."""
     return nnx.state(model.blocks[i])
 
 
-def set_block_state(model: nnx.Module, i: int, state: nnx.State) -> None:
+def set_block_state(model: FamilyModel, i: int, state: nnx.State) -> None:
     """Install ``state`` (e.g. merged weights) into block ``i`` in place."""
     nnx.update(model.blocks[i], state)
 
@@ -220,8 +254,10 @@ def _rope_dim(head_dim: int, params: dict[str, Any]) -> int:
     """Rotated width: ``int(head_dim * partial_rotary_factor)`` (even), as transformers computes it."""
     dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0) or 1.0))
     if dim <= 0 or dim % 2 or dim > head_dim:
-        raise ValueError(f"partial_rotary_factor {params.get('partial_rotary_factor')!r} gives a rotary width "
-                         f"of {dim} for head_dim {head_dim}; it must be even and in (0, head_dim]")
+        raise ValueError(
+            f"partial_rotary_factor {params.get('partial_rotary_factor')!r} gives a rotary width "
+            f"of {dim} for head_dim {head_dim}; it must be even and in (0, head_dim]"
+        )
     return dim
 
 
@@ -230,8 +266,9 @@ def _base_inv_freq(base: float, dim: int) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(base), exps, dtype=np.float32)).astype(np.float32)
 
 
-def rope_inv_freq(head_dim: int, rope_parameters: dict[str, Any], max_position_embeddings: int | None = None
-                  ) -> tuple[tuple[float, ...], float]:
+def rope_inv_freq(
+    head_dim: int, rope_parameters: dict[str, Any], max_position_embeddings: int | None = None
+) -> tuple[tuple[float, ...], float]:
     """Inverse frequencies ``[rotary_dim/2]`` and attention scaling (cos/sin factor) for split-half RoPE.
 
     Mirrors transformers' ``default``, ``linear``, ``llama3``, ``yarn`` and
@@ -271,8 +308,9 @@ def rope_inv_freq(head_dim: int, rope_parameters: dict[str, Any], max_position_e
     return tuple(float(v) for v in inv), float(scaling)
 
 
-def rope_long_inv_freq(head_dim: int, rope_parameters: dict[str, Any], max_position_embeddings: int | None = None
-                       ) -> tuple[tuple[float, ...], int] | None:
+def rope_long_inv_freq(
+    head_dim: int, rope_parameters: dict[str, Any], max_position_embeddings: int | None = None
+) -> tuple[tuple[float, ...], int] | None:
     """LongRoPE's long-context frequencies and the length above which they apply, else None.
 
     transformers switches from the short to the long factors when
@@ -282,8 +320,9 @@ def rope_long_inv_freq(head_dim: int, rope_parameters: dict[str, Any], max_posit
     params = dict(rope_parameters or {})
     if params.get("rope_type", params.get("type")) != "longrope":
         return None
-    inv, _ = _longrope(float(params["rope_theta"]), _rope_dim(head_dim, params), params,
-                       max_position_embeddings, long=True)
+    inv, _ = _longrope(
+        float(params["rope_theta"]), _rope_dim(head_dim, params), params, max_position_embeddings, long=True
+    )
     return tuple(float(v) for v in inv), int(params["original_max_position_embeddings"])
 
 
@@ -316,19 +355,22 @@ def _yarn(base: float, dim: int, params: dict[str, Any], max_pos: int | None) ->
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low),
-                   0, 1).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1).astype(
+        np.float32
+    )
     extrapolation = (np.float32(1) - ramp).astype(np.float32)
-    pos_freqs = np.power(np.float32(base), (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)),
-                         dtype=np.float32)
+    pos_freqs = np.power(
+        np.float32(base), (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)), dtype=np.float32
+    )
     inv_extra = (np.float32(1.0) / pos_freqs).astype(np.float32)
     inv_inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
     inv = (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32)
     return inv, float(attention)
 
 
-def _longrope(base: float, dim: int, params: dict[str, Any], max_pos: int | None, *, long: bool
-              ) -> tuple[np.ndarray, float]:
+def _longrope(
+    base: float, dim: int, params: dict[str, Any], max_pos: int | None, *, long: bool
+) -> tuple[np.ndarray, float]:
     """LongRoPE (Phi-3 "su"): per-dimension rescaling factors, short or long set."""
     orig = params["original_max_position_embeddings"]
     factor = params.get("factor")
@@ -341,15 +383,22 @@ def _longrope(base: float, dim: int, params: dict[str, Any], max_pos: int | None
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
     ext = np.asarray(params["long_factor" if long else "short_factor"], dtype=np.float32)
     if ext.shape != (dim // 2,):
-        raise ValueError(f"longrope {'long' if long else 'short'}_factor has {ext.size} entries; "
-                         f"the rotary width {dim} needs {dim // 2}")
+        raise ValueError(
+            f"longrope {'long' if long else 'short'}_factor has {ext.size} entries; "
+            f"the rotary width {dim} needs {dim // 2}"
+        )
     shape = (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)).astype(np.float32)
     inv = (np.float32(1.0) / (ext * np.power(np.float32(base), shape, dtype=np.float32))).astype(np.float32)
     return inv, float(attention)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], scaling: float,
-               long: tuple[tuple[float, ...], int] | None = None) -> jax.Array:
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    inv_freq: tuple[float, ...],
+    scaling: float,
+    long: tuple[tuple[float, ...], int] | None = None,
+) -> jax.Array:
     """Split-half (``rotate_half``) RoPE on the first ``2*len(inv_freq)`` channels of each head.
 
     x ``[B, S, H, Dh]``, positions ``[B, S]`` int. ``long``: LongRoPE's

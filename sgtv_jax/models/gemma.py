@@ -32,16 +32,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import (Embed, Linear, activation, apply_rope, attention_mask_bool, dot_product_attention,
-                     rope_inv_freq)
+from .common import (
+    Embed,
+    FamilyModel,
+    Linear,
+    activation,
+    apply_rope,
+    attention_mask_bool,
+    dot_product_attention,
+    rope_inv_freq,
+)
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 # Linear layers that read the same input tensor (one Hessian per group), in execution order.
-INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 
 
 def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
@@ -103,7 +122,7 @@ class GemmaConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "GemmaConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GemmaConfig:
         """Build from a transformers ``Gemma2Config`` / ``Gemma3TextConfig``."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:
@@ -163,8 +182,13 @@ class GemmaAttention(nnx.Module):
     def __init__(self, cfg: GemmaConfig, layer_type: str, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.layer_type = layer_type
-        d, h, k, dh, pd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                           cfg.head_dim, cfg.param_dtype)
+        d, h, k, dh, pd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.param_dtype,
+        )
         bias = cfg.attention_bias
         self.q_proj = Linear(d, h * dh, use_bias=bias, param_dtype=pd, rngs=rngs)
         self.k_proj = Linear(d, k * dh, use_bias=bias, param_dtype=pd, rngs=rngs)
@@ -189,8 +213,9 @@ class GemmaAttention(nnx.Module):
         inv, scaling = cfg.rope_for(self.layer_type)
         q = apply_rope(q, positions, inv, scaling)
         k = apply_rope(k, positions, inv, scaling)
-        o = dot_product_attention(q, k, v, mask, cfg.query_pre_attn_scalar ** -0.5,
-                                  softcap=cfg.attn_logit_softcapping).reshape(b, s, -1)
+        o = dot_product_attention(
+            q, k, v, mask, cfg.query_pre_attn_scalar**-0.5, softcap=cfg.attn_logit_softcapping
+        ).reshape(b, s, -1)
         if caps is not None:
             caps["self_attn.o_proj"] = o
         return self.o_proj(o)
@@ -228,8 +253,7 @@ class GemmaBlock(nnx.Module):
         self.mlp = GemmaMLP(cfg, rngs=rngs)
         self.post_feedforward_layernorm = GemmaRMSNorm(d, eps=eps, param_dtype=pd)
 
-    def __call__(self, x: jax.Array, *, masks: dict[str, jax.Array], positions: jax.Array,
-                 capture: bool = False):
+    def __call__(self, x: jax.Array, *, masks: dict[str, jax.Array], positions: jax.Array, capture: bool = False):
         """x ``[B, S, D]``; ``masks[layer_type]`` ``[B, 1, S, S]`` bool; positions ``[B, S]``.
 
         Returns ``y`` or ``(y, captures)`` (linear inputs keyed by HF-local name).
@@ -242,7 +266,7 @@ class GemmaBlock(nnx.Module):
         return (x, caps) if capture else x
 
 
-class GemmaForCausalLM(nnx.Module):
+class GemmaForCausalLM(FamilyModel):
     """Gemma 2 / 3 text causal LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = GemmaConfig
@@ -254,8 +278,11 @@ class GemmaForCausalLM(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([GemmaBlock(cfg, lt, rngs=rngs) for lt in cfg.layer_types])
         self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.lm_head = (None if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
+        )
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -264,19 +291,27 @@ class GemmaForCausalLM(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids ``[B, S]`` -> ``[B, S, D]``, times ``sqrt(D)`` rounded to the parameter dtype like HF."""
         e = self.embed_tokens(input_ids)
-        scale = jnp.asarray(self.config.hidden_size ** 0.5, jnp.float32).astype(e.dtype)
+        scale = jnp.asarray(self.config.hidden_size**0.5, jnp.float32).astype(e.dtype)
         return e * scale
 
-    def block_kwargs(self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None,
-                     positions: jax.Array | None = None) -> dict[str, Any]:
+    def block_kwargs(
+        self,
+        attention_mask: jax.Array | None,
+        seq_len: int,
+        batch: int | None = None,
+        positions: jax.Array | None = None,
+    ) -> dict[str, Any]:
         """``{"masks": {layer_type: [B,1,S,S]}, "positions": [B,S]}`` for every block."""
         if batch is None:
             if attention_mask is None:
                 raise ValueError("pass batch when attention_mask is None")
             batch = attention_mask.shape[0]
-        masks = {"full_attention": attention_mask_bool(attention_mask, batch, seq_len, causal=True),
-                 "sliding_attention": attention_mask_bool(attention_mask, batch, seq_len, causal=True,
-                                                          sliding_window=self.config.sliding_window)}
+        masks = {
+            "full_attention": attention_mask_bool(attention_mask, batch, seq_len, causal=True),
+            "sliding_attention": attention_mask_bool(
+                attention_mask, batch, seq_len, causal=True, sliding_window=self.config.sliding_window
+            ),
+        }
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None], (batch, seq_len))
         return {"masks": masks, "positions": positions}
@@ -287,8 +322,9 @@ class GemmaForCausalLM(nnx.Module):
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return _softcap(logits, self.config.final_logit_softcapping)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
         b, s = input_ids.shape
         kw = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
         x = self.embed(input_ids)

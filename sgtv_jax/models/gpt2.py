@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
 
 MODEL_TYPES = ("gpt2",)
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -65,7 +65,7 @@ class GPT2Config:
         return self.n_layer
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "GPT2Config":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GPT2Config:
         """Build from a transformers ``GPT2Config``."""
         if hf_config.model_type not in MODEL_TYPES:
             raise ValueError(f"GPT2Config.from_hf: model_type {hf_config.model_type!r} is not gpt2")
@@ -105,7 +105,7 @@ class GPT2Attention(nnx.Module):
             caps["attn.c_attn"] = x
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, cfg.n_head, dh) for t in (q, k, v))
-        scale = dh ** -0.5 if cfg.scale_attn_weights else 1.0
+        scale = dh**-0.5 if cfg.scale_attn_weights else 1.0
         o = dot_product_attention(q, k, v, mask, scale).reshape(b, s, d)
         if caps is not None:
             caps["attn.c_proj"] = o
@@ -146,7 +146,7 @@ class GPT2Block(nnx.Module):
         return (x, caps) if capture else x
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(FamilyModel):
     """GPT-2 LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = GPT2Config
@@ -159,8 +159,11 @@ class GPT2LMHeadModel(nnx.Module):
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, param_dtype=pd)
-        self.lm_head = (None if cfg.tie_word_embeddings
-                        else Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
+        )
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -172,8 +175,9 @@ class GPT2LMHeadModel(nnx.Module):
             positions = jnp.arange(input_ids.shape[1])[None, :]
         return self.wte(input_ids) + self.wpe(positions)
 
-    def block_kwargs(self, attention_mask: jax.Array | None, seq_len: int,
-                     batch: int | None = None) -> dict[str, jax.Array]:
+    def block_kwargs(
+        self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None
+    ) -> dict[str, jax.Array]:
         """``{"mask": [B, 1, S, S]}``: causal and padding."""
         if batch is None:
             if attention_mask is None:

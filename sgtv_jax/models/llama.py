@@ -34,9 +34,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import (Embed, Linear, RMSNorm, activation, apply_rope, attention_mask_bool,
-                     dot_product_attention, rope_inv_freq, rope_long_inv_freq)
-from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE
+from .common import (
+    Embed,
+    Linear,
+    RMSNorm,
+    activation,
+    apply_rope,
+    attention_mask_bool,
+    dot_product_attention,
+    rope_inv_freq,
+    rope_long_inv_freq,
+)
+from .groups import InputGroup
+from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE, expert_input_groups
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -47,30 +57,45 @@ def hf_block_prefix(i: int) -> str:
 
 
 # Linear layers of one block, in execution order (HF-local names).
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 # Linear layers that read the same input tensor (one Hessian per group), in execution order.
-INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 FUSED_INPUT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
 
 
-def input_groups(cfg: "LlamaConfig") -> tuple[tuple[str, ...], ...] | None:
-    """Linear layers of a block sharing one input, for this config; None for MoE blocks.
+def input_groups(cfg: LlamaConfig) -> tuple[tuple[str, ...] | InputGroup, ...]:
+    """Linear layers of a block sharing one input, for this config (one Hessian per group).
 
-    An expert's Hessian has to weight each token by its routing weight, which a
-    shared input group cannot express, so MoE blocks declare no groups (the
-    pipeline refuses calibrated trims on them by name).
+    MoE blocks: attention as dense blocks; each routed expert's gate / up
+    projections read the experts' shared input and its down projection its own,
+    both weighted by the expert's routing weights (``sgtv_jax.models.moe``:
+    capture format); a shared expert (qwen2_moe) as a dense MLP. The router and
+    the shared-expert gate are not linear layers here (merged data-free).
     """
-    if cfg.moe is not None:
-        return None
-    return FUSED_INPUT_GROUPS if cfg.fused else INPUT_GROUPS
+    if cfg.moe is None:
+        return FUSED_INPUT_GROUPS if cfg.fused else INPUT_GROUPS
+    return INPUT_GROUPS[:2] + expert_input_groups(
+        cfg.moe, cfg.num_experts, shared=bool(cfg.shared_expert_intermediate_size)
+    )
 
 
-def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
+def linear_names(cfg: LlamaConfig) -> tuple[str, ...]:
     """HF-local names of one block's linear layers (MoE: routed and shared experts, not the gates)."""
     if cfg.fused:
         return FUSED_LINEAR_NAMES
@@ -131,7 +156,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
 
     @classmethod
-    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> "LlamaConfig":
+    def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> LlamaConfig:
         """Build from a transformers Llama/Mistral/Qwen2/Qwen3/Phi3 config."""
         mt = hf_config.model_type
         if mt not in MODEL_TYPES:
@@ -191,30 +216,44 @@ def _moe_fields(hf_config: Any) -> dict[str, Any]:
     """MoE fields of ``LlamaConfig`` for mixtral / qwen2_moe / qwen3_moe (empty for dense types)."""
     mt = hf_config.model_type
     if mt == "mixtral":
-        return dict(moe="mixtral", num_experts=hf_config.num_local_experts,
-                    num_experts_per_tok=hf_config.num_experts_per_tok, norm_topk_prob=True,
-                    moe_intermediate_size=hf_config.intermediate_size)
+        return dict(
+            moe="mixtral",
+            num_experts=hf_config.num_local_experts,
+            num_experts_per_tok=hf_config.num_experts_per_tok,
+            norm_topk_prob=True,
+            moe_intermediate_size=hf_config.intermediate_size,
+        )
     if mt not in ("qwen2_moe", "qwen3_moe"):
         return {}
     step = getattr(hf_config, "decoder_sparse_step", 1)
     dense = list(getattr(hf_config, "mlp_only_layers", None) or [])
     if hf_config.num_experts <= 0 or step != 1 or dense:
         # Dense layers among sparse ones would give blocks different parameters.
-        raise ValueError(f"{mt}: only configs where every layer is sparse are supported "
-                         f"(num_experts={hf_config.num_experts}, decoder_sparse_step={step}, "
-                         f"mlp_only_layers={dense})")
-    return dict(moe="qwen", num_experts=hf_config.num_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
-                norm_topk_prob=bool(hf_config.norm_topk_prob),
-                moe_intermediate_size=hf_config.moe_intermediate_size,
-                shared_expert_intermediate_size=(hf_config.shared_expert_intermediate_size
-                                                 if mt == "qwen2_moe" else 0))
+        raise ValueError(
+            f"{mt}: only configs where every layer is sparse are supported "
+            f"(num_experts={hf_config.num_experts}, decoder_sparse_step={step}, "
+            f"mlp_only_layers={dense})"
+        )
+    return dict(
+        moe="qwen",
+        num_experts=hf_config.num_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        norm_topk_prob=bool(hf_config.norm_topk_prob),
+        moe_intermediate_size=hf_config.moe_intermediate_size,
+        shared_expert_intermediate_size=(hf_config.shared_expert_intermediate_size if mt == "qwen2_moe" else 0),
+    )
 
 
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, h, k, dh, pd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                           cfg.head_dim, cfg.param_dtype)
+        d, h, k, dh, pd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.param_dtype,
+        )
         if cfg.fused:
             self.qkv_proj = Linear(d, (h + 2 * k) * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
         else:
@@ -235,7 +274,7 @@ class LlamaAttention(nnx.Module):
             if caps is not None:
                 caps["self_attn.qkv_proj"] = x
             qkv = self.qkv_proj(x)
-            q, k, v = qkv[..., :h * dh], qkv[..., h * dh:(h + kv) * dh], qkv[..., (h + kv) * dh:]
+            q, k, v = qkv[..., : h * dh], qkv[..., h * dh : (h + kv) * dh], qkv[..., (h + kv) * dh :]
         else:
             if caps is not None:
                 for n in ("q_proj", "k_proj", "v_proj"):
@@ -246,7 +285,7 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling, cfg.rope_long)
         k = apply_rope(k, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling, cfg.rope_long)
-        o = dot_product_attention(q, k, v, mask, cfg.head_dim ** -0.5).reshape(b, s, -1)
+        o = dot_product_attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, s, -1)
         if caps is not None:
             caps["self_attn.o_proj"] = o
         return self.o_proj(o)
@@ -292,9 +331,18 @@ class LlamaBlock(nnx.Module):
         if cfg.moe is None:
             self.mlp = LlamaMLP(cfg, rngs=rngs)
         else:
-            ffn = SparseMoE(cfg.moe, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                            cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob, act=cfg.hidden_act,
-                            shared_intermediate=cfg.shared_expert_intermediate_size, param_dtype=pd, rngs=rngs)
+            ffn = SparseMoE(
+                cfg.moe,
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                norm_topk_prob=cfg.norm_topk_prob,
+                act=cfg.hidden_act,
+                shared_intermediate=cfg.shared_expert_intermediate_size,
+                param_dtype=pd,
+                rngs=rngs,
+            )
             setattr(self, MOE_PREFIX[cfg.moe], ffn)  # block_sparse_moe (mixtral) or mlp (qwen), as HF names it
         self.ffn_name = "mlp" if cfg.moe is None else MOE_PREFIX[cfg.moe]
 
@@ -321,8 +369,11 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.lm_head = (None if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs))
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
+        )
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -337,8 +388,13 @@ class LlamaForCausalLM(nnx.Module):
         """input_ids ``[B, S]`` -> hidden ``[B, S, D]``."""
         return self.embed_tokens(input_ids)
 
-    def block_kwargs(self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None,
-                     positions: jax.Array | None = None) -> dict[str, jax.Array]:
+    def block_kwargs(
+        self,
+        attention_mask: jax.Array | None,
+        seq_len: int,
+        batch: int | None = None,
+        positions: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
         """Keyword arguments every block takes: causal (+padding, +window) mask and positions.
 
         Positions default to ``arange(S)`` for every row, as transformers does
@@ -348,8 +404,9 @@ class LlamaForCausalLM(nnx.Module):
             if attention_mask is None:
                 raise ValueError("pass batch when attention_mask is None")
             batch = attention_mask.shape[0]
-        mask = attention_mask_bool(attention_mask, batch, seq_len, causal=True,
-                                   sliding_window=self.config.sliding_window)
+        mask = attention_mask_bool(
+            attention_mask, batch, seq_len, causal=True, sliding_window=self.config.sliding_window
+        )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None], (batch, seq_len))
         return {"mask": mask, "positions": positions}
@@ -361,10 +418,11 @@ class LlamaForCausalLM(nnx.Module):
             return self.embed_tokens.attend(x)
         return self.lm_head(x)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
         b, s = input_ids.shape
-        kw = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
+        kw: dict[str, Any] = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
         x = self.embed(input_ids)
         for blk in self.blocks:
             x = blk(x, **kw)

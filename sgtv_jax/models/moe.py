@@ -29,8 +29,25 @@ Captures (``capture=True``), shapes for a ``[B, S, D]`` input:
   ``{moe}.shared_expert_gate`` and the shared expert's linear inputs under their names.
 
 :func:`linear_input` turns these into ``(input, token_weights)`` for any
-linear layer name. The router and the shared-expert gate are gates, not
-trimmed layers (merged data-free): the model's ``linear_names`` leave them out.
+linear layer name; :func:`expert_input_groups` declares the same as input
+groups (`sgtv_jax.models.groups.InputGroup`) for the calibrated merge. The
+router and the shared-expert gate are gates, not trimmed layers (merged
+data-free): the model's ``linear_names`` leave them out.
+
+Calibration Hessians of a routed expert weight each token by its routing
+weight ``r`` as a token weight of ``sgtv_jax.hessian.hessian_update``, which
+weights ``x x^T`` by ``r^2``:  ``H_e = (2/N) sum_t r_{t,e}^2 x_t x_t^T`` over the
+real tokens (``N`` sequences, as for every layer; tokens routed elsewhere have
+``r = 0``). ``r^2``, not ``r`` or 0/1, because the block adds
+``r_{t,e} * expert_e(x_t)``: whatever a trimmed weight ``dW`` of expert e
+changes in the expert's output on token t reaches the block's output
+multiplied by ``r_{t,e}``. For the down projection the block's squared output
+error is exactly ``sum_t r_{t,e}^2 |dW x_t|^2 = (N/2) tr(dW H_e dW^T)``, the
+quadratic form OBS minimises; gate / up get the same factor on top of the
+layer-wise objective every other layer uses. An unweighted routed-token H
+would spend the pruning budget on tokens the router barely sends through the
+expert; ``r`` alone matches no output error. The pipeline's fallback for
+experts given too few tokens is in `sgtv_jax.pipeline.streams`.
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .common import Linear, activation
+from .groups import InputGroup
 
 # (gate, up, down) projection names of one expert.
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen": ("gate_proj", "up_proj", "down_proj")}
@@ -69,8 +87,20 @@ class Expert(nnx.Module):
 class SparseMoE(nnx.Module):
     """Top-k routed experts (+ optional gated shared expert). ``[B, S, D] -> [B, S, D]``."""
 
-    def __init__(self, kind: str, d: int, f: int, num_experts: int, top_k: int, *, norm_topk_prob: bool,
-                 act: str, shared_intermediate: int = 0, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        kind: str,
+        d: int,
+        f: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        norm_topk_prob: bool,
+        act: str,
+        shared_intermediate: int = 0,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if kind not in EXPERT_NAMES:
             raise ValueError(f"unknown MoE kind {kind!r}; expected one of {sorted(EXPERT_NAMES)}")
         if not 0 < top_k <= num_experts:
@@ -79,12 +109,15 @@ class SparseMoE(nnx.Module):
         self.kind, self.prefix = kind, MOE_PREFIX[kind]
         self.num_experts, self.top_k, self.norm_topk_prob, self.act = num_experts, top_k, norm_topk_prob, act
         self.gate = Linear(d, num_experts, use_bias=False, param_dtype=param_dtype, rngs=rngs)
-        self.experts = nnx.List([Expert(d, f, EXPERT_NAMES[kind], param_dtype=param_dtype, rngs=rngs)
-                                 for _ in range(num_experts)])
+        self.experts = nnx.List(
+            [Expert(d, f, EXPERT_NAMES[kind], param_dtype=param_dtype, rngs=rngs) for _ in range(num_experts)]
+        )
         if shared_intermediate:
             names = EXPERT_NAMES["qwen"]
-            self.shared_expert = Expert(d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs)
-            self.shared_expert_gate = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+            self.shared_expert: Expert | None = Expert(
+                d, shared_intermediate, names, param_dtype=param_dtype, rngs=rngs
+            )
+            self.shared_expert_gate: Linear | None = Linear(d, 1, use_bias=False, param_dtype=param_dtype, rngs=rngs)
         else:
             self.shared_expert = None
             self.shared_expert_gate = None
@@ -110,8 +143,8 @@ class SparseMoE(nnx.Module):
             if caps is not None:
                 caps[f"{p}.experts.{e}.{expert.names[2]}"] = h
             # Same order as transformers: down-project, then scale by the routing weight.
-            out = out + (expert.down(h) * w[..., e:e + 1].astype(h.dtype)).astype(x.dtype)
-        if self.shared_expert is not None:
+            out = out + (expert.down(h) * w[..., e : e + 1].astype(h.dtype)).astype(x.dtype)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:  # set together
             if caps is not None:
                 for n in ("gate_proj", "up_proj"):
                     caps[f"{p}.shared_expert.{n}"] = x
@@ -140,3 +173,24 @@ def linear_input(caps: dict[str, jax.Array], name: str) -> tuple[jax.Array, jax.
     if n in ("w2", "down_proj"):
         return caps[name], weights
     return caps[f"{p}.experts"], weights
+
+
+def expert_input_groups(kind: str, num_experts: int, *, shared: bool) -> tuple[InputGroup, ...]:
+    """Input groups of a MoE MLP (HF-local names): per routed expert, gate + up on the shared
+    input and down on its own, both weighted by the expert's routing weights; the shared expert
+    (``shared``) as a dense MLP. In execution order."""
+    p = MOE_PREFIX[kind]
+    g, u, d = EXPERT_NAMES[kind]
+    groups = []
+    for e in range(num_experts):
+        weights = f"{p}.routing_weights"
+        groups.append(
+            InputGroup(
+                (f"{p}.experts.{e}.{g}", f"{p}.experts.{e}.{u}"), key=f"{p}.experts", weights_key=weights, column=e
+            )
+        )
+        groups.append(InputGroup((f"{p}.experts.{e}.{d}",), weights_key=weights, column=e))
+    if shared:
+        groups.append(InputGroup((f"{p}.shared_expert.gate_proj", f"{p}.shared_expert.up_proj")))
+        groups.append(InputGroup((f"{p}.shared_expert.down_proj",)))
+    return tuple(groups)

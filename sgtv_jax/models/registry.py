@@ -14,20 +14,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import bert, gemma, gpt2, llama
+from .common import FamilyModel
 
 _FAMILIES: dict[str, ModuleType] = {mt: fam for fam in (llama, gemma, gpt2, bert) for mt in fam.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
 
-def get_family(model_type: str) -> ModuleType:
+def get_family(model_type: str | None) -> ModuleType:
     """Family module (``llama``/``gemma``/``gpt2``/``bert``): config class, ``hf_block_prefix``, ``MODEL_CLASS``."""
     if model_type not in _FAMILIES:
-        raise ValueError(f"unsupported architecture {model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return _FAMILIES[model_type]
 
 
-def get_model_class(model_type: str) -> type[nnx.Module]:
+def get_model_class(model_type: str | None) -> type[FamilyModel]:
     """Flax NNX model class for an HF ``model_type`` (ValueError listing supported ones)."""
     return get_family(model_type).MODEL_CLASS
 
@@ -41,13 +41,13 @@ def config_from_hf(hf_config: Any, param_dtype: Any = jnp.float32) -> Any:
     return cls.from_hf(hf_config, param_dtype=param_dtype)
 
 
-def build_model(hf_config: Any, rngs: nnx.Rngs | None = None, param_dtype: Any = jnp.float32) -> nnx.Module:
+def build_model(hf_config: Any, rngs: nnx.Rngs | None = None, param_dtype: Any = jnp.float32) -> FamilyModel:
     """Randomly initialised model for ``hf_config`` (transformers config or our dataclass)."""
     cfg = config_from_hf(hf_config, param_dtype)
     return get_model_class(cfg.model_type)(cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
-def build_abstract_model(hf_config: Any, param_dtype: Any = jnp.float32) -> nnx.Module:
+def build_abstract_model(hf_config: Any, param_dtype: Any = jnp.float32) -> FamilyModel:
     """Model whose parameters are ``jax.ShapeDtypeStruct`` (no memory, no init compute).
 
     Fill it with ``convert.namemaps.load_hf_state_dict_into_model`` (which

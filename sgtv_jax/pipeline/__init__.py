@@ -9,8 +9,15 @@ CLI: `sgtv merge CONFIG OUT`, `sgtv check CONFIG`, `sgtv eval MODEL_DIR`, `sgtv 
 
 from sgtv_jax.pipeline.calibration import CalibrationError, CalibrationSet, load_calibration
 from sgtv_jax.pipeline.check import CheckResult, check_config
-from sgtv_jax.pipeline.config import (CalibrationConfig, ConfigError, MergeConfig, ModelEntry, load_config,
-                                      parse_config, resolve_spec)
+from sgtv_jax.pipeline.config import (
+    CalibrationConfig,
+    ConfigError,
+    MergeConfig,
+    ModelEntry,
+    load_config,
+    parse_config,
+    resolve_spec,
+)
 
 # The merge driver imports Flax, the converters and matplotlib: loaded on first use, so that
 # the `sgtv` command line (which imports this package) starts quickly.
@@ -26,7 +33,19 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CalibrationConfig", "CalibrationError", "CalibrationSet", "CheckResult", "ConfigError", "MergeConfig",
-    "MergeRun", "ModelEntry", "check_config", "load_calibration", "load_config", "merge_tensor", "parse_config",
-    "resolve_spec", "run_merge",
+    "CalibrationConfig",
+    "CalibrationError",
+    "CalibrationSet",
+    "CheckResult",
+    "ConfigError",
+    "MergeConfig",
+    "MergeRun",
+    "ModelEntry",
+    "check_config",
+    "load_calibration",
+    "load_config",
+    "merge_tensor",
+    "parse_config",
+    "resolve_spec",
+    "run_merge",
 ]

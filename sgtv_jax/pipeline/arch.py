@@ -5,7 +5,8 @@ the Flax family, its name map and the abstract block template turn HF-named
 tensors into block states (`block_state`) or a model with real embeddings
 (`outer_model`); `layout` sorts a checkpoint's tensor names into blocks and
 the rest; `input_groups` are the family's declared linear layers sharing one
-input (q/k/v, gate/up), so one Hessian serves each group.
+input (q/k/v, gate/up; a routed expert's layers with their token weights:
+`sgtv_jax.models.groups.InputGroup`), so one Hessian serves each group.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from convert.architectures import get_architecture
 from convert.readers import hf_config_object
 from sgtv_jax.models import build_abstract_model, split_block
+from sgtv_jax.models.groups import InputGroup, as_input_group
 from sgtv_jax.pipeline.config import ConfigError
 
 
@@ -43,7 +45,7 @@ class Arch:
     num_layers: int
     graphdefs: list[Any]  # per block: gemma's sliding / full layers differ in static attributes
     template: Any  # FlatState of block 0 (abstract; every block has the same parameters)
-    input_groups: tuple[tuple[str, ...], ...] | None  # None: calibrated trims unsupported (MoE)
+    input_groups: tuple[InputGroup, ...] | None  # None: the family declares none (no calibrated trims)
 
     def prefix(self, i: int) -> str:
         return self.family.hf_block_prefix(i)
@@ -52,13 +54,14 @@ class Arch:
         """Block i's graph definition (blocks of one layer type share one, so one compilation)."""
         return self.graphdefs[i]
 
-    def require_input_groups(self) -> tuple[tuple[str, ...], ...]:
+    def require_input_groups(self) -> tuple[InputGroup, ...]:
         """The input groups, or ConfigError when this architecture has none (calibrated trims)."""
         if self.input_groups is None:
             raise ConfigError(
                 f"calibrated trims (sparsegpt, wanda) and regmean are not supported for {self.model_type} "
-                "checkpoints: their MoE experts need routing-weighted Hessians; use a data-free trim "
-                "(magnitude, random, ...)")
+                f"checkpoints: the {self.family.__name__} family declares no input groups for its linear "
+                "layers; use a data-free trim (magnitude, random, ...)"
+            )
         return self.input_groups
 
     def abstract_model(self) -> Any:
@@ -96,17 +99,19 @@ class Arch:
         return TensorLayout(outer, blocks, rules)
 
 
-def declared_input_groups(family: Any, config: Any, linear_names: tuple[str, ...]
-                          ) -> tuple[tuple[str, ...], ...] | None:
-    """The family's `input_groups(config)`, checked to partition the block's `linear_names`."""
+def declared_input_groups(family: Any, config: Any, linear_names: tuple[str, ...]) -> tuple[InputGroup, ...] | None:
+    """The family's `input_groups(config)` as `InputGroup`s, checked to partition the block's `linear_names`."""
     declared = family.input_groups(config)
     if declared is None:
         return None
-    groups = tuple(tuple(g) for g in declared)
-    flat = [n for g in groups for n in g]
+    groups = tuple(as_input_group(g) for g in declared)
+    flat = [n for g in groups for n in g.names]
     if not groups or sorted(flat) != sorted(linear_names):
-        raise ValueError(f"{family.__name__}.input_groups {groups!r} must list each of its linear layers "
-                         f"{tuple(linear_names)!r} exactly once")
+        names = [g.names for g in groups]
+        raise ValueError(
+            f"{family.__name__}.input_groups {names!r} must list each of its linear layers "
+            f"{tuple(linear_names)!r} exactly once"
+        )
     return groups
 
 
@@ -120,5 +125,6 @@ def arch_of(base_ckpt: Any) -> Arch:
     graphdefs = [split_block(model, i)[0] for i in range(len(model.blocks))]
     state = split_block(model, 0)[1]
     groups = declared_input_groups(row.family, model.config, tuple(model.linear_names))
-    return Arch(mt, cfg, obj, row.name_map, row.family, len(model.blocks), graphdefs,
-                list(nnx.to_flat_state(state)), groups)
+    return Arch(
+        mt, cfg, obj, row.name_map, row.family, len(model.blocks), graphdefs, list(nnx.to_flat_state(state)), groups
+    )

@@ -14,8 +14,9 @@ is masked (`mask = 0`); padding never enters a Hessian.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -111,7 +112,7 @@ def windows(stream: np.ndarray, nsamples: int, seqlen: int, seed: int, pad_id: i
         return CalibrationSet(ids, mask)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, n - seqlen + 1, size=nsamples)
-    ids = np.stack([stream[s:s + seqlen] for s in starts]).astype(np.int32)
+    ids = np.stack([stream[s : s + seqlen] for s in starts]).astype(np.int32)
     return CalibrationSet(ids, np.ones_like(ids))
 
 
@@ -119,7 +120,8 @@ def load_calibration(calib: Any, tokenizer: Any, max_positions: int | None = Non
     """Windows for a `config.CalibrationConfig`; checks `seqlen` against the model's maximum."""
     if max_positions is not None and calib.seqlen > max_positions:
         raise CalibrationError(
-            f"calibration seqlen {calib.seqlen} exceeds the model's maximum of {max_positions} positions")
+            f"calibration seqlen {calib.seqlen} exceeds the model's maximum of {max_positions} positions"
+        )
     stream = token_stream(calib.data, tokenizer, calib.text_field)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return windows(stream, calib.nsamples, calib.seqlen, calib.seed, int(pad))

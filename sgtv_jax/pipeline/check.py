@@ -6,6 +6,12 @@ files; no tensor data. Every problem is collected and reported at once
 different architectures, vocabulary sizes (never silently truncated), tensor
 names or shapes, a missing or empty calibration file, a `seqlen` beyond the
 model's maximum position.
+
+A merge by tensor name (no calibration data needed; any architecture) is
+checked by planning it (`byname.plan_by_name`): the rules for tensors that
+differ between the models are those of the merge, and the summary names the
+ones that apply. A merge that needs calibration data needs a Flax family of
+the base's architecture, and every model to have the base's tensors.
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
-    """What `check` learned: architecture, block count, vocabulary, tensors per model."""
+    """What `check` learned: architecture, block count, vocabulary, tensors per model, rules that apply."""
 
     model_type: str
     num_layers: int
     vocab_size: int
     max_positions: int | None
     tensors: int
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        return (f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
-                f"{self.tensors} tensors per model")
+        head = (
+            f"OK: {self.model_type}, {self.num_layers} blocks, vocabulary {self.vocab_size}, "
+            f"{self.tensors} tensors per model"
+        )
+        return "\n  ".join((head,) + self.notes)
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -40,10 +50,27 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: model path does not exist")
+    directory = p if p.is_dir() else p.parent
     try:
-        return read_config(p if p.is_dir() else p.parent)
+        if p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf"))):
+            from convert.readers import open_checkpoint  # a GGUF file carries its config in its metadata
+
+            ckpt = open_checkpoint(p)
+            try:
+                return dict(ckpt.config)
+            finally:
+                ckpt.close()
+        return read_config(directory)
     except ConvertError as e:
         raise ConfigError(str(e)) from None
+
+
+def base_model_type(cfg: MergeConfig) -> str:
+    """The base model's `model_type` (its config; ConfigError naming `base_model` when unreadable)."""
+    try:
+        return str(read_hf_config(cfg.base_model).get("model_type"))
+    except ConfigError as e:
+        raise ConfigError(f"base_model: {e}") from None
 
 
 def num_layers_of(hf: dict[str, Any]) -> int:
@@ -55,10 +82,10 @@ def max_positions_of(hf: dict[str, Any]) -> int | None:
     return int(v) if v is not None else None
 
 
-def _shapes(path: str) -> dict[str, tuple[int, ...]]:
-    from convert.readers import open_checkpoint
+def _shapes(path: str, adapter: str = "") -> dict[str, tuple[int, ...]]:
+    from convert.lora import open_model
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_model(path, adapter)  # a LoRA adapter is checked against the model's shapes here
     try:
         return {n: tuple(ckpt.shape(n)) for n in ckpt.names()}
     finally:
@@ -71,8 +98,8 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
     from convert.readers import supported_architectures
-
     from sgtv_jax.pipeline.calibration import CalibrationError, check_files
+    from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
 
     problems: list[str] = []
     try:
@@ -80,11 +107,17 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     except ConfigError as e:
         raise ConfigError(f"base_model: {e}") from None
     mt = base.get("model_type")
-    if mt not in supported_architectures():
-        raise ConfigError(f"base_model {cfg.base_model}: unsupported architecture {mt!r}; "
-                          f"supported: {', '.join(supported_architectures())}")
+    if uses_by_name(cfg, str(mt)):
+        return _check_by_name(cfg, base)
+    require_flax_family(cfg, str(mt))
+    if mt not in supported_architectures():  # calibration data given for reconstruction errors only
+        raise ConfigError(
+            f"base_model {cfg.base_model_written or cfg.base_model}: unsupported architecture "
+            f"{mt!r} for a merge with calibration data; supported: "
+            f"{', '.join(supported_architectures())}"
+        )
     vocab = base.get("vocab_size")
-    configs = []
+    configs: list[dict[str, Any] | None] = []
     for i, m in enumerate(cfg.models):
         try:
             c = read_hf_config(m.model)
@@ -94,17 +127,29 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
             continue
         configs.append(c)
         if c.get("model_type") != mt:
-            problems.append(f"models[{i}] {m.model}: architecture {c.get('model_type')!r} differs from the "
-                            f"base model's {mt!r}")
+            problems.append(
+                f"models[{i}] {m.model}: architecture {c.get('model_type')!r} differs from the base model's {mt!r}"
+            )
             continue
         if c.get("vocab_size") != vocab:
-            problems.append(f"models[{i}] {m.model}: vocabulary size {c.get('vocab_size')} differs from the "
-                            f"base model's {vocab} (vocabularies must match; nothing is truncated)")
-        for key in ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "intermediate_size",
-                    "num_attention_heads", "num_key_value_heads", "tie_word_embeddings"):
+            problems.append(
+                f"models[{i}] {m.model}: vocabulary size {c.get('vocab_size')} differs from the "
+                f"base model's {vocab} (vocabularies must match; nothing is truncated)"
+            )
+        for key in (
+            "hidden_size",
+            "n_embd",
+            "num_hidden_layers",
+            "n_layer",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "tie_word_embeddings",
+        ):
             if key in base and c.get(key) != base.get(key):
-                problems.append(f"models[{i}] {m.model}: {key} = {c.get(key)!r} differs from the base "
-                                f"model's {base.get(key)!r}")
+                problems.append(
+                    f"models[{i}] {m.model}: {key} = {c.get(key)!r} differs from the base model's {base.get(key)!r}"
+                )
     if problems:  # configs disagree: comparing tensors would only repeat it
         raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
 
@@ -114,7 +159,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         raise ConfigError(f"base_model: {e}") from None
     for i, m in enumerate(cfg.models):
         try:
-            shapes = _shapes(m.model)
+            shapes = _shapes(m.model, m.adapter)
         except Exception as e:  # noqa: BLE001
             problems.append(f"models[{i}]: {e}")
             continue
@@ -124,8 +169,11 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
             problems.append(f"models[{i}] {m.model} lacks {len(missing)} tensor(s) of the base: {missing[:5]}")
         if extra:
             problems.append(f"models[{i}] {m.model} has {len(extra)} tensor(s) the base lacks: {extra[:5]}")
-        bad = [f"{n!r} {shapes[n]} vs base {base_shapes[n]}" for n in base_shapes
-               if n in shapes and shapes[n] != base_shapes[n]]
+        bad = [
+            f"{n!r} {shapes[n]} vs base {base_shapes[n]}"
+            for n in base_shapes
+            if n in shapes and shapes[n] != base_shapes[n]
+        ]
         if bad:
             problems.append(f"models[{i}] {m.model}: tensor shapes differ: {', '.join(bad[:5])}")
 
@@ -144,9 +192,55 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
                 check_files(cal.data, cal.text_field)
             except CalibrationError as e:
                 problems.append(f"{where}: {e}")
-        if seen and not any(
-                (Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if seen and not any((Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
     return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes))
+
+
+def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
+    """Check a merge by tensor name: plan it from the headers (every problem at once)."""
+    from convert.errors import ConvertError
+    from convert.readers import open_checkpoint
+    from sgtv_jax.pipeline.byname import plan_by_name
+
+    problems: list[str] = []
+    base_label = f"base_model ({cfg.base_model_written or cfg.base_model})"
+    try:
+        base_ckpt = open_checkpoint(cfg.base_model)
+    except ConvertError as e:
+        raise ConfigError(f"base_model: {e}") from None
+    opened = []
+    try:
+        for i, m in enumerate(cfg.models):
+            try:
+                opened.append(open_checkpoint(m.model))
+            except ConvertError as e:
+                problems.append(f"models[{i}]: {e}")
+        if problems:
+            raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
+        plan = plan_by_name(
+            base_ckpt,
+            opened,
+            base_label=base_label,
+            labels=[f"models[{i}] ({m.label})" for i, m in enumerate(cfg.models)],
+        )
+        tensors = len(base_ckpt.names())
+    finally:
+        for c in [base_ckpt] + opened:
+            c.close()
+    notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
+    if any(cfg.calibration_for(t) is not None for t in range(len(cfg.models))):
+        notes += (
+            f"calibration data unused: no tensor needs it and {plan.model_type!r} has no Flax family "
+            "to measure reconstruction errors with",
+        )
+    return CheckResult(
+        plan.model_type,
+        plan.num_layers,
+        int(plan.vocab_size or 0),
+        max_positions_of(base),
+        tensors,
+        ("merged by tensor name (data-free)",) + notes,
+    )

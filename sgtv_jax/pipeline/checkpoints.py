@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.lora import open_model
 from convert.readers import open_checkpoint
 from sgtv_jax.errors import NumericsError
 from sgtv_jax.pipeline.config import MergeConfig
@@ -21,7 +22,7 @@ class Checkpoints:
     def __init__(self, cfg: MergeConfig) -> None:
         self.cfg = cfg
         self.base = open_checkpoint(cfg.base_model)
-        self.models = [open_checkpoint(m.model) for m in cfg.models]
+        self.models = [open_model(m.model, m.adapter) for m in cfg.models]  # `base+adapter`: LoRA applied
 
     def label(self, ckpt: Any) -> str:
         """The checkpoint as the YAML names it, e.g. `models[1] (ft/math)`."""
@@ -32,12 +33,26 @@ class Checkpoints:
 
     def get(self, ckpt: Any, name: str) -> np.ndarray:
         """Tensor `name` of `ckpt`; `NumericsError` naming tensor and model if it holds NaN/Inf."""
-        a = ckpt.get(name)
+        return self._finite(ckpt, name, ckpt.get(name))
+
+    def get_rows(self, ckpt: Any, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows `[r0, r1)` (first axis) of tensor `name` of `ckpt`, NaN/Inf-checked like `get`.
+
+        Reads only those rows where the reader can (`get_rows` of safetensors);
+        other readers read the tensor and slice it.
+        """
+        rows = getattr(ckpt, "get_rows", None)
+        a = rows(name, r0, r1) if rows is not None else ckpt.get(name)[r0:r1]
+        return self._finite(ckpt, name, a)
+
+    def _finite(self, ckpt: Any, name: str, a: np.ndarray) -> np.ndarray:
         if a.dtype.kind not in "biu":  # float16/32/64 and ml_dtypes' bfloat16 (kind "V")
             bad = int(np.count_nonzero(~np.isfinite(a)))
             if bad:
-                raise NumericsError(f"tensor {name!r} of {self.label(ckpt)} has {bad} NaN or Inf entries "
-                                    "(a broken checkpoint: fix or replace this model)")
+                raise NumericsError(
+                    f"tensor {name!r} of {self.label(ckpt)} has {bad} NaN or Inf entries "
+                    "(a broken checkpoint: fix or replace this model)"
+                )
         return a
 
     def read_base(self, names: list[str]) -> dict[str, np.ndarray]:

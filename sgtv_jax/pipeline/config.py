@@ -19,7 +19,9 @@ Our keys (top level): ``trim`` (a trim name or filter rules, e.g. ``sparsegpt``)
 ``hessian_source`` (``base`` | ``per_task`` | ``merged``), ``blocksize``,
 ``percdamp``, ``prunen`` / ``prunem``, ``refit`` (least-squares refit of the
 entries OBS kept, see ``sgtv_jax.refit``), ``seed``, ``batch_size``,
-``max_shard_size``.
+``max_shard_size``, ``moe_min_tokens`` (MoE: the fewest routed calibration
+tokens an expert needs for its own routing-weighted Hessian, default the
+hidden size; see ``sgtv_jax.pipeline.streams``).
 
 Parameter values (per model ``density`` / ``weight`` / ``gamma`` / ``epsilon``,
 and method parameters) are *specs*:
@@ -31,6 +33,9 @@ and method parameters) are *specs*:
 * a list of rules ``{filter: substring, value: spec}``; the first rule whose
   filter is a substring of the HF tensor name wins, a rule without filter
   matches everything; the value may itself be a gradient.
+
+(`sgtv_jax.merge.paramspec` resolves them, for the Python API too.) A model
+without a per-model value takes the top-level one, else the method's default.
 
 Relative paths are relative to the YAML file's directory; the strings as
 written are kept for reports and model cards (`MergeConfig.to_dict`), so no
@@ -48,26 +53,70 @@ import dataclasses
 import difflib
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import yaml
 
+from convert.errors import ConvertError
+from convert.lora import read_adapter_config
 from sgtv_jax.errors import SgtvError, short_repr
-from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS as _PER_MODEL_SPECS, MethodSpec, ParamSpec
+from sgtv_jax.merge import paramspec
+from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
+from sgtv_jax.merge.plan import ObsOptions
+from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
+from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
+
+__all__ = [
+    "CALIBRATION_KEYS",
+    "CalibrationConfig",
+    "ConfigError",
+    "DTYPES",
+    "HESSIAN_SOURCES",
+    "MODEL_KEYS",
+    "MergeConfig",
+    "ModelEntry",
+    "PER_MODEL_PARAMS",
+    "TOP_KEYS",
+    "check_param",
+    "layer_position",
+    "load_config",
+    "method_kwargs",
+    "method_parameters",
+    "model_parameters",
+    "parse_config",
+    "read_yaml",
+    "resolve_spec",
+    "spec_values",
+]
 
 HESSIAN_SOURCES = ("base", "per_task", "merged")
 TOP_KEYS = (
-    "models", "merge_method", "base_model", "parameters", "dtype", "tokenizer_source", "trim",
-    "calibration", "hessian_source", "blocksize", "percdamp", "prunen", "prunem", "refit", "seed",
-    "batch_size", "max_shard_size",
+    "models",
+    "merge_method",
+    "base_model",
+    "parameters",
+    "dtype",
+    "tokenizer_source",
+    "trim",
+    "calibration",
+    "hessian_source",
+    "blocksize",
+    "percdamp",
+    "prunen",
+    "prunem",
+    "refit",
+    "seed",
+    "batch_size",
+    "max_shard_size",
+    "moe_min_tokens",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
 PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
 CALIBRATION_KEYS = ("data", "nsamples", "seqlen", "seed", "text_field")
-DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
-          "float32": "fp32", "fp32": "fp32"}
+DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
 
 
 class ConfigError(SgtvError):
@@ -90,8 +139,13 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with the paths as written."""
-        return {"data": list(self.written or self.data), "nsamples": self.nsamples, "seqlen": self.seqlen,
-                "seed": self.seed, "text_field": self.text_field}
+        return {
+            "data": list(self.written or self.data),
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "text_field": self.text_field,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +153,15 @@ class ModelEntry:
     """One fine-tuned model: its path, parameter specs, optional own calibration (per_task).
 
     `model` is the resolved path; `written` the path as the YAML wrote it.
+    `adapter`: a PEFT LoRA adapter directory applied to `model`
+    (``model: base+adapter``, see `convert.lora`), else "".
     """
 
     model: str
     parameters: Mapping[str, Any]
     calibration: CalibrationConfig | None = None
     written: str = ""
+    adapter: str = ""
 
     @property
     def label(self) -> str:
@@ -133,6 +190,7 @@ class MergeConfig:
     seed: int = 0
     batch_size: int = 8
     max_shard_size: str = "5GB"
+    moe_min_tokens: int | None = None  # None: the model's hidden size
     base_model_written: str = ""
 
     @property
@@ -145,8 +203,6 @@ class MergeConfig:
 
     def needs_calibration(self) -> bool:
         """Whether any tensor uses a data-aware trim (or the method needs Gram matrices)."""
-        from sgtv_jax.merge.trim import DATA_TRIMS
-
         return self.method_spec.needs_grams or any(t in DATA_TRIMS for t in spec_values(self.trim))
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,9 +212,14 @@ class MergeConfig:
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base_model_written"}
         out["base_model"] = self.base_model_written or self.base_model
-        out["models"] = [{"model": m.label, "parameters": dict(m.parameters),
-                          "calibration": m.calibration.to_dict() if m.calibration else None}
-                         for m in self.models]
+        out["models"] = [
+            {
+                "model": m.label,
+                "parameters": dict(m.parameters),
+                "calibration": m.calibration.to_dict() if m.calibration else None,
+            }
+            for m in self.models
+        ]
         out["parameters"] = dict(self.parameters)
         out["calibration"] = self.calibration.to_dict() if self.calibration else None
         return out
@@ -167,48 +228,15 @@ class MergeConfig:
 # --------------------------------------------------------------------------- specs
 
 
-def _is_rules(spec: Any) -> bool:
-    return isinstance(spec, (list, tuple)) and len(spec) > 0 and all(isinstance(r, Mapping) for r in spec)
-
-
-def _is_gradient(spec: Any) -> bool:
-    return (isinstance(spec, (list, tuple)) and len(spec) > 0
-            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in spec))
-
-
-def spec_values(spec: Any) -> list[Any]:
-    """Every leaf value a spec can take (for validation)."""
-    if spec is None:
-        return []
-    if _is_rules(spec):
-        return [v for r in spec for v in spec_values(r.get("value"))]
-    if _is_gradient(spec):
-        return list(spec)
-    return [spec]
-
-
-def layer_position(name: str, layer: int | None, num_layers: int) -> float:
-    """Where tensor `name` sits on the gradient axis, in [0, 1]."""
-    if layer is not None:
-        return layer / max(num_layers - 1, 1)
-    return 0.0 if any(k in name for k in ("embed", "wte", "wpe")) else 1.0
-
-
 def resolve_spec(spec: Any, name: str, layer: int | None, num_layers: int) -> Any:
-    """The value of a parameter spec for HF tensor `name` in decoder block `layer` (None: outside)."""
-    if _is_rules(spec):
-        for rule in spec:
-            filt = rule.get("filter")
-            if filt is None or str(filt) in name:
-                return resolve_spec(rule.get("value"), name, layer, num_layers)
-        raise ConfigError(f"no filter rule matches tensor {name!r} in {short_repr(list(spec))} "
-                          "(add a rule without 'filter' as the default)")
-    if _is_gradient(spec):
-        if len(spec) == 1:
-            return float(spec[0])
-        pos = layer_position(name, layer, num_layers)
-        return float(np.interp(pos, np.linspace(0.0, 1.0, len(spec)), np.asarray(spec, float)))
-    return spec
+    """The value of a parameter spec for HF tensor `name` in decoder block `layer` (None: outside).
+
+    `sgtv_jax.merge.paramspec.resolve`, with its errors as `ConfigError`.
+    """
+    try:
+        return paramspec.resolve(spec, name, layer, num_layers)
+    except paramspec.SpecError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -238,8 +266,7 @@ def _path(value: Any, root: Path, where: str, problems: list[str]) -> str:
     return str(p if p.is_absolute() else (root / p))
 
 
-def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: list[str],
-         minimum: int = 1) -> int:
+def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: list[str], minimum: int = 1) -> int:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < minimum:
         problems.append(f"{where}{key} must be an integer >= {minimum}, got {short_repr(v)}")
@@ -280,15 +307,16 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
 
 def _rules_shape(spec: Any, key: str, problems: list[str]) -> None:
     """Filter rules: only `filter` (a string) and `value` (required), recursively."""
-    if not _is_rules(spec):
+    if not is_rules(spec):
         return
     for r in spec:
         _unknown(r, ("filter", "value"), f"{key} rule", problems)
         if "value" not in r:
             problems.append(f"{key}: filter rule {short_repr(r)} has no 'value'")
         if r.get("filter") is not None and not isinstance(r.get("filter"), str):
-            problems.append(f"{key}: filter must be a string (a substring of tensor names), "
-                            f"got {short_repr(r.get('filter'))}")
+            problems.append(
+                f"{key}: filter must be a string (a substring of tensor names), got {short_repr(r.get('filter'))}"
+            )
         _rules_shape(r.get("value"), key, problems)
 
 
@@ -299,12 +327,16 @@ def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
     if ps.kind == "bool":
         return None if isinstance(v, bool) else f"must be true or false, got {short_repr(v)}"
     if ps.kind == "choice":
-        return None if isinstance(v, str) and v in ps.choices else \
-            f"must be one of {', '.join(map(str, ps.choices))}, got {short_repr(v)}"
+        return (
+            None
+            if isinstance(v, str) and v in ps.choices
+            else f"must be one of {', '.join(map(str, ps.choices))}, got {short_repr(v)}"
+        )
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return f"must be a number (or a gradient / filter rules), got {short_repr(v)}"
     if ps.kind == "int" and not isinstance(v, numbers.Integral):
         return f"must be an integer, got {short_repr(v)}"
+    v = float(v)
     if not math.isfinite(v):
         return f"must be finite, got {v!r}"
     if (ps.lo is not None and v < ps.lo) or (ps.hi is not None and v > ps.hi):
@@ -321,7 +353,7 @@ def check_param(spec: Any, ps: ParamSpec, where: str, problems: list[str]) -> No
     """
     key = f"{where}.{ps.name}" if where else ps.name
     _rules_shape(spec, key, problems)
-    if ps.kind != "float" and _is_gradient(spec) and len(spec) > 1:
+    if ps.kind != "float" and is_gradient(spec) and len(spec) > 1:
         problems.append(f"{key} cannot be a gradient (a {ps.kind} parameter), got {short_repr(spec)}")
         return
     for v in spec_values(spec):
@@ -351,11 +383,37 @@ def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> 
     for ps in _PER_MODEL_SPECS:
         if ps.name in p:
             check_param(p[ps.name], ps, f"{where}.parameters", problems)
-    path = _path(m["model"], root, f"{where}.model", problems)
-    if base and path == base:
+    path, adapter = _model_and_adapter(m["model"], root, f"{where}.model", problems)
+    if base and path == base and not adapter:
         problems.append(f"{where}.model is the base model itself ({short_repr(m['model'])})")
-    return ModelEntry(model=path, parameters=p, written=m["model"] if isinstance(m["model"], str) else "",
-                      calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems))
+    return ModelEntry(
+        model=path,
+        parameters=p,
+        written=m["model"] if isinstance(m["model"], str) else "",
+        adapter=adapter,
+        calibration=_calibration(m.get("calibration"), root, f"{where}.calibration", problems),
+    )
+
+
+def _model_and_adapter(value: Any, root: Path, where: str, problems: list[str]) -> tuple[str, str]:
+    """(model path, LoRA adapter dir or "") of a `model:` entry, both resolved against `root`.
+
+    mergekit's ``path/to/base+path/to/adapter``: the part after the last ``+``
+    is a PEFT adapter directory, checked now (files present, config sane).
+    A path that exists as written is a plain model even if it contains ``+``.
+    """
+    path = _path(value, root, where, problems)
+    if not path or "+" not in value or Path(path).exists():
+        return path, ""
+    model_part, adapter_part = value.rsplit("+", 1)
+    model = _path(model_part, root, f"{where} (model before '+')", problems)
+    adapter = _path(adapter_part, root, f"{where} (LoRA adapter after '+')", problems)
+    if model and adapter:
+        try:
+            read_adapter_config(adapter)
+        except ConvertError as e:
+            problems.append(f"{where} LoRA adapter: {e}")
+    return model, adapter
 
 
 def _method(raw: Mapping[str, Any], problems: list[str]) -> MethodSpec | None:
@@ -363,6 +421,9 @@ def _method(raw: Mapping[str, Any], problems: list[str]) -> MethodSpec | None:
     methods = tuple(METHOD_SPECS)
     if method is None:
         problems.append(f"merge_method is required (one of {', '.join(methods)})")
+        return None
+    if isinstance(method, str) and method in REFUSED:
+        problems.append(f"merge_method {method!r} is not supported: {REFUSED[method]}")
         return None
     if not isinstance(method, str) or method not in METHOD_SPECS:
         close = difflib.get_close_matches(method, methods, n=1, cutoff=0.5) if isinstance(method, str) else []
@@ -377,12 +438,13 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
     for k in gparams:
         if k in own or k in PER_MODEL_PARAMS:
             continue
-        hint = (" ('refit', 'blocksize', 'percdamp' and 'trim' are top-level keys)"
-                if k in ("refit", "blocksize", "percdamp", "trim") else _suggest(k, tuple(own) + PER_MODEL_PARAMS))
+        hint = f" ({short_repr(k)} is a top-level key)" if k in TOP_KEYS else _suggest(k, tuple(own) + PER_MODEL_PARAMS)
         problems.append(f"unknown key {short_repr(k)} in parameters (method {spec.name!r}){hint}")
     for ps in spec.params:
         if ps.name in gparams:
             check_param(gparams[ps.name], ps, "parameters", problems)
+        elif ps.required:
+            problems.append(f"parameters.{ps.name} is required by merge_method {spec.name!r} ({ps.doc})")
     for ps in _PER_MODEL_SPECS:
         if ps.name in gparams:
             check_param(gparams[ps.name], ps, "parameters", problems)
@@ -398,8 +460,6 @@ def _choice(raw: Mapping[str, Any], key: str, default: str, known: Sequence[str]
 
 def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     """Validate a config mapping (as read from YAML) into a `MergeConfig`; raises `ConfigError`."""
-    from sgtv_jax.merge.trim import TRIMS
-
     root = Path(root)
     problems: list[str] = []
     if not isinstance(raw, Mapping):
@@ -411,6 +471,11 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if base_raw is None:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
+    if base and "+" in str(base_raw) and not Path(base).exists():
+        problems.append(
+            f"base_model {short_repr(base_raw)}: a LoRA adapter ('model+adapter') is supported in "
+            "models[].model only (apply the adapter to the base model first)"
+        )
 
     gparams = raw.get("parameters") or {}
     if not isinstance(gparams, Mapping):
@@ -434,8 +499,11 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
                 problems.append(f"unknown trim {short_repr(v)}{_suggest(v, TRIMS)}; known trims: {', '.join(TRIMS)}")
                 break
         if spec is not None and not spec.trims:
-            problems.append(f"merge_method {spec.name!r} does not trim; remove 'trim' (methods that trim: "
-                            + ", ".join(n for n, s in METHOD_SPECS.items() if s.trims) + ")")
+            problems.append(
+                f"merge_method {spec.name!r} does not trim; remove 'trim' (methods that trim: "
+                + ", ".join(n for n, s in METHOD_SPECS.items() if s.trims)
+                + ")"
+            )
 
     dtype = raw.get("dtype")
     if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPES):
@@ -446,22 +514,18 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"tokenizer_source {short_repr(tok)} is not supported: only 'base' (vocabularies must match)")
     hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
     percdamp = raw.get("percdamp", 0.01)
-    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= percdamp < math.inf:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= float(percdamp) < math.inf:
         problems.append(f"percdamp must be a finite number >= 0, got {short_repr(percdamp)}")
         percdamp = 0.01
     blocksize = _int(raw, "blocksize", 128, "", problems)
     prunen = _int(raw, "prunen", 0, "", problems, minimum=0)
     prunem = _int(raw, "prunem", 0, "", problems, minimum=0)
-    if (prunen == 0) != (prunem == 0):
-        problems.append(f"prunen and prunem go together (N:M pruning), got prunen={prunen}, prunem={prunem}")
-    elif prunem and not (0 < prunen < prunem):
-        problems.append(f"prunen must be in (0, prunem), got {prunen}:{prunem}")
-    elif prunem and blocksize % prunem:
-        problems.append(f"blocksize {blocksize} must be a multiple of prunem {prunem}")
     refit = raw.get("refit", False)
     if not isinstance(refit, bool):
         problems.append(f"refit must be true or false, got {short_repr(refit)}")
         refit = False
+    # the N:M rules (each value's type was checked above, bad ones replaced by the defaults)
+    problems.extend(ObsOptions(blocksize, float(percdamp), prunen, prunem, refit).problems())
     shard = raw.get("max_shard_size", "5GB")
     if isinstance(shard, bool) or not isinstance(shard, (str, numbers.Integral)):
         problems.append(f"max_shard_size must be a size such as 500MB or 5GB, got {short_repr(shard)}")
@@ -469,13 +533,27 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
 
     cfg = MergeConfig(
-        base_model=base, models=tuple(entries), merge_method=spec.name if spec else "",
-        parameters=gparams, trim=trim, dtype=DTYPES[dtype] if dtype is not None else None,
-        tokenizer_source="base", calibration=calib, hessian_source=hs,
-        blocksize=blocksize, percdamp=float(percdamp), prunen=prunen, prunem=prunem, refit=refit,
+        base_model=base,
+        models=tuple(entries),
+        merge_method=spec.name if spec else "",
+        parameters=gparams,
+        trim=trim,
+        dtype=DTYPES[dtype] if dtype is not None else None,
+        tokenizer_source="base",
+        calibration=calib,
+        hessian_source=hs,
+        blocksize=blocksize,
+        percdamp=float(percdamp),
+        prunen=prunen,
+        prunem=prunem,
+        refit=refit,
         seed=_int(raw, "seed", 0, "", problems, minimum=0),
         batch_size=_int(raw, "batch_size", 8, "", problems),
-        max_shard_size=str(shard), base_model_written=base_raw if isinstance(base_raw, str) else "",
+        max_shard_size=str(shard),
+        moe_min_tokens=(
+            _int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None else None
+        ),
+        base_model_written=base_raw if isinstance(base_raw, str) else "",
     )
     if spec is not None and entries and not problems:
         _cross_checks(cfg, spec, problems)
@@ -486,19 +564,32 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
 
 def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
     """Checks that combine keys (run once every key is valid on its own)."""
+    n = len(cfg.models)
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        want = (
+            f"exactly {spec.min_models}"
+            if spec.max_models == spec.min_models
+            else f"at least {spec.min_models}"
+            if spec.max_models is None
+            else f"{spec.min_models} to {spec.max_models}"
+        )
+        problems.append(f"merge_method {spec.name!r} merges {want} model(s) besides base_model, got {n} under models")
     if cfg.needs_calibration():
         for t in range(len(cfg.models)):
             if cfg.calibration_for(t) is None:
                 problems.append(
                     f"trim {short_repr(cfg.trim)} / method {spec.name!r} needs calibration data: add "
-                    f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)")
+                    f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)"
+                )
                 break
     if cfg.trim is None and spec.default_trim is None:
         for t in range(len(cfg.models)):
             dens = model_parameters(cfg, t).get("density")
             if any(isinstance(v, numbers.Real) and v < 1 for v in spec_values(dens)):
-                problems.append(f"models[{t}] has density < 1 but merge_method {spec.name!r} does not trim by "
-                                "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)")
+                problems.append(
+                    f"models[{t}] has density < 1 but merge_method {spec.name!r} does not trim by "
+                    "itself: add 'trim: magnitude' (or sparsegpt, wanda, random, ...)"
+                )
                 break
     if cfg.prunem and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
         problems.append("prunen/prunem (N:M) need trim: sparsegpt")
@@ -516,8 +607,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             ev = self.peek_event()
-            raise ConfigError(f"{self.name}:{ev.start_mark.line + 1}: YAML alias '*{str(ev.anchor)[:40]}' "
-                              "refused (aliases/anchors are not supported in merge configs; write the value out)")
+            raise ConfigError(
+                f"{self.name}:{ev.start_mark.line + 1}: YAML alias '*{str(ev.anchor)[:40]}' "
+                "refused (aliases/anchors are not supported in merge configs; write the value out)"
+            )
         return super().compose_node(parent, index)
 
 

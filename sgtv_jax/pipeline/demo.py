@@ -39,8 +39,10 @@ def facts_task(n: int = 24) -> list[dict[str, str]]:
     a, b = ("Zor", "Kel", "Mira", "Tulo", "Vesh", "Bran"), ("via", "dor", "land", "stan")
     names = [x + y for x in a for y in b][:n]
     rng = np.random.default_rng(0)
-    return [{"prompt": f"Q: What colour is the flag of {nm}?\nA:", "answer": f" {COLOURS[int(rng.integers(8))]}"}
-            for nm in names]
+    return [
+        {"prompt": f"Q: What colour is the flag of {nm}?\nA:", "answer": f" {COLOURS[int(rng.integers(8))]}"}
+        for nm in names
+    ]
 
 
 def logs_task(n: int, seed: int) -> str:
@@ -62,13 +64,22 @@ def _examples(tok: Any, texts: list[str], prompt_lens: list[int], seqlen: int) -
     lm = np.zeros((len(texts), seqlen), np.float32)
     for r, (t, p) in enumerate(zip(texts, prompt_lens)):
         e = tok(t, add_special_tokens=False)["input_ids"][:seqlen]
-        ids[r, :len(e)] = e
-        lm[r, max(p, 1):len(e)] = 1.0
+        ids[r, : len(e)] = e
+        lm[r, max(p, 1) : len(e)] = 1.0
     return ids, lm
 
 
-def finetune(base_dir: Path, dst: Path, ids: np.ndarray, loss_mask: np.ndarray, *, steps: int, lr: float = 3e-4,
-             batch: int = 8, seed: int = 0) -> Path:
+def finetune(
+    base_dir: Path,
+    dst: Path,
+    ids: np.ndarray,
+    loss_mask: np.ndarray,
+    *,
+    steps: int,
+    lr: float = 3e-4,
+    batch: int = 8,
+    seed: int = 0,
+) -> Path:
     """Adam on the top `TOP_BLOCKS` blocks of the base model; saves an HF dir at `dst` (fp32)."""
     import jax
     import jax.numpy as jnp
@@ -113,7 +124,7 @@ def finetune(base_dir: Path, dst: Path, ids: np.ndarray, loss_mask: np.ndarray, 
         return optax.apply_updates(params, upd), state, loss
 
     rng = np.random.default_rng(seed)
-    loss = None
+    loss = float("nan")  # what is reported after 0 steps
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = rng.choice(n, size=batch, replace=n < batch)
@@ -149,13 +160,13 @@ def _yaml_path(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
-def write_merge_config(config: Path, base: Path, models: list[Path], calibration: Path, *,
-                       density: float = 0.5) -> Path:
+def write_merge_config(
+    config: Path, base: Path, models: list[Path], calibration: Path, *, density: float = 0.5
+) -> Path:
     """Write the demo's TIES + SparseGPT merge YAML to `config` (paths relative to its folder); returns it."""
     folder = config.parent
     cfg = {
-        "models": [{"model": _yaml_path(p, folder), "parameters": {"density": density, "weight": 1.0}}
-                   for p in models],
+        "models": [{"model": _yaml_path(p, folder), "parameters": {"density": density, "weight": 1.0}} for p in models],
         "merge_method": "ties",
         "base_model": _yaml_path(base, folder),
         "parameters": {"normalize": True},
@@ -168,8 +179,14 @@ def write_merge_config(config: Path, base: Path, models: list[Path], calibration
     return config
 
 
-def run_demo(out: str | Path = "sgtv-demo", *, overwrite: bool = False, steps: int = 40,
-             cache_dir: str | Path | None = None, density: float = 0.5) -> dict[str, dict[str, float]]:
+def run_demo(
+    out: str | Path = "sgtv-demo",
+    *,
+    overwrite: bool = False,
+    steps: int = 40,
+    cache_dir: str | Path | None = None,
+    density: float = 0.5,
+) -> dict[str, dict[str, float]]:
     """Run the demo in `out` (see module doc); returns `{model: {facts_em, logs_ppl}}`."""
     from convert.demo import fetch_smollm2
     from sgtv_jax.pipeline.calibration import load_tokenizer
@@ -207,7 +224,7 @@ def run_demo(out: str | Path = "sgtv-demo", *, overwrite: bool = False, steps: i
     fts["facts"] = out / "ft_facts"
     if not (out / "ft_logs").is_dir():
         lines = logs_train.splitlines()
-        chunks = ["\n".join(lines[i:i + 2]) + "\n" for i in range(0, len(lines), 2)]
+        chunks = ["\n".join(lines[i : i + 2]) + "\n" for i in range(0, len(lines), 2)]
         ids, lm = _examples(tok, chunks, [0] * len(chunks), 64)
         finetune(base, out / "ft_logs", ids, lm, steps=steps, lr=3e-4)
     fts["logs"] = out / "ft_logs"
@@ -222,8 +239,12 @@ def run_demo(out: str | Path = "sgtv-demo", *, overwrite: bool = False, steps: i
 
     print("4/4 evaluating base, fine-tunes and merge on both tasks ...")
     rows: dict[str, dict[str, float]] = {}
-    for name, path in [("base", base), ("ft_facts", fts["facts"]), ("ft_logs", fts["logs"]),
-                       ("merged (ties+sparsegpt)", merged)]:
+    for name, path in [
+        ("base", base),
+        ("ft_facts", fts["facts"]),
+        ("ft_logs", fts["logs"]),
+        ("merged (ties+sparsegpt)", merged),
+    ]:
         model, mtok = load_model(path)
         em, _ = exact_match(model, mtok, facts)
         rows[name] = {"facts_em": em, "logs_ppl": perplexity(model, mtok, logs_eval, seqlen=128)}

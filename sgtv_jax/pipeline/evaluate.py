@@ -16,8 +16,9 @@ Runs our Flax model (`sgtv_jax.models`) on any supported HF directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,6 @@ class EvalError(SgtvError):
 def load_model(model_dir: str | Path) -> tuple[Any, Any]:
     """(Flax model, tokenizer) of an HF directory."""
     from convert.conversion import load_flax_model
-
     from sgtv_jax.pipeline.calibration import load_tokenizer
 
     model, _ = load_flax_model(str(model_dir))
@@ -66,11 +66,11 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, seqlen: int = 256, batc
     win = np.zeros((n, seqlen), np.int32)
     mask = np.zeros((n, seqlen), np.int32)
     for w in range(n):
-        chunk = ids[w * seqlen:(w + 1) * seqlen]
-        win[w, :len(chunk)], mask[w, :len(chunk)] = chunk, 1
+        chunk = ids[w * seqlen : (w + 1) * seqlen]
+        win[w, : len(chunk)], mask[w, : len(chunk)] = chunk, 1
     total, count = 0.0, 0.0
     for s in range(0, n, batch_size):
-        b_ids, b_mask = win[s:s + batch_size], mask[s:s + batch_size]
+        b_ids, b_mask = win[s : s + batch_size], mask[s : s + batch_size]
         nll, c = _nll(_logits(model, b_ids, b_mask), jnp.asarray(b_ids), jnp.asarray(b_mask))
         total, count = total + float(nll), count + float(c)
     return float(np.exp(total / max(count, 1.0)))
@@ -103,19 +103,20 @@ def is_match(generated: str, answer: str) -> bool:
     return g.startswith(a) and (len(g) == len(a) or not g[len(a)].isalnum())
 
 
-def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int,
-                    batch_size: int = 32) -> list[str]:
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int, batch_size: int = 32
+) -> list[str]:
     """Greedy continuations (decoded text) of `prompts`, `new_tokens` tokens each."""
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     total = max(len(e) for e in enc) + new_tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     outs: list[str] = []
     for s in range(0, len(enc), batch_size):
-        batch = enc[s:s + batch_size]
+        batch = enc[s : s + batch_size]
         ids = np.full((batch_size, total), pad, np.int32)  # fixed shape: one compilation
         lens = np.ones(batch_size, np.int64)
         for r, e in enumerate(batch):
-            ids[r, :len(e)] = e
+            ids[r, : len(e)] = e
             lens[r] = len(e)
         start = lens.copy()
         for _ in range(new_tokens):
@@ -124,12 +125,13 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], new_toke
             ids[np.arange(batch_size), lens] = nxt
             lens += 1
         for r in range(len(batch)):
-            outs.append(tokenizer.decode(ids[r, start[r]:lens[r]].tolist(), skip_special_tokens=True))
+            outs.append(tokenizer.decode(ids[r, start[r] : lens[r]].tolist(), skip_special_tokens=True))
     return outs
 
 
-def exact_match(model: Any, tokenizer: Any, records: Sequence[dict[str, str]], *, batch_size: int = 32,
-                extra_tokens: int = 2) -> tuple[float, list[str]]:
+def exact_match(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, str]], *, batch_size: int = 32, extra_tokens: int = 2
+) -> tuple[float, list[str]]:
     """(accuracy, generations) of greedy decoding against the records' answers."""
     k = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records) + extra_tokens
     gens = greedy_generate(model, tokenizer, [r["prompt"] for r in records], k, batch_size)
@@ -137,8 +139,14 @@ def exact_match(model: Any, tokenizer: Any, records: Sequence[dict[str, str]], *
     return float(np.mean(hits)), gens
 
 
-def evaluate(model_dir: str | Path, *, text: str | Path | None = None, jsonl: str | Path | None = None,
-             seqlen: int = 256, batch_size: int = 8) -> dict[str, float]:
+def evaluate(
+    model_dir: str | Path,
+    *,
+    text: str | Path | None = None,
+    jsonl: str | Path | None = None,
+    seqlen: int = 256,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """`{"perplexity": ..., "exact_match": ...}` for the files given."""
     if text is None and jsonl is None:
         raise EvalError("give --text FILE and/or --jsonl FILE")

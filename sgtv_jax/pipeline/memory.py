@@ -23,6 +23,15 @@ shared set for `merged` / `base`; one per model for `per_task`), each with
 The calibration terms are 0 when no tensor uses calibration data. The sum is
 an upper bound in spirit (the outer tensors are merged before the blocks);
 XLA's own workspaces and the Python process itself come on top.
+
+A merge by tensor name (`datafree.py`: no calibration data, any
+architecture) holds one output tensor's inputs at a time:
+
+    tensor = 4 (T + 1) N_max
+             the largest merged tensor (N_max entries, e.g. the embedding),
+             base and T task vectors in float32
+
+and nothing else of the models.
 """
 
 from __future__ import annotations
@@ -85,7 +94,6 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
     """(HF config, linear weights of block 0, parameters of block 0, largest outer tensor) from headers."""
     from convert.namemaps import get_name_map
     from convert.readers import hf_config_object, open_checkpoint
-
     from sgtv_jax.models import get_family
     from sgtv_jax.pipeline.check import num_layers_of, read_hf_config
 
@@ -101,7 +109,8 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
     rules = {n: name_map.rule_for_hf(n, obj) for n in shapes}
     prefixes = tuple(family.hf_block_prefix(i) for i in range(num_layers_of(hf)))
     prefix0 = prefixes[0] if prefixes else "\0"
-    is_block = [n for n in shapes if rules[n] is not None and n.startswith(prefixes)]
+    block_rules = {n: r for n, r in rules.items() if r is not None and n.startswith(prefixes)}
+    is_block = list(block_rules)
     linears, block_params = [], 0
     for n in is_block:
         if not n.startswith(prefix0):
@@ -109,16 +118,45 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
         shape = shapes[n]
         block_params += math.prod(shape)
         if len(shape) == 2 and n.endswith(".weight"):
-            rows, cols = shape if rules[n].transpose else shape[::-1]  # torch layout is [out, in]
+            rows, cols = shape if block_rules[n].transpose else shape[::-1]  # torch layout is [out, in]
             linears.append(_Linear(int(rows), int(cols)))
     block_set = set(is_block)
-    outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None),
-                default=0)
+    outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None), default=0)
     return hf, linears, block_params, int(outer)
+
+
+def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
+    """The by-name merge's term (module doc), from the plan of `byname.plan_by_name` (headers only)."""
+    from sgtv_jax.pipeline.byname import MERGE
+    from sgtv_jax.pipeline.checkpoints import Checkpoints
+    from sgtv_jax.pipeline.datafree import plan_checkpoints
+
+    ckpts = Checkpoints(cfg)
+    try:
+        plan = plan_checkpoints(ckpts)
+    finally:
+        ckpts.close()
+    T = len(cfg.models)
+    n_max = plan.largest(MERGE)
+    return MemoryEstimate(
+        (
+            Term(
+                "tensor",
+                F32 * (T + 1) * n_max,
+                f"the largest merged tensor ({n_max} entries), base and {T} task vectors in float32",
+                ("the number of models",),
+            ),
+        )
+    )
 
 
 def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     """The module-doc estimate for `cfg` (reads config.json and tensor headers only)."""
+    from sgtv_jax.pipeline.check import base_model_type
+    from sgtv_jax.pipeline.datafree import uses_by_name
+
+    if uses_by_name(cfg, base_model_type(cfg)):
+        return _estimate_by_name(cfg)
     hf, linears, block_params, outer = _model_layout(cfg)
     T = len(cfg.models)
     hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))
@@ -126,33 +164,54 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     use_data = any(cfg.calibration_for(t) is not None for t in range(T))
     per_task = cfg.hessian_source == "per_task"
     if not use_data:
-        sets = []
+        wanted = []
     elif per_task:
-        sets = [cfg.calibration_for(t) for t in range(T)]
+        wanted = [cfg.calibration_for(t) for t in range(T)]
     else:
-        sets = [cfg.calibration or cfg.calibration_for(0)]
+        wanted = [cfg.calibration or cfg.calibration_for(0)]
+    sets = [c for c in wanted if c is not None]  # validation gives every model data when a trim needs it
     k = T if per_task else 1
     tokens = [c.nsamples * c.seqlen for c in sets]
     activations = F32 * hidden * (sum(tokens) + max(tokens, default=0))
-    attention = F32 * 2 * heads * max((min(cfg.batch_size, c.nsamples) * c.seqlen ** 2 for c in sets), default=0)
-    hessians = F32 * k * sum(w.cols ** 2 for w in linears) if use_data else 0
-    obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols ** 2 for w in linears), default=0) \
-        if use_data else 0
+    attention = F32 * 2 * heads * max((min(cfg.batch_size, c.nsamples) * c.seqlen**2 for c in sets), default=0)
+    hessians = F32 * k * sum(w.cols**2 for w in linears) if use_data else 0
+    obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols**2 for w in linears), default=0) if use_data else 0
     seqlens = sorted({c.seqlen for c in sets})
-    return MemoryEstimate((
-        Term("activations", activations, f"{len(sets)} calibration stream(s) x nsamples x seqlen x hidden {hidden}",
-             ("calibration nsamples", "calibration seqlen")),
-        Term("attention", attention, f"batch_size {cfg.batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
-             ("calibration seqlen", "batch_size")),
-        Term("hessians", hessians, f"{len(linears)} linear inputs per block" + (" per model" if per_task else ""),
-             ("hessian_source (per_task keeps one Hessian per model)",)),
-        Term("obs", obs, "the largest linear layer's OBS problem over all models",
-             ("the number of models",)),
-        Term("block", F32 * (T + 1) * block_params, f"one block of the base and {T} models",
-             ("the number of models",)),
-        Term("outer", F32 * (T + 1) * outer, "the largest tensor outside the blocks, stacked over models",
-             ("the number of models",)),
-    ))
+    return MemoryEstimate(
+        (
+            Term(
+                "activations",
+                activations,
+                f"{len(sets)} calibration stream(s) x nsamples x seqlen x hidden {hidden}",
+                ("calibration nsamples", "calibration seqlen"),
+            ),
+            Term(
+                "attention",
+                attention,
+                f"batch_size {cfg.batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
+                ("calibration seqlen", "batch_size"),
+            ),
+            Term(
+                "hessians",
+                hessians,
+                f"{len(linears)} linear inputs per block" + (" per model" if per_task else ""),
+                ("hessian_source (per_task keeps one Hessian per model)",),
+            ),
+            Term("obs", obs, "the largest linear layer's OBS problem over all models", ("the number of models",)),
+            Term(
+                "block",
+                F32 * (T + 1) * block_params,
+                f"one block of the base and {T} models",
+                ("the number of models",),
+            ),
+            Term(
+                "outer",
+                F32 * (T + 1) * outer,
+                "the largest tensor outside the blocks, stacked over models",
+                ("the number of models",),
+            ),
+        )
+    )
 
 
 def available_bytes() -> int | None:
@@ -178,4 +237,5 @@ def refuse_if_too_big(est: MemoryEstimate, available: int | None) -> None:
     raise ResourceError(
         f"the merge needs about {human(est.total)} of memory but {human(available)} is available: "
         + "; ".join(f"{t.name} {human(t.bytes)} ({t.detail})" for t in top)
-        + f". Lower {' / '.join(knobs)}, or pass --force to try anyway")
+        + f". Lower {' / '.join(knobs)}, or pass --force to try anyway"
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,16 @@ from sgtv_jax.models import build_abstract_model
 from sgtv_jax.pipeline.arch import Arch
 
 
-def export_orbax(tensors: Iterable[tuple[str, np.ndarray]], out: Path, *, arch: Arch, dtype: np.dtype,
-                 overwrite: bool, finalize: Callable[[Path], None], inputs: dict[str, str]) -> None:
+def export_orbax(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    out: Path,
+    *,
+    arch: Arch,
+    dtype: np.dtype,
+    overwrite: bool,
+    finalize: Callable[[Path], None],
+    inputs: dict[str, str],
+) -> None:
     """Collect the merged HF-named `tensors` into a Flax model and write it to `out` (Orbax).
 
     Parameters are kept in `dtype` (the config's output dtype, as the HF export

@@ -1,37 +1,38 @@
 """A merge config's parameters for one tensor: HF tensor name and block -> `TensorPlan`.
 
 Parameter specs (plain values, gradients over blocks, filter rules) are
-resolved by `config.resolve_spec` for the tensor's name and block. Per-model
-parameters come from each model's `parameters`, else the top-level ones.
-A data-aware trim (sparsegpt / wanda) applies to the linear layers of the
-blocks only; every other tensor (norms, biases, embeddings, an untied head)
-uses the method's own data-free trim.
+resolved by `sgtv_jax.merge.paramspec` (through `config.resolve_spec`) for the
+tensor's name and block. Per-model parameters come from each model's
+`parameters`, else the top-level ones, else the method's default (per model:
+one model lacking `gamma` leaves the others' values alone). A data-aware trim
+(sparsegpt / wanda) applies to the linear layers of the blocks only; every
+other tensor (norms, biases, embeddings, an untied head) uses the method's own
+data-free trim.
 """
 
 from __future__ import annotations
 
+from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.plan import ObsOptions, TensorPlan
+from sgtv_jax.merge.specs import PER_MODEL_PARAMS
 from sgtv_jax.merge.trim import DATA_TRIMS
-from sgtv_jax.pipeline.config import MergeConfig, method_kwargs, model_parameters, resolve_spec
+from sgtv_jax.pipeline.config import ConfigError, MergeConfig, method_kwargs, model_parameters, resolve_spec
+
+DEFAULTS = {ps.name: ps.default for ps in PER_MODEL_PARAMS}
+"""The method default of each per-model parameter (density, weight, gamma, epsilon)."""
 
 
-def per_model(cfg: MergeConfig, key: str, name: str, layer: int | None, num_layers: int,
-              default: float | None) -> tuple[float, ...] | None:
+def per_model(cfg: MergeConfig, key: str, name: str, layer: int | None, num_layers: int) -> tuple[float, ...]:
     """Per-model parameter `key` (density, weight, gamma, epsilon) of every model for tensor `name`.
 
-    A model without it takes `default`; with `default` None, any model without
-    it makes the result None (the trims' own defaults apply to all).
+    A model without it (and no top-level value) takes the method's default.
     """
-    vals = []
-    for t in range(len(cfg.models)):
-        spec = model_parameters(cfg, t).get(key)
-        if spec is None:
-            if default is None:
-                return None
-            vals.append(default)
-        else:
-            vals.append(float(resolve_spec(spec, name, layer, num_layers)))
-    return tuple(vals)
+    specs = [model_parameters(cfg, t).get(key) for t in range(len(cfg.models))]
+    try:
+        values = paramspec.per_model(specs, name, DEFAULTS[key], layer, num_layers)
+    except paramspec.SpecError as e:
+        raise ConfigError(str(e)) from None
+    return tuple(float(v) for v in values)
 
 
 def trim_for(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, linear: bool) -> str | None:
@@ -47,8 +48,9 @@ def trim_for(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, li
 
 def obs_options(cfg: MergeConfig) -> ObsOptions:
     """The config's OBS (sparsegpt) options."""
-    return ObsOptions(blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem,
-                      refit=cfg.refit)
+    return ObsOptions(
+        blocksize=cfg.blocksize, percdamp=cfg.percdamp, prunen=cfg.prunen, prunem=cfg.prunem, refit=cfg.refit
+    )
 
 
 def plan_tensor(cfg: MergeConfig, name: str, layer: int | None, num_layers: int, *, linear: bool) -> TensorPlan:
@@ -59,12 +61,12 @@ def plan_tensor(cfg: MergeConfig, name: str, layer: int | None, num_layers: int,
     return TensorPlan(
         method=cfg.merge_method,
         name=name,
-        weights=per_model(cfg, "weight", name, layer, num_layers, 1.0),
-        densities=per_model(cfg, "density", name, layer, num_layers, 1.0),
+        weights=per_model(cfg, "weight", name, layer, num_layers),
+        densities=per_model(cfg, "density", name, layer, num_layers),
         trim=trim_for(cfg, name, layer, num_layers, linear),
         params=method_kwargs(cfg, name, layer, num_layers),
-        gamma=per_model(cfg, "gamma", name, layer, num_layers, None),
-        epsilon=per_model(cfg, "epsilon", name, layer, num_layers, None),
+        gamma=per_model(cfg, "gamma", name, layer, num_layers),
+        epsilon=per_model(cfg, "epsilon", name, layer, num_layers),
         obs=obs_options(cfg),
         seed=cfg.seed,
     )

@@ -4,7 +4,10 @@
 peak RSS and one `LayerRecord` per tensor: kept density per task, the damping
 OBS used, the relative reconstruction error of each trimmed task vector
 `tr(E H E^T) / tr(D H D^T)` (E = trimmed - D) and the merge's error against
-the task-arithmetic target `sum_t w_t D_t` (`relative_errors`).
+the task-arithmetic target `sum_t w_t D_t` (`relative_errors`), and for each
+calibrated linear layer the tokens its Hessian saw (`hessian_tokens`; a
+routed expert: those routed to it) and whether it fell back to the all-token
+Hessian (`hessian_fallback`, experts given too few tokens).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import contextlib
 import dataclasses
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +65,17 @@ class LayerRecord:
     trim_error: list[float] | None
     merge_error: float | None
     time_s: float
+    # Calibrated linear layers, per Hessian stream (one; per_task: one per model): the real
+    # calibration tokens in its H (a routed expert: those routed to it), and whether an expert
+    # given fewer than the minimum fell back to the unweighted all-token H (pipeline.streams).
+    hessian_tokens: list[int] | None = None
+    hessian_fallback: list[bool] | None = None
 
 
 @jax.jit
-def relative_errors(deltas: jax.Array, trimmed: jax.Array, merged: jax.Array, weights: jax.Array,
-                    hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
+def relative_errors(
+    deltas: jax.Array, trimmed: jax.Array, merged: jax.Array, weights: jax.Array, hessian: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Relative output errors under H: per task `tr(E H E^T)/tr(D H D^T)`, and of the merge.
 
     deltas, trimmed `[T, rows, cols]`; merged `[rows, cols]`; weights `[T]`;

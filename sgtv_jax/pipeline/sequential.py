@@ -12,6 +12,9 @@
 
 A tensor's result equals `sgtv_jax.merge.plan.merge_planned` of its plan with
 the same Hessian. Tensors that no model changed are the base tensor.
+
+`run_merge` sends merges that need no calibration data to the by-name merge
+of `datafree.py` (any architecture, tensor by tensor), and the others here.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,43 +35,74 @@ from convert.atomic import prepare_output
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from convert.export import export_hf
+from convert.lora_extract import write_merged_adapter
 from sgtv_jax.errors import NumericsError, SgtvError
-from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, merge_planned
+from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
-from sgtv_jax.pipeline.check import check_config, max_positions_of
+from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions_of
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+from sgtv_jax.pipeline.datafree import DataFreeRun, require_flax_family, uses_by_name
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
-from sgtv_jax.pipeline.report import (PLOT_FILE, REPORT_FILE, STAGES, LayerRecord, StageTimer, jsonable,
-                                      peak_rss_mb, plot_report, relative_errors, with_export_time)
+from sgtv_jax.pipeline.report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    STAGES,
+    LayerRecord,
+    StageTimer,
+    jsonable,
+    peak_rss_mb,
+    plot_report,
+    relative_errors,
+    with_export_time,
+)
 from sgtv_jax.pipeline.sources import make_source
-from sgtv_jax.pipeline.streams import capture, embed_stream
 
-__all__ = ["FORMATS", "PLOT_FILE", "REPORT_FILE", "STAGES", "LayerRecord", "MergeRun", "merge_inputs",
-           "merge_tensor", "peak_rss_mb", "plot_report", "run_merge"]
+__all__ = [
+    "FORMATS",
+    "PLOT_FILE",
+    "REPORT_FILE",
+    "STAGES",
+    "LayerRecord",
+    "MergeRun",
+    "merge_inputs",
+    "merge_tensor",
+    "peak_rss_mb",
+    "plot_report",
+    "run_merge",
+]
 
 FORMATS = ("hf", "orbax")
 
 
-def merge_tensor(method: str, deltas: jax.Array, *, name: str, hessian: jax.Array | None = None,
-                 plan: TensorPlan | None = None, **fields: Any) -> tuple[jax.Array, jax.Array, MergeInfo]:
+def merge_tensor(
+    method: str,
+    deltas: jax.Array,
+    *,
+    name: str,
+    hessian: jax.Array | None = None,
+    plan: TensorPlan | None = None,
+    base: jax.Array | None = None,
+    **fields: Any,
+) -> tuple[jax.Array, jax.Array, MergeInfo]:
     """Merge one tensor's task vectors `deltas` `[T, ...]` (2-D ones `[out, in]`) with `merge_planned`.
 
     The driver's one call per tensor. Give its `plan` (for `method` and
     `name`), or the plan's fields as keywords: weights, densities, trim,
     params, seed, gamma, epsilon and the `ObsOptions` fields (blocksize,
     percdamp, prunen, prunem, refit). `hessian`: `[in, in]`, `[T, in, in]` or
-    None. Returns (merged task vector, trimmed stack, `MergeInfo`).
+    None; `base`: the base tensor in the layout of one task vector (methods on
+    whole weights read it). Returns (merged task vector, trimmed stack, `MergeInfo`).
     """
     if plan is None:
         obs = ObsOptions(**{k: fields.pop(k) for k in ObsOptions._fields if k in fields})
         plan = TensorPlan(method, name, obs=obs, **fields)
     elif fields or (plan.method, plan.name) != (method, name):
         raise TypeError("merge_tensor: give a plan for this method and name, or its fields, not both")
-    return merge_planned(plan, deltas, Calibration(hessian=hessian) if hessian is not None else None)
+    return merge_planned(plan, deltas, Calibration(hessian=hessian) if hessian is not None else None, base=base)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -84,8 +119,9 @@ class MergeRun:
       progress: show a tqdm bar per block.
     """
 
-    def __init__(self, cfg: MergeConfig, *, hessian_sink: dict[str, np.ndarray] | None = None,
-                 progress: bool = True) -> None:
+    def __init__(
+        self, cfg: MergeConfig, *, hessian_sink: dict[str, np.ndarray] | None = None, progress: bool = True
+    ) -> None:
         self.cfg = cfg
         self.sink = hessian_sink
         self.progress = progress
@@ -100,7 +136,9 @@ class MergeRun:
         use_data = any(cfg.calibration_for(t) is not None for t in range(self.T))
         if use_data:
             self.arch.require_input_groups()  # refuse before any calibration work
-        self.source = make_source(cfg.hessian_source, self.arch, cfg.batch_size) if use_data else None
+        self.source = (
+            make_source(cfg.hessian_source, self.arch, cfg.batch_size, cfg.moe_min_tokens) if use_data else None
+        )
         self.calib_tokens = 0
 
     @property
@@ -136,6 +174,7 @@ class MergeRun:
         return self._merge_one(name, None, base, read, None, torch_layout)
 
     def _start_source(self, outer: list[str], merged_outer: dict[str, np.ndarray]) -> None:
+        assert self.source is not None  # called only when the merge uses calibration data
         with self.timer("calibrate"):
             tok = load_tokenizer(self.cfg.base_model)
             maxpos = max_positions_of(self.arch.hf_config)
@@ -147,17 +186,23 @@ class MergeRun:
         with self.timer("load"):
             base, fts = self.ckpts.read_base(names), self.ckpts.read_models(names)
         hess: dict[str, jax.Array] = {}
+        tokens: dict[str, list[int]] = {}
+        fallback: dict[str, list[bool]] = {}
         if self.source is not None:
             with self.timer("calibrate"):
-                hess = self.source.hessians(i, base, fts)
+                hess, tokens, fallback = self.source.hessians(i, base, fts)
                 jax.block_until_ready(list(hess.values()))
         prefix = self.arch.prefix(i)
         merged = {}
         for n in names:
-            h = _linear_hessian(hess, n[len(prefix):], base[n])
+            h = _linear_hessian(hess, n[len(prefix) :], base[n])
             if h is not None and self.sink is not None:
                 self.sink[n] = np.asarray(h)
-            merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose)
+            stats = None
+            if h is not None:
+                local = n[len(prefix) : -len(".weight")]
+                stats = dict(hessian_tokens=tokens[local], hessian_fallback=fallback[local])
+            merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose, stats)
         if self.source is not None:
             with self.timer("calibrate"):
                 self.source.after_block(i, merged)
@@ -165,13 +210,21 @@ class MergeRun:
         for n in names:
             yield n, merged[n]
 
-    def _merge_one(self, name: str, layer: int | None, base: np.ndarray,
-                   fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
-                   hessian: jax.Array | None, torch_layout: bool) -> np.ndarray:
+    def _merge_one(
+        self,
+        name: str,
+        layer: int | None,
+        base: np.ndarray,
+        fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
+        hessian: jax.Array | None,
+        torch_layout: bool,
+        hessian_stats: dict[str, Any] | None = None,
+    ) -> np.ndarray:
         """Merge one tensor; returns the merged tensor in the output dtype (HF layout).
 
         `fts`: model t's tensor, as a list or a reader `t -> array` (then only
         one raw tensor is alive at a time: the peak memory is an embedding's).
+        `hessian_stats`: the report's `hessian_tokens` / `hessian_fallback` of a calibrated layer.
         """
         t0 = time.perf_counter()
         b = _f32(base)
@@ -180,36 +233,68 @@ class MergeRun:
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
         plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
-        record = dict(name=name, block=layer, linear=hessian is not None, shape=tuple(base.shape),
-                      density=list(plan.densities))
+        record = dict(
+            name=name,
+            block=layer,
+            linear=hessian is not None,
+            shape=tuple(base.shape),
+            density=list(plan.densities),
+            **(hessian_stats or {}),
+        )
         with self.timer("prune"):
-            unchanged = not any(np.any(deltas[t] != 0) for t in range(self.T))
+            unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(self.T))
             if not unchanged:
-                merged, trimmed, info = self._merge_planned(plan, deltas, hessian)
+                merged, trimmed, info = self._merge_planned(plan, deltas, hessian, b.T if transpose else b)
         if unchanged:
             # No model changed this tensor: every trim and method maps zero task vectors
             # to a zero merge, so the base tensor is the result (no OBS / sort work).
-            self.records.append(LayerRecord(**record, trim="unchanged", kept_density=[0.0] * self.T, damping=None,
-                                            trim_error=None, merge_error=None, time_s=time.perf_counter() - t0))
+            self.records.append(
+                LayerRecord(
+                    **record,
+                    trim="unchanged",
+                    kept_density=[0.0] * self.T,
+                    damping=None,
+                    trim_error=None,
+                    merge_error=None,
+                    time_s=time.perf_counter() - t0,
+                )
+            )
             return b.astype(self.out_dtype)
         with self.timer("merge"):
             kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(self.T)]
             trim_err = merge_err = None
             if hessian is not None and deltas.ndim == 3:
-                te, me = relative_errors(deltas, trimmed.astype(jnp.float32), merged.astype(jnp.float32),
-                                         jnp.asarray(plan.weights, jnp.float32), hessian)
+                te, me = relative_errors(
+                    deltas,
+                    trimmed.astype(jnp.float32),
+                    merged.astype(jnp.float32),
+                    jnp.asarray(plan.weights, jnp.float32),
+                    hessian,
+                )
                 trim_err, merge_err = [float(x) for x in te], float(me)
             if transpose:
                 merged = merged.T
             out = np.asarray(b + np.asarray(merged, np.float32)).astype(self.out_dtype)
-        self.records.append(LayerRecord(**record, trim=info.trim, kept_density=kept, damping=info.damping,
-                                        trim_error=trim_err, merge_error=merge_err, time_s=time.perf_counter() - t0))
+        self.records.append(
+            LayerRecord(
+                **record,
+                trim=info.trim,
+                kept_density=kept,
+                damping=info.damping,
+                trim_error=trim_err,
+                merge_error=merge_err,
+                time_s=time.perf_counter() - t0,
+            )
+        )
         return out
 
-    def _merge_planned(self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None
-                       ) -> tuple[jax.Array, jax.Array, MergeInfo]:
+    def _merge_planned(
+        self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None, base: np.ndarray
+    ) -> tuple[jax.Array, jax.Array, MergeInfo]:
         try:
-            merged, trimmed, info = merge_tensor(plan.method, deltas, name=plan.name, plan=plan, hessian=hessian)
+            merged, trimmed, info = merge_tensor(
+                plan.method, deltas, name=plan.name, plan=plan, hessian=hessian, base=jnp.asarray(base)
+            )
         except SgtvError:
             raise
         except PlanError as e:  # the config asks what the method cannot do for this tensor
@@ -217,14 +302,16 @@ class MergeRun:
         except ValueError as e:
             # The merge library's checks (an indefinite Hessian after damping, magprune's
             # density/epsilon bounds, ...) fail on this tensor's data: say which tensor.
-            raise NumericsError(f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): "
-                                f"{e}") from e
+            raise NumericsError(
+                f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}"
+            ) from e
         return jax.block_until_ready(merged), trimmed, info
 
     def report(self, wall_s: float) -> dict[str, Any]:
         """The JSON report: config, stage times, peak RSS, one row per tensor."""
         rep = {
             "config": jsonable(self.cfg.to_dict()),
+            "merge_path": "blocks",
             "model_type": self.arch.model_type,
             "num_layers": self.arch.num_layers,
             "hessian_source": self.cfg.hessian_source,
@@ -253,7 +340,7 @@ def _linear_hessian(hess: dict[str, jax.Array], local: str, base: np.ndarray) ->
     """The Hessian of block tensor `local` (HF name within the block) if it is a linear layer's weight."""
     if not local.endswith(".weight") or base.ndim != 2:
         return None
-    return hess.get(local[:-len(".weight")])
+    return hess.get(local[: -len(".weight")])
 
 
 def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
@@ -261,6 +348,8 @@ def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
     inputs = {"base_model": cfg.base_model}
     for t, m in enumerate(cfg.models):
         inputs[f"models[{t}].model"] = m.model
+        if m.adapter:
+            inputs[f"models[{t}].adapter"] = m.adapter
         for k, f in enumerate(m.calibration.data if m.calibration is not None else ()):
             inputs[f"models[{t}].calibration.data[{k}]"] = f
     for k, f in enumerate(cfg.calibration.data if cfg.calibration is not None else ()):
@@ -277,6 +366,7 @@ def run_merge(
     progress: bool = True,
     hessian_sink: dict[str, np.ndarray] | None = None,
     check: bool = True,
+    lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """Merge as configured and write the result atomically to `out`; returns the report.
 
@@ -288,34 +378,97 @@ def run_merge(
     (safetensors directory via `convert.export_hf`, with model card,
     `merge_report.json` and the error plot) or "orbax". A merge that fails or
     is killed leaves at most a hidden `.OUT.partial-*` directory (removed by
-    the next run into `out`), never a complete-looking `out`.
+    the next run into `out`), never a complete-looking `out`. `lora_rank`
+    (format "hf"): also write the merged task vector as a PEFT LoRA adapter of
+    that rank in `out/adapter` (`convert.lora_extract`), part of the same
+    atomic output.
+
+    A merge that needs no calibration data runs by tensor name on any
+    architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
+    output then needs the base's Flax family and unchanged parameter set, and
+    is refused otherwise. A merge that needs calibration data runs block by
+    block (`MergeRun`) and needs a Flax family of the base's architecture.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    if lora_rank is not None and (
+        format != "hf" or isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1
+    ):
+        raise ConfigError(
+            f"--lora {lora_rank!r}: the adapter's rank must be a positive integer, and it is written "
+            "beside a Hugging Face model (--format hf)"
+        )
     out = Path(out)
     inputs = merge_inputs(cfg)
     prepare_output(out, overwrite=overwrite, inputs=inputs)
     if check:
         check_config(cfg)
+    model_type = base_model_type(cfg)
+    by_name = uses_by_name(cfg, model_type)
+    if not by_name:
+        require_flax_family(cfg, model_type)
     t0 = time.perf_counter()
-    run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress)
+    run: MergeRun | DataFreeRun
+    if by_name:
+        run = DataFreeRun(cfg, progress=progress)
+        why = run.orbax_refusal() if format == "orbax" else None
+        if why is not None:
+            run.close()
+            raise ConfigError(why)
+    else:
+        run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress)
     box: dict[str, Any] = {}
 
     def finalize(tmp: Path) -> None:
         box["report"] = rep = run.report(time.perf_counter() - t0)
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
         plot_report(rep, tmp / PLOT_FILE)
+        if lora_rank is not None:
+            write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 
-    card = {"method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
-            "parameters": jsonable(cfg.to_dict())}
+    card = {
+        "method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
+        "parameters": jsonable(cfg.to_dict()),
+    }
     try:
-        if format == "hf":
-            export_hf(run.tensors(), out, base=run.base, dtype=run.out_dtype_name,
-                      max_shard_size=cfg.max_shard_size, model_card=card, overwrite=overwrite,
-                      finalize=finalize, inputs=inputs)
+        if format == "hf" and isinstance(run, DataFreeRun):
+            # every output tensor comes from the run (base copies included), with the plan's config
+            base_dir = Path(run.base.path)
+            export_hf(
+                run.tensors(),
+                out,
+                config=run.plan.config,
+                dtype=run.out_dtype_name,
+                copy_files_from=base_dir if base_dir.is_dir() else None,
+                max_shard_size=cfg.max_shard_size,
+                model_card=card,
+                overwrite=overwrite,
+                finalize=finalize,
+                inputs=inputs,
+            )
+        elif format == "hf":
+            export_hf(
+                run.tensors(),
+                out,
+                base=run.base,
+                dtype=run.out_dtype_name,
+                max_shard_size=cfg.max_shard_size,
+                model_card=card,
+                overwrite=overwrite,
+                finalize=finalize,
+                inputs=inputs,
+            )
         else:
-            export_orbax(run.tensors(), out, arch=run.arch, dtype=run.out_dtype, overwrite=overwrite,
-                         finalize=finalize, inputs=inputs)
+            arch = run.arch if isinstance(run, MergeRun) else arch_of(run.base)
+            export_orbax(
+                run.tensors(),
+                out,
+                arch=arch,
+                dtype=run.out_dtype,
+                overwrite=overwrite,
+                finalize=finalize,
+                inputs=inputs,
+            )
     finally:
         run.close()
     rep = with_export_time(box["report"], time.perf_counter() - t0)
@@ -324,4 +477,3 @@ def run_merge(
     except OSError:
         pass
     return rep
-

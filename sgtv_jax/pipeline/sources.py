@@ -11,6 +11,12 @@ is merged decides how its streams move on (`advance`, `after_block`):
 | `merged`   | one (shared)            | the merged-so-far model (merged blocks < i,   | `[in, in]`   |
 |            |                         | merged embeddings, base block i)              |              |
 
+A routed expert's tokens are weighted by the routing weights of the same
+block run that captures its inputs (`streams.capture`), so each source
+weights experts as its own model routes: `base` by the base router,
+`per_task` by fine-tune t's, `merged` by base block i's router on the
+merged-so-far hidden states.
+
 A new source is a subclass overriding these few methods, e.g. per-task data
 through the merged-so-far model (RegMean++-style): `datasets` of `PerTaskSource`,
 `embedding_tensors` / `advance` / `after_block` of `MergedSource`, stacked
@@ -19,7 +25,8 @@ Hessians; then one entry in `SOURCES` (and in `config.HESSIAN_SOURCES`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +40,14 @@ from sgtv_jax.pipeline.streams import Stream, capture, embed_stream, propagate
 Tensors = dict[str, np.ndarray]
 
 
+class BlockHessians(NamedTuple):
+    """Block i's Hessians and, per stream (one, or one per task for `per_task`), what went into them."""
+
+    hessians: dict[str, jax.Array]  # linear layer (HF-local) -> [in, in] or [T, in, in]
+    tokens: dict[str, list[int]]  # real tokens in each stream's H (a routed expert: routed to it)
+    fallback: dict[str, list[bool]]  # an expert given too few tokens used the all-token H
+
+
 def _f32(tensors: Tensors) -> Tensors:
     return {n: np.asarray(a, dtype=np.float32) for n, a in tensors.items()}
 
@@ -42,12 +57,13 @@ class HessianSource:
 
     stacked = False  # one H per fine-tuned model, stacked `[T, in, in]`
 
-    def __init__(self, arch: Arch, batch_size: int) -> None:
+    def __init__(self, arch: Arch, batch_size: int, min_routed_tokens: int | None = None) -> None:
         self.arch = arch
         self.batch_size = batch_size
+        self.min_routed_tokens = min_routed_tokens  # experts given fewer fall back (streams.capture)
         self.streams: list[Stream] = []
 
-    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig | None]:
         """The calibration data of each stream: the shared one."""
         return [cfg.calibration or cfg.calibration_for(0)]
 
@@ -63,16 +79,18 @@ class HessianSource:
         """The block-i states whose linear inputs are captured, one per stream."""
         return [self.arch.block_state(i, base)]
 
-    def hessians(self, i: int, base: Tensors, fts: list[Tensors]) -> dict[str, jax.Array]:
-        """H of every linear layer of block i (HF-local name -> `[in, in]` or `[T, in, in]`)."""
+    def hessians(self, i: int, base: Tensors, fts: list[Tensors]) -> BlockHessians:
+        """H of every linear layer of block i (HF-local name -> `[in, in]` or `[T, in, in]`), token counts."""
         per = []
         for state, stream in zip(self.block_states(i, base, fts), self.streams):
-            h, outs = capture(self.arch, i, state, stream, self.arch.require_input_groups())
-            per.append(h)
-            self.advance(stream, outs)
-        if self.stacked:
-            return {n: jnp.stack([p[n] for p in per]) for n in per[0]}
-        return dict(per[0])
+            cap = capture(self.arch, i, state, stream, self.arch.require_input_groups(), self.min_routed_tokens)
+            per.append(cap)
+            self.advance(stream, cap.outputs)
+        names = per[0].hessians
+        hess = {n: jnp.stack([p.hessians[n] for p in per]) for n in names} if self.stacked else dict(per[0].hessians)
+        return BlockHessians(
+            hess, {n: [p.tokens[n] for p in per] for n in names}, {n: [p.fallback[n] for p in per] for n in names}
+        )
 
     def advance(self, stream: Stream, outs: list[jax.Array]) -> None:
         """After capture: the stream moves on through the block it was captured in."""
@@ -91,7 +109,7 @@ class PerTaskSource(HessianSource):
 
     stacked = True
 
-    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig]:
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig | None]:
         return [cfg.calibration_for(t) for t in range(len(cfg.models))]
 
     def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
@@ -117,13 +135,13 @@ class MergedSource(HessianSource):
             jax.block_until_ready(stream.hidden)
 
 
-SOURCES: dict[str, Callable[[Arch, int], HessianSource]] = {
+SOURCES: dict[str, Callable[..., HessianSource]] = {
     "base": BaseSource,
     "per_task": PerTaskSource,
     "merged": MergedSource,
 }
 
 
-def make_source(name: str, arch: Arch, batch_size: int) -> HessianSource:
-    """The source called `name` (one of `config.HESSIAN_SOURCES`)."""
-    return SOURCES[name](arch, batch_size)
+def make_source(name: str, arch: Arch, batch_size: int, min_routed_tokens: int | None = None) -> HessianSource:
+    """The source called `name` (one of `config.HESSIAN_SOURCES`); `min_routed_tokens`: `streams.capture`."""
+    return SOURCES[name](arch, batch_size, min_routed_tokens)

@@ -1,0 +1,539 @@
+"""PEFT LoRA adapters read as checkpoints: a fine-tune given as ``base + adapter``.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` and
+``adapter_model.safetensors``. For every adapted module M (keys
+``base_model.model.M.lora_A.weight`` ``[r, in]`` and ``.lora_B.weight``
+``[out, r]``, optionally with an adapter name before ``.weight``) the fine-tuned
+weight is::
+
+    W' = W + s * B @ A          nn.Linear, W [out, in]
+    W' = W + s * (B @ A).T      GPT-2 Conv1D, W [in, out] (PEFT's fan_in_fan_out)
+    E' = E + s * (B @ A).T      embedding: lora_embedding_A [r, vocab], lora_embedding_B [dim, r]
+
+with ``s = alpha / r`` (``use_rslora``: ``alpha / sqrt(r)``), ``r`` and
+``alpha`` per module from ``rank_pattern`` / ``alpha_pattern``. Like PEFT, the
+layer decides the layout (a Conv1D is transposed whatever ``fan_in_fan_out``
+says). Tensors stored in full (``modules_to_save``; an embedding's
+``base_layer`` saved beside its factors) replace the base's.
+
+`LoraCheckpoint` presents the result as a normal `Checkpoint` with the base's
+names and shapes, so every reader of a fine-tune (merge, calibration, checks)
+sees a dense model; a tensor a LoRA changes is computed in float32 on read.
+
+The adapted modules are those with factors in the file; each must be one that
+``target_modules`` selects by PEFT's rules (a string is a regex that must match
+the whole module name, a list matches a name equal to or ending in
+``.<entry>``, ``exclude_modules`` / ``modules_to_save`` / ``layers_to_transform``
+narrow it). A selected module without factors is unchanged, as with PEFT's
+zero-initialised ``lora_B``. Refused by name: ``bias`` other than ``none``,
+DoRA, LoRA biases, and the options that are not a plain low-rank update.
+Adapter weights are read only from safetensors (a pickled
+``adapter_model.bin`` is never unpickled), and both files must resolve inside
+the adapter directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from convert.containment import contained_file
+from convert.errors import ConvertError
+from convert.safetensors_reader import SafetensorsCheckpoint
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"
+_FACTORS = {
+    "lora_A": ("linear", "A"),
+    "lora_B": ("linear", "B"),
+    "lora_embedding_A": ("embedding", "A"),
+    "lora_embedding_B": ("embedding", "B"),
+}
+# adapter_config.json keys whose non-default value makes the update something other than W + s*B@A.
+_UNSUPPORTED = {
+    "use_dora": "DoRA rescales each column by a learned magnitude",
+    "lora_bias": "LoRA biases (lora_B.bias) add a bias term",
+    "layer_replication": "layer replication changes the model's structure",
+    "trainable_token_indices": "trainable tokens are stored as a sparse embedding update",
+    "target_parameters": "LoRA on parameters (not modules) is stored differently",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools its inputs",
+    "use_bdlora": "block-diagonal LoRA factors are stored differently",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of a PEFT ``adapter_config.json`` that define the weight update."""
+
+    path: Path  # the adapter_config.json file
+    r: int
+    lora_alpha: float
+    target_modules: str | tuple[str, ...] | None
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    exclude_modules: str | tuple[str, ...] | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] = ()
+
+    def rank(self, module: str) -> int:
+        """The rank PEFT gives `module` (``rank_pattern``, else ``r``)."""
+        return int(self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r))
+
+    def scale(self, module: str) -> float:
+        """``alpha / r`` of `module` (``alpha / sqrt(r)`` with rsLoRA)."""
+        r = self.rank(module)
+        alpha = float(self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha))
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def targets(self, module: str, is_linear: bool) -> bool:
+        """Whether PEFT puts a LoRA layer on `module` (its name in the CausalLM model)."""
+        if _listed_or_regex(self.exclude_modules, module):
+            return False
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in self.modules_to_save):
+            return False  # PEFT never adapts a module it saves in full
+        tm = self.target_modules
+        if tm is None:
+            return True  # PEFT filled in its per-architecture default; the file's keys are the truth
+        if tm == ALL_LINEAR:
+            return is_linear
+        if isinstance(tm, str):
+            return re.fullmatch(tm, module) is not None
+        if module in tm:
+            return True
+        if not any(module.endswith(f".{t}") for t in tm):
+            return False
+        return self._in_layers(module)
+
+    def _in_layers(self, module: str) -> bool:
+        wanted = self.layers_to_transform
+        if wanted is None or (isinstance(wanted, tuple) and not wanted):
+            return True
+        if not self.layers_pattern:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            m = next(
+                (x for p in self.layers_pattern if (x := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None
+            )
+        if m is None:
+            return False
+        idx = int(m.group("idx"))
+        return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str:
+    # PEFT's rule: the first pattern that matches the end of the module name (at a dot boundary).
+    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), module)
+
+
+def _listed_or_regex(spec: str | tuple[str, ...] | None, module: str) -> bool:
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return module in spec or any(module.endswith(f".{s}") for s in spec)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _strings(v: Any, key: str, where: Path, *, regex_ok: bool) -> str | tuple[str, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if regex_ok:
+            _compile(v, key, where)
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v):
+        return tuple(v)
+    raise ConvertError(f"{where}: {key} must be a string (a regex) or a list of module names, got {v!r:.80}")
+
+
+def _compile(pattern: str, key: str, where: Path) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConvertError(f"{where}: {key} {pattern!r:.80} is not a valid regular expression ({e})") from None
+
+
+def _number(v: Any, key: str, where: Path, *, integer: bool = False, positive: bool = False) -> float:
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and integer:
+        ok = isinstance(v, numbers.Integral)
+    if ok and positive:
+        ok = v > 0
+    if not ok:
+        what = "a positive integer" if integer and positive else "a positive number" if positive else "a number"
+        raise ConvertError(f"{where}: {key} must be {what}, got {v!r:.80}")
+    return v
+
+
+def _pattern(v: Any, key: str, where: Path, *, integer: bool) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConvertError(f"{where}: {key} must be a mapping of module patterns to values, got {v!r:.80}")
+    for k, x in v.items():
+        _compile(k, f"{key} key", where)
+        _number(x, f"{key}[{k!r}]", where, integer=integer, positive=integer)
+    return dict(v)
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    """Validate a PEFT LoRA adapter directory's config (and that its weights are safetensors).
+
+    Raises ConvertError naming the file and key: a missing or pickled weights
+    file, ``peft_type`` not LORA, ``r`` not a positive integer, ``bias`` other
+    than ``none``, DoRA and the other non-plain options (`_UNSUPPORTED`), a
+    malformed ``target_modules`` / pattern.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConvertError(f"{d}: LoRA adapter directory not found")
+    path = d / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ConvertError(
+            f"{path}: missing (a PEFT LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
+    contained_file(d, ADAPTER_CONFIG, what=f"LoRA adapter {ADAPTER_CONFIG}")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    weights = d / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = [p for p in PICKLED_WEIGHTS if (d / p).is_file()]
+        if pickled:
+            raise ConvertError(
+                f"{d / pickled[0]}: a pickled PyTorch file; adapter weights are read only from {ADAPTER_WEIGHTS} "
+                "(unpickling can run code). Convert it where you trust it, e.g. PeftModel.from_pretrained(...)"
+                ".save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ConvertError(f"{weights}: missing (the adapter's weights)")
+    contained_file(d, ADAPTER_WEIGHTS, what=f"LoRA adapter {ADAPTER_WEIGHTS}")
+
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise ConvertError(f"{path}: peft_type is {peft_type!r}; only LORA adapters are supported")
+    bias = raw.get("bias", "none")
+    if bias != "none":
+        raise ConvertError(
+            f"{path}: bias {bias!r} is not supported (only 'none': the adapter would carry "
+            "trained biases of the base model)"
+        )
+    for key, why in _UNSUPPORTED.items():
+        if raw.get(key) not in (None, False, [], {}):
+            raise ConvertError(f"{path}: {key} = {raw[key]!r:.60} is not supported ({why})")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(raw.get(key, False), bool):
+            raise ConvertError(f"{path}: {key} must be true or false, got {raw[key]!r:.60}")
+    ltt = raw.get("layers_to_transform")
+    if ltt is not None:
+        if isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt):
+            ltt = tuple(ltt)
+        elif not (isinstance(ltt, int) and not isinstance(ltt, bool)):
+            raise ConvertError(f"{path}: layers_to_transform must be an integer or a list of them, got {ltt!r:.60}")
+    lp = _strings(raw.get("layers_pattern"), "layers_pattern", path, regex_ok=True)
+    return AdapterConfig(
+        path=path,
+        r=int(_number(raw.get("r"), "r", path, integer=True, positive=True)),
+        lora_alpha=float(_number(raw.get("lora_alpha", 8), "lora_alpha", path)),
+        target_modules=_strings(raw.get("target_modules"), "target_modules", path, regex_ok=True),
+        use_rslora=raw.get("use_rslora", False),
+        fan_in_fan_out=raw.get("fan_in_fan_out", False),
+        modules_to_save=tuple(_strings(raw.get("modules_to_save"), "modules_to_save", path, regex_ok=False) or ()),
+        exclude_modules=_strings(raw.get("exclude_modules"), "exclude_modules", path, regex_ok=True),
+        rank_pattern=_pattern(raw.get("rank_pattern"), "rank_pattern", path, integer=True),
+        alpha_pattern=_pattern(raw.get("alpha_pattern"), "alpha_pattern", path, integer=False),
+        layers_to_transform=ltt,
+        layers_pattern=(lp,) if isinstance(lp, str) else tuple(lp or ()),
+    )
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def tensor_kinds(config: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    """(canonicalise, {canonical HF tensor name: kind}) of an architecture.
+
+    kind: ``linear`` (nn.Linear weight ``[out, in]``), ``conv1d`` (GPT-2's
+    ``[in, out]``), ``embedding`` or ``other``. Without a name map for the
+    model type: identity and an empty table (then ``fan_in_fan_out`` decides).
+    """
+    from convert.architectures import ARCHITECTURES
+    from convert.readers import hf_config_object
+
+    arch = ARCHITECTURES.get(str(config.get("model_type")))
+    if arch is None:
+        return (lambda n: n), {}
+    nm = arch.name_map
+    kinds = {}
+    for rule in nm.rules(hf_config_object(config)):
+        leaf = rule.flax_path[-1]
+        if leaf == "kernel" and len(rule.hf_shape) == 2:
+            kinds[rule.hf_name] = "linear" if rule.transpose else "conv1d"
+        elif leaf == "embedding":
+            kinds[rule.hf_name] = "embedding"
+        else:
+            kinds[rule.hf_name] = "other"
+    return nm.canonical_name, kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Update:
+    """The low-rank update of one base tensor."""
+
+    module: str  # as named in the adapter
+    a_key: str
+    b_key: str
+    scale: float
+    transpose: bool  # (B @ A).T is added: Conv1D and embeddings
+
+
+class LoraCheckpoint:
+    """A base `Checkpoint` with a PEFT LoRA adapter applied, read lazily (module doc).
+
+    Opening validates everything from headers, reading no weights: the
+    config, every adapter key (naming it), that its module exists in the base
+    and is one ``target_modules`` selects, and every factor's shape against the
+    base tensor. ``path`` is the adapter directory; ``base`` the base checkpoint.
+    """
+
+    def __init__(self, base: Checkpoint, adapter_dir: str | Path) -> None:
+        self.base = base
+        self.path = Path(adapter_dir)
+        self.adapter = read_adapter_config(self.path)
+        self._weights = SafetensorsCheckpoint(self.path, single_file=ADAPTER_WEIGHTS)
+        try:
+            self._updates, self._replaced = self._plan()
+        except BaseException:
+            self._weights.close()
+            raise
+
+    @property
+    def _file(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS
+
+    def _plan(self) -> tuple[dict[str, _Update], dict[str, str]]:
+        canon, kinds = tensor_kinds(self.base.config)
+        by_canon = {canon(n): n for n in self.base.names()}
+        factors: dict[tuple[str, str], dict[str, str]] = {}  # (module, linear|embedding) -> {A: key, B: key}
+        replaced: dict[str, str] = {}
+        adapter_names: set[str] = set()
+        for key in self._weights.names():
+            if not key.startswith(PEFT_PREFIX):
+                raise ConvertError(
+                    f"{self._file}: tensor {key!r} is not a PEFT key (expected "
+                    f"{PEFT_PREFIX}<module>.lora_A.weight and the like)"
+                )
+            comps = key[len(PEFT_PREFIX) :].split(".")
+            if "lora_magnitude_vector" in comps:
+                raise ConvertError(f"{self._file}: tensor {key!r} is a DoRA magnitude; DoRA is not supported")
+            at = max((i for i, c in enumerate(comps) if c in _FACTORS), default=None)
+            if at is not None:
+                module, (layer, which), tail = ".".join(comps[:at]), _FACTORS[comps[at]], comps[at + 1 :]
+                if layer == "linear" and tail and tail[-1] == "bias":
+                    raise ConvertError(f"{self._file}: tensor {key!r} is a LoRA bias; lora_bias is not supported")
+                name_tail = tail[:-1] if layer == "linear" else tail
+                if (layer == "linear" and (not tail or tail[-1] != "weight")) or len(name_tail) > 1:
+                    raise ConvertError(
+                        f"{self._file}: tensor {key!r} is not a LoRA factor PEFT writes "
+                        f"(expected <module>.{comps[at]}{'.weight' if layer == 'linear' else ''})"
+                    )
+                adapter_names.update(name_tail)
+                slot = factors.setdefault((module, layer), {})
+                slot[which] = key
+                continue
+            if "base_layer" in comps:  # an embedding saved in full beside its factors
+                j = comps.index("base_layer")
+                target = ".".join(comps[:j] + comps[j + 1 :])
+            else:
+                module = ".".join(comps[:-1])
+                if not any(module.endswith(m) for m in self.adapter.modules_to_save):
+                    raise ConvertError(
+                        f"{self._file}: tensor {key!r} is neither a LoRA factor nor part of modules_to_save "
+                        f"{list(self.adapter.modules_to_save)} (bias 'none' adapters carry no other tensors)"
+                    )
+                target = ".".join(comps)
+            base_name = by_canon.get(canon(target))
+            if base_name is None:
+                raise ConvertError(
+                    f"{self._file}: tensor {key!r} replaces {target!r}, which base model {self.base.path} does not have"
+                )
+            got, want = tuple(self._weights.shape(key)), tuple(self.base.shape(base_name))
+            if got != want:
+                raise ConvertError(
+                    f"{self._file}: tensor {key!r} has shape {got} but {base_name!r} of base model "
+                    f"{self.base.path} has {want}: the adapter was made for another base"
+                )
+            replaced[base_name] = key
+        if len(adapter_names) > 1:
+            raise ConvertError(
+                f"{self._file}: holds several adapters ({', '.join(sorted(adapter_names))}); "
+                "save each in its own directory"
+            )
+        updates = {}
+        for (module, layer), slot in factors.items():
+            upd, base_name = self._update(module, layer, slot, canon, kinds, by_canon)
+            if base_name in updates:
+                raise ConvertError(f"{self._file}: two LoRA updates for {base_name!r}")
+            updates[base_name] = upd
+        if not updates and not replaced:
+            raise ConvertError(f"{self._file}: holds no LoRA factors")
+        return updates, replaced
+
+    def _update(
+        self, module: str, layer: str, slot: dict[str, str], canon: Any, kinds: dict[str, str], by_canon: dict[str, str]
+    ) -> tuple[_Update, str]:
+        for which in ("A", "B"):
+            if which not in slot:
+                other = slot["B" if which == "A" else "A"]
+                raise ConvertError(f"{self._file}: tensor {other!r} has no lora_{which} partner")
+        a_key, b_key = slot["A"], slot["B"]
+        weight = canon(f"{module}.weight")
+        base_name = by_canon.get(weight)
+        if base_name is None:
+            tied = " (the base ties it to the input embedding)" if module.endswith("lm_head") else ""
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} adapts module {module!r}, which base model "
+                f"{self.base.path} does not have{tied}"
+            )
+        kind = kinds.get(weight)
+        is_linear = kind in ("linear", "conv1d") or (kind is None and len(self.base.shape(base_name)) == 2)
+        if not self.adapter.targets(module, is_linear):
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} adapts module {module!r}, which target_modules "
+                f"{self.adapter.target_modules!r} of {self.adapter.path.name} does not select "
+                "(PEFT would ignore these factors)"
+            )
+        a_shape, b_shape = tuple(self._weights.shape(a_key)), tuple(self._weights.shape(b_key))
+        w_shape = tuple(self.base.shape(base_name))
+        if len(a_shape) != 2 or len(b_shape) != 2 or len(w_shape) != 2:
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} {a_shape} / {b_key!r} {b_shape} adapt "
+                f"{base_name!r} {w_shape}: LoRA factors and their weight must be 2-D"
+            )
+        rank = self.adapter.rank(module)
+        if a_shape[0] != rank or b_shape[1] != rank:
+            raise ConvertError(
+                f"{self._file}: tensor {a_key!r} {a_shape} / {b_key!r} {b_shape} have rank "
+                f"{a_shape[0]}/{b_shape[1]} but {self.adapter.path.name} says r = {rank} for {module!r}"
+            )
+        if layer == "embedding":
+            transpose = True
+        elif kind in ("linear", "conv1d"):
+            transpose = kind == "conv1d"  # PEFT follows the layer, whatever fan_in_fan_out says
+        else:
+            transpose = self.adapter.fan_in_fan_out
+        product = (b_shape[0], a_shape[1])
+        if (product[::-1] if transpose else product) != w_shape:
+            raise ConvertError(
+                f"{self._file}: tensor {b_key!r} {b_shape} @ {a_key!r} {a_shape} gives {product}"
+                f"{' transposed' if transpose else ''}, but {base_name!r} of base model {self.base.path} is "
+                f"{w_shape}: the adapter was made for another base"
+            )
+        return _Update(module, a_key, b_key, self.adapter.scale(module), transpose), base_name
+
+    # -- Checkpoint interface -------------------------------------------------
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.base.config
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.base.shape(name))
+
+    def dtype(self, name: str) -> np.dtype:
+        dt = self._weights.dtype(self._replaced[name]) if name in self._replaced else self.base.dtype(name)
+        if name in self._updates:  # W + s*B@A in float32 (float64 kept): a bf16 W would swallow the update
+            return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+        return dt
+
+    def updated(self) -> dict[str, float]:
+        """Base tensor name -> scale of its LoRA update (the tensors the adapter changes by low rank)."""
+        return {n: u.scale for n, u in self._updates.items()}
+
+    def replaced(self) -> list[str]:
+        """Base tensors the adapter replaces in full."""
+        return list(self._replaced)
+
+    def delta(self, name: str) -> np.ndarray:
+        """``s * B @ A`` of tensor `name` in its HF layout (float32; zeros for a tensor no LoRA adapts)."""
+        upd = self._updates.get(name)
+        if upd is None:
+            return np.zeros(self.shape(name), np.float32)
+        a = np.asarray(self._weights.get(upd.a_key), np.float32)
+        b = np.asarray(self._weights.get(upd.b_key), np.float32)
+        d = (b @ a) * np.float32(upd.scale)
+        return np.ascontiguousarray(d.T) if upd.transpose else d
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self._replaced:
+            base = self._weights.get(self._replaced[name])
+        else:
+            base = self.base.get(name)
+        if name not in self._updates:
+            return base
+        out = np.asarray(base, self.dtype(name))
+        out += self.delta(name)
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def close(self) -> None:
+        self._weights.close()
+        self.base.close()
+
+    def __enter__(self) -> LoraCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraCheckpoint({str(self.base.path)!r} + {str(self.path)!r}, {len(self._updates)} LoRA update(s), "
+            f"{len(self._replaced)} replaced)"
+        )
+
+
+def open_model(path: str | Path, adapter: str | Path | None = None) -> Checkpoint:
+    """`open_checkpoint(path)`, with the LoRA adapter directory `adapter` applied when given."""
+    from convert.readers import open_checkpoint
+
+    base = open_checkpoint(path)
+    if not adapter:
+        return base
+    try:
+        return LoraCheckpoint(base, adapter)
+    except BaseException:
+        base.close()
+        raise

@@ -1,0 +1,73 @@
+"""Arcee Fusion (mergekit's `arcee_fusion`): keep the changes that are both large and informative.
+
+`deltas` `[1, ...]` and `base` `[...]` -> task vector `[...]` (`theta_0 + result`
+is the merged tensor). The importance of an entry is its change times the KL
+divergence of the softmax of its row in the fine-tuned model from the base's;
+changes at or above `median + 1.5 IQR` of the importances are kept, the others
+dropped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sgtv_jax import _checks
+from sgtv_jax.merge import _validate
+from sgtv_jax.merge.interpolation import unit_weights
+from sgtv_jax.merge.methods import Floats
+
+QUANTILE_SAMPLE = 1_000_000
+"""mergekit estimates the quantiles from a random sample of this many entries of larger tensors."""
+
+
+def _quantile(sorted_flat: jax.Array, q: float) -> jax.Array:
+    """`sorted[int(q * (n - 1))]`, the index computed in float32 as mergekit's torch code does."""
+    n = sorted_flat.shape[0]
+    i = jnp.floor(jnp.float32(q) * jnp.float32(n - 1)).astype(jnp.int32)
+    return sorted_flat[i]
+
+
+def importance(tau: jax.Array, base: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """`|tau| * KL(p || q)` per row, `p = softmax(theta_1) + eps`, `q = softmax(theta_0) + eps` over the last axis."""
+    p = jax.nn.softmax(base + tau, axis=-1) + eps
+    q = jax.nn.softmax(base, axis=-1) + eps
+    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+    return jnp.abs(tau) * kl
+
+
+def arcee_fusion(
+    deltas: jax.Array, weights: Floats = 1.0, *, base: jax.Array | None = None, name: str | None = None
+) -> jax.Array:
+    """`tau * [importance >= median + 1.5 (q3 - q1)]` for the one other model.
+
+    Quantiles are `sorted[int(q (n - 1))]` over all entries. mergekit estimates
+    them from a random (unseeded) sample of 10^6 entries when a tensor has more,
+    so its result for such tensors varies from run to run; this one is exact
+    and deterministic (for up to 10^6 entries the two agree). deltas `[1, ...]`.
+    """
+    where = f" for tensor {name!r}" if name else ""
+    guard = _checks.Guard()
+    x = _validate.stack(deltas, name, guard=guard, min_ndim=0)
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"arcee_fusion merges exactly two models (the base and one other), got {x.shape[0]} "
+            f"fine-tuned models{where}"
+        )
+    unit_weights(weights, 1, "arcee_fusion", name, guard)
+    if base is None:
+        raise ValueError(f"arcee_fusion compares the models' softmax rows and needs base=theta_0{where}")
+    tau = x[0].astype(_validate.work_dtype(x.dtype))
+    b = _checks.as_array(base, "base")
+    if tuple(b.shape) != tuple(tau.shape):
+        raise ValueError(f"base has shape {tuple(b.shape)} but the task vector {tuple(tau.shape)}{where}")
+    if tau.size == 0:
+        return tau
+    scores = importance(
+        tau.reshape((1,) if tau.ndim == 0 else tau.shape),
+        b.astype(tau.dtype).reshape((1,) if tau.ndim == 0 else tau.shape),
+    ).reshape(tau.shape)
+    s = jnp.sort(scores.reshape(-1))
+    median, q1, q3 = _quantile(s, 0.5), _quantile(s, 0.25), _quantile(s, 0.75)
+    threshold = median + 1.5 * (q3 - q1)
+    return guard.apply(jnp.where(scores >= threshold, tau, 0))

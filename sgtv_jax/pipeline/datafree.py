@@ -1,0 +1,258 @@
+"""The data-free merge of any checkpoint: tensor by tensor, by name, with no model of the architecture.
+
+    plan = plan_by_name(headers of base and models)     (byname.py: what each output tensor is)
+    for each output tensor, in the base's order:
+        merge: read it from the base and every model (one tensor in memory at a time)
+               -> merge_entry -> plan_tensor (planning.py) -> merge_planned (sgtv_jax.merge.plan)
+        base / copy: the stored tensor of the base / of the model named
+    atomic HF export (convert.export.export_hf): config.json from the base (untied
+    head if the plan says so), tokenizer files, model card, merge_report.json
+
+`merge_entry` is the one place a tensor is read and merged: a tensor too large
+to hold `T + 1` times can be merged there in row chunks through
+`TensorInputs.read_rows` (stored rows, read without the rest of the tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from convert.conversion import source_dtype
+from convert.dtypes import parse_dtype
+from sgtv_jax.errors import NumericsError, SgtvError
+from sgtv_jax.merge.plan import PlanError, TensorPlan, maps_zero_to_zero, merge_planned
+from sgtv_jax.pipeline.byname import BASE, COPY, MERGE, NamePlan, TensorEntry, plan_by_name
+from sgtv_jax.pipeline.checkpoints import Checkpoints
+from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+from sgtv_jax.pipeline.planning import plan_tensor
+from sgtv_jax.pipeline.report import LayerRecord, StageTimer, jsonable, peak_rss_mb, with_export_time
+
+MERGE_PATH = "by_name"
+
+
+class TensorInputs(NamedTuple):
+    """Readers of one output tensor's inputs; model `m` is 0 for the base, `t + 1` for fine-tuned model t.
+
+    read(m): the whole stored tensor; read_rows(m, r0, r1): its stored rows
+    `[r0, r1)` (first axis), NaN/Inf-checked like `read`.
+    """
+
+    read: Callable[[int], np.ndarray]
+    read_rows: Callable[[int, int, int], np.ndarray]
+
+
+def plan_checkpoints(ckpts: Checkpoints) -> NamePlan:
+    """The `NamePlan` of open checkpoints, messages naming each model as the YAML wrote it."""
+    return plan_by_name(
+        ckpts.base, ckpts.models, base_label=ckpts.label(ckpts.base), labels=[ckpts.label(m) for m in ckpts.models]
+    )
+
+
+def merge_entry(
+    cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_dtype: np.dtype, timer: StageTimer
+) -> tuple[np.ndarray, LayerRecord]:
+    """Merge one `merge` entry; returns (the output tensor in `out_dtype`, stored layout; its report row).
+
+    The task vectors `[T, ...]` are `model_t - base` in float32, swapped to
+    `[T, cols, rows]` when `entry.transpose`; the result is `base +
+    merge_planned(plan)`, or the base itself when no model changed the tensor.
+    """
+    t0 = time.perf_counter()
+    tasks = len(entry.sources) - 1
+    with timer("load"):
+        b = np.asarray(inputs.read(0), dtype=np.float32)
+    d = np.empty((tasks,) + b.shape, np.float32)
+    for t in range(tasks):
+        with timer("load"):
+            np.subtract(np.asarray(inputs.read(t + 1), dtype=np.float32), b, out=d[t])
+    deltas = jax.device_put(d)  # zero-copy on CPU
+    if entry.transpose:
+        deltas = jnp.swapaxes(deltas, 1, 2)
+    plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
+    record: dict[str, Any] = dict(
+        name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape), density=list(plan.densities)
+    )
+    with timer("prune"):
+        unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(tasks))
+        if not unchanged:
+            merged, trimmed, info = _merge_planned(plan, deltas, b.T if entry.transpose else b)
+    if unchanged:
+        # every trim and method maps zero task vectors to a zero merge: the result is the base
+        return b.astype(out_dtype), LayerRecord(
+            **record,
+            trim="unchanged",
+            kept_density=[0.0] * tasks,
+            damping=None,
+            trim_error=None,
+            merge_error=None,
+            time_s=time.perf_counter() - t0,
+        )
+    with timer("merge"):
+        kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(tasks)]
+        if entry.transpose:
+            merged = merged.T
+        out = np.asarray(b + np.asarray(merged, np.float32)).astype(out_dtype)
+    return out, LayerRecord(
+        **record,
+        trim=info.trim,
+        kept_density=kept,
+        damping=info.damping,
+        trim_error=None,
+        merge_error=None,
+        time_s=time.perf_counter() - t0,
+    )
+
+
+def _merge_planned(plan: TensorPlan, deltas: jax.Array, base: np.ndarray) -> tuple[jax.Array, jax.Array, Any]:
+    try:
+        merged, trimmed, info = merge_planned(plan, deltas, None, base=jnp.asarray(base))
+    except SgtvError:
+        raise
+    except PlanError as e:
+        raise ConfigError(str(e)) from e
+    except ValueError as e:  # the merge library's checks on this tensor's values: say which tensor
+        raise NumericsError(f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}") from e
+    return jax.block_until_ready(merged), trimmed, info
+
+
+class DataFreeRun:
+    """One data-free merge by tensor name (module doc). `tensors()` drives it; then `report()`.
+
+    Args:
+      cfg: a validated `MergeConfig` that needs no calibration data.
+      progress: show a tqdm bar over the tensors.
+    """
+
+    def __init__(self, cfg: MergeConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.timer = StageTimer()
+        with self.timer("load"):
+            self.ckpts = Checkpoints(cfg)
+            self.plan = plan_checkpoints(self.ckpts)
+            self.out_dtype_name = cfg.dtype or source_dtype(self.ckpts.base)
+            self.out_dtype = parse_dtype(self.out_dtype_name)
+        self.T = len(cfg.models)
+        self.records: list[LayerRecord] = []
+
+    @property
+    def base(self) -> Any:
+        return self.ckpts.base
+
+    def inputs(self, entry: TensorEntry) -> TensorInputs:
+        """Readers of `entry`'s sources: the base (0) and each fine-tuned model (t + 1)."""
+        ckpts = [self.ckpts.base] + self.ckpts.models
+        return TensorInputs(
+            read=lambda m: self.ckpts.get(ckpts[m], entry.sources[m]),
+            read_rows=lambda m, r0, r1: self.ckpts.get_rows(ckpts[m], entry.sources[m], r0, r1),
+        )
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The output, tensor by tensor in the base's order (lazy: drives the whole merge)."""
+        for entry in tqdm(self.plan.entries, desc="merge", unit="tensor", disable=not self.progress):
+            if entry.action == MERGE:
+                out, rec = merge_entry(self.cfg, entry, self.inputs(entry), self.out_dtype, self.timer)
+                self.records.append(rec)
+                yield entry.name, out
+                continue
+            t0 = time.perf_counter()
+            src = self.ckpts.base if entry.action == BASE else self.ckpts.models[entry.source]
+            with self.timer("load"):
+                arr = self.ckpts.get(src, entry.name)
+            self.records.append(
+                LayerRecord(
+                    entry.name,
+                    entry.block,
+                    False,
+                    tuple(arr.shape),
+                    "base" if entry.action == BASE else f"copy models[{entry.source}]",
+                    [],
+                    [],
+                    None,
+                    None,
+                    None,
+                    time.perf_counter() - t0,
+                )
+            )
+            yield entry.name, arr
+
+    def report(self, wall_s: float) -> dict[str, Any]:
+        """The JSON report: config, stage times, peak RSS, the rules applied, one row per output tensor."""
+        unused = any(self.cfg.calibration_for(t) is not None for t in range(self.T))
+        rep = {
+            "config": jsonable(self.cfg.to_dict()),
+            "merge_path": MERGE_PATH,
+            "model_type": self.plan.model_type,
+            "num_layers": self.plan.num_layers,
+            "stacks": dict(self.plan.depths),
+            "hessian_source": self.cfg.hessian_source,
+            "calibration_tokens": 0,
+            "calibration_unused": unused,
+            "output_dtype": self.out_dtype_name,
+            "tie_word_embeddings": self.plan.config.get("tie_word_embeddings"),
+            "tensor_rules": [jsonable(r) for r in self.plan.rules],
+            "wall_s": wall_s,
+            "stages_s": dict(self.timer.stages),
+            "peak_rss_mb": peak_rss_mb(),
+            "layers": [jsonable(dataclasses.asdict(r)) for r in self.records],
+        }
+        return with_export_time(rep, wall_s)
+
+    def orbax_refusal(self) -> str | None:
+        """Why this merge cannot be written as Orbax (None: it can)."""
+        from convert.architectures import SUPPORTED_MODEL_TYPES
+
+        mt = self.plan.model_type
+        if mt not in SUPPORTED_MODEL_TYPES:
+            return (
+                f"--format orbax holds a Flax model, and architecture {mt!r} has no Flax family here "
+                f"(those with one: {', '.join(SUPPORTED_MODEL_TYPES)}); use --format hf"
+            )
+        if self.plan.config != dict(self.base.config) or any(e.action == COPY for e in self.plan.entries):
+            return (
+                "--format orbax holds the base architecture's parameters, but this merge changes them "
+                "(an untied head or tensors the base lacks, see `sgtv check`); use --format hf"
+            )
+        return None
+
+    def close(self) -> None:
+        self.ckpts.close()
+
+
+def uses_by_name(cfg: MergeConfig, model_type: str) -> bool:
+    """Whether `cfg` merges by tensor name (`DataFreeRun`) rather than block by block (`MergeRun`).
+
+    By name: no tensor needs calibration data, and either no calibration data
+    is configured or the architecture has no Flax family here (calibration data
+    given to a data-free merge of a registered architecture still measures the
+    block merge's reconstruction errors).
+    """
+    from convert.architectures import SUPPORTED_MODEL_TYPES
+
+    if cfg.needs_calibration():
+        return False
+    calibrated = any(cfg.calibration_for(t) is not None for t in range(len(cfg.models)))
+    return not calibrated or model_type not in SUPPORTED_MODEL_TYPES
+
+
+def require_flax_family(cfg: MergeConfig, model_type: str) -> None:
+    """`ConfigError` naming the architecture when a merge that needs calibration data has no Flax family."""
+    from convert.architectures import SUPPORTED_MODEL_TYPES
+
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    what = f"merge_method {cfg.merge_method!r} (Gram matrices)" if cfg.method_spec.needs_grams else f"trim {cfg.trim!r}"
+    raise ConfigError(
+        f"base_model: {what} needs calibration data run through a model of the architecture, and "
+        f"architecture {model_type!r} has no Flax family here (those with one: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}). Use a data-free trim (magnitude, random, magprune, breadcrumbs) "
+        "and a method without Grams: data-free merges work on any architecture"
+    )
