@@ -1,7 +1,7 @@
 """Benchmark: data-free merges at Llama-3.2-1B's shapes: wall, peak RSS and the memory formula.
 
     python examples/benchmarks/bench_scale.py [--small] [--cache DIR] [--ways 2 3]
-        [--methods ties dare_ties task_arithmetic] [--tools plain streaming sgtv] [--budget 1GiB]
+        [--methods ties dare_ties task_arithmetic] [--tools plain sgtv mergekit] [--budget 256MiB] [--verify]
 
 Makes (once, into --cache; kept between runs) a random LLaMA checkpoint with
 Llama-3.2-1B's shapes (hidden 2048, 16 layers, intermediate 8192, vocab
@@ -9,32 +9,24 @@ Llama-3.2-1B's shapes (hidden 2048, 16 layers, intermediate 8192, vocab
 three fine-tunes (base + N(0, (0.01 rms)^2) deltas rounded to bfloat16; every
 fine-tune leaves some tensors untouched), written tensor by tensor. `--small`
 uses SmolLM2-135M-like shapes instead (hidden 576, 30 layers, intermediate
-1536, vocab 49152).
+1536, vocab 49152; well under 2 minutes).
 
 Then runs, each in a fresh subprocess that reports its own wall time and peak
-RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, imports included), for every
-method (TIES, DARE-TIES, task arithmetic; density 0.5, `dtype: bfloat16`) and
-number of models (2, 3):
+RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`: the whole process, imports
+and JAX included), for every method (TIES, DARE-TIES, task arithmetic;
+density 0.5, `dtype: bfloat16`) and number of models (2, 3):
 
 * `plain`: read base + T models with safetensors (numpy), average them in
   float32, cast to bfloat16, write safetensors shards; tensor by tensor. The
   I/O floor of any merge, measured once per T in the same run.
-* `streaming`: the row-chunked merge (`sgtv_jax.merge.streaming.merge_rows`)
-  driven tensor by tensor by `streaming_driver` below (the same plans as
-  `sgtv merge`, `convert.export_hf` writing `ChunkedTensor`s). This is what
-  the pipeline does once it routes tensors through `merge_rows`.
-* `sgtv`: `sgtv merge CONFIG OUT --force` as it is (whole-tensor stacks).
+* `sgtv`: `sgtv merge CONFIG OUT` with `memory_budget: --budget` (tensors
+  over it merged in row chunks, outputs written chunk by chunk). `--verify`
+  also runs it with no budget (whole tensors) and compares the outputs.
 * `mergekit`: `mergekit-yaml` when mergekit is importable (never required).
 
-Memory formula of the streaming driver (printed beside the measured peak):
-
-    peak RSS ~ R0 + W + E
-    R0 = RSS after imports and JAX's start-up (measured by the run itself)
-    W  = max over tensors of  min(rows, chunk_rows) * row_entries * bytes_per_entry(T)
-         (`streaming.working_set_bytes`; at most the budget unless one row exceeds it)
-    E  = export: one output chunk (rows * row_entries * 2 bytes for bfloat16) plus a
-         64 MiB row chunk when a base tensor is copied (`convert.export.COPY_CHUNK_BYTES`)
-
+Beside the measured peak: `sgtv check`'s memory formula (`pipeline.memory`,
+the largest merge working set). The JAX runtime, the Python process and the
+output chunk come on top.
 `bytes_per_entry(T) = 12 + 20 T` float32 working bytes per entry of a chunk.
 The input checkpoints are read with `readinto` (no memory map), so the page
 cache does not count in RSS. Input files are read once before the runs
@@ -48,10 +40,8 @@ page faults than arithmetic.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
-import math
 import os
 import resource
 import shutil
@@ -214,10 +204,11 @@ def warm_page_cache(paths: list[Path]) -> None:
                     pass
 
 
-def write_config(path: Path, method: str, base: Path, fts: list[Path]) -> Path:
+def write_config(path: Path, method: str, base: Path, fts: list[Path], budget: str = "256MiB") -> Path:
     density = "" if method == "task_arithmetic" else ", density: 0.5"
     lines = ["models:"] + [f"  - model: {f}\n    parameters: {{weight: 1.0{density}}}" for f in fts]
     lines += [f"merge_method: {method}", f"base_model: {base}", "dtype: bfloat16", "max_shard_size: 1GB"]
+    lines += [f"memory_budget: {budget}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -265,74 +256,12 @@ def plain_average(base: Path, fts: list[Path], out: Path) -> dict:
     return {"rss_after_imports": r0}
 
 
-def streaming_driver(config: Path, out: Path, budget: int) -> dict:
-    """`sgtv merge`'s data-free path with every mergeable tensor through `merge_rows` (chunks within `budget`).
-
-    `sgtv_jax.pipeline.datafree.DataFreeRun` as `sgtv merge` runs it, except at its seam
-    (`merge_entry`): a tensor to merge goes through `merge_rows` (its row readers are
-    `TensorInputs.read_rows`, its transposition `TensorEntry.transpose`) and reaches
-    `export_hf` as a `ChunkedTensor`; base / copied tensors are copied in row chunks.
-    Methods `merge_rows` does not chunk go through `merge_entry` as in `sgtv merge`.
-    """
-    from convert.chunked import ChunkedTensor
-    from convert.export import COPY_CHUNK_BYTES, export_hf
-    from sgtv_jax.merge.streaming import bytes_per_entry, merge_rows, why_not_streamed, working_set_bytes
-    from sgtv_jax.pipeline.byname import MERGE
+def formula_bytes(config: Path) -> int:
+    """`sgtv check`'s memory formula for `config` (the largest merge working set), in bytes."""
     from sgtv_jax.pipeline.config import load_config
-    from sgtv_jax.pipeline.datafree import DataFreeRun, merge_entry
-    from sgtv_jax.pipeline.planning import plan_tensor
+    from sgtv_jax.pipeline.memory import estimate_memory
 
-    r0 = rss_now()
-    cfg = load_config(config)
-    run = DataFreeRun(cfg, progress=False)
-    T = run.T
-    work = max(working_set_bytes(e.shape, T, budget) for e in run.plan.entries if e.shape)
-    # one output chunk of the tensor with the largest working set, plus a row chunk copied by export
-    out_chunk = work // bytes_per_entry(T) * run.out_dtype.itemsize
-    formula = r0 + work + out_chunk + COPY_CHUNK_BYTES
-
-    def tensors():
-        ckpts = [run.ckpts.base] + run.ckpts.models
-        for entry in run.plan.entries:
-            shape = tuple(entry.shape)
-            if entry.action == MERGE:
-                plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
-                if shape and why_not_streamed(plan) is None:
-                    inputs = run.inputs(entry)
-                    readers = [functools.partial(inputs.read_rows, m) for m in range(T + 1)]
-                    chunks = merge_rows(
-                        plan,
-                        readers[0],
-                        readers[1:],
-                        shape,
-                        out_dtype=run.out_dtype,
-                        budget_bytes=budget,
-                        transpose=entry.transpose,
-                    )
-                    yield entry.name, ChunkedTensor(shape, run.out_dtype, chunks)
-                else:
-                    yield entry.name, merge_entry(cfg, entry, run.inputs(entry), run.out_dtype, run.timer)[0]
-                continue
-            ckpt = run.ckpts.base if entry.action != "copy" else run.ckpts.models[entry.source]
-            if not shape:
-                yield entry.name, run.ckpts.get(ckpt, entry.name)
-                continue
-            rows = max(1, COPY_CHUNK_BYTES // max(1, math.prod(shape[1:]) * ckpt.dtype(entry.name).itemsize))
-            parts = (run.ckpts.get_rows(ckpt, entry.name, a, min(a + rows, shape[0])) for a in range(0, shape[0], rows))
-            yield entry.name, ChunkedTensor(shape, ckpt.dtype(entry.name), parts)
-        del ckpts
-
-    base_dir = Path(run.base.path)
-    export_hf(
-        tensors(),
-        out,
-        config=run.plan.config,
-        dtype=run.out_dtype_name,
-        copy_files_from=base_dir if base_dir.is_dir() else None,
-        max_shard_size=cfg.max_shard_size,
-        overwrite=True,
-    )
-    return {"rss_after_imports": r0, "working_set": work, "formula": formula}
+    return estimate_memory(load_config(config)).total
 
 
 def sgtv_merge(config: Path, out: Path) -> dict:
@@ -349,11 +278,6 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.child == "plain":
         info = plain_average(Path(args.base), [Path(p) for p in args.fts], Path(args.out))
-    elif args.child == "streaming":
-        import jax.numpy as jnp
-
-        jnp.zeros(1).block_until_ready()  # the JAX runtime is part of the baseline R0
-        info = streaming_driver(Path(args.config), Path(args.out), args.budget)
     else:
         info = sgtv_merge(Path(args.config), Path(args.out))
     info["wall_s"] = time.perf_counter() - t0
@@ -436,23 +360,22 @@ def main() -> None:
     ap.add_argument(
         "--tools",
         nargs="+",
-        default=["plain", "streaming", "sgtv", "mergekit"],
-        choices=["plain", "streaming", "sgtv", "mergekit"],
+        default=["plain", "sgtv", "mergekit"],
+        choices=["plain", "sgtv", "mergekit"],
     )
-    ap.add_argument("--budget", default="1GiB", help="streaming working-set budget per tensor (default 1GiB)")
+    ap.add_argument("--budget", default="256MiB", help="sgtv's memory_budget (default 256MiB)")
     ap.add_argument(
         "--verify",
         action="store_true",
-        help="check that the streaming output equals sgtv merge's, tensor by tensor, bit for bit",
+        help="also run sgtv merge with no budget (whole tensors: much more memory) and compare outputs bit for bit",
     )
-    ap.add_argument("--child", choices=["plain", "streaming", "sgtv"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["plain", "sgtv"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--fts", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        args.budget = parse_size(args.budget)
         return child(args)
 
     size = "small" if args.small else "1b"
@@ -474,19 +397,20 @@ def main() -> None:
             rows.append((f"{T}-way", "read+average+write", plain, None))
             print(rows[-1], flush=True)
         for method in args.methods:
-            config = write_config(work / f"{method}-{T}.yaml", method, base, fts[:T])
-            for tool in ("streaming", "sgtv"):
-                if tool not in args.tools:
-                    continue
-                argv = ["--child", tool, "--config", str(config), "--out", str(work / tool), "--budget", args.budget]
-                res = run_child(argv, work / tool, keep=args.verify)
-                rows.append((f"{T}-way {method}", f"{tool}", res, res.get("formula")))
+            config = write_config(work / f"{method}-{T}.yaml", method, base, fts[:T], args.budget)
+            if "sgtv" in args.tools:
+                argv = ["--child", "sgtv", "--config", str(config), "--out", str(work / "sgtv")]
+                res = run_child(argv, work / "sgtv", keep=args.verify)
+                rows.append((f"{T}-way {method}", "sgtv", res, formula_bytes(config)))
                 print(rows[-1], flush=True)
-            if args.verify and (work / "streaming").is_dir() and (work / "sgtv").is_dir():
-                verdict = same_tensors(work / "streaming", work / "sgtv")
-                verified.append(f"{T}-way {method}: streaming vs sgtv merge outputs {verdict}")
-                print(verified[-1], flush=True)
-            for tool in ("streaming", "sgtv"):
+                if args.verify:
+                    whole = write_config(work / f"{method}-{T}-whole.yaml", method, base, fts[:T], "1TB")
+                    argv = ["--child", "sgtv", "--config", str(whole), "--out", str(work / "whole")]
+                    rows.append((f"{T}-way {method}", "sgtv, no budget", run_child(argv, work / "whole", True), None))
+                    verdict = same_tensors(work / "sgtv", work / "whole")
+                    verified.append(f"{T}-way {method}: budget {args.budget} vs no budget: outputs {verdict}")
+                    print(verified[-1], flush=True)
+            for tool in ("sgtv", "whole"):
                 shutil.rmtree(work / tool, ignore_errors=True)
             if "mergekit" in args.tools and has_mergekit:
                 rows.append((f"{T}-way {method}", "mergekit", run_mergekit(config, work / "mergekit"), None))

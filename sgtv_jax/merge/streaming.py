@@ -42,10 +42,13 @@ election and the (disjoint) mean are per entry.
 One chunk (its selections then run in memory, with `trim`'s radix select):
 tensors whose stack fits the budget, 1-D tensors, and `magprune` on a
 transposed tensor (its rows are the stored columns: memory is the whole
-stack). Each chunk is trimmed and merged on the host in NumPy (`host_merge`: the
-JAX methods' operations in their order, so the same bits; much faster than
-XLA on CPU for these memory-bound steps); random draws stay JAX's threefry
-(`blockrng`), DELLA's per-row ranks `trim.magprune`. Calibration trims (`wanda`, `sparsegpt`) are
+stack). Selections (cut points, tie counts) run on the host in NumPy; each
+chunk is then trimmed (`trim.keep` on the selected mask, `trim.magprune`,
+`blockrng` draws) and merged by the library's own method (`get_method`, as
+`merge_planned` calls it) in one jit-compiled program per chunk shape: every
+chunk of a tensor is padded to the first chunk's rows (the methods are per
+entry after their trims), so a tensor compiles once and tensors of one shape
+and plan share the program. Calibration trims (`wanda`, `sparsegpt`) are
 refused: use `merge_planned` with the Hessian.
 """
 
@@ -53,16 +56,17 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sgtv_jax.merge import _validate, blockrng
 from sgtv_jax.merge import trim as trim_lib
-from sgtv_jax.merge.host_merge import TINY, check_params, host_merge, moderate
 from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, maps_zero_to_zero
@@ -108,7 +112,6 @@ def why_not_streamed(plan: TensorPlan) -> str | None:
 
 _KEY_MAX = np.uint32(0x7FFFFFFF)  # |d| bit patterns are <= this (no NaN)
 _KEY_INF = int(_KEY_MAX) - 0x7F800000  # keys <= this: |d| is Inf or NaN
-_KEY_TINY = int(_KEY_MAX) - int(np.float32(TINY).view(np.uint32))  # keys above it (not max): 0 < |d| < TINY
 _DIGITS = digit_plan(32, 1 << 32)  # 16 + 16 bits, whatever the tensor's size
 
 
@@ -208,13 +211,13 @@ class _Source:
             raise ValueError(f"tensor {self.name!r}: {what} rows [{r0}, {r1}) have shape {a.shape}, expected {want}")
         return a
 
-    def rows(self, r0: int, r1: int, tiny: bool = True) -> _Rows:
+    def rows(self, r0: int, r1: int) -> _Rows:
         """Rows `[r0, r1)`: base float32, task vectors `model - base` float32 and their keys, checked
-        for NaN / Inf; `tiny`: also look for entries below `host_merge.TINY` (else `_Rows.tiny` is False)."""
+        for NaN / Inf."""
         b = self.read(self.base, r0, r1, "base").astype(np.float32, copy=False)
         d = np.empty((len(self.models),) + b.shape, np.float32)
         keys = np.empty(d.shape, np.uint32)
-        bad, check_tiny, tiny, changed = [], tiny, False, False
+        bad, changed = [], False
         for t, reader in enumerate(self.models):
             np.subtract(self.read(reader, r0, r1, f"model {t}").astype(np.float32, copy=False), b, out=d[t])
             k = np.abs(d[t], out=keys[t].view(np.float32)).view(np.uint32)
@@ -223,25 +226,22 @@ class _Source:
             if kmin <= _KEY_INF:  # |d| >= inf bits: Inf or NaN
                 bad.append((t, int(np.count_nonzero(~np.isfinite(d[t])))))
             changed = changed or kmin != _KEY_MAX  # some |d| > 0
-            if check_tiny and not tiny and k.size:
-                tiny = int(np.max(k, where=k != _KEY_MAX, initial=0)) > _KEY_TINY
         if bad:
             raise ValueError(
                 f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
                 + ", ".join(f"model {t} ({c} entries)" for t, c in bad)
             )
-        return _Rows(b, d, keys, tiny, changed)
+        return _Rows(b, d, keys, changed)
 
 
 class _Rows(NamedTuple):
     """One chunk: base `[rows, ...]`, task vectors `d` `[T, rows, ...]` and their reversed keys
-    (`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys); `tiny`: some
-    task-vector entry is nonzero but below `host_merge.TINY`; `changed`: some entry is nonzero."""
+    (`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys); `changed`: some
+    task-vector entry is nonzero."""
 
     b: np.ndarray
     d: np.ndarray
     keys: np.ndarray
-    tiny: bool
     changed: bool
 
 
@@ -367,6 +367,50 @@ def _nth_true(flags: np.ndarray, nth: int) -> int:
     )
 
 
+def _frozen(kw: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """`kw` as a hashable key (lists as tuples)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+
+
+@functools.lru_cache(maxsize=64)
+def _program(
+    method: str,
+    weights: tuple[float, ...],
+    kw: tuple[tuple[str, Any], ...],
+    modes: tuple[str, ...],
+    dens: tuple[float, ...],
+    rescale: bool,
+) -> Callable[[Any, Any], tuple[jax.Array, jax.Array]]:
+    """The jit-compiled trim-and-merge of one chunk: `(x [T, rows, cols] float32, masks [M, rows,
+    cols] bool) -> (merged task vector [rows, cols] float32, kept entries per task [T])`.
+
+    `modes[t]`: "mask" tasks take the next mask (`trim.keep`, rescaled by `1 / dens[t]` when
+    `rescale`), "zero" tasks are zeros, the others pass as they are; then the method as
+    `merge_planned` calls it. Cached: tensors of one plan share the program (one compile per
+    chunk shape).
+    """
+    fn, spec, params = get_method(method), method_spec(method), dict(kw)
+
+    def run(x: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+        ys, i = [], 0
+        for t, mode in enumerate(modes):
+            if mode == "mask":
+                ys.append(trim_lib.keep(x[t], masks[i], dens[t], rescale=rescale))
+                i += 1
+            elif mode == "zero":
+                ys.append(jnp.zeros_like(x[t]))
+            else:
+                ys.append(x[t])
+        stack = jnp.stack(ys)
+        if spec.trims:
+            merged = fn(stack, list(weights), 1.0, trim=None, rescale=False, **params)
+        else:
+            merged = fn(stack, list(weights), **params)
+        return merged, jnp.count_nonzero(stack.reshape(len(modes), -1), axis=1)
+
+    return jax.jit(run)
+
+
 class _Chunked:
     """The chunked merge of one tensor (see the module doc); `run` yields the output chunks."""
 
@@ -414,23 +458,31 @@ class _Chunked:
                 k = self._count(dens[t])
                 n_top = min(self._count(self.gamma[t]), self.n - k)
                 self.ranks[t] = [k] if kind == "magnitude" else [n_top + k, n_top]
+        # per task: "pass" (as is), "zero", "mask" (a selected or drawn mask), "magprune" (its own draw)
         self.modes = tuple(
-            "pass" if kind is None or d >= 1.0 else "zero" if d <= 0.0 else "pass" if kind == "magprune" else "mask"
+            "pass" if kind is None or d >= 1.0 else "zero" if d <= 0.0 else "magprune" if kind == "magprune" else "mask"
             for d in dens
         )
-        try:
-            check_params(plan.method, plan.weights, self.kw, name)
-        except ValueError as e:
-            raise PlanError(str(e)) from None
-        # the NumPy merge gives XLA's bits while no value can turn subnormal (see host_merge)
-        self.host = tasks <= 256 and moderate(list(plan.weights) + [self.kw.get("lambda_", 1.0)])
+        self.program = _program(plan.method, tuple(plan.weights), _frozen(self.kw), self.modes, dens, self.rescale)
+        try:  # the method's own checks of its parameters, at once (traced on a 1-entry chunk: no compile)
+            jax.eval_shape(self.program, *self._program_args(1, 1))
+        except (ValueError, TypeError) as e:
+            raise PlanError(f"tensor {plan.name!r}: {e}") from None
 
     def _count(self, fraction: float) -> int:
         """`round(fraction * n)`, or `int(fraction * n)` for count "floor" (as `trim`)."""
         return int(fraction * self.n) if self.count == "floor" else int(round(fraction * self.n))
 
+    def _program_args(self, rows: int, cols: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """The program's argument shapes for a chunk of `rows` x `cols` entries."""
+        masks = sum(m == "mask" for m in self.modes)
+        return (
+            jax.ShapeDtypeStruct((self.tasks, rows, cols), jnp.float32),
+            jax.ShapeDtypeStruct((masks, rows, cols), jnp.bool_),
+        )
+
     def run(self, out_dtype: np.dtype) -> Iterator[np.ndarray]:
-        stats, shape = self.stats, self.src.shape
+        stats = self.stats
         cuts, changed = self._find_cuts()
         if changed is None:  # no selection pass ran: look for a change (stops at the first)
             changed = any(self._rows(r0, r1).changed for r0, r1 in self.spans)
@@ -447,101 +499,70 @@ class _Chunked:
             return
         seen = {tm: 0 for tm in cuts}  # ties (of the counted kind) met in earlier chunks
         kept = np.zeros(self.tasks, np.int64)
+        step = self.spans[0][1] - self.spans[0][0]  # every chunk is padded to the first one's rows
         for r0, r1 in self.spans:
-            chunk = self._rows(r0, r1, final=True)
+            chunk = self._rows(r0, r1)
             self._cached = None
-            host = self.host and not chunk.tiny
-            ys = []
-            for t in range(self.tasks):
-                # a whole tensor keeps its shape (a vector is one magprune row)
-                x = chunk.d[t].reshape(shape) if self.whole else chunk.d[t].reshape(r1 - r0, self.cols)
-                y = self._trim(t, x, chunk.keys[t].reshape(-1, self.cols), r0, cuts, seen, host)
-                kept[t] += int(np.count_nonzero(y)) if host else int(jnp.count_nonzero(y))
-                ys.append(y)
+            rows = r1 - r0
+            x = chunk.d.reshape(self.tasks, rows, self.cols)
+            masks = np.zeros((sum(m == "mask" for m in self.modes), step, self.cols), np.bool_)
+            i = 0
+            for t, mode in enumerate(self.modes):
+                if mode == "mask":
+                    masks[i, :rows] = self._mask(t, chunk.keys[t].reshape(rows, self.cols), r0, cuts, seen)
+                    i += 1
+                elif mode == "magprune":  # drawn per row of the merge order (the whole tensor when transposed)
+                    x[t] = self._magprune(t, x[t], r0)
+            if rows < step:
+                x = np.concatenate([x, np.zeros((self.tasks, step - rows, self.cols), np.float32)], axis=1)
             b = chunk.b
             del chunk
-            if host:
-                merged = host_merge(self.plan.method, ys, self.plan.weights, self.kw)
-            else:  # XLA's own arithmetic (subnormal flushing included): the method as merge_planned calls it
-                merged = np.array(self._jax_method(jnp.stack(ys)), np.float32)
-            del ys
+            merged_j, kept_j = self.program(x, masks)
+            del x, masks
+            kept += np.asarray(kept_j, np.int64)
+            merged = np.array(merged_j, np.float32)[:rows]
+            del merged_j
             merged += b.reshape(merged.shape)  # b + merged, as the pipeline adds them
             yield merged.reshape(b.shape).astype(out_dtype)
         stats.kept = [int(c) / max(self.n, 1) for c in kept]
 
-    def _jax_method(self, stack: jnp.ndarray) -> jnp.ndarray:
-        fn = get_method(self.plan.method)
-        if self.spec.trims:
-            return fn(
-                stack,
-                list(self.plan.weights),
-                1.0,
-                trim=None,
-                rescale=False,
-                name=self.plan.name,
-                key=self.plan.key,
-                **self.kw,
-            )
-        return fn(stack, list(self.plan.weights), name=self.plan.name, **self.kw)
-
-    def _rows(self, r0: int, r1: int, final: bool = False) -> _Rows:
-        """`_Source.rows` (a read of the first chunk counts a pass; the merge pass also looks for
-        tiny entries); a tensor in one chunk is read once and kept until its merge."""
+    def _rows(self, r0: int, r1: int) -> _Rows:
+        """`_Source.rows` (a read of the first chunk counts a pass); a tensor in one chunk is read
+        once and kept until its merge."""
         if self._cached is not None:
             return self._cached
         self.stats.passes += r0 == self.spans[0][0]
-        rows = self.src.rows(r0, r1, tiny=final or self.whole)
+        rows = self.src.rows(r0, r1)
         if self.whole:
             self._cached = rows
         return rows
 
-    def _trim(self, t: int, x: np.ndarray, keys: np.ndarray, r0: int, cuts: dict, seen: dict, host: bool):
-        """Task t's trimmed rows `[r0, r0 + len(x))`, as `trim.trim` trims the whole tensor.
-
-        `host`: a float32 NumPy array (`host_merge` follows); else a JAX array
-        finished by `trim.keep` itself (XLA's arithmetic).
-        """
-        mode, kind, dens = self.modes[t], self.kind, self.dens[t]
-        if mode == "zero":
-            return np.zeros_like(x) if host else jnp.zeros(x.shape, jnp.float32)
-        if kind is None or (mode == "pass" and kind != "magprune"):
-            return x if host else jnp.asarray(x)
-        shape = tuple(x.shape)
-        if kind == "magprune":  # whole rows, drawn at their place (transposed: the whole tensor)
-            if self.transpose:
-                pruned = trim_lib.magprune(
-                    jnp.asarray(x.T), dens, self.keys[t], epsilon=self.epsilon[t], rescale=self.rescale
-                ).T
-            else:
-                pruned = trim_lib.magprune(
-                    jnp.asarray(x),
-                    dens,
-                    self.keys[t],
-                    epsilon=self.epsilon[t],
-                    rescale=self.rescale,
-                    offset=r0 * self.cols,
-                )
-            return np.array(pruned, np.float32) if host else pruned
-        mask: np.ndarray
-        if kind == "random":
-            if self.transpose:
-                drawn = blockrng.bernoulli_transposed_block(self.keys[t], dens, shape, r0, self.rows)
-            else:
-                drawn = trim_lib.random_mask(self.keys[t], dens, shape, r0 * self.cols)
-            mask = np.asarray(drawn)
+    def _magprune(self, t: int, x: np.ndarray, r0: int) -> np.ndarray:
+        """Task t's rows `[r0, r0 + len(x))` `[rows, cols]` pruned by `trim.magprune`, as in the whole tensor."""
+        dens, eps, key = self.dens[t], self.epsilon[t], self.keys[t]
+        if self.whole:  # the whole tensor in its own shape (a vector is one row)
+            x = x.reshape(self.src.shape)
+        if self.transpose:  # one chunk holding every row: the merge order's rows are the stored columns
+            pruned = trim_lib.magprune(jnp.asarray(x.T), dens, key, epsilon=eps, rescale=self.rescale).T
         else:
-            m = self.ranks[t]
-            mask = self._take(keys, cuts[(t, m[0])], seen, (t, m[0]))
-            if kind == "breadcrumbs":
-                mask &= ~self._take(keys, cuts[(t, m[1])], seen, (t, m[1]))
-            mask = mask.reshape(shape)
-        if not host:
-            return trim_lib.keep(jnp.asarray(x), jnp.asarray(mask), dens, rescale=self.rescale)
-        # trim.keep: where(kept, x, 0), times 1/density (rounded to float32) when rescaling
-        y = np.where(mask, x, np.float32(0))
-        if self.rescale:
-            y *= np.float32(1.0 / dens)
-        return y
+            pruned = trim_lib.magprune(
+                jnp.asarray(x), dens, key, epsilon=eps, rescale=self.rescale, offset=r0 * self.cols
+            )
+        return np.asarray(pruned, np.float32).reshape(-1, self.cols)
+
+    def _mask(self, t: int, keys: np.ndarray, r0: int, cuts: dict, seen: dict) -> np.ndarray:
+        """Task t's keep mask of rows `[r0, r0 + len(keys))` `[rows, cols]`, as `trim.trim` selects or
+        draws it in the whole tensor (`keys`: the rows' reversed keys)."""
+        shape = tuple(keys.shape)
+        if self.kind == "random":
+            if self.transpose:
+                return np.asarray(blockrng.bernoulli_transposed_block(self.keys[t], self.dens[t], shape, r0, self.rows))
+            return np.asarray(trim_lib.random_mask(self.keys[t], self.dens[t], shape, r0 * self.cols))
+        m = self.ranks[t]
+        mask = self._take(keys, cuts[(t, m[0])], seen, (t, m[0]))
+        if self.kind == "breadcrumbs":
+            mask &= ~self._take(keys, cuts[(t, m[1])], seen, (t, m[1]))
+        return mask
 
     def _take(self, keys: np.ndarray, cut: _Cut, seen: dict, tm: tuple[int, int]) -> np.ndarray:
         """This chunk's entries among the cut's m largest (`keys` `[rows, cols]`); updates `seen`."""

@@ -25,13 +25,19 @@ an upper bound in spirit (the outer tensors are merged before the blocks);
 XLA's own workspaces and the Python process itself come on top.
 
 A merge by tensor name (`datafree.py`: no calibration data, any
-architecture) holds one output tensor's inputs at a time:
+architecture) holds one output tensor's merge at a time. With `B` the
+`memory_budget` (default 256 MiB), a tensor of `N` entries, `R` per row
+(`N / rows`), costs `N (12 + 20 T)` bytes merged whole (float32 base, task
+vectors, trimmed vectors, the merge's temporaries and output:
+`streaming.bytes_per_entry`), and at most `max(B, R (12 + 20 T))` merged in
+row chunks, which every tensor over `B` is unless its method needs whole
+tensors (`streaming.why_not_streamed`) or it is a vector:
 
-    tensor = 4 (T + 1) N_max
-             the largest merged tensor (N_max entries, e.g. the embedding),
-             base and T task vectors in float32
+    tensor = max over merged tensors of
+             min(N (12 + 20 T), max(B, R (12 + 20 T)))    (row-chunked methods)
+             N (12 + 20 T)                                 (methods on whole tensors)
 
-and nothing else of the models.
+and nothing else of the models (the writer holds one output chunk).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sgtv_jax.errors import ResourceError
+from sgtv_jax.merge.streaming import bytes_per_entry, why_not_streamed, working_set_bytes
 from sgtv_jax.pipeline.config import MergeConfig
 
 F32 = 4
@@ -57,9 +64,11 @@ class Term(NamedTuple):
 
 
 class MemoryEstimate(NamedTuple):
-    """The terms of the module-doc formula; `total` is their sum (bytes)."""
+    """The terms of the module-doc formula; `total` is their sum (bytes); `formula`: the formula
+    in words (shown by `summary`; empty: the terms say it)."""
 
     terms: tuple[Term, ...]
+    formula: str = ""
 
     @property
     def total(self) -> int:
@@ -73,7 +82,8 @@ class MemoryEstimate(NamedTuple):
 
     def summary(self) -> str:
         parts = ", ".join(f"{t.name} {human(t.bytes)}" for t in self.largest())
-        return f"memory estimate: {human(self.total)} peak ({parts})"
+        out = f"memory estimate: {human(self.total)} peak ({parts})"
+        return out + (f"\n  {self.formula}" if self.formula else "")
 
 
 def human(n: float) -> str:
@@ -129,24 +139,35 @@ def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
     """The by-name merge's term (module doc), from the plan of `byname.plan_by_name` (headers only)."""
     from sgtv_jax.pipeline.byname import MERGE
     from sgtv_jax.pipeline.checkpoints import Checkpoints
-    from sgtv_jax.pipeline.datafree import plan_checkpoints
+    from sgtv_jax.pipeline.datafree import plan_checkpoints, whole_tensor_bytes
+    from sgtv_jax.pipeline.planning import plan_tensor
 
     ckpts = Checkpoints(cfg)
     try:
         plan = plan_checkpoints(ckpts)
     finally:
         ckpts.close()
-    T = len(cfg.models)
-    n_max = plan.largest(MERGE)
+    T, budget = len(cfg.models), cfg.memory_budget
+    worst, what = 0, "no merged tensor"
+    for e in plan.entries:
+        if e.action != MERGE:
+            continue
+        whole = whole_tensor_bytes(e.shape, T)
+        tp = plan_tensor(cfg, e.name, e.block, e.depth, linear=False)
+        chunked = whole > budget and len(e.shape) >= 2 and why_not_streamed(tp) is None
+        need = working_set_bytes(e.shape, T, budget) if chunked else whole
+        if need > worst:
+            worst = need
+            what = f"{e.name} {list(e.shape)} " + ("in row chunks" if chunked else "whole")
+    per = bytes_per_entry(T)
+    formula = (
+        f"formula: max over merged tensors of min(N*{per}, max(B, R*{per})) bytes (N entries, R per row, "
+        f"{per} = 12 + 20 T for T={T} models, B = memory_budget = {human(budget)}); "
+        "N*(12 + 20 T) for methods that need whole tensors"
+    )
     return MemoryEstimate(
-        (
-            Term(
-                "tensor",
-                F32 * (T + 1) * n_max,
-                f"the largest merged tensor ({n_max} entries), base and {T} task vectors in float32",
-                ("the number of models",),
-            ),
-        )
+        (Term("tensor", worst, f"the largest merge working set: {what}", ("memory_budget", "the number of models")),),
+        formula,
     )
 
 
