@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from convert.atomic import atomic_output, labelled_inputs
 from convert.checkpoint import Checkpoint
+from convert.chunked import ChunkedTensor, ChunkError, rows_of
 from convert.containment import contained_file
 from convert.dtypes import config_dtype_name, is_float, parse_dtype
 from convert.errors import ConvertError
@@ -35,6 +36,8 @@ INDEX_FILE = "model.safetensors.index.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 SINGLE_FILE = "model.safetensors"
+COPY_CHUNK_BYTES = 64 << 20
+"""Base tensors larger than this are copied in row chunks of about this size."""
 
 # Files copied verbatim from the base (or tokenizer) directory when present.
 TOKENIZER_FILES = (
@@ -98,16 +101,37 @@ def _items(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[t
         yield from tensors
 
 
-def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None) -> np.ndarray:
-    """Resolve one tensor to the array we write (cast, checked)."""
+def _prepare(name: str, value: Any, out_dtype: np.dtype, base: Checkpoint | None) -> np.ndarray | ChunkedTensor:
+    """Resolve one tensor to what we write (cast, checked): an array, or a ChunkedTensor checked chunk by chunk."""
     if value is UNCHANGED:
         if base is None or name not in base:
             raise ConvertError(f"tensor {name!r} is marked UNCHANGED but the base has no such tensor")
-        arr = base.get(name)
+        arr = _base_tensor(base, name)
+    elif isinstance(value, ChunkedTensor):
+        arr = value
     else:
         arr = np.asarray(value)
     if base is not None and name in base and tuple(arr.shape) != tuple(base.shape(name)):
         raise ConvertError(f"tensor {name!r} has shape {tuple(arr.shape)} but the base has {tuple(base.shape(name))}")
+    if isinstance(arr, ChunkedTensor):
+        dtype = out_dtype if is_float(arr.dtype) else arr.dtype
+        return arr.map(lambda c: _checked(name, c, out_dtype), dtype)
+    return _checked(name, arr, out_dtype)
+
+
+def _base_tensor(base: Checkpoint, name: str) -> np.ndarray | ChunkedTensor:
+    """A base tensor to copy: read in row chunks when the checkpoint can and it is large."""
+    shape = tuple(base.shape(name))
+    get_rows = getattr(base, "get_rows", None)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * base.dtype(name).itemsize if shape else 0
+    if get_rows is None or not shape or row_bytes * shape[0] <= COPY_CHUNK_BYTES:
+        return base.get(name)
+    rows = max(1, COPY_CHUNK_BYTES // max(row_bytes, 1))
+    return rows_of(lambda r0, r1: get_rows(name, r0, r1), shape, base.dtype(name), rows)
+
+
+def _checked(name: str, arr: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
+    """`arr` cast to `out_dtype` when floating, refused (by name) if it then holds NaN / Inf."""
     if is_float(arr.dtype):
         if arr.dtype != out_dtype:
             # Casting a finite fp32 value to bf16/fp16 can overflow to inf; check
@@ -127,7 +151,7 @@ class _ShardWriter:
     """Streams tensors into shards of at most ``max_bytes`` (unless one tensor is larger).
 
     Each tensor is written to disk as it arrives (see StreamingSafetensorsWriter),
-    so export holds one tensor in memory, not one shard. Shards are written as
+    so export holds one tensor (one chunk of a ChunkedTensor) in memory, not one shard. Shards are written as
     ``shard-<i>.tmp`` and renamed once their count is known.
     """
 
@@ -137,13 +161,16 @@ class _ShardWriter:
         self.files: list[tuple[Path, list[str]]] = []
         self.total = 0
 
-    def add(self, name: str, arr: np.ndarray) -> None:
+    def add(self, name: str, arr: np.ndarray | ChunkedTensor) -> None:
         if self.current is not None and len(self.current) and self.current.nbytes + arr.nbytes > self.max_bytes:
             self.flush()
         if self.current is None:
             path = self.directory / f"shard-{len(self.files):05d}.tmp"
             self.current = StreamingSafetensorsWriter(path, metadata={"format": "pt"})
-        self.current.add(name, arr)
+        try:
+            self.current.add(name, arr)
+        except ChunkError as e:
+            raise ConvertError(f"tensor {name!r}: {e}") from None
         self.total += arr.nbytes
 
     def flush(self) -> None:
@@ -233,11 +260,13 @@ def export_hf(
 ) -> Path:
     """Export HF-named tensors to a Hugging Face directory at ``dst``.
 
-    ``tensors`` maps HF names to arrays (numpy / jax, PyTorch layout) or to
+    ``tensors`` maps HF names to arrays (numpy / jax, PyTorch layout), to
+    ``convert.chunked.ChunkedTensor`` (written chunk by chunk, never whole) or to
     :data:`UNCHANGED`; it may be a lazy iterator of ``(name, value)`` pairs. With a
     ``base`` checkpoint, UNCHANGED tensors (and, if ``fill_from_base``, base tensors
     the input never names) are read from the base; when the base stores them in
-    the output dtype their bytes are copied exactly. Floating tensors are cast to
+    the output dtype their bytes are copied exactly (in row chunks of
+    ``COPY_CHUNK_BYTES`` when the base reads rows). Floating tensors are cast to
     ``dtype`` ('bf16' / 'fp16' / 'fp32'); integer tensors keep their dtype.
 
     ``config`` defaults to the base's; ``copy_files_from`` (tokenizer files and

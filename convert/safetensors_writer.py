@@ -1,12 +1,14 @@
-"""A streaming safetensors file writer: holds one tensor in memory, not a shard.
+"""A streaming safetensors file writer: holds one chunk of one tensor in memory, not a shard.
 
 ``safetensors.numpy.save_file`` needs every tensor of a file in memory at once
 and copies them again into bytes. Here each tensor's bytes go straight to a
-side file as it arrives; closing writes the header (name -> dtype, shape,
+side file as it arrives (an array, or a ``convert.chunked.ChunkedTensor``
+written chunk by chunk); closing writes the header (name -> dtype, shape,
 data_offsets; the format's ``__metadata__``) and then the data, copied from
-the side file in chunks. The result is a standard safetensors file: the
-header is JSON padded with spaces to a multiple of 8 bytes, as safetensors
-itself writes it, and tensor bytes are the arrays' raw little-endian bytes.
+the side file by the kernel (``os.copy_file_range``; no user-space buffer).
+The result is a standard safetensors file: the header is JSON padded with
+spaces to a multiple of 8 bytes, as safetensors itself writes it, and tensor
+bytes are the arrays' raw little-endian bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from convert.chunked import ChunkedTensor
 
 _TAGS: dict[np.dtype, str] = {
     np.dtype(np.float64): "F64",
@@ -42,6 +46,24 @@ def dtype_tag(dt: np.dtype) -> str:
         raise TypeError(f"dtype {dt} has no safetensors equivalent") from None
 
 
+def _copy_all(src, dst, start: int, nbytes: int) -> None:
+    """Copy `nbytes` of `src` (from its start) to `dst` at offset `start`, inside the kernel when it can."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(nbytes - done, 1 << 30))
+                if n == 0:
+                    break
+                done += n
+        except OSError:  # e.g. across file systems on old kernels: copy the rest in user space
+            pass
+    if done < nbytes:
+        src.seek(done)
+        dst.seek(start + done)
+        shutil.copyfileobj(src, dst, length=16 << 20)
+
+
 class StreamingSafetensorsWriter:
     """Append tensors one by one, then ``close()`` to produce ``path``."""
 
@@ -53,23 +75,28 @@ class StreamingSafetensorsWriter:
         self._header: dict[str, dict] = {}
         self.nbytes = 0
 
-    def add(self, name: str, arr: np.ndarray) -> None:
-        """Write one tensor's bytes now (C order, little-endian)."""
+    def add(self, name: str, arr: np.ndarray | ChunkedTensor) -> None:
+        """Write one tensor's bytes now (C order, little-endian); a ChunkedTensor chunk by chunk."""
         if name in self._header:
             raise ValueError(f"tensor {name!r} written twice")
+        begin = self.nbytes
+        tag = dtype_tag(arr.dtype)
+        for part in arr if isinstance(arr, ChunkedTensor) else (arr,):
+            self._write(part)
+        if self.nbytes - begin != arr.nbytes:
+            raise ValueError(
+                f"tensor {name!r}: wrote {self.nbytes - begin} bytes, its shape and dtype need {arr.nbytes}"
+            )
+        self._header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [begin, self.nbytes]}
+
+    def _write(self, arr: np.ndarray) -> None:
         # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,).
         arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        begin = self.nbytes
         # A memoryview of the array (ndarray.data): no intermediate bytes copy.
         self._data.write(arr.reshape(-1).view(np.uint8).data)
         self.nbytes += arr.nbytes
-        self._header[name] = {
-            "dtype": dtype_tag(arr.dtype),
-            "shape": list(arr.shape),
-            "data_offsets": [begin, self.nbytes],
-        }
 
     def __len__(self) -> int:
         return len(self._header)
@@ -89,7 +116,8 @@ class StreamingSafetensorsWriter:
         with open(self.path, "wb") as out, open(self._data_path, "rb") as src:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
-            shutil.copyfileobj(src, out, length=16 << 20)
+            out.flush()
+            _copy_all(src, out, 8 + len(blob), self.nbytes)
         os.unlink(self._data_path)
         return self.path
 

@@ -529,8 +529,9 @@ def test_cli_check_and_merge_an_encoder_decoder(tmp_path, capsys):
     largest = max(v.size for v in _tensors(paths["base"]).values())  # the shared embedding [48, 16]
     from sgtv_jax.pipeline.memory import estimate_memory, human
 
-    assert estimate_memory(parse_config(raw)).total == 4 * 3 * largest == 4 * 3 * V * 16
-    assert f"memory estimate: {human(4 * 3 * largest)} peak" in out
+    # merged whole (under the default budget): base, 2 task vectors, trimmed ones and temporaries, 12 + 20 T bytes
+    assert estimate_memory(parse_config(raw)).total == (12 + 20 * 2) * largest == 52 * V * 16
+    assert f"memory estimate: {human(52 * largest)} peak" in out and "formula: " in out
     assert main(["merge", str(cfgfile), str(tmp_path / "out"), "--quiet"]) == 0
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert report["stacks"] == {"encoder.block.": 2, "decoder.block.": 3}

@@ -71,7 +71,8 @@ def test_data_free_holds_one_tensor_stack(fam, monkeypatch):
     _no_reads(monkeypatch)
     est = estimate_memory(parse_config(raw))
     assert [t.name for t in est.terms if t.bytes] == ["tensor"]
-    assert est.total == 4 * 3 * max(vocab * D, FF * D)  # base + 2 task vectors of the embedding / head
+    # the documented whole-tensor working set N (12 + 20 T), T = 2, of the largest tensor (embedding / head)
+    assert est.total == (12 + 20 * 2) * max(vocab * D, FF * D)
 
 
 def test_refusal_names_the_largest_terms_knobs(fam):

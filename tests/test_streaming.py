@@ -401,3 +401,51 @@ def test_errors_name_the_tensor_and_model():
             base.shape,
             out_dtype=np.float32,
         )
+
+
+# --------------------------------------------------------------------------- XLA arithmetic
+
+
+def test_tiny_task_vectors_follow_xla_arithmetic():
+    # subnormal task-vector entries (XLA flushes them) and tiny ones: chunks merge with the JAX method's bits
+    base, models = family(10, (8, 6), 2, np.float32)
+    base[2, :3] = 0.0  # the output there is the merged value itself
+    models[0][2, :3] = np.float32(1e-39)  # a subnormal task-vector entry (XLA: 1e-39 * w -> 0)
+    models[1][2, :3] = 0.0
+    models[1][3, 1] = base[3, 1] + np.float32(3e-11)
+    for method in ("ties", "task_arithmetic", "linear"):
+        plan = plan_for(method, None, {}, tasks=2)
+        for rows in (1, 3, 8):
+            same_bits(run_rows(plan, base, models, rows, np.float32), whole_reference(plan, base, models, np.float32))
+
+
+@pytest.mark.parametrize("kind", ["distinct", "few values", "mostly zero", "two values"])
+def test_bracket_cut_takes_the_m_smallest(kind):
+    from sgtv_jax.merge.streaming import _bracket_cut
+
+    rng = np.random.default_rng(11)
+    n = 300_000
+    keys = {
+        "distinct": rng.permutation(n).astype(np.uint32) * np.uint32(7),
+        "few values": rng.integers(0, 40, n).astype(np.uint32) << np.uint32(20),
+        "mostly zero": np.where(rng.random(n) < 0.7, 0x7FFFFFFF, rng.integers(0, 1 << 30, n)).astype(np.uint32),
+        "two values": np.where(rng.random(n) < 0.5, 5, 9).astype(np.uint32),
+    }[kind]
+    ordered = np.sort(keys)
+    for m in (1, 1000, n // 3, n // 2, n - 1, n):
+        cut = _bracket_cut(keys, m)
+        assert cut is not None  # a uniform sample brackets these ranks
+        below = int(np.count_nonzero(keys < cut.key))
+        assert below + cut.ties == m
+        if cut.ties:  # some entries equal to the m-th smallest key are taken, not all of them
+            assert cut.key == ordered[m - 1] and cut.ties < np.count_nonzero(keys == cut.key)
+
+
+def test_large_tensor_in_memory_equals_whole_merge():
+    # above the bracket's size threshold; many ties and zeros
+    base, models = family(12, (700, 500), 2, BF16)
+    for method, trim in (("ties", None), ("breadcrumbs_ties", None)):
+        plan = plan_for(method, trim, {}, tasks=2)
+        stats = StreamStats()
+        same_bits(run_rows(plan, base, models, 700, BF16, stats), whole_reference(plan, base, models, BF16))
+        assert stats.chunks == 1 and stats.passes == 1

@@ -33,7 +33,7 @@ def select_mask(deltas: jax.Array, select_topk: float | jax.Array) -> jax.Array:
     nonzero = jnp.sum(flat != 0).astype(jnp.float32)
     k = jnp.floor(nonzero * jnp.asarray(select_topk, jnp.float32)).astype(jnp.int32)
     k = jnp.clip(k, 0, flat.size)
-    kept = trim_lib._top_mask(jnp.abs(flat), k).reshape(var.shape)
+    kept = trim_lib.top_mask(jnp.abs(flat), k).reshape(var.shape)
     sk = jnp.asarray(select_topk)
     return jnp.where(sk >= 1, True, jnp.where(sk <= 0, False, kept))
 

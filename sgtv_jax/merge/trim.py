@@ -97,7 +97,7 @@ def _inverse(density: float | jax.Array, dtype: jnp.dtype) -> float | jax.Array:
     return 1.0 / density
 
 
-def _top_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
+def top_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
     """Bool mask of the `k` largest entries of each row of `scores` `[..., n]`, ties stable.
 
     Same result as ranking with two stable argsorts (the earlier of equal
@@ -172,7 +172,7 @@ def magnitude(delta: jax.Array, density: float, *, rescale: bool = False, count:
         return e
     # ranked in delta's own dtype: a bfloat16 |d| orders exactly as its float32 value, in half the bits
     flat = jnp.abs(delta.reshape(-1))
-    kept = _top_mask(flat, _count(density, flat.size, count)).reshape(delta.shape)
+    kept = top_mask(flat, _count(density, flat.size, count)).reshape(delta.shape)
     return _finish(delta, kept, _inverse(density, _checks.work_dtype(delta.dtype)) if rescale else None)
 
 
@@ -273,7 +273,7 @@ def breadcrumbs(
     top = _count(gamma, n, count)
     n_top = jnp.minimum(top, n - k) if _checks.is_traced(density, gamma) else min(top, n - k)
     # ranks [n_top, n_top + k) of the stable descending order: the top n_top + k minus the top n_top
-    kept = (_top_mask(flat, n_top + k) & ~_top_mask(flat, n_top)).reshape(delta.shape)
+    kept = (top_mask(flat, n_top + k) & ~top_mask(flat, n_top)).reshape(delta.shape)
     out = _finish(delta, kept, _inverse(density, _checks.work_dtype(delta.dtype)) if rescale else None)
     return guard.apply(out) if own else out
 
@@ -296,7 +296,7 @@ def wanda(
         return e
     dt = _checks.work_dtype(delta.dtype)
     scores = jnp.abs(delta.astype(dt)) * norms.astype(dt)[None, :]
-    kept = _top_mask(scores, _count(density, delta.shape[1], count))
+    kept = top_mask(scores, _count(density, delta.shape[1], count))
     return _finish(delta, kept, _inverse(density, dt) if rescale else None)
 
 

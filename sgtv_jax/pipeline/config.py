@@ -19,7 +19,9 @@ Our keys (top level): ``trim`` (a trim name or filter rules, e.g. ``sparsegpt``)
 ``hessian_source`` (``base`` | ``per_task`` | ``merged``), ``blocksize``,
 ``percdamp``, ``prunen`` / ``prunem``, ``refit`` (least-squares refit of the
 entries OBS kept, see ``sgtv_jax.refit``), ``seed``, ``batch_size``,
-``max_shard_size``, ``moe_min_tokens`` (MoE: the fewest routed calibration
+``max_shard_size``, ``memory_budget`` (data-free merges: a tensor whose merge
+needs more working memory than this, e.g. ``256MiB`` (the default), is merged
+in row chunks that fit it, with the same bits), ``moe_min_tokens`` (MoE: the fewest routed calibration
 tokens an expert needs for its own routing-weighted Hessian, default the
 hidden size; see ``sgtv_jax.pipeline.streams``).
 
@@ -61,6 +63,7 @@ import jinja2
 import yaml
 
 from convert.errors import ConvertError
+from convert.export import parse_size
 from convert.lora import read_adapter_config
 from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge import paramspec
@@ -113,6 +116,7 @@ TOP_KEYS = (
     "seed",
     "batch_size",
     "max_shard_size",
+    "memory_budget",
     "moe_min_tokens",
     "slices",
     "tokenizer",
@@ -126,6 +130,7 @@ SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
+DEFAULT_MEMORY_BUDGET = 256 << 20
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
 
 
@@ -298,6 +303,7 @@ class MergeConfig:
     seed: int = 0
     batch_size: int = 8
     max_shard_size: str = "5GB"
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes: a data-free tensor merge's working set
     moe_min_tokens: int | None = None  # None: the model's hidden size
     base_model_written: str = ""
     slices: tuple[SliceDef, ...] = ()
@@ -342,6 +348,20 @@ class MergeConfig:
         out["parameters"] = dict(self.parameters)
         out["calibration"] = self.calibration.to_dict() if self.calibration else None
         return out
+
+
+def _memory_budget(value: Any, problems: list[str]) -> int:
+    """`memory_budget` in bytes (a size such as 256MiB or 1GB, or a positive byte count)."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+            raise ConvertError("not a size")
+        budget = parse_size(value if isinstance(value, str) else int(value))
+    except ConvertError:
+        budget = 0
+    if budget < 1:
+        problems.append(f"memory_budget must be a positive size such as 256MiB or 2GB, got {short_repr(value)}")
+        return DEFAULT_MEMORY_BUDGET
+    return budget
 
 
 # --------------------------------------------------------------------------- specs
@@ -663,6 +683,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if isinstance(shard, bool) or not isinstance(shard, (str, numbers.Integral)):
         problems.append(f"max_shard_size must be a size such as 500MB or 5GB, got {short_repr(shard)}")
         shard = "5GB"
+    budget = _memory_budget(raw.get("memory_budget", DEFAULT_MEMORY_BUDGET), problems)
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
 
     cfg = MergeConfig(
@@ -687,6 +708,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         seed=_int(raw, "seed", 0, "", problems, minimum=0),
         batch_size=_int(raw, "batch_size", 8, "", problems),
         max_shard_size=str(shard),
+        memory_budget=budget,
         moe_min_tokens=(
             _int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None else None
         ),

@@ -8,17 +8,26 @@
     atomic HF export (convert.export.export_hf): config.json from the base (untied
     head if the plan says so), tokenizer files, model card, merge_report.json
 
-`merge_entry` is the one place a tensor is read and merged: a tensor too large
-to hold `T + 1` times can be merged there in row chunks through
-`TensorInputs.read_rows` (stored rows, read without the rest of the tensor).
+`merge_entry` is the one place a tensor is read and merged. A tensor whose
+whole-tensor merge would need more working memory than `memory_budget`
+(`whole_tensor_bytes`: `T + 1` float32 copies and the merge's temporaries) is
+merged in row chunks that fit it (`sgtv_jax.merge.streaming.merge_rows`,
+reading stored rows through `TensorInputs.read_rows`), with the same bits;
+with `tensors(chunked=True)` its output (and every large base / copied tensor)
+reaches the writer as a `convert.chunked.ChunkedTensor`, chunk by chunk, so no
+whole tensor is held. Methods that need whole tensors (`why_not_streamed`),
+vectors, and checkpoints that cannot read rows alone (a LoRA-applied model)
+are merged whole; the run's report lists them under `not_streamed`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +35,12 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.architectures import SUPPORTED_MODEL_TYPES
+from convert.chunked import ChunkedTensor, rows_of
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import PlanError, TensorPlan, maps_zero_to_zero, merge_planned
+from sgtv_jax.merge.streaming import StreamStats, bytes_per_entry, merge_rows, why_not_streamed
 from sgtv_jax.pipeline.byname import BASE, COPY, MERGE, NamePlan, TensorEntry, plan_by_name
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
@@ -43,11 +54,40 @@ class TensorInputs(NamedTuple):
     """Readers of one output tensor's inputs; model `m` is 0 for the base, `t + 1` for fine-tuned model t.
 
     read(m): the whole stored tensor; read_rows(m, r0, r1): its stored rows
-    `[r0, r1)` (first axis), NaN/Inf-checked like `read`.
+    `[r0, r1)` (first axis), NaN/Inf-checked like `read`; rows: whether every
+    source reads rows without the rest of the tensor (else `read_rows` reads it whole).
     """
 
     read: Callable[[int], np.ndarray]
     read_rows: Callable[[int, int, int], np.ndarray]
+    rows: bool = True
+
+
+@dataclasses.dataclass
+class StreamLog:
+    """Which tensors over the memory budget were merged in row chunks (name -> chunks) and which
+    were merged whole anyway (name, why)."""
+
+    chunks: dict[str, int] = dataclasses.field(default_factory=dict)
+    whole: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+
+def whole_tensor_bytes(shape: tuple[int, ...], tasks: int) -> int:
+    """Working memory of merging a tensor of `shape` whole, for `tasks` models (bytes, an estimate).
+
+    `math.prod(shape) * streaming.bytes_per_entry(tasks)`: the float32 base,
+    task vectors and trimmed vectors, the merge's temporaries and the output.
+    """
+    return math.prod(shape) * bytes_per_entry(tasks)
+
+
+def streaming_refusal(plan: TensorPlan, shape: tuple[int, ...], inputs: TensorInputs) -> str | None:
+    """Why a tensor over the memory budget is merged whole anyway (None: it is merged in row chunks)."""
+    if len(shape) < 2:
+        return "a vector has one row"
+    if not inputs.rows:
+        return "a checkpoint reads this tensor only whole (e.g. a LoRA-applied model)"
+    return why_not_streamed(plan)
 
 
 def plan_checkpoints(ckpts: Checkpoints) -> NamePlan:
@@ -58,14 +98,35 @@ def plan_checkpoints(ckpts: Checkpoints) -> NamePlan:
 
 
 def merge_entry(
-    cfg: MergeConfig, entry: TensorEntry, inputs: TensorInputs, out_dtype: np.dtype, timer: StageTimer
-) -> tuple[np.ndarray, LayerRecord]:
+    cfg: MergeConfig,
+    entry: TensorEntry,
+    inputs: TensorInputs,
+    out_dtype: np.dtype,
+    timer: StageTimer,
+    *,
+    chunked: bool = False,
+    log: StreamLog | None = None,
+) -> tuple[np.ndarray | ChunkedTensor, LayerRecord]:
     """Merge one `merge` entry; returns (the output tensor in `out_dtype`, stored layout; its report row).
 
     The task vectors `[T, ...]` are `model_t - base` in float32, swapped to
     `[T, cols, rows]` when `entry.transpose`; the result is `base +
     merge_planned(plan)`, or the base itself when no model changed the tensor.
+    A tensor whose `whole_tensor_bytes` exceed `cfg.memory_budget` is merged
+    in row chunks (`merge_rows`, same bits): returned as a `ChunkedTensor`
+    when `chunked` (its report row is complete once its chunks are read),
+    else joined. `log` records which tensors were merged in chunks and which
+    over-budget ones were merged whole anyway (and why).
     """
+    tasks = len(entry.sources) - 1
+    if whole_tensor_bytes(entry.shape, tasks) > cfg.memory_budget:
+        plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
+        why = streaming_refusal(plan, entry.shape, inputs)
+        if why is None:
+            streamed, rec = _merge_streamed(cfg, entry, plan, inputs, out_dtype, timer, log)
+            return (streamed if chunked else np.concatenate(list(streamed))), rec
+        if log is not None:
+            log.whole.append({"name": entry.name, "why": why})
     t0 = time.perf_counter()
     tasks = len(entry.sources) - 1
     with timer("load"):
@@ -112,6 +173,62 @@ def merge_entry(
     )
 
 
+def _merge_streamed(
+    cfg: MergeConfig,
+    entry: TensorEntry,
+    plan: TensorPlan,
+    inputs: TensorInputs,
+    out_dtype: np.dtype,
+    timer: StageTimer,
+    log: StreamLog | None,
+) -> tuple[ChunkedTensor, LayerRecord]:
+    """`merge_entry` in row chunks of at most `cfg.memory_budget` working memory (lazy: the chunks
+    are merged as they are read; the report row is filled in after the last)."""
+    t0 = time.perf_counter()
+    tasks = len(entry.sources) - 1
+    record = LayerRecord(
+        entry.name, entry.block, False, tuple(entry.shape), None, list(plan.densities), [], None, None, None, 0.0
+    )
+    stats = StreamStats()
+    try:
+        chunks = merge_rows(
+            plan,
+            functools.partial(inputs.read_rows, 0),
+            [functools.partial(inputs.read_rows, t + 1) for t in range(tasks)],
+            entry.shape,
+            out_dtype=out_dtype,
+            budget_bytes=cfg.memory_budget,
+            transpose=entry.transpose,
+            stats=stats,
+        )
+    except PlanError as e:
+        raise ConfigError(str(e)) from e
+
+    def merged() -> Iterator[np.ndarray]:
+        while True:
+            with timer("merge"):
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except SgtvError:
+                    raise
+                except PlanError as e:
+                    raise ConfigError(str(e)) from e
+                except ValueError as e:  # the merge's checks on this tensor's values: say which tensor
+                    raise NumericsError(
+                        f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}"
+                    ) from e
+            yield chunk
+        record.trim = "unchanged" if stats.unchanged else stats.trim
+        record.kept_density = list(stats.kept)
+        record.time_s = time.perf_counter() - t0
+        if log is not None:
+            log.chunks[entry.name] = stats.chunks
+
+    return ChunkedTensor(tuple(entry.shape), out_dtype, merged()), record
+
+
 def _merge_planned(plan: TensorPlan, deltas: jax.Array, base: np.ndarray) -> tuple[jax.Array, jax.Array, Any]:
     try:
         merged, trimmed, info = merge_planned(plan, deltas, None, base=jnp.asarray(base))
@@ -143,6 +260,7 @@ class DataFreeRun:
             self.out_dtype = parse_dtype(self.out_dtype_name)
         self.T = len(cfg.models)
         self.records: list[LayerRecord] = []
+        self.log = StreamLog()
 
     @property
     def base(self) -> Any:
@@ -154,20 +272,41 @@ class DataFreeRun:
         return TensorInputs(
             read=lambda m: self.ckpts.get(ckpts[m], entry.sources[m]),
             read_rows=lambda m, r0, r1: self.ckpts.get_rows(ckpts[m], entry.sources[m], r0, r1),
+            rows=all(hasattr(c, "get_rows") for c in ckpts),
         )
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The output, tensor by tensor in the base's order (lazy: drives the whole merge)."""
+        """The output, tensor by tensor in the base's order (lazy: drives the whole merge); whole arrays."""
+        return cast(Iterator[tuple[str, np.ndarray]], self._tensors(chunked=False))
+
+    def tensor_chunks(self) -> Iterator[tuple[str, np.ndarray | ChunkedTensor]]:
+        """`tensors`, but tensors merged in row chunks and base / copied tensors larger than the
+        memory budget come as `ChunkedTensor`s (read each before asking for the next)."""
+        return self._tensors(chunked=True)
+
+    def _tensors(self, *, chunked: bool) -> Iterator[tuple[str, np.ndarray | ChunkedTensor]]:
         for entry in tqdm(self.plan.entries, desc="merge", unit="tensor", disable=not self.progress):
             if entry.action == MERGE:
-                out, rec = merge_entry(self.cfg, entry, self.inputs(entry), self.out_dtype, self.timer)
+                out, rec = merge_entry(
+                    self.cfg,
+                    entry,
+                    self.inputs(entry),
+                    self.out_dtype,
+                    self.timer,
+                    chunked=chunked,
+                    log=self.log,
+                )
                 self.records.append(rec)
                 yield entry.name, out
                 continue
             t0 = time.perf_counter()
             src = self.ckpts.base if entry.action == BASE else self.ckpts.models[entry.source]
-            with self.timer("load"):
-                arr = self.ckpts.get(src, entry.name)
+            arr: np.ndarray | ChunkedTensor
+            if chunked and self._copy_in_rows(src, entry.name):
+                arr = self._rows_of(src, entry.name)
+            else:
+                with self.timer("load"):
+                    arr = self.ckpts.get(src, entry.name)
             self.records.append(
                 LayerRecord(
                     entry.name,
@@ -184,6 +323,27 @@ class DataFreeRun:
                 )
             )
             yield entry.name, arr
+
+    def _copy_in_rows(self, src: Any, name: str) -> bool:
+        """Whether a base / copied tensor is passed on in row chunks: larger than the budget, rows readable."""
+        shape = tuple(src.shape(name))
+        return (
+            len(shape) >= 1
+            and hasattr(src, "get_rows")
+            and math.prod(shape) * src.dtype(name).itemsize > self.cfg.memory_budget
+        )
+
+    def _rows_of(self, src: Any, name: str) -> ChunkedTensor:
+        """Tensor `name` of `src` as row chunks of at most the memory budget (NaN/Inf-checked)."""
+        shape = tuple(src.shape(name))
+        row_bytes = max(math.prod(shape[1:]) * src.dtype(name).itemsize, 1)
+        step = max(1, self.cfg.memory_budget // row_bytes)
+
+        def read(r0: int, r1: int) -> np.ndarray:
+            with self.timer("load"):
+                return self.ckpts.get_rows(src, name, r0, r1)
+
+        return rows_of(read, shape, src.dtype(name), step)
 
     def report(self, wall_s: float) -> dict[str, Any]:
         """The JSON report: config, stage times, peak RSS, the rules applied, one row per output tensor."""
@@ -203,6 +363,9 @@ class DataFreeRun:
             "wall_s": wall_s,
             "stages_s": dict(self.timer.stages),
             "peak_rss_mb": peak_rss_mb(),
+            "memory_budget": self.cfg.memory_budget,
+            "streamed_chunks": dict(self.log.chunks),
+            "not_streamed": list(self.log.whole),
             "layers": [jsonable(dataclasses.asdict(r)) for r in self.records],
         }
         return with_export_time(rep, wall_s)

@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from convert.chunked import ChunkedTensor
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from sgtv_jax.pipeline.byname import BASE, MERGE, NamePlan, TensorEntry, plan_by_name
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig, slice_config, slice_roles
-from sgtv_jax.pipeline.datafree import DataFreeRun, TensorInputs, merge_entry
+from sgtv_jax.pipeline.datafree import DataFreeRun, StreamLog, TensorInputs, merge_entry
 from sgtv_jax.pipeline.report import LayerRecord, StageTimer, jsonable
 from sgtv_jax.pipeline.slices import plan_slices
 from sgtv_jax.pipeline.tokenizer import FillLog, VocabMap, build_vocab, permute_rows, write_tokenizer_files
@@ -80,6 +81,7 @@ class MappedRun(DataFreeRun):
         self.T = len(cfg.models)
         self.records: list[LayerRecord] = []
         self.fills = FillLog()
+        self.log = StreamLog()
         self._configs = {k: slice_config(cfg, k) for k in range(len(cfg.slices)) if slice_roles(cfg, k)[1]}
 
     def _all(self) -> list[Any]:
@@ -114,6 +116,10 @@ class MappedRun(DataFreeRun):
         mapped = permute_rows(self.vocab, rows, self._fill_base(entry), self.fills)
         return [mapped[m] for m in readers]
 
+    def tensor_chunks(self) -> Iterator[tuple[str, np.ndarray | ChunkedTensor]]:
+        """Whole arrays: a mapped tensor is read whole (its rows may be re-indexed or come from other layers)."""
+        return iter(self.tensors())
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for entry in tqdm(self.plan.entries, desc="merge", unit="tensor", disable=not self.progress):
             t0 = time.perf_counter()
@@ -121,7 +127,8 @@ class MappedRun(DataFreeRun):
             if entry.action == MERGE:
                 cfg = self._configs.get(entry.group, self.cfg)
                 inputs = _inputs(arrays)
-                out, rec = merge_entry(cfg, entry, inputs, self.out_dtype, self.timer)
+                out, rec = merge_entry(cfg, entry, inputs, self.out_dtype, self.timer, log=self.log)
+                assert isinstance(out, np.ndarray)  # chunked=False: merged rows come back joined
                 self.records.append(rec)
                 yield entry.name, out
                 continue

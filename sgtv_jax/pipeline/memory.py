@@ -25,13 +25,19 @@ an upper bound in spirit (the outer tensors are merged before the blocks);
 XLA's own workspaces and the Python process itself come on top.
 
 A merge by tensor name (`datafree.py`: no calibration data, any
-architecture) holds one output tensor's inputs at a time:
+architecture) holds one output tensor's merge at a time. With `B` the
+`memory_budget` (default 256 MiB), a tensor of `N` entries, `R` per row
+(`N / rows`), costs `N (12 + 20 T)` bytes merged whole (float32 base, task
+vectors, trimmed vectors, the merge's temporaries and output:
+`streaming.bytes_per_entry`), and at most `max(B, R (12 + 20 T))` merged in
+row chunks, which every tensor over `B` is unless its method needs whole
+tensors (`streaming.why_not_streamed`) or it is a vector:
 
-    tensor = 4 (T + 1) N_max
-             the largest merged tensor (N_max entries, e.g. the embedding),
-             base and T task vectors in float32
+    tensor = max over merged tensors of
+             min(N (12 + 20 T), max(B, R (12 + 20 T)))    (row-chunked methods)
+             N (12 + 20 T)                                 (methods on whole tensors)
 
-and nothing else of the models.
+and nothing else of the models (the writer holds one output chunk).
 """
 
 from __future__ import annotations
@@ -44,13 +50,15 @@ from typing import Any, NamedTuple
 from convert.namemaps import get_name_map
 from convert.readers import hf_config_object, open_checkpoint
 from sgtv_jax.errors import ResourceError
+from sgtv_jax.merge.streaming import bytes_per_entry, why_not_streamed, working_set_bytes
 from sgtv_jax.models import get_family
 from sgtv_jax.pipeline.byname import MERGE
 from sgtv_jax.pipeline.check import base_model_type, num_layers_of, read_hf_config
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import MergeConfig
-from sgtv_jax.pipeline.datafree import plan_checkpoints, uses_by_name
+from sgtv_jax.pipeline.datafree import plan_checkpoints, uses_by_name, whole_tensor_bytes
 from sgtv_jax.pipeline.mapped import headers_plan
+from sgtv_jax.pipeline.planning import plan_tensor
 
 F32 = 4
 
@@ -65,9 +73,11 @@ class Term(NamedTuple):
 
 
 class MemoryEstimate(NamedTuple):
-    """The terms of the module-doc formula; `total` is their sum (bytes)."""
+    """The terms of the module-doc formula; `total` is their sum (bytes); `formula`: the formula
+    in words (shown by `summary`; empty: the terms say it)."""
 
     terms: tuple[Term, ...]
+    formula: str = ""
 
     @property
     def total(self) -> int:
@@ -81,7 +91,8 @@ class MemoryEstimate(NamedTuple):
 
     def summary(self) -> str:
         parts = ", ".join(f"{t.name} {human(t.bytes)}" for t in self.largest())
-        return f"memory estimate: {human(self.total)} peak ({parts})"
+        out = f"memory estimate: {human(self.total)} peak ({parts})"
+        return out + (f"\n  {self.formula}" if self.formula else "")
 
 
 def human(n: float) -> str:
@@ -137,17 +148,27 @@ def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
         plan = plan_checkpoints(ckpts)
     finally:
         ckpts.close()
-    T = len(cfg.models)
-    n_max = plan.largest(MERGE)
+    T, budget = len(cfg.models), cfg.memory_budget
+    worst, what = 0, "no merged tensor"
+    for e in plan.entries:
+        if e.action != MERGE:
+            continue
+        whole = whole_tensor_bytes(e.shape, T)
+        tp = plan_tensor(cfg, e.name, e.block, e.depth, linear=False)
+        chunked = whole > budget and len(e.shape) >= 2 and why_not_streamed(tp) is None
+        need = working_set_bytes(e.shape, T, budget) if chunked else whole
+        if need > worst:
+            worst = need
+            what = f"{e.name} {list(e.shape)} " + ("in row chunks" if chunked else "whole")
+    per = bytes_per_entry(T)
+    formula = (
+        f"formula: max over merged tensors of min(N*{per}, max(B, R*{per})) bytes (N entries, R per row, "
+        f"{per} = 12 + 20 T for T={T} models, B = memory_budget = {human(budget)}); "
+        "N*(12 + 20 T) for methods that need whole tensors"
+    )
     return MemoryEstimate(
-        (
-            Term(
-                "tensor",
-                F32 * (T + 1) * n_max,
-                f"the largest merged tensor ({n_max} entries), base and {T} task vectors in float32",
-                ("the number of models",),
-            ),
-        )
+        (Term("tensor", worst, f"the largest merge working set: {what}", ("memory_budget", "the number of models")),),
+        formula,
     )
 
 
@@ -245,23 +266,24 @@ def refuse_if_too_big(est: MemoryEstimate, available: int | None) -> None:
 
 
 def _estimate_mapped(cfg: MergeConfig) -> MemoryEstimate | None:
-    """The memory estimate  of a mapped config, or None when the usual one applies."""
+    """The memory estimate of a mapped config (slices, re-indexed vocabularies), or None when the usual one applies.
+
+    Mapped tensors are merged whole: `N (12 + 20 T)` bytes with T the tensor's merged
+    sources, N (copies: N float32 entries, read once).
+    """
     planned = headers_plan(cfg)
     if planned is None:
         return None
-    plan = planned[0]
-    sizes = [
-        ((len(e.readers) if e.readers else len(cfg.models) + 1) if e.action == MERGE else 1) * math.prod(e.shape)
-        for e in plan.entries
-    ]
-    n = max(sizes, default=0)
+    worst, what = 0, "no tensor"
+    for e in planned[0].entries:
+        tasks = (len(e.readers) if e.readers else len(cfg.models) + 1) - 1
+        need = whole_tensor_bytes(e.shape, tasks) if e.action == MERGE else F32 * math.prod(e.shape)
+        if need > worst:
+            worst, what = need, f"{e.name} {list(e.shape)}"
+    formula = (
+        "formula: max over tensors of N*(12 + 20 T) bytes (N entries, T merged sources; mapped tensors merge whole)"
+    )
     return MemoryEstimate(
-        (
-            Term(
-                "tensor",
-                F32 * n,
-                "the largest merged tensor's inputs in float32 (every source of it, re-indexed vocabularies included)",
-                ("the number of models",),
-            ),
-        )
+        (Term("tensor", worst, f"the largest merge working set: {what}", ("the number of models",)),),
+        formula,
     )

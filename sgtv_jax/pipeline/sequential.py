@@ -438,7 +438,7 @@ def run_merge(
             # every output tensor comes from the run (base copies included), with the plan's config
             base_dir = Path(run.base.path)
             export_hf(
-                run.tensors(),
+                run.tensor_chunks(),
                 out,
                 config=run.plan.config,
                 dtype=run.out_dtype_name,
