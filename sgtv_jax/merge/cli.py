@@ -9,7 +9,7 @@ import argparse
 import math
 from typing import Any
 
-from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, REFUSED
+from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, REFUSED, WITHOUT_EFFECT
 
 
 def _value(v: Any) -> str:
@@ -66,6 +66,9 @@ def describe_methods() -> str:
         lines.append("mergekit methods refused: " + "; ".join(f"{n} ({why})" for n, why in REFUSED.items()))
     else:
         lines.append("mergekit methods refused: none")
+    lines.append(
+        "accepted in parameters, without effect: " + "; ".join(f"{n} ({why})" for n, why in WITHOUT_EFFECT.items())
+    )
     return "\n".join(lines)
 
 

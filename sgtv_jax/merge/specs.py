@@ -66,8 +66,10 @@ class MethodSpec(NamedTuple):
     None meaning no trimming unless asked); consensus: its sign election
     ("sum") or None; needs_grams: it reads calibration Gram matrices (RegMean);
     needs_base: it needs the base weights for some setting (linear without
-    normalize sums whole models); min_models / max_models: how many fine-tuned
-    models (besides the base) it merges.
+    normalize sums whole models); base_optional: a config may leave out
+    `base_model` (mergekit's linear needs none): the first model is the base then,
+    which leaves the result unchanged; min_models / max_models: how many
+    fine-tuned models (besides the base) it merges.
     """
 
     name: str
@@ -79,6 +81,7 @@ class MethodSpec(NamedTuple):
     rescale_default: bool
     needs_grams: bool = False
     needs_base: bool = False
+    base_optional: bool = False
     doc: str = ""
     min_models: int = 1
     max_models: int | None = None
@@ -153,6 +156,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             normalize_default=True,
             rescale_default=False,
             needs_base=True,
+            base_optional=True,
             doc="weighted average of the models (model soup)",
         ),
         _gta(
@@ -359,6 +363,11 @@ REFUSED: dict[str, str] = {
     "ramplus_tl": "not implemented yet (RAM+ tensor-local; see 'ram')",
 }
 """mergekit method names that a config may not use here, with the reason."""
+
+WITHOUT_EFFECT: dict[str, str] = {
+    "int8_mask": "mergekit keeps its masks as int8 to save memory; masks here are booleans, same result",
+}
+"""mergekit's top-level `parameters` a config may set (true / false) that change nothing here, with the reason."""
 
 
 def call_args(spec: MethodSpec) -> tuple[str, ...]:

@@ -69,7 +69,7 @@ from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
 from sgtv_jax.merge.plan import ObsOptions
-from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, WITHOUT_EFFECT, MethodSpec, ParamSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
 from sgtv_jax.pipeline.chat_templates import AUTO, CHAT_TEMPLATES
@@ -610,6 +610,9 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     sliced = raw.get("slices") is not None
     if sliced and raw.get("models") is not None:
         problems.append("give either 'models' (whole models) or 'slices' (layer ranges), not both")
+    first = raw.get("models")[0] if isinstance(raw.get("models"), list) and raw.get("models") else None
+    if base_raw is None and not sliced and spec is not None and spec.base_optional and isinstance(first, Mapping):
+        base_raw = first.get("model")  # every model's weight counts whichever is the base: same result
     if base_raw is None and not sliced:
         problems.append("base_model is required (the model the task vectors are taken from)")
     base = _path(base_raw, root, "base_model", problems) if base_raw is not None else ""
@@ -624,6 +627,9 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"parameters must be a mapping, got {short_repr(gparams)}")
         gparams = {}
     gparams = dict(gparams)
+    for k in WITHOUT_EFFECT.keys() & gparams.keys():
+        if not isinstance(gparams.pop(k), bool):
+            problems.append(f"parameters.{k} must be true or false ({WITHOUT_EFFECT[k]})")
     if spec is not None:
         top: list[str] = []
         _method_parameters(gparams, spec, top)
@@ -639,7 +645,11 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         if not isinstance(models_raw, list) or not models_raw:
             problems.append("models must be a non-empty list of {model: path, parameters: {...}}")
             models_raw = []
-        entries = [e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, base, root, problems)) is not None]
+        # a method that takes the base among its models (linear: its zero task vector still carries its weight)
+        not_base = "" if spec is not None and spec.base_optional else base
+        entries = [
+            e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, not_base, root, problems)) is not None
+        ]
 
     trim = raw.get("trim")
     if trim is not None:
