@@ -610,7 +610,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     sliced = raw.get("slices") is not None
     if sliced and raw.get("models") is not None:
         problems.append("give either 'models' (whole models) or 'slices' (layer ranges), not both")
-    first = raw.get("models")[0] if isinstance(raw.get("models"), list) and raw.get("models") else None
+    listed = raw.get("models")
+    first = listed[0] if isinstance(listed, list) and listed else None
     if base_raw is None and not sliced and spec is not None and spec.base_optional and isinstance(first, Mapping):
         base_raw = first.get("model")  # every model's weight counts whichever is the base: same result
     if base_raw is None and not sliced:
@@ -627,9 +628,9 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         problems.append(f"parameters must be a mapping, got {short_repr(gparams)}")
         gparams = {}
     gparams = dict(gparams)
-    for k in WITHOUT_EFFECT.keys() & gparams.keys():
-        if not isinstance(gparams.pop(k), bool):
-            problems.append(f"parameters.{k} must be true or false ({WITHOUT_EFFECT[k]})")
+    for name in sorted(WITHOUT_EFFECT.keys() & gparams.keys()):
+        if not isinstance(gparams.pop(name), bool):
+            problems.append(f"parameters.{name} must be true or false ({WITHOUT_EFFECT[name]})")
     if spec is not None:
         top: list[str] = []
         _method_parameters(gparams, spec, top)
