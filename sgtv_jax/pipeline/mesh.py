@@ -10,6 +10,22 @@ Calibration is data-parallel over the mesh (`streams`); OBS shards a task
 stack's rows over this process's devices of the mesh (`local_mesh`,
 `shard_rows`); every process repeats the merge of each tensor from the same
 replicated Hessian, and only process 0 writes (`is_writer`).
+
+Reproducibility across meshes is float32's, not bit for bit. On the tiny
+LLaMA of tests/test_pipeline_mesh.py (8 simulated CPU devices against 1),
+the first difference is block 0's `down_proj` Hessian (3e-7 of max |H|):
+its input comes out of the gate / up matmuls, which XLA's CPU GEMM rounds
+differently when a device holds fewer rows of the batch; the q/k/v, o and
+gate/up Hessians of block 0 differ only by the order of the float32 sums
+(float64 partials, `hessian_accumulation: float64`, make those equal but
+not the activations). Without refit every task vector then agrees within
+1.5e-5 of its largest entry and the logits within 2e-6, with no kept entry
+flipped, for every Hessian source. Refit re-solves least squares on the kept
+entries and multiplies the difference by that system's condition number;
+with the `merged` source the next blocks' Hessians inherit it, and at block 2
+(H off by 1e-4) a few entries at the exact-k threshold flip: logits within
+3e-3. A tie rule cannot remove this: any threshold on a float32 score is
+crossed by some perturbation of its inputs.
 """
 
 from __future__ import annotations

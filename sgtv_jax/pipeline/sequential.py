@@ -365,7 +365,8 @@ def _follow(run: MergeRun, t0: float) -> dict[str, Any]:
     try:
         for _ in run.tensors():
             pass
-        return with_export_time(run.report(time.perf_counter() - t0), time.perf_counter() - t0)
+        rep = with_export_time(run.report(time.perf_counter() - t0), time.perf_counter() - t0)
+        return {**rep, "process": jax.process_index(), "written": False}
     finally:
         run.close()
 
