@@ -26,19 +26,48 @@ def _memory_check(cfg: Any, force: bool) -> str:
     return est.summary() + f"; {human(avail)} available{over}"
 
 
+def _devices(value: str) -> str | int:
+    """`--devices`: "all" or a positive integer."""
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'all' or a positive integer, got {value!r}")
+    return n
+
+
 def _run_merge(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from sgtv_jax.pipeline.check import check_config
     from sgtv_jax.pipeline.config import load_config
+    from sgtv_jax.pipeline.mesh import init_distributed, is_writer
     from sgtv_jax.pipeline.sequential import run_merge
 
+    # before anything touches a device: every process of a multi-host run joins first
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(args.config)
+    if args.devices is not None:
+        cfg = dataclasses.replace(cfg, devices=args.devices)
     check_config(cfg)  # the memory estimate reads the same headers; refuse before any weight loads
     summary = _memory_check(cfg, args.force)
-    if not args.quiet:
+    writer = is_writer()
+    if not args.quiet and writer:
         print(summary, file=sys.stderr)
     rep = run_merge(
-        cfg, args.out, format=args.format, overwrite=args.overwrite, progress=not args.quiet, lora_rank=args.lora
+        cfg,
+        args.out,
+        format=args.format,
+        overwrite=args.overwrite,
+        progress=not args.quiet and writer,
+        lora_rank=args.lora,
     )
+    if not writer:
+        print(f"process {rep.get('process', '?')}: merged with process 0, which writes {args.out}")
+        return 0
     st = rep["stages_s"]
     print(
         f"merged into {args.out}: {rep['wall_s']:.1f} s ("
@@ -119,6 +148,22 @@ def add_parser(subparsers: Any) -> None:
         help="also write the merged task vector as a PEFT LoRA adapter of this rank in OUT/adapter "
         "(truncated SVD per linear layer; retained energy per layer in OUT/adapter/lora_report.json)",
     )
+    p.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        help="the device mesh of a calibrated merge: 'all' devices of every process (default, or the "
+        "config's devices key) or the first N",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-host: jax.distributed coordinator address (process 0's host); default "
+        "JAX_COORDINATOR_ADDRESS or the cluster JAX detects (TPU pod slice, SLURM)",
+    )
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count (JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id (JAX_PROCESS_ID)")
     p.set_defaults(func=_run_merge)
 
     p = subparsers.add_parser(

@@ -24,6 +24,10 @@ needs more working memory than this, e.g. ``256MiB`` (the default), is merged
 in row chunks that fit it, with the same bits), ``moe_min_tokens`` (MoE: the fewest routed calibration
 tokens an expert needs for its own routing-weighted Hessian, default the
 hidden size; see ``sgtv_jax.pipeline.streams``).
+``devices`` (``all``, the default, or N: the device mesh of a calibrated merge,
+``sgtv_jax.pipeline.mesh``) and ``hessian_accumulation`` (``float32``, the
+default, or ``float64``: the dtype of the per-device partial Hessian sums,
+``sgtv_jax.pipeline.streams.HessianSum``).
 
 Parameter values (per model ``density`` / ``weight`` / ``gamma`` / ``epsilon``,
 and method parameters) are *specs*:
@@ -122,6 +126,8 @@ TOP_KEYS = (
     "tokenizer",
     "chat_template",
     "out_dtype",
+    "devices",
+    "hessian_accumulation",
 )
 MODEL_KEYS = ("model", "parameters", "calibration")
 PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
@@ -310,6 +316,8 @@ class MergeConfig:
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
     compute_dtype: str | None = None  # `dtype` as written when `out_dtype` sets the output's
+    devices: str | int = "all"  # the mesh: "all" devices of every process, or the first N (pipeline.mesh)
+    hessian_accumulation: str = "float32"  # or "float64": partial Hessian sums (pipeline.streams.HessianSum)
 
     @property
     def method_spec(self) -> MethodSpec:
@@ -696,6 +704,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         shard = "5GB"
     budget = _memory_budget(raw.get("memory_budget", DEFAULT_MEMORY_BUDGET), problems)
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
+    devices, accumulation = _mesh_keys(raw, problems)
 
     cfg = MergeConfig(
         base_model=base,
@@ -724,6 +733,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
             _int(raw, "moe_min_tokens", 1, "", problems) if raw.get("moe_min_tokens") is not None else None
         ),
         base_model_written=base_raw if isinstance(base_raw, str) else slices[0].sources[0].label if slices else "",
+        devices=devices,
+        hessian_accumulation=accumulation,
     )
     if spec is not None and slices and not problems:
         for k in range(len(slices)):
@@ -733,6 +744,19 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     if problems:
         raise ConfigError("invalid merge config:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def _mesh_keys(raw: Mapping[str, Any], problems: list[str]) -> tuple[str | int, str]:
+    """`devices` ("all" or a positive integer) and `hessian_accumulation` ("float32" or "float64")."""
+    devices = raw.get("devices", "all")
+    if devices != "all" and (isinstance(devices, bool) or not isinstance(devices, numbers.Integral) or devices < 1):
+        problems.append(f"devices must be 'all' or a positive integer, got {short_repr(devices)}")
+        devices = "all"
+    accumulation = raw.get("hessian_accumulation", "float32")
+    if accumulation not in ("float32", "float64"):
+        problems.append(f"hessian_accumulation must be float32 or float64, got {short_repr(accumulation)}")
+        accumulation = "float32"
+    return (devices if devices == "all" else int(devices)), accumulation
 
 
 def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:

@@ -15,6 +15,12 @@ the same Hessian. Tensors that no model changed are the base tensor.
 
 `run_merge` sends merges that need no calibration data to the by-name merge
 of `datafree.py` (any architecture, tensor by tensor), and the others here.
+
+A calibrated merge runs on a device mesh (`mesh.py`; the config's `devices`,
+all devices of every process by default): calibration is data-parallel over
+it, OBS splits each task stack's rows over this process's devices of it, and
+under `jax.distributed` every process runs the merge while process 0 alone
+writes the output.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from convert.atomic import prepare_output
@@ -46,6 +53,7 @@ from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import DataFreeRun, require_flax_family, uses_by_name
 from sgtv_jax.pipeline.mapped import mapped_run, write_output_files
+from sgtv_jax.pipeline.mesh import describe, is_writer, local_mesh, make_mesh, replicate_local, shard_rows
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import (
@@ -118,14 +126,22 @@ class MergeRun:
       hessian_sink: optional dict filled with `{hf_tensor_name: H}` (numpy,
         `[in, in]` or `[T, in, in]`) for every linear layer, for tests/analysis.
       progress: show a tqdm bar per block.
+      mesh: the devices (`mesh.make_mesh`); None: `make_mesh(cfg.devices)`.
     """
 
     def __init__(
-        self, cfg: MergeConfig, *, hessian_sink: dict[str, np.ndarray] | None = None, progress: bool = True
+        self,
+        cfg: MergeConfig,
+        *,
+        hessian_sink: dict[str, np.ndarray] | None = None,
+        progress: bool = True,
+        mesh: Mesh | None = None,
     ) -> None:
         self.cfg = cfg
         self.sink = hessian_sink
         self.progress = progress
+        self.mesh = mesh if mesh is not None else make_mesh(cfg.devices)
+        self.obs_mesh = local_mesh(self.mesh)  # OBS rows split over this process's devices
         self.timer = StageTimer()
         with self.timer("load"):
             self.ckpts = Checkpoints(cfg)
@@ -138,7 +154,16 @@ class MergeRun:
         if use_data:
             self.arch.require_input_groups()  # refuse before any calibration work
         self.source = (
-            make_source(cfg.hessian_source, self.arch, cfg.batch_size, cfg.moe_min_tokens) if use_data else None
+            make_source(
+                cfg.hessian_source,
+                self.arch,
+                cfg.batch_size,
+                cfg.moe_min_tokens,
+                mesh=self.mesh,
+                accumulation=cfg.hessian_accumulation,
+            )
+            if use_data
+            else None
         )
         self.calib_tokens = 0
 
@@ -233,6 +258,10 @@ class MergeRun:
         transpose = base.ndim == 2 and not torch_layout
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
+        if hessian is not None:
+            # rows are independent in OBS: split them over the devices, H on each
+            deltas = shard_rows(self.obs_mesh, deltas, axis=1)
+            hessian = replicate_local(self.obs_mesh, hessian)
         plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
         record = dict(
             name=name,
@@ -316,6 +345,8 @@ class MergeRun:
             "model_type": self.arch.model_type,
             "num_layers": self.arch.num_layers,
             "hessian_source": self.cfg.hessian_source,
+            "hessian_accumulation": self.cfg.hessian_accumulation,
+            "mesh": describe(self.mesh),
             "calibration_tokens": self.calib_tokens,
             "output_dtype": self.out_dtype_name,
             "wall_s": wall_s,
@@ -327,6 +358,17 @@ class MergeRun:
 
     def close(self) -> None:
         self.ckpts.close()
+
+
+def _follow(run: MergeRun, t0: float) -> dict[str, Any]:
+    """A process other than 0: run the merge with process 0 (its collectives need every process), write nothing."""
+    try:
+        for _ in run.tensors():
+            pass
+        rep = with_export_time(run.report(time.perf_counter() - t0), time.perf_counter() - t0)
+        return {**rep, "process": jax.process_index(), "written": False}
+    finally:
+        run.close()
 
 
 def _task_vectors(b: np.ndarray, fts: Sequence[np.ndarray] | Callable[[int], np.ndarray], tasks: int) -> jax.Array:
@@ -368,6 +410,7 @@ def run_merge(
     hessian_sink: dict[str, np.ndarray] | None = None,
     check: bool = True,
     lora_rank: int | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Merge as configured and write the result atomically to `out`; returns the report.
 
@@ -388,7 +431,13 @@ def run_merge(
     architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
     output then needs the base's Flax family and unchanged parameter set, and
     is refused otherwise. A merge that needs calibration data runs block by
-    block (`MergeRun`) and needs a Flax family of the base's architecture.
+    block (`MergeRun`) and needs a Flax family of the base's architecture,
+    on `mesh` (None: `mesh.make_mesh(cfg.devices)`). Under `jax.distributed`
+    (`mesh.init_distributed`) every process calls this with the same config:
+    process 0 checks and writes `out`; the others run the calibrated merge
+    with it (their devices hold their share of the calibration windows),
+    write nothing, and return its report; a merge without calibration data
+    runs on process 0 alone.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
@@ -401,7 +450,9 @@ def run_merge(
         )
     out = Path(out)
     inputs = merge_inputs(cfg)
-    prepare_output(out, overwrite=overwrite, inputs=inputs)
+    writer = is_writer()
+    if writer:
+        prepare_output(out, overwrite=overwrite, inputs=inputs)
     if check:
         check_config(cfg)
     model_type = base_model_type(cfg)
@@ -410,15 +461,22 @@ def run_merge(
         require_flax_family(cfg, model_type)
     t0 = time.perf_counter()
     run: MergeRun | DataFreeRun
-    mapped = mapped_run(cfg, by_name=by_name, progress=progress)  # slices / re-indexed vocabulary
+    if not writer and (by_name or not cfg.needs_calibration()):
+        return {"process": jax.process_index(), "written": False}  # nothing to share: process 0 merges
+    mapped = mapped_run(cfg, by_name=by_name, progress=progress and writer)  # slices / re-indexed vocabulary
+    if not writer and mapped is not None:
+        mapped.close()
+        return {"process": jax.process_index(), "written": False}
     if mapped is not None or by_name:
         run = mapped if mapped is not None else DataFreeRun(cfg, progress=progress)
         why = run.orbax_refusal() if format == "orbax" else None
         if why is not None:
             run.close()
             raise ConfigError(why)
+    elif not writer:
+        return _follow(MergeRun(cfg, hessian_sink=hessian_sink, progress=False, mesh=mesh), t0)
     else:
-        run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress)
+        run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress, mesh=mesh)
     box: dict[str, Any] = {}
 
     def finalize(tmp: Path) -> None:

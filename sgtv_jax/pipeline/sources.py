@@ -21,6 +21,11 @@ A new source is a subclass overriding these few methods, e.g. per-task data
 through the merged-so-far model (RegMean++-style): `datasets` of `PerTaskSource`,
 `embedding_tensors` / `advance` / `after_block` of `MergedSource`, stacked
 Hessians; then one entry in `SOURCES` (and in `config.HESSIAN_SOURCES`).
+
+Every source runs on a device mesh (`sgtv_jax.pipeline.mesh`): its streams
+are split over the mesh's `data` axis, block states are copied to every
+device, and the Hessians it returns are arrays of this process's first
+device (the same on every process).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from sgtv_jax.pipeline.arch import Arch
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import CalibrationConfig, MergeConfig
+from sgtv_jax.pipeline.mesh import make_mesh, replicate, to_local
 from sgtv_jax.pipeline.streams import Stream, capture, embed_stream, propagate
 
 Tensors = dict[str, np.ndarray]
@@ -57,11 +64,24 @@ class HessianSource:
 
     stacked = False  # one H per fine-tuned model, stacked `[T, in, in]`
 
-    def __init__(self, arch: Arch, batch_size: int, min_routed_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        arch: Arch,
+        batch_size: int,
+        min_routed_tokens: int | None = None,
+        mesh: Mesh | None = None,
+        accumulation: str = "float32",
+    ) -> None:
         self.arch = arch
         self.batch_size = batch_size
         self.min_routed_tokens = min_routed_tokens  # experts given fewer fall back (streams.capture)
+        self.mesh = mesh if mesh is not None else make_mesh(1)
+        self.accumulation = accumulation  # streams.HessianSum
         self.streams: list[Stream] = []
+
+    def state(self, i: int, tensors: Tensors) -> Any:
+        """Block i's state from HF-named tensors, on every device of the mesh."""
+        return replicate(self.mesh, self.arch.block_state(i, tensors))
 
     def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig | None]:
         """The calibration data of each stream: the shared one."""
@@ -73,18 +93,21 @@ class HessianSource:
 
     def start(self, sets: list[Any], embeddings: list[Tensors]) -> None:
         """Embed every calibration set (`CalibrationSet`) with its stream's tensors."""
-        self.streams = [embed_stream(self.arch, e, c, self.batch_size) for e, c in zip(embeddings, sets)]
+        self.streams = [
+            embed_stream(self.arch, e, c, self.batch_size, self.mesh, self.accumulation)
+            for e, c in zip(embeddings, sets)
+        ]
 
     def block_states(self, i: int, base: Tensors, fts: list[Tensors]) -> list[Any]:
         """The block-i states whose linear inputs are captured, one per stream."""
-        return [self.arch.block_state(i, base)]
+        return [self.state(i, base)]
 
     def hessians(self, i: int, base: Tensors, fts: list[Tensors]) -> BlockHessians:
         """H of every linear layer of block i (HF-local name -> `[in, in]` or `[T, in, in]`), token counts."""
         per = []
         for state, stream in zip(self.block_states(i, base, fts), self.streams):
             cap = capture(self.arch, i, state, stream, self.arch.require_input_groups(), self.min_routed_tokens)
-            per.append(cap)
+            per.append(cap._replace(hessians={n: to_local(h) for n, h in cap.hessians.items()}))
             self.advance(stream, cap.outputs)
         names = per[0].hessians
         hess = {n: jnp.stack([p.hessians[n] for p in per]) for n in names} if self.stacked else dict(per[0].hessians)
@@ -116,7 +139,7 @@ class PerTaskSource(HessianSource):
         return ckpts.read_models(outer)
 
     def block_states(self, i: int, base: Tensors, fts: list[Tensors]) -> list[Any]:
-        return [self.arch.block_state(i, f) for f in fts]
+        return [self.state(i, f) for f in fts]
 
 
 class MergedSource(HessianSource):
@@ -129,7 +152,7 @@ class MergedSource(HessianSource):
         pass  # block i's output must come from the merged block, known only after the merge
 
     def after_block(self, i: int, merged: Tensors) -> None:
-        state = self.arch.block_state(i, _f32(merged))
+        state = self.state(i, _f32(merged))
         for stream in self.streams:
             stream.hidden = propagate(self.arch, i, state, stream)
             jax.block_until_ready(stream.hidden)
@@ -142,6 +165,16 @@ SOURCES: dict[str, Callable[..., HessianSource]] = {
 }
 
 
-def make_source(name: str, arch: Arch, batch_size: int, min_routed_tokens: int | None = None) -> HessianSource:
-    """The source called `name` (one of `config.HESSIAN_SOURCES`); `min_routed_tokens`: `streams.capture`."""
-    return SOURCES[name](arch, batch_size, min_routed_tokens)
+def make_source(
+    name: str,
+    arch: Arch,
+    batch_size: int,
+    min_routed_tokens: int | None = None,
+    mesh: Mesh | None = None,
+    accumulation: str = "float32",
+) -> HessianSource:
+    """The source called `name` (one of `config.HESSIAN_SOURCES`) on `mesh` (None: one device).
+
+    `min_routed_tokens`: `streams.capture`; `accumulation`: `streams.HessianSum`.
+    """
+    return SOURCES[name](arch, batch_size, min_routed_tokens, mesh, accumulation)
