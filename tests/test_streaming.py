@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sgtv_jax.merge import blockrng
+from sgtv_jax.merge import blockrng, streaming
 from sgtv_jax.merge.keys import task_keys, tensor_key
 from sgtv_jax.merge.plan import PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.streaming import StreamStats, bytes_per_entry, chunk_rows, merge_rows
@@ -237,7 +237,7 @@ def test_transposed_chunked_merge_equals_whole_merge(method, trim, params):
         same_bits(run_rows(plan, base, models, rows, BF16, transpose=True), want)
 
 
-def test_transposed_ties_need_one_more_pass():
+def test_transposed_ties_take_no_extra_pass():
     base, models = family(8, (12, 4), 2, BF16)
     plan = plan_for("ties", None, {}, tasks=2)
     stats = StreamStats()
@@ -245,7 +245,7 @@ def test_transposed_ties_need_one_more_pass():
         run_rows(plan, base, models, 5, BF16, stats, transpose=True),
         whole_reference(plan, base, models, BF16, transpose=True),
     )
-    assert stats.passes == 4  # high digit, low digit, ties per column, merge
+    assert stats.passes == 2  # counting (ties placed from the gathered positions), merge
     # and the transposed order matters: the untransposed merge differs here
     assert not np.array_equal(
         whole_reference(plan, base, models, BF16).view(np.uint16),
@@ -333,7 +333,7 @@ def test_one_dimensional_tensor_is_one_chunk():
     assert stats.chunks == 1
 
 
-def test_reads_never_exceed_a_chunk_and_selection_uses_three_passes():
+def test_reads_never_exceed_a_chunk_and_selection_uses_two_passes():
     base, models = family(5, (40, 8), 2, BF16)
     calls: list[tuple[int, int]] = []
 
@@ -362,8 +362,10 @@ def test_reads_never_exceed_a_chunk_and_selection_uses_three_passes():
     )
     same_bits(out, whole_reference(plan, base, models, BF16))
     assert max(r1 - r0 for r0, r1 in calls) == 7 == stats.rows_per_chunk
-    assert stats.passes == 3  # high digit, low digit, merge
-    assert len(calls) == 3 * 3 * stats.chunks  # base + 2 models per chunk per pass
+    assert stats.passes == 2  # counting, merge
+    sampled = [c for c in calls if c[1] - c[0] == 1]  # the bracket's sample: every row (40 <= SAMPLE_ROWS), once
+    assert sorted(set(sampled)) == [(r, r + 1) for r in range(40)] and len(sampled) == 3 * 40
+    assert len(calls) - len(sampled) == 2 * 3 * stats.chunks  # base + 2 models per chunk per pass
     assert stats.kept == pytest.approx([0.5, 0.3], abs=1 / 320)
 
 
@@ -449,3 +451,67 @@ def test_large_tensor_in_memory_equals_whole_merge():
         stats = StreamStats()
         same_bits(run_rows(plan, base, models, 700, BF16, stats), whole_reference(plan, base, models, BF16))
         assert stats.chunks == 1 and stats.passes == 1
+
+
+def missed_bracket(sample, q):
+    """A bracket that holds no key: every cut falls back to the histogram passes."""
+    return (0, 0)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("method,trim", [("ties", None), ("breadcrumbs_ties", None)])
+def test_histogram_fallback_equals_whole_merge(monkeypatch, method, trim, transpose):
+    monkeypatch.setattr(streaming, "_row_bracket", missed_bracket)
+    base, models = family(13, (12, 5), 2, BF16)
+    plan = plan_for(method, trim, {}, tasks=2)
+    stats = StreamStats()
+    same_bits(
+        run_rows(plan, base, models, 5, BF16, stats, transpose=transpose),
+        whole_reference(plan, base, models, BF16, transpose=transpose),
+    )
+    # counting (missed), high digit, low digit, (ties per column when transposed), merge
+    assert stats.passes == 4 + transpose
+
+
+@pytest.mark.parametrize("kind", ["distinct", "few values", "rows of different scale", "mostly zero"])
+def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
+    # the counting pass's cut against a sort oracle: the m largest |d| by a stable sort of the merge order
+    rng = np.random.default_rng(14)
+    rows, cols = 300, 64
+    d = {
+        "distinct": rng.standard_normal((rows, cols)),
+        "few values": rng.integers(-3, 4, (rows, cols)) / 4,
+        "rows of different scale": rng.standard_normal((rows, cols)) * np.logspace(-3, 1, rows)[:, None],
+        "mostly zero": np.where(rng.random((rows, cols)) < 0.8, 0.0, rng.standard_normal((rows, cols))),
+    }[kind].astype(np.float32)
+    base = np.zeros((rows, cols), np.float32)
+    for transpose in (False, True):
+        for dens in (0.01, 0.3, 0.5, 0.97):
+            plan = TensorPlan("ties", "w", weights=(1.0,), densities=(dens,))
+            chunked = streaming._Chunked(
+                plan,
+                streaming.method_spec("ties"),
+                "magnitude",
+                (dens,),
+                streaming._Source("w", reader(base), [reader(d)], (rows, cols)),
+                37,
+                transpose,
+                StreamStats(),
+            )
+            m = chunked.ranks[0][0]
+            counted = chunked._counted_cuts([(0, m)])
+            assert (0, m) in counted.cuts  # the sampled bracket holds the m-th key here
+            cut = counted.cuts[(0, m)]
+            order = d.T.reshape(-1) if transpose else d.reshape(-1)
+            want = np.zeros(order.size, bool)
+            want[np.argsort(-np.abs(order), kind="stable")[:m]] = True
+            keys = streaming._KEY_MAX - np.abs(order).view(np.uint32)
+            got = keys < np.uint32(cut.key)
+            eq = np.flatnonzero(keys == np.uint32(cut.key))
+            if cut.ties and transpose:
+                col_of = eq // rows
+                take = eq[(col_of < cut.col) | ((col_of == cut.col) & (np.cumsum(col_of == cut.col) <= cut.col_ties))]
+                got[take] = True
+            elif cut.ties:
+                got[eq[: cut.ties]] = True
+            np.testing.assert_array_equal(got, want)

@@ -1,7 +1,8 @@
 """Benchmark: data-free merges at Llama-3.2-1B's shapes: wall, peak RSS and the memory formula.
 
     python examples/benchmarks/bench_scale.py [--small] [--cache DIR] [--ways 2 3]
-        [--methods ties dare_ties task_arithmetic] [--tools plain sgtv mergekit] [--budget 256MiB] [--verify]
+        [--methods ties dare_ties task_arithmetic] [--tools plain sgtv mergekit] [--mergekit PATH] [--budget 256MiB]
+        [--verify]
 
 Makes (once, into --cache; kept between runs) a random LLaMA checkpoint with
 Llama-3.2-1B's shapes (hidden 2048, 16 layers, intermediate 8192, vocab
@@ -22,7 +23,8 @@ density 0.5, `dtype: bfloat16`) and number of models (2, 3):
 * `sgtv`: `sgtv merge CONFIG OUT` with `memory_budget: --budget` (tensors
   over it merged in row chunks, outputs written chunk by chunk). `--verify`
   also runs it with no budget (whole tensors) and compares the outputs.
-* `mergekit`: `mergekit-yaml` when mergekit is importable (never required).
+* `mergekit`: `mergekit-yaml CONFIG OUT --lazy-unpickle` (CPU) when `--mergekit PATH` names
+  one or `mergekit-yaml` is on PATH (never required; e.g. mergekit 0.1.5 in its own venv).
 
 Beside the measured peak: `sgtv check`'s memory formula (`pipeline.memory`,
 the largest merge working set). The JAX runtime, the Python process and the
@@ -40,7 +42,6 @@ page faults than arithmetic.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -323,26 +324,35 @@ def run_child(argv: list[str], out: Path, keep: bool = False) -> dict:
     return res
 
 
-def run_mergekit(config: Path, out: Path) -> dict:
+def mergekit_config(config: Path) -> Path:
+    """`config` without sgtv's own keys (`memory_budget`), which mergekit's schema rejects."""
+    lines = [ln for ln in config.read_text().splitlines() if not ln.startswith("memory_budget:")]
+    out = config.with_name(config.stem + "-mergekit.yaml")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def run_mergekit(mergekit_yaml: str, config: Path, out: Path) -> dict:
+    """`mergekit-yaml CONFIG OUT` (CPU, lazy unpickling) under `/usr/bin/time -v`: wall and peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        "/usr/bin/time",
-        "-v",
-        sys.executable,
-        "-m",
-        "mergekit.scripts.run_yaml",
-        str(config),
-        str(out),
-        "--lazy-unpickle",
-    ]
+    cmd = ["/usr/bin/time", "-v", mergekit_yaml, str(mergekit_config(config)), str(out), "--lazy-unpickle", "--quiet"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
     wall = time.perf_counter() - t0
     peak = [ln for ln in p.stderr.splitlines() if "Maximum resident set size" in ln]
     shutil.rmtree(out, ignore_errors=True)
     if p.returncode or not peak:
         return {"error": p.stderr.strip().splitlines()[-1:], "wall_s": wall}
     return {"wall_s": wall, "peak_rss": int(peak[0].split()[-1]) * 1024}
+
+
+def find_mergekit(given: str | None) -> str | None:
+    """The `mergekit-yaml` to run: `--mergekit PATH`, else one on PATH, else None (not measured)."""
+    if given:
+        if not (os.path.isfile(given) and os.access(given, os.X_OK)):
+            raise SystemExit(f"--mergekit {given}: not an executable file")
+        return given
+    return shutil.which("mergekit-yaml")
 
 
 def parse_size(s: str) -> int:
@@ -362,6 +372,12 @@ def main() -> None:
         nargs="+",
         default=["plain", "sgtv", "mergekit"],
         choices=["plain", "sgtv", "mergekit"],
+    )
+    ap.add_argument(
+        "--mergekit",
+        default=None,
+        metavar="PATH",
+        help="the mergekit-yaml executable to compare with (default: mergekit-yaml on PATH; skipped when absent)",
     )
     ap.add_argument("--budget", default="256MiB", help="sgtv's memory_budget (default 256MiB)")
     ap.add_argument(
@@ -385,7 +401,7 @@ def main() -> None:
     warm_page_cache([base] + fts)
     work = cache / "work"
     work.mkdir(exist_ok=True)
-    has_mergekit = importlib.util.find_spec("mergekit") is not None
+    mergekit = find_mergekit(args.mergekit) if "mergekit" in args.tools else None
     rows, verified = [], []
     for T in args.ways:
         plain = None
@@ -412,15 +428,13 @@ def main() -> None:
                     print(verified[-1], flush=True)
             for tool in ("sgtv", "whole"):
                 shutil.rmtree(work / tool, ignore_errors=True)
-            if "mergekit" in args.tools and has_mergekit:
-                rows.append((f"{T}-way {method}", "mergekit", run_mergekit(config, work / "mergekit"), None))
+            if mergekit:
+                rows.append((f"{T}-way {method}", "mergekit", run_mergekit(mergekit, config, work / "mergekit"), None))
+                print(rows[-1], flush=True)
         for label, _tool, res, _formula in rows:
             if label.startswith(f"{T}-way") and plain and "error" not in plain and "error" not in res:
                 res["x_plain"] = res["wall_s"] / plain["wall_s"]
-    print(
-        f"\n{size} shapes, budget {args.budget}, CPU cores: {os.cpu_count()}, mergekit: "
-        f"{'installed' if has_mergekit else 'not installed'}"
-    )
+    print(f"\n{size} shapes, budget {args.budget}, CPU cores: {os.cpu_count()}, mergekit: {mergekit or 'not found'}")
     print("| run | tool | wall s | x plain | peak RSS GB | formula GB | RSS after imports GB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, tool, res, formula in rows:

@@ -21,21 +21,25 @@ How each trim is chunked (chunks are rows of the stored tensor):
 
 | trim          | needs                                   | passes over the rows                   |
 | ------------- | --------------------------------------- | -------------------------------------- |
-| `magnitude`   | the k-th largest `|d|` per task          | 2 histograms (+1 for transposed ties) + merge |
+| `magnitude`   | the k-th largest `|d|` per task          | count + merge (+2-3 if a bracket misses) |
 | `breadcrumbs` | two cut points per task                 | as magnitude                           |
 | `random`      | the whole tensor's Bernoulli mask       | merge (each chunk draws its own part)  |
 | `magprune`    | per-row ranks and uniforms              | merge (whole rows per chunk)           |
 | none          | -                                       | merge                                  |
 
 Thresholds: `|d|` as float32 bit patterns, reversed (`0x7FFFFFFF - bits`)
-so the k largest are the k smallest keys, found digit by digit (16 + 16
-bits, the plan of `sgtv_jax.select`): a histogram of the high digit, then
-of the low digit inside the bin holding the k-th key. A tensor in one chunk
-is in memory: a uniform sample of its keys brackets the k-th key, and one
-pass counts the keys below the bracket and partitions those inside it (the
-histograms only when the bracket misses, which 6 sigma makes rare). Ties at the threshold
-go to the entries that come first in the merge order, counted across chunks
-(transposed: per column, which takes one more pass). Random draws use the
+so the k largest are the k smallest keys. A sample of whole rows (read row
+by row, `SAMPLE_ROWS` at least) brackets the k-th key (6 sigma, widened by
+the spread between rows); one counting pass counts the keys below the
+bracket and gathers those inside it (with their merge-order positions when
+transposed), whose partition gives the key and the tie rule. A cut whose
+bracket misses (or gathers too much) falls back to digit-by-digit
+histograms (16 + 16 bits, the plan of `sgtv_jax.select`: the high digit,
+then the low digit inside the bin holding the k-th key; transposed ties then
+take one more pass per column). A tensor in one chunk is in memory: a
+uniform sample of its keys brackets the k-th key in the same way. Ties at
+the threshold go to the entries that come first in the merge order, counted
+across chunks (transposed: per column). Random draws use the
 entry's index in the merge order as threefry counter (`blockrng`). Sign
 election and the (disjoint) mean are per entry.
 
@@ -48,7 +52,7 @@ chunk is then trimmed (`trim.keep` on the selected mask, `trim.magprune`,
 `merge_planned` calls it) in one jit-compiled program per chunk shape: every
 chunk of a tensor is padded to the first chunk's rows (the methods are per
 entry after their trims), so a tensor compiles once and tensors of one shape
-and plan share the program. Calibration trims (`wanda`, `sparsegpt`) are
+and plan share the program (compiled with `XLA_OPTIONS`). Calibration trims (`wanda`, `sparsegpt`) are
 refused: use `merge_planned` with the Hessian.
 """
 
@@ -301,6 +305,10 @@ def merge_rows(
     return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
 
 
+XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+"""Compiler options of the chunk programs: no YNNPACK fusions (measured here: its reduce over
+the task axis of a `[T, rows, cols]` stack ran ~20x slower than XLA's own loops)."""
+
 SAMPLE = 1 << 16
 """Keys sampled to bracket a cut point of a tensor held in memory."""
 
@@ -352,6 +360,38 @@ def _bracket_cut(keys: np.ndarray, m: int) -> _Cut | None:
     cand = keys[inside]
     key = int(np.partition(cand, m - below - 1)[m - below - 1])
     return _cut_at(key, below + int(np.count_nonzero(cand < key)), int(np.count_nonzero(cand == key)), m)
+
+
+SAMPLE_ROWS = 256
+"""Whole rows sampled (at least) to bracket a cut point of a tensor read in chunks."""
+
+
+class _Counted(NamedTuple):
+    """Cuts found by the counting pass ((task, m) -> cut) and whether any task vector is nonzero."""
+
+    cuts: dict[tuple[int, int], _Cut]
+    changed: bool
+
+
+def _row_bracket(sample: np.ndarray, q: float) -> tuple[int, int]:
+    """Keys `[lo, hi]` that hold the `q`-quantile key of a tensor with high probability, from
+    the keys of sampled whole rows `[rows, cols]`.
+
+    The sample ranks `q s -/+ (6 sigma + 16)`, s the sample size, sigma the binomial spread
+    times the design effect of sampling rows (rows differ in scale): the variance between the
+    rows' fractions below the sample quantile over the binomial one (at least 1).
+    """
+    flat = np.sort(sample.reshape(-1))
+    s = flat.size
+    kq = flat[min(s - 1, int(q * s))]
+    p_rows = np.count_nonzero(sample < kq, axis=1) / sample.shape[1]
+    binom = q * (1.0 - q) / s
+    deff = max(1.0, float(np.var(p_rows)) / sample.shape[0] / binom) if binom > 0 else 1.0
+    delta = 6.0 * math.sqrt(s * q * (1.0 - q) * deff) + 16.0
+    lo_i, hi_i = int(q * s - delta), int(q * s + delta) + 1
+    lo = int(flat[lo_i]) if lo_i >= 0 else 0
+    hi = int(flat[hi_i]) if hi_i < s else int(_KEY_MAX)
+    return lo, hi
 
 
 def _nth_true(flags: np.ndarray, nth: int) -> int:
@@ -409,7 +449,7 @@ def _program(
             merged = fn(stack, list(weights), **params)
         return merged, jnp.count_nonzero(stack.reshape(len(modes), -1), axis=1)
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=XLA_OPTIONS)
 
 
 class _Chunked:
@@ -612,6 +652,12 @@ class _Chunked:
                 if cut is not None:
                     cuts[(t, m)] = cut
                     del open_[(t, m)]
+        else:  # a sampled bracket per cut, one counting pass; the histograms only for those it misses
+            counted = self._counted_cuts(list(open_))
+            for tm, cut in counted.cuts.items():
+                cuts[tm] = cut
+                del open_[tm]
+            changed = counted.changed
         for i, (shift, width) in enumerate(_DIGITS):
             if not open_:
                 break
@@ -648,9 +694,66 @@ class _Chunked:
                     open_[(t, m)] = ((prefix << width) | b, below_b)
             if not open_:
                 break
-        if self.transpose and any(c.ties for c in cuts.values()):
+        if self.transpose and any(c.ties and c.col < 0 for c in cuts.values()):
             cuts = self._column_ties(cuts)
         return cuts, changed
+
+    def _sample(self) -> np.ndarray:
+        """Reversed keys `[T, rows, cols]` of a fixed random set of whole rows (sorted; read one by one)."""
+        n_rows = min(self.rows, max(SAMPLE_ROWS, SAMPLE // max(self.cols, 1)), max(16, 8 * SAMPLE // max(self.cols, 1)))
+        picked = np.sort(np.random.default_rng(0).choice(self.rows, n_rows, replace=False))
+        return np.concatenate(
+            [self.src.rows(int(r), int(r) + 1).keys.reshape(self.tasks, 1, self.cols) for r in picked], axis=1
+        )
+
+    def _counted_cuts(self, wanted: list[tuple[int, int]]) -> _Counted:
+        """Cuts of `wanted` (task, m) from one pass: a bracket `[lo, hi]` per cut from a sample of
+        whole rows (widened by the spread between rows), then per chunk the keys below `lo` counted
+        and those inside gathered (with their merge-order positions when transposed, for the tie
+        rule); the m-th key is then selected among the gathered. Cuts whose bracket misses, or
+        whose gathered keys outgrow a quarter of a chunk's working set (4 MiB at least), are left out."""
+        out = {tm: _Cut(int(_KEY_MAX) + 1, 0) for tm in wanted if tm[1] >= self.n}  # all: below one past the largest
+        sample = self._sample()
+        brackets = {(t, m): _row_bracket(sample[t], m / self.n) for t, m in wanted if m < self.n}
+        room = max(1 << 22, (self.spans[0][1] - self.spans[0][0]) * self.cols * bytes_per_entry(self.tasks) // 4)
+        per_entry = 12 if self.transpose else 4
+        below = dict.fromkeys(brackets, 0)
+        gathered: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray | None]]] = {tm: [] for tm in brackets}
+        used, changed = 0, False
+        for r0, r1 in self.spans:
+            chunk = self._rows(r0, r1)
+            changed = changed or chunk.changed
+            for tm, (lo, hi) in brackets.items():
+                if tm not in gathered:
+                    continue
+                kr = chunk.keys[tm[0]].reshape(-1)
+                below[tm] += int(np.count_nonzero(kr < np.uint32(lo)))
+                idx = np.flatnonzero((kr - np.uint32(lo)) <= np.uint32(hi - lo))  # keys below lo wrap: outside
+                used += idx.size * per_entry
+                if used > room:  # too many inside: leave it to the histograms
+                    used -= sum(k.size for k, _ in gathered.pop(tm)) * per_entry + idx.size * per_entry
+                    continue
+                pos = None
+                if self.transpose:  # merge order: column-major
+                    pos = (idx % self.cols) * self.rows + (r0 + idx // self.cols)
+                gathered[tm].append((kr[idx], pos))
+        for tm, parts in gathered.items():
+            m, lo_below = tm[1], below[tm]
+            cand = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.uint32)
+            if lo_below >= m or lo_below + cand.size < m:
+                continue  # the bracket missed
+            key = int(np.partition(cand, m - lo_below - 1)[m - lo_below - 1])
+            eq = cand == np.uint32(key)
+            cut = _cut_at(key, lo_below + int(np.count_nonzero(cand < np.uint32(key))), int(np.count_nonzero(eq)), m)
+            if cut.ties and self.transpose:  # the first `ties` equal keys in the merge order
+                order = np.sort(np.concatenate([p for _, p in parts])[eq])
+                last = int(order[cut.ties - 1])
+                col = last // self.rows
+                cut = cut._replace(
+                    col=col, col_ties=int(np.count_nonzero((order >= col * self.rows) & (order <= last)))
+                )
+            out[tm] = cut
+        return _Counted(out, changed)
 
     def _column_ties(self, cuts: dict[tuple[int, int], _Cut]) -> dict[tuple[int, int], _Cut]:
         """Transposed merge order is column-major: per column, count the keys equal to each cut (one pass)."""
