@@ -306,8 +306,14 @@ def merge_rows(
 
 
 XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-"""Compiler options of the chunk programs: no YNNPACK fusions (measured here: its reduce over
-the task axis of a `[T, rows, cols]` stack ran ~20x slower than XLA's own loops)."""
+"""Compiler options of the chunk programs on CPU: no YNNPACK fusions (measured here: its reduce
+over the task axis of a `[T, rows, cols]` stack ran ~20x slower than XLA's own loops). Other
+backends compile with their defaults."""
+
+
+def _compiler_options() -> dict[str, str] | None:
+    return XLA_OPTIONS if jax.default_backend() == "cpu" else None
+
 
 SAMPLE = 1 << 16
 """Keys sampled to bracket a cut point of a tensor held in memory."""
@@ -449,7 +455,7 @@ def _program(
             merged = fn(stack, list(weights), **params)
         return merged, jnp.count_nonzero(stack.reshape(len(modes), -1), axis=1)
 
-    return jax.jit(run, compiler_options=XLA_OPTIONS)
+    return jax.jit(run, compiler_options=_compiler_options())
 
 
 class _Chunked:
