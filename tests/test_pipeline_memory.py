@@ -9,7 +9,13 @@ import test_pipeline_helpers as H
 
 from sgtv_jax.errors import ResourceError
 from sgtv_jax.pipeline.config import parse_config
-from sgtv_jax.pipeline.memory import estimate_memory, refuse_if_too_big
+from sgtv_jax.pipeline.memory import (
+    CalibrationShape,
+    estimate_calibrated,
+    estimate_memory,
+    llama_shapes,
+    refuse_if_too_big,
+)
 
 # tiny LLaMA of test_pipeline_helpers: hidden 32, 4 heads (2 KV heads of 8), intermediate 64, 3 blocks
 D, A, FF, KV = 32, 4, 64, 16
@@ -61,6 +67,23 @@ def test_per_task_by_hand(fam):
     assert est.term("attention").bytes == 4 * 2 * A * max(4 * 24**2, 3 * 40**2)
     assert est.term("hessians").bytes == 4 * T * sum(c * c for _, c in LINEARS)
     assert est.term("obs").bytes == 4 * max(3 * T * r * c + 3 * T * c * c for r, c in LINEARS)
+
+
+def test_shapes_alone_equal_the_header_path(fam):
+    """The shape-only formula (no checkpoint) gives the header-read estimate, term by term, for both sources."""
+    root, paths, vocab = fam
+    shapes = llama_shapes(D, FF, vocab, A, kv_heads=2, head_dim=8)
+    merged = estimate_memory(parse_config(H.config_dict(paths, root)))
+    alone = estimate_calibrated(shapes, tasks=2, sets=[CalibrationShape(6, 24)], batch_size=4)
+    assert alone.terms == merged.terms
+    raw = H.config_dict(paths, root, hessian_source="per_task")
+    raw["models"][1]["calibration"] = {"data": str(root / "calib.txt"), "nsamples": 3, "seqlen": 40}
+    per_task = estimate_memory(parse_config(raw))
+    alone = estimate_calibrated(
+        shapes, tasks=2, sets=[CalibrationShape(6, 24), CalibrationShape(3, 40)], batch_size=4, per_task=True
+    )
+    assert alone.terms == per_task.terms
+    assert estimate_calibrated(shapes, tasks=2, sets=[]).total == 4 * 3 * (BLOCK + vocab * D)  # no data: weights only
 
 
 def test_data_free_holds_one_tensor_stack(fam, monkeypatch):

@@ -1,29 +1,52 @@
-"""Benchmark: 3-way SmolLM2-135M merge, TIES + SparseGPT vs magnitude TIES, on this CPU.
+"""Benchmark: 3-way merge, TIES + SparseGPT vs magnitude TIES, with the calibrate stage's GFLOP/s.
 
     python examples/benchmarks/bench_merge.py [--work DIR] [--nsamples 64] [--seqlen 512]
+        [--model smollm2|tiny|small|1b] [--methods sparsegpt magnitude] [--json FILE]
 
-Makes three fine-tune-like models from SmolLM2-135M-Instruct (base + a
-low-rank-plus-noise task vector in every tensor, about 1% of each tensor's
-scale; the merge cost does not depend on how the deltas were made), writes a
-calibration text (this repository's Python sources), then runs each merge as
-`sgtv merge` in a fresh process (so peak RSS is the merge's own) and prints the
-stage breakdown (load, calibrate, prune, merge, export), wall time and peak RSS
-from each merge's `merge_report.json`. Targets (2-core CPU): TIES + SparseGPT
-<= 6 min and <= 2.5 GB peak RSS.
+`--model smollm2` (default) makes three fine-tune-like models from
+SmolLM2-135M-Instruct (base + a low-rank-plus-noise task vector in every
+tensor, about 1% of each tensor's scale; the merge cost does not depend on how
+the deltas were made). `tiny` / `small` / `1b` use `bench_scale.py`'s random
+LLaMA checkpoints (bfloat16; `1b`: Llama-3.2-1B's shapes) with a byte-level BPE
+tokenizer trained here on the calibration text: nothing is downloaded, so it
+runs on a machine without network. The calibration text is this repository's
+Python sources. Each merge runs as `sgtv merge` in a fresh process (so peak RSS
+is the merge's own); we print the stage breakdown (load, calibrate, prune,
+merge, export), wall time and peak RSS from each merge's `merge_report.json`.
+Targets (2-core CPU, SmolLM2): TIES + SparseGPT <= 6 min and <= 2.5 GB peak RSS.
+
+The calibrate stage's achieved rate, beside a float32 1024x1024 `jnp.dot`
+measured in this process (LLaMA blocks; `hessian_source: merged`):
+
+    forward  = passes * 2 * P_linear * n      2 passes per block: capture through the
+                                              base block, propagate through the merged one
+    hessian  = sum over blocks and input groups of 2 * n * cols^2
+               (groups: q/k/v and gate/up share their input; o and down have their own)
+
+with `P_linear` the blocks' linear weights, `n` the calibration tokens. The
+ratio `calibrate s / ((forward + hessian) / matmul rate)` is how far the stage is
+from its FLOP count; the rest is attention (not counted), the tokenizer,
+element-wise work, copies and dispatch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_scale import llama_config, make_checkpoints  # noqa: E402
 
 
 def perturbed(ckpt, rng: np.random.Generator):
@@ -63,15 +86,71 @@ def calibration_text(work: Path) -> Path:
     return p
 
 
+def local_tokenizer(dst: Path, text: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer trained on `text`, saved into the model directory `dst` (once)."""
+    if (dst / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(text)], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(str(dst))
+
+
+def models_for(name: str, work: Path, calib: Path) -> tuple[Path, list[Path], dict]:
+    """(base, three fine-tunes, HF config) for `--model`."""
+    if name == "smollm2":
+        from convert import fetch_smollm2
+
+        base = fetch_smollm2()
+        return base, make_finetunes(base, work), json.loads((base / "config.json").read_text())
+    cfg = llama_config(name)
+    base, fts = make_checkpoints(Path(f"/tmp/sgtv-bench-scale-{name}"), name)
+    local_tokenizer(base, calib, min(4096, cfg["vocab_size"]))
+    return base, fts, cfg
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    """This machine's dense float32 rate: median of `reps` jitted `n x n` `jnp.dot`s, GFLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dot(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[reps // 2] / 1e9
+
+
+def calibrate_flops(hf: dict, tokens: int, passes: int = 2) -> tuple[float, float]:
+    """(forward, hessian) FLOPs of a `merged`-source calibration of a LLaMA (module doc)."""
+    d, inter, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or d // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * head_dim, hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
+    linear = d * (q + 2 * kv) + q * d + 3 * d * inter  # q k v, o, gate up down
+    forward = passes * 2 * linear * tokens * layers
+    hessian = sum(2 * tokens * c**2 for c in (d, q, d, inter)) * layers
+    return float(forward), float(hessian)
+
+
 def run(cfg: dict, work: Path, name: str) -> dict:
     import yaml
 
     (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = work / f"out_{name}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "sgtv_jax.cli", "merge", str(work / f"{name}.yaml"), str(out), "--overwrite", "--quiet"],
         check=True,
+        env=env,
     )
     wall = time.perf_counter() - t0
     rep = json.loads((out / "merge_report.json").read_text())
@@ -84,14 +163,16 @@ def main() -> None:
     ap.add_argument("--work", default="bench_merge_work")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "small", "1b"])
+    ap.add_argument("--methods", nargs="+", default=["sparsegpt", "magnitude"], choices=["sparsegpt", "magnitude"])
+    ap.add_argument("--json", help="also write the results here (default WORK/bench_merge.json)")
     args = ap.parse_args()
-    from convert import fetch_smollm2
 
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    base = fetch_smollm2()
-    fts = make_finetunes(base, work)
     calib = calibration_text(work)
+    base, fts, hf = models_for(args.model, work, calib)
+    rate = matmul_gflops()
     common = {
         "models": [{"model": str(p), "parameters": {"density": 0.1, "weight": 1.0}} for p in fts],
         "merge_method": "ties",
@@ -99,37 +180,76 @@ def main() -> None:
         "parameters": {"normalize": True},
         "dtype": "bfloat16",
     }
-    results = {
-        "ties+sparsegpt": run(
-            {
-                **common,
-                "trim": "sparsegpt",
-                "hessian_source": "merged",
-                "calibration": {"data": str(calib), "nsamples": args.nsamples, "seqlen": args.seqlen},
-            },
-            work,
-            "sparsegpt",
-        ),
-        "ties (magnitude)": run(common, work, "magnitude"),
+    sparsegpt = {
+        **common,
+        "trim": "sparsegpt",
+        "hessian_source": "merged",
+        "calibration": {"data": str(calib), "nsamples": args.nsamples, "seqlen": args.seqlen},
     }
+    configs = {"ties+sparsegpt": ("sparsegpt", sparsegpt), "ties (magnitude)": ("magnitude", common)}
+    results, formulas = {}, {}
+    for label, (key, cfg) in configs.items():
+        if key in args.methods:
+            results[label] = run(cfg, work, key)
+            formulas[label] = formula_mib(work / f"{key}.yaml")
+    rate = (rate + matmul_gflops()) / 2  # before and after the merges: the machine's state may drift
     stages = ("load", "calibrate", "prune", "merge", "export")
-    print(f"\n3-way SmolLM2-135M merge, density 0.1, {args.nsamples} x {args.seqlen} calibration tokens")
-    print(f"{'method':<18}" + "".join(f"{s:>10}" for s in stages) + f"{'wall s':>10}{'peak MiB':>10}")
+    dev = jax.devices()[0]
+    print(
+        f"\n3-way {args.model} merge, density 0.1, {args.nsamples} x {args.seqlen} calibration tokens, "
+        f"on {dev.platform} ({dev.device_kind}); 1024x1024 float32 jnp.dot: {rate:.1f} GFLOP/s"
+    )
+    print(
+        f"{'method':<18}" + "".join(f"{s:>10}" for s in stages) + f"{'wall s':>10}{'peak MiB':>10}{'formula MiB':>12}"
+    )
     for k, r in results.items():
         print(
             f"{k:<18}"
-            + "".join(f"{r['stages_s'][s]:>10.1f}" for s in stages)
-            + f"{r['process_wall_s']:>10.1f}{r['peak_rss_mb']:>10.0f}"
+            + "".join(f"{r['stages_s'].get(s, 0.0):>10.1f}" for s in stages)
+            + f"{r['process_wall_s']:>10.1f}{r['peak_rss_mb']:>10.0f}{formulas[k]:>12.0f}"
         )
-    (work / "bench_merge.json").write_text(
-        json.dumps(
-            {
-                k: {"stages_s": r["stages_s"], "wall_s": r["process_wall_s"], "peak_rss_mb": r["peak_rss_mb"]}
-                for k, r in results.items()
-            },
-            indent=1,
+    summary = {
+        "device": f"{dev.platform} {dev.device_kind}",
+        "model": args.model,
+        "matmul_gflops": rate,
+        "runs": {
+            k: {
+                "stages_s": r["stages_s"],
+                "wall_s": r["process_wall_s"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "formula_mib": formulas[k],
+            }
+            for k, r in results.items()
+        },
+    }
+    if "ties+sparsegpt" in results:
+        r = results["ties+sparsegpt"]
+        tokens = int(r.get("calibration_tokens") or args.nsamples * args.seqlen)
+        fwd, hess = calibrate_flops(hf, tokens)
+        cal = r["stages_s"]["calibrate"]
+        floor = (fwd + hess) / (rate * 1e9)
+        summary["calibrate"] = {
+            "tokens": tokens,
+            "forward_gflop": fwd / 1e9,
+            "hessian_gflop": hess / 1e9,
+            "seconds": cal,
+            "gflops": (fwd + hess) / cal / 1e9,
+            "flop_floor_s": floor,
+            "x_floor": cal / floor,
+        }
+        print(
+            f"calibrate: {tokens} tokens, forward {fwd / 1e9:.1f} + Hessian {hess / 1e9:.1f} GFLOP in {cal:.1f} s = "
+            f"{(fwd + hess) / cal / 1e9:.1f} GFLOP/s; at the matmul rate {floor:.1f} s: {cal / floor:.2f}x its FLOP count"
         )
-    )
+    Path(args.json or work / "bench_merge.json").write_text(json.dumps(summary, indent=1))
+
+
+def formula_mib(config: Path) -> float:
+    """`sgtv check`'s peak-memory formula for `config`, MiB (headers only)."""
+    from sgtv_jax.pipeline.config import load_config
+    from sgtv_jax.pipeline.memory import estimate_memory
+
+    return estimate_memory(load_config(config)).total / 2**20
 
 
 if __name__ == "__main__":

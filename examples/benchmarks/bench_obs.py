@@ -8,6 +8,7 @@ achieved GFLOP/s beside a dense matmul measured in the same run.
 
     python examples/benchmarks/bench_obs.py            # default shapes
     python examples/benchmarks/bench_obs.py --large    # adds 4096x11008
+    python examples/benchmarks/bench_obs.py --shapes 4096x4096,4096x11008 --no-torch --json obs.json
 
 FLOP count (nominal, what the algorithm needs): T * rows * cols^2 for the sweep
 plus 2/3 cols^3 for the factor; dense matmul: 2 * rows * cols^2.
@@ -16,9 +17,11 @@ plus 2/3 cols^3 for the factor; dense matmul: 2 * rows * cols^2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +96,10 @@ def interleaved(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> None:
-    """Time OBS (1 and 4 tasks), the matmul roofline and torch on one ``[rows, cols]`` shape; print a row per T."""
+def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> list[dict]:
+    """Time OBS (1 and 4 tasks), the matmul roofline and torch on one ``[rows, cols]`` shape.
+
+    Prints a row per T and returns them as dicts (seconds, GFLOP/s)."""
     d4, h = inputs(rows, cols, 4)
     hj = jnp.asarray(h)
     a = jnp.asarray(d4[0])
@@ -108,16 +113,18 @@ def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> None:
     }
     if args.refit:
         fns["refit1"] = lambda: obs_prune(one_task, hj, density=args.density, refit=True)[0].block_until_ready()
-    if torch is not None:
+    if torch is not None and not args.no_torch:
         tw, th = torch.from_numpy(d4[0]), torch.from_numpy(h)
         fns["torch1"] = lambda: torch_sparsegpt(tw, th, args.density)
     med = interleaved(fns, args.reps)
     matmul_gflops = 2 * rows * cols * cols / med["matmul"] / 1e9
+    out = []
     for t in (1, 4):
         flops = t * rows * cols**2 + 2 / 3 * cols**3
         jt = med[f"jax{t}"]
         tt = med.get("torch1", math.nan) * (t if t == 1 else math.nan)
         gf = flops / jt / 1e9
+        out.append({"rows": rows, "cols": cols, "tasks": t, "jax_s": jt, "gflops": gf, "matmul_gflops": matmul_gflops})
         print(
             f"{rows:>5} x {cols:<5} {t:>2} {jt:8.3f} {tt:8.3f} {jt / tt:6.2f} {gf:8.1f} {matmul_gflops:15.1f} {100 * gf / matmul_gflops:10.0f}%"
         )
@@ -125,6 +132,15 @@ def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> None:
         f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
         + (f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x" if args.refit else "")
     )
+    return out
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4096x4096,4096x11008"`` -> ``[(4096, 4096), (4096, 11008)]`` (rows x cols)."""
+    try:
+        return [(int(r), int(c)) for r, c in (s.lower().split("x") for s in text.split(",") if s)]
+    except ValueError:
+        raise SystemExit(f"--shapes: expected ROWSxCOLS[,ROWSxCOLS...], got {text!r}") from None
 
 
 def main() -> None:
@@ -133,13 +149,20 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--large", action="store_true", help="also 4096x11008")
     ap.add_argument("--refit", action="store_true", help="also time OBS + refit")
+    ap.add_argument("--shapes", type=parse_shapes, help="ROWSxCOLS,... instead of the default shapes")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer (slow at large shapes)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
-    shapes = [(1536, 576), (576, 1536), (4096, 4096)] + ([(4096, 11008)] if args.large else [])
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__ if torch else 'absent'}")
+    shapes = args.shapes or [(1536, 576), (576, 1536), (4096, 4096)] + ([(4096, 11008)] if args.large else [])
+    dev = jax.devices()[0]
+    print(
+        f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}); torch {torch.__version__ if torch else 'absent'}"
+    )
     header = f"{'rows x cols':>12} {'T':>2} {'jax s':>8} {'torch s':>8} {'ratio':>6} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'% of matmul':>11}"
     print(header)
-    for rows, cols in shapes:
-        bench_shape(rows, cols, args)
+    table = [r for rows, cols in shapes for r in bench_shape(rows, cols, args)]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": f"{dev.platform} {dev.device_kind}", "rows": table}, indent=1))
 
 
 if __name__ == "__main__":

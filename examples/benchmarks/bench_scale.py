@@ -88,6 +88,18 @@ SHAPES = {
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
     ),
+    "tiny": dict(  # seconds on a CPU: bench_device.sh --quick
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        vocab_size=4096,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+    ),
 }
 METHODS = ("ties", "dare_ties", "task_arithmetic")
 GB = 1e9

@@ -20,6 +20,9 @@ shared set for `merged` / `base`; one per model for `per_task`), each with
 
     peak ~ activations + attention + hessians + obs + block + outer
 
+`estimate_calibrated` computes this from numbers alone (`ModelShapes`, e.g.
+`llama_shapes`, and the calibration sets' `CalibrationShape`s); `estimate_memory`
+reads them from the config and the checkpoint headers and calls it.
 The calibration terms are 0 when no tensor uses calibration data. The sum is
 an upper bound in spirit (the outer tensors are merged before the blocks);
 XLA's own workspaces and the Python process itself come on top.
@@ -44,8 +47,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from convert.namemaps import get_name_map
 from convert.readers import hf_config_object, open_checkpoint
@@ -104,13 +108,53 @@ def human(n: float) -> str:
     return f"{n:.1f} EiB"  # unreachable
 
 
-class _Linear(NamedTuple):
+class Linear(NamedTuple):
+    """A linear weight of a block as `[rows, cols]`: `cols` is its input width (the Hessian's size)."""
+
     rows: int
     cols: int
 
 
-def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int, int]:
-    """(HF config, linear weights of block 0, parameters of block 0, largest outer tensor) from headers."""
+class ModelShapes(NamedTuple):
+    """What the calibrated-merge formula needs of a model: numbers only, no files.
+
+    `linears`: the linear weights of one block; `block_params`: all parameters of one block;
+    `outer`: entries of the largest tensor outside the blocks (e.g. the embedding)."""
+
+    hidden: int
+    heads: int
+    linears: tuple[Linear, ...]
+    block_params: int
+    outer: int
+
+
+class CalibrationShape(NamedTuple):
+    """One calibration set: `nsamples` windows of `seqlen` tokens."""
+
+    nsamples: int
+    seqlen: int
+
+
+def llama_shapes(
+    hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None
+) -> ModelShapes:
+    """`ModelShapes` of a LLaMA-style block (q k v o, gate up down, two RMSNorms) and a `[vocab, hidden]` embedding."""
+    hd = head_dim or hidden // heads
+    q, kv = heads * hd, (kv_heads or heads) * hd
+    linears = (
+        Linear(q, hidden),
+        Linear(kv, hidden),
+        Linear(kv, hidden),
+        Linear(hidden, q),
+        Linear(intermediate, hidden),
+        Linear(intermediate, hidden),
+        Linear(hidden, intermediate),
+    )
+    return ModelShapes(hidden, heads, linears, sum(w.rows * w.cols for w in linears) + 2 * hidden, vocab * hidden)
+
+
+def _model_layout(cfg: MergeConfig) -> ModelShapes:
+    """The base model's `ModelShapes`, from config.json and the tensor headers."""
 
     hf = read_hf_config(cfg.base_model)
     mt = hf["model_type"]
@@ -134,10 +178,12 @@ def _model_layout(cfg: MergeConfig) -> tuple[dict[str, Any], list[_Linear], int,
         block_params += math.prod(shape)
         if len(shape) == 2 and n.endswith(".weight"):
             rows, cols = shape if block_rules[n].transpose else shape[::-1]  # torch layout is [out, in]
-            linears.append(_Linear(int(rows), int(cols)))
+            linears.append(Linear(int(rows), int(cols)))
     block_set = set(is_block)
     outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None), default=0)
-    return hf, linears, block_params, int(outer)
+    hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))
+    heads = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
+    return ModelShapes(hidden, heads, tuple(linears), block_params, int(outer))
 
 
 def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
@@ -181,23 +227,34 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
             return mapped
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
-    hf, linears, block_params, outer = _model_layout(cfg)
     T = len(cfg.models)
-    hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))
-    heads = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
-    use_data = any(cfg.calibration_for(t) is not None for t in range(T))
-    per_task = cfg.hessian_source == "per_task"
-    if not use_data:
+    if not any(cfg.calibration_for(t) is not None for t in range(T)):
         wanted = []
-    elif per_task:
+    elif cfg.hessian_source == "per_task":
         wanted = [cfg.calibration_for(t) for t in range(T)]
     else:
         wanted = [cfg.calibration or cfg.calibration_for(0)]
-    sets = [c for c in wanted if c is not None]  # validation gives every model data when a trim needs it
+    # validation gives every model data when a trim needs it
+    sets = [CalibrationShape(c.nsamples, c.seqlen) for c in wanted if c is not None]
+    return estimate_calibrated(
+        _model_layout(cfg), tasks=T, sets=sets, batch_size=cfg.batch_size, per_task=cfg.hessian_source == "per_task"
+    )
+
+
+def estimate_calibrated(
+    shapes: ModelShapes, *, tasks: int, sets: Sequence[CalibrationShape], batch_size: int = 8, per_task: bool = False
+) -> MemoryEstimate:
+    """The module-doc formula of a block-by-block merge from numbers alone (no checkpoint needed).
+
+    `tasks`: T fine-tuned models; `sets`: the calibration sets the Hessian source runs (one for
+    `merged` / `base`, one per model for `per_task`; none when no tensor uses calibration data);
+    `per_task`: one Hessian per model (k = T)."""
+    T, hidden, heads, linears = tasks, shapes.hidden, shapes.heads, shapes.linears
+    use_data = bool(sets)
     k = T if per_task else 1
     tokens = [c.nsamples * c.seqlen for c in sets]
     activations = F32 * hidden * (sum(tokens) + max(tokens, default=0))
-    attention = F32 * 2 * heads * max((min(cfg.batch_size, c.nsamples) * c.seqlen**2 for c in sets), default=0)
+    attention = F32 * 2 * heads * max((min(batch_size, c.nsamples) * c.seqlen**2 for c in sets), default=0)
     hessians = F32 * k * sum(w.cols**2 for w in linears) if use_data else 0
     obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols**2 for w in linears), default=0) if use_data else 0
     seqlens = sorted({c.seqlen for c in sets})
@@ -212,7 +269,7 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
             Term(
                 "attention",
                 attention,
-                f"batch_size {cfg.batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
+                f"batch_size {batch_size} x {heads} heads x seqlen^2 (seqlen {seqlens})",
                 ("calibration seqlen", "batch_size"),
             ),
             Term(
@@ -224,13 +281,13 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
             Term("obs", obs, "the largest linear layer's OBS problem over all models", ("the number of models",)),
             Term(
                 "block",
-                F32 * (T + 1) * block_params,
+                F32 * (T + 1) * shapes.block_params,
                 f"one block of the base and {T} models",
                 ("the number of models",),
             ),
             Term(
                 "outer",
-                F32 * (T + 1) * outer,
+                F32 * (T + 1) * shapes.outer,
                 "the largest tensor outside the blocks, stacked over models",
                 ("the number of models",),
             ),

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One table of accelerator figures: the OBS kernel at 4096x4096 and 4096x11008 and a
+# 3-way TIES + SparseGPT merge at Llama-3.2-1B's shapes (random bf16 checkpoints made
+# here, 32 x 512 calibration tokens; nothing downloaded), on the first JAX device.
+#
+#   bash examples/benchmarks/bench_device.sh            # GPU / TPU (minutes)
+#   bash examples/benchmarks/bench_device.sh --quick    # tiny shapes: a CPU check of the script itself
+#
+# PYTHON (default: python) must have jax for the device (jax[cuda12] / jax[tpu]).
+# Results: $WORK (default /tmp/sgtv-bench-device)/{obs,merge}.json and the table below.
+set -euo pipefail
+
+QUICK=0
+for a in "$@"; do
+  case "$a" in
+    --quick) QUICK=1 ;;
+    *) echo "bench_device.sh: unknown argument $a (only --quick)" >&2; exit 2 ;;
+  esac
+done
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+PY="${PYTHON:-python}"
+WORK="${WORK:-/tmp/sgtv-bench-device}"
+mkdir -p "$WORK"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$QUICK" = 1 ]; then
+  OBS=(--shapes 256x256,256x512 --reps 1)
+  MERGE=(--model tiny --nsamples 4 --seqlen 64 --methods sparsegpt)
+else
+  OBS=(--shapes 4096x4096,4096x11008 --reps 3)
+  MERGE=(--model 1b --nsamples 32 --seqlen 512 --methods sparsegpt magnitude)
+fi
+
+"$PY" -c 'import jax; print("devices:", jax.devices())'
+"$PY" "$HERE/bench_obs.py" "${OBS[@]}" --no-torch --json "$WORK/obs.json"
+"$PY" "$HERE/bench_merge.py" "${MERGE[@]}" --work "$WORK/merge" --json "$WORK/merge.json"
+
+"$PY" - "$WORK/obs.json" "$WORK/merge.json" <<'PYEOF'
+import json, sys
+
+obs, merge = (json.load(open(p)) for p in sys.argv[1:3])
+print(f"\n| benchmark ({obs['device']}) | seconds | achieved | reference |")
+print("| --- | ---: | ---: | ---: |")
+for r in obs["rows"]:
+    print(
+        f"| OBS {r['rows']}x{r['cols']}, T={r['tasks']} | {r['jax_s']:.3f} | {r['gflops']:.0f} GFLOP/s "
+        f"| matmul {r['matmul_gflops']:.0f} GFLOP/s |"
+    )
+for k, r in merge["runs"].items():
+    st = ", ".join(f"{s} {v:.1f}" for s, v in r["stages_s"].items())
+    print(
+        f"| {merge['model']} 3-way {k} ({st}) | {r['wall_s']:.1f} | peak RSS {r['peak_rss_mb']:.0f} MiB "
+        f"| formula {r['formula_mib']:.0f} MiB |"
+    )
+if "calibrate" in merge:
+    c = merge["calibrate"]
+    print(
+        f"| calibrate ({c['tokens']} tokens, {c['forward_gflop'] + c['hessian_gflop']:.1f} GFLOP) | {c['seconds']:.1f} "
+        f"| {c['gflops']:.1f} GFLOP/s ({c['x_floor']:.2f}x its FLOP count) | jnp.dot {merge['matmul_gflops']:.0f} GFLOP/s |"
+    )
+PYEOF
