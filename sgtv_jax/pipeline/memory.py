@@ -186,7 +186,7 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))
     heads = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
     use_data = any(cfg.calibration_for(t) is not None for t in range(T))
-    per_task = cfg.hessian_source == "per_task"
+    per_task = cfg.hessian_source in ("per_task", "per_task_merged")  # one H per model
     if not use_data:
         wanted = []
     elif per_task:
