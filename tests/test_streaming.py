@@ -515,3 +515,20 @@ def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
             elif cut.ties:
                 got[eq[: cut.ties]] = True
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda_": 1.3}), ("linear", {})])
+def test_weighted_sums_at_real_sizes_agree_across_chunkings_and_with_the_whole_merge_to_rounding(method, params):
+    """What holds beyond the tiny shapes above: every chunking gives the same bits (one program per
+    chunk shape, entry by entry), and the compiled weighted sum (XLA fuses multiply and add) stays
+    within float32 rounding of `merge_planned` run op by op."""
+    base, models = family(0, (128, 1024), 2, np.float32)
+    plan = TensorPlan(method, "w", weights=(1.0, 0.7), densities=(1.0, 1.0), params=params, seed=5)
+    outs = [run_rows(plan, base, models, rows, np.float32) for rows in (1, 7, 128)]
+    for out in outs[1:]:
+        same_bits(out, outs[0])
+    want = whole_reference(plan, base, models, np.float32)
+    taus = [m.astype(np.float64) - base for m in models]
+    scale = np.abs(base) + sum(w * np.abs(t) for w, t in zip(plan.weights, taus))
+    bound = 4 * np.finfo(np.float32).eps * scale * max(1.0, params.get("lambda_", 1.0))
+    assert np.all(np.abs(outs[0].astype(np.float64) - want) <= bound)

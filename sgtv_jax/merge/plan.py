@@ -15,6 +15,10 @@ from its signature:
         any other -> sgtv_jax.merge.trim.trim (rescale: the method's rule; wanda
                      reads the input norms, or derives them from the Hessian)
         then the method without trimming (sign election on the trimmed vectors)
+        Hessian fits (spec.needs_grams) get the Hessian as `grams`; lstsq
+        (spec.needs_targets) also gets the untrimmed stack as `targets`;
+        regmean_sparse (spec.trims_merged) is called once on the untrimmed
+        stack with the trim, which it applies to the merged task vector
     methods that do not (linear, regmean): the method on the raw task vectors
         (RegMean's Grams are the calibration Hessian of a 2-D tensor; linear
         without normalize sums whole models and reads the base tensor)
@@ -155,6 +159,11 @@ def merge_planned(
     count = kw.pop("count", "round")  # how many entries a top-k trim keeps: it belongs to the trim
     key = plan.key
     damping = None
+    hessian = calib.hessian if calib is not None and deltas.ndim == 3 else None
+    if spec.needs_grams and hessian is not None:  # Hessian fits: the calibration Hessian is their Grams
+        kw["grams"] = hessian
+    if spec.trims_merged:
+        return _merge_then_trim(plan, deltas, kind, rescale, count, kw), deltas, MergeInfo(kind, None)
     if kind is None:
         if any(d != 1.0 for d in plan.densities):
             raise PlanError(
@@ -183,10 +192,43 @@ def merge_planned(
             count=count,
             **extra,
         )
+    if spec.needs_targets:
+        kw["targets"] = deltas  # lstsq fits the untrimmed task vectors with the trimmed ones
     merged = get_method(plan.method)(
         trimmed, list(plan.weights), 1.0, trim=None, rescale=False, name=plan.name, key=key, **kw
     )
     return merged, trimmed, MergeInfo(kind, damping)
+
+
+def _merge_then_trim(
+    plan: TensorPlan, deltas: jax.Array, kind: str | None, rescale: bool, count: str, kw: dict[str, Any]
+) -> jax.Array:
+    """Methods whose trim applies to the merged task vector (`spec.trims_merged`): one call with the trim."""
+    o = plan.obs
+    if o.prunem:
+        raise PlanError(f"{plan.method} trims the merged task vector: N:M (prunen/prunem) is not supported for it")
+    if kind is None and any(d != 1.0 for d in plan.densities):
+        raise PlanError(f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but no trim is set")
+    extra: dict[str, Any] = {}
+    if plan.gamma is not None:
+        extra["gamma"] = list(plan.gamma)
+    if plan.epsilon is not None:
+        extra["epsilon"] = list(plan.epsilon)
+    return get_method(plan.method)(
+        deltas,
+        list(plan.weights),
+        list(plan.densities),
+        trim=kind,
+        rescale=rescale,
+        count=count,
+        key=plan.key,
+        blocksize=o.blocksize,
+        percdamp=o.percdamp,
+        refit=o.refit,
+        name=plan.name,
+        **extra,
+        **kw,
+    )
 
 
 def _obs_trim(

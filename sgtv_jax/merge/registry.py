@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from sgtv_jax.merge import methods
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
@@ -33,6 +34,9 @@ METHODS: dict[str, Callable] = {
     "nearswap": nearswap,
     "arcee_fusion": arcee_fusion,
     "passthrough": passthrough,
+    "lstsq": lstsq,
+    "regmean_trim": regmean_trim,
+    "regmean_sparse": regmean_sparse,
 }
 
 

@@ -69,7 +69,9 @@ class MethodSpec(NamedTuple):
     normalize sums whole models); base_optional: a config may leave out
     `base_model` (mergekit's linear needs none): the first model is the base then,
     which leaves the result unchanged; min_models / max_models: how many
-    fine-tuned models (besides the base) it merges.
+    fine-tuned models (besides the base) it merges; needs_targets: it fits the
+    untrimmed task vectors (`targets`) with its trimmed ones (lstsq); trims_merged:
+    the trim applies to the merged task vector, not to each input (regmean_sparse).
     """
 
     name: str
@@ -85,6 +87,8 @@ class MethodSpec(NamedTuple):
     doc: str = ""
     min_models: int = 1
     max_models: int | None = None
+    needs_targets: bool = False
+    trims_merged: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called `name` in a config, or None."""
@@ -357,6 +361,56 @@ _NEW = (
 )
 METHOD_SPECS.update({s.name: s for s in _NEW})
 
+_FIT_TRIM = (
+    ParamSpec("rescale", "bool", None, doc="multiply trim survivors by 1/density (None: off)"),
+    ParamSpec("count", "choice", "round", choices=COUNTS, doc="entries a magnitude / breadcrumbs / wanda trim keeps"),
+)
+_ALPHA = ParamSpec("alpha", "float", 0.9, 0.0, 1.0, doc="scale of the Grams' off-diagonal entries")
+
+
+def _fit(name: str, params: tuple[ParamSpec, ...], doc: str, **kw: Any) -> MethodSpec:
+    """A Hessian-fit method (`sgtv_jax.merge.hessian_fit`): trims, reads the calibration Grams."""
+    return MethodSpec(
+        name,
+        _FIT_TRIM + params,
+        trims=True,
+        default_trim="magnitude",
+        consensus=None,
+        normalize_default=None,
+        rescale_default=False,
+        needs_grams=True,
+        doc=doc,
+        **kw,
+    )
+
+
+_FITS = (
+    _fit(
+        "lstsq",
+        (
+            ParamSpec(
+                "sign_election",
+                "choice",
+                "none",
+                choices=("none", "sum", "count"),
+                doc="TIES sign election on the trimmed vectors before the fit",
+            ),
+        ),
+        "per-layer least-squares coefficients of the trimmed task vectors against every task's "
+        "outputs (a T x T solve from the per-task Grams)",
+        needs_targets=True,
+    ),
+    _fit("regmean_trim", (_ALPHA,), "RegMean's closed form on the trimmed task vectors (e.g. OBS-trimmed)"),
+    _fit(
+        "regmean_sparse",
+        (_ALPHA,),
+        "one sparse task vector: the dense RegMean optimum trimmed to the mean density "
+        "(OBS against the summed Grams with trim sparsegpt)",
+        trims_merged=True,
+    ),
+)
+METHOD_SPECS.update({s.name: s for s in _FITS})
+
 REFUSED: dict[str, str] = {
     "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "
     "in this config format",
@@ -376,6 +430,7 @@ def call_args(spec: MethodSpec) -> tuple[str, ...]:
         COMMON_ARGS
         + (TRIM_ARGS if spec.trims else ())
         + (("grams",) if spec.needs_grams else ())
+        + (("targets",) if spec.needs_targets else ())
         + (("base",) if spec.needs_base else ())
     )
 

@@ -4,9 +4,13 @@
 reads the base and every fine-tuned model through row readers
 (`(r0, r1) -> array [r1 - r0, ...]`, e.g. a safetensors slice) and yields the
 merged tensor's rows in order, chunk by chunk, in the output dtype:
-`(base + merged task vector).astype(out_dtype)`, bit for bit what
+`(base + merged task vector).astype(out_dtype)`, what
 `sgtv_jax.merge.plan.merge_planned` gives on the whole stack of task vectors
-`float32(model) - float32(base)`, and the base itself when no model changed
+`float32(model) - float32(base)`: the same selections (masks, elected signs,
+random draws) exactly, and the same bits for every chunking; against
+`merge_planned` run op by op, weighted sums may differ by float32 rounding
+(the chunk program is compiled, and XLA fuses each multiply into its add:
+`tests/test_streaming.py`); and the base itself when no model changed
 the tensor and the method maps zero task vectors to zero (the pipeline's
 rule, `plan.maps_zero_to_zero`). At most one chunk of every model is in
 memory: the working set is `working_set_bytes(shape, T, budget)`, at most

@@ -16,7 +16,7 @@ The format users already write (mergekit)::
 Our keys (top level): ``trim`` (a trim name or filter rules, e.g. ``sparsegpt``),
 ``calibration`` (``data``: text / JSONL file(s), ``nsamples``, ``seqlen``,
 ``seed``, ``text_field``; also allowed per model, used by ``per_task``),
-``hessian_source`` (``base`` | ``per_task`` | ``merged``), ``blocksize``,
+``hessian_source`` (``base`` | ``per_task`` | ``merged`` | ``per_task_merged``), ``blocksize``,
 ``percdamp``, ``prunen`` / ``prunem``, ``refit`` (least-squares refit of the
 entries OBS kept, see ``sgtv_jax.refit``), ``seed``, ``batch_size``,
 ``max_shard_size``, ``memory_budget`` (data-free merges: a tensor whose merge
@@ -101,7 +101,7 @@ __all__ = [
     "spec_values",
 ]
 
-HESSIAN_SOURCES = ("base", "per_task", "merged")
+HESSIAN_SOURCES = ("base", "per_task", "merged", "per_task_merged")
 TOP_KEYS = (
     "models",
     "merge_method",

@@ -12,7 +12,8 @@
 whole-tensor merge would need more working memory than `memory_budget`
 (`whole_tensor_bytes`: `T + 1` float32 copies and the merge's temporaries) is
 merged in row chunks that fit it (`sgtv_jax.merge.streaming.merge_rows`,
-reading stored rows through `TensorInputs.read_rows`), with the same bits;
+reading stored rows through `TensorInputs.read_rows`): the same selections,
+weighted sums within float32 rounding of the whole-tensor merge;
 with `tensors(chunked=True)` its output (and every large base / copied tensor)
 reaches the writer as a `convert.chunked.ChunkedTensor`, chunk by chunk, so no
 whole tensor is held. Methods that need whole tensors (`why_not_streamed`),
@@ -113,7 +114,7 @@ def merge_entry(
     `[T, cols, rows]` when `entry.transpose`; the result is `base +
     merge_planned(plan)`, or the base itself when no model changed the tensor.
     A tensor whose `whole_tensor_bytes` exceed `cfg.memory_budget` is merged
-    in row chunks (`merge_rows`, same bits): returned as a `ChunkedTensor`
+    in row chunks (`merge_rows`): returned as a `ChunkedTensor`
     when `chunked` (its report row is complete once its chunks are read),
     else joined. `log` records which tensors were merged in chunks and which
     over-budget ones were merged whole anyway (and why).

@@ -228,17 +228,16 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
     T = len(cfg.models)
+    per_task = cfg.hessian_source in ("per_task", "per_task_merged")  # one calibration set and H per model
     if not any(cfg.calibration_for(t) is not None for t in range(T)):
         wanted = []
-    elif cfg.hessian_source == "per_task":
+    elif per_task:
         wanted = [cfg.calibration_for(t) for t in range(T)]
     else:
         wanted = [cfg.calibration or cfg.calibration_for(0)]
     # validation gives every model data when a trim needs it
     sets = [CalibrationShape(c.nsamples, c.seqlen) for c in wanted if c is not None]
-    return estimate_calibrated(
-        _model_layout(cfg), tasks=T, sets=sets, batch_size=cfg.batch_size, per_task=cfg.hessian_source == "per_task"
-    )
+    return estimate_calibrated(_model_layout(cfg), tasks=T, sets=sets, batch_size=cfg.batch_size, per_task=per_task)
 
 
 def estimate_calibrated(

@@ -10,6 +10,7 @@ is merged decides how its streams move on (`advance`, `after_block`):
 | `per_task` | one per fine-tune (own) | fine-tune t's own model                       | `[T, in, in]`|
 | `merged`   | one (shared)            | the merged-so-far model (merged blocks < i,   | `[in, in]`   |
 |            |                         | merged embeddings, base block i)              |              |
+| `per_task_merged` | one per fine-tune (own) | the merged-so-far model, as `merged`  | `[T, in, in]`|
 
 A routed expert's tokens are weighted by the routing weights of the same
 block run that captures its inputs (`streams.capture`), so each source
@@ -17,10 +18,14 @@ weights experts as its own model routes: `base` by the base router,
 `per_task` by fine-tune t's, `merged` by base block i's router on the
 merged-so-far hidden states.
 
-A new source is a subclass overriding these few methods, e.g. per-task data
-through the merged-so-far model (RegMean++-style): `datasets` of `PerTaskSource`,
-`embedding_tensors` / `advance` / `after_block` of `MergedSource`, stacked
-Hessians; then one entry in `SOURCES` (and in `config.HESSIAN_SOURCES`).
+`per_task_merged` is RegMean++'s idea: each task's own data, seen by the
+merged-so-far model, so block i's merge fits the inputs it will really get
+from the merged blocks below it, task by task.
+
+A new source is a subclass overriding these few methods (`per_task_merged`:
+`datasets` of `PerTaskSource`, `embedding_tensors` / `advance` / `after_block`
+of `MergedSource`, stacked Hessians); then one entry in `SOURCES` (and in
+`config.HESSIAN_SOURCES`).
 
 Every source runs on a device mesh (`sgtv_jax.pipeline.mesh`): its streams
 are split over the mesh's `data` axis, block states are copied to every
@@ -158,10 +163,28 @@ class MergedSource(HessianSource):
             jax.block_until_ready(stream.hidden)
 
 
+class PerTaskMergedSource(MergedSource):
+    """Each fine-tune's own data through the merged-so-far model: one H per task (RegMean++)."""
+
+    stacked = True
+
+    def datasets(self, cfg: MergeConfig) -> list[CalibrationConfig | None]:
+        return [cfg.calibration_for(t) for t in range(len(cfg.models))]
+
+    def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
+        shared = _f32({n: merged[n] for n in outer})
+        return [shared] * len(ckpts.models)
+
+    def block_states(self, i: int, base: Tensors, fts: list[Tensors]) -> list[Any]:
+        state = self.state(i, base)  # base block i, as `merged` (on every device); one per task's stream
+        return [state] * len(self.streams)
+
+
 SOURCES: dict[str, Callable[..., HessianSource]] = {
     "base": BaseSource,
     "per_task": PerTaskSource,
     "merged": MergedSource,
+    "per_task_merged": PerTaskMergedSource,
 }
 
 

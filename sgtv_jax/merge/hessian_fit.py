@@ -1,0 +1,336 @@
+"""Hessian-optimal combination of (trimmed) task vectors: the merged layer fits every task's outputs.
+
+For a linear layer `y = W x` (PyTorch layout, task vectors `D_t` `[out, in]`)
+with per-task input Grams `G_t = X_t X_t^T` `[in, in]` (the calibration
+Hessians; a shared `[in, in]` Gram serves every task), the objective that
+calibration data lets us solve is the merged layer's error on every task's
+inputs,
+
+    f(M) = sum_t w_t || (M - D_t) X_t ||^2 = sum_t w_t tr((M - D_t) G_t (M - D_t)^T).
+
+Three ways to minimise it, each a merge method (`specs.METHOD_SPECS`):
+
+* `lstsq`: `M = sum_s lambda_s D'_s` over the trimmed (optionally sign-elected)
+  task vectors `D'_s`; the `T` coefficients solve the `T x T` normal equations
+  `A lambda = b`, `A_sr = sum_t w_t tr(D'_s G_t D'_r^T)`,
+  `b_s = sum_t w_t tr(D'_s G_t D_t^T)`. Any trim composes; the result is as
+  sparse as the union of the trimmed supports.
+* `regmean_trim`: RegMean's closed form on the trimmed task vectors,
+  `M = (sum_t w_t D'_t G~_t)(sum_t w_t G~_t)^-1` (dense).
+* `regmean_sparse`: one sparse task vector: the dense RegMean optimum `M*`
+  trimmed once at the mean density, an OBS trim against `S = sum_t w_t G~_t`.
+  With `alpha = 1`, `f(M) = f(M*) + tr((M - M*) S (M - M*)^T)` exactly, so OBS
+  on `S` minimises the merge objective itself among sparse `M`.
+
+`G~_t = alpha G_t + (1 - alpha) diag(G_t)` is RegMean's regularised Gram
+(`sgtv_jax.merge.regmean`). Without Grams (tensors that are not linear
+layers) every method falls back to the weighted mean of its (trimmed) inputs,
+RegMean's rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sgtv_jax import _checks
+from sgtv_jax.merge import combine, elect
+from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.methods import resolve_rescale
+from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.trim import Calibration
+
+Floats = float | Sequence[float]
+SIGN_ELECTION = ("none",) + elect.CONSENSUS
+_HP = jax.lax.Precision.HIGHEST
+
+
+def _stacked_grams(grams: jax.Array, tasks: int, cols: int, dt: jnp.dtype, name: str | None) -> jax.Array:
+    """`grams` `[in, in]` or `[T, in, in]` -> `[T, in, in]` in `dt`; ValueError naming the tensor."""
+    g = jnp.asarray(grams).astype(dt)
+    if g.shape not in ((cols, cols), (tasks, cols, cols)):
+        raise ValueError(
+            f"grams must have shape {(cols, cols)} or {(tasks, cols, cols)} for {tasks} task vectors "
+            f"with {cols} input columns, got {tuple(g.shape)}{_checks.where(name)}"
+        )
+    _checks.require_finite(g, f"grams{_checks.where(name)}")
+    return jnp.broadcast_to(g, (tasks, cols, cols))
+
+
+def normal_equations(
+    trimmed: jax.Array, targets: jax.Array, grams: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`A` `[T, T]` and `b` `[T]` of `min_lambda f(sum_s lambda_s D'_s)`.
+
+    trimmed, targets: `[T, out, in]` (`D'`, `D`); grams: `[T, in, in]`; weights `[T]`.
+    `A_sr = sum_t w_t tr(D'_s G_t D'_r^T)`, `b_s = sum_t w_t tr(D'_s G_t D_t^T)`.
+    """
+    tasks = trimmed.shape[0]
+    a = jnp.zeros((tasks, tasks), trimmed.dtype)
+    b = jnp.zeros((tasks,), trimmed.dtype)
+    for t in range(tasks):  # one [T, out, in] product per task's Gram: memory T * out * in
+        y = jnp.einsum("soi,ij->soj", trimmed, grams[t], precision=_HP) * weights[t]
+        a = a + jnp.einsum("soj,roj->sr", y, trimmed, precision=_HP)
+        b = b + jnp.einsum("soj,oj->s", y, targets[t], precision=_HP)
+    return (a + a.T) / 2, b
+
+
+def solve_coefficients(a: jax.Array, b: jax.Array, start: jax.Array, rtol: float | None = None) -> jax.Array:
+    """The minimiser of `l^T A l - 2 b^T l` nearest to `start` `[T]` (A `[T, T]` positive semidefinite).
+
+    `start + pinv(A) (b - A start)`: directions the data leave undetermined (a
+    zero task vector, two identical ones) keep `start`'s coefficients.
+    Eigenvalues below `rtol * max` count as zero (default `10 T eps`).
+    """
+    tasks = a.shape[0]
+    tol = rtol if rtol is not None else 10 * tasks * float(jnp.finfo(a.dtype).eps)
+    vals, vecs = jnp.linalg.eigh(a)
+    keep = vals > tol * jnp.maximum(jnp.max(vals), jnp.finfo(a.dtype).tiny)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, vals, 1.0), 0.0)
+    resid = b - a @ start
+    return start + vecs @ (inv * (vecs.T @ resid))
+
+
+def lstsq_coefficients(
+    trimmed: jax.Array,
+    targets: jax.Array,
+    grams: jax.Array,
+    weights: Floats = 1.0,
+    *,
+    name: str | None = None,
+) -> jax.Array:
+    """The `T` coefficients `lambda` minimising `sum_t w_t ||(sum_s lambda_s D'_s - D_t) X_t||^2`.
+
+    trimmed, targets: `[T, out, in]`; grams: `G_t = X_t X_t^T`, `[in, in]` or `[T, in, in]`;
+    weights `[T]`. Undetermined directions keep the weighted mean's coefficients `w / sum(w)`.
+    """
+    x = _checks.stack(trimmed, name)
+    tasks = x.shape[0]
+    dt = _checks.work_dtype(x.dtype)
+    w = jnp.asarray(_checks.per_task(weights, tasks, "weights", name), dt)
+    d = jnp.asarray(targets).astype(dt)
+    if d.shape != x.shape or x.ndim != 3:
+        raise ValueError(
+            f"lstsq needs trimmed and target task vectors of one shape [T, out, in], got "
+            f"{tuple(x.shape)} and {tuple(d.shape)}{_checks.where(name)}"
+        )
+    g = _stacked_grams(grams, tasks, x.shape[-1], dt, name)
+    a, b = normal_equations(x.astype(dt), d, g, w)
+    total = jnp.sum(w)
+    start = w / jnp.where(jnp.abs(total) < 1e-12, 1.0, total)
+    return solve_coefficients(a, b, start)
+
+
+def _trim_inputs(
+    deltas: jax.Array,
+    densities: Floats,
+    trim: str | None,
+    rescale: bool,
+    count: str,
+    name: str | None,
+    **kw,
+) -> jax.Array:
+    """The trimmed stack (the stack itself without a trim; densities < 1 then refused)."""
+    tasks = deltas.shape[0]
+    dens = _checks.densities(densities, tasks, name)
+    if trim is None:
+        if any(v != 1.0 for v in dens):
+            raise ValueError(f"densities {list(dens)} < 1 need a trim (trim=...){_checks.where(name)}")
+        return deltas
+    return trim_lib.trim(trim, deltas, list(dens), rescale=rescale, count=count, name=name, **kw)
+
+
+def _weighted_mean(x: jax.Array, w: tuple[float, ...], name: str | None) -> jax.Array:
+    if abs(sum(w)) < 1e-12:
+        raise ValueError(f"the weighted mean needs weights that do not sum to 0, got {list(w)}{_checks.where(name)}")
+    return combine.weighted_sum(x, jnp.asarray(w, x.dtype), normalize=True)
+
+
+def lstsq(
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    trim: str | None = "magnitude",
+    rescale: bool | None = None,
+    count: str = "round",
+    sign_election: str = "none",
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    grams: jax.Array | None = None,
+    targets: jax.Array | None = None,
+    name: str | None = None,
+) -> jax.Array:
+    """Least-squares coefficients of the trimmed task vectors: `sum_s lambda_s D'_s` `[out, in]`.
+
+    `deltas` `[T, ...]` are trimmed by `trim` to `densities` (`trim=None` with
+    densities 1: no trim), then masked by TIES' sign election when
+    `sign_election` is "sum" or "count". `targets` `[T, ...]`: the task vectors
+    the merge must reproduce (default: `deltas` before the trim; `merge_planned`
+    passes the untrimmed stack after trimming itself). `grams` `[in, in]` or
+    `[T, in, in]` (default: `calib.hessian`): without them, or for tensors that
+    are not 2-D, the result is the weighted mean of the trimmed vectors.
+    """
+    x = _checks.stack(deltas, name)
+    tasks = x.shape[0]
+    w = _checks.per_task(weights, tasks, "weights", name)
+    if sign_election not in SIGN_ELECTION:
+        raise ValueError(f"unknown sign_election {sign_election!r}; known: {', '.join(SIGN_ELECTION)}")
+    dt = _checks.work_dtype(x.dtype)
+    x = x.astype(dt)
+    tgt = x if targets is None else jnp.asarray(targets).astype(dt)
+    if tgt.shape != x.shape:
+        raise ValueError(
+            f"targets must have the task vectors' shape {tuple(x.shape)}, got {tuple(tgt.shape)}{_checks.where(name)}"
+        )
+    trimmed = _trim_inputs(
+        x,
+        densities,
+        trim,
+        resolve_rescale(rescale, False, trim),
+        count,
+        name,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+    )
+    if sign_election != "none":
+        weighted = trimmed * combine.broadcast_weights(jnp.asarray(w, dt), trimmed.ndim)
+        mask = elect.agreement_mask(weighted, elect.elect_sign(weighted, sign_election))
+        trimmed = trimmed * mask.astype(dt)
+    if grams is None and calib is not None:
+        grams = calib.hessian
+    if grams is None or x.ndim != 3:
+        return _weighted_mean(trimmed, w, name)
+    lam = lstsq_coefficients(trimmed, tgt, grams, w, name=name)
+    return jnp.einsum("s,soi->oi", lam, trimmed, precision=_HP)
+
+
+def regularised_gram_sum(grams: jax.Array, weights: jax.Array, alpha: float) -> jax.Array:
+    """`sum_t w_t G~_t` `[in, in]` from `[T, in, in]`: the matrix RegMean inverts (same dead-input rule)."""
+    diag = jnp.diagonal(grams, axis1=-2, axis2=-1)
+    eye = jnp.eye(grams.shape[-1], dtype=grams.dtype)
+    g = alpha * grams + (1.0 - alpha) * diag[:, :, None] * eye
+    g = g + jnp.all(diag == 0, axis=0).astype(grams.dtype) * eye  # inputs no task sees: weighted mean
+    return jnp.einsum("t,tij->ij", weights, g, precision=_HP)
+
+
+def regmean_trim(
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    trim: str | None = "magnitude",
+    rescale: bool | None = None,
+    count: str = "round",
+    alpha: float = 0.9,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    grams: jax.Array | None = None,
+    name: str | None = None,
+) -> jax.Array:
+    """RegMean on trimmed task vectors: `(sum_t w_t D'_t G~_t)(sum_t w_t G~_t)^-1` `[out, in]`.
+
+    `trim="sparsegpt"` gives RegMean on OBS-trimmed deltas (each `D'_t`
+    reproduces its own task's outputs, the combine is RegMean's closed form).
+    `grams` default to `calib.hessian`; without them the weighted mean.
+    """
+    x = _checks.stack(deltas, name)
+    dt = _checks.work_dtype(x.dtype)
+    trimmed = _trim_inputs(
+        x.astype(dt),
+        densities,
+        trim,
+        resolve_rescale(rescale, False, trim),
+        count,
+        name,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+    )
+    if grams is None and calib is not None:
+        grams = calib.hessian
+    return regmean(trimmed, weights, grams=grams, alpha=alpha, name=name)
+
+
+def regmean_sparse(
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    trim: str | None = "magnitude",
+    rescale: bool | None = None,
+    count: str = "round",
+    alpha: float = 0.9,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    grams: jax.Array | None = None,
+    name: str | None = None,
+) -> jax.Array:
+    """One sparse merged task vector: RegMean's dense optimum trimmed to the mean density `[out, in]`.
+
+    The untrimmed `deltas` `[T, out, in]` are merged by RegMean (`grams` or
+    `calib.hessian`), then `trim` applies to that one vector at
+    `mean(densities)`; calibration trims (sparsegpt, wanda) read
+    `S = sum_t w_t G~_t`, the metric of the merge objective around its optimum.
+    Without Grams: the weighted mean, trimmed (sparsegpt then refused).
+    """
+    x = _checks.stack(deltas, name)
+    tasks = x.shape[0]
+    dt = _checks.work_dtype(x.dtype)
+    x = x.astype(dt)
+    w = _checks.per_task(weights, tasks, "weights", name)
+    dens = _checks.densities(densities, tasks, name)
+    if grams is None and calib is not None:
+        grams = calib.hessian
+    if grams is None or x.ndim != 3:
+        grams = None
+    merged = regmean(x, w, grams=grams, alpha=alpha, name=name)
+    stats = None
+    if grams is not None:
+        g = _stacked_grams(grams, tasks, x.shape[-1], dt, name)
+        stats = Calibration(hessian=regularised_gram_sum(g, jnp.asarray(w, dt), alpha))
+    gam = _checks.per_task(gamma, tasks, "gamma", name)
+    eps = _checks.per_task(epsilon, tasks, "epsilon", name)
+    mean = float(sum(dens) / tasks)
+    out = _trim_inputs(
+        merged[None],
+        mean,
+        trim,
+        resolve_rescale(rescale, False, trim),
+        count,
+        name,
+        key=key,
+        calib=stats,
+        gamma=sum(gam) / tasks,
+        epsilon=sum(eps) / tasks,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+    )
+    return out[0]
