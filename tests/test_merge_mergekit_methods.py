@@ -17,6 +17,7 @@ import pytest
 
 from sgtv_jax.merge import registry, specs
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
@@ -27,6 +28,8 @@ from sgtv_jax.pipeline.config import ConfigError, parse_config
 RNG = np.random.default_rng(0)
 BASE = RNG.standard_normal((6, 10)).astype(np.float32)
 TAUS = (0.3 * RNG.standard_normal((3, 6, 10))).astype(np.float32)
+_X = RNG.standard_normal((3, 10, 40)).astype(np.float32)
+GRAMS = np.einsum("tik,tjk->tij", _X, _X) / 40  # per-task X_t X_t^T, [T, in, in]
 
 
 def close(got, want, tol=2e-5):
@@ -359,6 +362,10 @@ CASES = {
     "nearswap": (nearswap, TAUS[:1], dict(t=0.1), "t", [0.05, 0.3]),
     "arcee_fusion": (arcee_fusion, TAUS[:1], dict(base=BASE), None, None),
     "passthrough": (passthrough, TAUS[:1], dict(base=BASE), "scale", [0.5, 2.0]),
+    # the Hessian-fit methods: per-task Grams X_t X_t^T; `trim=None` keeps them dense and comparable
+    "lstsq": (lstsq, TAUS, dict(grams=GRAMS, targets=TAUS, trim=None), None, None),
+    "regmean_trim": (regmean_trim, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
+    "regmean_sparse": (regmean_sparse, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
 }
 
 

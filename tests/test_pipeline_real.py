@@ -14,6 +14,7 @@ import pytest
 from convert import default_cache_dir, fetch_smollm2, open_checkpoint
 from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
+from sgtv_jax.pipeline.mesh import make_mesh
 from sgtv_jax.pipeline.report import relative_errors
 from sgtv_jax.pipeline.sequential import merge_tensor
 from sgtv_jax.pipeline.streams import capture, embed_stream
@@ -36,7 +37,7 @@ def real_layers(smollm2_dir, tmp_path_factory):
     ckpt = open_checkpoint(smollm2_dir)
     arch = arch_of(ckpt)
     outer = {n: ckpt.get(n) for n in ("model.embed_tokens.weight", "model.norm.weight")}
-    stream = embed_stream(arch, outer, calib, 8)
+    stream = embed_stream(arch, outer, calib, 8, make_mesh(1))  # one device: the single-device path
     out = {}
     for i in range(2):
         names = [n for n in ckpt.names() if n.startswith(arch.prefix(i))]

@@ -55,8 +55,10 @@ def _stacked_grams(grams: jax.Array, tasks: int, cols: int, dt: jnp.dtype, name:
             f"grams must have shape {(cols, cols)} or {(tasks, cols, cols)} for {tasks} task vectors "
             f"with {cols} input columns, got {tuple(g.shape)}{_checks.where(name)}"
         )
-    _checks.require_finite(g, f"grams{_checks.where(name)}")
-    return jnp.broadcast_to(g, (tasks, cols, cols))
+    # raises now when the values are known; under jit / vmap a NaN result instead (never a silent merge)
+    guard = _checks.Guard()
+    guard.finite(g, f"grams{_checks.where(name)}")
+    return guard.apply(jnp.broadcast_to(g, (tasks, cols, cols)))
 
 
 def normal_equations(
