@@ -17,7 +17,13 @@ recorded from commit 7ae0603 (before splitting pipeline/sequential.py) on an
 x86-64 CPU with jax 0.10.2, torch 2.13 and transformers 5.24 (the test models
 and tokenizer come from torch's seeded initialisation). Another XLA build,
 backend or CPU may round differently; the test skips on other jax versions and
-on non-CPU backends. To re-record on purpose, check out the commit before your
+on non-CPU backends. The cases that solve linear systems (Cholesky / OBS /
+RegMean: every calibrated case but Wanda's) round differently on CPUs with
+other vector units: a second digest was recorded, from the same code (commit
+86eb4fb, re-run unchanged), on an x86-64 "Intel Xeon Processor" with AVX-512,
+where the three elementwise-only cases and Wanda's matched the first record and
+the other nine did not. A case passes when its output equals one of its
+recorded digests. To re-record on purpose, check out the commit before your
 change and run `python tests/test_merge_digests.py`, which prints the digests.
 """
 
@@ -161,20 +167,47 @@ CASES: dict[str, tuple[str, Callable[[dict, Path], dict], str]] = {
     "gpt2_breadcrumbs_ties_trim_rules": ("gpt2", _breadcrumbs_rules, "hf"),
 }
 
-EXPECTED: dict[str, str] = {
-    "llama_ties_magnitude_data_free": "3e84aa59c4ec42b7be9bbc50b816caa695e0d7d361bb0d25d69b117e4d2c64e2",
-    "llama_ties_sparsegpt_base": "a0a4e9cf0a7b41972089ffd4296222607b670ee21dbc09870a03e125302c5c5b",
-    "llama_ties_sparsegpt_per_task": "c98209f99d741e6dd389fa68e9fb83b326d89b3c947b0cfd4a0e9f1d0d122222",
-    "llama_ties_sparsegpt_merged": "b257151c08304f9586a624f78c37e59c355a29a85ff749a5e4083dc03398a321",
-    "llama_dare_ties_seeded": "7f3686491c7e3ac218bd4ac4355b4586610f8a8ff995ea670edc8b364a135cce",
-    "llama_sparsegpt_2_4": "37d83ab88d45767be3bafff1d63f63c7dda915ac19b5062e2988d9aff63c6b61",
-    "llama_sparsegpt_refit": "83f8c49951747912cb33ed77172cebd512788e8d58e4a7203907270fc24b2865",
-    "llama_regmean": "d322f1e030abd3c2cee642252a1fa4085a50ad5f6c644e28657b697bf21f4533",
-    "llama_della_gradient_data_free": "05a724558ee4ffa3712375286d645e3cbac444db3418f0a5d990f5fbdeb5679b",
-    "llama_ties_sparsegpt_orbax_bf16": "3c418696cfe33f1b784b62731dd05118cc74ee0bffc434a13ca1cb0574313599",
-    "gpt2_ties_sparsegpt_merged": "81269ecb091cb56eeb47643902c25206741af60b3ec4ea2c1295994a7bca59f1",
-    "gpt2_wanda_dare_linear": "1c7b54485a8c7d5a0c0fc0c256c72904f8a878bbd694a34e65a439b896b0b79d",
-    "gpt2_breadcrumbs_ties_trim_rules": "e2bbe6e29583866961f8ddd734db225fcb2a7662a9b31684226d61a7f7e7aecc",
+EXPECTED: dict[str, tuple[str, ...]] = {  # digests accepted per case (one per recorded CPU, see the module doc)
+    "llama_ties_magnitude_data_free": ("3e84aa59c4ec42b7be9bbc50b816caa695e0d7d361bb0d25d69b117e4d2c64e2",),
+    "llama_ties_sparsegpt_base": (
+        "a0a4e9cf0a7b41972089ffd4296222607b670ee21dbc09870a03e125302c5c5b",
+        "54e4eb6fe6188e2c86c02482a40761a72a569fc67e50ebf6db5b1e4e1ed2db92",
+    ),
+    "llama_ties_sparsegpt_per_task": (
+        "c98209f99d741e6dd389fa68e9fb83b326d89b3c947b0cfd4a0e9f1d0d122222",
+        "281e870d9f140ac80b6d5e6ee662b01612b0bcc36c6cfb1a6b45527916bd1f3c",
+    ),
+    "llama_ties_sparsegpt_merged": (
+        "b257151c08304f9586a624f78c37e59c355a29a85ff749a5e4083dc03398a321",
+        "bc762cd52d3a282588e0194500923c1961dc6e5d59eed7c6097c858119090c0c",
+    ),
+    "llama_dare_ties_seeded": ("7f3686491c7e3ac218bd4ac4355b4586610f8a8ff995ea670edc8b364a135cce",),
+    "llama_sparsegpt_2_4": (
+        "37d83ab88d45767be3bafff1d63f63c7dda915ac19b5062e2988d9aff63c6b61",
+        "2bef1531f960ae5cb8f3d189dcf4755150832401369365011229a08c30fb5a16",
+    ),
+    "llama_sparsegpt_refit": (
+        "83f8c49951747912cb33ed77172cebd512788e8d58e4a7203907270fc24b2865",
+        "38e10c09bd232c46b037cb0deb84e45cd8854698138516b584ba0b820f7beeff",
+    ),
+    "llama_regmean": (
+        "d322f1e030abd3c2cee642252a1fa4085a50ad5f6c644e28657b697bf21f4533",
+        "a5a0207bd68dba52c3f5d06e260b7d2299067a99a6ea75c6ab009c419a70ed97",
+    ),
+    "llama_della_gradient_data_free": ("05a724558ee4ffa3712375286d645e3cbac444db3418f0a5d990f5fbdeb5679b",),
+    "llama_ties_sparsegpt_orbax_bf16": (
+        "3c418696cfe33f1b784b62731dd05118cc74ee0bffc434a13ca1cb0574313599",
+        "b1aa4bd56f35c7fb4754e3b49e5a67ed2119bf0a6c281772c4c84ca7e5f7934e",
+    ),
+    "gpt2_ties_sparsegpt_merged": (
+        "81269ecb091cb56eeb47643902c25206741af60b3ec4ea2c1295994a7bca59f1",
+        "dc978e8ea98e8853b29710e5c12d92f728e758d5220cab83b3d82a75e609449c",
+    ),
+    "gpt2_wanda_dare_linear": ("1c7b54485a8c7d5a0c0fc0c256c72904f8a878bbd694a34e65a439b896b0b79d",),
+    "gpt2_breadcrumbs_ties_trim_rules": (
+        "e2bbe6e29583866961f8ddd734db225fcb2a7662a9b31684226d61a7f7e7aecc",
+        "f83e8d8955ff0a85de33edc3d55339dd7bb82781f20cc59a89613101f460d05e",
+    ),
 }
 
 
@@ -202,7 +235,7 @@ def families(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 def test_merge_output_is_bit_identical_to_the_recorded_digest(name, families, tmp_path):
     family = CASES[name][0]
     root, paths = families[family]
-    assert run_case(name, paths, root, tmp_path / "out") == EXPECTED[name]
+    assert run_case(name, paths, root, tmp_path / "out") in EXPECTED[name]
 
 
 if __name__ == "__main__":  # print the digests of the current code (re-recording)
