@@ -71,7 +71,11 @@ class MethodSpec(NamedTuple):
     which leaves the result unchanged; min_models / max_models: how many
     fine-tuned models (besides the base) it merges; needs_targets: it fits the
     untrimmed task vectors (`targets`) with its trimmed ones (lstsq); trims_merged:
-    the trim applies to the merged task vector, not to each input (regmean_sparse).
+    the trim applies to the merged task vector, not to each input (regmean_sparse);
+    entrywise: after its trim the method combines each entry on its own (no
+    whole-tensor statistic), so a tensor can be merged in row chunks
+    (`streaming.merge_rows`; RegMean qualifies for the tensors without Grams
+    that reach it there: their weighted mean).
     """
 
     name: str
@@ -89,6 +93,7 @@ class MethodSpec(NamedTuple):
     max_models: int | None = None
     needs_targets: bool = False
     trims_merged: bool = False
+    entrywise: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called `name` in a config, or None."""
@@ -145,6 +150,7 @@ def _gta(name: str, *, trim: str | None, consensus: bool, normalize: bool, resca
         normalize_default=normalize,
         rescale_default=rescale,
         doc=doc,
+        entrywise=True,
     )
 
 
@@ -162,6 +168,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             needs_base=True,
             base_optional=True,
             doc="weighted average of the models (model soup)",
+            entrywise=True,
         ),
         _gta(
             "task_arithmetic",
@@ -230,6 +237,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             rescale_default=False,
             needs_grams=True,
             doc="closed-form least-squares merge of linear layers from calibration Grams",
+            entrywise=True,
         ),
     )
 }

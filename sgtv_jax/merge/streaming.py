@@ -90,26 +90,12 @@ DEFAULT_BUDGET = 1 << 30
 """Default working-set budget of one tensor's merge, in bytes."""
 
 STREAMED_TRIMS = ("magnitude", "breadcrumbs", "random", "magprune", None)
-STREAMED_METHODS = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "della",
-    "della_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "regmean",
-)
-"""Methods merged in row chunks (per-entry after their trims); the others (slerp, karcher,
-model_stock, sce, ...) need whole tensors: `merge_planned`."""
 
 
 def why_not_streamed(plan: TensorPlan) -> str | None:
     """None when `merge_rows` can merge `plan` in row chunks, else the reason (for a message)."""
     spec = method_spec(plan.method)
-    if plan.method not in STREAMED_METHODS:
+    if not spec.entrywise:  # slerp, karcher, model_stock, sce, the Hessian fits, ...
         return f"method {plan.method!r} needs whole tensors"
     kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
     if kind not in STREAMED_TRIMS:
