@@ -260,15 +260,23 @@ class DataFreeRun:
     Args:
       cfg: a validated `MergeConfig` that needs no calibration data.
       progress: show a tqdm bar over the tensors.
+      ckpts, plan: checkpoints already open and their plan (default: open `cfg`'s, plan by name).
     """
 
-    def __init__(self, cfg: MergeConfig, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: MergeConfig,
+        *,
+        progress: bool = True,
+        ckpts: Checkpoints | None = None,
+        plan: NamePlan | None = None,
+    ) -> None:
         self.cfg = cfg
         self.progress = progress
         self.timer = StageTimer()
         with self.timer("load"):
-            self.ckpts = Checkpoints(cfg)
-            self.plan = plan_checkpoints(self.ckpts)
+            self.ckpts = ckpts if ckpts is not None else Checkpoints(cfg)
+            self.plan = plan if plan is not None else plan_checkpoints(self.ckpts)
             self.out_dtype_name = cfg.dtype or source_dtype(self.ckpts.base)
             self.out_dtype = parse_dtype(self.out_dtype_name)
         self.T = len(cfg.models)

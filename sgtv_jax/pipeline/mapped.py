@@ -25,13 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.chunked import ChunkedTensor
-from convert.conversion import source_dtype
-from convert.dtypes import parse_dtype
 from sgtv_jax.pipeline.byname import BASE, MERGE, NamePlan, TensorEntry, plan_by_name
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig, slice_config, slice_roles
-from sgtv_jax.pipeline.datafree import DataFreeRun, StreamLog, TensorInputs, merge_entry
-from sgtv_jax.pipeline.report import LayerRecord, StageTimer, jsonable
+from sgtv_jax.pipeline.datafree import DataFreeRun, TensorInputs, merge_entry
+from sgtv_jax.pipeline.report import LayerRecord, jsonable
 from sgtv_jax.pipeline.slices import plan_slices
 from sgtv_jax.pipeline.tokenizer import FillLog, VocabMap, build_vocab, permute_rows, write_tokenizer_files
 
@@ -71,17 +69,9 @@ class MappedRun(DataFreeRun):
     def __init__(
         self, cfg: MergeConfig, planned: tuple[NamePlan, VocabMap | None], ckpts: Checkpoints, *, progress: bool = True
     ) -> None:
-        self.cfg = cfg
-        self.progress = progress
-        self.timer = StageTimer()
-        self.ckpts = ckpts
-        self.plan, self.vocab = planned
-        self.out_dtype_name = cfg.dtype or source_dtype(self.ckpts.base)
-        self.out_dtype = parse_dtype(self.out_dtype_name)
-        self.T = len(cfg.models)
-        self.records: list[LayerRecord] = []
+        super().__init__(cfg, progress=progress, ckpts=ckpts, plan=planned[0])
+        self.vocab = planned[1]
         self.fills = FillLog()
-        self.log = StreamLog()
         self._configs = {k: slice_config(cfg, k) for k in range(len(cfg.slices)) if slice_roles(cfg, k)[1]}
 
     def _all(self) -> list[Any]:
