@@ -15,6 +15,8 @@ under `jax.lax.scan`; no labels are read.
   `merged_logits` (each block's merge and forward under `jax.checkpoint`, so a
   step holds one block's merged weights and activations, plus each block's
   input), `entropy_loss`, and `merge_with_learned_coefficients`.
+* `weight_rules(coeffs, hf_block_prefix)`: the learned coefficients as the
+  per-model `weight` specs of a `task_arithmetic` YAML merge (`sgtv merge`).
 
 Task vectors may be trimmed first (`sgtv_jax.merge.trim.trim`, e.g.
 `magnitude` for TIES' trim, `random` for DARE); the coefficients then scale
@@ -353,3 +355,19 @@ def merge_with_learned_coefficients(
     )
     merged = nnx.merge(graphdef, layerwise_merge(base, taus, coeffs, groups))
     return merged, coeffs, losses
+
+
+def weight_rules(coeffs: Any, block_prefix: Callable[[int], str]) -> list[list[dict[str, Any]]]:
+    """Learned coefficients `[L+1, T]` as each model's per-tensor `weight` spec (`sgtv_jax.merge.paramspec` rules).
+
+    Model `t`'s spec is `[{filter: block_prefix(i), value: coeffs[i, t]} for each block i] + [{value: coeffs[L, t]}]`
+    (HF names: `block_prefix` is the family's `hf_block_prefix`, e.g. `model.layers.{i}.`, dot-terminated so
+    block 1 never matches block 11). With `merge_method: task_arithmetic` (and the same trim and densities)
+    a YAML merge then reproduces `layerwise_merge` with these coefficients tensor by tensor.
+    """
+    c = np.asarray(coeffs, np.float64)
+    blocks = c.shape[0] - 1
+    return [
+        [{"filter": block_prefix(i), "value": float(c[i, t])} for i in range(blocks)] + [{"value": float(c[blocks, t])}]
+        for t in range(c.shape[1])
+    ]
