@@ -105,6 +105,16 @@ def streaming_refusal(
     return why_not_streamed(plan)
 
 
+def checkpoint_inputs(ckpts: Checkpoints, sources: tuple[str, ...]) -> TensorInputs:
+    """Readers of one tensor of open checkpoints: `sources[0]` of the base, `sources[t + 1]` of model t."""
+    every = [ckpts.base] + ckpts.models
+    return TensorInputs(
+        read=lambda m: ckpts.get(every[m], sources[m]),
+        read_rows=lambda m, r0, r1: ckpts.get_rows(every[m], sources[m], r0, r1),
+        rows=all(hasattr(c, "get_rows") for c in every),
+    )
+
+
 def plan_checkpoints(ckpts: Checkpoints) -> NamePlan:
     """The `NamePlan` of open checkpoints, messages naming each model as the YAML wrote it."""
     return plan_by_name(
@@ -289,12 +299,7 @@ class DataFreeRun:
 
     def inputs(self, entry: TensorEntry) -> TensorInputs:
         """Readers of `entry`'s sources: the base (0) and each fine-tuned model (t + 1)."""
-        ckpts = [self.ckpts.base] + self.ckpts.models
-        return TensorInputs(
-            read=lambda m: self.ckpts.get(ckpts[m], entry.sources[m]),
-            read_rows=lambda m, r0, r1: self.ckpts.get_rows(ckpts[m], entry.sources[m], r0, r1),
-            rows=all(hasattr(c, "get_rows") for c in ckpts),
-        )
+        return checkpoint_inputs(self.ckpts, entry.sources)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """The output, tensor by tensor in the base's order (lazy: drives the whole merge); whole arrays."""

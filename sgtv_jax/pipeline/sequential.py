@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +47,18 @@ from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.pipeline.arch import arch_of
+from sgtv_jax.pipeline.byname import MERGE, TensorEntry
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions_of
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
-from sgtv_jax.pipeline.datafree import DataFreeRun, require_flax_family, uses_by_name
+from sgtv_jax.pipeline.datafree import (
+    DataFreeRun,
+    checkpoint_inputs,
+    merge_entry,
+    require_flax_family,
+    uses_by_name,
+)
 from sgtv_jax.pipeline.mapped import mapped_run, write_output_files
 from sgtv_jax.pipeline.mesh import describe, is_writer, local_mesh, make_mesh, replicate_local, shard_rows
 from sgtv_jax.pipeline.orbax_out import export_orbax
@@ -189,15 +196,23 @@ class MergeRun:
                 bar.update(1)
 
     def _merge_outer(self, name: str, torch_layout: bool) -> np.ndarray:
-        """A tensor outside the blocks, data-free; one raw tensor in memory at a time."""
-        with self.timer("load"):
-            base = self.ckpts.get(self.ckpts.base, name)
-
-        def read(t: int) -> np.ndarray:
-            with self.timer("load"):
-                return self.ckpts.get(self.ckpts.models[t], name)
-
-        return self._merge_one(name, None, base, read, None, torch_layout)
+        """A tensor outside the blocks (embeddings, final norm, head): merged data-free by the
+        data-free merge's own `merge_entry`, so one over `memory_budget` is merged in row chunks
+        (a `[T, 128256, 2048]` float32 embedding stack alone is 3 GB per model)."""
+        shape = tuple(self.ckpts.base.shape(name))
+        entry = TensorEntry(
+            name,
+            MERGE,
+            shape,
+            sources=(name,) * (self.T + 1),
+            depth=self.arch.num_layers,
+            transpose=len(shape) == 2 and not torch_layout,
+        )
+        out, rec = merge_entry(
+            self.cfg, entry, checkpoint_inputs(self.ckpts, entry.sources), self.out_dtype, self.timer
+        )
+        self.records.append(rec)
+        return cast(np.ndarray, out)
 
     def _start_source(self, outer: list[str], merged_outer: dict[str, np.ndarray]) -> None:
         assert self.source is not None  # called only when the merge uses calibration data
