@@ -17,6 +17,7 @@ from sgtv_jax.merge.registry import get_method
 from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.datafree import require_flax_family
+from sgtv_jax.pipeline.memory import estimate_memory
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
 
 STEPS, LR, DENSITY, NSAMPLES, SEQLEN, BATCH, SEED = 4, 0.05, 0.5, 4, 16, 2, 3
@@ -153,7 +154,16 @@ def test_sgtv_check_and_methods_know_adamerging(family, tmp_path, capsys):
     f = tmp_path / "ada.yaml"
     f.write_text(yaml.safe_dump(_raw(root, paths)))
     assert main(["check", str(f)]) == 0
-    assert "OK: llama, 3 blocks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK: llama, 3 blocks" in out
+    # the estimate is the learning pass's: 4 (2T + 2) P for T = 2 float32 models of P parameters
+    params = sum(v.size for v in load_file(str(paths["base"] / "model.safetensors")).values())
+    est = estimate_memory(parse_config(_raw(root, paths)))
+    assert est.term("models").bytes == 4 * 6 * params
+    b, s, hf = BATCH, SEQLEN, json.loads((paths["base"] / "config.json").read_text())
+    d, v, a = hf["hidden_size"], hf["vocab_size"], hf["num_attention_heads"]
+    assert est.term("activations").bytes == 4 * b * s * (d * 4 + 3 * v) + 8 * a * b * s * s
+    assert "formula: 4 (2T + 2) P" in out
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "adamerging: layer-wise coefficients learned by entropy minimisation" in out

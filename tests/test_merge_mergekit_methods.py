@@ -368,7 +368,13 @@ CASES = {
     "regmean_trim": (regmean_trim, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     "regmean_sparse": (regmean_sparse, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     # per tensor: task arithmetic with the learned coefficients as weights
-    "adamerging": (adamerging, TAUS, dict(trim="magnitude", densities=0.5), "weights", [[0.2, 0.9, 0.4], [1.0, 0.0, 0.3]]),
+    "adamerging": (
+        adamerging,
+        TAUS,
+        dict(trim="magnitude", densities=0.5),
+        "weights",
+        [[0.2, 0.9, 0.4], [1.0, 0.0, 0.3]],
+    ),
 }
 
 

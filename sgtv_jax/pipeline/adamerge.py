@@ -143,7 +143,7 @@ def learn_weights(cfg: MergeConfig, *, progress: bool = True) -> Learned:
             bar.update(1)
             bar.set_postfix(entropy=f"{float(loss):.4f}", refresh=False)
 
-        _, coeffs, losses = ada.merge_with_learned_coefficients(
+        _, learned, losses_d = ada.merge_with_learned_coefficients(
             base,
             fts,
             calib.input_ids,
@@ -159,7 +159,7 @@ def learn_weights(cfg: MergeConfig, *, progress: bool = True) -> Learned:
             trim_options=trim_options,
             callback=on_step if progress else None,
         )
-        coeffs, losses = np.asarray(jax.block_until_ready(coeffs)), np.asarray(losses)
+        coeffs, losses = np.asarray(jax.block_until_ready(learned)), np.asarray(losses_d)
         jax.effects_barrier()  # every step's callback has run before the bar closes
     del base, fts
     if not np.all(np.isfinite(losses)) or not np.all(np.isfinite(coeffs)):

@@ -823,11 +823,11 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
         if isinstance(v, (list, tuple)):
             problems.append(f"parameters.{k} must be one value for merge_method {name!r}, got {short_repr(v)}")
     lr = cfg.parameters.get("learning_rate", 1.0)
-    if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr <= 0:
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and float(lr) <= 0:
         problems.append(f"parameters.learning_rate must be > 0, got {lr!r}")
     init = cfg.parameters.get("init", 0.3)
     clip = cfg.parameters.get("clip", True)
-    if clip is True and isinstance(init, numbers.Real) and not isinstance(init, bool) and not 0 <= init <= 1:
+    if clip is True and isinstance(init, numbers.Real) and not isinstance(init, bool) and not 0 <= float(init) <= 1:
         problems.append(
             f"parameters.init must be in [0, 1] while parameters.clip is true (the coefficients' range), got {init!r}"
         )

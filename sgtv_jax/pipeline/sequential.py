@@ -46,8 +46,8 @@ from convert.lora_extract import write_merged_adapter
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.merge.trim import Calibration
-from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.adamerge import learn_weights
+from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions_of
 from sgtv_jax.pipeline.checkpoints import Checkpoints
