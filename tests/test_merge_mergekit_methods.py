@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sgtv_jax.merge import registry, specs
+from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
@@ -366,6 +367,14 @@ CASES = {
     "lstsq": (lstsq, TAUS, dict(grams=GRAMS, targets=TAUS, trim=None), None, None),
     "regmean_trim": (regmean_trim, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     "regmean_sparse": (regmean_sparse, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
+    # per tensor: task arithmetic with the learned coefficients as weights
+    "adamerging": (
+        adamerging,
+        TAUS,
+        dict(trim="magnitude", densities=0.5),
+        "weights",
+        [[0.2, 0.9, 0.4], [1.0, 0.0, 0.3]],
+    ),
 }
 
 

@@ -17,6 +17,10 @@ under `jax.lax.scan`; no labels are read.
   input), `entropy_loss`, and `merge_with_learned_coefficients`.
 * `weight_rules(coeffs, hf_block_prefix)`: the learned coefficients as the
   per-model `weight` specs of a `task_arithmetic` YAML merge (`sgtv merge`).
+* `adamerging(deltas, weights, ...)`: the per-tensor step, registered as merge
+  method `adamerging` (`registry.METHODS`): task arithmetic with the learned
+  coefficients of the tensor's group as `weights`. `sgtv merge` with
+  `merge_method: adamerging` learns them first (`sgtv_jax.pipeline.adamerge`).
 
 Task vectors may be trimmed first (`sgtv_jax.merge.trim.trim`, e.g.
 `magnitude` for TIES' trim, `random` for DARE); the coefficients then scale
@@ -45,10 +49,15 @@ import optax
 from flax import nnx
 
 from sgtv_jax.merge.keys import tensor_key
+from sgtv_jax.merge.methods import Floats, task_arithmetic
+from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.merge.trim import trim as trim_stack
 
 LossFn = Callable[[jax.Array, Any, Any, Any], jax.Array]
 """`loss_fn(coeffs [G,T], base, taus, batch) -> scalar`."""
+
+StepCallback = Callable[[jax.Array, jax.Array], None]
+"""`callback(step, loss)`: called on the host after each learning step (progress bars, logs)."""
 
 BLOCKS = "blocks"
 """The key of a Flax family model's block list in its `nnx.State`."""
@@ -118,6 +127,7 @@ def learn_coefficients(
     seed: int | jax.Array = 0,
     clip: tuple[float, float] | None = (0.0, 1.0),
     optimizer: optax.GradientTransformation | None = None,
+    callback: StepCallback | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Minimise `loss_fn` over merge coefficients by gradient descent; returns `(coeffs [G,T], losses [steps])`.
 
@@ -129,7 +139,11 @@ def learn_coefficients(
     after each step (module doc), or None. optimizer: default
     `optax.adam(learning_rate)`. `losses[k]` is the loss at step `k`'s
     coefficients (before its update). Runs as one `lax.scan`; jit-able (`loss_fn`,
-    `steps`, `clip` and `optimizer` are static) and usable inside a caller's jit.
+    `steps`, `clip`, `optimizer` and `callback` are static) and usable inside a caller's jit.
+    callback: `callback(step, loss)` after each step, through `jax.debug.callback`
+    (one compiled scan still, as the device runs, so a progress bar shows real
+    progress; it only observes: the values are those without it). Unordered:
+    call `jax.effects_barrier()` before relying on every call having run.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -149,10 +163,11 @@ def learn_coefficients(
         steps=steps,
         clip=None if clip is None else (float(clip[0]), float(clip[1])),
         optimizer=optimizer,
+        callback=callback,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("steps", "clip", "optimizer"))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("steps", "clip", "optimizer", "callback"))
 def _learn(
     loss_fn: LossFn,
     base: Any,
@@ -165,6 +180,7 @@ def _learn(
     steps: int,
     clip: tuple[float, float] | None,
     optimizer: optax.GradientTransformation | None,
+    callback: StepCallback | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     opt = optimizer if optimizer is not None else optax.adam(learning_rate)
     grad_fn = jax.value_and_grad(loss_fn)
@@ -176,6 +192,8 @@ def _learn(
         coeffs = optax.apply_updates(coeffs, updates)
         if clip is not None:
             coeffs = jnp.clip(coeffs, clip[0], clip[1])
+        if callback is not None:
+            jax.debug.callback(callback, k, loss)
         return (coeffs, opt_state), loss
 
     (coeffs, _), losses = jax.lax.scan(step, (start, opt.init(start)), jnp.arange(steps))
@@ -326,6 +344,7 @@ def merge_with_learned_coefficients(
     densities: float | Sequence[float] = 1.0,
     trim_options: dict[str, Any] | None = None,
     remat: bool = True,
+    callback: StepCallback | None = None,
 ) -> tuple[nnx.Module, jax.Array, jax.Array]:
     """AdaMerging of Flax family models on calibration windows; returns `(merged model, coeffs [L+1,T], losses)`.
 
@@ -333,7 +352,7 @@ def merge_with_learned_coefficients(
     trim / densities / trim_options: optional `trim_task_vectors` before learning
     (its PRNG seed is `seed`). Row `i < L` of the coefficients scales block `i`,
     row `L` everything outside the blocks. The merged model is a new model
-    (the inputs are not modified).
+    (the inputs are not modified). callback: `learn_coefficients`' (progress only).
     """
     graphdef, base = nnx.split(base_model)
     taus = stack_task_vectors(base, [nnx.state(m) for m in finetuned])
@@ -352,6 +371,7 @@ def merge_with_learned_coefficients(
         init=init,
         seed=seed,
         clip=clip,
+        callback=callback,
     )
     merged = nnx.merge(graphdef, layerwise_merge(base, taus, coeffs, groups))
     return merged, coeffs, losses
@@ -371,3 +391,53 @@ def weight_rules(coeffs: Any, block_prefix: Callable[[int], str]) -> list[list[d
         [{"filter": block_prefix(i), "value": float(c[i, t])} for i in range(blocks)] + [{"value": float(c[blocks, t])}]
         for t in range(c.shape[1])
     ]
+
+
+def adamerging(
+    deltas: jax.Array,
+    weights: Floats,
+    densities: Floats = 1.0,
+    *,
+    steps: int = 100,
+    learning_rate: float = 1e-3,
+    init: float = 0.3,
+    clip: bool = True,
+    rescale: bool | None = None,
+    count: str = "round",
+    trim: str | None = None,
+    key: jax.Array | None = None,
+    calib: Calibration | None = None,
+    gamma: Floats = 0.01,
+    epsilon: Floats = 0.15,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    refit: bool = False,
+    name: str | None = None,
+) -> jax.Array:
+    """AdaMerging's per-tensor step: `sum_t w_t trim(tau_t)`, `weights` the learned coefficients of this tensor.
+
+    deltas `[T, ...]` -> merged task vector `[...]` (`task_arithmetic` with
+    lambda 1, no normalisation). The coefficients are learned over whole models
+    (`merge_with_learned_coefficients`; `sgtv merge` does it before merging),
+    which a single tensor cannot do: `steps`, `learning_rate`, `init` and
+    `clip` configure that learning pass and are ignored here (they are this
+    function's keywords so that the method's parameters and its signature
+    agree, `specs.METHOD_SPECS["adamerging"]`).
+    """
+    del steps, learning_rate, init, clip  # the learning pass's, not the tensor's
+    return task_arithmetic(
+        deltas,
+        weights,
+        densities,
+        rescale=rescale,
+        count=count,
+        trim=trim,
+        key=key,
+        calib=calib,
+        gamma=gamma,
+        epsilon=epsilon,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        refit=refit,
+        name=name,
+    )

@@ -55,6 +55,8 @@ def describe_methods() -> str:
             tags.append("uses the base weights")
         if spec.needs_grams:
             tags.append("needs calibration data")
+        if spec.learns_weights:
+            tags.append("learns the weights from calibration data (Flax families only)")
         lines.append(f"{name}: {spec.doc}")
         lines.append(f"    ({'; '.join(tags)})")
         lines += [_param_line(ps) for ps in spec.params] or ["    (no parameters)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sgtv_jax.merge import methods
+from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
@@ -37,6 +38,7 @@ METHODS: dict[str, Callable] = {
     "lstsq": lstsq,
     "regmean_trim": regmean_trim,
     "regmean_sparse": regmean_sparse,
+    "adamerging": adamerging,
 }
 
 

@@ -75,7 +75,9 @@ class MethodSpec(NamedTuple):
     entrywise: after its trim the method combines each entry on its own (no
     whole-tensor statistic), so a tensor can be merged in row chunks
     (`streaming.merge_rows`; RegMean qualifies for the tensors without Grams
-    that reach it there: their weighted mean).
+    that reach it there: their weighted mean); learns_weights: the models'
+    weights are learned from calibration data over whole models before the
+    merge (adamerging), so a config gives none and must give `calibration`.
     """
 
     name: str
@@ -94,6 +96,7 @@ class MethodSpec(NamedTuple):
     needs_targets: bool = False
     trims_merged: bool = False
     entrywise: bool = False
+    learns_weights: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called `name` in a config, or None."""
@@ -418,6 +421,38 @@ _FITS = (
     ),
 )
 METHOD_SPECS.update({s.name: s for s in _FITS})
+
+LEARNED_TRIMS = ("magnitude", "breadcrumbs", "random")
+"""Trims a method with `learns_weights` composes with: the data-free ones the learning pass applies to
+whole Flax models too (`adamerging.FLAX_TRIMS`); magprune is not applied there, calibration trims
+need per-layer statistics. `random` draws other masks there than in the merge (`sgtv_jax.pipeline.adamerge`)."""
+
+METHOD_SPECS["adamerging"] = MethodSpec(
+    "adamerging",
+    (
+        ParamSpec("steps", "int", 100, 1, math.inf, doc="learning steps (Adam), one calibration batch each"),
+        ParamSpec("learning_rate", "float", 1e-3, 0.0, math.inf, doc="Adam step size of the coefficients (> 0)"),
+        ParamSpec("init", "float", 0.3, doc="every coefficient's starting value (in [0, 1] with clip)"),
+        ParamSpec("clip", "bool", True, doc="project the coefficients onto [0, 1] after each step"),
+        ParamSpec("rescale", "bool", None, doc="multiply trim survivors by 1/density (None: off)"),
+        ParamSpec(
+            "count",
+            "choice",
+            "round",
+            choices=COUNTS,
+            doc="entries a magnitude / breadcrumbs trim keeps: round(density*n), or floor",
+        ),
+    ),
+    trims=True,
+    default_trim=None,
+    consensus=None,
+    normalize_default=None,
+    rescale_default=False,
+    doc="layer-wise coefficients learned by entropy minimisation on unlabeled calibration text "
+    "(AdaMerging), then task arithmetic with them",
+    entrywise=True,
+    learns_weights=True,
+)
 
 REFUSED: dict[str, str] = {
     "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "

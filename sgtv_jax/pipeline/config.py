@@ -73,7 +73,7 @@ from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
 from sgtv_jax.merge.plan import ObsOptions
-from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, WITHOUT_EFFECT, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import LEARNED_TRIMS, METHOD_SPECS, REFUSED, WITHOUT_EFFECT, MethodSpec, ParamSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
 from sgtv_jax.pipeline.chat_templates import AUTO, CHAT_TEMPLATES
@@ -328,8 +328,9 @@ class MergeConfig:
         return self.models[t].calibration or self.calibration
 
     def needs_calibration(self) -> bool:
-        """Whether any tensor uses a data-aware trim (or the method needs Gram matrices)."""
-        return self.method_spec.needs_grams or any(t in DATA_TRIMS for t in spec_values(self.trim))
+        """Whether any tensor uses a data-aware trim (or the method needs Gram matrices, or learns its weights)."""
+        spec = self.method_spec
+        return spec.needs_grams or spec.learns_weights or any(t in DATA_TRIMS for t in spec_values(self.trim))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for reports and model cards: model and data paths as the YAML wrote them.
@@ -771,6 +772,8 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
             else f"{spec.min_models} to {spec.max_models}"
         )
         problems.append(f"merge_method {spec.name!r} merges {want} model(s) besides base_model, got {n} under models")
+    if spec.learns_weights:
+        _learned_weights_checks(cfg, spec, problems)
     if cfg.needs_calibration():
         for t in range(len(cfg.models)):
             if cfg.calibration_for(t) is None:
@@ -792,6 +795,67 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
         problems.append("prunen/prunem (N:M) need trim: sparsegpt")
     if cfg.refit and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
         problems.append("refit: true refits what OBS kept: it needs trim: sparsegpt")
+
+
+def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
+    """What a method that learns its weights (adamerging) cannot take, each message naming the key.
+
+    Its learning pass (`sgtv_jax.pipeline.adamerge`) runs whole Flax models:
+    it trims every parameter with one density (and gamma) per model and one
+    data-free trim, and learns every weight, so weights, calibration trims,
+    per-tensor trims and per-tensor densities have no meaning there.
+    """
+    name = spec.name
+    trim = cfg.trim
+    if trim is not None and not isinstance(trim, str):
+        problems.append(f"trim: merge_method {name!r} takes one trim name for every tensor, not filter rules")
+    elif trim is not None and trim not in LEARNED_TRIMS:
+        why = (
+            "reads per-layer calibration statistics"
+            if trim in DATA_TRIMS
+            else "is not applied by its learning pass over whole models"
+        )
+        problems.append(
+            f"trim {trim!r} {why}: merge_method {name!r} composes with the data-free trims {', '.join(LEARNED_TRIMS)}"
+        )
+    for k in ("steps", "learning_rate", "init", "clip"):
+        v = cfg.parameters.get(k)
+        if isinstance(v, (list, tuple)):
+            problems.append(f"parameters.{k} must be one value for merge_method {name!r}, got {short_repr(v)}")
+    lr = cfg.parameters.get("learning_rate", 1.0)
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and float(lr) <= 0:
+        problems.append(f"parameters.learning_rate must be > 0, got {lr!r}")
+    init = cfg.parameters.get("init", 0.3)
+    clip = cfg.parameters.get("clip", True)
+    if clip is True and isinstance(init, numbers.Real) and not isinstance(init, bool) and not 0 <= float(init) <= 1:
+        problems.append(
+            f"parameters.init must be in [0, 1] while parameters.clip is true (the coefficients' range), got {init!r}"
+        )
+    if "weight" in cfg.parameters:
+        problems.append(
+            f"parameters.weight: merge_method {name!r} learns every model's weights; remove 'weight' "
+            "(parameters.init sets where the learning starts)"
+        )
+    for t, m in enumerate(cfg.models):
+        where = f"models[{t}]"
+        if "weight" in m.parameters:
+            problems.append(
+                f"{where}.parameters.weight: merge_method {name!r} learns every model's weights; remove 'weight' "
+                "(parameters.init sets where the learning starts)"
+            )
+        if m.calibration is not None:
+            problems.append(
+                f"{where}.calibration: merge_method {name!r} learns from one calibration set; give it at top "
+                "level (calibration: {data: [task_a.txt, task_b.txt]} mixes the tasks' texts)"
+            )
+        for k in ("density", "gamma"):
+            v = model_parameters(cfg, t).get(k)
+            if isinstance(v, (list, tuple)):
+                src = f"{where}.parameters.{k}" if k in m.parameters else f"parameters.{k}"
+                problems.append(
+                    f"{src} must be one number for merge_method {name!r} (its learning pass trims whole "
+                    f"models, one {k} per model), got {short_repr(v)}"
+                )
 
 
 # --------------------------------------------------------------------------- tokenizer

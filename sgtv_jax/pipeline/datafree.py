@@ -436,7 +436,15 @@ def require_flax_family(cfg: MergeConfig, model_type: str) -> None:
 
     if model_type in SUPPORTED_MODEL_TYPES:
         return
-    what = f"merge_method {cfg.merge_method!r} (Gram matrices)" if cfg.method_spec.needs_grams else f"trim {cfg.trim!r}"
+    spec = cfg.method_spec
+    if spec.learns_weights:
+        raise ConfigError(
+            f"base_model: merge_method {cfg.merge_method!r} learns its coefficients by running the merged model "
+            f"on the calibration data, and architecture {model_type!r} has no Flax family here (those with one: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}). Use a data-free method (e.g. task_arithmetic or ties): "
+            "data-free merges work on any architecture"
+        )
+    what = f"merge_method {cfg.merge_method!r} (Gram matrices)" if spec.needs_grams else f"trim {cfg.trim!r}"
     raise ConfigError(
         f"base_model: {what} needs calibration data run through a model of the architecture, and "
         f"architecture {model_type!r} has no Flax family here (those with one: "

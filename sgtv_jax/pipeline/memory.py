@@ -41,6 +41,17 @@ tensors (`streaming.why_not_streamed`) or it is a vector:
              N (12 + 20 T)                                 (methods on whole tensors)
 
 and nothing else of the models (the writer holds one output chunk).
+
+A merge that learns its weights (`adamerging`, `adamerge.py`) peaks in its
+learning pass, on whole float32 models of `P` parameters, `L` blocks, vocabulary
+`V`, `b` = `batch_size` windows of `S` tokens per step:
+
+    models      = 4 (2 T + 2) P       base, fine-tuned models, task vectors, merged model
+    activations = 4 b S (D (L + 1) + 3 V) + 4 * 2 A b S^2
+                  each block's input (kept between passes), the logits and their
+                  softmax and gradient, one block's attention scores
+
+the merge by name after it needs far less.
 """
 
 from __future__ import annotations
@@ -225,6 +236,8 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
         # slices / a re-indexed vocabulary: their own plan
         if (mapped := _estimate_mapped(cfg)) is not None:
             return mapped
+    if cfg.method_spec.learns_weights:
+        return _estimate_learning(cfg)
     if uses_by_name(cfg, base_model_type(cfg)):
         return _estimate_by_name(cfg)
     T = len(cfg.models)
@@ -238,6 +251,39 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
     # validation gives every model data when a trim needs it
     sets = [CalibrationShape(c.nsamples, c.seqlen) for c in wanted if c is not None]
     return estimate_calibrated(_model_layout(cfg), tasks=T, sets=sets, batch_size=cfg.batch_size, per_task=per_task)
+
+
+def _estimate_learning(cfg: MergeConfig) -> MemoryEstimate:
+    """The learning pass of a method that learns its weights (module doc), from config.json and the headers."""
+
+    hf = read_hf_config(cfg.base_model)
+    ckpt = open_checkpoint(cfg.base_model)
+    try:
+        params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
+    finally:
+        ckpt.close()
+    T, b = len(cfg.models), cfg.batch_size
+    S = cfg.calibration.seqlen if cfg.calibration is not None else 0
+    D = int(hf.get("hidden_size", hf.get("n_embd", 0)))
+    A = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
+    V, L = int(hf.get("vocab_size", 0)), num_layers_of(hf)
+    return MemoryEstimate(
+        (
+            Term(
+                "models",
+                F32 * (2 * T + 2) * params,
+                f"float32 base, {T} models, their task vectors and the merged model ({params} parameters each)",
+                ("the number of models",),
+            ),
+            Term(
+                "activations",
+                F32 * b * S * (D * (L + 1) + 3 * V) + F32 * 2 * A * b * S * S,
+                f"batch_size {b} x seqlen {S}: block inputs, logits (vocabulary {V}), attention scores",
+                ("batch_size", "calibration seqlen"),
+            ),
+        ),
+        "formula: 4 (2T + 2) P + 4 b S (D (L + 1) + 3 V) + 8 A b S^2 bytes (the learning pass, float32)",
+    )
 
 
 def estimate_calibrated(

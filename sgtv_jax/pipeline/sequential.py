@@ -46,6 +46,7 @@ from convert.lora_extract import write_merged_adapter
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.merge.trim import Calibration
+from sgtv_jax.pipeline.adamerge import learn_weights
 from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.byname import MERGE, TensorEntry
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
@@ -452,7 +453,10 @@ def run_merge(
     process 0 checks and writes `out`; the others run the calibrated merge
     with it (their devices hold their share of the calibration windows),
     write nothing, and return its report; a merge without calibration data
-    runs on process 0 alone.
+    runs on process 0 alone. A method that learns its weights (`adamerging`)
+    first runs its learning pass on process 0 (`adamerge.learn_weights`: Flax
+    family needed), then merges by name with the learned weights; the report
+    holds them under "adamerging", its "config" the config as given.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
@@ -471,10 +475,18 @@ def run_merge(
     if check:
         check_config(cfg)
     model_type = base_model_type(cfg)
+    t0 = time.perf_counter()
+    asked, learned = cfg, None
+    if cfg.method_spec.learns_weights:
+        # learn the weights (process 0), then merge by name with them (adamerge.py)
+        require_flax_family(cfg, model_type)
+        if not writer:
+            return {"process": jax.process_index(), "written": False}
+        learned = learn_weights(cfg, progress=progress)
+        cfg = learned.config
     by_name = uses_by_name(cfg, model_type)
     if not by_name:
         require_flax_family(cfg, model_type)
-    t0 = time.perf_counter()
     run: MergeRun | DataFreeRun
     if not writer and (by_name or not cfg.needs_calibration()):
         return {"process": jax.process_index(), "written": False}  # nothing to share: process 0 merges
@@ -496,6 +508,11 @@ def run_merge(
 
     def finalize(tmp: Path) -> None:
         box["report"] = rep = run.report(time.perf_counter() - t0)
+        if learned is not None:
+            rep["config"] = jsonable(asked.to_dict())  # as the user wrote it; the merge's is derived
+            rep["adamerging"] = learned.report
+            rep["stages_s"]["learn"] = learned.seconds
+            with_export_time(rep, time.perf_counter() - t0)
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
         plot_report(rep, tmp / PLOT_FILE)
         write_output_files(cfg, run, tmp)  # tokenizer (re-indexed vocabulary) and chat_template
@@ -503,8 +520,8 @@ def run_merge(
             write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 
     card = {
-        "method": f"{cfg.merge_method}" + (f" + {cfg.trim}" if cfg.trim else ""),
-        "parameters": jsonable(cfg.to_dict()),
+        "method": f"{asked.merge_method}" + (f" + {asked.trim}" if asked.trim else ""),
+        "parameters": jsonable(asked.to_dict()),
     }
     try:
         if format == "hf" and isinstance(run, DataFreeRun):
