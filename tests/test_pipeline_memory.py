@@ -51,7 +51,8 @@ def test_merged_source_by_hand(fam, monkeypatch):
         "hessians": 4 * sum(c * c for _, c in LINEARS),
         "obs": 4 * max(3 * T * r * c + 3 * c * c for r, c in LINEARS),
         "block": 4 * (T + 1) * BLOCK,
-        "outer": 4 * (T + 1) * vocab * D,  # untied embedding / head [vocab, hidden]
+        # untied embedding / head [vocab, hidden]: merged whole (under memory_budget), then joined
+        "outer": (12 + 20 * T) * vocab * D + 4 * vocab * D,
     }
     assert {t.name: t.bytes for t in est.terms} == want
     assert est.total == sum(want.values())
@@ -83,7 +84,25 @@ def test_shapes_alone_equal_the_header_path(fam):
         shapes, tasks=2, sets=[CalibrationShape(6, 24), CalibrationShape(3, 40)], batch_size=4, per_task=True
     )
     assert alone.terms == per_task.terms
-    assert estimate_calibrated(shapes, tasks=2, sets=[]).total == 4 * 3 * (BLOCK + vocab * D)  # no data: weights only
+    no_data = estimate_calibrated(shapes, tasks=2, sets=[])  # weights only: a block of 3 models, the outer merge
+    assert no_data.total == 4 * 3 * BLOCK + (12 + 20 * 2) * vocab * D + 4 * vocab * D
+
+
+def test_outer_tensor_over_the_budget_counts_one_chunk(fam):
+    """An embedding over memory_budget is merged in row chunks: one chunk's rows (at least one row
+    of R entries), plus the joined result; the calibration streams' embeddings when they are larger."""
+    _, _, vocab = fam
+    shapes = llama_shapes(D, FF, vocab, A, kv_heads=2, head_dim=8)
+    per = 12 + 20 * 2
+    calib = [CalibrationShape(6, 24)]
+    small = estimate_calibrated(shapes, tasks=2, sets=calib, budget=1000)  # < one row: one row per chunk
+    assert small.term("outer").bytes == D * per + 4 * vocab * D
+    mid = estimate_calibrated(shapes, tasks=2, sets=calib, budget=100 * D * per)
+    assert mid.term("outer").bytes == 100 * D * per + 4 * vocab * D
+    whole = estimate_calibrated(shapes, tasks=2, sets=calib, budget=1000, streamed=False)
+    assert whole.term("outer").bytes == vocab * D * per + 4 * vocab * D
+    per_task = estimate_calibrated(shapes, tasks=2, sets=calib * 2, per_task=True, budget=1000)
+    assert per_task.term("outer").bytes == max(D * per + 4 * vocab * D, 4 * 2 * vocab * D)
 
 
 def test_data_free_holds_one_tensor_stack(fam, monkeypatch):

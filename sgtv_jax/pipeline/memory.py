@@ -15,8 +15,11 @@ shared set for `merged` / `base`; one per model for `per_task`), each with
                   the largest OBS problem: task vectors, working copy and result; H, damped H, factor
     block       = 4 (T + 1) P_block
                   one decoder block of the base and of every model (P_block parameters)
-    outer       = 4 (T + 1) N_outer
-                  the largest tensor outside the blocks (e.g. the embedding), stacked
+    outer       = max(min(N (12 + 20 T), max(B, R (12 + 20 T))) + 4 N,  4 k N)
+                  the largest tensor outside the blocks (e.g. the embedding: N entries,
+                  R per row), merged data-free as a by-name merge merges it (in row
+                  chunks within `memory_budget` B) and joined; then the embeddings
+                  the calibration streams hold (k = T for per_task, else 1)
 
     peak ~ activations + attention + hessians + obs + block + outer
 
@@ -70,7 +73,7 @@ from sgtv_jax.models import get_family
 from sgtv_jax.pipeline.byname import MERGE
 from sgtv_jax.pipeline.check import base_model_type, num_layers_of, read_hf_config
 from sgtv_jax.pipeline.checkpoints import Checkpoints
-from sgtv_jax.pipeline.config import MergeConfig
+from sgtv_jax.pipeline.config import DEFAULT_MEMORY_BUDGET, MergeConfig
 from sgtv_jax.pipeline.datafree import plan_checkpoints, uses_by_name, whole_tensor_bytes
 from sgtv_jax.pipeline.mapped import headers_plan
 from sgtv_jax.pipeline.planning import plan_tensor
@@ -130,13 +133,15 @@ class ModelShapes(NamedTuple):
     """What the calibrated-merge formula needs of a model: numbers only, no files.
 
     `linears`: the linear weights of one block; `block_params`: all parameters of one block;
-    `outer`: entries of the largest tensor outside the blocks (e.g. the embedding)."""
+    `outer`: entries of the largest tensor outside the blocks (e.g. the embedding);
+    `outer_row`: entries per stored row of it (0: one row, merged whole)."""
 
     hidden: int
     heads: int
     linears: tuple[Linear, ...]
     block_params: int
     outer: int
+    outer_row: int = 0
 
 
 class CalibrationShape(NamedTuple):
@@ -161,11 +166,14 @@ def llama_shapes(
         Linear(intermediate, hidden),
         Linear(hidden, intermediate),
     )
-    return ModelShapes(hidden, heads, linears, sum(w.rows * w.cols for w in linears) + 2 * hidden, vocab * hidden)
+    return ModelShapes(
+        hidden, heads, linears, sum(w.rows * w.cols for w in linears) + 2 * hidden, vocab * hidden, hidden
+    )
 
 
-def _model_layout(cfg: MergeConfig) -> ModelShapes:
-    """The base model's `ModelShapes`, from config.json and the tensor headers."""
+def _model_layout(cfg: MergeConfig) -> tuple[ModelShapes, str]:
+    """The base model's `ModelShapes` and the name of its largest tensor outside the blocks,
+    from config.json and the tensor headers."""
 
     hf = read_hf_config(cfg.base_model)
     mt = hf["model_type"]
@@ -191,10 +199,17 @@ def _model_layout(cfg: MergeConfig) -> ModelShapes:
             rows, cols = shape if block_rules[n].transpose else shape[::-1]  # torch layout is [out, in]
             linears.append(Linear(int(rows), int(cols)))
     block_set = set(is_block)
-    outer = max((math.prod(s) for n, s in shapes.items() if n not in block_set and rules[n] is not None), default=0)
+    outer_name = max(
+        (n for n in shapes if n not in block_set and rules[n] is not None),
+        key=lambda n: math.prod(shapes[n]),
+        default="",
+    )
+    outer = shapes.get(outer_name, ())
     hidden = int(hf.get("hidden_size", hf.get("n_embd", 0)))
     heads = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
-    return ModelShapes(hidden, heads, tuple(linears), block_params, int(outer))
+    row = math.prod(outer[1:]) if len(outer) >= 2 else 0
+    n_outer = math.prod(outer) if outer else 0
+    return ModelShapes(hidden, heads, tuple(linears), block_params, n_outer, row), outer_name
 
 
 def _estimate_by_name(cfg: MergeConfig) -> MemoryEstimate:
@@ -250,7 +265,19 @@ def estimate_memory(cfg: MergeConfig) -> MemoryEstimate:
         wanted = [cfg.calibration or cfg.calibration_for(0)]
     # validation gives every model data when a trim needs it
     sets = [CalibrationShape(c.nsamples, c.seqlen) for c in wanted if c is not None]
-    return estimate_calibrated(_model_layout(cfg), tasks=T, sets=sets, batch_size=cfg.batch_size, per_task=per_task)
+    shapes, outer = _model_layout(cfg)
+    return estimate_calibrated(
+        shapes,
+        tasks=T,
+        sets=sets,
+        batch_size=cfg.batch_size,
+        per_task=per_task,
+        budget=cfg.memory_budget,
+        streamed=why_not_streamed(
+            plan_tensor(cfg, outer, None, num_layers_of(read_hf_config(cfg.base_model)), linear=False)
+        )
+        is None,
+    )
 
 
 def _estimate_learning(cfg: MergeConfig) -> MemoryEstimate:
@@ -287,13 +314,21 @@ def _estimate_learning(cfg: MergeConfig) -> MemoryEstimate:
 
 
 def estimate_calibrated(
-    shapes: ModelShapes, *, tasks: int, sets: Sequence[CalibrationShape], batch_size: int = 8, per_task: bool = False
+    shapes: ModelShapes,
+    *,
+    tasks: int,
+    sets: Sequence[CalibrationShape],
+    batch_size: int = 8,
+    per_task: bool = False,
+    budget: int = DEFAULT_MEMORY_BUDGET,
+    streamed: bool = True,
 ) -> MemoryEstimate:
     """The module-doc formula of a block-by-block merge from numbers alone (no checkpoint needed).
 
     `tasks`: T fine-tuned models; `sets`: the calibration sets the Hessian source runs (one for
     `merged` / `base`, one per model for `per_task`; none when no tensor uses calibration data);
-    `per_task`: one Hessian per model (k = T)."""
+    `per_task`: one Hessian per model (k = T); `budget`: `memory_budget`; `streamed`: the
+    tensors outside the blocks merge in row chunks (`streaming.why_not_streamed`)."""
     T, hidden, heads, linears = tasks, shapes.hidden, shapes.heads, shapes.linears
     use_data = bool(sets)
     k = T if per_task else 1
@@ -303,6 +338,9 @@ def estimate_calibrated(
     hessians = F32 * k * sum(w.cols**2 for w in linears) if use_data else 0
     obs = F32 * max((3 * T * w.rows * w.cols + 3 * k * w.cols**2 for w in linears), default=0) if use_data else 0
     seqlens = sorted({c.seqlen for c in sets})
+    n, per = shapes.outer, bytes_per_entry(T)
+    merge_outer = (min(n * per, max(budget, shapes.outer_row * per)) if streamed else n * per) + F32 * n
+    outer = max(merge_outer, F32 * n * k if use_data else 0)
     return MemoryEstimate(
         (
             Term(
@@ -332,9 +370,11 @@ def estimate_calibrated(
             ),
             Term(
                 "outer",
-                F32 * (T + 1) * shapes.outer,
-                "the largest tensor outside the blocks, stacked over models",
-                ("the number of models",),
+                outer,
+                "the largest tensor outside the blocks: its merge within memory_budget "
+                + ("(row chunks)" if streamed else "(whole)")
+                + ", or the embeddings calibration holds",
+                ("memory_budget", "the number of models"),
             ),
         )
     )
