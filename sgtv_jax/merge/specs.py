@@ -124,19 +124,22 @@ TRIM_ARGS = ("densities", "key", "calib", "gamma", "epsilon", "trim", "blocksize
 _NORMALIZE = "divide by the sum of the (agreeing) weights"
 
 
+_RESCALE = ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)")
+_COUNT = ParamSpec(
+    "count",
+    "choice",
+    "round",
+    choices=COUNTS,
+    doc="entries a magnitude / breadcrumbs / wanda trim keeps: round(density*n), or floor = mergekit's int(density*n)",
+)
+
+
 def _common(normalize: bool, consensus: bool) -> tuple[ParamSpec, ...]:
     out: tuple[ParamSpec, ...] = (
         ParamSpec("normalize", "bool", normalize, doc=_NORMALIZE),
         ParamSpec("lambda", "float", 1.0, doc="scale of the merged task vector", arg="lambda_"),
-        ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)"),
-        ParamSpec(
-            "count",
-            "choice",
-            "round",
-            choices=COUNTS,
-            doc="entries a magnitude / breadcrumbs / wanda trim keeps: round(density*n), "
-            "or floor = mergekit's int(density*n)",
-        ),
+        _RESCALE,
+        _COUNT,
     )
     if consensus:
         out += (ParamSpec("consensus", "choice", "sum", doc="sign election rule", choices=("sum", "count")),)
@@ -323,14 +326,8 @@ _NEW = (
             ParamSpec(
                 "select_topk", "float", 1.0, 0.0, 1.0, doc="fraction of entries of largest variance across models kept"
             ),
-            ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (with a trim)"),
-            ParamSpec(
-                "count",
-                "choice",
-                "round",
-                choices=COUNTS,
-                doc="entries a magnitude / breadcrumbs / wanda trim keeps: round, or floor",
-            ),
+            _RESCALE,
+            _COUNT,
         ),
         trims=True,
         default_trim=None,
@@ -434,14 +431,8 @@ METHOD_SPECS["adamerging"] = MethodSpec(
         ParamSpec("learning_rate", "float", 1e-3, 0.0, math.inf, doc="Adam step size of the coefficients (> 0)"),
         ParamSpec("init", "float", 0.3, doc="every coefficient's starting value (in [0, 1] with clip)"),
         ParamSpec("clip", "bool", True, doc="project the coefficients onto [0, 1] after each step"),
-        ParamSpec("rescale", "bool", None, doc="multiply trim survivors by 1/density (None: off)"),
-        ParamSpec(
-            "count",
-            "choice",
-            "round",
-            choices=COUNTS,
-            doc="entries a magnitude / breadcrumbs trim keeps: round(density*n), or floor",
-        ),
+        _RESCALE,
+        _COUNT,
     ),
     trims=True,
     default_trim=None,
