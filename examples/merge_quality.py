@@ -96,7 +96,7 @@ def code_snippets(sizes: tuple[int, ...]) -> list[list[str]]:
 
 
 # (top blocks trained, Adam steps, learning rate) per fine-tune; `--steps` overrides the steps
-RECIPES = {"add": (8, 400, 3e-4), "rev": (8, 200, 3e-4), "code": (4, 150, 3e-4)}
+RECIPES = {"add": (8, 500, 5e-4), "rev": (8, 200, 3e-4), "code": (4, 150, 3e-4)}
 EVAL_SIZES = {"add": 64, "rev": 64, "code": 24}
 
 
@@ -113,7 +113,8 @@ def prepare(work: Path, steps: int | None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     base = fetch_smollm2()
     tok = load_tokenizer(base)
-    add_tr, add_cal, add_ev = addition((400, 64, EVAL_SIZES["add"]))
+    # 400 sums, 8 passes over them, kept 0.34 exact match on unseen sums: more sums, not more steps
+    add_tr, add_cal, add_ev = addition((3000, 64, EVAL_SIZES["add"]))
     rev_tr, rev_cal, rev_ev = reversal((400, 64, EVAL_SIZES["rev"]))
     code_tr, code_cal, code_ev = code_snippets((200, 48, EVAL_SIZES["code"]))
     calib = {
@@ -255,6 +256,8 @@ def main() -> None:
     spec = {}
     for t in TASKS:
         rows[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep)
+    for k, r in rows.items():
+        print(f"{k:<40} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}")
     for label, over in variants(args.quick):
         out = (
             work
