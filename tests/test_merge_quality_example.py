@@ -13,7 +13,7 @@ def test_addition_answers_and_disjoint_splits():
     assert [len(p) for p in parts] == [400, 64, 64]
     for p in parts:
         for r in p:
-            a, b = r["prompt"][3:].split("=")[0].split("+")
+            a, b = r["prompt"].removesuffix("=").split("+")
             assert int(r["answer"]) == int(a) + int(b)
     prompts = [{r["prompt"] for r in p} for p in parts]
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])

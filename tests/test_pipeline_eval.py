@@ -73,3 +73,39 @@ def test_is_match_rule():
     assert is_match(" Paris.\nQ:", " Paris")
     assert not is_match(" Parisian", "Paris")
     assert not is_match(" Lyon", "Paris")
+
+
+def test_forced_exact_match_equals_greedy_decoding(tiny):
+    """One teacher-forced pass decides each record as greedy decoding (answer's tokens + one) does."""
+    from sgtv_jax.pipeline.evaluate import forced_exact_match, greedy_generate
+
+    root, base = tiny
+    model, tok = load_model(base)
+    prompts = ["The quick brown", "Numbers like 12,", "every linear layer", "A merge of", "so do words", "Calibration"]
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    recs = []
+    for p in prompts:
+        for k in (1, 2, 3):
+            cont = greedy_generate(model, tok, [p], k)[0]
+            # random weights emit stray bytes (U+FFFD, control chars) that re-tokenise differently: skip those
+            if not cont.strip() or not cont.isprintable() or "\ufffd" in cont:
+                continue
+            recs.append({"prompt": p, "answer": cont})  # greedy's own continuation: a hit if the next char allows
+            recs.append({"prompt": p, "answer": cont + " the"})  # one token too many (unless greedy says " the")
+            recs.append({"prompt": p, "answer": " dog" + cont})  # first token wrong (unless greedy says " dog")
+    # greedy_generate is checked against transformers above; forced must agree record by record
+    want = [
+        is_match(greedy_generate(model, tok, [r["prompt"]], len(enc(r["answer"])) + 1)[0], r["answer"]) for r in recs
+    ]
+    each = [forced_exact_match(model, tok, [r], batch_size=1)[0] == 1.0 for r in recs]
+    assert each == want, [
+        (r, g)
+        for r, e, w in zip(recs, each, want)
+        if e != w
+        for g in greedy_generate(model, tok, [r["prompt"]], len(enc(r["answer"])) + 1)
+    ]
+    assert 0 < sum(want) < len(want) and len(recs) >= 9  # both outcomes occur
+    acc, gens = forced_exact_match(model, tok, recs, batch_size=4)  # several batches, padded rows
+    assert acc == pytest.approx(np.mean(want))
+    hit = [g for g, w in zip(gens, want) if w]
+    assert all(is_match(g, r["answer"]) for g, r, w in zip(gens, recs, want) if w) and hit

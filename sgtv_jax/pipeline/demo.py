@@ -93,12 +93,18 @@ def finetune(
     lr: float = 3e-4,
     batch: int = 8,
     seed: int = 0,
+    top_blocks: int | None = None,
 ) -> Path:
-    """Adam on the top `TOP_BLOCKS` blocks of the base model; saves an HF dir at `dst` (fp32)."""
+    """Adam on the top `top_blocks` blocks (default `TOP_BLOCKS`) of the base model; saves an HF dir at `dst` (fp32).
+
+    `ids`, `loss_mask`: `[N, S]` (from `_examples`); the lower blocks run once, frozen.
+    """
 
     model, cfg = load_flax_model(base_dir)
     L = len(model.blocks)
-    first = L - TOP_BLOCKS
+    first = L - (TOP_BLOCKS if top_blocks is None else top_blocks)  # read at call time: tests patch TOP_BLOCKS
+    if not 0 <= first < L:
+        raise ValueError(f"top_blocks must be in 1..{L}, got {L - first}")
     n, s = ids.shape
     mask = jnp.ones((n, s), jnp.int32)
     kw = model.block_kwargs(mask[:batch], s, batch=batch)

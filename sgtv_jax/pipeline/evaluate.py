@@ -11,6 +11,14 @@ Runs our Flax model (`sgtv_jax.models`) on any supported HF directory.
   text, stripped, starts with the stripped answer and the next character (if
   any) is not alphanumeric. Prompts are batched right-padded: with causal
   attention the padding after a prompt never influences its next token.
+* forced exact match (`forced_exact_match`): the same greedy decision in one
+  forward pass per batch instead of one per generated token. Greedy decoding
+  emits the answer's tokens exactly when, fed prompt + answer, the argmax at
+  each answer position is the next answer token; the argmax after the answer is
+  the token greedy decoding emits next, and the decoded answer plus that token
+  is scored by the same rule. It differs from `exact_match` only when greedy
+  decoding spells the answer with other tokens (then forced counts a miss) or
+  emits further tokens after a special one (forced stops there).
 """
 
 from __future__ import annotations
@@ -135,6 +143,39 @@ def exact_match(
     k = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records) + extra_tokens
     gens = greedy_generate(model, tokenizer, [r["prompt"] for r in records], k, batch_size)
     hits = [is_match(g, r["answer"]) for g, r in zip(gens, records)]
+    return float(np.mean(hits)), gens
+
+
+def forced_exact_match(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, str]], *, batch_size: int = 64
+) -> tuple[float, list[str]]:
+    """(accuracy, decoded greedy continuations up to one token past the answer), teacher-forced (module doc).
+
+    Rows are right-padded to one `[batch_size, S]` shape (S: longest prompt + answer), one compilation.
+    """
+    pairs = [
+        (
+            tokenizer(r["prompt"], add_special_tokens=False)["input_ids"],
+            tokenizer(r["answer"], add_special_tokens=False)["input_ids"],
+        )
+        for r in records
+    ]
+    total = max(len(p) + len(a) for p, a in pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    hits: list[bool] = []
+    gens: list[str] = []
+    for s in range(0, len(pairs), batch_size):
+        batch = pairs[s : s + batch_size]
+        ids = np.full((batch_size, total), pad, np.int32)
+        for r, (p, a) in enumerate(batch):
+            ids[r, : len(p) + len(a)] = p + a
+        pred = np.asarray(jnp.argmax(_logits(model, ids, None), axis=-1))  # [B, S]: greedy next token at each position
+        for r, (p, a) in enumerate(batch):
+            got = pred[r, len(p) - 1 : len(p) + len(a)].tolist()  # predictions of the answer tokens and the one after
+            k = next((j for j in range(len(a)) if got[j] != a[j]), len(a))
+            # greedy emits got[:k+1]: the answer's first k tokens, then its own choice
+            gens.append(tokenizer.decode(a[:k] + got[k : k + 1], skip_special_tokens=True))
+            hits.append(k == len(a) and is_match(gens[-1], records[s + r]["answer"]))
     return float(np.mean(hits)), gens
 
 
