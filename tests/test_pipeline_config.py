@@ -123,7 +123,7 @@ def test_all_problems_reported_at_once():
     assert "merge_method" in msg and "blocksize" in msg and "hessian_source" in msg
 
 
-@pytest.mark.parametrize("name", ["ties_sparsegpt", "dare_per_task", "ties_magnitude", "adamerging"])
+@pytest.mark.parametrize("name", ["ties_sparsegpt", "dare_per_task", "ties_magnitude", "adamerging", "recommended"])
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
