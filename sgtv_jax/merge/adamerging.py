@@ -48,6 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sgtv_jax.merge.combine import weighted_sum
 from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.methods import Floats, task_arithmetic
 from sgtv_jax.merge.trim import Calibration
@@ -92,7 +93,7 @@ def entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
 def _merge_leaf(base: jax.Array, tau: jax.Array, c: jax.Array) -> jax.Array:
     """`base + sum_t c[t] tau[t]` in at least float32, returned in `base`'s dtype; tau `[T, ...]`, c `[T]`."""
     dt = _work_dtype(base.dtype)
-    delta = jnp.tensordot(c.astype(dt), tau.astype(dt), axes=1, precision=jax.lax.Precision.HIGHEST)
+    delta = weighted_sum(tau.astype(dt), c.astype(dt))  # the task-arithmetic sum the YAML merge runs
     return (base.astype(dt) + delta).astype(base.dtype)
 
 
