@@ -14,7 +14,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from sgtv_jax.cli import main
-from sgtv_jax.merge import merge
+from sgtv_jax.merge import merge, wudi
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,23 @@ def test_whole_weight_methods_equal_the_library(family, method, params, models):
         n = "model.norm.weight"
         np.testing.assert_allclose(got[n], 0.5 * np.asarray(_tensors(paths["fts"][0])[n]), rtol=1e-6)
         assert not np.array_equal(got[n], base[n])
+
+
+def test_wudi_fits_each_matrix_as_the_block_merge_orients_it(family):
+    """Linear weights as stored (`[out, in]`); the embedding in its `[hidden, vocab]` view (one-hot inputs)."""
+    root, paths = family
+    sub = dict(paths, fts=paths["fts"][:2])
+    params = {"steps": 20, "learning_rate": 1e-3}
+    got = _run(
+        root, sub, "wudi", merge_method="wudi", parameters=params, models=[{"model": str(p)} for p in sub["fts"]]
+    )
+    base = _tensors(paths["base"])
+    fts = [_tensors(p) for p in sub["fts"]]
+    for n, b in base.items():
+        d = np.stack([f[n] - b for f in fts])
+        emb = n == "model.embed_tokens.weight"
+        want = np.asarray(wudi(d.transpose(0, 2, 1) if emb else d, **params))
+        np.testing.assert_allclose(got[n], b + (want.T if emb else want), rtol=1e-6, atol=1e-7, err_msg=n)
 
 
 def test_slerp_at_zero_is_the_base(family):

@@ -4,9 +4,10 @@ Tensor level (pure functions on a stack of task vectors `[T, ...]`, returning
 the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
 `dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`,
 `regmean`, `slerp`, `nuslerp`, `multislerp`, `karcher`, `model_stock`, `sce`,
-`nearswap`, `arcee_fusion`, `passthrough`, all reachable by name with
-`get_method`; what each takes: `specs.METHOD_SPECS`. Model level: `merge(method,
-base, models, ...)` over pytrees / dicts with per-model and per-tensor
+`nearswap`, `arcee_fusion`, `passthrough`, `wudi`, the Hessian fits
+(`hessian_fit`) and `adamerging`, all reachable by name with `get_method`;
+what each takes: `specs.METHOD_SPECS`. Model level: `merge(method, base,
+models, ...)` over pytrees / dicts with per-model and per-tensor
 parameters (specs: `paramspec`), each tensor merged by `plan.merge_planned`. The
 PyTorch original's API: `TIES().merge(...)`, `DARE().merge(...)`.
 """
@@ -36,6 +37,7 @@ from sgtv_jax.merge.registry import METHODS, available_methods, get_method
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.trim import TRIMS, Calibration
+from sgtv_jax.merge.wudi import wudi
 
 __all__ = [
     "Calibration",
@@ -71,4 +73,5 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "trim",
+    "wudi",
 ]

@@ -14,6 +14,7 @@ from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.sce import sce
+from sgtv_jax.merge.wudi import wudi
 
 METHODS: dict[str, Callable] = {
     "linear": methods.linear,
@@ -39,6 +40,7 @@ METHODS: dict[str, Callable] = {
     "regmean_trim": regmean_trim,
     "regmean_sparse": regmean_sparse,
     "adamerging": adamerging,
+    "wudi": wudi,
 }
 
 

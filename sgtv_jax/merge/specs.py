@@ -445,6 +445,16 @@ METHOD_SPECS["adamerging"] = MethodSpec(
     learns_weights=True,
 )
 
+METHOD_SPECS["wudi"] = _plain(
+    "wudi",
+    (
+        ParamSpec("steps", "int", 300, 0, math.inf, doc="Adam steps from the task vectors' sum"),
+        ParamSpec("learning_rate", "float", 1e-5, 0.0, math.inf, doc="Adam step size (> 0)"),
+    ),
+    "data-free: each linear layer's merged task vector fits every task vector's rows as that task's "
+    "inputs (WUDI; Adam from the sum); other tensors summed",
+)
+
 REFUSED: dict[str, str] = {
     "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "
     "in this config format",

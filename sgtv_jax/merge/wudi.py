@@ -1,0 +1,112 @@
+"""WUDI merging (Cheng et al. 2025): data-free, the task vectors stand in for each layer's inputs.
+
+For a linear layer (PyTorch layout, task vectors `tau_t` `[out, in]`) the
+paper shows the inputs a fine-tune saw lie close to the span of its task
+vector's rows, so the rows of `tau_t` serve as that task's calibration inputs
+`X_t = tau_t^T`. The merged task vector minimises the interference on them,
+
+    L(M) = sum_t || (M - tau_t) tau_t^T ||_F^2 / ||tau_t||_F^2,
+
+RegMean's objective (`sgtv_jax.merge.regmean`) with the proxy Grams
+`G_t = tau_t^T tau_t / ||tau_t||_F^2` `[in, in]`. We run the paper's (and
+FusionBench's) solver: `M` starts from the task-arithmetic sum `sum_t tau_t`
+and takes `steps` Adam steps of size `learning_rate` (300 and 1e-5), an early
+stop near the sum rather than the closed-form minimum (which is
+`regmean(deltas, 1 / ||tau_t||^2, grams=tau^T tau, alpha=1)`). Each step
+costs one `[out, in] x [in, in]` product: the gradient is `2 (M A - B)` with
+`A = sum_t G_t`, `B = sum_t tau_t G_t`, both formed once; for a tensor much
+wider than tall (`2 T out < in`: an embedding in its `[hidden, vocab]` view)
+it is formed from `[out, out]` products instead, `2 sum_t (M tau_t^T -
+tau_t tau_t^T) tau_t / ||tau_t||^2`, never an `[in, in]` Gram.
+
+Per-model weights scale the task vectors (`tau_t -> w_t tau_t`, task
+arithmetic's rule). Tensors that are not 2-D get the sum `sum_t w_t tau_t`;
+a task vector that is all zeros (a layer the fine-tune left alone) drops out
+of the loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sgtv_jax import _checks
+from sgtv_jax.merge import combine
+from sgtv_jax.merge.methods import Floats
+
+_HP = jax.lax.Precision.HIGHEST
+
+
+def wudi_grams(deltas: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`A = sum_t G_t` `[in, in]` and `B = sum_t tau_t G_t` `[out, in]`, `G_t = tau_t^T tau_t / ||tau_t||^2`.
+
+    deltas: `[T, out, in]` (already weighted). A zero task vector has `G_t = 0`.
+    """
+    sq = jnp.sum(deltas * deltas, axis=(1, 2))  # [T]
+    inv = jnp.where(sq > 0, 1.0 / jnp.where(sq > 0, sq, 1.0), 0.0)
+    g = jnp.einsum("toi,toj->tij", deltas, deltas, precision=_HP) * inv[:, None, None]  # [T, in, in]
+    return jnp.sum(g, axis=0), jnp.einsum("toi,tij->oj", deltas, g, precision=_HP)
+
+
+def wudi(
+    deltas: jax.Array,
+    weights: Floats = 1.0,
+    *,
+    steps: int = 300,
+    learning_rate: float = 1e-5,
+    name: str | None = None,
+) -> jax.Array:
+    """Merged task vector `[out, in]` from `deltas` `[T, out, in]`: `steps` Adam steps on `L` from the sum.
+
+    Args:
+      deltas: task vectors `[T, ...]`; 2-D tensors are fitted, others summed.
+      weights: per-task weights `[T]`, scaling each task vector (default 1).
+      steps: Adam steps (static: the length of the compiled loop), >= 0.
+      learning_rate: Adam's step size (may be traced), > 0.
+    Returns: float32 (float64 for float64 input). Jit- and vmap-able; deterministic.
+    """
+    guard = _checks.Guard()
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
+    tasks = x.shape[0]
+    w = _checks.per_task_values(weights, tasks, "weights", name, guard)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise ValueError(f"wudi steps must be a non-negative integer, got {steps!r}{_checks.where(name)}")
+    if _checks.is_traced(learning_rate):
+        guard.require(learning_rate > 0, f"wudi learning_rate must be > 0{_checks.where(name)}")
+    elif not float(learning_rate) > 0:
+        raise ValueError(f"wudi learning_rate must be > 0, got {learning_rate!r}{_checks.where(name)}")
+    dt = _checks.work_dtype(x.dtype)
+    x = x.astype(dt) * combine.broadcast_weights(jnp.asarray(w, dt), x.ndim)
+    total = jnp.sum(x, axis=0)
+    if x.ndim != 3 or steps == 0:
+        return guard.apply(total)
+    opt = optax.adam(learning_rate)
+    _, out, cols = x.shape
+    if 2 * tasks * out < cols:
+        # wide tensors (an embedding in its [hidden, vocab] view): [out, out] products, no [in, in] Gram
+        sq = jnp.sum(x * x, axis=(1, 2))
+        xs = x * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)[:, None, None]
+        k = jnp.einsum("toi,tpi->top", xs, x, precision=_HP)  # [T, out, out]
+
+        def grad(m: jax.Array) -> jax.Array:
+            p = jnp.einsum("oi,tpi->top", m, xs, precision=_HP)
+            return 2.0 * jnp.einsum("top,tpi->oi", p - k, xs, precision=_HP)
+    else:
+        a, b = wudi_grams(x)
+
+        def grad(m: jax.Array) -> jax.Array:
+            return 2.0 * (jnp.matmul(m, a, precision=_HP) - b)
+
+    def step(carry, _):
+        m, state = carry
+        updates, state = opt.update(grad(m), state, m)
+        return (optax.apply_updates(m, updates), state), None
+
+    def fit(m0: jax.Array) -> jax.Array:
+        (m, _), _ = jax.lax.scan(step, (m0, opt.init(m0)), None, length=int(steps))
+        return m
+
+    # a tensor no fine-tune changed (embeddings of top-block fine-tunes) skips the loop: its gradient is 0
+    merged = jax.lax.cond(jnp.any(x != 0), fit, lambda m: m, total)
+    return guard.apply(merged)
