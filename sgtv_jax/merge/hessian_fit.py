@@ -26,6 +26,11 @@ Three ways to minimise it, each a merge method (`specs.METHOD_SPECS`):
 (`sgtv_jax.merge.regmean`). Without Grams (tensors that are not linear
 layers) every method falls back to the weighted mean of its (trimmed) inputs,
 RegMean's rule.
+
+Weights, densities, `gamma` and `epsilon` may be traced (inside a caller's
+`jit` / `vmap`, `batch.merge_grid`): value checks then go through
+`_checks.Guard` (a checkify user check and a NaN result), as the other
+merge methods do; known values keep the eager checks and messages.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def lstsq_coefficients(
     trimmed: jax.Array,
     targets: jax.Array,
     grams: jax.Array,
-    weights: Floats = 1.0,
+    weights: Floats | jax.Array = 1.0,
     *,
     name: str | None = None,
 ) -> jax.Array:
@@ -108,10 +113,11 @@ def lstsq_coefficients(
     trimmed, targets: `[T, out, in]`; grams: `G_t = X_t X_t^T`, `[in, in]` or `[T, in, in]`;
     weights `[T]`. Undetermined directions keep the weighted mean's coefficients `w / sum(w)`.
     """
-    x = _checks.stack(trimmed, name)
+    guard = _checks.Guard()
+    x = _checks.stack(trimmed, name, guard=guard)
     tasks = x.shape[0]
     dt = _checks.work_dtype(x.dtype)
-    w = jnp.asarray(_checks.per_task(weights, tasks, "weights", name), dt)
+    w = jnp.asarray(_checks.per_task_values(weights, tasks, "weights", name, guard), dt)
     d = jnp.asarray(targets).astype(dt)
     if d.shape != x.shape or x.ndim != 3:
         raise ValueError(
@@ -122,32 +128,47 @@ def lstsq_coefficients(
     a, b = normal_equations(x.astype(dt), d, g, w)
     total = jnp.sum(w)
     start = w / jnp.where(jnp.abs(total) < 1e-12, 1.0, total)
-    return solve_coefficients(a, b, start)
+    return guard.apply(solve_coefficients(a, b, start))
 
 
 def _trim_inputs(
     deltas: jax.Array,
-    densities: Floats,
+    densities: Floats | jax.Array,
     trim: str | None,
     rescale: bool,
     count: str,
     name: str | None,
+    guard: _checks.Guard,
     **kw,
 ) -> jax.Array:
-    """The trimmed stack (the stack itself without a trim; densities < 1 then refused)."""
+    """The trimmed stack (the stack itself without a trim; densities < 1 then refused).
+
+    Traced densities are checked through `guard` (the caller applies it to its result).
+    """
     tasks = deltas.shape[0]
-    dens = _checks.densities(densities, tasks, name)
+    dens = _checks.densities_values(densities, tasks, name, guard)
     if trim is None:
-        if any(v != 1.0 for v in dens):
-            raise ValueError(f"densities {list(dens)} < 1 need a trim (trim=...){_checks.where(name)}")
+        if isinstance(dens, tuple):
+            if any(v != 1.0 for v in dens):
+                raise ValueError(f"densities {list(dens)} < 1 need a trim (trim=...){_checks.where(name)}")
+        else:
+            guard.require(dens == 1.0, f"densities < 1 need a trim (trim=...){_checks.where(name)}")
         return deltas
-    return trim_lib.trim(trim, deltas, list(dens), rescale=rescale, count=count, name=name, **kw)
+    return trim_lib.trim(
+        trim, deltas, list(dens) if isinstance(dens, tuple) else dens, rescale=rescale, count=count, name=name, **kw
+    )
 
 
-def _weighted_mean(x: jax.Array, w: tuple[float, ...], name: str | None) -> jax.Array:
-    if abs(sum(w)) < 1e-12:
-        raise ValueError(f"the weighted mean needs weights that do not sum to 0, got {list(w)}{_checks.where(name)}")
-    return combine.weighted_sum(x, jnp.asarray(w, x.dtype), normalize=True)
+def _weighted_mean(x: jax.Array, w: tuple[float, ...] | jax.Array, name: str | None, guard: _checks.Guard) -> jax.Array:
+    """RegMean's fallback `sum_t w_t x_t / sum_t w_t`; a zero weight sum is refused (NaN when traced)."""
+    # known weights: summed in Python (float64) as always; traced: in the program
+    ok = abs(sum(w)) >= 1e-12 if isinstance(w, tuple) else jnp.abs(jnp.sum(w)) >= 1e-12
+    guard.require(
+        ok,
+        lambda: f"the weighted mean needs weights that do not sum to 0, got {list(w)}{_checks.where(name)}",
+        f"the weighted mean needs weights that do not sum to 0{_checks.where(name)}",
+    )
+    return guard.apply(combine.weighted_sum(x, jnp.asarray(w, x.dtype), normalize=True))
 
 
 def lstsq(
@@ -180,9 +201,10 @@ def lstsq(
     `[T, in, in]` (default: `calib.hessian`): without them, or for tensors that
     are not 2-D, the result is the weighted mean of the trimmed vectors.
     """
-    x = _checks.stack(deltas, name)
+    guard = _checks.Guard()
+    x = _checks.stack(deltas, name, guard=guard)
     tasks = x.shape[0]
-    w = _checks.per_task(weights, tasks, "weights", name)
+    w = _checks.per_task_values(weights, tasks, "weights", name, guard)
     if sign_election not in SIGN_ELECTION:
         raise ValueError(f"unknown sign_election {sign_election!r}; known: {', '.join(SIGN_ELECTION)}")
     dt = _checks.work_dtype(x.dtype)
@@ -199,6 +221,7 @@ def lstsq(
         resolve_rescale(rescale, False, trim),
         count,
         name,
+        guard,
         key=key,
         calib=calib,
         gamma=gamma,
@@ -214,9 +237,9 @@ def lstsq(
     if grams is None and calib is not None:
         grams = calib.hessian
     if grams is None or x.ndim != 3:
-        return _weighted_mean(trimmed, w, name)
+        return _weighted_mean(trimmed, w, name, guard)
     lam = lstsq_coefficients(trimmed, tgt, grams, w, name=name)
-    return jnp.einsum("s,soi->oi", lam, trimmed, precision=_HP)
+    return guard.apply(jnp.einsum("s,soi->oi", lam, trimmed, precision=_HP))
 
 
 def regularised_gram_sum(grams: jax.Array, weights: jax.Array, alpha: float) -> jax.Array:
@@ -253,7 +276,8 @@ def regmean_trim(
     reproduces its own task's outputs, the combine is RegMean's closed form).
     `grams` default to `calib.hessian`; without them the weighted mean.
     """
-    x = _checks.stack(deltas, name)
+    guard = _checks.Guard()
+    x = _checks.stack(deltas, name, guard=guard)
     dt = _checks.work_dtype(x.dtype)
     trimmed = _trim_inputs(
         x.astype(dt),
@@ -262,6 +286,7 @@ def regmean_trim(
         resolve_rescale(rescale, False, trim),
         count,
         name,
+        guard,
         key=key,
         calib=calib,
         gamma=gamma,
@@ -272,7 +297,7 @@ def regmean_trim(
     )
     if grams is None and calib is not None:
         grams = calib.hessian
-    return regmean(trimmed, weights, grams=grams, alpha=alpha, name=name)
+    return guard.apply(regmean(trimmed, weights, grams=grams, alpha=alpha, name=name))
 
 
 def regmean_sparse(
@@ -302,12 +327,13 @@ def regmean_sparse(
     `S = sum_t w_t G~_t`, the metric of the merge objective around its optimum.
     Without Grams: the weighted mean, trimmed (sparsegpt then refused).
     """
-    x = _checks.stack(deltas, name)
+    guard = _checks.Guard()
+    x = _checks.stack(deltas, name, guard=guard)
     tasks = x.shape[0]
     dt = _checks.work_dtype(x.dtype)
     x = x.astype(dt)
-    w = _checks.per_task(weights, tasks, "weights", name)
-    dens = _checks.densities(densities, tasks, name)
+    w = _checks.per_task_values(weights, tasks, "weights", name, guard)
+    dens = _checks.densities_values(densities, tasks, name, guard)
     if grams is None and calib is not None:
         grams = calib.hessian
     if grams is None or x.ndim != 3:
@@ -317,22 +343,35 @@ def regmean_sparse(
     if grams is not None:
         g = _stacked_grams(grams, tasks, x.shape[-1], dt, name)
         stats = Calibration(hessian=regularised_gram_sum(g, jnp.asarray(w, dt), alpha))
-    gam = _checks.per_task(gamma, tasks, "gamma", name)
-    eps = _checks.per_task(epsilon, tasks, "epsilon", name)
-    mean = float(sum(dens) / tasks)
+    gam = _checks.per_task_values(gamma, tasks, "gamma", name, guard)
+    eps = _checks.per_task_values(epsilon, tasks, "epsilon", name, guard)
     out = _trim_inputs(
         merged[None],
-        mean,
+        _mean(dens),
         trim,
         resolve_rescale(rescale, False, trim),
         count,
         name,
+        guard,
         key=key,
         calib=stats,
-        gamma=sum(gam) / tasks,
-        epsilon=sum(eps) / tasks,
+        gamma=_mean(gam),
+        epsilon=_mean(eps),
         blocksize=blocksize,
         percdamp=percdamp,
         refit=refit,
     )
-    return out[0]
+    return guard.apply(out[0])
+
+
+def _mean(values: tuple[float, ...] | jax.Array) -> float | jax.Array:
+    """The mean of per-task values: a Python float when known (as always), else in the program.
+
+    Traced: `v_0 + mean(v - v_0)`, exactly `v_0` when the tasks share one value (a
+    plain float32 mean of three equal densities is one ulp off a third of the time,
+    which moves `round(density * n)` off the eager count at half-integers).
+    Unequal traced values agree with the eager float64 mean to float32 rounding.
+    """
+    if isinstance(values, tuple):
+        return float(sum(values) / len(values))
+    return values[0] + jnp.mean(values - values[0])

@@ -38,7 +38,7 @@ from sgtv_jax.merge import combine
 
 def regmean(
     deltas: jax.Array,
-    weights: float | Sequence[float] = 1.0,
+    weights: float | Sequence[float] | jax.Array = 1.0,
     *,
     grams: Any = None,
     alpha: float = 0.9,
