@@ -57,9 +57,10 @@ def _grid(deltas, weights, densities, lambdas, calib, key, traced, *, method, st
 
     def one(d, w):
         extra = {"densities": d} if densities is not None else {}
-        if calib is not None and method_spec(method).needs_grams:  # RegMean: the Hessian as its Grams
+        spec = method_spec(method)
+        if calib is not None and spec.needs_grams and not spec.trims:  # RegMean: the Hessian as its Grams
             extra["grams"] = calib.hessian
-        elif calib is not None:
+        elif calib is not None:  # trims (and the Hessian fits, whose Grams default to calib.hessian)
             extra["calib"] = calib
         if key is not None:
             extra["key"] = key
@@ -97,7 +98,9 @@ def merge_grid(
       lambdas: `[L]` global scales (default `[1.0]`); applied to the merged task
         vector as `lambda_` is.
       calib: `Calibration` for `trim="sparsegpt"` / `"wanda"`; for `regmean`,
-        `calib.hessian` are the Grams.
+        `calib.hessian` are the Grams. The Hessian fits (`lstsq`, `regmean_trim`,
+        `regmean_sparse`) take `calib` itself: its Hessian is both their Grams and
+        their trim's statistics.
       key: the tensor's PRNG key for random trims (the same masks as eager calls
         with this key).
       **params: the method's other parameters. `gamma`, `epsilon`, `percdamp`,
