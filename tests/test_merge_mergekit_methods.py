@@ -24,6 +24,7 @@ from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.sce import sce
+from sgtv_jax.merge.wudi import wudi
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 
 RNG = np.random.default_rng(0)
@@ -367,6 +368,8 @@ CASES = {
     "lstsq": (lstsq, TAUS, dict(grams=GRAMS, targets=TAUS, trim=None), None, None),
     "regmean_trim": (regmean_trim, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     "regmean_sparse": (regmean_sparse, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
+    # Adam from the sum; its step size may be traced
+    "wudi": (wudi, TAUS, dict(steps=20), "learning_rate", [1e-3, 5e-3]),
     # per tensor: task arithmetic with the learned coefficients as weights
     "adamerging": (
         adamerging,

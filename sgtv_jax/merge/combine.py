@@ -18,10 +18,23 @@ def broadcast_weights(weights: jax.Array, ndim: int) -> jax.Array:
     return jnp.reshape(weights, (-1,) + (1,) * (ndim - 1))
 
 
+def sum_tasks(x: jax.Array) -> jax.Array:
+    """`sum_t x[t]` over the leading (task) axis of `[T, ...]`, as `T - 1` elementwise adds in task order.
+
+    Not `jnp.sum(x, axis=0)`: XLA's CPU reduction over a short leading axis ran
+    about 20x slower than the adds on large tensors (a weighted sum of
+    `[3, 49152, 576]`: 1.6-2.3 s against 0.08 s), and every merge sums over tasks.
+    """
+    out = x[0]
+    for t in range(1, x.shape[0]):
+        out = out + x[t]
+    return out
+
+
 def weighted_sum(deltas: jax.Array, weights: jax.Array, *, normalize: bool = False) -> jax.Array:
     """`sum_t w_t tau_t` (divided by `sum_t w_t` when `normalize`). deltas `[T, ...]`, weights `[T]`."""
     w = broadcast_weights(weights.astype(deltas.dtype), deltas.ndim)
-    mixed = jnp.sum(deltas * w, axis=0)
+    mixed = sum_tasks(deltas * w)
     if normalize:
         divisor = jnp.sum(weights.astype(deltas.dtype))
         mixed = mixed / jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
@@ -32,9 +45,9 @@ def disjoint_merge(deltas: jax.Array, weights: jax.Array, mask: jax.Array, *, no
     """`sum_t m_t w_t tau_t`, divided by `sum_t m_t w_t` when `normalize` (disjoint mean)."""
     w = broadcast_weights(weights.astype(deltas.dtype), deltas.ndim)
     m = mask.astype(deltas.dtype)
-    mixed = jnp.sum(deltas * w * m, axis=0)
+    mixed = sum_tasks(deltas * w * m)
     if normalize:
-        divisor = jnp.sum(w * m, axis=0)
+        divisor = sum_tasks(w * m)
         mixed = mixed / jnp.where(divisor == 0, 1, divisor)
     return mixed
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sgtv_jax.merge.combine import sum_tasks
+
 CONSENSUS = ("sum", "count")
 
 
@@ -20,9 +22,9 @@ def elect_sign(weighted: jax.Array, method: str = "sum") -> jax.Array:
     A tie (zero) elects `+1`, as mergekit does.
     """
     if method == "sum":
-        total = jnp.sum(weighted, axis=0)
+        total = sum_tasks(weighted)
     elif method == "count":
-        total = jnp.sum(jnp.sign(weighted), axis=0)
+        total = sum_tasks(jnp.sign(weighted))
     else:
         raise ValueError(f"unknown consensus method {method!r}; known: {', '.join(CONSENSUS)}")
     return jnp.where(total >= 0, 1, -1).astype(weighted.dtype)
