@@ -42,9 +42,9 @@ def test_code_splits_are_disjoint_and_fixed_by_the_seed():
 
 def test_every_variant_is_a_valid_config(tmp_path):
     prep = {"base": tmp_path / "base", "fts": {t: tmp_path / f"ft_{t}" for t in mq.TASKS}}
-    labels = [label for label, _ in mq.variants(quick=False, adamerging=True)]
+    labels = [label for label, _ in mq.variants(quick=False)]
     assert len(labels) == len(set(labels))
     assert {label for label, _ in mq.variants(quick=True)} <= set(labels)
-    for label, over in mq.variants(quick=False, adamerging=True):
+    for label, over in mq.variants(quick=False):
         cfg = parse_config(mq.config_for(prep, tmp_path, over, 16, 64))
         assert cfg.merge_method == over["merge_method"], label

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge import elect
+from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.methods import Floats, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
@@ -110,7 +110,7 @@ def sce(
     agree = elect.agreement_mask(x, elected).astype(x.dtype)
     c = sce_weights(x) * jnp.asarray(w, x.dtype)
     c = c.reshape((-1,) + (1,) * (x.ndim - 1)) * agree
-    merged = jnp.sum(x * c, axis=0) / jnp.maximum(jnp.sum(c, axis=0), 1e-6)
+    merged = combine.sum_tasks(x * c) / jnp.maximum(combine.sum_tasks(c), 1e-6)
     return guard.apply(merged)
 
 

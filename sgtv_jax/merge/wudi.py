@@ -46,7 +46,7 @@ def wudi_grams(deltas: jax.Array) -> tuple[jax.Array, jax.Array]:
     sq = jnp.sum(deltas * deltas, axis=(1, 2))  # [T]
     inv = jnp.where(sq > 0, 1.0 / jnp.where(sq > 0, sq, 1.0), 0.0)
     g = jnp.einsum("toi,toj->tij", deltas, deltas, precision=_HP) * inv[:, None, None]  # [T, in, in]
-    return jnp.sum(g, axis=0), jnp.einsum("toi,tij->oj", deltas, g, precision=_HP)
+    return combine.sum_tasks(g), jnp.einsum("toi,tij->oj", deltas, g, precision=_HP)
 
 
 def wudi(
@@ -78,7 +78,7 @@ def wudi(
         raise ValueError(f"wudi learning_rate must be > 0, got {learning_rate!r}{_checks.where(name)}")
     dt = _checks.work_dtype(x.dtype)
     x = x.astype(dt) * combine.broadcast_weights(jnp.asarray(w, dt), x.ndim)
-    total = jnp.sum(x, axis=0)
+    total = combine.sum_tasks(x)
     if x.ndim != 3 or steps == 0:
         return guard.apply(total)
     opt = optax.adam(learning_rate)
