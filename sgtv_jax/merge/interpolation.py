@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+from sgtv_jax.merge import combine
 from sgtv_jax.merge.methods import Floats
 
 SLERP_DOT_THRESHOLD = 0.9995
@@ -181,7 +182,7 @@ def multislerp(
     flat = x.reshape(tasks, -1)
     norms = jnp.linalg.norm(flat, axis=-1, keepdims=True)
     units = flat / (norms + eps)
-    mean = jnp.sum(units * w[:, None], axis=0)
+    mean = combine.sum_tasks(units * w[:, None])
     mean_norm = jnp.linalg.norm(mean)
     degenerate = mean_norm < eps
     if tasks > 2:
@@ -192,7 +193,7 @@ def multislerp(
         )
     m = mean / jnp.where(degenerate, 1, mean_norm)
     tangents = units - jnp.sum(units * m, axis=-1, keepdims=True) * m
-    g = jnp.sum(tangents * w[:, None], axis=0)
+    g = combine.sum_tasks(tangents * w[:, None])
     n = jnp.linalg.norm(g) + eps
     out = (m * jnp.cos(n) + g * (jnp.sin(n) / n)) * jnp.sum(norms[:, 0] * w)
     if tasks == 2:
@@ -239,7 +240,7 @@ def karcher(
     a = jnp.where(valid, alphas, 0)
     any_valid = jnp.any(valid)
     a = a / jnp.where(any_valid, jnp.sum(a), 1)
-    u = jnp.sum(a[:, None] * units, axis=0)
+    u = combine.sum_tasks(a[:, None] * units)
     nu = jnp.linalg.norm(u)
     first = units[jnp.argmax(valid)]
     u = jnp.where(nu < tol, first, u / jnp.where(nu < tol, 1, nu))
@@ -250,7 +251,7 @@ def karcher(
         theta = jnp.arccos(dots)
         moving = theta >= tol
         coef = jnp.where(moving, a * theta / jnp.where(moving, jnp.sin(theta), 1), 0)
-        tangent = jnp.sum(coef[:, None] * (units - dots[:, None] * u[None]), axis=0)
+        tangent = combine.sum_tasks(coef[:, None] * (units - dots[:, None] * u[None]))
         nt = jnp.linalg.norm(tangent)
         done = nt < tol
         safe = jnp.where(done, 1, nt)

@@ -94,7 +94,7 @@ def regmean(
     gw = g * combine.broadcast_weights(wa, 3)
     hp = jax.lax.Precision.HIGHEST
     numer = jnp.einsum("tri,tij->rj", x, gw, precision=hp)  # [out, in]
-    denom = jnp.sum(gw, axis=0)  # [in, in], symmetric
+    denom = combine.sum_tasks(gw)  # [in, in], symmetric
     merged = jnp.linalg.solve(denom, numer.T).T
     guard.require(
         jnp.all(jnp.isfinite(merged)),

@@ -38,14 +38,19 @@ from sgtv_jax.merge.methods import Floats
 _HP = jax.lax.Precision.HIGHEST
 
 
+def _unit(deltas: jax.Array) -> jax.Array:
+    """`tau_t / ||tau_t||_F` of `[T, out, in]`; a zero task vector stays zero (it drops out of the loss)."""
+    sq = jnp.sum(deltas * deltas, axis=(1, 2))
+    return deltas * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)[:, None, None]
+
+
 def wudi_grams(deltas: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`A = sum_t G_t` `[in, in]` and `B = sum_t tau_t G_t` `[out, in]`, `G_t = tau_t^T tau_t / ||tau_t||^2`.
 
     deltas: `[T, out, in]` (already weighted). A zero task vector has `G_t = 0`.
     """
-    sq = jnp.sum(deltas * deltas, axis=(1, 2))  # [T]
-    inv = jnp.where(sq > 0, 1.0 / jnp.where(sq > 0, sq, 1.0), 0.0)
-    g = jnp.einsum("toi,toj->tij", deltas, deltas, precision=_HP) * inv[:, None, None]  # [T, in, in]
+    xs = _unit(deltas)
+    g = jnp.einsum("toi,toj->tij", xs, xs, precision=_HP)  # [T, in, in]
     return combine.sum_tasks(g), jnp.einsum("toi,tij->oj", deltas, g, precision=_HP)
 
 
@@ -85,8 +90,7 @@ def wudi(
     _, out, cols = x.shape
     if 2 * tasks * out < cols:
         # wide tensors (an embedding in its [hidden, vocab] view): [out, out] products, no [in, in] Gram
-        sq = jnp.sum(x * x, axis=(1, 2))
-        xs = x * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)[:, None, None]
+        xs = _unit(x)
         k = jnp.einsum("toi,tpi->top", xs, x, precision=_HP)  # [T, out, out]
 
         def grad(m: jax.Array) -> jax.Array:
