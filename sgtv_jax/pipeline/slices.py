@@ -37,6 +37,7 @@ from sgtv_jax.pipeline.byname import (
     stack_depths,
 )
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig, slice_roles
+from sgtv_jax.pipeline.slice_layout import OutputLayout, source_problems
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -116,8 +117,13 @@ def plan_slices(
                 problems.append(
                     f"slices[{k}].sources[{j}].layer_range {list(s.layer_range)}: {s.label} has {depth} layers"
                 )
+    if not problems:  # every source built like the output config (slice_layout)
+        depths = [s.get(stack, 0) for s in stacks]
+        configs = [h.config for h in heads]
+        problems = source_problems(cfg, configs, depths, readers, labels[0], vocab_mapped=vocab_out is not None)
     if problems:
         raise ConfigError("slices cannot be planned:\n  - " + "\n  - ".join(problems))
+    layout = OutputLayout(heads[0].shapes, stack, labels[0])
 
     def layer_names(m: int, layer: int) -> dict[str, str]:
         prefix = f"{stack}{layer}."
@@ -144,6 +150,11 @@ def plan_slices(
             )
             return
         m0, n0 = srcs[0]
+        suffix = name[len(stack) :].partition(".")[2] if name.startswith(stack) else None
+        why = layout.problem(name, suffix, shapes[0], f"{heads[m0].label} {n0}", vocab)
+        if why is not None:
+            problems.append(why)
+            return
         copy = len(srcs) == 1 or not is_float(heads[m0].dtypes[n0])
         transpose = False
         if not copy and name_map is not None:
