@@ -18,6 +18,9 @@ TEXT = (
 ) * 6
 
 
+LAYERS = 3  # decoder layers of every tiny model (make_family's `layers` overrides it)
+
+
 def make_tokenizer(dst: Path, vocab_size: int = 300) -> None:
     """A byte-level BPE tokenizer trained on TEXT, saved as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -42,7 +45,7 @@ def tiny_config(arch: str, vocab_size: int):
             vocab_size=vocab_size,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=3,
+            num_hidden_layers=LAYERS,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
@@ -53,13 +56,13 @@ def tiny_config(arch: str, vocab_size: int):
         )
     if arch == "gpt2":
         return transformers.GPT2Config(
-            vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=0, bos_token_id=0
+            vocab_size=vocab_size, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, eos_token_id=0, bos_token_id=0
         )
     small = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
@@ -98,8 +101,13 @@ def save_model(model, dst: Path, tokenizer_dir: Path) -> Path:
     return dst
 
 
-def make_family(root: Path, arch: str, *, tasks: int = 2, scale: float = 0.02, seed: int = 0) -> dict:
-    """Base + `tasks` fine-tunes (base + dense random perturbation), as HF dirs; returns their paths."""
+def make_family(
+    root: Path, arch: str, *, tasks: int = 2, scale: float = 0.02, seed: int = 0, layers: int | None = None
+) -> dict:
+    """Base + `tasks` fine-tunes (base + dense random perturbation), as HF dirs; returns their paths.
+
+    `layers`: decoder layers (default `LAYERS`).
+    """
     import torch
     import transformers
 
@@ -109,6 +117,8 @@ def make_family(root: Path, arch: str, *, tasks: int = 2, scale: float = 0.02, s
     vocab = len(json.loads((tokdir / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(seed)
     cfg = tiny_config(arch, vocab)
+    if layers is not None:
+        cfg.num_hidden_layers = layers  # GPT-2's config maps it to n_layer
     base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     paths = {"base": save_model(base, root / "base", tokdir), "fts": []}
     gen = torch.Generator().manual_seed(seed + 1)

@@ -15,8 +15,11 @@ covered without touching this file:
   verbatim, see .ci/run.)
 
 Unlabelled blocks are output and are not run; any other language fails until it
-has a runner here. A block that cannot run is marked in the README, right before
-its fence, with ``<!-- readme-test: skip (reason) -->``.
+has a runner here. A python or bash block that cannot run is marked in the
+README, right before its fence, with ``<!-- readme-test: skip (reason) -->``;
+a yaml block never is: the models it names are built for it (as many layers as
+its slices take; a fine-tune whose tokenizer has the tokens the config takes
+from it).
 """
 
 from __future__ import annotations
@@ -100,6 +103,54 @@ def family(tmp_path_factory) -> dict[str, Any]:
         cfg = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 1024}))
     return paths
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory) -> Callable[[int], dict[str, Any]]:
+    """Tiny LLaMA base + two fine-tunes with `n` layers (for slices' layer ranges), built once per `n`."""
+    made: dict[int, dict[str, Any]] = {}
+
+    def build(n: int) -> dict[str, Any]:
+        if n not in made:
+            made[n] = helpers.make_family(tmp_path_factory.mktemp(f"readme-{n}-layers"), "llama", layers=n)
+        return made[n]
+
+    return build
+
+
+def _layers_needed(raw: dict[str, Any]) -> int:
+    """The deepest layer a config's slices take (0 without slices)."""
+    stops = [
+        int(src["layer_range"][1])
+        for sl in raw.get("slices") or []
+        for src in sl.get("sources") or []
+        if isinstance(src, dict) and isinstance(src.get("layer_range"), list) and len(src["layer_range"]) == 2
+    ]
+    return max(stops, default=0)
+
+
+def _token_sources(raw: dict[str, Any]) -> dict[str, list[str]]:
+    """{model as written: tokens the config's `tokenizer.tokens` take from it}."""
+    tokens = (raw.get("tokenizer") or {}).get("tokens") or {} if isinstance(raw.get("tokenizer"), dict) else {}
+    out: dict[str, list[str]] = {}
+    for tok, spec in tokens.items():
+        src = spec.get("source") if isinstance(spec, dict) else None
+        if isinstance(src, str):
+            out.setdefault(src, []).append(tok)
+    return out
+
+
+def _widened(src: Path, dst: Path, tokens: list[str]) -> None:
+    """A fine-tune `src` whose tokenizer adds `tokens`, its embeddings and head resized to match, at `dst`."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    tok.add_tokens(tokens)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    tok.save_pretrained(str(dst))
 
 
 def _paths_of(raw: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -242,8 +293,9 @@ def check_command(words: list[str], monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
-def test_block(block: Block, family, tmp_path, monkeypatch):
+def test_block(block: Block, family, deep_family, tmp_path, monkeypatch):
     if block.skip is not None:
+        assert block.lang != "yaml", f"{block.id}: a yaml block is never skipped; remove its marker"
         pytest.skip(f"marked in the README: {block.skip}")
     ws = tmp_path / "work"
     ws.mkdir()
@@ -251,9 +303,15 @@ def test_block(block: Block, family, tmp_path, monkeypatch):
     if block.lang == "yaml":
         raw = yaml.safe_load(block.code)
         models, files = _paths_of(raw)
+        need = _layers_needed(raw)
+        fam = family if need <= helpers.LAYERS else deep_family(need)
+        widen = _token_sources(raw)
         for i, rel in enumerate(models):
-            src = family["base"] if rel == raw.get("base_model") else family["fts"][i % len(family["fts"])]
-            _place(ws, rel, lambda dst, src=src: os.symlink(src, dst, target_is_directory=True))
+            src = fam["base"] if rel == raw.get("base_model") else fam["fts"][i % len(fam["fts"])]
+            if rel in widen:
+                _place(ws, rel, lambda dst, src=src, rel=rel: _widened(src, dst, widen[rel]))
+            else:
+                _place(ws, rel, lambda dst, src=src: os.symlink(src, dst, target_is_directory=True))
         for rel, field in files:
             rows = [s.strip() + "." for s in helpers.TEXT.split(".") if s.strip()]
             body = "".join(json.dumps({field: r}) + "\n" for r in rows) if rel.endswith(".jsonl") else helpers.TEXT
@@ -261,7 +319,7 @@ def test_block(block: Block, family, tmp_path, monkeypatch):
         (ws / "merge.yaml").write_text(block.code)
         cfg = load_config(ws / "merge.yaml")
         if "base_model" in raw:
-            assert Path(cfg.base_model).resolve() == family["base"].resolve()
+            assert Path(cfg.base_model).resolve() == fam["base"].resolve()
         check_config(cfg)
     elif block.lang == "python":
         os.symlink(family["base"], ws / "hf_dir", target_is_directory=True)
@@ -293,5 +351,6 @@ def test_harness_finds_every_block_and_marker():
     assert [(b.lang, b.skip) for b in got] == [("bash", None), ("python", "needs a GPU"), ("yaml", None)]
     assert got[1].code == "x = 1\n" and got[2].id.startswith("README.md#3-yaml-models")
     assert {b.lang for b in BLOCKS} >= {"bash", "python", "yaml"}
+    assert not [b.id for b in BLOCKS if b.lang == "yaml" and b.skip is not None], "a yaml block is skipped"
     assert sum(b.where.startswith("examples/") for b in BLOCKS) == len(list((ROOT / "examples/configs").glob("*.yaml")))
     assert free_names("import numpy as np\nfor x in xs:\n    y = np.f(x, w)\nprint(y, H)") == {"xs", "w", "H"}
