@@ -95,9 +95,11 @@ def _shapes(path: str, adapter: str = "") -> dict[str, tuple[int, ...]]:
         ckpt.close()
 
 
-def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
+def check_config(cfg: MergeConfig, *, data: bool = True, lora_rank: int | None = None) -> CheckResult:
     """Check compatibility of every checkpoint (and the calibration files when `data`).
 
+    `lora_rank`: `sgtv merge --lora` will also extract the output's adapter
+    against the base, so the output must have the base's tensors and shapes.
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
 
@@ -109,7 +111,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     mt = base.get("model_type")
     if (cfg.slices or cfg.tokenizer is not None) and uses_by_name(cfg, str(mt)):
         # slices / a re-indexed vocabulary: their own plan
-        if (mapped := _check_mapped(cfg)) is not None:
+        if (mapped := _check_mapped(cfg, lora_rank)) is not None:
             return mapped
     if uses_by_name(cfg, str(mt)):
         return _check_by_name(cfg, base)
@@ -191,7 +193,10 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
             seen.add(id(cal))
             where = f"models[{t}].calibration" if cfg.models[t].calibration else "calibration"
             if max_pos is not None and cal.seqlen > max_pos:
-                problems.append(f"{where}.seqlen {cal.seqlen} exceeds the model's maximum of {max_pos} positions")
+                key, note = calibration_key(cfg, t, "seqlen")
+                msg = f"{key} {cal.seqlen} exceeds the model's maximum of {max_pos} positions{note}"
+                if msg not in problems:  # a top-level value inherited by several models: once
+                    problems.append(msg)
             try:
                 check_files(cal.data, cal.text_field)
             except CalibrationError as e:
@@ -201,6 +206,25 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
     return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes))
+
+
+def calibration_key(cfg: MergeConfig, t: int, key: str) -> tuple[str, str]:
+    """(the key that set model `t`'s calibration value of `key`, a note for an unwritten one) for messages.
+
+    Its own `models[t].calibration.KEY`, else the top level's (which a model's
+    own calibration inherits), else neither: the default.
+    """
+    own, top = cfg.models[t].calibration, cfg.calibration
+    if own is not None and key in own.given:
+        return f"models[{t}].calibration.{key}", ""
+    if top is not None and key in top.given:
+        return f"calibration.{key}", ""
+    if own is None:
+        return f"calibration.{key}", f" ({key} is not set: the default)"
+    return (
+        f"models[{t}].calibration.{key}",
+        f" ({key} is set neither there nor in the top-level calibration: the default)",
+    )
 
 
 def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
@@ -247,12 +271,14 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
     )
 
 
-def _check_mapped(cfg: MergeConfig) -> CheckResult | None:
+def _check_mapped(cfg: MergeConfig, lora_rank: int | None = None) -> CheckResult | None:
     """`sgtv check` of a mapped config (a `CheckResult`), or None when the usual check applies."""
     planned = headers_plan(cfg)
     if planned is None:
         return None
     plan, vm = planned
+    if lora_rank is not None:
+        _check_lora_layout(cfg, plan, lora_rank)
     notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
     if vm is not None:
         notes += (f"tokenizer {cfg.tokenizer_source}: {vm.size} rows, {len(vm.added)} token(s) the base lacks",)
@@ -263,4 +289,42 @@ def _check_mapped(cfg: MergeConfig) -> CheckResult | None:
         max_positions_of(plan.config),
         len(plan.entries),
         ("merged by tensor name (data-free)",) + notes,
+    )
+
+
+def _check_lora_layout(cfg: MergeConfig, plan: Any, rank: int) -> None:
+    """`--lora`: the adapter is the output minus the base, so the output needs the base's tensors and shapes.
+
+    Only a mapped output (slices, a re-indexed vocabulary) can differ from the
+    base's layout; a frankenmerge that stacks more or fewer layers has no
+    single model to extract an adapter against, and is refused before any work.
+    """
+    try:
+        want = _shapes(cfg.base_model)
+    except ConvertError as e:
+        raise ConfigError(f"base_model: {e}") from None
+    have = {e.name: tuple(e.shape) for e in plan.entries}
+    extra = [n for n in have if n not in want]
+    missing = [n for n in want if n not in have]
+    differ = [n for n in have if n in want and have[n] != want[n]]
+    if not (extra or missing or differ):
+        return
+    if extra:
+        what = f"has {len(extra)} tensor(s) the base lacks, e.g. {extra[0]!r}"
+    elif missing:
+        what = f"lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
+    else:
+        what = f"has {differ[0]!r} of shape {list(have[differ[0]])} where the base's is {list(want[differ[0]])}"
+    base = cfg.base_model_written or cfg.base_model
+    whose = (
+        "the merge's output (slices: "
+        + ", ".join(f"{s.label} layers {list(s.layer_range)}" for sl in cfg.slices for s in sl.sources[:1])
+        + f"; {plan.num_layers} layers)"
+        if cfg.slices
+        else "the merge's output (its re-indexed vocabulary)"
+    )
+    raise ConfigError(
+        f"--lora {rank}: an adapter is the output minus the base model ({base}: the config's base_model, or "
+        f"the first slice's first source without one), and {whose} {what}; a LoRA adapter needs the base's "
+        "tensors and shapes: drop --lora, or set base_model to a model with the output's layout"
     )

@@ -26,6 +26,17 @@ def _memory_check(cfg: Any, force: bool) -> str:
     return est.summary() + f"; {human(avail)} available{over}"
 
 
+def _check(cfg: Any, config: str, lora_rank: int | None) -> Any:
+    """`check_config`, its errors naming the YAML file as the config's own do (`load_config`)."""
+    from sgtv_jax.pipeline.check import check_config
+    from sgtv_jax.pipeline.config import ConfigError
+
+    try:
+        return check_config(cfg, lora_rank=lora_rank)
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}") from None
+
+
 def _devices(value: str) -> str | int:
     """`--devices`: "all" or a positive integer."""
     if value == "all":
@@ -42,7 +53,6 @@ def _devices(value: str) -> str | int:
 def _run_merge(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from sgtv_jax.pipeline.check import check_config
     from sgtv_jax.pipeline.config import load_config
     from sgtv_jax.pipeline.mesh import init_distributed, is_writer
     from sgtv_jax.pipeline.sequential import run_merge
@@ -52,7 +62,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.devices is not None:
         cfg = dataclasses.replace(cfg, devices=args.devices)
-    check_config(cfg)  # the memory estimate reads the same headers; refuse before any weight loads
+    _check(cfg, args.config, args.lora)  # the memory estimate reads the same headers; refuse before any weight loads
     summary = _memory_check(cfg, args.force)
     writer = is_writer()
     if not args.quiet and writer:
@@ -94,11 +104,10 @@ def _run_extract_lora(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from sgtv_jax.pipeline.check import check_config
     from sgtv_jax.pipeline.config import load_config
 
     cfg = load_config(args.config)
-    result = check_config(cfg)
+    result = _check(cfg, args.config, args.lora)
     memory = _memory_check(cfg, args.force)
     print(result.summary())
     print(memory)
@@ -200,6 +209,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("config", help="YAML merge config")
     p.add_argument(
         "--force", action="store_true", help="do not fail when the memory estimate exceeds the available memory"
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        metavar="RANK",
+        default=None,
+        help="also check that `sgtv merge --lora RANK` can extract the output's adapter against the base",
     )
     p.set_defaults(func=_run_check)
 

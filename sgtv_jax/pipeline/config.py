@@ -157,6 +157,14 @@ class CalibrationConfig:
     seed: int = 0
     text_field: str = "text"
     written: tuple[str, ...] = ()
+    given: frozenset[str] = frozenset()  # the keys the YAML set (the rest are defaults or inherited)
+
+    def inherit(self, top: CalibrationConfig | None) -> CalibrationConfig:
+        """A model's own calibration with the top-level one's values for the keys it does not set (not `data`)."""
+        if top is None:
+            return self
+        keys = [k for k in ("nsamples", "seqlen", "seed", "text_field") if k not in self.given]
+        return dataclasses.replace(self, **{k: getattr(top, k) for k in keys})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with the paths as written."""
@@ -450,6 +458,7 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
         seed=_int(raw, "seed", 0, f"{where}.", problems, minimum=0),
         text_field=tf,
         written=tuple(f if isinstance(f, str) else "" for f in files),
+        given=frozenset(k for k in CALIBRATION_KEYS if k in raw),
     )
 
 
@@ -705,6 +714,9 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         shard = "5GB"
     budget = _memory_budget(raw.get("memory_budget", DEFAULT_MEMORY_BUDGET), problems)
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
+    entries = [
+        dataclasses.replace(e, calibration=e.calibration.inherit(calib)) if e.calibration else e for e in entries
+    ]
     devices, accumulation = _mesh_keys(raw, problems)
 
     cfg = MergeConfig(
@@ -775,6 +787,15 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
     if spec.learns_weights:
         _learned_weights_checks(cfg, spec, problems)
     if cfg.needs_calibration():
+        if cfg.hessian_source in ("base", "merged") and not spec.learns_weights:
+            own = [t for t, m in enumerate(cfg.models) if m.calibration is not None]
+            if own:  # one shared set builds every Hessian: a model's own would be silently unused
+                problems.append(
+                    f"models[{own[0]}].calibration would be unused: hessian_source: {cfg.hessian_source} builds "
+                    "every Hessian from one shared set, the top-level 'calibration'; a model's own calibration is "
+                    "read only by hessian_source per_task / per_task_merged: move it to the top level or set "
+                    "hessian_source: per_task"
+                )
         for t in range(len(cfg.models)):
             if cfg.calibration_for(t) is None:
                 problems.append(

@@ -473,7 +473,7 @@ def run_merge(
     if writer:
         prepare_output(out, overwrite=overwrite, inputs=inputs)
     if check:
-        check_config(cfg)
+        check_config(cfg, lora_rank=lora_rank)
     model_type = base_model_type(cfg)
     t0 = time.perf_counter()
     asked, learned = cfg, None
