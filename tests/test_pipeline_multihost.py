@@ -15,8 +15,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file
@@ -65,3 +67,79 @@ def test_two_processes_equal_one(tmp_path):
     for k in a:
         tol = 1e-4 * max(float(np.abs(a[k] - base[k]).max()), 1e-12)
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=tol, err_msg=k)
+
+
+CLI = [sys.executable, "-m", "sgtv_jax.cli", "merge", "missing.yaml", "out"]
+
+
+def _sgtv(tmp_path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(CLI + list(flags), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "flags, culprit",
+    [
+        (["--coordinator", "nonsense", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+        (["--coordinator", "localhost:70000", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+        (["--coordinator", "localhost:0", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+        (["--num-processes", "2"], "--num-processes needs --coordinator and --process-id"),
+        (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes and --process-id"),
+        (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+        (["--coordinator", "localhost:1234", "--num-processes", "0", "--process-id", "0"], "--num-processes"),
+        (["--init-timeout", "0"], "--init-timeout"),
+        (["--init-timeout", "nan"], "--init-timeout"),
+    ],
+)
+def test_bad_multihost_flags(tmp_path, flags, culprit):
+    """Refused before any work (the config does not even exist): exit 2, one `error:` line naming the flag."""
+    r = _sgtv(tmp_path, *flags, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "error:" in last and culprit in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_missing_process_times_out(tmp_path):
+    """Process 0 of 3 with only process 1 present: both end after --init-timeout, naming the missing id."""
+    port = _free_port()
+    flags = ["--coordinator", f"localhost:{port}", "--num-processes", "3", "--init-timeout", "4"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            CLI + flags + ["--process-id", str(i)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in (0, 1)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert time.monotonic() - t0 < 60
+    for p, err in zip(procs, errs):
+        last = err.strip().splitlines()[-1]
+        assert p.returncode == 2 and last.startswith("error:") and f"localhost:{port}" in last, err[-2000:]
+        assert "process(es) 2 of 3" in last, last  # the missing id, not the one that came
+    assert "waiting at" in errs[0] and "for process(es) 1, 2 of 3" in errs[0]
+
+
+def test_no_coordinator_times_out(tmp_path):
+    """A non-zero process whose process 0 never starts ends after --init-timeout with the coordinator named."""
+    port = _free_port()
+    r = _sgtv(tmp_path, "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", "1",
+              "--init-timeout", "2")  # fmt: skip
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error:") and f"localhost:{port}" in last, r.stderr[-2000:]
+    assert "process 0 did not answer within 2 s" in last and "waiting for process 0" in r.stderr
+
+
+def test_disagreeing_process_counts(tmp_path):
+    """Two processes started with different --num-processes: both refuse, naming the disagreement."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = ["--coordinator", f"localhost:{port}", "--init-timeout", "30"]
+    procs = [
+        subprocess.Popen(CLI + base + more, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        for more in (["--num-processes", "2", "--process-id", "0"], ["--num-processes", "3", "--process-id", "1"])
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        last = err.strip().splitlines()[-1]
+        assert p.returncode == 2 and "started with --num-processes 3, process 0 with 2" in last, err[-2000:]
