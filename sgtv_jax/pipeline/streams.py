@@ -17,7 +17,7 @@ projections fall back together (they see the same tokens). `Captured.tokens`
 and `.fallback` say what each layer got, for the merge report.
 
 On a mesh (`sgtv_jax.pipeline.mesh`) every device holds `batch_size`
-windows of each micro-batch (`D * batch_size` windows on D devices, the last
+windows (at most the set's count) of each micro-batch (D times that on D devices, the last
 micro-batch padded with copies of a real window whose Hessian weight is 0),
 and each process places only its own rows. The result does not depend on the
 mesh, bit for bit (`HessianSum`): a device runs exactly the shapes one device
@@ -68,11 +68,11 @@ class Stream:
 def micro_batches(n: int, batch_size: int, devices: int) -> Iterator[tuple[int, int, int]]:
     """(start, stop, padded size) of each micro-batch of `n` windows over `devices` devices.
 
-    A micro-batch holds `batch_size` windows per device, the last one padded
-    to that size too: every device always runs `batch_size` windows, the
-    shapes of a one-device run, so a window's activations do not depend on the mesh.
+    A micro-batch holds `min(batch_size, n)` windows per device, the last one
+    padded to that size too: every device always runs the shapes of a
+    one-device run, so a window's activations do not depend on the mesh.
     """
-    step = batch_size * devices
+    step = min(batch_size, n) * devices
     for s in range(0, n, step):
         yield s, min(s + step, n), step
 
