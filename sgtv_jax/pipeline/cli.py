@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from sgtv_jax.pipeline.rendezvous import DEFAULT_INIT_TIMEOUT
 
 
 def _memory_check(cfg: Any, force: bool) -> str:
@@ -50,6 +53,17 @@ def _devices(value: str) -> str | int:
     return n
 
 
+def _seconds(value: str) -> float:
+    """`--init-timeout`: a positive, finite number of seconds."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value!r}")
+    return x
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -58,7 +72,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.sequential import run_merge
 
     # before anything touches a device: every process of a multi-host run joins first
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    init_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     cfg = load_config(args.config)
     if args.devices is not None:
         cfg = dataclasses.replace(cfg, devices=args.devices)
@@ -173,6 +187,13 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count (JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id (JAX_PROCESS_ID)")
+    p.add_argument(
+        "--init-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=DEFAULT_INIT_TIMEOUT,
+        help=f"multi-host: how long every process waits for the others to join (default {DEFAULT_INIT_TIMEOUT:g})",
+    )
     p.set_defaults(func=_run_merge)
 
     p = subparsers.add_parser(

@@ -1,36 +1,28 @@
 """The device mesh a merge runs on: one `data` axis over the chosen devices, of one or many processes.
 
-    init_distributed(...)            # multi-host: before anything touches a device
+    init_distributed(...)            # multi-host: before anything touches a device (bounded wait)
     mesh = make_mesh("all")          # or N: the first N devices (N / processes on every process)
     x = global_rows(mesh, local)     # this process's rows of a batch -> one array sharded over `data`
     s = replicate(mesh, tree)        # weights: every device holds a copy
     a = to_host(x)                   # NumPy on every process (replicated or gathered)
 
-Calibration is data-parallel over the mesh (`streams`); OBS shards a task
-stack's rows over this process's devices of the mesh (`local_mesh`,
-`shard_rows`); every process repeats the merge of each tensor from the same
-replicated Hessian, and only process 0 writes (`is_writer`).
+Calibration is data-parallel over the mesh (`streams`); every process merges
+each tensor on its first device from the same replicated Hessian, and only
+process 0 writes (`is_writer`).
 
-Reproducibility across meshes is float32's, not bit for bit. On the tiny
-LLaMA of tests/test_pipeline_mesh.py (8 simulated CPU devices against 1),
-the first difference is block 0's `down_proj` Hessian (3e-7 of max |H|):
-its input comes out of the gate / up matmuls, which XLA's CPU GEMM rounds
-differently when a device holds fewer rows of the batch; the q/k/v, o and
-gate/up Hessians of block 0 differ only by the order of the float32 sums
-(float64 partials, `hessian_accumulation: float64`, make those equal but
-not the activations). Without refit every task vector then agrees within
-1.5e-5 of its largest entry and the logits within 2e-6, with no kept entry
-flipped, for every Hessian source. Refit re-solves least squares on the kept
-entries and multiplies the difference by that system's condition number;
-with the `merged` source the next blocks' Hessians inherit it, and at block 2
-(H off by 1e-4) a few entries at the exact-k threshold flip: logits within
-3e-3. A tie rule cannot remove this: any threshold on a float32 score is
-crossed by some perturbation of its inputs.
+The same config gives the same model on any mesh, bit for bit: every device
+runs `batch_size` windows per step (the shapes of a one-device run; XLA's CPU
+matmuls round a row differently when the batch around it has another size),
+the chunk Grams are summed in window order (`streams.HessianSum`), and OBS
+does not split rows over devices (a row split changes its matmuls' shapes,
+hence their rounding, and a kept entry at the exact-k threshold can flip).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -39,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sgtv_jax.errors import SgtvError
+from sgtv_jax.pipeline.rendezvous import DEFAULT_INIT_TIMEOUT, meet, parse_address
 
 DATA = "data"
 
@@ -48,26 +41,48 @@ class MeshError(SgtvError):
 
 
 def init_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: float = DEFAULT_INIT_TIMEOUT,
 ) -> bool:
     """Join a multi-process run (`jax.distributed.initialize`); returns whether one was joined.
 
     Arguments left None come from JAX's environment variables
-    (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) or from
-    the cluster JAX detects (Cloud TPU pod slices, SLURM, ...). Nothing is
-    joined when no coordinator is given and none of those variables is set:
-    a single process. CPU processes exchange data through gloo (JAX's default
-    CPU collectives).
+    (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); given
+    one, all three must be known. Nothing is joined when none is: a single
+    process. Every process first meets the others (`rendezvous.meet`, at most
+    `timeout` seconds, then `MeshError` naming the coordinator and the missing
+    process ids) because JAX's own handshake aborts the process when one is
+    missing. CPU processes exchange data through gloo (JAX's default CPU collectives).
     """
-    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    if coordinator is None and "JAX_COORDINATOR_ADDRESS" not in os.environ and num_processes is None:
+    values = {
+        "--coordinator": coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+        "--num-processes": num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES"),
+        "--process-id": process_id if process_id is not None else _env_int("JAX_PROCESS_ID"),
+    }
+    if all(v is None for v in values.values()):
         return False
-    if num_processes is not None and num_processes < 1:
-        raise MeshError(f"--num-processes must be >= 1, got {num_processes}")
-    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise MeshError(f"--process-id must be in [0, {num_processes}), got {process_id}")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    missing = [flag for flag, v in values.items() if v is None]
+    if missing:
+        given = ", ".join(flag for flag in values if flag not in missing)
+        raise MeshError(
+            f"{given} needs {' and '.join(missing)} too (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+            "JAX_PROCESS_ID): a multi-host run names the coordinator, the process count and this process's id"
+        )
+    address, n, pid = str(values["--coordinator"]), int(values["--num-processes"]), int(values["--process-id"])  # type: ignore[arg-type]
+    parse_address(address)
+    if n < 1:
+        raise MeshError(f"--num-processes must be >= 1, got {n}")
+    if not 0 <= pid < n:
+        raise MeshError(f"--process-id must be in [0, {n}), got {pid}")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise MeshError(f"--init-timeout must be a positive number of seconds, got {timeout!r}")
+    start = time.monotonic()
+    if n > 1:
+        meet(address, n, pid, timeout)
+    left = max(math.ceil(timeout - (time.monotonic() - start)), 10)  # everyone is up: JAX's handshake is quick
+    jax.distributed.initialize(address, num_processes=n, process_id=pid, initialization_timeout=left)
     return True
 
 
@@ -128,11 +143,6 @@ def local_devices(mesh: Mesh) -> list[Any]:
     return [d for d in mesh.devices.flat if d.process_index == me]
 
 
-def local_mesh(mesh: Mesh) -> Mesh:
-    """The mesh of this process's devices (OBS shards rows over it)."""
-    return Mesh(np.array(local_devices(mesh)), (DATA,))
-
-
 def is_writer() -> bool:
     """Whether this process writes the output (process 0)."""
     return jax.process_index() == 0
@@ -189,17 +199,3 @@ def to_local(x: jax.Array) -> jax.Array:
 def to_host(x: jax.Array) -> np.ndarray:
     """NumPy copy of `x` on every process (gathers a sharded multi-process array)."""
     return np.asarray(to_local(x))
-
-
-def shard_rows(mesh: Mesh, x: jax.Array, axis: int) -> jax.Array:
-    """`x` with axis `axis` split over `mesh` (a process-local mesh) when it divides evenly, else whole."""
-    if mesh.size == 1 or x.shape[axis] % mesh.size:
-        return x
-    spec = [None] * x.ndim
-    spec[axis] = DATA  # type: ignore[call-overload]
-    return jax.device_put(x, NamedSharding(mesh, P(*spec)))
-
-
-def replicate_local(mesh: Mesh, x: jax.Array) -> jax.Array:
-    """`x` on every device of a process-local mesh (no-op on one device)."""
-    return x if mesh.size == 1 else jax.device_put(x, replicated(mesh))

@@ -18,9 +18,10 @@ of `datafree.py` (any architecture, tensor by tensor), and the others here.
 
 A calibrated merge runs on a device mesh (`mesh.py`; the config's `devices`,
 all devices of every process by default): calibration is data-parallel over
-it, OBS splits each task stack's rows over this process's devices of it, and
-under `jax.distributed` every process runs the merge while process 0 alone
-writes the output.
+it (the same Hessians bit for bit on any mesh, `streams.HessianSum`), OBS
+runs on one device of each process (a row split would change the rounding of
+its matmuls, and so the kept entries), and under `jax.distributed` every
+process runs the merge while process 0 alone writes the output.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from sgtv_jax.pipeline.datafree import (
     uses_by_name,
 )
 from sgtv_jax.pipeline.mapped import mapped_run, write_output_files
-from sgtv_jax.pipeline.mesh import describe, is_writer, local_mesh, make_mesh, replicate_local, shard_rows
+from sgtv_jax.pipeline.mesh import describe, is_writer, make_mesh
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import (
@@ -149,7 +150,6 @@ class MergeRun:
         self.sink = hessian_sink
         self.progress = progress
         self.mesh = mesh if mesh is not None else make_mesh(cfg.devices)
-        self.obs_mesh = local_mesh(self.mesh)  # OBS rows split over this process's devices
         self.timer = StageTimer()
         with self.timer("load"):
             self.ckpts = Checkpoints(cfg)
@@ -274,10 +274,6 @@ class MergeRun:
         transpose = base.ndim == 2 and not torch_layout
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
-        if hessian is not None:
-            # rows are independent in OBS: split them over the devices, H on each
-            deltas = shard_rows(self.obs_mesh, deltas, axis=1)
-            hessian = replicate_local(self.obs_mesh, hessian)
         plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
         record = dict(
             name=name,

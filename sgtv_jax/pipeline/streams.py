@@ -16,14 +16,13 @@ falls back to the unweighted H of its own input over every real token,
 projections fall back together (they see the same tokens). `Captured.tokens`
 and `.fallback` say what each layer got, for the merge report.
 
-On a mesh (`sgtv_jax.pipeline.mesh`) every micro-batch is split over the
-`data` axis: a micro-batch holds `ceil(batch_size / D) * D` windows (D
-devices), the last one padded with copies of a real window whose Hessian
-weight is 0, and each process places only its own rows. Each device keeps
-its own partial sum of `x x^T` per input group; the partials are summed once
-per layer (`HessianSum.finalize`), in float32 or, with
-`hessian_accumulation: float64`, in float64 (see `HessianSum`). One device
-with float32 keeps the library's running mean (`sgtv_jax.hessian`) bit for bit.
+On a mesh (`sgtv_jax.pipeline.mesh`) every device holds `batch_size`
+windows (at most the set's count) of each micro-batch (D times that on D devices, the last
+micro-batch padded with copies of a real window whose Hessian weight is 0),
+and each process places only its own rows. The result does not depend on the
+mesh, bit for bit (`HessianSum`): a device runs exactly the shapes one device
+would (XLA's CPU matmuls round a row differently when the batch around it has
+another size), and the chunk Grams are summed in window order.
 """
 
 from __future__ import annotations
@@ -39,11 +38,11 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sgtv_jax.hessian import HIGHEST, HessianState, hessian_finalize, hessian_init, hessian_update
+from sgtv_jax.hessian import HIGHEST, HessianState, hessian_finalize
 from sgtv_jax.models import apply_block
 from sgtv_jax.models.groups import InputGroup
 from sgtv_jax.pipeline.arch import Arch
-from sgtv_jax.pipeline.mesh import DATA, global_rows, local_row_range, replicate
+from sgtv_jax.pipeline.mesh import DATA, global_rows, local_row_range, replicate, replicated
 
 ACCUMULATIONS = ("float32", "float64")
 
@@ -69,13 +68,13 @@ class Stream:
 def micro_batches(n: int, batch_size: int, devices: int) -> Iterator[tuple[int, int, int]]:
     """(start, stop, padded size) of each micro-batch of `n` windows over `devices` devices.
 
-    A micro-batch holds `ceil(batch_size / devices) * devices` windows; the
-    last is padded up to a multiple of `devices`. One device: `batch_size` windows, no padding.
+    A micro-batch holds `min(batch_size, n)` windows per device, the last one
+    padded to that size too: every device always runs the shapes of a
+    one-device run, so a window's activations do not depend on the mesh.
     """
-    step = -(-batch_size // devices) * devices
+    step = min(batch_size, n) * devices
     for s in range(0, n, step):
-        stop = min(s + step, n)
-        yield s, stop, -(-(stop - s) // devices) * devices
+        yield s, min(s + step, n), step
 
 
 def embed_stream(
@@ -112,71 +111,62 @@ def _place(mesh: Mesh, a: jax.Array, local_rows: int) -> jax.Array:
 
 
 class HessianSum:
-    """One input group's H over a stream's micro-batches on a mesh.
+    """One input group's H over a stream's micro-batches, the same bit for bit on any mesh.
 
-    One device, float32: the library's running mean (`hessian_update`), bit
-    for bit as without a mesh. Otherwise every device adds `x x^T` of its
-    rows to its own partial sum (`[D, in, in]`, split over `data`); `finalize`
-    sums the D partials once and scales by `2 / n` (n real windows). float64
-    partials (`accumulation="float64"`, a local `jax.enable_x64`) make the
-    float32 H that OBS reads the correctly rounded sum far more often than
-    float32 partials do, whatever the device count; on CPU they cost about
-    twice the float32 Gram.
+    Every device computes the Gram `x x^T` of its chunk of `batch_size`
+    windows (one fixed-shape matmul); the chunk Grams are added to a running
+    total one at a time in window order, and `finalize` scales it by `2 / n`
+    (n real windows). Chunks that only pad a micro-batch weigh 0 and add exact
+    zeros, so 1, 2 or 8 devices (or processes) give the same H bit for bit.
+    The price: every device receives every chunk Gram (an all-gather of
+    `[D, in, in]` per micro-batch, where partial sums would reduce once per
+    layer). `accumulation="float64"` computes Grams and total in float64 and
+    rounds H to float32 once (CPU: about twice the float32 Gram's cost).
     """
 
     def __init__(self, cols: int, mesh: Mesh, accumulation: str = "float32") -> None:
         self.mesh = mesh
         self.wide = accumulation == "float64"
-        self.running = mesh.size == 1 and not self.wide
         self.n = 0
-        if self.running:
-            self.state = hessian_init(cols)
-        else:
-            with jax.enable_x64(self.wide):
-                dtype = jnp.float64 if self.wide else jnp.float32
-                self.part = jax.make_array_from_callback(
-                    (mesh.size, cols, cols),
-                    jax.sharding.NamedSharding(mesh, P(DATA)),
-                    lambda idx: np.zeros((1, cols, cols), dtype),
-                )
+        with jax.enable_x64(self.wide):
+            self.total = replicate(mesh, np.zeros((cols, cols), np.float64 if self.wide else np.float32))
 
     def update(self, x: jax.Array, w: jax.Array, rows: int) -> None:
         """Add a micro-batch: inputs `x` `[b, S, in]`, token weights `w` `[b, S]`, `rows` real windows."""
-        if self.running:
-            self.state = hessian_update(self.state, x, w)
-            return
         with jax.enable_x64(self.wide):
-            self.part = _partial_update(self.mesh)(self.part, x, w)
+            self.total = _chunk_update(self.mesh)(self.total, x, w)
         self.n += rows
 
     def finalize(self) -> jax.Array:
         """H `[in, in]` float32, on every device (raises on NaN / Inf like `hessian_finalize`)."""
-        if self.running:
-            return hessian_finalize(self.state)
         with jax.enable_x64(self.wide):
-            h = _reduce(self.mesh)(self.part, jnp.asarray(2.0 / max(self.n, 1), self.part.dtype))
+            h = _scale(self.mesh)(self.total, jnp.asarray(2.0 / max(self.n, 1), self.total.dtype))
         return hessian_finalize(HessianState(h, jnp.asarray(float(self.n), jnp.float32)))
 
 
 @functools.cache
-def _partial_update(mesh: Mesh) -> Any:
-    def local(part: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
-        dt = part.dtype
-        xw = (x.astype(dt) * w.astype(dt)[..., None]).reshape(-1, x.shape[-1])
-        return part + jnp.matmul(xw.T, xw, precision=HIGHEST)[None]
+def _chunk_update(mesh: Mesh) -> Any:
+    def step(total: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
+        dt = total.dtype
 
-    return jax.jit(
-        jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P(DATA), P(DATA)), out_specs=P(DATA)), donate_argnums=0
-    )
+        def gram(x: jax.Array, w: jax.Array) -> jax.Array:  # one device's chunk
+            xw = (x.astype(dt) * w.astype(dt)[..., None]).reshape(-1, x.shape[-1])
+            return jnp.matmul(xw.T, xw, precision=HIGHEST)[None]
+
+        grams = jax.shard_map(gram, mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))(x, w)
+        for d in range(mesh.size):  # window order (device d holds the d-th chunk), never a tree sum
+            total = total + grams[d]
+        return total
+
+    return jax.jit(step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
 @functools.cache
-def _reduce(mesh: Mesh) -> Any:
-    # the one cross-device reduction of a layer's H; float32 out, copied to every device
-    def total(part: jax.Array, scale: jax.Array) -> jax.Array:
-        return (jnp.sum(part, axis=0) * scale).astype(jnp.float32)
+def _scale(mesh: Mesh) -> Any:
+    def scaled(total: jax.Array, scale: jax.Array) -> jax.Array:
+        return (total * scale).astype(jnp.float32)
 
-    return jax.jit(total, out_shardings=jax.sharding.NamedSharding(mesh, P()))
+    return jax.jit(scaled, out_shardings=replicated(mesh))
 
 
 class Captured(NamedTuple):
