@@ -29,6 +29,7 @@ from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
 from sgtv_jax.pipeline.mapped import headers_plan
+from sgtv_jax.pipeline.tokenizer import output_chat_template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +97,17 @@ def _shapes(path: str, adapter: str = "") -> dict[str, tuple[int, ...]]:
 
 
 def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
-    """Check compatibility of every checkpoint (and the calibration files when `data`).
+    """Check compatibility of every checkpoint (and the calibration files when `data`), and the chat template.
 
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
+    result, saves_tokenizer = _check_models(cfg, data=data)
+    output_chat_template(cfg, saves_tokenizer=saves_tokenizer)  # reads `auto`'s sources; refuses what cannot hold it
+    return result
 
+
+def _check_models(cfg: MergeConfig, *, data: bool) -> tuple[CheckResult, bool]:
+    """`check_config` of the models and data; (result, whether the merge saves a tokenizer of its own)."""
     problems: list[str] = []
     try:
         base = read_hf_config(cfg.base_model)
@@ -112,7 +119,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
         if (mapped := _check_mapped(cfg)) is not None:
             return mapped
     if uses_by_name(cfg, str(mt)):
-        return _check_by_name(cfg, base)
+        return _check_by_name(cfg, base), False
     require_flax_family(cfg, str(mt))
     if mt not in supported_architectures():  # calibration data given for reconstruction errors only
         raise ConfigError(
@@ -200,7 +207,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
             problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
-    return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes))
+    return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes)), False
 
 
 def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
@@ -247,8 +254,8 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
     )
 
 
-def _check_mapped(cfg: MergeConfig) -> CheckResult | None:
-    """`sgtv check` of a mapped config (a `CheckResult`), or None when the usual check applies."""
+def _check_mapped(cfg: MergeConfig) -> tuple[CheckResult, bool] | None:
+    """`sgtv check` of a mapped config (a `CheckResult`, whether it saves a tokenizer), or None: the usual check."""
     planned = headers_plan(cfg)
     if planned is None:
         return None
@@ -256,7 +263,7 @@ def _check_mapped(cfg: MergeConfig) -> CheckResult | None:
     notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
     if vm is not None:
         notes += (f"tokenizer {cfg.tokenizer_source}: {vm.size} rows, {len(vm.added)} token(s) the base lacks",)
-    return CheckResult(
+    result = CheckResult(
         plan.model_type,
         plan.num_layers,
         int(plan.vocab_size or 0),
@@ -264,3 +271,4 @@ def _check_mapped(cfg: MergeConfig) -> CheckResult | None:
         len(plan.entries),
         ("merged by tensor name (data-free)",) + notes,
     )
+    return result, vm is not None and vm.tokenizer is not None
