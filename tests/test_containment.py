@@ -54,7 +54,7 @@ READ_CALLS = {
     "restore",
 }
 # Functions that check a path with the rule (contained_file itself, or readers that call it first).
-CONTAINED = {"contained_file", "read_contained_text", "read_contained_json", "load_local_tokenizer"}
+CONTAINED = {"contained_file", "read_contained_text", "read_contained_json", "load_local_tokenizer", "model_files"}
 
 # (module, enclosing function, call) -> why it needs no containment check there.
 ALLOWED = {
@@ -316,6 +316,17 @@ def test_tokenizer_file_from_outside_its_folder_is_refused(fam, tmp_path, capsys
     cfg = _config(tmp_path, {"fts": fts, "base": paths["base"]}, tokenizer_source=source)
     err = _refused(capsys, root, tmp_path, cfg, (str(tok / "tokenizer.json"), "outside the model directory"))
     assert "ZZZTOKEN" not in err
+
+
+def test_base_file_the_output_copies_from_outside_is_refused_by_check(fam, tmp_path, capsys, no_merging):
+    """The files an output copies from the base are checked by `sgtv check` too, not only at export."""
+    root, paths = fam
+    (tmp_path / "secret.txt").write_text('{"TOPSECRET": 1}')
+    base = Path(shutil.copytree(paths["base"], tmp_path / "base"))
+    (base / "generation_config.json").unlink(missing_ok=True)
+    (base / "generation_config.json").symlink_to(Path("..") / "secret.txt")
+    cfg = _config(tmp_path, {"fts": paths["fts"], "base": base})
+    _refused(capsys, root, tmp_path, cfg, (str(base / "generation_config.json"), "outside the model directory"))
 
 
 def test_tokenizer_source_mapping_two_tokens_to_one_id_is_refused_before_merging(fam, tmp_path, capsys, no_merging):

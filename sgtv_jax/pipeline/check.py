@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.errors import ConvertError
+from convert.export import model_files
 from convert.lora import open_model
 from convert.readers import open_checkpoint, supported_architectures
 from convert.safetensors_reader import read_config
@@ -102,6 +103,8 @@ def check_config(cfg: MergeConfig, *, data: bool = True) -> CheckResult:
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
     result, saves_tokenizer = _check_models(cfg, data=data)
+    if Path(cfg.base_model).is_dir():  # the files the output copies from the base resolve inside it
+        model_files(cfg.base_model)
     output_chat_template(cfg, saves_tokenizer=saves_tokenizer)  # reads `auto`'s sources; refuses what cannot hold it
     return result
 
