@@ -30,11 +30,7 @@ _STEMS = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "tekken", "
 def tokenizer_file_names(directory: str | Path) -> list[str]:
     """Names (relative to `directory`) of the files a tokenizer of `directory` may be read from."""
     d = Path(directory)
-    names = [
-        p.name
-        for p in d.iterdir()
-        if (p.suffix in _SUFFIXES or p.name.startswith(_STEMS)) and p.is_file() and p.suffix != ".safetensors"
-    ]
+    names = [p.name for p in d.iterdir() if (p.suffix in _SUFFIXES or p.name.startswith(_STEMS)) and p.is_file()]
     if (d / TEMPLATE_DIR).is_dir():
         names += [f"{TEMPLATE_DIR}/{p.name}" for p in (d / TEMPLATE_DIR).iterdir() if p.suffix == ".jinja"]
     return sorted(names)
