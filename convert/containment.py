@@ -12,12 +12,19 @@ One exception: a Hugging Face cache snapshot
 (``.../models--ORG--NAME/snapshots/<rev>/file -> ../../blobs/<hash>``) links
 into its own repository folder's ``blobs/`` store; targets inside the enclosing
 ``models--*`` folder are allowed.
+
+Every file any command reads from a model, tokenizer or adapter folder goes
+through :func:`contained_file` (directly, or through :func:`read_contained_text`,
+:func:`read_contained_json` or ``convert.local_tokenizer``);
+``tests/test_containment.py`` scans the sources for file reads that do not.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from convert.errors import ConvertError
 
@@ -60,3 +67,29 @@ def contained_file(directory: str | Path, name: str, *, what: str) -> Path:
             "refusing to read it (copy the file into the directory if it belongs to the model)"
         )
     return Path(real)
+
+
+def read_contained_text(directory: str | Path, name: str, *, what: str) -> str:
+    """The UTF-8 text of file ``name`` of ``directory``, read through :func:`contained_file`.
+
+    ConvertError naming the file when it leaves the directory or is not UTF-8.
+    """
+    real = contained_file(directory, name, what=what)
+    try:
+        return real.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{Path(directory) / name}: not UTF-8 text (byte offset {e.start})") from None
+    except OSError as e:
+        raise ConvertError(f"{Path(directory) / name}: cannot be read ({e.strerror or e})") from None
+
+
+def read_contained_json(directory: str | Path, name: str, *, what: str) -> Any:
+    """The parsed JSON of file ``name`` of ``directory``, read through :func:`contained_file`.
+
+    ConvertError naming the file when it leaves the directory or is not JSON.
+    """
+    text = read_contained_text(directory, name, what=what)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
+        raise ConvertError(f"{Path(directory) / name}: not valid JSON ({e})") from None

@@ -234,12 +234,19 @@ def copy_model_files(src: str | Path, dst: Path) -> list[str]:
     elsewhere raises ConvertError naming it.
     """
     copied = []
-    for fname in TOKENIZER_FILES:
-        if (Path(src) / fname).is_file():
-            real = contained_file(src, fname, what=f"{fname} (copied into the output)")
-            shutil.copyfile(real, dst / fname)
-            copied.append(fname)
+    for fname, real in model_files(src).items():
+        shutil.copyfile(real, dst / fname)
+        copied.append(fname)
     return copied
+
+
+def model_files(src: str | Path) -> dict[str, Path]:
+    """The TOKENIZER_FILES that ``src`` has -> their real paths (each checked: see `copy_model_files`)."""
+    return {
+        fname: contained_file(src, fname, what=f"{fname} (copied into the output)")
+        for fname in TOKENIZER_FILES
+        if (Path(src) / fname).is_file()
+    }
 
 
 def export_hf(

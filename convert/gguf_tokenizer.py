@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,11 @@ def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec)
             f"need nothing more"
         )
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from the file
-    AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).save_pretrained(str(dst))
+    # ... and only from it: transformers also looks for tokenizer files beside it
+    # (tokenizer.json, tokenizer_config.json), so it gets a folder holding the GGUF alone.
+    with tempfile.TemporaryDirectory(prefix="sgtv-gguf-") as alone:
+        os.symlink(os.path.realpath(gguf_file), Path(alone) / gguf_file.name)
+        AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name).save_pretrained(str(dst))
 
 
 def save_gguf_tokenizer(gguf_file: str | Path, dst: str | Path) -> None:

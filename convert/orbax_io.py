@@ -70,7 +70,16 @@ def write_orbax(model: Any, directory: str | Path, *, hf_config: Mapping[str, An
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
+    _anonymise_commit_file(directory / STATE_DIR)
     (directory / META_FILE).write_text(meta_text + "\n")
+
+
+def _anonymise_commit_file(state_dir: Path) -> None:
+    """Orbax's commit marker names the absolute path it was written to (our temporary
+    directory); keep the marker, which says the save completed, without the path."""
+    marker = state_dir / "commit_success.txt"
+    if marker.is_file():
+        marker.write_text(f"Checkpoint commit was successful to {STATE_DIR}")
 
 
 def save_orbax(

@@ -16,6 +16,7 @@ from typing import Any
 
 from convert.architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from convert.checkpoint import Checkpoint
+from convert.containment import contained_file
 from convert.errors import ConvertError
 from convert.gguf_reader import GGUFCheckpoint
 from convert.namemaps import NameMap
@@ -49,6 +50,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return TorchBinCheckpoint(p)
     ggufs = sorted(p.glob("*.gguf"))
     if len(ggufs) == 1:
+        contained_file(p, ggufs[0].name, what="the folder's GGUF file")
         return GGUFCheckpoint(ggufs[0])
     raise ConvertError(
         f"{p}: no checkpoint found (looked for {ST_SINGLE}, {ST_INDEX}, {PT_SINGLE}, {PT_INDEX}, one *.gguf)"

@@ -97,6 +97,7 @@ class SafetensorsCheckpoint:
     # -- validation -----------------------------------------------------------
 
     def _open_index(self, index: Path) -> None:
+        contained_file(self.path, index.name, what=index.name)
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:

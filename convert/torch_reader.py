@@ -58,6 +58,7 @@ class TorchBinCheckpoint:
         index = self.path / INDEX_FILE
         single = self.path / SINGLE_FILE
         if index.is_file():
+            contained_file(self.path, INDEX_FILE, what=INDEX_FILE)
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -60,7 +60,7 @@ def test_demo_config_resolves_from_another_cwd(family, tmp_path, monkeypatch, wo
 def test_run_demo_default_work_dir_end_to_end(family, tmp_path, monkeypatch, capsys):
     """The whole demo, with a tiny LLaMA standing in for SmolLM2, in the default relative work dir."""
     root, paths = family
-    monkeypatch.setattr("convert.demo.fetch_smollm2", lambda cache_dir=None: paths["base"])
+    monkeypatch.setattr(demo, "fetch_smollm2", lambda cache_dir=None: paths["base"])  # the name demo calls
     monkeypatch.setattr(demo, "TOP_BLOCKS", 1)  # the tiny model has 3 blocks
     monkeypatch.chdir(tmp_path)
     rows = demo.run_demo(steps=2)
@@ -73,3 +73,9 @@ def test_run_demo_default_work_dir_end_to_end(family, tmp_path, monkeypatch, cap
     assert "facts exact match" in text and "merged (ties+sparsegpt)" in text
     cfg = load_config(out / "merge.yaml")
     assert [Path(m.model).resolve() for m in cfg.models] == [(out / "ft_facts").resolve(), (out / "ft_logs").resolve()]
+    # the model card and report name the cached base by its folder name, not by a path of this machine (issue 22)
+    card = (out / "merged" / "README.md").read_text()
+    assert f'| `base_model` | `"{paths["base"].name}"` |' in card
+    for f in ("README.md", "merge_report.json"):
+        text = (out / "merged" / f).read_text()
+        assert str(paths["base"]) not in text and str(root) not in text and str(tmp_path) not in text, f

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from convert.local_tokenizer import load_local_tokenizer
 from sgtv_jax.errors import SgtvError
 
 
@@ -80,10 +81,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The base model's tokenizer (local files only)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
-
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    """The base model's tokenizer (its contained local files only: `convert.local_tokenizer`)."""
+    return load_local_tokenizer(model_dir)
 
 
 def token_stream(files: Sequence[str | Path], tokenizer: Any, text_field: str = "text") -> np.ndarray:

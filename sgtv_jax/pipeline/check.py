@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.errors import ConvertError
+from convert.export import model_files
 from convert.lora import open_model
 from convert.readers import open_checkpoint, supported_architectures
 from convert.safetensors_reader import read_config
@@ -29,6 +30,7 @@ from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import require_flax_family, uses_by_name
 from sgtv_jax.pipeline.mapped import headers_plan
+from sgtv_jax.pipeline.tokenizer import output_chat_template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +98,21 @@ def _shapes(path: str, adapter: str = "") -> dict[str, tuple[int, ...]]:
 
 
 def check_config(cfg: MergeConfig, *, data: bool = True, lora_rank: int | None = None) -> CheckResult:
-    """Check compatibility of every checkpoint (and the calibration files when `data`).
+    """Check compatibility of every checkpoint (and the calibration files when `data`), and the chat template.
 
     `lora_rank`: `sgtv merge --lora` will also extract the output's adapter
     against the base, so the output must have the base's tensors and shapes.
     Raises `ConfigError` listing every problem; returns a `CheckResult`.
     """
+    result, saves_tokenizer = _check_models(cfg, data=data, lora_rank=lora_rank)
+    if Path(cfg.base_model).is_dir():  # the files the output copies from the base resolve inside it
+        model_files(cfg.base_model)
+    output_chat_template(cfg, saves_tokenizer=saves_tokenizer)  # reads `auto`'s sources; refuses what cannot hold it
+    return result
 
+
+def _check_models(cfg: MergeConfig, *, data: bool, lora_rank: int | None) -> tuple[CheckResult, bool]:
+    """`check_config` of the models and data; (result, whether the merge saves a tokenizer of its own)."""
     problems: list[str] = []
     try:
         base = read_hf_config(cfg.base_model)
@@ -114,7 +124,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True, lora_rank: int | None =
         if (mapped := _check_mapped(cfg, lora_rank)) is not None:
             return mapped
     if uses_by_name(cfg, str(mt)):
-        return _check_by_name(cfg, base)
+        return _check_by_name(cfg, base), False
     require_flax_family(cfg, str(mt))
     if mt not in supported_architectures():  # calibration data given for reconstruction errors only
         raise ConfigError(
@@ -205,7 +215,7 @@ def check_config(cfg: MergeConfig, *, data: bool = True, lora_rank: int | None =
             problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
-    return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes))
+    return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes)), False
 
 
 def calibration_key(cfg: MergeConfig, t: int, key: str) -> tuple[str, str]:
@@ -271,8 +281,8 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
     )
 
 
-def _check_mapped(cfg: MergeConfig, lora_rank: int | None = None) -> CheckResult | None:
-    """`sgtv check` of a mapped config (a `CheckResult`), or None when the usual check applies."""
+def _check_mapped(cfg: MergeConfig, lora_rank: int | None = None) -> tuple[CheckResult, bool] | None:
+    """`sgtv check` of a mapped config (a `CheckResult`, whether it saves a tokenizer), or None: the usual check."""
     planned = headers_plan(cfg)
     if planned is None:
         return None
@@ -282,7 +292,7 @@ def _check_mapped(cfg: MergeConfig, lora_rank: int | None = None) -> CheckResult
     notes = tuple(f"{r['tensor']}: {r['rule']} ({r['detail']})" for r in plan.rules)
     if vm is not None:
         notes += (f"tokenizer {cfg.tokenizer_source}: {vm.size} rows, {len(vm.added)} token(s) the base lacks",)
-    return CheckResult(
+    result = CheckResult(
         plan.model_type,
         plan.num_layers,
         int(plan.vocab_size or 0),
@@ -290,6 +300,7 @@ def _check_mapped(cfg: MergeConfig, lora_rank: int | None = None) -> CheckResult
         len(plan.entries),
         ("merged by tensor name (data-free)",) + notes,
     )
+    return result, vm is not None and vm.tokenizer is not None
 
 
 def _check_lora_layout(cfg: MergeConfig, plan: Any, rank: int) -> None:

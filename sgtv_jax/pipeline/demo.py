@@ -17,6 +17,7 @@ Task data is generated deterministically in code (nothing to download).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -240,7 +241,10 @@ def run_demo(
     config = write_merge_config(out / "merge.yaml", base, list(fts.values()), calib, density=density)
     merged = out / "merged"
     if not merged.is_dir():
-        run_merge(load_config(config), merged)
+        # merge.yaml names the cached base by its absolute path (so the YAML works when copied);
+        # the card and report name it by its folder name, not a path of this machine
+        cfg = dataclasses.replace(load_config(config), base_model_written=Path(base).name)
+        run_merge(cfg, merged)
 
     print("4/4 evaluating base, fine-tunes and merge on both tasks ...")
     rows: dict[str, dict[str, float]] = {}

@@ -203,16 +203,21 @@ def headers_plan(cfg: MergeConfig) -> tuple[NamePlan, VocabMap | None] | None:
         ckpts.close()
 
 
-def write_output_files(cfg: MergeConfig, run: Any, out: Path) -> None:
-    """The tokenizer (a `MappedRun`'s re-indexed vocabulary) and `chat_template` of any merge, into `out`."""
+def write_output_files(run: Any, out: Path, template: str | None) -> None:
+    """The tokenizer (a `MappedRun`'s re-indexed vocabulary) and chat template (`output_chat_template`) into `out`."""
     vm = run.vocab if isinstance(run, MappedRun) else None
-    paths = [cfg.base_model] + [m.model for m in cfg.models]
-    write_tokenizer_files(cfg, vm, out, paths)
+    write_tokenizer_files(vm, out, template)
+
+
+def saves_tokenizer(run: Any) -> bool:
+    """Whether `run` writes a tokenizer of its own (a changed vocabulary) rather than the base's copy."""
+    return isinstance(run, MappedRun) and run.vocab is not None and run.vocab.tokenizer is not None
 
 
 __all__ = [
     "MappedRun",
     "headers_plan",
     "mapped_run",
+    "saves_tokenizer",
     "write_output_files",
 ]

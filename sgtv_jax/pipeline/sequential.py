@@ -61,7 +61,7 @@ from sgtv_jax.pipeline.datafree import (
     require_flax_family,
     uses_by_name,
 )
-from sgtv_jax.pipeline.mapped import mapped_run, write_output_files
+from sgtv_jax.pipeline.mapped import mapped_run, saves_tokenizer, write_output_files
 from sgtv_jax.pipeline.mesh import describe, is_writer, make_mesh
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
@@ -78,6 +78,7 @@ from sgtv_jax.pipeline.report import (
     with_export_time,
 )
 from sgtv_jax.pipeline.sources import make_source
+from sgtv_jax.pipeline.tokenizer import output_chat_template
 
 __all__ = [
     "FORMATS",
@@ -463,6 +464,8 @@ def run_merge(
             f"--lora {lora_rank!r}: the adapter's rank must be a positive integer, and it is written "
             "beside a Hugging Face model (--format hf)"
         )
+    if format != "hf" and cfg.chat_template is not None:  # Orbax output carries no tokenizer files
+        raise ConfigError(f"chat_template: --format {format} has no tokenizer_config.json to hold it; use --format hf")
     out = Path(out)
     inputs = merge_inputs(cfg)
     writer = is_writer()
@@ -490,6 +493,12 @@ def run_merge(
     if not writer and mapped is not None:
         mapped.close()
         return {"process": jax.process_index(), "written": False}
+    try:  # the chat template is read and checked before the first tensor is merged
+        template = output_chat_template(cfg, saves_tokenizer=saves_tokenizer(mapped))
+    except BaseException:
+        if mapped is not None:
+            mapped.close()
+        raise
     if mapped is not None or by_name:
         run = mapped if mapped is not None else DataFreeRun(cfg, progress=progress)
         why = run.orbax_refusal() if format == "orbax" else None
@@ -511,7 +520,7 @@ def run_merge(
             with_export_time(rep, time.perf_counter() - t0)
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
         plot_report(rep, tmp / PLOT_FILE)
-        write_output_files(cfg, run, tmp)  # tokenizer (re-indexed vocabulary) and chat_template
+        write_output_files(run, tmp, template)  # tokenizer (re-indexed vocabulary) and chat_template
         if lora_rank is not None:
             write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 

@@ -19,7 +19,8 @@ As mergekit defines it:
   the mean of the token rows.
 * A model without tokenizer files is taken to have the base's tokenizer.
 
-Tokenizers are read with `transformers.AutoTokenizer` from local files only.
+Tokenizers are read with `transformers.AutoTokenizer` from local files only, each inside its
+model folder (`convert.local_tokenizer`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from convert.containment import read_contained_json, read_contained_text
+from convert.local_tokenizer import load_local_tokenizer
 from sgtv_jax.pipeline.byname import vocab_size_of
 from sgtv_jax.pipeline.chat_templates import AUTO
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig, TokenSource
@@ -41,16 +44,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The `transformers` tokenizer of model directory `path` (local files only), or None when it has none."""
+    """The `transformers` tokenizer of model directory `path` (its contained files only), or None when it has none."""
     p = Path(path)
     if not p.is_dir() or not any((p / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
-
-    try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any reason the files do not load: say which directory
-        raise ConfigError(f"{p}: its tokenizer files do not load ({type(e).__name__}: {e})") from None
+    return load_local_tokenizer(p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +97,28 @@ def _union(base_tok: Any, toks: Sequence[Any], sizes: Sequence[int]) -> tuple[li
     return list(plain), list(added.values())
 
 
+def _tokenizer_file(directory: str) -> Path:
+    """The file a folder's tokenizer mostly comes from, for messages."""
+    d = Path(directory)
+    return next((d / f for f in TOKENIZER_FILES if (d / f).is_file()), d)
+
+
+def _one_id_per_token(vocab: Mapping[str, int], where: str) -> None:
+    """ConfigError unless `vocab`'s ids are 0..n-1, one token each: ids index the embedding rows."""
+    seen: dict[int, str] = {}
+    for t, i in vocab.items():
+        if i in seen:
+            raise ConfigError(
+                f"{where}: tokens {seen[i]!r} and {t!r} have the same id {i}; "
+                "each token needs an id of its own (its embedding row)"
+            )
+        seen[i] = t
+        if not 0 <= i < len(vocab):
+            raise ConfigError(
+                f"{where}: token {t!r} has id {i}, outside 0..{len(vocab) - 1}: the ids must number the tokens"
+            )
+
+
 def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mapping[str, Any]], labels: Sequence[str]):
     """The `VocabMap` of a config's tokenizer spec over checkpoints `paths` (0 the base), or None.
 
@@ -128,9 +148,7 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
 
     changed = False
     if spec.source == "union":
-        from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
-
-        out_tok = AutoTokenizer.from_pretrained(paths[0], local_files_only=True)  # a fresh copy to extend
+        out_tok = load_local_tokenizer(paths[0])  # a fresh copy to extend
         plain, added = _union(base_tok, toks, sizes)
         if plain:
             out_tok.add_tokens(plain)
@@ -149,6 +167,10 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
         out_tok.add_tokens(missing)
         changed = True
     vocab = dict(sorted(out_tok.get_vocab().items(), key=lambda kv: kv[1]))  # by id (get_vocab: any order)
+    src, who = (
+        (paths[0], labels[0]) if spec.source in ("union", "base") else (spec.source, f"tokenizer source {spec.written}")
+    )
+    _one_id_per_token(vocab, f"{who}: {_tokenizer_file(src)}")
     n = len(vocab)
     pad = spec.pad_to_multiple_of
     size = n if not pad or n % pad == 0 else n + pad - n % pad
@@ -273,42 +295,71 @@ def permute_rows(
 
 
 def model_templates(paths: Sequence[str]) -> list[str]:
-    """The chat templates the models' directories carry (tokenizer_config.json or chat_template.jinja)."""
+    """The chat templates the models' directories carry (chat_template.jinja, else tokenizer_config.json).
+
+    Read inside each directory only (`convert.containment`); ConvertError
+    naming the file when one leaves it, is not UTF-8 or not JSON.
+    """
     found = []
     for p in paths:
         d = Path(p)
         text = None
         if (d / "chat_template.jinja").is_file():
-            text = (d / "chat_template.jinja").read_text()
+            text = read_contained_text(d, "chat_template.jinja", what="chat_template: auto")
         elif (d / "tokenizer_config.json").is_file():
-            t = json.loads((d / "tokenizer_config.json").read_text()).get("chat_template")
+            data = read_contained_json(d, "tokenizer_config.json", what="chat_template: auto")
+            t = data.get("chat_template") if isinstance(data, dict) else None
             text = t.get("default") if isinstance(t, dict) else t
         if isinstance(text, str) and text.strip():
             found.append(text.strip())
     return found
 
 
-def write_tokenizer_files(cfg: MergeConfig, vm: VocabMap | None, out: Path, paths: Sequence[str]) -> None:
-    """Save the output tokenizer (when it differs from the base's copied files) and `chat_template` into `out`.
+def output_chat_template(cfg: MergeConfig, *, saves_tokenizer: bool = False) -> str | None:
+    """The Jinja text `chat_template` gives the output (None: none), checked before any work.
 
-    The chat template is written into tokenizer_config.json (and over a
-    chat_template.jinja copied from the base, which loaders prefer);
-    `auto` takes the most common template among `paths` (none: left as is).
+    `auto` reads the models' templates now (`model_templates`), so a bad file
+    is refused before the merge. The template goes into the output's
+    tokenizer_config.json, which is the base's copy unless the merge saves a
+    tokenizer of its own (`saves_tokenizer`: a changed vocabulary); so a base
+    without one is refused here rather than after the merge (we do not invent
+    a tokenizer config).
+    """
+    template = cfg.chat_template
+    if template == AUTO:
+        found = model_templates([cfg.base_model] + [m.model for m in cfg.models])
+        template = Counter(found).most_common(1)[0][0] if found else None
+    if template is None:
+        return None
+    if saves_tokenizer:
+        return template
+    base = Path(cfg.base_model)
+    if not (base / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"chat_template: {Path(cfg.base_model_written or cfg.base_model) / 'tokenizer_config.json'} does not "
+            "exist, and the output's tokenizer_config.json, which holds the template, is a copy of it; give the "
+            "base model its tokenizer files or drop chat_template"
+        )
+    if not isinstance(read_contained_json(base, "tokenizer_config.json", what="chat_template"), dict):
+        raise ConfigError(f"{base / 'tokenizer_config.json'}: must hold a JSON object (chat_template goes into it)")
+    return template
+
+
+def write_tokenizer_files(vm: VocabMap | None, out: Path, template: str | None) -> None:
+    """Save the output tokenizer (when it differs from the base's copied files) and the chat template into `out`.
+
+    `template`: `output_chat_template`'s text (None: left as copied). It is
+    written into tokenizer_config.json (and over a chat_template.jinja copied
+    from the base, which loaders prefer).
     """
     if vm is not None and vm.tokenizer is not None:
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
             (out / f).unlink(missing_ok=True)
         vm.tokenizer.save_pretrained(str(out))
-    template = cfg.chat_template
     if template is None:
         return
-    if template == AUTO:
-        found = model_templates(paths)
-        if not found:
-            return
-        template = Counter(found).most_common(1)[0][0]
-    tc = out / "tokenizer_config.json"
-    if not tc.is_file():
+    tc = out / "tokenizer_config.json"  # our own output: the base's copy (contained) or the tokenizer just saved
+    if not tc.is_file():  # output_chat_template refused this before the merge
         raise ConfigError("chat_template needs a tokenizer: the base model has no tokenizer_config.json")
     data = json.loads(tc.read_text())
     data["chat_template"] = template

@@ -1,0 +1,61 @@
+"""A model folder's tokenizer, loaded by `transformers` from contained files only.
+
+``AutoTokenizer.from_pretrained(folder)`` opens whichever files it finds there
+(tokenizer.json, tokenizer_config.json, vocabularies, chat templates,
+config.json, ``additional_chat_templates/``), following symlinks wherever they
+point. So it never sees the folder itself: every file it might read is
+checked with ``convert.containment.contained_file`` (a symlink out of the
+folder is refused by name) and copied into a private temporary folder, which
+is what transformers loads. Files of other kinds (weights, README) are not
+copied, so they cannot be read either.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from convert.containment import contained_file
+from convert.errors import ConvertError
+
+TEMPLATE_DIR = "additional_chat_templates"
+# Every file a tokenizer may be made of: by suffix, or by the stems transformers
+# looks for with other suffixes (tokenizer.model.v3, tekken.json, vocab.bpe, ...).
+_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".bpe")
+_STEMS = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "tekken", "tiktoken")
+
+
+def tokenizer_file_names(directory: str | Path) -> list[str]:
+    """Names (relative to `directory`) of the files a tokenizer of `directory` may be read from."""
+    d = Path(directory)
+    names = [p.name for p in d.iterdir() if (p.suffix in _SUFFIXES or p.name.startswith(_STEMS)) and p.is_file()]
+    if (d / TEMPLATE_DIR).is_dir():
+        names += [f"{TEMPLATE_DIR}/{p.name}" for p in (d / TEMPLATE_DIR).iterdir() if p.suffix == ".jinja"]
+    return sorted(names)
+
+
+def load_local_tokenizer(directory: str | Path) -> Any:
+    """The `transformers` tokenizer of model folder `directory`, from its contained files only (module doc).
+
+    ConvertError naming the file when one leaves the folder, naming the folder
+    when the files do not make a tokenizer.
+    """
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConvertError(f"{d}: not a directory (a tokenizer is read from a model folder)")
+    with tempfile.TemporaryDirectory(prefix="sgtv-tokenizer-") as tmp:
+        for name in tokenizer_file_names(d):
+            real = contained_file(d, name, what=f"tokenizer file {name}")
+            (Path(tmp) / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(real, Path(tmp) / name)
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any reason the files do not load: say which folder
+            why = str(e).replace(tmp, str(d))  # the folder the user named, not our copy
+            raise ConvertError(f"{d}: its tokenizer files do not load ({type(e).__name__}: {why})") from None
+    tok.name_or_path = str(d)  # as named, not the temporary folder (never saved: save_pretrained drops it)
+    return tok
