@@ -3,7 +3,8 @@
 Every subcommand runs under one error guard (`run_guarded`): an expected
 failure (bad config / checkpoint / data: `SgtvError`; the file system:
 `OSError`; out of memory) prints one `error: ...` line naming the file, model,
-tensor or key and exits with status 2; Ctrl-C exits with 130. Anything else is
+tensor or key (a config with several problems lists them, then ends with an
+`error:` line again) and exits with status 2; Ctrl-C exits with 130. Anything else is
 a bug and keeps its traceback. `sgtv --debug ...` prints the traceback of
 expected failures too.
 """
@@ -77,6 +78,9 @@ def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         if debug:
             traceback.print_exc()
         print(f"error: {msg}", file=sys.stderr)
+        lines = msg.splitlines()
+        if len(lines) > 1:  # a list of problems: the last line is an `error:` line too
+            print(f"error: {lines[0].rstrip(':')} ({len(lines) - 1} problems listed above)", file=sys.stderr)
         return EXIT_ERROR
 
 

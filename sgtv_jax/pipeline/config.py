@@ -720,7 +720,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     elif spec is not None and entries and not problems:
         _cross_checks(cfg, spec, problems)
     if problems:
-        raise ConfigError("invalid merge config:\n  - " + "\n  - ".join(problems))
+        sep = ": " if len(problems) == 1 else ":\n  - "  # one problem: one line
+        raise ConfigError("invalid merge config" + sep + "\n  - ".join(problems))
     return cfg
 
 
