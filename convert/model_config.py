@@ -1,9 +1,9 @@
-"""Checks of the numbers in a model config that did not come from transformers' own `config.json`.
+"""Checks of the numbers in a model config: sizes and counts, and the shapes they must agree on.
 
-An Orbax checkpoint's ``sgtv_model.json`` (its ``hf_config``) and the config
-built from GGUF metadata are read by us, not by transformers: a head count of
-0 or a string would otherwise fail deep inside model building (ZeroDivisionError,
-TypeError). `check_model_config` checks each field with `sgtv_jax.numparse`
+A model directory's ``config.json``, an Orbax checkpoint's ``sgtv_model.json``
+(its ``hf_config``) and the config built from GGUF metadata are read by us
+before transformers sees them (if it ever does): a head count of 0 or a string
+would otherwise fail deep inside model building (ZeroDivisionError, TypeError). `check_model_config` checks each field with `sgtv_jax.numparse`
 and the shapes they must agree on, and raises one ConvertError naming the file
 and every bad key (values truncated).
 """
@@ -32,8 +32,9 @@ POSITIVE_INTS = (
 )
 """Sizes and counts that must be integers >= 1 when present (None: absent)."""
 
-OPTIONAL_INTS = ("sliding_window", "shared_expert_intermediate_size", "bos_token_id", "eos_token_id", "pad_token_id")
-"""Integers >= 0 when present (a sliding window of 0 or None means none)."""
+OPTIONAL_INTS = ("sliding_window", "shared_expert_intermediate_size")
+"""Integers >= 0 when present (a sliding window of 0 or None means none). Token ids are not
+checked here: some configs carry -1 for "no pad token"."""
 
 POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
 """Finite reals > 0 when present."""
@@ -46,7 +47,7 @@ def model_config_problems(cfg: Mapping[str, Any]) -> list[str]:
         if cfg.get(key) is not None:
             numparse.collect(cfg[key], key, None, problems, integer=True, lo=1)
     for key in OPTIONAL_INTS:
-        if cfg.get(key) is not None and not isinstance(cfg.get(key), list):  # eos may list several ids
+        if cfg.get(key) is not None:
             numparse.collect(cfg[key], key, None, problems, integer=True, lo=0)
     for key in POSITIVE_FLOATS:
         if cfg.get(key) is not None:

@@ -203,6 +203,31 @@ def test_integer_key_as_huge_integer(case):
     _check_and_merge(case, text, "seed is too large")
 
 
+def test_integer_beyond_pythons_conversion_limit(case):
+    """PyYAML's int() of a 5000-digit integer raises ValueError: refused naming file and line."""
+    text = _data_free_yaml(case, "task_arithmetic", "{}") + "seed: " + "9" * 5000 + "\n"
+    _check_and_merge(case, text, "m.yaml:7", "5000 digits")
+
+
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("num_attention_heads", 0, "num_attention_heads must be an integer >= 1, got 0"),
+        ("num_attention_heads", "4", "num_attention_heads must be an integer, got '4'"),
+        ("num_key_value_heads", 3, "num_key_value_heads 3 does not divide num_attention_heads 4"),
+        ("hidden_size", HUGE, "hidden_size is too large"),
+    ],
+)
+def test_fine_tune_config_json_numbers(case, key, value, why):
+    ft = case.tmp / "ft"
+    shutil.copytree(case.paths["fts"][0], ft)
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["num_attention_heads"] == 4
+    (ft / "config.json").write_text(json.dumps(cfg | {key: value}))
+    text = f"models:\n  - model: {ft}\nmerge_method: task_arithmetic\nbase_model: {case.paths['base']}\n"
+    _check_and_merge(case, text, "config.json", why)
+
+
 def test_every_problem_is_listed(case):
     """A config error still lists all problems (one per key), the last line starting with `error:`."""
     text = _data_free_yaml(case, "karcher", "{max_iter: 0}") + "memory_budget: infGB\nseed: -1\n"

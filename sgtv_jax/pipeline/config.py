@@ -1156,6 +1156,19 @@ class _NoAliasLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
+    def construct_yaml_int(self, node: Any) -> Any:
+        """An integer too long for Python's str -> int limit is a ConfigError naming the line, not a traceback."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise ConfigError(
+                f"{self.name}:{node.start_mark.line + 1}: an integer of {len(str(node.value))} digits "
+                "(more than Python converts); no setting needs that many"
+            ) from None
+
+
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
+
 
 def read_yaml(path: str | Path) -> Any:
     """The YAML document of `path` (UTF-8, no aliases); ConfigError naming the file and line."""
