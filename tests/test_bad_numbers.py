@@ -427,3 +427,18 @@ def test_gguf_sliding_window_pattern_zero(case, monkeypatch):
         "f32.gguf",
         "gemma2.attention.sliding_window_pattern must be an integer >= 1, got 0",
     )
+
+
+# --------------------------------------------------------------------------- the Python API
+
+
+def test_python_api_refuses_huge_numbers_and_unbounded_iterations():
+    import jax.numpy as jnp
+
+    from sgtv_jax.merge import merge
+
+    base, models = {"w": jnp.zeros((2, 2))}, [{"w": jnp.ones((2, 2))}]
+    with pytest.raises(ValueError, match=r"weights\[0\] must be finite, got 1000.*for tensor 'w'"):
+        merge("task_arithmetic", base, models, weights=[HUGE])
+    with pytest.raises(ValueError, match=r"max_iter must be <= 10000 for tensor 'w'"):
+        merge("karcher", base, models, max_iter=10**9, tol=0.0)
