@@ -108,7 +108,7 @@ def read_orbax_metadata(path: str | Path) -> dict[str, Any]:
 
     ConvertError naming the file and the field (values truncated) when it is
     not JSON, not an object, of another format, without an ``hf_config``
-    object, of an unsupported architecture, with a dtype other than
+    object or model_type string, with a dtype other than
     `PARAM_DTYPES` or with bad numbers in ``hf_config``
     (`convert.model_config`): all before any tensor is restored.
     """
@@ -128,7 +128,10 @@ def read_orbax_metadata(path: str | Path) -> dict[str, Any]:
         raise ConvertError(
             f"{meta_path}: hf_config must be a JSON object (the model's config), got {short_repr(hf_config)}"
         )
-    check_architecture(hf_config, f"{meta_path}: hf_config")
+    if not isinstance(hf_config.get("model_type"), str):
+        raise ConvertError(
+            f"{meta_path}: hf_config.model_type must be a string, got {short_repr(hf_config.get('model_type'))}"
+        )
     if meta.get("model_type") != hf_config["model_type"]:
         raise ConvertError(
             f"{meta_path}: model_type {short_repr(meta.get('model_type'))} differs from hf_config's "
@@ -159,6 +162,7 @@ def restore_orbax(
     if build is not None:
         abstract = nnx.eval_shape(lambda: build(hf_config))
     else:
+        check_architecture(hf_config, f"{path / META_FILE}: hf_config")  # before building: named, not a KeyError
         pd = meta.get("param_dtype") or "float32"
         abstract = nnx.eval_shape(lambda: _default_build(hf_config, pd))
     graphdef, abstract_state = nnx.split(abstract)

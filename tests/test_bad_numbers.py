@@ -346,7 +346,7 @@ def _meta(orbax_dir) -> dict:
         ),
         (
             lambda m: json.dumps(m | {"hf_config": m["hf_config"] | {"model_type": ["x" * 10] * 900}}),
-            ("sgtv_model.json", "unsupported architecture ['xxxxxxxxxx'"),
+            ("sgtv_model.json", "hf_config.model_type must be a string, got ['xxxxxxxxxx'"),
         ),
         (
             lambda m: json.dumps(m | {"hf_config": m["hf_config"] | {"num_attention_heads": 0}}),
