@@ -76,11 +76,11 @@ def problem(
 
     `lo` / `hi` of None or +-inf mean unbounded (integers are still bounded by `INT_MAX`).
     """
-    kind = "an integer" if integer else "a number"
+    need = requirement(integer=integer, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return f"must be {kind}"
+        return need if integer or need == "must be a number" else need.replace("must be", "must be a number", 1)
     if integer and not isinstance(value, numbers.Integral):
-        return "must be an integer"
+        return need
     if integer:
         v: float | int = int(value)  # type: ignore[call-overload]  # numbers.Integral has __int__
         if abs(v) > INT_MAX:
@@ -92,19 +92,34 @@ def problem(
             return f"is too large (beyond the float range, about {sys.float_info.max:.3g})"
         if not math.isfinite(v):
             return "must be finite"
-    lo = None if lo is None or lo == -math.inf else lo
-    hi = None if hi is None or hi == math.inf else hi
+    lo, hi = _finite(lo), _finite(hi)
     below = lo is not None and (v <= lo if lo_open else v < lo)
     above = hi is not None and (v >= hi if hi_open else v > hi)
-    if not (below or above):
-        return None
-    prefix = "must be an integer" if integer else "must be"
+    return need if below or above else None
+
+
+def _finite(bound: float | None) -> float | None:
+    return None if bound is None or math.isinf(bound) else bound
+
+
+def requirement(
+    *,
+    integer: bool = False,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> str:
+    """What `problem` asks for, e.g. ``"must be an integer >= 1"``, ``"must be in [0.0, 1.0]"``."""
+    lo, hi = _finite(lo), _finite(hi)
+    prefix = "must be an integer" if integer else "must be" if lo is not None or hi is not None else "must be a number"
     if lo is not None and hi is not None:
         return f"{prefix} in {'(' if lo_open else '['}{_bound(lo, integer)}, {_bound(hi, integer)}{')' if hi_open else ']'}"
     if lo is not None:
         return f"{prefix} {'>' if lo_open else '>='} {_bound(lo, integer)}"
-    assert hi is not None
-    return f"{prefix} {'<' if hi_open else '<='} {_bound(hi, integer)}"
+    if hi is not None:
+        return f"{prefix} {'<' if hi_open else '<='} {_bound(hi, integer)}"
+    return prefix
 
 
 def number(value: Any, what: str, **bounds: Any) -> int | float:

@@ -55,6 +55,8 @@ def _one_error(case: Case, argv: list[str], *names: str) -> str:
         (-(2**63), {"integer": True}, "is too large (an integer must be within +-9223372036854775807)"),
         (0, {"integer": True, "lo": 1}, "must be an integer >= 1"),
         (0.0, {"lo": 0, "lo_open": True}, "must be > 0.0"),
+        ("x", {"lo": 0, "hi": 1}, "must be a number in [0.0, 1.0]"),
+        (2.5, {"integer": True, "lo": 1}, "must be an integer >= 1"),
         (1e-300, {"lo": 0, "lo_open": True}, None),
         (1.5, {"lo": 0, "hi": 1}, "must be in [0.0, 1.0]"),
         (10001, {"integer": True, "lo": 1, "hi": 10_000}, "must be an integer in [1, 10000]"),
@@ -213,7 +215,7 @@ def test_integer_beyond_pythons_conversion_limit(case):
     "key, value, why",
     [
         ("num_attention_heads", 0, "num_attention_heads must be an integer >= 1, got 0"),
-        ("num_attention_heads", "4", "num_attention_heads must be an integer, got '4'"),
+        ("num_attention_heads", "4", "num_attention_heads must be an integer >= 1, got '4'"),
         ("num_key_value_heads", 3, "num_key_value_heads 3 does not divide num_attention_heads 4"),
         ("hidden_size", HUGE, "hidden_size is too large"),
     ],
@@ -388,7 +390,7 @@ def _gguf(case: Case, monkeypatch, setter: str, write) -> str:
         (
             "add_head_count",
             lambda w, a: w.add_string(f"{a}.attention.head_count", "four"),
-            ("llama.attention.head_count must be an integer, got 'four'",),
+            ("llama.attention.head_count must be an integer >= 1, got 'four'",),
         ),
         (
             "add_head_count",
