@@ -84,6 +84,14 @@ def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         return EXIT_ERROR
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error policy: a bad flag ends with one line starting `error:` (exit 2)."""
+
+    def error(self, message: str) -> Any:  # argparse's own: "usage: ...\nPROG: error: MESSAGE"
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message}\n")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
     """`--debug` before the subcommand (`sgtv --debug merge ...`) or after it."""
     parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
@@ -94,7 +102,7 @@ def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgtv", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="sgtv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # Each job module exposes add_parser(subparsers) that sets `func` on its parser.
     from convert import cli as convert_cli

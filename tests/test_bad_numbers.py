@@ -444,3 +444,22 @@ def test_python_api_refuses_huge_numbers_and_unbounded_iterations():
         merge("task_arithmetic", base, models, weights=[HUGE])
     with pytest.raises(ValueError, match=r"max_iter must be <= 10000 for tensor 'w'"):
         merge("karcher", base, models, max_iter=10**9, tol=0.0)
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["eval", "m", "--seqlen", "abc"], ("argument --seqlen", "invalid int value: 'abc'")),
+        (["merge", "c.yaml", "out", "--lora", "1.5"], ("argument --lora",)),
+        (["nonsense"], ("invalid choice: 'nonsense'",)),
+    ],
+)
+def test_argparse_errors_end_with_an_error_line(argv, names, capsys):
+    """A flag argparse itself refuses (not a number at all) also ends with one `error:` line, exit 2."""
+    from sgtv_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: sgtv") and all(n in last for n in names), last
