@@ -398,6 +398,11 @@ def _gguf(case: Case, monkeypatch, setter: str, write) -> str:
             ("attention.head_count 5 does not divide llama.embedding_length 32",),
         ),
         (
+            "add_bos_token_id",
+            lambda w, a: w.add_string("tokenizer.ggml.bos_token_id", "one"),
+            ("tokenizer.ggml.bos_token_id must be an integer >= 0, got 'one'",),
+        ),
+        (
             "add_layer_norm_rms_eps",
             lambda w, a: w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float("nan")),
             ("llama.attention.layer_norm_rms_epsilon must be finite",),
