@@ -58,7 +58,8 @@ def densities_for_stack(density: float | Sequence[float] | None, tasks: int) -> 
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
+    non_finite = isinstance(value, float) and not math.isfinite(value)  # int(inf) raises OverflowError
+    if isinstance(value, bool) or non_finite or int(value) != value or int(value) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
