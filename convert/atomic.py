@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -207,13 +208,17 @@ def prepare_output(
             "remove the link or create its target"
         )
     if os.path.lexists(target):
+        if not overwrite and not target.is_dir():
+            raise ConvertError(
+                f"{given}: already exists and is {_kind(target)}, not a directory; give a new directory name"
+            )
         if not overwrite:
             raise ConvertError(f"{given}: already exists (pass --overwrite to replace it)")
         via = f" (the target of symlink {given})" if os.path.islink(given) else ""
         if not target.is_dir():
             raise ConvertError(
-                f"{given}{via}: is a file, not a directory; --overwrite replaces only an output "
-                "directory written by sgtv-jax or an empty directory; remove it yourself if it should go"
+                f"{given}{via}: is {_kind(target)}, not a directory; --overwrite replaces only an output "
+                "directory written by sgtv-jax or an empty directory; give a new directory name"
             )
         entries = os.listdir(target)
         if entries and read_marker(target) is None:
@@ -224,6 +229,21 @@ def prepare_output(
             )
     remove_leftovers(target, notify)
     return target
+
+
+def _kind(path: Path) -> str:
+    """What a non-directory `path` is, for messages: "a file", "a character device" (/dev/null), ..."""
+    mode = os.stat(path).st_mode
+    for test, what in (
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return what
+    return "not a directory"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

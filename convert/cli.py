@@ -9,12 +9,14 @@ import argparse
 from typing import Any
 
 from convert.dtypes import DTYPE_CHOICES
-from sgtv_jax.cli import add_debug_flag, run_guarded
+from sgtv_jax import numparse
+from sgtv_jax.cli import Parser, add_debug_flag, run_guarded
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from convert.conversion import convert_to_hf, convert_to_orbax
 
+    numparse.size_flag(args.max_shard_size, "--max-shard-size")  # before any work
     if args.format == "orbax":
         out = convert_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     else:
@@ -80,7 +82,7 @@ def add_parser(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m convert``: the same subcommands as ``sgtv``."""
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser = Parser(prog="python -m convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     add_debug_flag(parser, sub)

@@ -31,6 +31,7 @@ from convert.dtypes import config_dtype_name, is_float, parse_dtype
 from convert.errors import ConvertError
 from convert.model_card import render_model_card
 from convert.safetensors_writer import StreamingSafetensorsWriter
+from sgtv_jax.numparse import show, size_problem
 
 INDEX_FILE = "model.safetensors.index.json"
 _UMASK = os.umask(0)
@@ -75,21 +76,12 @@ UNCHANGED = _Unchanged()
 
 
 def parse_size(size: int | str) -> int:
-    """'5GB' -> 5*10**9 bytes, '500MiB' -> 500*2**20 (transformers' convention)."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ConvertError(f"cannot parse size {size!r} (use e.g. 500MB, 2GB, 1GiB)") from None
+    """'5GB' -> 5*10**9 bytes, '500MiB' -> 500*2**20 (transformers' convention); the rules of
+    `sgtv_jax.numparse.size_problem` (finite, positive, at most int64 bytes)."""
+    total, why = size_problem(size)
+    if why is not None:
+        raise ConvertError(f"size {show(size)} {why} (use e.g. 500MB, 2GB, 1GiB)")
+    return total
 
 
 def _items(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:

@@ -36,6 +36,8 @@ from gguf.quants import dequantize
 
 from convert.architectures import GGUF_ARCHITECTURES, GGUF_MOE_VARIANTS, Architecture
 from convert.errors import ConvertError
+from convert.model_config import check_model_config
+from sgtv_jax import numparse
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -87,6 +89,10 @@ class _Source(NamedTuple):
     tensor: Any  # gguf.ReaderTensor
     expert: int | None  # index into a stacked [E, ...] expert tensor, or None
     shape: tuple[int, ...]  # the HF shape (numpy order)
+
+
+_REQUIRED = object()
+"""Default of `GGUFCheckpoint._int` / `_float`: the field must be present."""
 
 
 class GGUFCheckpoint:
@@ -160,43 +166,65 @@ class GGUFCheckpoint:
             raise ConvertError(f"{self.path}: GGUF metadata lacks {self.architecture}.{suffix}")
         return v
 
+    def _number(self, key: str, value: Any, **bounds: Any) -> Any:
+        """`value` of metadata `key` by the one rule (`sgtv_jax.numparse`); ConvertError naming file and key."""
+        why = numparse.problem(value, **bounds)
+        if why is not None:
+            raise ConvertError(f"{self.path}: GGUF metadata {key} {why}, got {numparse.show(value)}")
+        return int(value) if bounds.get("integer") else float(value)
+
+    def _int(self, suffix: str, default: Any = _REQUIRED, lo: int = 1) -> Any:
+        """Integer field `{arch}.{suffix}` (>= `lo`); `default` when absent (None passes through)."""
+        v = self._require(suffix) if default is _REQUIRED else self._arch_field(suffix, default)
+        return None if v is None else self._number(f"{self.architecture}.{suffix}", v, integer=True, lo=lo)
+
+    def _float(self, suffix: str, default: Any = _REQUIRED) -> Any:
+        """Finite real field `{arch}.{suffix}`; `default` when absent (None passes through)."""
+        v = self._require(suffix) if default is _REQUIRED else self._arch_field(suffix, default)
+        return None if v is None else self._number(f"{self.architecture}.{suffix}", v)
+
     def _build_config(self) -> dict[str, Any]:
-        n_head = int(self._require("attention.head_count"))
-        n_kv = int(self._arch_field("attention.head_count_kv", n_head))
-        hidden = int(self._require("embedding_length"))
-        head_dim = int(self._arch_field("attention.key_length", hidden // n_head))
+        n_head = self._int("attention.head_count")
+        n_kv = self._int("attention.head_count_kv", n_head)
+        hidden = self._int("embedding_length")
+        if self._arch_field("attention.key_length") is None and hidden % n_head:
+            raise ConvertError(
+                f"{self.path}: GGUF metadata {self.architecture}.attention.head_count {n_head} does not divide "
+                f"{self.architecture}.embedding_length {hidden} (and no attention.key_length gives the head size)"
+            )
+        head_dim = self._int("attention.key_length", hidden // n_head)
         embed = self._tensors.get("model.embed_tokens.weight")
         if embed is None:
             raise ConvertError(f"{self.path}: no token_embd.weight tensor")
-        vocab = self._arch_field("vocab_size")
+        vocab = self._int("vocab_size", None)
         if vocab is None:
             tokens = self._field("tokenizer.ggml.tokens")
             vocab = len(tokens) if tokens else int(embed.shape[0])
         arch = self.arch
         mt = arch.model_type
         # Qwen MoE blocks have no dense MLP: their intermediate_size defaults to the experts'.
-        ff = self._arch_field("feed_forward_length") if mt in _QWEN_MOE else self._require("feed_forward_length")
+        ff = self._int("feed_forward_length", None if mt in _QWEN_MOE else _REQUIRED)
         cfg: dict[str, Any] = {
             "architectures": [arch.hf_class],
             "model_type": mt,
-            "vocab_size": int(vocab),
+            "vocab_size": vocab,
             "hidden_size": hidden,
-            "num_hidden_layers": int(self._require("block_count")),
+            "num_hidden_layers": self._int("block_count"),
             "num_attention_heads": n_head,
             "num_key_value_heads": n_kv,
             "head_dim": head_dim,
-            "max_position_embeddings": int(self._arch_field("context_length", 2048)),
-            "rms_norm_eps": _f32_repr(self._arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
+            "max_position_embeddings": self._int("context_length", 2048),
+            "rms_norm_eps": _f32_repr(self._float("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_parameters": {
                 "rope_type": "default",
-                "rope_theta": _f32_repr(self._arch_field("rope.freq_base", 10000.0)),
+                "rope_theta": _f32_repr(self._float("rope.freq_base", 10000.0)),
             },
             # llama.cpp drops output.weight when the head is tied to the embedding.
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "dtype": "float32",
         }
         if ff is not None:
-            cfg["intermediate_size"] = int(ff)
+            cfg["intermediate_size"] = ff
         if mt not in ("gemma2", "gemma3_text"):
             cfg["hidden_act"] = "silu"
         if mt == "llama":
@@ -207,7 +235,7 @@ class GGUFCheckpoint:
             if scaling != "linear":
                 raise ConvertError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
             # gemma3: these become the global layers' parameters (llama.cpp scales only those, as HF does).
-            cfg["rope_parameters"].update(rope_type="linear", factor=float(self._require("rope.scaling.factor")))
+            cfg["rope_parameters"].update(rope_type="linear", factor=self._float("rope.scaling.factor"))
         if mt == "mixtral" or mt in _QWEN_MOE:
             cfg.update(self._moe_config())
             if "intermediate_size" not in cfg:
@@ -223,30 +251,31 @@ class GGUFCheckpoint:
         ):
             v = self._field(gguf_key)
             if v is not None:
-                cfg[hf_key] = int(v)
+                cfg[hf_key] = self._number(gguf_key, v, integer=True, lo=0)
+        check_model_config(cfg, f"{self.path}: config from GGUF metadata")
         return cfg
 
     def _moe_config(self) -> dict[str, Any]:
         """Expert counts and sizes (metadata, else the expert tensors' shapes)."""
         mt = self.arch.model_type
-        n_layers = int(self._require("block_count"))
-        n_experts = int(self._require("expert_count"))
+        n_layers = self._int("block_count")
+        n_experts = self._int("expert_count")
         dense = [
             i for i in range(n_layers) if f"model.layers.{i}.{self.arch.gguf_block['ffn_gate_inp']}.weight" not in self
         ]
         if mt == "mixtral":
             if dense:
                 raise ConvertError(f"{self.path}: block {dense[0]} has no expert router (ffn_gate_inp)")
-            return {"num_local_experts": n_experts, "num_experts_per_tok": int(self._require("expert_used_count"))}
+            return {"num_local_experts": n_experts, "num_experts_per_tok": self._int("expert_used_count")}
         first = next(i for i in range(n_layers) if i not in dense) if len(dense) < n_layers else None
         if first is None:
             raise ConvertError(f"{self.path}: no block has expert tensors (ffn_gate_exps)")
-        moe_ff = self._arch_field("expert_feed_forward_length")
+        moe_ff = self._int("expert_feed_forward_length", None)
         if moe_ff is None:
             moe_ff = self.shape(f"model.layers.{first}.mlp.experts.0.gate_proj.weight")[0]
         out: dict[str, Any] = {
             "num_experts": n_experts,
-            "num_experts_per_tok": int(self._require("expert_used_count")),
+            "num_experts_per_tok": self._int("expert_used_count"),
             "moe_intermediate_size": int(moe_ff),
             "decoder_sparse_step": 1,
             "mlp_only_layers": dense,
@@ -255,7 +284,7 @@ class GGUFCheckpoint:
         }
         bias = f"model.layers.{first}.self_attn.q_proj.bias" in self
         if mt == "qwen2_moe":
-            shared = self._arch_field("expert_shared_feed_forward_length")
+            shared = self._int("expert_shared_feed_forward_length", None, lo=0)
             shared_name = f"model.layers.{first}.mlp.shared_expert.gate_proj.weight"
             if shared is None and shared_name in self:
                 shared = self.shape(shared_name)[0]
@@ -268,16 +297,16 @@ class GGUFCheckpoint:
     def _phi3_config(self, cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
         """Partial rotary, sliding window (0 = none, llama.cpp's Phi-4 marker) and LongRoPE factors."""
         rope = dict(cfg["rope_parameters"])
-        rot = self._arch_field("rope.dimension_count")
-        rope["partial_rotary_factor"] = int(rot) / head_dim if rot else 1.0
-        orig = int(self._arch_field("rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+        rot = self._int("rope.dimension_count", None, lo=0)
+        rope["partial_rotary_factor"] = rot / head_dim if rot else 1.0
+        orig = self._int("rope.scaling.original_context_length", cfg["max_position_embeddings"])
         if self._rope_factors:
             if set(self._rope_factors) != set(_ROPE_FACTORS.values()):
                 raise ConvertError(f"{self.path}: phi3 LongRoPE needs both rope_factors_long and rope_factors_short")
             rope.update(rope_type="longrope", original_max_position_embeddings=orig)
             for key, t in self._rope_factors.items():
                 rope[key] = [_f32_repr(float(x)) for x in np.asarray(t.data, dtype=np.float32).ravel()]
-        window = int(self._arch_field("attention.sliding_window", 0))
+        window = self._int("attention.sliding_window", 0, lo=0)
         return {"rope_parameters": rope, "original_max_position_embeddings": orig, "sliding_window": window or None}
 
     def _gemma_config(self, cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
@@ -287,11 +316,11 @@ class GGUFCheckpoint:
         out: dict[str, Any] = {
             "hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if big else head_dim,
-            "sliding_window": int(self._require("attention.sliding_window")),
+            "sliding_window": self._int("attention.sliding_window"),
         }
         attn_cap, final_cap = (None, None) if gemma3 else (50.0, 30.0)  # llama.cpp's defaults when absent
-        attn_cap = self._arch_field("attn_logit_softcapping", attn_cap)
-        final_cap = self._arch_field("final_logit_softcapping", final_cap)
+        attn_cap = self._float("attn_logit_softcapping", attn_cap)
+        final_cap = self._float("final_logit_softcapping", final_cap)
         out["attn_logit_softcapping"] = None if attn_cap is None else _f32_repr(attn_cap)
         out["final_logit_softcapping"] = None if final_cap is None else _f32_repr(final_cap)
         pattern = self._arch_field("attention.sliding_window_pattern", 6 if gemma3 else 2)
@@ -302,13 +331,15 @@ class GGUFCheckpoint:
                 )
             sliding = [bool(x) for x in pattern]
         else:
-            sliding = [(i + 1) % int(pattern) != 0 for i in range(n_layers)]
+            # every pattern-th block is global: 0 (a division by zero) or a string is refused by name
+            every = self._int("attention.sliding_window_pattern", pattern)
+            sliding = [(i + 1) % every != 0 for i in range(n_layers)]
         out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
         if gemma3:
             full = dict(cfg["rope_parameters"])
             if self._arch_field("rope.freq_base") is None:
                 full["rope_theta"] = 1000000.0  # llama.cpp's gemma3 global default
-            local = {"rope_type": "default", "rope_theta": _f32_repr(self._arch_field("rope.freq_base_swa", 10000.0))}
+            local = {"rope_type": "default", "rope_theta": _f32_repr(self._float("rope.freq_base_swa", 10000.0))}
             out["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
         return out
 

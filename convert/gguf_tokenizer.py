@@ -26,6 +26,7 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from convert.errors import ConvertError
+from sgtv_jax import numparse
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 CONTROL, USER_DEFINED = 3, 4
@@ -94,8 +95,11 @@ def read_tokenizer_spec(gguf_file: str | Path) -> GGUFTokenizerSpec:
         v = field(f"tokenizer.ggml.{key}")
         if v is None:
             return None
-        if not 0 <= int(v) < len(tokens):
-            raise ConvertError(f"{path}: tokenizer.ggml.{key} = {v} is outside the vocabulary of {len(tokens)}")
+        why = numparse.problem(v, integer=True, lo=0, hi=len(tokens) - 1)
+        if why is not None:  # a string or an id past the vocabulary: named, not a ValueError / IndexError
+            raise ConvertError(
+                f"{path}: tokenizer.ggml.{key} = {numparse.show(v)} is outside the vocabulary of {len(tokens)} ({why})"
+            )
         return int(v)
 
     return GGUFTokenizerSpec(

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +50,7 @@ from convert.containment import contained_file
 from convert.errors import ConvertError
 from convert.readers import hf_config_object, open_checkpoint
 from convert.safetensors_reader import SafetensorsCheckpoint
+from sgtv_jax import numparse
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -174,14 +174,12 @@ def _compile(pattern: str, key: str, where: Path) -> None:
 
 
 def _number(v: Any, key: str, where: Path, *, integer: bool = False, positive: bool = False) -> float:
-    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-    if ok and integer:
-        ok = isinstance(v, numbers.Integral)
-    if ok and positive:
-        ok = v > 0
-    if not ok:
+    """A number of ``adapter_config.json`` by the one rule (`sgtv_jax.numparse`): finite, int64 ints."""
+    why = numparse.problem(v, integer=integer, lo=0 if positive else None, lo_open=positive)
+    if why is not None:
         what = "a positive integer" if integer and positive else "a positive number" if positive else "a number"
-        raise ConvertError(f"{where}: {key} must be {what}, got {v!r:.80}")
+        why = f"must be {what}" if why.startswith("must") else why
+        raise ConvertError(f"{where}: {key} {why}, got {numparse.show(v)}")
     return v
 
 

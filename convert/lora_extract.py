@@ -37,6 +37,7 @@ from convert.errors import ConvertError
 from convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, tensor_kinds
 from convert.readers import open_checkpoint
 from convert.safetensors_writer import StreamingSafetensorsWriter
+from sgtv_jax import numparse
 
 REPORT = "lora_report.json"
 
@@ -84,6 +85,14 @@ def _check_pair(model: Checkpoint, base: Checkpoint) -> None:
             )
 
 
+def _check_rank(rank: Any, what: str) -> None:
+    """A LoRA rank: a positive integer within int64 (`sgtv_jax.numparse`); ConvertError naming `what`."""
+    why = numparse.problem(rank, integer=True, lo=1)
+    if why is not None:
+        why = "must be a positive integer" if why.startswith("must") else why
+        raise ConvertError(f"{what} {why}, got {numparse.show(rank)}")
+
+
 def write_adapter(
     dst: str | Path,
     model: Checkpoint,
@@ -103,8 +112,7 @@ def write_adapter(
     wrote it. One tensor pair in memory at a time. ConvertError naming the
     tensor when the two checkpoints differ in architecture, names or shapes.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConvertError(f"LoRA rank must be a positive integer, got {rank!r}")
+    _check_rank(rank, "LoRA rank")
     _check_pair(model, base)
     dst = Path(dst)
     canon, kinds = tensor_kinds(base.config)
@@ -262,8 +270,7 @@ def extract_lora(
     `out` follows `convert.atomic.atomic_output` (never an input; replaced
     only with `overwrite` when it is an earlier sgtv output). Returns the report.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConvertError(f"--rank must be a positive integer, got {rank!r}")
+    _check_rank(rank, "--rank")
     inputs = {"MODEL": str(model), "BASE": str(base)}
     with open_checkpoint(model) as m, open_checkpoint(base) as b:
         with atomic_output(out, kind="lora", overwrite=overwrite, inputs=inputs) as tmp:

@@ -23,7 +23,9 @@ from flax import nnx
 
 from convert.atomic import atomic_output
 from convert.errors import ConvertError
-from convert.readers import hf_config_object
+from convert.model_config import check_model_config
+from convert.readers import check_architecture, hf_config_object
+from sgtv_jax.errors import short_repr
 from sgtv_jax.models import build_model
 
 META_FILE = "sgtv_model.json"
@@ -106,14 +108,48 @@ def save_orbax(
     return Path(dst).absolute()
 
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+"""The parameter dtypes ``sgtv_model.json`` may record (what `write_orbax` writes)."""
+
+
 def read_orbax_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``sgtv_model.json`` of a saved model (model_type, hf_config)."""
+    """The validated ``sgtv_model.json`` of a saved model (format, model_type, hf_config, param_dtype).
+
+    ConvertError naming the file and the field (values truncated) when it is
+    not JSON, not an object, of another format, without an ``hf_config``
+    object or model_type string, with a dtype other than
+    `PARAM_DTYPES` or with bad numbers in ``hf_config``
+    (`convert.model_config`): all before any tensor is restored.
+    """
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise ConvertError(f"{Path(path)}: not an sgtv-jax Orbax checkpoint (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ConvertError(f"{meta_path}: not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(meta, dict):
+        raise ConvertError(f"{meta_path}: must hold a JSON object, got a JSON {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ConvertError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+        raise ConvertError(f"{meta_path}: unknown format {short_repr(meta.get('format'))} (expected {FORMAT})")
+    hf_config = meta.get("hf_config")
+    if not isinstance(hf_config, dict):
+        raise ConvertError(
+            f"{meta_path}: hf_config must be a JSON object (the model's config), got {short_repr(hf_config)}"
+        )
+    if not isinstance(hf_config.get("model_type"), str):
+        raise ConvertError(
+            f"{meta_path}: hf_config.model_type must be a string, got {short_repr(hf_config.get('model_type'))}"
+        )
+    if meta.get("model_type") != hf_config["model_type"]:
+        raise ConvertError(
+            f"{meta_path}: model_type {short_repr(meta.get('model_type'))} differs from hf_config's "
+            f"{short_repr(hf_config['model_type'])}"
+        )
+    pd = meta.get("param_dtype")
+    if pd is not None and pd not in PARAM_DTYPES:
+        raise ConvertError(f"{meta_path}: param_dtype must be one of {', '.join(PARAM_DTYPES)}, got {short_repr(pd)}")
+    check_model_config(hf_config, f"{meta_path}: hf_config")
     return meta
 
 
@@ -135,6 +171,7 @@ def restore_orbax(
     if build is not None:
         abstract = nnx.eval_shape(lambda: build(hf_config))
     else:
+        check_architecture(hf_config, f"{path / META_FILE}: hf_config")  # before building: named, not a KeyError
         pd = meta.get("param_dtype") or "float32"
         abstract = nnx.eval_shape(lambda: _default_build(hf_config, pd))
     graphdef, abstract_state = nnx.split(abstract)

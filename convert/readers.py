@@ -26,6 +26,7 @@ from convert.safetensors_reader import SafetensorsCheckpoint
 from convert.torch_reader import INDEX_FILE as PT_INDEX
 from convert.torch_reader import SINGLE_FILE as PT_SINGLE
 from convert.torch_reader import TorchBinCheckpoint
+from sgtv_jax.errors import short_repr
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -62,7 +63,7 @@ def check_architecture(config: dict[str, Any], where: str | Path) -> str:
     mt = config.get("model_type")
     supported = supported_architectures()
     if mt not in supported:
-        raise ConvertError(f"{where}: unsupported architecture {mt!r}; supported: {', '.join(supported)}")
+        raise ConvertError(f"{where}: unsupported architecture {short_repr(mt)}; supported: {', '.join(supported)}")
     return str(mt)
 
 

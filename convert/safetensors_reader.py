@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from convert.containment import contained_file
 from convert.errors import ConvertError
+from convert.model_config import check_model_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -49,9 +50,13 @@ def read_config(directory: Path) -> dict[str, Any]:
     # Its content is copied into outputs: it may not come from outside the model directory.
     contained_file(directory, "config.json", what="config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except ValueError as e:  # invalid JSON or not UTF-8
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+        raise ConvertError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{path}: must hold a JSON object, got a JSON {type(config).__name__}")
+    check_model_config(config, str(path))  # sizes and counts: a head count of 0 fails here, by name
+    return config
 
 
 class SafetensorsCheckpoint:

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from sgtv_jax import numparse
+
 
 def as_array(x: Any, name: str) -> jax.Array:
     """NumPy / JAX / torch (CPU) array -> JAX array, without importing torch."""
@@ -36,7 +38,7 @@ def require_finite(x: jax.Array, name: str) -> None:
 def check_density(density: Any, name: str = "density") -> float:
     try:
         d = float(density)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float(10**400)
         raise ValueError(f"{name} must be a number in [0, 1], got {density!r}") from e
     if not (0.0 <= d <= 1.0) or math.isnan(d):
         raise ValueError(f"{name} must be in [0, 1], got {density!r}")
@@ -56,7 +58,8 @@ def densities_for_stack(density: float | Sequence[float] | None, tasks: int) -> 
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
+    non_finite = isinstance(value, float) and not math.isfinite(value)  # int(inf) raises OverflowError
+    if isinstance(value, bool) or non_finite or int(value) != value or int(value) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -140,7 +143,7 @@ def check_percdamp(percdamp: Any, guard: Guard) -> None:
     if not is_traced(percdamp):
         try:
             p = float(percdamp)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float(10**400)
             raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}") from e
         if not (math.isfinite(p) and p >= 0):
             raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
@@ -225,6 +228,8 @@ def per_task(value: Any, tasks: int, what: str, name: str | None = None) -> tupl
             f = float(v)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{what}[{i}] must be a number, got {v!r}{where(name)}") from e
+        except OverflowError:  # an int beyond float range (numparse's rule)
+            raise ValueError(f"{what}[{i}] must be finite, got {numparse.show(v)}{where(name)}") from None
         if math.isnan(f) or math.isinf(f):
             raise ValueError(f"{what}[{i}] must be finite, got {v!r}{where(name)}")
         out.append(f)

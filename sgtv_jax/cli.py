@@ -3,7 +3,8 @@
 Every subcommand runs under one error guard (`run_guarded`): an expected
 failure (bad config / checkpoint / data: `SgtvError`; the file system:
 `OSError`; out of memory) prints one `error: ...` line naming the file, model,
-tensor or key and exits with status 2; Ctrl-C exits with 130. Anything else is
+tensor or key (a config with several problems lists them, then ends with an
+`error:` line again) and exits with status 2; Ctrl-C exits with 130. Anything else is
 a bug and keeps its traceback. `sgtv --debug ...` prints the traceback of
 expected failures too.
 """
@@ -77,7 +78,18 @@ def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         if debug:
             traceback.print_exc()
         print(f"error: {msg}", file=sys.stderr)
+        lines = msg.splitlines()
+        if len(lines) > 1:  # a list of problems: the last line is an `error:` line too
+            print(f"error: {lines[0].rstrip(':')} ({len(lines) - 1} problems listed above)", file=sys.stderr)
         return EXIT_ERROR
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error policy: a bad flag ends with one line starting `error:` (exit 2)."""
+
+    def error(self, message: str) -> Any:  # argparse's own: "usage: ...\nPROG: error: MESSAGE"
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message}\n")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
@@ -90,7 +102,7 @@ def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgtv", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="sgtv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # Each job module exposes add_parser(subparsers) that sets `func` on its parser.
     from convert import cli as convert_cli

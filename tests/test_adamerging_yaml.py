@@ -107,7 +107,7 @@ def test_yaml_adamerging_writes_the_library_learned_merge_deterministically(fami
         ({"trim": "wanda"}, "trim 'wanda' reads per-layer calibration statistics"),
         ({"trim": "magprune"}, "trim 'magprune' is not applied by its learning pass"),
         ({"trim": [{"filter": "mlp", "value": "magnitude"}, {"value": "random"}]}, "trim: merge_method 'adamerging'"),
-        ({"parameters": {"steps": 0}}, r"parameters.steps must be in \[1.0, inf\], got 0"),
+        ({"parameters": {"steps": 0}}, r"parameters.steps must be an integer in \[1, 100000\], got 0"),
         ({"parameters": {"learning_rate": 0.0}}, "parameters.learning_rate must be > 0"),
         ({"parameters": {"init": 1.5}}, r"parameters.init must be in \[0, 1\] while parameters.clip is true"),
         ({"parameters": {"init": [0.1, 0.5]}}, "parameters.init must be one value"),

@@ -51,6 +51,7 @@ from flax import nnx
 from sgtv_jax.merge.combine import weighted_sum
 from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.methods import Floats, task_arithmetic
+from sgtv_jax.merge.specs import MAX_LEARNING_STEPS
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.merge.trim import trim as trim_stack
 
@@ -146,8 +147,8 @@ def learn_coefficients(
     progress; it only observes: the values are those without it). Unordered:
     call `jax.effects_barrier()` before relying on every call having run.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 1 <= steps <= MAX_LEARNING_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_LEARNING_STEPS}], got {steps}")
     if clip is not None and not clip[0] <= clip[1]:
         raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip}")
     tasks = jax.tree.leaves(taus)[0].shape[0]

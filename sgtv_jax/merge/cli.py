@@ -27,7 +27,9 @@ def _param_line(ps: Any) -> str:
         rng = "one of " + " | ".join(map(str, ps.choices))
     elif ps.lo is not None or ps.hi is not None:
         lo = "-inf" if ps.lo is None else _value(float(ps.lo))
-        rng = f"in [{lo}, {_value(float(ps.hi)) if ps.hi is not None else 'inf'}]"
+        finite_hi = ps.hi is not None and math.isfinite(ps.hi)
+        hi = f"{_value(float(ps.hi))}]" if finite_hi else "inf)"
+        rng = f"in {'(' if ps.lo_open else '['}{lo}, {hi}"
     else:
         rng = "any"
     default = "required" if ps.required else f"default {_value(ps.default) if ps.default is not None else 'auto'}"

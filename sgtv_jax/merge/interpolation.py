@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from sgtv_jax import _checks
 from sgtv_jax.merge import combine
 from sgtv_jax.merge.methods import Floats
+from sgtv_jax.merge.specs import KARCHER_MAX_ITER
 
 SLERP_DOT_THRESHOLD = 0.9995
 """slerp interpolates linearly when `|cos(angle)|` of the two models exceeds this (mergekit's value)."""
@@ -225,6 +226,10 @@ def karcher(
     x = _stack(deltas, name, guard)
     tasks = x.shape[0]
     max_iter = _checks.check_positive_int(max_iter, "max_iter") if not _checks.is_traced(max_iter) else max_iter
+    # the declared bound (specs.KARCHER_MAX_ITER): with tol 0 the loop runs max_iter times
+    guard.require(
+        jnp.asarray(max_iter) <= KARCHER_MAX_ITER, f"max_iter must be <= {KARCHER_MAX_ITER}{_checks.where(name)}"
+    )
     guard.require(jnp.asarray(tol) >= 0, f"tol must be >= 0{_checks.where(name)}")
     w = jnp.asarray(_checks.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
     guard.require(jnp.sum(w) != 0, f"karcher needs weights that do not sum to 0{_checks.where(name)}")

@@ -35,12 +35,21 @@ from sgtv_jax.merge.trim import COUNTS
 
 KINDS = ("bool", "float", "int", "choice")
 
+KARCHER_MAX_ITER = 10_000
+"""karcher's `max_iter` bound: it converges in tens of iterations; 10k bounds a tensor's loop to seconds."""
+MAX_LEARNING_STEPS = 100_000
+"""AdaMerging's and WUDI's `steps` bound (their defaults are 100 and 300): a run stays finite."""
+
 
 class ParamSpec(NamedTuple):
     """One parameter: `name` as written in a config (`lambda`, not `lambda_`).
 
-    `lo` / `hi`: inclusive bounds for numbers (None: unbounded); `choices`: the
-    allowed values of a "choice"; `arg`: the keyword of the method function.
+    `lo` / `hi`: inclusive bounds for numbers (None: unbounded), `lo` exclusive
+    when `lo_open` (a step size "> 0"); iteration counts always have a finite
+    `hi` (`KARCHER_MAX_ITER`, `MAX_LEARNING_STEPS`), so no config can ask for an endless loop.
+    `choices`: the allowed values of a "choice"; `arg`: the keyword of the
+    method function. Config validation (`sgtv check`, `sgtv merge`) and the
+    Python API's `sgtv_jax.merge.merge` enforce these ranges.
     """
 
     name: str
@@ -52,6 +61,7 @@ class ParamSpec(NamedTuple):
     choices: tuple[Any, ...] = ()
     arg: str = ""
     required: bool = False
+    lo_open: bool = False
 
     @property
     def keyword(self) -> str:
@@ -308,7 +318,7 @@ _NEW = (
     _plain(
         "karcher",
         (
-            ParamSpec("max_iter", "int", 10, 1, math.inf, doc="most Riemannian mean iterations"),
+            ParamSpec("max_iter", "int", 10, 1, KARCHER_MAX_ITER, doc="most Riemannian mean iterations"),
             ParamSpec("tol", "float", 1e-5, 0.0, math.inf, doc="convergence and zero-norm tolerance"),
         ),
         "Riemannian (Karcher) mean of the models on the sphere, scaled by their mean norm",
@@ -427,8 +437,10 @@ need per-layer statistics. `random` draws other masks there than in the merge (`
 METHOD_SPECS["adamerging"] = MethodSpec(
     "adamerging",
     (
-        ParamSpec("steps", "int", 100, 1, math.inf, doc="learning steps (Adam), one calibration batch each"),
-        ParamSpec("learning_rate", "float", 1e-3, 0.0, math.inf, doc="Adam step size of the coefficients (> 0)"),
+        ParamSpec("steps", "int", 100, 1, MAX_LEARNING_STEPS, doc="learning steps (Adam), one calibration batch each"),
+        ParamSpec(
+            "learning_rate", "float", 1e-3, 0.0, math.inf, doc="Adam step size of the coefficients (> 0)", lo_open=True
+        ),
         ParamSpec("init", "float", 0.3, doc="every coefficient's starting value (in [0, 1] with clip)"),
         ParamSpec("clip", "bool", True, doc="project the coefficients onto [0, 1] after each step"),
         _RESCALE,
@@ -448,8 +460,8 @@ METHOD_SPECS["adamerging"] = MethodSpec(
 METHOD_SPECS["wudi"] = _plain(
     "wudi",
     (
-        ParamSpec("steps", "int", 300, 0, math.inf, doc="Adam steps from the task vectors' sum"),
-        ParamSpec("learning_rate", "float", 1e-5, 0.0, math.inf, doc="Adam step size (> 0)"),
+        ParamSpec("steps", "int", 300, 0, MAX_LEARNING_STEPS, doc="Adam steps from the task vectors' sum"),
+        ParamSpec("learning_rate", "float", 1e-5, 0.0, math.inf, doc="Adam step size (> 0)", lo_open=True),
     ),
     "data-free: each linear layer's merged task vector fits every task vector's rows as that task's "
     "inputs (WUDI; Adam from the sum); other tensors summed",

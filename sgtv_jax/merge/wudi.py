@@ -34,6 +34,7 @@ import optax
 from sgtv_jax import _checks
 from sgtv_jax.merge import combine
 from sgtv_jax.merge.methods import Floats
+from sgtv_jax.merge.specs import MAX_LEARNING_STEPS
 
 _HP = jax.lax.Precision.HIGHEST
 
@@ -75,8 +76,10 @@ def wudi(
     x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     tasks = x.shape[0]
     w = _checks.per_task_values(weights, tasks, "weights", name, guard)
-    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-        raise ValueError(f"wudi steps must be a non-negative integer, got {steps!r}{_checks.where(name)}")
+    if isinstance(steps, bool) or int(steps) != steps or not 0 <= steps <= MAX_LEARNING_STEPS:
+        raise ValueError(
+            f"wudi steps must be a non-negative integer <= {MAX_LEARNING_STEPS}, got {steps!r}{_checks.where(name)}"
+        )
     if _checks.is_traced(learning_rate):
         guard.require(learning_rate > 0, f"wudi learning_rate must be > 0{_checks.where(name)}")
     elif not float(learning_rate) > 0:

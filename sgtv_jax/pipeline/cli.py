@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sgtv_jax import numparse
 from sgtv_jax.pipeline.rendezvous import DEFAULT_INIT_TIMEOUT
 
 
@@ -71,6 +72,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.mesh import init_distributed, is_writer
     from sgtv_jax.pipeline.sequential import run_merge
 
+    numparse.flag(args.lora, "--lora", integer=True, lo=1)
     # before anything touches a device: every process of a multi-host run joins first
     init_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     cfg = load_config(args.config)
@@ -120,6 +122,7 @@ def _run_extract_lora(args: argparse.Namespace) -> int:
 def _run_check(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.config import load_config
 
+    numparse.flag(args.lora, "--lora", integer=True, lo=1)
     cfg = load_config(args.config)
     result = _check(cfg, args.config, args.lora)
     memory = _memory_check(cfg, args.force)
@@ -131,15 +134,18 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.evaluate import evaluate
 
-    res = evaluate(args.model_dir, text=args.text, jsonl=args.jsonl, seqlen=args.seqlen)
+    seqlen = numparse.flag(args.seqlen, "--seqlen", integer=True, lo=1)
+    res = evaluate(args.model_dir, text=args.text, jsonl=args.jsonl, seqlen=seqlen)
     print(json.dumps(res))
     return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from sgtv_jax.merge.specs import MAX_LEARNING_STEPS
     from sgtv_jax.pipeline.demo import run_demo
 
-    run_demo(args.out, overwrite=args.overwrite, steps=args.steps, cache_dir=args.cache_dir)
+    steps = numparse.flag(args.steps, "--steps", integer=True, lo=0, hi=MAX_LEARNING_STEPS)
+    run_demo(args.out, overwrite=args.overwrite, steps=steps, cache_dir=args.cache_dir)
     return 0
 
 

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,8 +66,8 @@ import jinja2
 import yaml
 
 from convert.errors import ConvertError
-from convert.export import parse_size
 from convert.lora import read_adapter_config
+from sgtv_jax import numparse
 from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
@@ -369,16 +368,7 @@ class MergeConfig:
 
 def _memory_budget(value: Any, problems: list[str]) -> int:
     """`memory_budget` in bytes (a size such as 256MiB or 1GB, or a positive byte count)."""
-    try:
-        if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
-            raise ConvertError("not a size")
-        budget = parse_size(value if isinstance(value, str) else int(value))
-    except ConvertError:
-        budget = 0
-    if budget < 1:
-        problems.append(f"memory_budget must be a positive size such as 256MiB or 2GB, got {short_repr(value)}")
-        return DEFAULT_MEMORY_BUDGET
-    return budget
+    return numparse.collect_size(value, "memory_budget", DEFAULT_MEMORY_BUDGET, problems)
 
 
 # --------------------------------------------------------------------------- specs
@@ -423,11 +413,7 @@ def _path(value: Any, root: Path, where: str, problems: list[str]) -> str:
 
 
 def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: list[str], minimum: int = 1) -> int:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < minimum:
-        problems.append(f"{where}{key} must be an integer >= {minimum}, got {short_repr(v)}")
-        return default
-    return int(v)
+    return numparse.collect(d.get(key, default), f"{where}{key}", default, problems, integer=True, lo=minimum)
 
 
 def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> CalibrationConfig | None:
@@ -491,16 +477,8 @@ def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
         )
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return f"must be a number (or a gradient / filter rules), got {short_repr(v)}"
-    if ps.kind == "int" and not isinstance(v, numbers.Integral):
-        return f"must be an integer, got {short_repr(v)}"
-    v = float(v)
-    if not math.isfinite(v):
-        return f"must be finite, got {v!r}"
-    if (ps.lo is not None and v < ps.lo) or (ps.hi is not None and v > ps.hi):
-        lo = "-inf" if ps.lo is None else float(ps.lo)
-        hi = "inf" if ps.hi is None else float(ps.hi)
-        return f"must be in [{lo}, {hi}], got {v!r}"
-    return None
+    why = numparse.problem(v, integer=ps.kind == "int", lo=ps.lo, hi=ps.hi, lo_open=ps.lo_open)
+    return None if why is None else f"{why}, got {numparse.show(v)}"
 
 
 def check_param(spec: Any, ps: ParamSpec, where: str, problems: list[str]) -> None:
@@ -696,8 +674,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     chat_template = _chat_template(raw.get("chat_template"), problems)
     hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
     percdamp = raw.get("percdamp", 0.01)
-    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 <= float(percdamp) < math.inf:
-        problems.append(f"percdamp must be a finite number >= 0, got {short_repr(percdamp)}")
+    if numparse.problem(percdamp, lo=0) is not None:
+        problems.append(f"percdamp must be a finite number >= 0, got {numparse.show(percdamp)}")
         percdamp = 0.01
     blocksize = _int(raw, "blocksize", 128, "", problems)
     prunen = _int(raw, "prunen", 0, "", problems, minimum=0)
@@ -709,8 +687,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     # the N:M rules (each value's type was checked above, bad ones replaced by the defaults)
     problems.extend(ObsOptions(blocksize, float(percdamp), prunen, prunem, refit).problems())
     shard = raw.get("max_shard_size", "5GB")
-    if isinstance(shard, bool) or not isinstance(shard, (str, numbers.Integral)):
-        problems.append(f"max_shard_size must be a size such as 500MB or 5GB, got {short_repr(shard)}")
+    if numparse.collect_size(shard, "max_shard_size", None, problems) is None:
         shard = "5GB"
     budget = _memory_budget(raw.get("memory_budget", DEFAULT_MEMORY_BUDGET), problems)
     calib = _calibration(raw.get("calibration"), root, "calibration", problems)
@@ -755,7 +732,8 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     elif spec is not None and entries and not problems:
         _cross_checks(cfg, spec, problems)
     if problems:
-        raise ConfigError("invalid merge config:\n  - " + "\n  - ".join(problems))
+        sep = ": " if len(problems) == 1 else ":\n  - "  # one problem: one line
+        raise ConfigError("invalid merge config" + sep + "\n  - ".join(problems))
     return cfg
 
 
@@ -843,9 +821,6 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
         v = cfg.parameters.get(k)
         if isinstance(v, (list, tuple)):
             problems.append(f"parameters.{k} must be one value for merge_method {name!r}, got {short_repr(v)}")
-    lr = cfg.parameters.get("learning_rate", 1.0)
-    if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and float(lr) <= 0:
-        problems.append(f"parameters.learning_rate must be > 0, got {lr!r}")
     init = cfg.parameters.get("init", 0.3)
     clip = cfg.parameters.get("clip", True)
     if clip is True and isinstance(init, numbers.Real) and not isinstance(init, bool) and not 0 <= float(init) <= 1:
@@ -1201,6 +1176,19 @@ class _NoAliasLoader(yaml.SafeLoader):
                 "refused (aliases/anchors are not supported in merge configs; write the value out)"
             )
         return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        """An integer too long for Python's str -> int limit is a ConfigError naming the line, not a traceback."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise ConfigError(
+                f"{self.name}:{node.start_mark.line + 1}: an integer of {len(str(node.value))} digits "
+                "(more than Python converts); no setting needs that many"
+            ) from None
+
+
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
 
 
 def read_yaml(path: str | Path) -> Any:
