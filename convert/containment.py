@@ -93,3 +93,17 @@ def read_contained_json(directory: str | Path, name: str, *, what: str) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
         raise ConvertError(f"{Path(directory) / name}: not valid JSON ({e})") from None
+
+
+def contained_tree(directory: str | Path, name: str, *, what: str) -> Path:
+    """`contained_file` for a folder ``name`` of ``directory`` and everything under it.
+
+    For readers that open a whole tree themselves (Orbax's ``state/``): the
+    folder, each subfolder and each file must resolve inside ``directory``.
+    """
+    top = contained_file(directory, name, what=what)
+    for here, dirs, files in os.walk(Path(directory) / name):
+        for entry in dirs + files:
+            rel = os.path.relpath(os.path.join(here, entry), directory)
+            contained_file(directory, rel, what=f"{what} ({rel})")
+    return top

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from convert.atomic import atomic_output
+from convert.containment import contained_file, contained_tree
 from convert.errors import ConvertError
 from convert.model_config import check_model_config
 from convert.readers import check_architecture, hf_config_object
@@ -124,6 +125,7 @@ def read_orbax_metadata(path: str | Path) -> dict[str, Any]:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise ConvertError(f"{Path(path)}: not an sgtv-jax Orbax checkpoint (no {META_FILE})")
+    contained_file(path, META_FILE, what=META_FILE)
     try:
         meta = json.loads(meta_path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
@@ -175,6 +177,7 @@ def restore_orbax(
         pd = meta.get("param_dtype") or "float32"
         abstract = nnx.eval_shape(lambda: _default_build(hf_config, pd))
     graphdef, abstract_state = nnx.split(abstract)
+    contained_tree(path, STATE_DIR, what=f"Orbax {STATE_DIR}")  # orbax reads the tree itself
     ckptr = ocp.StandardCheckpointer()
     try:
         state = ckptr.restore(path / STATE_DIR, abstract_state)

@@ -54,7 +54,14 @@ READ_CALLS = {
     "restore",
 }
 # Functions that check a path with the rule (contained_file itself, or readers that call it first).
-CONTAINED = {"contained_file", "read_contained_text", "read_contained_json", "load_local_tokenizer", "model_files"}
+CONTAINED = {
+    "contained_file",
+    "contained_tree",
+    "read_contained_text",
+    "read_contained_json",
+    "load_local_tokenizer",
+    "model_files",
+}
 
 # (module, enclosing function, call) -> why it needs no containment check there.
 ALLOWED = {
@@ -72,8 +79,6 @@ ALLOWED = {
     ("convert/gguf_tokenizer.py", "_save_with_transformers", "AutoTokenizer.from_pretrained"): (
         "a temporary folder holding the named GGUF file alone"
     ),
-    ("convert/orbax_io.py", "read_orbax_metadata", "meta_path.read_text"): "an Orbax checkpoint named by path",
-    ("convert/orbax_io.py", "restore_orbax", "ckptr.restore"): "an Orbax checkpoint named by path",
     # our own outputs and work files
     ("sgtv_jax/pipeline/cli.py", "_run_merge", "(adapter / REPORT).read_text"): "the report this merge just wrote",
     ("sgtv_jax/pipeline/tokenizer.py", "write_tokenizer_files", "tc.read_text"): (
@@ -401,3 +406,27 @@ def test_orbax_output_names_no_temporary_path_and_restores(fam, tmp_path, capsys
     for k, v in _params(restore_orbax(converted)[0]).items():
         assert v.tobytes() == _params(base)[k].tobytes(), k
     assert os.path.realpath(tmp_path / "ob") != str(tmp_path)
+
+
+@pytest.mark.parametrize("member", ["sgtv_model.json", "state"])
+def test_orbax_file_from_outside_its_folder_is_refused(fam, tmp_path, capsys, member):
+    """An Orbax checkpoint's sidecar, or any file of its state tree, linked outside it is refused by name."""
+    from convert import convert_to_orbax
+
+    root, paths = fam
+    src = convert_to_orbax(paths["base"], tmp_path / "ob")
+    if member == "state":  # the largest file of the state tree, moved out and linked back
+        victim = max((p for p in (src / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    else:
+        victim = src / member
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    moved = outside / victim.name
+    shutil.move(victim, moved)
+    victim.symlink_to(moved)
+    before = _digests(src, outside)
+    rc, err = _cli(capsys, "convert", src, tmp_path / "out")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: ") and victim.name in last and "outside" in last, err
+    assert _digests(src, outside) == before
+    assert not (tmp_path / "out").exists()
