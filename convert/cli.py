@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from convert.dtypes import DTYPE_CHOICES
-from sgtv_jax.cli import add_debug_flag, run_guarded
+from sgtv_jax.cli import ArgumentParser, add_debug_flag, run_guarded
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -80,7 +80,7 @@ def add_parser(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m convert``: the same subcommands as ``sgtv``."""
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser = ArgumentParser(prog="python -m convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     add_debug_flag(parser, sub)
