@@ -49,9 +49,12 @@ def read_config(directory: Path) -> dict[str, Any]:
     # Its content is copied into outputs: it may not come from outside the model directory.
     contained_file(directory, "config.json", what="config.json")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except ValueError as e:  # invalid JSON or not UTF-8
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 class SafetensorsCheckpoint:
