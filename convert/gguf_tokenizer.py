@@ -200,7 +200,14 @@ def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec)
             f"need nothing more"
         )
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from the file
-    AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).save_pretrained(str(dst))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    except Exception as e:  # noqa: BLE001 - its GGUF loader raises Value/Key/Type errors on odd metadata
+        reason = " ".join(str(e).split())[:300]
+        raise ConvertError(
+            f"{gguf_file}: transformers cannot build its tokenizer (tokenizer.ggml.model {spec.model!r}): {reason}"
+        ) from None
+    tok.save_pretrained(str(dst))
 
 
 def save_gguf_tokenizer(gguf_file: str | Path, dst: str | Path) -> None:

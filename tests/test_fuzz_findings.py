@@ -148,3 +148,15 @@ def test_fine_tune_config_is_not_copied(fam, tmp_path):
         ["merge", _yaml(tmp_path, paths["base"], [paths["fts"][0], ft]), out, "--quiet"], [root, tmp_path], out
     )
     assert res.rc == 0 and json.loads((out / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_gguf_without_tokenizer_model_names_the_file(tmp_path):
+    """A GGUF whose tokenizer.ggml.model is missing (e.g. its key's bytes corrupted): transformers' loader
+    raised ValueError through `sgtv convert`."""
+    from test_fuzz_headers import GGUF_META, write_gguf
+
+    meta = {k: v for k, v in GGUF_META.items() if k != "tokenizer.ggml.model"}
+    path = write_gguf(tmp_path / "m.gguf", meta)
+    res = run_cli(["convert", path, tmp_path / "out", "-q"], [tmp_path], tmp_path / "out")
+    assert res.rc == 2 and f"{path}: transformers cannot build its tokenizer (tokenizer.ggml.model " in res.err
+    assert not (tmp_path / "out").exists()
