@@ -29,6 +29,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
@@ -126,16 +128,18 @@ def run_cli(
     fmt: str = "hf",
     note: str = "",
     seconds: float | None = None,
+    subprocess_s: float | None = None,
 ) -> Outcome | None:
     """Run `sgtv argv` in-process and assert the fuzz property (module doc); OUT = `out`, written as `fmt`.
 
     With $SGTV_FUZZ_LOG set, a failure is appended to that file instead of raised
     (a long run then lists every failing example, not only the first). `note`
     (what the example's input is) goes into the failure message; `seconds`
-    bounds the run (default $SGTV_FUZZ_DEADLINE or 60).
+    bounds the run (default $SGTV_FUZZ_DEADLINE or 60); `subprocess_s`: run it
+    in a subprocess killed after that many seconds instead.
     """
     try:
-        return _run_cli(argv, watch, out, fmt, seconds)
+        return _run_cli(argv, watch, out, fmt, seconds, subprocess_s)
     except AssertionError as e:
         msg = f"{e}\ninput: {note[:4000]}" if note else str(e)
         log = os.environ.get(LOG_ENV)
@@ -146,10 +150,7 @@ def run_cli(
         return None
 
 
-def _run_cli(argv: Sequence[str], watch: Sequence[Path], out: Path | None, fmt: str, seconds: float | None) -> Outcome:
-    argv = [str(a) for a in argv]
-    watch = list(watch) + ([Path(_PRIVATE_TMP[0])] if _PRIVATE_TMP else [])
-    before = snapshot(*watch)
+def _in_process(argv: list[str], seconds: float | None) -> Outcome:
     o, e = io.StringIO(), io.StringIO()
     rc: Any
     try:
@@ -160,7 +161,33 @@ def _run_cli(argv: Sequence[str], watch: Sequence[Path], out: Path | None, fmt: 
     except BaseException as x:  # noqa: BLE001 - a traceback or a hang is the finding
         tb = "".join(traceback.format_exception(x))
         raise AssertionError(f"sgtv {argv!r} raised instead of exiting:\n{tb}\nstderr: {e.getvalue()[-2000:]}") from x
-    res = Outcome(argv, rc, o.getvalue(), e.getvalue())
+    return Outcome(argv, rc, o.getvalue(), e.getvalue())
+
+
+def _in_subprocess(argv: list[str], seconds: float) -> Outcome:
+    """`python -m sgtv_jax.cli argv` (for what may block in native code: a multi-host handshake)."""
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "sgtv_jax.cli", *argv], capture_output=True, text=True, timeout=seconds
+        )
+    except subprocess.TimeoutExpired as x:
+        raise AssertionError(f"sgtv {argv!r} ran longer than {seconds} s; stderr: {str(x.stderr)[-2000:]}") from None
+    return Outcome(argv, p.returncode, p.stdout, p.stderr)
+
+
+def _run_cli(
+    argv: Sequence[str],
+    watch: Sequence[Path],
+    out: Path | None,
+    fmt: str,
+    seconds: float | None,
+    subprocess_s: float | None = None,
+) -> Outcome:
+    argv = [str(a) for a in argv]
+    watch = list(watch) + ([Path(_PRIVATE_TMP[0])] if _PRIVATE_TMP else [])
+    before = snapshot(*watch)
+    res = _in_process(argv, seconds) if not subprocess_s else _in_subprocess(argv, subprocess_s)
+    rc = res.rc
     assert rc in (0, 2), f"exit status not 0 or 2: {res}"
     assert "Traceback" not in res.err, f"a traceback: {res}"
     if rc == 2:
