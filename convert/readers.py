@@ -80,10 +80,27 @@ def hf_config_object(config: dict[str, Any], where: str | Path = "config.json") 
     for k in ("transformers_version", "_name_or_path", "_model_name_or_path"):
         cfg.pop(k, None)
     try:
-        return AutoConfig.for_model(mt, **cfg)
+        obj = AutoConfig.for_model(mt, **cfg)
     except Exception as e:  # noqa: BLE001 - its config classes raise strict-dataclass, Type, Value, Attribute errors
         reason = " ".join(str(e).split())[:300]
         raise ConvertError(f"{where}: transformers refuses this {mt!r} config: {reason}") from None
+    _check_activations(obj, where)
+    return obj
+
+
+_ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+
+
+def _check_activations(obj: Any, where: str | Path) -> None:
+    """An activation transformers does not know builds no model (KeyError when the model is built)."""
+    try:
+        from transformers.activations import ACT2FN  # noqa: PLC0415 (needs torch: checked only where it is installed)
+    except ImportError:
+        return
+    for key in _ACTIVATION_KEYS:
+        v = getattr(obj, key, None)
+        if v is not None and (not isinstance(v, str) or v not in ACT2FN):
+            raise ConvertError(f"{where}: {key} {v!r} is not an activation transformers knows")
 
 
 def config_source(ckpt: Checkpoint) -> Path:

@@ -7,7 +7,8 @@
   `sgtv convert` / `sgtv eval`;
 - a base whose config.json does not describe its tensors (hidden_size 0, a
   head_dim that does not fit) was merged by name into an output that
-  transformers cannot load (exit 0); now `sgtv check` and `sgtv merge` refuse it.
+  transformers cannot load (exit 0); now `sgtv check` and `sgtv merge` refuse it;
+- a GGUF without tokenizer.ggml.model: a ValueError traceback from transformers' loader.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def test_bad_flags_end_with_an_error_line(argv, last, capsys):
         ({"vocab_size": 1.5e15}, ("transformers refuses", "'vocab_size'", "expected int")),
         ({"dtype": "llama"}, ("transformers refuses", "llama")),
         ({"rope_parameters": False}, ("transformers refuses", "'rope_parameters'")),
+        ({"hidden_act": "bogus"}, ("hidden_act 'bogus' is not an activation transformers knows",)),
     ],
 )
 @pytest.mark.parametrize("command", ["convert", "eval"])
@@ -122,6 +124,7 @@ def test_config_json_not_an_object(fam, tmp_path):
         ({"hidden_size": 0}, ("'lm_head.weight' has shape (300, 32) but the config expects (300, 0)",)),
         ({"head_dim": 36684}, ("self_attn.k_proj.weight' has shape (16, 32) but the config expects (73368, 32)",)),
         ({"num_hidden_layers": 0}, ("unexpected tensor 'model.layers.0.",)),
+        ({"hidden_act": "bogus"}, ("hidden_act 'bogus' is not an activation",)),
     ],
 )
 @pytest.mark.parametrize("command", ["check", "merge"])
