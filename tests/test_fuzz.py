@@ -13,7 +13,7 @@ values, unknown keys, wrong nesting, deleted keys, odd model paths, slices,
 calibration, tokenizer and chat-template keys. Flag values: tests/test_fuzz_flags.py.
 
 CI runs a few examples per test (derandomized: the same examples every run,
-about a minute and a half for this module on two cores). Maintainers run longer with
+about 90 s for all tests/test_fuzz*.py on two cores). Maintainers run longer with
 `SGTV_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_fuzz*.py`
 (`SGTV_FUZZ_DEADLINE` bounds each example, default 60 s).
 """
