@@ -10,7 +10,7 @@ from typing import Any
 
 from convert.dtypes import DTYPE_CHOICES
 from sgtv_jax import numparse
-from sgtv_jax.cli import Parser, add_debug_flag, run_guarded
+from sgtv_jax.cli import ArgumentParser, add_debug_flag, run_guarded
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -82,7 +82,7 @@ def add_parser(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m convert``: the same subcommands as ``sgtv``."""
-    parser = Parser(prog="python -m convert", description=__doc__)
+    parser = ArgumentParser(prog="python -m convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     add_debug_flag(parser, sub)

@@ -209,7 +209,14 @@ def _save_with_transformers(gguf_file: Path, dst: Path, spec: GGUFTokenizerSpec)
     # (tokenizer.json, tokenizer_config.json), so it gets a folder holding the GGUF alone.
     with tempfile.TemporaryDirectory(prefix="sgtv-gguf-") as alone:
         os.symlink(os.path.realpath(gguf_file), Path(alone) / gguf_file.name)
-        AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name).save_pretrained(str(dst))
+        try:
+            tok = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
+        except Exception as e:  # noqa: BLE001 - its GGUF loader raises Value/Key/Type errors on odd metadata
+            reason = " ".join(str(e).split())[:300]
+            raise ConvertError(
+                f"{gguf_file}: transformers cannot build its tokenizer (tokenizer.ggml.model {spec.model!r}): {reason}"
+            ) from None
+        tok.save_pretrained(str(dst))
 
 
 def save_gguf_tokenizer(gguf_file: str | Path, dst: str | Path) -> None:

@@ -67,15 +67,71 @@ def check_architecture(config: dict[str, Any], where: str | Path) -> str:
     return str(mt)
 
 
-def hf_config_object(config: dict[str, Any]) -> Any:
-    """A transformers ``PretrainedConfig`` from a config dict (local, no remote code)."""
+def hf_config_object(config: dict[str, Any], where: str | Path = "config.json") -> Any:
+    """A transformers ``PretrainedConfig`` from a config dict (local, no remote code).
+
+    ConvertError naming `where` (the file the dict came from) and transformers'
+    reason when transformers refuses the values (a field of the wrong type,
+    heads that do not divide the hidden size, an unknown dtype, ...).
+    """
     from transformers import AutoConfig  # noqa: PLC0415 (transformers takes ~2 s to import; only this path needs it)
 
+    if not isinstance(config, dict):
+        raise ConvertError(f"{where}: a model config must be a JSON object, got {type(config).__name__}")
     cfg = dict(config)
-    mt = cfg.pop("model_type")
+    mt = cfg.pop("model_type", None)
     for k in ("transformers_version", "_name_or_path", "_model_name_or_path"):
         cfg.pop(k, None)
-    return AutoConfig.for_model(mt, **cfg)
+    try:
+        obj = AutoConfig.for_model(mt, **cfg)
+    except Exception as e:  # noqa: BLE001 - its config classes raise strict-dataclass, Type, Value, Attribute errors
+        reason = " ".join(str(e).split())[:300]
+        raise ConvertError(f"{where}: transformers refuses this {mt!r} config: {reason}") from None
+    _check_activations(obj, where)
+    return obj
+
+
+_ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+
+
+def _check_activations(obj: Any, where: str | Path) -> None:
+    """An activation transformers does not know builds no model (KeyError when the model is built)."""
+    try:
+        from transformers.activations import ACT2FN  # noqa: PLC0415 (needs torch: checked only where it is installed)
+    except ImportError:
+        return
+    for key in _ACTIVATION_KEYS:
+        v = getattr(obj, key, None)
+        if v is not None and (not isinstance(v, str) or v not in ACT2FN):
+            raise ConvertError(f"{where}: {key} {v!r} is not an activation transformers knows")
+
+
+def config_source(ckpt: Checkpoint) -> Path:
+    """The file `ckpt`'s config comes from: a directory's config.json, else the checkpoint file (GGUF)."""
+    p = Path(ckpt.path)
+    return p / "config.json" if p.is_dir() else p
+
+
+def config_problem(ckpt: Checkpoint) -> str | None:
+    """Why `ckpt`'s config does not describe its tensors (copied into an output, it would not load), or None.
+
+    For registered architectures whose name map takes the config (others are
+    merged by name without a model, so nothing can be checked): the config
+    must be one transformers builds, and every tensor must have its shape.
+    """
+    row = ARCHITECTURES.get(str(ckpt.config.get("model_type")))
+    if row is None:
+        return None
+    try:
+        obj = hf_config_object(ckpt.config, config_source(ckpt))
+        try:
+            row.name_map.rules(obj)
+        except Exception:  # noqa: BLE001 - a feature the family lacks: no name map to check against
+            return None
+        validate_checkpoint(ckpt, require_all=False)
+    except ConvertError as e:
+        return str(e)
+    return None
 
 
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
@@ -122,7 +178,7 @@ def validate_checkpoint(ckpt: Checkpoint, *, require_all: bool = True) -> str:
     mt = check_architecture(ckpt.config, ckpt.path)
     nm = _name_map(mt)
     if nm is not None:
-        cfg = hf_config_object(ckpt.config)
+        cfg = hf_config_object(ckpt.config, config_source(ckpt))
         for name in ckpt.names():
             try:
                 nm.check_hf_tensor(name, tuple(ckpt.shape(name)), cfg)

@@ -3,10 +3,13 @@
 Every subcommand runs under one error guard (`run_guarded`): an expected
 failure (bad config / checkpoint / data: `SgtvError`; the file system:
 `OSError`; out of memory) prints one `error: ...` line naming the file, model,
-tensor or key (a config with several problems lists them, then ends with an
-`error:` line again) and exits with status 2; Ctrl-C exits with 130. Anything else is
+tensor or key and exits with status 2; Ctrl-C exits with 130. Anything else is
 a bug and keeps its traceback. `sgtv --debug ...` prints the traceback of
 expected failures too.
+
+The last line of stderr always starts with `error:`: a message that lists
+several problems (a config's) ends with a closing `error:` line counting them,
+and a bad flag (argparse) is reported as `error: sgtv merge: argument ...`.
 """
 
 from __future__ import annotations
@@ -60,6 +63,25 @@ def expected_error(e: BaseException, command: str = "") -> str | None:
     return None
 
 
+def error_lines(msg: str) -> str:
+    """`error: msg`, plus a closing `error:` line when `msg` spans lines (its last line then starts with `error:`)."""
+    lines = msg.splitlines()
+    if len(lines) < 2:
+        return f"error: {msg}"
+    items = sum(1 for ln in lines[1:] if ln.lstrip().startswith("- "))
+    head = lines[0].rstrip().rstrip(":")
+    what = f"{items} problem{'s' if items != 1 else ''} listed above" if items else "details above"
+    return f"error: {msg}\nerror: {head} ({what})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors in the guard's shape: usage, then `error: PROG: ...`, status 2."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message}\n")
+
+
 def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a subcommand's `func(args)` under the CLI's error policy (module doc); the exit status."""
     debug = bool(getattr(args, "debug", False))
@@ -77,19 +99,8 @@ def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
             raise
         if debug:
             traceback.print_exc()
-        print(f"error: {msg}", file=sys.stderr)
-        lines = msg.splitlines()
-        if len(lines) > 1:  # a list of problems: the last line is an `error:` line too
-            print(f"error: {lines[0].rstrip(':')} ({len(lines) - 1} problems listed above)", file=sys.stderr)
+        print(error_lines(msg), file=sys.stderr)
         return EXIT_ERROR
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's error policy: a bad flag ends with one line starting `error:` (exit 2)."""
-
-    def error(self, message: str) -> Any:  # argparse's own: "usage: ...\nPROG: error: MESSAGE"
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_ERROR, f"error: {self.prog}: {message}\n")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
@@ -102,7 +113,7 @@ def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="sgtv", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="sgtv", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # Each job module exposes add_parser(subparsers) that sets `func` on its parser.
     from convert import cli as convert_cli

@@ -23,7 +23,7 @@ from typing import Any
 from convert.errors import ConvertError
 from convert.export import model_files
 from convert.lora import open_model
-from convert.readers import open_checkpoint, supported_architectures
+from convert.readers import config_problem, open_checkpoint, supported_architectures
 from convert.safetensors_reader import read_config
 from sgtv_jax.pipeline.byname import plan_by_name
 from sgtv_jax.pipeline.calibration import CalibrationError, check_files
@@ -253,6 +253,9 @@ def _check_by_name(cfg: MergeConfig, base: dict[str, Any]) -> CheckResult:
                 opened.append(open_checkpoint(m.model))
             except ConvertError as e:
                 problems.append(f"models[{i}]: {e}")
+        # the output carries the base's config.json: it must describe the base's tensors
+        if (why := config_problem(base_ckpt)) is not None:
+            problems.append(f"base_model: {why}")
         if problems:
             raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
         plan = plan_by_name(
