@@ -36,25 +36,18 @@ import stat
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from convert.errors import ConvertError
+from sgtv_jax._version import DISTRIBUTION, version
 
-TOOL = "sgtv-jax"
+TOOL = DISTRIBUTION
 OUTPUT_MARKER = ".sgtv-output"
 PARTIAL_MARKER = ".sgtv-partial"
 
 Notify = Callable[[str], None]
 Inputs = Mapping[str, "str | Path"] | Iterable["str | Path"]
-
-
-def _version() -> str:
-    try:
-        return metadata.version(TOOL)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _note(msg: str) -> None:
@@ -291,7 +284,7 @@ def commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
 
 def mark_output(directory: str | Path, kind: str) -> None:
     """Write the ``.sgtv-output`` marker: ``directory`` is ours to replace later."""
-    _write_json(Path(directory) / OUTPUT_MARKER, {**_partial_marker(), "version": _version(), "kind": kind})
+    _write_json(Path(directory) / OUTPUT_MARKER, {**_partial_marker(), "version": version(), "kind": kind})
 
 
 def _partial_marker() -> dict[str, Any]:

@@ -10,6 +10,7 @@ The public surface, smallest first:
   `prune_task_vector_with_error_correction`, `TIES`, `DARE`, ...
 """
 
+from sgtv_jax import _version
 from sgtv_jax.compat import (
     HessianCalculator,
     SparseGPTTaskVector,
@@ -24,7 +25,8 @@ from sgtv_jax.merge import DARE, TIES, Calibration, available_methods, get_metho
 from sgtv_jax.obs import block_prune_counts, obs_prune, obs_prune_from_inverse, obs_sweep
 from sgtv_jax.refit import refit_kept
 
-__version__ = "0.1.0"
+# From the installed metadata (pyproject.toml's `version` is the one source; see _version).
+__version__ = _version.version()
 
 __all__ = [
     "DARE",

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from sgtv_jax._version import version
 from sgtv_jax.errors import SgtvError
 
 EXIT_ERROR = 2
@@ -114,6 +115,8 @@ def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="sgtv", description=__doc__.split("\n\n")[0])
+    # Just the number on stdout (scripts compare it); argparse exits 0 before the subcommand is required.
+    parser.add_argument("--version", action="version", version=version(), help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     # Each job module exposes add_parser(subparsers) that sets `func` on its parser.
     from convert import cli as convert_cli
