@@ -30,7 +30,7 @@ def test_version_prints_the_installed_metadata():
 def test_the_one_source_is_pyproject():
     # The installed metadata was built from this tree's pyproject.toml; nothing else writes a number.
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    assert metadata.version("sgtv-jax") == declared
+    assert metadata.version("sgtv-jax") == declared, "reinstall (pip install -e .) after changing the version"
     assert sgtv_jax.__version__ == declared
 
 
