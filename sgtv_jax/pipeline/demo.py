@@ -252,7 +252,9 @@ def run_demo(
     if not merged.is_dir():
         # merge.yaml names the cached base by its absolute path (so the YAML works when copied);
         # the card and report name it by its folder name, not a path of this machine
-        cfg = dataclasses.replace(load_config(config), base_model_written=Path(base).name)
+        cfg = load_config(config)
+        name = Path(base).name
+        cfg = dataclasses.replace(cfg, base_model_written=name, written={**(cfg.written or {}), "base_model": name})
         run_merge(cfg, merged, progress=progress)
 
     print("4/4 evaluating base, fine-tunes and merge on both tasks ...")
