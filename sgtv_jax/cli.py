@@ -7,6 +7,11 @@ tensor or key and exits with status 2; Ctrl-C exits with 130. Anything else is
 a bug and keeps its traceback. `sgtv --debug ...` prints the traceback of
 expected failures too.
 
+Quiet by default: a notice the user cannot act on is not printed (transformers'
+"PyTorch was not found": sgtv runs without torch by design); `-v` / `--verbose`
+lets such notices through. Progress bars stay; `-q` / `--quiet` of the
+subcommands that draw them turns them off.
+
 The last line of stderr always starts with `error:`: a message that lists
 several problems (a config's) ends with a closing `error:` line counting them,
 and a bad flag (argparse) is reported as `error: sgtv merge: argument ...`.
@@ -15,10 +20,12 @@ and a bad flag (argparse) is reported as `error: sgtv merge: argument ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sgtv_jax._version import version
@@ -83,12 +90,39 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"error: {self.prog}: {message}\n")
 
 
+# transformers logs this (on its package logger) when imported without torch; the user env has no
+# torch on purpose and only tokenizers / configs are read through transformers, so it is noise.
+TORCH_NOTICE = "PyTorch was not found. Models won't be available"
+
+
+class _DropTorchNotice(logging.Filter):
+    """Drops transformers' torch-absent notice, and only it (real warnings and errors still print)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TORCH_NOTICE)
+
+
+@contextlib.contextmanager
+def quiet_notices(verbose: bool = False) -> Iterator[None]:
+    """While the block runs: transformers' torch notice is dropped (unless `verbose`)."""
+    if verbose:
+        yield
+        return
+    logger, drop = logging.getLogger("transformers"), _DropTorchNotice()
+    logger.addFilter(drop)  # the logger transformers' __init__ logs on; it keeps filters added before its import
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a subcommand's `func(args)` under the CLI's error policy (module doc); the exit status."""
     debug = bool(getattr(args, "debug", False))
     command = str(getattr(args, "command", "") or "")
     try:
-        return int(func(args) or 0)
+        with quiet_notices(bool(getattr(args, "verbose", False))):
+            return int(func(args) or 0)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
@@ -104,13 +138,18 @@ def run_guarded(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         return EXIT_ERROR
 
 
+GLOBAL_FLAGS = (
+    (("--debug",), "show tracebacks of expected errors too"),
+    (("-v", "--verbose"), "also print third-party notices that sgtv hides (e.g. transformers' torch notice)"),
+)
+
+
 def add_debug_flag(parser: argparse.ArgumentParser, subparsers: Any) -> None:
-    """`--debug` before the subcommand (`sgtv --debug merge ...`) or after it."""
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too")
-    for p in subparsers.choices.values():
-        p.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of expected errors too"
-        )
+    """`--debug` and `-v/--verbose` before the subcommand (`sgtv --debug merge ...`) or after it."""
+    for flags, help_ in GLOBAL_FLAGS:
+        parser.add_argument(*flags, action="store_true", help=help_)
+        for p in subparsers.choices.values():
+            p.add_argument(*flags, action="store_true", default=argparse.SUPPRESS, help=help_)
 
 
 def main(argv: list[str] | None = None) -> int:

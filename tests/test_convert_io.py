@@ -27,6 +27,7 @@ from convert import (  # noqa: E402
     validate_checkpoint,
 )
 from convert.cli import main as convert_main  # noqa: E402
+from convert.model_card import read_front_matter  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -219,7 +220,10 @@ def test_unchanged_tensors_pass_through_bytes(sharded_bf16, tmp_path):
         np.frombuffer(dst[name][1], ml_dtypes.bfloat16).reshape(merged.shape), merged.astype(ml_dtypes.bfloat16)
     )
     card = (out / "README.md").read_text()
-    assert "ties+obs" in card and "density" in card and "`a`" in card
+    assert "ties+obs" in card and "density: 0.2" in card and "`a`" in card
+    meta = read_front_matter(card)  # the Hub's keys, parsed back by a YAML parser
+    assert meta["base_model"] == ["tiny", "a", "b"] and meta["base_model_relation"] == "merge", meta
+    assert meta["library_name"] == "transformers" and meta["tags"][:2] == ["merge", "sgtv-jax"], meta
     ids = torch.arange(1, 9).reshape(1, 8)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():

@@ -178,3 +178,25 @@ def torch_hessians(
         x = x.reshape(-1, x.shape[-1])
         out[n] = (2.0 / input_ids.shape[0] * x.T @ x).numpy()
     return out
+
+
+def read_card(path: Path) -> tuple[dict, object]:
+    """A README.md card's front matter (parsed back with yaml.safe_load) and its ```yaml config block (None: none)."""
+    import re
+
+    import yaml
+
+    from convert.model_card import read_front_matter
+
+    text = Path(path).read_text()
+    meta = read_front_matter(text)
+    assert meta, f"{path}: no YAML front matter between '---' lines at the top"
+    block = re.search(r"## Configuration\n.*?```yaml\n(.*?)```", text, re.S)
+    return meta, (yaml.safe_load(block.group(1)) if block else None)
+
+
+def assert_hub_card(meta: dict, base_models: list[str], method: str) -> None:
+    """The Hub's keys: the base and merged models as written, the merge relation, the library, the tags."""
+    assert meta["base_model"] == base_models, meta
+    assert meta["base_model_relation"] == "merge" and meta["library_name"] == "transformers", meta
+    assert {"merge", "sgtv-jax", method} <= set(meta["tags"]), meta

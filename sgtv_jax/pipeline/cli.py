@@ -145,7 +145,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from sgtv_jax.pipeline.demo import run_demo
 
     steps = numparse.flag(args.steps, "--steps", integer=True, lo=0, hi=MAX_LEARNING_STEPS)
-    run_demo(args.out, overwrite=args.overwrite, steps=steps, cache_dir=args.cache_dir)
+    run_demo(args.out, overwrite=args.overwrite, steps=steps, cache_dir=args.cache_dir, progress=not args.quiet)
     return 0
 
 
@@ -165,7 +165,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no memory summary")
     p.add_argument(
         "--force", action="store_true", help="merge even when the memory estimate exceeds the available memory"
     )
@@ -270,4 +270,5 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per fine-tune (default 40)")
     p.add_argument("--cache-dir", default=None, help="where the demo model is cached")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (the steps and the table still print)")
     p.set_defaults(func=_run_demo)

@@ -55,6 +55,7 @@ declared table `sgtv_jax.merge.specs` (type, range, finiteness): a quoted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import numbers
@@ -325,6 +326,8 @@ class MergeConfig:
     compute_dtype: str | None = None  # `dtype` as written when `out_dtype` sets the output's
     devices: str | int = "all"  # the mesh: "all" devices of every process, or the first N (pipeline.mesh)
     hessian_accumulation: str = "float32"  # or "float64": partial Hessian sums (pipeline.streams.HessianSum)
+    # the mapping as given (the YAML): the model card's rerunnable config; two spellings of one merge stay equal
+    written: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def method_spec(self) -> MethodSpec:
@@ -344,7 +347,7 @@ class MergeConfig:
 
         Shallow (parameter specs are shared, not copied).
         """
-        skip = ("base_model_written", "slices", "tokenizer", "compute_dtype")
+        skip = ("base_model_written", "slices", "tokenizer", "compute_dtype", "written")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["base_model"] = self.base_model_written or self.base_model
         if self.compute_dtype is not None:
@@ -725,6 +728,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         base_model_written=base_raw if isinstance(base_raw, str) else slices[0].sources[0].label if slices else "",
         devices=devices,
         hessian_accumulation=accumulation,
+        written=copy.deepcopy(dict(raw)),
     )
     if spec is not None and slices and not problems:
         for k in range(len(slices)):

@@ -118,10 +118,13 @@ def finetune(
     params = [get_block_state(model, i) for i in range(first, L)]
     full_g, full_s = nnx.split(model)
 
-    def loss_fn(params, h, tgt, lm):
+    # The frozen model state and block kwargs are arguments, not closed over: a closed-over array
+    # is an HLO constant, and XLA's constant folding of the tied head's transpose (49152 x 576 in
+    # SmolLM2) took > 1 s and printed its `slow_operation_alarm` on every fine-tune (issue 24).
+    def loss_fn(params, frozen, kw, h, tgt, lm):
         for p in params:
             h = apply_block(graphdef, p, h, **kw)
-        logits = nnx.merge(full_g, full_s).head(h)[:, :-1].astype(jnp.float32)
+        logits = nnx.merge(full_g, frozen).head(h)[:, :-1].astype(jnp.float32)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tgt[:, 1:, None], -1)[..., 0]
         return jnp.sum(nll * lm[:, 1:]) / jnp.maximum(jnp.sum(lm[:, 1:]), 1.0)
 
@@ -129,8 +132,8 @@ def finetune(
     state = opt.init(params)
 
     @jax.jit
-    def step(params, state, h, tgt, lm):
-        loss, grads = jax.value_and_grad(loss_fn)(params, h, tgt, lm)
+    def step(params, state, frozen, kw, h, tgt, lm):
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, kw, h, tgt, lm)
         upd, state = opt.update(grads, state, params)
         return optax.apply_updates(params, upd), state, loss
 
@@ -139,7 +142,9 @@ def finetune(
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = rng.choice(n, size=batch, replace=n < batch)
-        params, state, loss = step(params, state, x[idx], jnp.asarray(ids[idx]), jnp.asarray(loss_mask[idx]))
+        params, state, loss = step(
+            params, state, full_s, kw, x[idx], jnp.asarray(ids[idx]), jnp.asarray(loss_mask[idx])
+        )
     for j, i in enumerate(range(first, L)):
         set_block_state(model, i, params[j])
     nm = get_name_map(cfg["model_type"])
@@ -197,8 +202,12 @@ def run_demo(
     steps: int = 40,
     cache_dir: str | Path | None = None,
     density: float = 0.5,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Run the demo in `out` (see module doc); returns `{model: {facts_em, logs_ppl}}`."""
+    """Run the demo in `out` (see module doc); returns `{model: {facts_em, logs_ppl}}`.
+
+    `progress`: the merge's progress bars (the steps and the table always print).
+    """
 
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and read_marker(out) is None:
@@ -243,8 +252,10 @@ def run_demo(
     if not merged.is_dir():
         # merge.yaml names the cached base by its absolute path (so the YAML works when copied);
         # the card and report name it by its folder name, not a path of this machine
-        cfg = dataclasses.replace(load_config(config), base_model_written=Path(base).name)
-        run_merge(cfg, merged)
+        cfg = load_config(config)
+        name = Path(base).name
+        cfg = dataclasses.replace(cfg, base_model_written=name, written={**(cfg.written or {}), "base_model": name})
+        run_merge(cfg, merged, progress=progress)
 
     print("4/4 evaluating base, fine-tunes and merge on both tasks ...")
     rows: dict[str, dict[str, float]] = {}

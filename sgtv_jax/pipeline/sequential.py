@@ -44,6 +44,7 @@ from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from convert.export import export_hf
 from convert.lora_extract import write_merged_adapter
+from convert.model_card import render_model_card
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
 from sgtv_jax.merge.trim import Calibration
@@ -51,6 +52,7 @@ from sgtv_jax.pipeline.adamerge import learn_weights
 from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.byname import MERGE, TensorEntry
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
+from sgtv_jax.pipeline.card import merge_card
 from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions_of
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
@@ -520,14 +522,13 @@ def run_merge(
             with_export_time(rep, time.perf_counter() - t0)
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
         plot_report(rep, tmp / PLOT_FILE)
+        if format == "hf":  # the card names the config's models as written, and quotes the report's figures
+            card = merge_card(asked, rep)
+            (tmp / "README.md").write_text(render_model_card(card, json.loads((tmp / "config.json").read_text())))
         write_output_files(run, tmp, template)  # tokenizer (re-indexed vocabulary) and chat_template
         if lora_rank is not None:
             write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
 
-    card = {
-        "method": f"{asked.merge_method}" + (f" + {asked.trim}" if asked.trim else ""),
-        "parameters": jsonable(asked.to_dict()),
-    }
     try:
         if format == "hf" and isinstance(run, DataFreeRun):
             # every output tensor comes from the run (base copies included), with the plan's config
@@ -539,7 +540,6 @@ def run_merge(
                 dtype=run.out_dtype_name,
                 copy_files_from=base_dir if base_dir.is_dir() else None,
                 max_shard_size=cfg.max_shard_size,
-                model_card=card,
                 overwrite=overwrite,
                 finalize=finalize,
                 inputs=inputs,
@@ -551,7 +551,6 @@ def run_merge(
                 base=run.base,
                 dtype=run.out_dtype_name,
                 max_shard_size=cfg.max_shard_size,
-                model_card=card,
                 overwrite=overwrite,
                 finalize=finalize,
                 inputs=inputs,
