@@ -81,6 +81,10 @@ ALLOWED = {
     ),
     # our own outputs and work files
     ("sgtv_jax/pipeline/cli.py", "_run_merge", "(adapter / REPORT).read_text"): "the report this merge just wrote",
+    ("sgtv_jax/pipeline/sequential.py", "run_merge.finalize", "(tmp / 'config.json').read_text"): (
+        "the output's config.json this merge just wrote (its card quotes it)"
+    ),
+    ("convert/model_card.py", "read_front_matter", "yaml.safe_load"): "parses a card's text in memory, reads no file",
     ("sgtv_jax/pipeline/tokenizer.py", "write_tokenizer_files", "tc.read_text"): (
         "the output's tokenizer_config.json (the base's copy, contained, or the tokenizer just saved)"
     ),
