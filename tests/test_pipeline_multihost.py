@@ -107,12 +107,13 @@ def test_missing_process_times_out(tmp_path):
     flags = ["--coordinator", f"localhost:{port}", "--num-processes", "3", "--init-timeout", "4"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.monotonic()
-    procs = [
-        subprocess.Popen(
+    procs = {}
+    for i in (1, 0):  # process 1 first: its own deadline falls before process 0's, which alone knows who is missing
+        procs[i] = subprocess.Popen(
             CLI + flags + ["--process-id", str(i)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
         )
-        for i in (0, 1)
-    ]
+        time.sleep(1.0)
+    procs = [procs[0], procs[1]]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert time.monotonic() - t0 < 60
     for p, err in zip(procs, errs):

@@ -30,6 +30,9 @@ DEFAULT_INIT_TIMEOUT = 120.0
 """Seconds a multi-host run waits for all its processes (`sgtv merge --init-timeout`)."""
 NOTICE_S = 10.0
 """Seconds between the 'still waiting' lines."""
+_GRACE_S = 5.0
+"""Seconds a joining process waits past its own deadline for process 0's verdict: both deadlines fall at
+about the same moment, and only process 0 knows which ids are missing."""
 _RETRY_S = 0.2
 
 
@@ -177,7 +180,7 @@ def _join(
             time.sleep(_RETRY_S)
     try:
         _send(conn, {"process_id": pid, "num_processes": n})
-        reply = _recv_line(conn, deadline)
+        reply = _recv_line(conn, deadline + _GRACE_S)
         msg = json.loads(reply) if reply else {}
         if not isinstance(msg, dict) or not msg.get("go"):
             why = msg.get("error") if isinstance(msg, dict) else None
