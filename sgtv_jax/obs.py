@@ -261,6 +261,7 @@ def _validate(delta, hessian, density, prunen, prunem, blocksize, hessian_name, 
             f"{hessian_name} must have shape {allowed} for delta of shape {delta.shape}, got {hessian.shape}"
         )
     blocksize = _checks.check_positive_int(blocksize, "blocksize")
+    densities: tuple[float, ...] | jax.Array
     if prunen or prunem:
         if density is not None:
             raise ValueError("give either density (unstructured) or prunen/prunem (N:M), not both")
