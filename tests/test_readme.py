@@ -1,7 +1,7 @@
-"""Every code block of README.md (and every config in examples/configs/) runs against the code as it is.
+"""Every code block of README.md and docs/*.md (and every config in examples/configs/) runs against the code.
 
-Blocks are found by their fences, one test per block, so a new README section is
-covered without touching this file:
+Blocks are found by their fences, one test per block, so a new section or docs
+page is covered without touching this file:
 
 * ``yaml``: written verbatim into a folder where the paths it names exist (tiny
   LLaMA checkpoints, small calibration files), read by ``load_config`` and
@@ -16,10 +16,14 @@ covered without touching this file:
 
 Unlabelled blocks are output and are not run; any other language fails until it
 has a runner here. A python or bash block that cannot run is marked in the
-README, right before its fence, with ``<!-- readme-test: skip (reason) -->``;
+page, right before its fence, with ``<!-- readme-test: skip (reason) -->``;
 a yaml block never is: the models it names are built for it (as many layers as
 its slices take; a fine-tune whose tokenizer has the tokens the config takes
 from it).
+
+Besides the blocks: the README stays a landing page (at most ``README_MAX_LINES``
+lines, its Layout naming every module), and the docs' generated YAML reference
+describes exactly the keys the config parser accepts.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from sgtv_jax.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_LINES = 250  # a landing page; the rest lives in docs/
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]*)\)\s*-->\s*\Z")
 
@@ -87,7 +93,12 @@ def example_configs() -> list[Block]:
     ]
 
 
-BLOCKS = readme_blocks(README.read_text()) + example_configs()
+def docs_blocks() -> list[Block]:
+    """The blocks of every docs page (docs/*.md, in name order)."""
+    return [b for p in sorted(DOCS.glob("*.md")) for b in readme_blocks(p.read_text(), f"docs/{p.name}")]
+
+
+BLOCKS = readme_blocks(README.read_text()) + docs_blocks() + example_configs()
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -280,6 +291,9 @@ def check_command(words: list[str], monkeypatch) -> None:
         extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("optional-dependencies", {})
         for extra in (spec.group(1) or "").split(",") if spec.group(1) else []:
             assert extra in extras, f"pip install -e {words[3]}: pyproject.toml has no extra {extra!r}"
+    elif words[:2] == ["mkdocs", "build"]:
+        assert (ROOT / "mkdocs.yml").is_file(), "mkdocs build: no mkdocs.yml at the repository root"
+        assert set(words[2:]) <= {"--strict"}, f"{shlex.join(words)}: CI builds with `mkdocs build --strict` only"
     elif words[0] == "python" and words[1].endswith(".py"):
         assert (ROOT / words[1]).is_file(), f"{words[1]}: no such file in the repository"
     else:
@@ -296,7 +310,7 @@ def check_command(words: list[str], monkeypatch) -> None:
 def test_block(block: Block, family, deep_family, tmp_path, monkeypatch):
     if block.skip is not None:
         assert block.lang != "yaml", f"{block.id}: a yaml block is never skipped; remove its marker"
-        pytest.skip(f"marked in the README: {block.skip}")
+        pytest.skip(f"marked in {block.where}: {block.skip}")
     ws = tmp_path / "work"
     ws.mkdir()
     monkeypatch.chdir(ws)
@@ -354,3 +368,107 @@ def test_harness_finds_every_block_and_marker():
     assert not [b.id for b in BLOCKS if b.lang == "yaml" and b.skip is not None], "a yaml block is skipped"
     assert sum(b.where.startswith("examples/") for b in BLOCKS) == len(list((ROOT / "examples/configs").glob("*.yaml")))
     assert free_names("import numpy as np\nfor x in xs:\n    y = np.f(x, w)\nprint(y, H)") == {"xs", "w", "H"}
+
+
+# --------------------------------------------------------------------------- the README as a landing page
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under `## heading`, up to the next `## `."""
+    m = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert m, f"README.md has no '## {heading}' section"
+    return m.group(1)
+
+
+def test_readme_is_a_landing_page():
+    """At most README_MAX_LINES lines; its first bash block starts with the demo and test commands (.ci/run)."""
+    text = README.read_text()
+    n = len(text.splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines (at most {README_MAX_LINES}): move details into docs/"
+    first = next(b for b in readme_blocks(text) if b.lang == "bash")
+    commands = [ln for ln in first.code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert commands[:2] == ["pip install -e . && sgtv demo", 'pip install -e ".[test]" && python -m pytest -q']
+
+
+def _layout_files(layout: str) -> set[str]:
+    """Files a Layout table names: `dir/file.py`, then bare `file.py` in the same cell inherit that `dir/`."""
+    named: set[str] = set()
+    for row in layout.splitlines():
+        if not row.startswith("| `"):
+            continue
+        folder = ""
+        for word in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            if "/" in word.rstrip("/"):
+                folder = word.rsplit("/", 1)[0] + "/"
+                named.add(word)
+            else:
+                named.add(folder + word)
+    return named
+
+
+def test_readme_layout_names_every_module():
+    """Every module of the packages and every example script has a row in the README's Layout."""
+    named = _layout_files(_section(README.read_text(), "Layout"))
+    files = [
+        p.relative_to(ROOT).as_posix()
+        for pkg in ("sgtv_jax", "convert", "examples")
+        for p in (ROOT / pkg).rglob("*")
+        if p.suffix in (".py", ".sh") and "__pycache__" not in p.parts and "configs" not in p.parts
+    ]
+    missing = sorted(f for f in files if f not in named)
+    assert not missing, f"README.md's Layout does not name {missing}"
+    stale = sorted(f for f in named if f.endswith((".py", ".sh")) and not (ROOT / f).is_file())
+    assert not stale, f"README.md's Layout names files that do not exist: {stale}"
+    assert _layout_files("| `a/b.py`, `c.py` | x |\n| `d.py` | y |") == {"a/b.py", "a/c.py", "d.py"}
+
+
+def _anchors(md: str) -> set[str]:
+    """The heading ids mkdocs' toc gives a page (its default slugify), code blocks skipped."""
+    text = FENCE.sub("", md)
+    out = set()
+    for h in re.findall(r"^#{1,6} (.+?)\s*$", text, re.M):
+        slug = re.sub(r"[^\w\s-]", "", h.replace("`", "")).strip().lower()
+        out.add(re.sub(r"[-\s]+", "-", slug))
+    return out
+
+
+def test_readme_links_reach_the_docs():
+    """Every relative link of the README names a file that exists, and each `page.md#anchor` a heading there."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)", README.read_text())
+    assert {p for p, _ in links if p.startswith("docs/")} >= {
+        f"docs/{n}.md" for n in ("getting-started", "merging", "yaml-reference", "methods", "api", "scaling")
+    }
+    for path, anchor in links:
+        if "://" in path:
+            continue
+        assert (ROOT / path).is_file(), f"README.md links to {path}, which does not exist"
+        if anchor:
+            assert anchor in _anchors((ROOT / path).read_text()), f"README.md links to {path}#{anchor}: no such heading"
+
+
+def _reference() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_reference", DOCS / "_gen" / "reference.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_docs_reference_is_generated_from_the_code():
+    """The YAML reference describes exactly the keys the parser accepts, and lists every method `sgtv methods` does."""
+    import sgtv_jax
+
+    ref = _reference()
+    assert ref.undocumented() == []
+    page = ref.expand((DOCS / "yaml-reference.md").read_text())
+    assert "<!-- sgtv:" not in page
+    from sgtv_jax.pipeline.config import TOP_KEYS
+
+    for key in TOP_KEYS:
+        assert f"| `{key}` |" in page
+    for name in sgtv_jax.available_methods():
+        assert re.search(rf"^{re.escape(name)}: ", page, re.M), f"method {name} missing from the YAML reference"
+    with pytest.raises(ValueError, match="unknown generated section"):
+        ref.expand("<!-- sgtv: nothing -->")
