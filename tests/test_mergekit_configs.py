@@ -201,7 +201,7 @@ dtype: float32
         taus = [ta[name].astype(np.float64) - base, tb[name].astype(np.float64) - base]
         densities = [_gradient([1, 0.7, 0.1], name), 0.33]
         weights = [1.0, 0.5 if "mlp" in name else 0.0]
-        # counts: ours round(density * n) (mergekit truncates; `count: floor` gives that, see the README)
+        # counts: ours round(density * n) (mergekit truncates; `count: floor` gives that, see docs/methods.md)
         merged, _ = reference_ties(taus, weights, densities, count="round")
         np.testing.assert_allclose(arr, base + merged, rtol=1e-5, atol=1e-6, err_msg=name)
 

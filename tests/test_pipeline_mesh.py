@@ -12,7 +12,7 @@ differed by 1e-2 of the tensor's largest entry (masks identical).
 
 What is asserted, per output tensor: the same kept entries (task vector != 0),
 every value within 1e-6 of the tensor's largest task-vector entry, and then
-equality bit for bit (what the README promises); the Hessians too.
+equality bit for bit (what docs/scaling.md promises); the Hessians too.
 """
 
 from __future__ import annotations

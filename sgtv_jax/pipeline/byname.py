@@ -13,7 +13,7 @@ base and of every fine-tuned model by name, from the checkpoints' headers.
     copy   copied from the first fine-tuned model that has it: the base lacks it
 
 and refuses (`ConfigError`, every problem listed) different architectures,
-vocabulary sizes and tensor shapes. The rules, in the words the README uses:
+vocabulary sizes and tensor shapes. The rules, in the words docs/merging.md uses:
 
 * Vocabulary sizes (config `vocab_size`, or rows of a tensor whose differing
   sizes are the models' vocabulary sizes) must agree: nothing is truncated or
