@@ -446,6 +446,23 @@ def test_readme_links_reach_the_docs():
             assert anchor in _anchors((ROOT / path).read_text()), f"README.md links to {path}#{anchor}: no such heading"
 
 
+def test_readme_links_every_docs_page():
+    """Every page of the site's nav is one click from the README (so any section is two)."""
+
+    def pages(nav: Any) -> list[str]:
+        if isinstance(nav, str):
+            return [nav]
+        items = nav.values() if isinstance(nav, dict) else nav
+        return [p for item in items for p in pages(item)]
+
+    nav = pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    linked = set(re.findall(r"\]\(docs/([^)#\s]+)", README.read_text()))
+    missing = sorted(p for p in nav if p != "index.md" and p not in linked)
+    assert not missing, f"README.md does not link these docs pages: {missing}"
+    on_disk = sorted(p.name for p in DOCS.glob("*.md"))
+    assert sorted(nav) == on_disk, "mkdocs.yml's nav and docs/*.md differ"
+
+
 def _reference() -> Any:
     import importlib.util
 
