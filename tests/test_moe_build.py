@@ -26,7 +26,9 @@ import transformers
 import yaml
 from safetensors.numpy import load_file
 
+from convert import open_checkpoint
 from sgtv_jax.cli import main
+from sgtv_jax.moe.build import warn_degenerate
 
 ROOT = Path(__file__).resolve().parents[1]
 A = ["7 42 1024 3 99 8", "12 15 61 7 42", "1024 8 3 77 42 5", "99 3 12 8 1024", "5 61 15 42 7 3"]
@@ -217,16 +219,25 @@ def test_cheap_embed_rule_and_fused_layout_give_the_same_model(family):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["moe_upcycle_random", "moe_clown_car", "moe_qwen_shared"])
-def test_mergekit_example_configs_build_loadable_models(tmp_path, name):
+@pytest.mark.parametrize("name", ["moe_upcycle_random", "moe_clown_car", "moe_qwen_shared", "moe_calibrated"])
+def test_example_configs_build_loadable_models(tmp_path, name):
     cfgfile = tmp_path / f"{name}.yaml"
     shutil.copy(ROOT / "examples" / "configs" / f"{name}.yaml", cfgfile)
-    _tiny_family_module().make_family("llama", tmp_path / "tiny-llama")  # the folder the configs' headers name
+    fam = "qwen3" if name == "moe_calibrated" else "llama"
+    _tiny_family_module().make_family(fam, tmp_path / f"tiny-{fam}")  # the folder the configs' headers name
     out = tmp_path / "out"
     assert main(["moe", str(cfgfile), str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    want = {"moe_qwen_shared": "qwen2_moe"}.get(name, "mixtral")
+    want = {"moe_qwen_shared": "qwen2_moe", "moe_calibrated": "qwen3_moe"}.get(name, "mixtral")
     assert cfg["model_type"] == want and cfg["dtype"] == "bfloat16"
+    if name == "moe_qwen_shared":  # residual_scale 0.1 scales the shared expert's down_proj (in float32)
+        got, base = open_checkpoint(out), open_checkpoint(tmp_path / "tiny-llama" / "base")
+        down = "model.layers.1.mlp.down_proj.weight"
+        want = (base.get(down).astype(np.float32) * np.float32(0.1)).astype(
+            got.dtype(down.replace("mlp.", "mlp.shared_expert."))
+        )
+        np.testing.assert_array_equal(got.get(down.replace("mlp.", "mlp.shared_expert.")), want)
+        assert not got.get("model.layers.0.self_attn.q_proj.bias").any()  # Qwen2-MoE's biases, zero as mergekit
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     ids = tok("Task vectors", return_tensors="pt").input_ids
@@ -271,3 +282,10 @@ def test_bad_configs_name_the_key(family, capsys, edit, named):
     err = capsys.readouterr().err
     assert named in err and err.strip().splitlines()[-1].startswith("error:")
     assert not (root / "never").exists()
+
+
+def test_nearly_parallel_router_rows_are_warned_about(capsys):
+    rng = np.random.default_rng(0)
+    fine, same = rng.standard_normal((2, 8)), np.ones((2, 8)) + 1e-3 * rng.standard_normal((2, 8))
+    assert warn_degenerate(np.stack([fine, same, fine])) == [1]
+    assert "warning: layers 1 of 3 have nearly parallel router rows" in capsys.readouterr().err

@@ -25,6 +25,7 @@ presence and shape in every expert's headers.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,18 @@ def fuse(plan: Lazy, arch: str, layers: int, num_experts: int) -> Lazy:
     return out
 
 
+def warn_degenerate(gates: np.ndarray, threshold: float = 5.0) -> list[int]:
+    """mergekit-moe's warning: layers whose gate rows ``[E, D]`` have condition number > ``threshold``."""
+    bad = [i for i, g in enumerate(gates) if len(g) > 1 and np.linalg.cond(np.asarray(g, np.float64)) > threshold]
+    if bad:
+        print(
+            f"warning: layers {', '.join(map(str, bad))} of {len(gates)} have nearly parallel router rows "
+            "(condition number > 5): the experts' prompts may be too similar, and some experts will see few tokens",
+            file=sys.stderr,
+        )
+    return bad
+
+
 def _inputs(cfg: MoeConfig) -> dict[str, str]:
     out = cfg.models()
     for k, e in enumerate(cfg.experts + cfg.shared_experts):
@@ -181,6 +194,7 @@ def run_moe(cfg: MoeConfig, out: str | Path, *, expert_layout: str = "per_expert
         out_cfg = output_config(dict(base.config), arch, len(cfg.experts), top_k)
         plan = plan_tensors(cfg, arch, base, ckpts, shared, layers)
         routers, shared_gates = compute_gates(cfg, arch, out_cfg, plan, base)
+        warn_degenerate(routers if shared_gates is None else np.concatenate([routers, shared_gates], axis=1))
         for i in range(layers):
             name, shared_name = router_names(arch, i)
             plan[name] = functools.partial(np.asarray, routers[i], np.float32)

@@ -7,11 +7,11 @@ the models here except their config.json (`resolve_architecture`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.containment import read_contained_json
 from sgtv_jax.pipeline.config import ConfigError, read_yaml
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "calibrated")
@@ -238,11 +238,10 @@ def load_moe_config(path: str | Path) -> MoeConfig:
 
 
 def _model_type(path: str, where: str) -> str:
-    f = Path(path) / "config.json"
-    try:
-        return str(json.loads(f.read_text(encoding="utf-8")).get("model_type"))
-    except (OSError, ValueError):
-        raise ConfigError(f"{where}: {f} is missing or not JSON (a Hugging Face model folder is needed)") from None
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{where}: {path} has no config.json (a Hugging Face model folder is needed)")
+    cfg = read_contained_json(path, "config.json", what=f"{where}'s config")
+    return str(cfg.get("model_type")) if isinstance(cfg, dict) else "?"
 
 
 def resolve_architecture(cfg: MoeConfig) -> str:
