@@ -289,3 +289,36 @@ def test_nearly_parallel_router_rows_are_warned_about(capsys):
     fine, same = rng.standard_normal((2, 8)), np.ones((2, 8)) + 1e-3 * rng.standard_normal((2, 8))
     assert warn_degenerate(np.stack([fine, same, fine])) == [1]
     assert "warning: layers 1 of 3 have nearly parallel router rows" in capsys.readouterr().err
+
+
+def test_sgtv_merge_of_a_moe_writes_the_fused_layout_on_request(tmp_path, capsys):
+    _tiny_family_module().make_family("qwen3_moe", tmp_path / "fam")
+    cfg = {
+        "models": [
+            {"model": "fam/ft_a", "parameters": {"weight": 0.5}},
+            {"model": "fam/ft_b", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "linear",
+        "dtype": "float32",
+        "max_shard_size": "100KB",  # several shards: a layer's experts are gathered across them
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    per, fused = tmp_path / "per", tmp_path / "fused"
+    assert main(["merge", str(tmp_path / "m.yaml"), str(per), "--quiet"]) == 0
+    assert main(["merge", str(tmp_path / "m.yaml"), str(fused), "--quiet", "--expert-layout", "fused"]) == 0
+    index = json.loads((fused / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in index and not any(".experts.0." in n for n in index)
+    assert set(index.values()) == {p.name for p in fused.glob("*.safetensors")}
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        a, b = (_load(p)(input_ids=ids).logits for p in (per, fused))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    qwen3 = {**cfg, "models": [{"model": "dense/ft_a"}, {"model": "dense/ft_b"}]}
+    _tiny_family_module().make_family("qwen3", tmp_path / "dense")
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(qwen3))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "d.yaml"), str(tmp_path / "never"), "--expert-layout", "fused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --expert-layout fused: needs --format hf and a mixtral")
+    assert not (tmp_path / "never").exists()

@@ -13,9 +13,8 @@ Expert tensor layout (``expert_layout``):
 * ``per_expert`` (default): ``...experts.{e}.{w1,w2,w3 | gate_proj,up_proj,down_proj}.weight``
   and the router under ``block_sparse_moe.gate`` (Mixtral) / ``mlp.gate`` (Qwen),
   what transformers 5 ``save_pretrained`` writes and every older reader loads;
-* ``fused``: transformers 5's in-memory (and mergekit 0.1.5's) layout,
-  ``model.layers.{l}.mlp.experts.gate_up_proj`` ``[E, 2F, D]`` (gate rows, then up
-  rows), ``...mlp.experts.down_proj`` ``[E, D, F]`` and ``...mlp.gate.weight``.
+* ``fused``: transformers 5's in-memory (and mergekit 0.1.5's) layout
+  (`convert.expert_layout`).
 
 Checks run before any tensor is read: the config (`sgtv_jax.moe.config`),
 the output path (`convert.atomic.prepare_output`) and every MLP tensor's
@@ -35,13 +34,13 @@ import transformers
 
 from convert.atomic import prepare_output
 from convert.conversion import source_dtype
+from convert.expert_layout import EXPERT_LAYOUTS, fuse_lazy
 from convert.export import export_hf
 from convert.readers import open_checkpoint
 from sgtv_jax.moe.config import MoeConfig, resolve_architecture
 from sgtv_jax.moe.routers import compute_gates, router_names
 from sgtv_jax.pipeline.config import ConfigError
 
-EXPERT_LAYOUTS = ("per_expert", "fused")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _ARCH_CLASS = {"mixtral": "MixtralForCausalLM", "qwen": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
@@ -132,28 +131,6 @@ def plan_tensors(cfg: MoeConfig, arch: str, base: Any, ckpts: list[Any], shared:
     return plan
 
 
-def _stacked(plan: Lazy, prefixes: list[str], parts: tuple[str, ...]) -> np.ndarray:
-    """``[E, sum rows, cols]``: per expert, its ``parts`` weights stacked by rows (gate then up)."""
-    return np.stack([np.concatenate([plan[f"{x}{p}.weight"]() for p in parts]) for x in prefixes])
-
-
-def fuse(plan: Lazy, arch: str, layers: int, num_experts: int) -> Lazy:
-    """The per-expert plan in transformers 5's fused layout (module doc)."""
-    moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
-    g, u, d = ("w1", "w3", "w2") if arch == "mixtral" else _MLP
-    out: Lazy = {}
-    for n, f in plan.items():
-        if ".experts." not in n and not n.endswith(f"{moe}.gate.weight"):
-            out[n] = f
-    for i in range(layers):
-        pre = f"model.layers.{i}.{moe}"
-        ex = [f"{pre}.experts.{e}." for e in range(num_experts)]
-        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = functools.partial(_stacked, plan, ex, (g, u))
-        out[f"model.layers.{i}.mlp.experts.down_proj"] = functools.partial(_stacked, plan, ex, (d,))
-        out[f"model.layers.{i}.mlp.gate.weight"] = plan[f"{pre}.gate.weight"]
-    return out
-
-
 def warn_degenerate(gates: np.ndarray, threshold: float = 5.0) -> list[int]:
     """mergekit-moe's warning: layers whose gate rows ``[E, D]`` have condition number > ``threshold``."""
     bad = [i for i, g in enumerate(gates) if len(g) > 1 and np.linalg.cond(np.asarray(g, np.float64)) > threshold]
@@ -201,7 +178,7 @@ def run_moe(cfg: MoeConfig, out: str | Path, *, expert_layout: str = "per_expert
             if shared_gates is not None:
                 plan[shared_name] = functools.partial(np.asarray, shared_gates[i], np.float32)
         if expert_layout == "fused":
-            plan = fuse(plan, arch, layers, len(cfg.experts))
+            plan = fuse_lazy(plan)
         dtype = cfg.dtype or source_dtype(base)
         export_hf(
             ((n, f()) for n, f in plan.items()),
