@@ -25,7 +25,7 @@ TEXT = (
     "text like this one. Numbers such as 7, 42 and 1024 appear too, and words like density and damping. "
 ) * 8
 
-FAMILIES = ("qwen3", "gemma3_text", "qwen3_moe")
+FAMILIES = ("qwen3", "gemma3_text", "qwen3_moe", "llama")
 
 
 def tiny_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
@@ -45,6 +45,8 @@ def tiny_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
     )
     if family == "qwen3":
         return transformers.Qwen3Config(**common, tie_word_embeddings=False)
+    if family == "llama":  # the input `sgtv moe` turns into Mixtral / Qwen2-MoE
+        return transformers.LlamaConfig(**common, tie_word_embeddings=False)
     if family == "gemma3_text":
         # Layers 0-2 attend within 16 tokens, layer 3 globally (every fourth).
         return transformers.Gemma3TextConfig(

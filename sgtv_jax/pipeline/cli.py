@@ -90,6 +90,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet and writer,
         lora_rank=args.lora,
+        expert_layout=args.expert_layout.replace("-", "_"),
     )
     if not writer:
         print(f"process {rep.get('process', '?')}: merged with process 0, which writes {args.out}")
@@ -160,6 +161,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("config", help="YAML merge config")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+    p.add_argument(
+        "--expert-layout",
+        choices=("per-expert", "fused"),
+        default="per-expert",
+        help="MoE models: experts per expert (default) or fused as transformers 5 holds them (docs/moe.md)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

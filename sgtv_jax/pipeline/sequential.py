@@ -42,6 +42,7 @@ from tqdm import tqdm
 from convert.atomic import prepare_output
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
+from convert.expert_layout import check_expert_layout, fuse_expert_files
 from convert.export import export_hf
 from convert.lora_extract import write_merged_adapter
 from convert.model_card import render_model_card
@@ -426,6 +427,7 @@ def run_merge(
     check: bool = True,
     lora_rank: int | None = None,
     mesh: Mesh | None = None,
+    expert_layout: str = "per_expert",
 ) -> dict[str, Any]:
     """Merge as configured and write the result atomically to `out`; returns the report.
 
@@ -440,7 +442,8 @@ def run_merge(
     the next run into `out`), never a complete-looking `out`. `lora_rank`
     (format "hf"): also write the merged task vector as a PEFT LoRA adapter of
     that rank in `out/adapter` (`convert.lora_extract`), part of the same
-    atomic output.
+    atomic output. `expert_layout` "fused" (MoE models, format "hf") writes the
+    experts in transformers 5's fused layout (`convert.expert_layout`).
 
     A merge that needs no calibration data runs by tensor name on any
     architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
@@ -476,6 +479,7 @@ def run_merge(
     if check:
         check_config(cfg, lora_rank=lora_rank)
     model_type = base_model_type(cfg)
+    check_expert_layout(expert_layout, format, model_type)
     t0 = time.perf_counter()
     asked, learned = cfg, None
     if cfg.method_spec.learns_weights:
@@ -528,6 +532,8 @@ def run_merge(
         write_output_files(run, tmp, template)  # tokenizer (re-indexed vocabulary) and chat_template
         if lora_rank is not None:
             write_merged_adapter(tmp, run.base, lora_rank, cfg.base_model_written or cfg.base_model)
+        if expert_layout == "fused":  # last: the adapter above is extracted against the base's per-expert names
+            fuse_expert_files(tmp, cfg.max_shard_size)
 
     try:
         if format == "hf" and isinstance(run, DataFreeRun):
