@@ -46,6 +46,7 @@ import pytest
 import test_pipeline_helpers as helpers
 import yaml
 
+from sgtv_jax.moe.config import load_moe_config
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
 
@@ -167,8 +168,11 @@ def _widened(src: Path, dst: Path, tokens: list[str]) -> None:
 def _paths_of(raw: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
     """(model paths in order, base last; [(calibration file, text_field)]) named by a raw config."""
     models = [m["model"] for m in raw.get("models") or [] if isinstance(m, dict) and "model" in m]
+    models += [e["source_model"] for e in raw.get("experts") or [] if isinstance(e, dict) and "source_model" in e]
     models += [src["model"] for sl in raw.get("slices") or [] for src in sl.get("sources") or [] if "model" in src]
-    calibs = [raw.get("calibration")] + [m.get("calibration") for m in raw.get("models") or [] if isinstance(m, dict)]
+    calibs = [raw.get("calibration")] + [
+        m.get("calibration") for m in (raw.get("models") or []) + (raw.get("experts") or []) if isinstance(m, dict)
+    ]
     files = []
     for c in calibs:
         c = {"data": c} if isinstance(c, (str, list)) else c
@@ -330,6 +334,10 @@ def test_block(block: Block, family, deep_family, tmp_path, monkeypatch):
             rows = [s.strip() + "." for s in helpers.TEXT.split(".") if s.strip()]
             body = "".join(json.dumps({field: r}) + "\n" for r in rows) if rel.endswith(".jsonl") else helpers.TEXT
             _place(ws, rel, lambda dst, body=body: dst.write_text(body))
+        if "experts" in raw:  # a `sgtv moe` config
+            (ws / "moe.yaml").write_text(block.code)
+            assert load_moe_config(ws / "moe.yaml").experts
+            return
         (ws / "merge.yaml").write_text(block.code)
         cfg = load_config(ws / "merge.yaml")
         if "base_model" in raw:
