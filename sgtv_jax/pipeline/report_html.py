@@ -40,6 +40,8 @@ from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.pipeline.report import REPORT_FILE
 
 HTML_FILE = "report.html"
+# Fixed margins, not tight_layout: its extra layout pass was most of the page's rendering time.
+WIDE = dict(left=0.09, right=0.99, top=0.97, bottom=0.13)
 MARKERS_UP_TO = 500  # points per series drawn with markers (each one an SVG element); lines only above
 
 CSS = """
@@ -182,7 +184,7 @@ def _series(ax: Any, x: np.ndarray, y: np.ndarray, gid: str, **kw: Any) -> None:
 def error_figure(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     """SVG: per trimmed linear layer, each task's trim error and the merge error (log scale)."""
     fig = Figure(figsize=(11, 4.2))
-    ax = fig.subplots()
+    ax = fig.subplots(gridspec_kw=WIDE)
     te = _matrix(rows, "trim_error")
     me = np.asarray([np.nan if r.get("merge_error") is None else r["merge_error"] for r in rows], float)
     x = np.arange(len(rows))
@@ -198,14 +200,13 @@ def error_figure(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     _block_ticks(ax, rows)
     ax.set_ylabel("relative reconstruction error")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     return _svg(fig, "errors")
 
 
 def density_figure(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     """SVG: per tensor, the density kept of each task's task vector (dots) and the asked one (dashed)."""
     fig = Figure(figsize=(11, 4.2))
-    ax = fig.subplots()
+    ax = fig.subplots(gridspec_kw=WIDE)
     kept, asked = _matrix(rows, "kept_density"), _matrix(rows, "density")
     x = np.arange(len(rows))
     for t in range(kept.shape[1]):
@@ -218,15 +219,15 @@ def density_figure(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str
     _block_ticks(ax, rows)
     ax.set_ylabel("density (fraction of entries kept)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     return _svg(fig, "densities")
 
 
 def stage_figure(stages: dict[str, float]) -> str:
     """SVG: seconds per stage as horizontal bars (one bar per stage, in the report's order)."""
     names = list(stages)
-    fig = Figure(figsize=(8, 0.45 * len(names) + 0.9))
-    ax = fig.subplots()
+    height = 0.45 * len(names) + 0.9
+    fig = Figure(figsize=(8, height))
+    ax = fig.subplots(gridspec_kw=dict(left=0.13, right=0.97, top=1 - 0.15 / height, bottom=0.6 / height))
     bars = ax.barh(range(len(names)), [stages[n] for n in names], color="C0")
     for name, bar in zip(names, bars):
         bar.set_gid(f"stages-{name}")
@@ -235,7 +236,6 @@ def stage_figure(stages: dict[str, float]) -> str:
     ax.bar_label(bars, labels=[_fmt(stages[n]) + " s" for n in names], fontsize=8, padding=3)
     ax.set_xlabel("seconds")
     ax.margins(x=0.15)
-    fig.tight_layout()
     return _svg(fig, "stages")
 
 
