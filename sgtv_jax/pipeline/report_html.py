@@ -130,7 +130,8 @@ def load_report(out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     path = out / REPORT_FILE
     if not out.is_dir():
-        raise SgtvError(f"{out}: not a directory; give the output folder of `sgtv merge` (it holds {REPORT_FILE})")
+        what = "not a directory" if out.exists() else "not found"
+        raise SgtvError(f"{out}: {what}; give the output folder of `sgtv merge` (it holds {REPORT_FILE})")
     if not path.is_file():
         raise SgtvError(f"{path}: not found; `sgtv report` reads the {REPORT_FILE} that `sgtv merge` writes into OUT")
     try:
