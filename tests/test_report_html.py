@@ -47,7 +47,7 @@ def merged(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # module scope, asked for before `merged`: a skip comes before the merge
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
@@ -123,7 +123,7 @@ def assert_ordered_like(y_svg: np.ndarray, values: list[float]) -> None:
                 assert y_svg[i] < y_svg[j], (i, j, values[i], values[j])
 
 
-def test_rendered_page_shows_the_report(merged, chromium, tmp_path):
+def test_rendered_page_shows_the_report(chromium, merged, tmp_path):
     rep = json.loads((merged / "merge_report.json").read_text())
     dom = Dom(browse(chromium, tmp_path / "profile", merged / HTML_FILE, "--dump-dom").stdout)
     assert [a["id"] for t, a, _ in dom.elements if t == "section"] == SECTIONS
