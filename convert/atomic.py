@@ -282,6 +282,24 @@ def commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_file_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to the file ``path`` whole or not at all; returns ``path``.
+
+    The bytes go to a hidden sibling ``.NAME.partial-<pid>-<random>`` first,
+    which is then renamed over ``path`` (one rename: a reader sees the old file
+    or the new one, never half of it); on any failure the sibling is removed.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def mark_output(directory: str | Path, kind: str) -> None:
     """Write the ``.sgtv-output`` marker: ``directory`` is ours to replace later."""
     _write_json(Path(directory) / OUTPUT_MARKER, {**_partial_marker(), "version": version(), "kind": kind})

@@ -367,7 +367,7 @@ def _marker(d: Path) -> dict:
 
 
 def _files(d: Path) -> dict[str, str]:
-    skip = {OUTPUT_MARKER, "merge_report.json", "merge_layer_error.png"}  # timings / pids differ
+    skip = {OUTPUT_MARKER, "merge_report.json", "merge_layer_error.png", "report.html"}  # timings / pids differ
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir() if p.name not in skip}
 
 

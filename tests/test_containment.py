@@ -81,6 +81,9 @@ ALLOWED = {
     ),
     # our own outputs and work files
     ("sgtv_jax/pipeline/cli.py", "_run_merge", "(adapter / REPORT).read_text"): "the report this merge just wrote",
+    ("sgtv_jax/pipeline/report_html.py", "load_report", "path.read_bytes"): (
+        "OUT/merge_report.json of the output folder named on the command line (`sgtv report OUT`)"
+    ),
     ("sgtv_jax/pipeline/sequential.py", "run_merge.finalize", "(tmp / 'config.json').read_text"): (
         "the output's config.json this merge just wrote (its card quotes it)"
     ),

@@ -15,6 +15,7 @@ from typing import Any
 from sgtv_jax.merge.paramspec import spec_values
 from sgtv_jax.pipeline.config import MergeConfig
 from sgtv_jax.pipeline.report import PLOT_FILE, REPORT_FILE
+from sgtv_jax.pipeline.report_html import HTML_FILE
 
 NOT_TRIMMED = (None, "unchanged")  # report rows of tensors copied or merged without a trim
 
@@ -75,7 +76,10 @@ def summary(cfg: MergeConfig, report: Mapping[str, Any]) -> list[str]:
         out.append(errs + ": " + "; ".join(parts) + ".")
     # Times and memory differ from run to run: they stay in the report, so the same config
     # writes the same card (and the same output, byte for byte).
-    out.append(f"Per-tensor figures, stage times and peak memory are in `{REPORT_FILE}`, plotted in `{PLOT_FILE}`.")
+    out.append(
+        f"Per-tensor figures, stage times and peak memory are in `{REPORT_FILE}`, plotted in `{PLOT_FILE}`; "
+        f"`{HTML_FILE}` shows them all on one page."
+    )
     return out
 
 

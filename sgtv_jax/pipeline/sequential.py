@@ -80,6 +80,7 @@ from sgtv_jax.pipeline.report import (
     relative_errors,
     with_export_time,
 )
+from sgtv_jax.pipeline.report_html import write_reports
 from sgtv_jax.pipeline.sources import make_source
 from sgtv_jax.pipeline.tokenizer import output_chat_template
 
@@ -524,7 +525,7 @@ def run_merge(
             rep["adamerging"] = learned.report
             rep["stages_s"]["learn"] = learned.seconds
             with_export_time(rep, time.perf_counter() - t0)
-        (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
+        write_reports(tmp, rep)  # merge_report.json and report.html
         plot_report(rep, tmp / PLOT_FILE)
         if format == "hf":  # the card names the config's models as written, and quotes the report's figures
             card = merge_card(asked, rep)
@@ -575,8 +576,8 @@ def run_merge(
     finally:
         run.close()
     rep = with_export_time(box["report"], time.perf_counter() - t0)
-    try:  # final figures (export included); the directory is complete either way
-        (out / REPORT_FILE).write_text(json.dumps(rep, indent=1) + "\n")
+    try:  # final figures (export included), each file replaced atomically; the directory is complete either way
+        write_reports(out, rep)
     except OSError:
         pass
     return rep
