@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import test_pipeline_helpers as H
 
 from convert.conversion import flax_model_tensors, load_flax_model
 from sgtv_jax.merge import adamerging as ada
@@ -11,6 +10,7 @@ from sgtv_jax.models.llama import hf_block_prefix
 from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
 
 
 def test_learned_coefficients_as_yaml_weights_reproduce_the_flax_merge(tmp_path):

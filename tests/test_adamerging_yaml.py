@@ -7,7 +7,6 @@ import json
 import jax
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 from safetensors.numpy import load_file
 
 from convert.conversion import flax_model_tensors, load_flax_model
@@ -19,6 +18,7 @@ from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.datafree import require_flax_family
 from sgtv_jax.pipeline.memory import estimate_memory
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
+from tests.helpers import tiny_models as H
 
 STEPS, LR, DENSITY, NSAMPLES, SEQLEN, BATCH, SEED = 4, 0.05, 0.5, 4, 16, 2, 3
 

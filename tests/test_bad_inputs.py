@@ -1,7 +1,7 @@
 """Bad input through the CLI: exit status 2, a message naming the culprit, and no input byte changed.
 
 Every case runs `sgtv_jax.cli.main([...])` in-process on tiny LLaMA checkpoints
-(`test_pipeline_helpers`), with the sha256 of every file under the input
+(`tests.helpers.tiny_models`), with the sha256 of every file under the input
 folders taken before and compared after.
 """
 
@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file, save_file
 
 from sgtv_jax.cli import main
+from tests.helpers import tiny_models as H
 
 NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"
 

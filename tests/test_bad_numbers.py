@@ -15,10 +15,10 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from test_bad_inputs import Case, fam  # noqa: F401  (fam: the module-scoped tiny LLaMA family fixture)
 
 from sgtv_jax import numparse
 from sgtv_jax.merge.specs import KARCHER_MAX_ITER, MAX_LEARNING_STEPS, METHOD_SPECS
+from tests.test_bad_inputs import Case, fam  # noqa: F401  (fam: the module-scoped tiny LLaMA family fixture)
 
 HUGE = 10**400  # float(HUGE) raises OverflowError
 HUGE_TEXT = "1" + "0" * 400  # the same, as written in a YAML / JSON file
@@ -371,7 +371,7 @@ def test_orbax_to_hf_with_a_bad_sidecar(case, orbax_dir, edit, names):
 
 def _gguf(case: Case, monkeypatch, setter: str, write) -> str:
     """A tiny llama GGUF (tests/test_convert_gguf) whose writer's `setter` writes `write(self, arch)` instead."""
-    from test_convert_gguf import hf_tensors, write_gguf
+    from tests.test_convert_gguf import hf_tensors, write_gguf
 
     monkeypatch.setattr(gguf.GGUFWriter, setter, lambda self, *a: write(self, self.arch))
     path = write_gguf(case.tmp / "m.gguf", hf_tensors(tied=True))
@@ -417,7 +417,7 @@ def test_gguf_metadata(case, monkeypatch, setter, write, names):
 
 def test_gguf_sliding_window_pattern_zero(case, monkeypatch):
     """gemma's every-n-th-block-is-global pattern of 0 (a division by zero before)."""
-    from test_convert_gguf_families import Family
+    from tests.test_convert_gguf_families import Family
 
     real = gguf.GGUFWriter.add_sliding_window
 

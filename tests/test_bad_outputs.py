@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file
 
@@ -30,6 +29,7 @@ from convert.atomic import OUTPUT_MARKER, PARTIAL_MARKER, remove_leftovers
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.config import load_config
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

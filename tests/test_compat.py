@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import oracle
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from sgtv_jax import (
     prune_task_vector_with_error_correction,
     trim_with_sparsegpt_importance,
 )
+from tests.helpers import oracle
 
 
 @pytest.fixture

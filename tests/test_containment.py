@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 from flax import nnx
 
 from sgtv_jax.cli import main
+from tests.helpers import tiny_models as H
 
 ROOT = Path(__file__).resolve().parents[1]
 

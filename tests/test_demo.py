@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
-import test_pipeline_helpers as H
 import yaml
 
 from sgtv_jax.pipeline import demo
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
+from tests.helpers import tiny_models as H
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Every generated input must end in exit 0 with a loadable model or exit 2 with
 the last stderr line starting `error:`; never a traceback, another status or a
-hang; inputs byte-identical; nothing written outside OUT (`fuzz_helpers`).
+hang; inputs byte-identical; nothing written outside OUT (`tests.helpers.fuzz`).
 
 Configs start valid for a method drawn from the real method table
 (`sgtv_jax.merge.specs.METHOD_SPECS`, parameters drawn from their ParamSpecs),
@@ -23,7 +23,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fuzz_helpers import (
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sgtv_jax.merge.specs import LEARNED_TRIMS, METHOD_SPECS, PER_MODEL_PARAMS, ParamSpec
+from sgtv_jax.pipeline.config import TOP_KEYS
+from tests.helpers.fuzz import (
     HUGE,
     Example,
     Raw,
@@ -35,11 +40,6 @@ from fuzz_helpers import (
     tame,
     values_st,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-from sgtv_jax.merge.specs import LEARNED_TRIMS, METHOD_SPECS, PER_MODEL_PARAMS, ParamSpec
-from sgtv_jax.pipeline.config import TOP_KEYS
 
 DATA_FREE_TRIMS = ("magnitude", "random", "magprune", "breadcrumbs")
 CALIBRATED = sorted(n for n, s in METHOD_SPECS.items() if s.needs_grams or s.learns_weights)

@@ -17,10 +17,10 @@ import json
 import shutil
 
 import pytest
-import test_pipeline_helpers as H
-from fuzz_helpers import run_cli
 
 from sgtv_jax.cli import main
+from tests.helpers import tiny_models as H
+from tests.helpers.fuzz import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_fine_tune_config_with_impossible_sizes_is_refused(fam, tmp_path):
 def test_gguf_without_tokenizer_model_names_the_file(tmp_path):
     """A GGUF whose tokenizer.ggml.model is missing (e.g. its key's bytes corrupted): transformers' loader
     raised ValueError through `sgtv convert`."""
-    from test_fuzz_headers import GGUF_META, write_gguf
+    from tests.test_fuzz_headers import GGUF_META, write_gguf
 
     meta = {k: v for k, v in GGUF_META.items() if k != "tokenizer.ggml.model"}
     path = write_gguf(tmp_path / "m.gguf", meta)

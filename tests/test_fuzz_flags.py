@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the subcommands' flag values (the property: `fuzz_helpers`).
+"""Property-based fuzzing of the subcommands' flag values (the property: `tests.helpers.fuzz`).
 
 `sgtv merge` (OUT targets, --format, --lora, --devices, switches, and in a
 subprocess the multi-host flags), `sgtv convert` (sources, --dtype,
@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzz_helpers import Example, dump_yaml, fuzz_settings, make_world, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.helpers.fuzz import Example, dump_yaml, fuzz_settings, make_world, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of checkpoint headers and sidecars (the property: `fuzz_helpers`).
+"""Property-based fuzzing of checkpoint headers and sidecars (the property: `tests.helpers.fuzz`).
 
 Mutated safetensors headers (dtype, shape, offsets, metadata, header length,
 truncation), config.json / tokenizer_config.json / adapter_config.json values
@@ -20,10 +20,11 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from fuzz_helpers import HUGE_INT, Example, dump_yaml, fuzz_settings, make_world, numbers_st, values_st
 from hypothesis import given
 from hypothesis import strategies as st
-from test_convert_gguf import (
+
+from tests.helpers.fuzz import HUGE_INT, Example, dump_yaml, fuzz_settings, make_world, numbers_st, values_st
+from tests.test_convert_gguf import (
     FF,
     HEAD_DIM,
     HEADS,
@@ -56,7 +57,7 @@ def json_values() -> st.SearchStrategy:
 
 
 def _has_raw(v: Any) -> bool:
-    from fuzz_helpers import Raw
+    from tests.helpers.fuzz import Raw
 
     if isinstance(v, Raw):
         return True

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracle
 import pytest
 
 from sgtv_jax import hessian_finalize, hessian_init, hessian_update, input_norms
+from tests.helpers import oracle
 
 
 def test_running_mean_over_sequences_with_mask():

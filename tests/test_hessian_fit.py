@@ -7,7 +7,7 @@ import pytest
 from sgtv_jax.merge import hessian_fit as hf
 from sgtv_jax.merge.plan import ObsOptions, TensorPlan, merge_planned
 from sgtv_jax.merge.trim import Calibration
-from tests import oracle
+from tests.helpers import oracle
 
 T, OUT, IN, N = 3, 6, 10, 40
 

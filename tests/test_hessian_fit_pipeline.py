@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
-from test_pipeline import LLAMA_LINEARS, _assert_h, _partial, _torch, _windows
 
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
+from tests.test_pipeline import LLAMA_LINEARS, _assert_h, _partial, _torch, _windows
 
 
 def pref(i):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 import yaml
@@ -25,6 +24,7 @@ from convert.readers import open_checkpoint
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
+from tests.helpers import tiny_models as H
 
 peft = pytest.importorskip("peft")
 

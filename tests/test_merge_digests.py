@@ -1,6 +1,6 @@
 """`sgtv merge` outputs pinned bit for bit: a refactor of the merge path must not change one bit.
 
-Each case merges the tiny random LLaMA / GPT-2 families of `test_pipeline_helpers`
+Each case merges the tiny random LLaMA / GPT-2 families of `tests.helpers.tiny_models`
 with one configuration and hashes every output tensor (sha256 over the sorted
 tensor names, each with its dtype, shape and raw bytes; never over files that
 embed timings, such as merge_report.json). The expected digests are recorded
@@ -44,13 +44,13 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 from safetensors.numpy import load_file
 
 from convert import restore_orbax
 from convert.architectures import get_architecture
 from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -1,7 +1,7 @@
 """`sgtv_jax.merge.merge` goes through `merge_planned`: N:M, refit, wanda norms, inverse Hessians.
 
 Expectations are independent of the library: the float64 OBS oracle
-(tests/oracle.py), a NumPy TIES (sign election on the weighted vectors,
+(tests/helpers/oracle.py), a NumPy TIES (sign election on the weighted vectors,
 disjoint weighted mean), a NumPy Wanda selection and the exact least-squares
 values of the kept entries (float64 solve).
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import oracle
 import pytest
 
 import sgtv_jax.merge as M
+from tests.helpers import oracle
 
 ROWS, COLS = 12, 32
 W = "layers.0.mlp.weight"

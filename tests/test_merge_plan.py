@@ -1,6 +1,6 @@
 """`merge_planned`: N:M and refit through a plan, the method facts it reads from the spec table.
 
-Expectations are independent: the float64 OBS oracle (tests/oracle.py), a
+Expectations are independent: the float64 OBS oracle (tests/helpers/oracle.py), a
 NumPy TIES (sign election on the weighted vectors, disjoint weighted mean),
 the N:M pattern, and refit's invariant (same mask, never a larger error).
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracle
 import pytest
 
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.trim import Calibration
+from tests.helpers import oracle
 
 
 def _problem(tasks=2, rows=12, cols=32, seed=0):

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file
-from test_merge_mergekit_methods import ref_slerp
-from test_mergekit_ties_parity import reference_ties
 
 from sgtv_jax.cli import main
+from tests.helpers import tiny_models as H
+from tests.test_merge_mergekit_methods import ref_slerp
+from tests.test_mergekit_ties_parity import reference_ties
 
 LAYERS = 3
 

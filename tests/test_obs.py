@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import oracle
 import pytest
 
 from sgtv_jax import block_prune_counts, inverse_factor, obs_prune, obs_prune_from_inverse
+from tests.helpers import oracle
 
 
 def problem(rows, cols, seed=0, tokens=None, ill=False):

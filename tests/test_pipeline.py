@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 
@@ -20,6 +19,7 @@ from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
+from tests.helpers import tiny_models as H
 
 LLAMA_LINEARS = [
     "self_attn.q_proj",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 
@@ -15,6 +14,7 @@ from sgtv_jax.pipeline.compat import (
     TaskVectorImportanceCalculatorPerTask,
     sequential_layer_pruning,
 )
+from tests.helpers import tiny_models as H
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
 

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.evaluate import exact_match, is_match, load_model, perplexity
+from tests.helpers import tiny_models as H
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 import yaml
@@ -24,6 +23,7 @@ from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.config import parse_config
 from sgtv_jax.pipeline.report import REPORT_FILE
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
 
 LINEARS = {
     "qwen3": [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import test_pipeline_helpers as H
 
 from sgtv_jax.errors import ResourceError
 from sgtv_jax.pipeline.config import parse_config
@@ -16,8 +15,9 @@ from sgtv_jax.pipeline.memory import (
     llama_shapes,
     refuse_if_too_big,
 )
+from tests.helpers import tiny_models as H
 
-# tiny LLaMA of test_pipeline_helpers: hidden 32, 4 heads (2 KV heads of 8), intermediate 64, 3 blocks
+# tiny LLaMA of tests.helpers.tiny_models: hidden 32, 4 heads (2 KV heads of 8), intermediate 64, 3 blocks
 D, A, FF, KV = 32, 4, 64, 16
 LINEARS = [(D, D), (KV, D), (KV, D), (D, D), (FF, D), (FF, D), (D, FF)]  # [rows, cols] of q k v o gate up down
 BLOCK = sum(r * c for r, c in LINEARS) + 2 * D  # + two RMSNorm weights

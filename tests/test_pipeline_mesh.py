@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 from safetensors.numpy import load_file
+
+from tests.helpers import tiny_models as H
 
 DEVICES = (1, 2, 8)
 

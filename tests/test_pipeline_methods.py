@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file
 
 from sgtv_jax.cli import main
 from sgtv_jax.merge import merge, wudi
+from tests.helpers import tiny_models as H
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import json
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 import yaml
@@ -33,6 +32,7 @@ from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.report import REPORT_FILE
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
 
 LAYERS = 3
 # (checkpoint prefix of the MoE MLP, expert (gate, up, down) names, router names merged data-free)

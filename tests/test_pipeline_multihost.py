@@ -23,9 +23,10 @@ import time
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 from safetensors.numpy import load_file
+
+from tests.helpers import tiny_models as H
 
 
 def _free_port() -> int:

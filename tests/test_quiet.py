@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_pipeline_helpers as H
 import yaml
 
 from sgtv_jax.cli import TORCH_NOTICE
+from tests.helpers import tiny_models as H
 
 ROOT = Path(__file__).resolve().parents[1]
 WITHOUT_TORCH = 'import sys; sys.modules["torch"] = None; from sgtv_jax.cli import main; sys.exit(main())'

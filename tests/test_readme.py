@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as helpers
 import yaml
 
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
+from tests.helpers import tiny_models as helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

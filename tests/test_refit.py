@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import oracle
 import pytest
 
 from sgtv_jax import SparseGPTTaskVector, obs_prune
 from sgtv_jax.refit import refit_kept
+from tests.helpers import oracle
 
 
 def problem(rows, cols, seed, ill=False):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 from safetensors.numpy import load_file
@@ -23,6 +22,7 @@ from sgtv_jax.pipeline.chat_templates import CHATML
 from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import run_merge
+from tests.helpers import tiny_models as H
 
 EXTRA = ["<extra_a>", "<extra_b>"]
 

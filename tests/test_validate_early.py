@@ -16,14 +16,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import test_pipeline_helpers as H
 import torch
 import transformers
 import yaml
-from test_bad_inputs import _digests
 
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.config import parse_config
+from tests.helpers import tiny_models as H
+from tests.test_bad_inputs import _digests
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Tiny local models for the pipeline tests (no hub): a BPE tokenizer, random LLaMA / GPT-2, fine-tunes.
 
-Not a test module (no tests); imported by tests/test_pipeline*.py.
+Not a test module (no tests); imported as `from tests.helpers import tiny_models as H`.
 """
 
 from __future__ import annotations

@@ -37,11 +37,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import test_pipeline_helpers as H
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 from sgtv_jax.cli import main
+from tests.helpers import tiny_models as H
 
 EXAMPLES_ENV = "SGTV_FUZZ_EXAMPLES"
 DEADLINE_ENV = "SGTV_FUZZ_DEADLINE"
