@@ -382,7 +382,7 @@ CASES = {
 
 
 def test_every_new_method_has_a_transform_case():
-    # the task-vector methods before these have theirs in tests/test_transforms.py
+    # the task-vector methods before these have theirs in tests/core/test_transforms.py
     older = {
         "linear",
         "task_arithmetic",
