@@ -12,7 +12,7 @@ oracles in tests/test_pipeline.py and tests/test_merge_*.py.
 `gpt2_breadcrumbs_ties_trim_rules` was re-recorded when a bug was fixed: model 0
 sets gamma 0.05 and model 1 none, and model 0's value used to be dropped (every
 model took the default 0.01); now each model without a value takes the default
-on its own (tests/test_merge_paramspec.py). The others are
+on its own (tests/merge/test_merge_paramspec.py). The others are
 recorded from commit 7ae0603 (before splitting pipeline/sequential.py) on an
 x86-64 CPU with jax 0.10.2, torch 2.13 and transformers 5.24 (the test models
 and tokenizer come from torch's seeded initialisation). Another XLA build,

@@ -22,8 +22,8 @@ from safetensors.numpy import load_file
 
 from sgtv_jax.cli import main
 from tests.helpers import tiny_models as H
-from tests.test_merge_mergekit_methods import ref_slerp
-from tests.test_mergekit_ties_parity import reference_ties
+from tests.merge.test_merge_mergekit_methods import ref_slerp
+from tests.merge.test_mergekit_ties_parity import reference_ties
 
 LAYERS = 3
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from sgtv_jax.pipeline.config import parse_config
 
-spec = importlib.util.spec_from_file_location("merge_quality", Path(__file__).parents[1] / "examples/merge_quality.py")
+spec = importlib.util.spec_from_file_location("merge_quality", Path(__file__).parents[2] / "examples/merge_quality.py")
 mq = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mq)
 

@@ -1,6 +1,6 @@
 """The Hessian fits with traced weights and densities: merge_grid and jit equal the eager calls.
 
-The eager calls themselves are checked against float64 NumPy in tests/test_hessian_fit.py;
+The eager calls themselves are checked against float64 NumPy in tests/merge/test_hessian_fit.py;
 here the compiled programs (vmap over densities and weights, jit) must reproduce them,
 and bad traced values must become checkify errors and NaN, never a silent merge.
 """
