@@ -127,7 +127,7 @@ def test_all_problems_reported_at_once():
 def test_example_configs_are_valid(name):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "configs" / f"{name}.yaml")
     assert cfg.models and cfg.base_model.endswith("base")
 
 

@@ -7,7 +7,7 @@ embed timings, such as merge_report.json). The expected digests are recorded
 output of the code, not independent values: this file is a regression guard
 for refactors that promise bit-identical results (issue 10), not a correctness
 test; the pipeline's correctness is checked against PyTorch and float64
-oracles in tests/test_pipeline.py and tests/test_merge_*.py.
+oracles in tests/pipeline/test_pipeline.py and tests/merge/.
 
 `gpt2_breadcrumbs_ties_trim_rules` was re-recorded when a bug was fixed: model 0
 sets gamma 0.05 and model 1 none, and model 0's value used to be dropped (every
@@ -24,7 +24,7 @@ other vector units: a second digest was recorded, from the same code (commit
 where the three elementwise-only cases and Wanda's matched the first record and
 the other nine did not. A case passes when its output equals one of its
 recorded digests. To re-record on purpose, check out the commit before your
-change and run `python tests/test_merge_digests.py`, which prints the digests.
+change and run `python -m tests.pipeline.test_merge_digests`, which prints the digests.
 
 Every case with a calibrated Hessian but Wanda's was re-recorded (on the
 AVX-512 machine only) when issue 22 made the Hessian the same bit for bit on

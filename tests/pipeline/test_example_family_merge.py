@@ -21,7 +21,7 @@ import transformers
 from convert import open_checkpoint
 from sgtv_jax.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "configs" / "qwen3_ties_sparsegpt.yaml"
 
 

@@ -19,7 +19,7 @@ from sgtv_jax.pipeline.report import relative_errors
 from sgtv_jax.pipeline.sequential import merge_tensor
 from sgtv_jax.pipeline.streams import capture, embed_stream
 
-README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
+README = __import__("pathlib").Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="session")

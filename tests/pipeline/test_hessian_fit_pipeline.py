@@ -8,7 +8,7 @@ import pytest
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.sequential import run_merge
 from tests.helpers import tiny_models as H
-from tests.test_pipeline import LLAMA_LINEARS, _assert_h, _partial, _torch, _windows
+from tests.pipeline.test_pipeline import LLAMA_LINEARS, _assert_h, _partial, _torch, _windows
 
 
 def pref(i):

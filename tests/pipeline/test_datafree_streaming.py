@@ -23,7 +23,7 @@ from sgtv_jax.merge.streaming import bytes_per_entry
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 from sgtv_jax.pipeline.memory import estimate_memory
 from sgtv_jax.pipeline.sequential import REPORT_FILE, run_merge
-from tests.test_datafree_any import make_models
+from tests.pipeline.test_datafree_any import make_models
 
 TASKS = 3
 HUGE = "10GB"

@@ -4,7 +4,7 @@ Both processes run the same command with --coordinator / --num-processes /
 --process-id; process 0 alone writes OUT. Calibration is split over the two
 processes' devices (`batch_size` windows each per step) and the chunk Grams
 summed in window order, so the output equals the one-process merge bit for
-bit (as in tests/test_pipeline_mesh.py).
+bit (as in tests/pipeline/test_pipeline_mesh.py).
 
 The handshake is bounded: bad flags are refused before any work, and a
 missing process ends every process after `--init-timeout` with `error:`
