@@ -370,8 +370,8 @@ def test_orbax_to_hf_with_a_bad_sidecar(case, orbax_dir, edit, names):
 
 
 def _gguf(case: Case, monkeypatch, setter: str, write) -> str:
-    """A tiny llama GGUF (tests/test_convert_gguf) whose writer's `setter` writes `write(self, arch)` instead."""
-    from tests.test_convert_gguf import hf_tensors, write_gguf
+    """A tiny llama GGUF (tests/convert/test_convert_gguf) whose writer's `setter` writes `write(self, arch)` instead."""
+    from tests.convert.test_convert_gguf import hf_tensors, write_gguf
 
     monkeypatch.setattr(gguf.GGUFWriter, setter, lambda self, *a: write(self, self.arch))
     path = write_gguf(case.tmp / "m.gguf", hf_tensors(tied=True))
@@ -417,7 +417,7 @@ def test_gguf_metadata(case, monkeypatch, setter, write, names):
 
 def test_gguf_sliding_window_pattern_zero(case, monkeypatch):
     """gemma's every-n-th-block-is-global pattern of 0 (a division by zero before)."""
-    from tests.test_convert_gguf_families import Family
+    from tests.convert.test_convert_gguf_families import Family
 
     real = gguf.GGUFWriter.add_sliding_window
 

@@ -23,8 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers.fuzz import HUGE_INT, Example, dump_yaml, fuzz_settings, make_world, numbers_st, values_st
-from tests.test_convert_gguf import (
+from tests.convert.test_convert_gguf import (
     FF,
     HEAD_DIM,
     HEADS,
@@ -36,6 +35,7 @@ from tests.test_convert_gguf import (
     llama_cpp_permute,
     to_gguf_name,
 )
+from tests.helpers.fuzz import HUGE_INT, Example, dump_yaml, fuzz_settings, make_world, numbers_st, values_st
 
 
 @pytest.fixture(scope="module")

@@ -540,7 +540,7 @@ def test_cli_check_and_merge_an_encoder_decoder(tmp_path, capsys):
 
 def test_gguf_and_pytorch_bin_checkpoints(tmp_path):
     """The same by-name merge reads GGUF files (dequantised, HF names) and pickled pytorch_model.bin."""
-    from tests.test_convert_gguf import hf_tensors, write_gguf
+    from tests.convert.test_convert_gguf import hf_tensors, write_gguf
 
     base = hf_tensors(tied=False, seed=0)
     rng = np.random.default_rng(1)

@@ -21,7 +21,7 @@ from convert import ConvertError
 from convert.gguf_tokenizer import byte_to_unicode, read_tokenizer_spec, save_gguf_tokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TRAIN_TEXT = (
     "The year 2024 had 366 days; 1999 and 20000 did not. Hello, world! It's we'll they've. "

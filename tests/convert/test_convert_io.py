@@ -315,7 +315,7 @@ def test_bin_without_torch(tmp_path):
         f"try:\n    open_checkpoint({str(d)!r})\n"
         "except ConvertError as e:\n    print('ERR', e)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert res.returncode == 0, res.stderr
     assert "ERR" in res.stdout and "pytorch_model.bin" in res.stdout and "needs torch" in res.stdout
 
@@ -386,7 +386,7 @@ def test_cli_convert_and_errors(sharded, tmp_path, capsys):
 
 
 def test_python_m_convert_and_sgtv_entry(sharded, tmp_path):
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     res = subprocess.run(
         [sys.executable, "-m", "convert", "convert", str(sharded), str(tmp_path / "a"), "-q"],
         capture_output=True,
