@@ -1,4 +1,4 @@
-"""The property every fuzz test checks, and the values it draws (tests/test_fuzz*.py); not a test module.
+"""The property every fuzz test checks, and the values it draws (tests/cli/test_fuzz*.py); not a test module.
 
 Property of one generated input: `sgtv ...`, run in-process through
 `sgtv_jax.cli.main`, exits 0 with a loadable output (config.json loads with

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from sgtv_jax import numparse
 from sgtv_jax.merge.specs import KARCHER_MAX_ITER, MAX_LEARNING_STEPS, METHOD_SPECS
-from tests.test_bad_inputs import Case, fam  # noqa: F401  (fam: the module-scoped tiny LLaMA family fixture)
+from tests.cli.test_bad_inputs import Case, fam  # noqa: F401  (fam: the module-scoped tiny LLaMA family fixture)
 
 HUGE = 10**400  # float(HUGE) raises OverflowError
 HUGE_TEXT = "1" + "0" * 400  # the same, as written in a YAML / JSON file

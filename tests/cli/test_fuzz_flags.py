@@ -4,7 +4,7 @@
 subprocess the multi-host flags), `sgtv convert` (sources, --dtype,
 --max-shard-size), `sgtv extract-lora` (--rank), `sgtv eval` (data files,
 --seqlen) and `sgtv check` (config paths). Example counts and the longer
-maintainer run: see tests/test_fuzz.py.
+maintainer run: see tests/cli/test_fuzz.py.
 """
 
 from __future__ import annotations

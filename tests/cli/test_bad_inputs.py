@@ -406,7 +406,7 @@ def test_eval_non_utf8_text_names_it(case):
 
 
 def test_python_m_convert_uses_the_same_guard(case, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
     res = subprocess.run(
         [sys.executable, "-m", "convert", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
         capture_output=True,

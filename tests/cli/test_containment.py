@@ -26,7 +26,7 @@ from flax import nnx
 from sgtv_jax.cli import main
 from tests.helpers import tiny_models as H
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- the scan
 
@@ -152,7 +152,7 @@ def test_every_file_read_is_contained_or_allowlisted():
     unexplained = [f"{k[0]}:{line} {k[1]}: {k[2]}" for k, ok, line in sites if not ok and k not in ALLOWED]
     assert not unexplained, (
         "file reads that neither go through convert.containment.contained_file nor are allowlisted "
-        "(with a reason) in tests/test_containment.py: " + "; ".join(unexplained)
+        "(with a reason) in tests/cli/test_containment.py: " + "; ".join(unexplained)
     )
     stale = set(ALLOWED) - {k for k, _, _ in sites}
     assert not stale, f"allowlist entries that match no call any more: {sorted(stale)}"

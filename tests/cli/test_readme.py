@@ -45,7 +45,7 @@ from sgtv_jax.pipeline.check import check_config
 from sgtv_jax.pipeline.config import load_config
 from tests.helpers import tiny_models as helpers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]*)\)\s*-->\s*\Z")
@@ -284,7 +284,7 @@ def check_command(words: list[str], monkeypatch) -> None:
         assert (ROOT / words[1]).is_file(), f"{words[1]}: no such file in the repository"
     else:
         pytest.fail(
-            f"no checker for the command {shlex.join(words)!r}: add one in tests/test_readme.py, "
+            f"no checker for the command {shlex.join(words)!r}: add one in tests/cli/test_readme.py, "
             f"or mark the block with <!-- readme-test: skip (reason) -->"
         )
 
@@ -336,7 +336,7 @@ def test_block(block: Block, family, deep_family, tmp_path, monkeypatch):
                 words = words[cut + 1 :]
     else:
         pytest.fail(
-            f"no runner for ```{block.lang} blocks: add one in tests/test_readme.py, "
+            f"no runner for ```{block.lang} blocks: add one in tests/cli/test_readme.py, "
             f"or mark the block with <!-- readme-test: skip (reason) -->"
         )
 

@@ -22,7 +22,7 @@ import yaml
 from sgtv_jax.cli import TORCH_NOTICE
 from tests.helpers import tiny_models as H
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WITHOUT_TORCH = 'import sys; sys.modules["torch"] = None; from sgtv_jax.cli import main; sys.exit(main())'
 
 

@@ -5,7 +5,7 @@ truncation), config.json / tokenizer_config.json / adapter_config.json values
 of the wrong type, zero, huge or non-finite, GGUF metadata values and bytes,
 and Orbax `sgtv_model.json` sidecars, each fed to the commands that read them
 (`sgtv check`, `sgtv merge`, `sgtv convert`, `sgtv eval`). Example counts and
-the longer maintainer run: see tests/test_fuzz.py.
+the longer maintainer run: see tests/cli/test_fuzz.py.
 """
 
 from __future__ import annotations

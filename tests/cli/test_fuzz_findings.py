@@ -1,4 +1,4 @@
-"""What the fuzz tests (tests/test_fuzz*.py) found, each as one fixed, deterministic case.
+"""What the fuzz tests (tests/cli/test_fuzz*.py) found, each as one fixed, deterministic case.
 
 - a config with several problems ended stderr with a `  - problem` line, not `error:`;
 - a bad flag ended stderr with `sgtv eval: error: ...` (argparse's format);
@@ -160,7 +160,7 @@ def test_fine_tune_config_with_impossible_sizes_is_refused(fam, tmp_path):
 def test_gguf_without_tokenizer_model_names_the_file(tmp_path):
     """A GGUF whose tokenizer.ggml.model is missing (e.g. its key's bytes corrupted): transformers' loader
     raised ValueError through `sgtv convert`."""
-    from tests.test_fuzz_headers import GGUF_META, write_gguf
+    from tests.cli.test_fuzz_headers import GGUF_META, write_gguf
 
     meta = {k: v for k, v in GGUF_META.items() if k != "tokenizer.ggml.model"}
     path = write_gguf(tmp_path / "m.gguf", meta)

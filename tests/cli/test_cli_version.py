@@ -15,7 +15,7 @@ import sgtv_jax
 from sgtv_jax import _version
 from sgtv_jax.cli import main
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_version_prints_the_installed_metadata():

@@ -10,11 +10,11 @@ then take up to three mutations: a top-level key, a method or per-model
 parameter set to an edge value (0, negative, 10**400, `1e400`, inf, nan, huge
 strings, YAML timestamps / binary / sets), a gradient or filter rules of such
 values, unknown keys, wrong nesting, deleted keys, odd model paths, slices,
-calibration, tokenizer and chat-template keys. Flag values: tests/test_fuzz_flags.py.
+calibration, tokenizer and chat-template keys. Flag values: tests/cli/test_fuzz_flags.py.
 
 CI runs a few examples per test (derandomized: the same examples every run,
-about 90 s for all tests/test_fuzz*.py on two cores). Maintainers run longer with
-`SGTV_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_fuzz*.py`
+about 90 s for all tests/cli/test_fuzz*.py on two cores). Maintainers run longer with
+`SGTV_FUZZ_EXAMPLES=500 python -m pytest -q tests/cli/test_fuzz*.py`
 (`SGTV_FUZZ_DEADLINE` bounds each example, default 60 s).
 """
 

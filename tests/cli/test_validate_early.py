@@ -22,10 +22,10 @@ import yaml
 
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.config import parse_config
+from tests.cli.test_bad_inputs import _digests
 from tests.helpers import tiny_models as H
-from tests.test_bad_inputs import _digests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _make_tiny_family():
