@@ -436,7 +436,7 @@ def test_report_and_card_keep_paths_as_written(case):
     for f in ("merge_report.json", "README.md"):
         text = (case.tmp / "out" / f).read_text()
         assert str(case.tmp) not in text and str(case.root) not in text, f
-    # the card (issue 24): Hub front matter with the models as written, and the YAML as given, ready to rerun
+    # the model card: Hub front matter with the models as written, and the YAML as given, ready to rerun
     meta, block = H.read_card(case.tmp / "out" / "README.md")
     H.assert_hub_card(meta, ["base", "ft0", "./ft1"], "ties")
     assert block == raw

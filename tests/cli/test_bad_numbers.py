@@ -1,7 +1,7 @@
 """Numbers from outside (YAML, JSON sidecars, GGUF metadata, CLI flags) go through one guard: `sgtv_jax.numparse`.
 
-The parser against hand-computed cases, then every case of issue 22's "one
-guard, no tracebacks" through `sgtv_jax.cli.main` in-process: exit status 2,
+The parser against hand-computed cases, then every bad number (one guard, no
+traceback) through `sgtv_jax.cli.main` in-process: exit status 2,
 one `error:` line naming the key / flag / file, no input byte changed, no
 output written (the `Case` of `test_bad_inputs`).
 """

@@ -1,10 +1,10 @@
-"""Nothing from outside the model folders (issue 22): one containment rule for every file read.
+"""Nothing from outside the model folders: one containment rule for every file read.
 
 Every file any command reads from a model, tokenizer or adapter folder must
 resolve inside that folder (or its Hugging Face cache repository):
 `convert.containment.contained_file`. `test_every_file_read_is_contained_or_allowlisted`
 scans the sources for file-reading calls, so a new one cannot skip the rule;
-the other tests are the campaign's cases: exit 2 with one `error:` line naming
+the other tests are the bad cases: exit 2 with one `error:` line naming
 the file, inputs byte-identical, no output written, and the outputs that are
 written name no path of this machine the user did not write.
 """

@@ -73,7 +73,7 @@ def test_run_demo_default_work_dir_end_to_end(family, tmp_path, monkeypatch, cap
     assert "facts exact match" in text and "merged (ties+sparsegpt)" in text
     cfg = load_config(out / "merge.yaml")
     assert [Path(m.model).resolve() for m in cfg.models] == [(out / "ft_facts").resolve(), (out / "ft_logs").resolve()]
-    # the model card and report name the cached base by its folder name, not by a path of this machine (issue 22)
+    # the model card and report name the cached base by its folder name, not by a path of this machine
     meta, block = H.read_card(out / "merged" / "README.md")
     H.assert_hub_card(meta, [paths["base"].name, "ft_facts", "ft_logs"], "ties")
     assert block == {**yaml.safe_load((out / "merge.yaml").read_text()), "base_model": paths["base"].name}

@@ -1,4 +1,4 @@
-"""Quiet by default (issue 24): a normal `sgtv merge` prints no notice the user cannot act on.
+"""Quiet by default: a normal `sgtv merge` prints no notice the user cannot act on.
 
 The user environment has no torch; transformers then logs "PyTorch was not
 found ..." when imported (for the tokenizer). The merge runs in a subprocess

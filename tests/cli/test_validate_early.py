@@ -185,7 +185,7 @@ def test_per_model_calibration_inherits_the_top_level_keys_it_does_not_set(fams)
     assert (other.nsamples, other.seqlen, other.seed, other.text_field) == (5, 16, 3, "body")
 
 
-def test_the_issues_per_model_calibration_passes_check(run, fams):
+def test_own_calibration_within_the_models_positions_passes_check(run, fams):
     """`calibration: {data: own.txt}` under a top-level seqlen within the model's 128 positions: was refused (512)."""
     run.run(["check", run.yaml(_calibrated(fams))], code=0)
 

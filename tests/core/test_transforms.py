@@ -120,7 +120,7 @@ def test_obs_traced_density_prunes_the_host_count_at_a_half_boundary():
     np.testing.assert_array_equal(np.sum(np.asarray(eager)[..., :BS] == 0, axis=(1, 2)), [12] * T)
 
 
-# --------------------------------------------------------------------------- the table
+# --------------------------------------------------------------------------- one case per core call and transform
 
 
 def test_table_obs_prune_jit_with_constant_density():

@@ -54,7 +54,7 @@ def test_obs_ties_reconstructs_better_than_magnitude_one_task(density):
     mag = M.ties(d, [1.0], density)
     sgpt = M.ties(d, [1.0], density, trim="sparsegpt", calib=M.Calibration(hessian=H), blocksize=8)
     assert rel_err(d[0], sgpt, X) < rel_err(d[0], mag, X)
-    # OBS keeps round(density * rows * width) per 8-column block (REFERENCE section 1)
+    # OBS prunes round((1 - density) * rows * width) per 8-column block (sgtv_jax/obs.py's module docstring)
     per_block = 24 * 8 - round((1 - density) * 24 * 8)
     assert int(np.count_nonzero(np.asarray(sgpt))) == 4 * per_block
 

@@ -108,7 +108,7 @@ def test_ties_equals_mergekit_rule_on_real_looking_deltas(tensor, count):
     assert_ulps(got, want)
 
 
-def test_count_rules_differ_where_the_issue_expects():
+def test_count_rules_floor_and_round_differ_at_fractional_counts():
     taus = jnp.asarray(np.random.default_rng(1).standard_normal((1, 100)).astype(np.float32))
 
     def kept(count, d, x=taus):
