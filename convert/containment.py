@@ -16,7 +16,7 @@ into its own repository folder's ``blobs/`` store; targets inside the enclosing
 Every file any command reads from a model, tokenizer or adapter folder goes
 through :func:`contained_file` (directly, or through :func:`read_contained_text`,
 :func:`read_contained_json` or ``convert.local_tokenizer``);
-``tests/test_containment.py`` scans the sources for file reads that do not.
+``tests/cli/test_containment.py`` scans the sources for file reads that do not.
 """
 
 from __future__ import annotations

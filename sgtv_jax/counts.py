@@ -18,9 +18,14 @@ the floor for these non-negative products) in place of `round()`: mergekit's cou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
+    from jaxtyping import Array, Float, Int
 
 _BITS = 12
 _MASK = (1 << _BITS) - 1
@@ -28,7 +33,7 @@ _MASK = (1 << _BITS) - 1
 _TINY = 2.0**-60
 
 
-def _carry(a: jax.Array) -> jax.Array:
+def _carry(a: Int[Array, "*batch limbs"]) -> Int[Array, "*batch limbs"]:
     """Normalise limbs `[..., L]` to [0, 2^12), propagating carries (and borrows) upwards."""
     out, c = [], jnp.zeros(a.shape[:-1], a.dtype)
     for i in range(a.shape[-1]):
@@ -38,17 +43,17 @@ def _carry(a: jax.Array) -> jax.Array:
     return jnp.stack(out, axis=-1)
 
 
-def _limb_index(n: int) -> jax.Array:
+def _limb_index(n: int) -> Int[Array, " n"]:
     return jnp.arange(n, dtype=jnp.int32)
 
 
-def _pow2(p: jax.Array, n: int) -> jax.Array:
+def _pow2(p: Int[Array, "*batch"], n: int) -> Int[Array, "*batch n"]:
     """2^p as limbs `[..., n]`."""
     p = p[..., None]
     return jnp.where(p // _BITS == _limb_index(n), jnp.left_shift(1, p % _BITS), 0).astype(jnp.int32)
 
 
-def _mul_const(a: jax.Array, c: int) -> jax.Array:
+def _mul_const(a: Int[Array, "*batch limbs"], c: int) -> Int[Array, "*batch limbs"]:
     """a * c for a static non-negative int c < 2^36 (each partial product < 2^24, sums < 2^26)."""
     out = jnp.zeros_like(a)
     for j in range(3):
@@ -59,24 +64,24 @@ def _mul_const(a: jax.Array, c: int) -> jax.Array:
     return _carry(out)
 
 
-def _bitlen(a: jax.Array) -> jax.Array:
+def _bitlen(a: Int[Array, "*batch limbs"]) -> Int[Array, "*batch"]:
     # a limb (< 2^12) is exact in float32: its bit length is the float's exponent + 1
     per_limb = ((jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32) >> 23) - 126) * (a != 0)
     return jnp.max(jnp.where(a != 0, _BITS * _limb_index(a.shape[-1]) + per_limb, 0), axis=-1)
 
 
-def _bit(a: jax.Array, q: jax.Array) -> jax.Array:
+def _bit(a: Int[Array, "*batch limbs"], q: Int[Array, "*batch"]) -> Int[Array, "*batch"]:
     qs = jnp.clip(q, 0, None)
     limb = jnp.take_along_axis(a, (qs // _BITS)[..., None], axis=-1)[..., 0]
     return jnp.where(q >= 0, (limb >> (qs % _BITS)) & 1, 0)
 
 
-def _low_mask(n: int, q: jax.Array) -> jax.Array:
+def _low_mask(n: int, q: Int[Array, "*batch"]) -> Int[Array, "*batch n"]:
     """Per limb `[..., n]`, the mask of the bits below position q of the whole number."""
     return jnp.left_shift(1, jnp.clip(q[..., None] - _BITS * _limb_index(n), 0, _BITS)) - 1
 
 
-def _round_at(a: jax.Array, p: jax.Array) -> jax.Array:
+def _round_at(a: Int[Array, "*batch limbs"], p: Int[Array, "*batch"]) -> Int[Array, "*batch limbs"]:
     """Round to a multiple of 2^p, half to even (p <= 0: unchanged)."""
     n = a.shape[-1]
     half = _bit(a, p - 1)
@@ -87,24 +92,26 @@ def _round_at(a: jax.Array, p: jax.Array) -> jax.Array:
     return _carry(cleared + up[..., None] * _pow2(jnp.maximum(p, 0), n))
 
 
-def _floor_at(a: jax.Array, p: jax.Array) -> jax.Array:
+def _floor_at(a: Int[Array, "*batch limbs"], p: Int[Array, "*batch"]) -> Int[Array, "*batch limbs"]:
     """Round down to a multiple of 2^p (p <= 0: unchanged)."""
     return jnp.where((p > 0)[..., None], a & ~_low_mask(a.shape[-1], p), a)
 
 
-def _round53(a: jax.Array) -> jax.Array:
+def _round53(a: Int[Array, "*batch limbs"]) -> Int[Array, "*batch limbs"]:
     """The float64 rounding of an integer: keep 53 significant bits, half to even."""
     return _round_at(a, jnp.maximum(_bitlen(a) - 53, 0))
 
 
-def _shift_down(a: jax.Array, s: jax.Array) -> jax.Array:
+def _shift_down(a: Int[Array, "*batch limbs"], s: Int[Array, "*batch"]) -> Int[Array, "*batch"]:
     """a / 2^s for a multiple of 2^s that fits in int32."""
     sh = _BITS * _limb_index(a.shape[-1]) - s[..., None]
     parts = jnp.where(sh >= 0, jnp.left_shift(a, jnp.clip(sh, 0, 30)), a >> jnp.clip(-sh, 0, 31))
     return jnp.sum(parts, axis=-1)
 
 
-def _emulated(v: jax.Array, factors: tuple[int, ...], complement: bool, floor: bool = False) -> jax.Array:
+def _emulated(
+    v: Float[Array, "*shape"], factors: tuple[int, ...], complement: bool, floor: bool = False
+) -> Int[Array, "*shape"]:
     bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
     expo = (bits >> 23) & 0xFF
     frac = bits & 0x7FFFFF
@@ -122,7 +129,9 @@ def _emulated(v: jax.Array, factors: tuple[int, ...], complement: bool, floor: b
     return _shift_down(_floor_at(a, scale) if floor else _round_at(a, scale), scale)
 
 
-def exact_round(value: ArrayLike, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
+def exact_round(
+    value: Float[ArrayLike, "*shape"], factors: tuple[int, ...], *, complement: bool = False
+) -> Int[Array, "*shape"]:
     """int32 `round((1 - value) * f1 * f2 ...)` (complement) or `round(value * f1 ...)`, as Python's float64.
 
     `value`: any shape, floating, in [0, 1] (NaN and values outside are clipped
@@ -132,12 +141,16 @@ def exact_round(value: ArrayLike, factors: tuple[int, ...], *, complement: bool 
     return _exact(value, factors, complement, floor=False)
 
 
-def exact_floor(value: ArrayLike, factors: tuple[int, ...], *, complement: bool = False) -> jax.Array:
+def exact_floor(
+    value: Float[ArrayLike, "*shape"], factors: tuple[int, ...], *, complement: bool = False
+) -> Int[Array, "*shape"]:
     """int32 `int(value * f1 * f2 ...)` (or of `(1 - value) * ...`), as Python's float64; see `exact_round`."""
     return _exact(value, factors, complement, floor=True)
 
 
-def _exact(value: ArrayLike, factors: tuple[int, ...], complement: bool, floor: bool) -> jax.Array:
+def _exact(
+    value: Float[ArrayLike, "*shape"], factors: tuple[int, ...], complement: bool, floor: bool
+) -> Int[Array, "*shape"]:
     v = jnp.asarray(value)
     if not jnp.issubdtype(v.dtype, jnp.floating):
         v = v.astype(jnp.float32)

@@ -20,13 +20,16 @@ identity (that would silently be magnitude pruning); callers raise on `ok=False`
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from sgtv_jax import _checks
+
+if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
+    from jaxtyping import Array, Bool, Float
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -42,10 +45,10 @@ class InverseFactor(NamedTuple):
     ok: scalar bool, False if H stayed indefinite after every escalation.
     """
 
-    upper: jax.Array
-    dead: jax.Array
-    percdamp: jax.Array
-    ok: jax.Array
+    upper: Float[Array, "*tasks cols cols"]
+    dead: Bool[Array, "*tasks cols"]
+    percdamp: Float[Array, "*tasks"]
+    ok: Bool[Array, "*tasks"]
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -58,7 +61,7 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
 LEAF = 128
 
 
-def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
+def upper_inverse_cholesky(h: Float[Array, "n n"]) -> Float[Array, "n n"]:
     """Upper U with `U^T U = h^-1`, for symmetric positive definite `h` `[n, n]`.
 
     Recursive on 2x2 blocks, `h = [[A, B], [B^T, C]]`, trailing block first:
@@ -86,7 +89,7 @@ def upper_inverse_cholesky(h: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.concatenate([u11, u12], axis=1), bottom], axis=0)
 
 
-def fix_dead_columns(hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
+def fix_dead_columns(hessian: Float[Array, "cols cols"]) -> tuple[Float[Array, "cols cols"], Bool[Array, " cols"]]:
     """(H with `H_ii = 1` where `H_ii == 0`, the dead-column mask `[cols]`) in the compute dtype."""
     h = hessian.astype(compute_dtype(hessian.dtype))
     diag = jnp.diagonal(h)
@@ -95,13 +98,15 @@ def fix_dead_columns(hessian: jax.Array) -> tuple[jax.Array, jax.Array]:
     return h.at[idx, idx].set(jnp.where(dead, 1.0, diag).astype(h.dtype)), dead
 
 
-def damped(h: jax.Array, percdamp: jax.Array) -> jax.Array:
+def damped(h: Float[Array, "cols cols"], percdamp: Float[Array, ""]) -> Float[Array, "cols cols"]:
     """`h + percdamp * mean(diag(h)) * I` for a dead-fixed `h` `[cols, cols]`."""
     idx = jnp.arange(h.shape[-1])
     return h.at[idx, idx].add(jnp.asarray(percdamp, h.dtype) * jnp.mean(jnp.diagonal(h)))
 
 
-def damped_hessian(hessian: jax.Array, percdamp: jax.Array) -> jax.Array:
+def damped_hessian(
+    hessian: Float[Array, "*tasks cols cols"], percdamp: Float[Array, "*tasks"]
+) -> Float[Array, "*tasks cols cols"]:
     """The matrix the sweep factors: dead columns fixed, then damped; `[cols, cols]` or `[T, cols, cols]`."""
 
     def one(h, p):
@@ -110,7 +115,9 @@ def damped_hessian(hessian: jax.Array, percdamp: jax.Array) -> jax.Array:
     return jax.vmap(one)(hessian, percdamp) if hessian.ndim == 3 else one(hessian, percdamp)
 
 
-def _factor_one(hessian: jax.Array, percdamp: float | jax.Array, max_escalations: int) -> InverseFactor:
+def _factor_one(
+    hessian: Float[Array, "cols cols"], percdamp: float | Float[Array, ""], max_escalations: int
+) -> InverseFactor:
     h, dead = fix_dead_columns(hessian)
     percdamp = jnp.asarray(percdamp, h.dtype)
 
@@ -135,7 +142,9 @@ def _factor_one(hessian: jax.Array, percdamp: float | jax.Array, max_escalations
 
 @functools.partial(jax.jit, static_argnames="max_escalations")
 def factor_unchecked(
-    hessian: jax.Array, percdamp: float | jax.Array = 0.01, max_escalations: int = MAX_ESCALATIONS
+    hessian: Float[Array, "*tasks cols cols"],
+    percdamp: float | Float[Array, ""] = 0.01,
+    max_escalations: int = MAX_ESCALATIONS,
 ) -> InverseFactor:
     """`inverse_factor` without the argument checks (callers have done them)."""
     if hessian.ndim == 3:
@@ -144,7 +153,9 @@ def factor_unchecked(
 
 
 def inverse_factor(
-    hessian: jax.Array, percdamp: float | jax.Array = 0.01, max_escalations: int = MAX_ESCALATIONS
+    hessian: Float[Array, "*tasks cols cols"],
+    percdamp: float | Float[Array, ""] = 0.01,
+    max_escalations: int = MAX_ESCALATIONS,
 ) -> InverseFactor:
     """Damped upper Cholesky factor of `H^-1`, for `[cols, cols]` or a stack `[T, cols, cols]`.
 
@@ -165,7 +176,7 @@ def inverse_factor(
 
 
 @jax.jit
-def factor_from_inverse(hessian_inv: jax.Array) -> InverseFactor:
+def factor_from_inverse(hessian_inv: Float[Array, "cols cols"]) -> InverseFactor:
     """Factor of a precomputed (already damped) inverse Hessian `[cols, cols]`.
 
     Returns the upper Cholesky factor of `hessian_inv` itself; no dead-column

@@ -19,12 +19,15 @@ expert's tokens scaled by their routing weights, `sgtv_jax.models.moe`).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+
+if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
+    from jaxtyping import Array, Float, Shaped
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -36,8 +39,8 @@ class HessianState(NamedTuple):
     nsamples: scalar, number of sequences seen.
     """
 
-    hessian: jax.Array
-    nsamples: jax.Array
+    hessian: Float[Array, "cols cols"]
+    nsamples: Float[Array, ""]
 
 
 def default_dtype() -> jnp.dtype:
@@ -54,7 +57,7 @@ def hessian_init(cols: int, dtype: jnp.dtype | None = None) -> HessianState:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _update(state: HessianState, x: jax.Array, mask: jax.Array) -> HessianState:
+def _update(state: HessianState, x: Float[Array, "batch seq cols"], mask: Shaped[Array, "batch seq"]) -> HessianState:
     dtype = state.hessian.dtype
     batch = x.shape[0]
     x = x.astype(dtype) * mask.astype(dtype)[..., None]
@@ -68,7 +71,9 @@ def _update(state: HessianState, x: jax.Array, mask: jax.Array) -> HessianState:
     return HessianState(hessian, n_new)
 
 
-def hessian_update(state: HessianState, x: jax.Array, mask: jax.Array | None = None) -> HessianState:
+def hessian_update(
+    state: HessianState, x: Float[Array, "*batch seq cols"], mask: Shaped[Array, "*batch seq"] | None = None
+) -> HessianState:
     """Add one batch of layer inputs.
 
     Args:
@@ -95,7 +100,7 @@ def hessian_update(state: HessianState, x: jax.Array, mask: jax.Array | None = N
     return _update(state, x, mask)
 
 
-def hessian_finalize(state: HessianState, *, check: bool = True) -> jax.Array:
+def hessian_finalize(state: HessianState, *, check: bool = True) -> Float[Array, "cols cols"]:
     """The Hessian `[cols, cols]`; raises if it holds NaN/Inf (bad calibration inputs).
 
     Under tracing the check is a `checkify` user check (NaN/Inf stay in H).
@@ -105,7 +110,7 @@ def hessian_finalize(state: HessianState, *, check: bool = True) -> jax.Array:
     return state.hessian
 
 
-def input_norms(hessian: jax.Array) -> jax.Array:
+def input_norms(hessian: Float[Array, "*tasks cols cols"]) -> Float[Array, "*tasks cols"]:
     """Per-column input norms `[cols]` for Wanda-style scores.
 
     `sqrt(diag(H) / 2) = sqrt(mean over sequences of sum_tokens x_j^2)`: Wanda's

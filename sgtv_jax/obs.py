@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,9 @@ from sgtv_jax.factor import (
 from sgtv_jax.refit import refit_kept
 from sgtv_jax.select import smallest_mask
 
+if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
+    from jaxtyping import Array, Bool, Float, Int
+
 
 class ObsInfo(NamedTuple):
     """What `obs_prune(..., return_info=True)` reports besides the pruned delta.
@@ -57,8 +60,8 @@ class ObsInfo(NamedTuple):
     percdamp: relative damping finally used (after escalation), scalar or `[T]`.
     """
 
-    loss: jax.Array
-    percdamp: jax.Array
+    loss: Float[Array, "*tasks"]
+    percdamp: Float[Array, "*tasks"]
 
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -69,7 +72,7 @@ SUB_BLOCKSIZE = 32
 # --------------------------------------------------------------------------- masks
 
 
-def prune_k_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
+def prune_k_smallest(scores: Float[Array, " n"], k: Int[Array, ""]) -> Bool[Array, " n"]:
     """Bool mask of the `k` smallest of `scores` `[n]` (>= 0), ties in index order.
 
     Exact radix select over the float bit patterns (`sgtv_jax.select`): a few
@@ -78,7 +81,7 @@ def prune_k_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
     return smallest_mask(scores, k)
 
 
-def _nm_mask(w: jax.Array, d: jax.Array, prunen: int) -> jax.Array:
+def _nm_mask(w: Float[Array, "*rows m"], d: Float[Array, " m"], prunen: int) -> Bool[Array, "*rows m"]:
     """N:M group mask: per row, the `prunen` lowest `w^2/d^2` of `[..., m]`, stable."""
     scores = w**2 / d**2
     ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1)
@@ -98,7 +101,18 @@ def _sub_blocksize(count: int, prunem: int) -> int:
     return size if count % size == 0 and size < count else count
 
 
-def _sweep_block(w1, u1, mask1, prunen, prunem):
+def _sweep_block(
+    w1: Float[Array, "tasks rows width"],
+    u1: Float[Array, "width width"],
+    mask1: Bool[Array, "tasks rows width"],
+    prunen: int,
+    prunem: int,
+) -> tuple[
+    Float[Array, "tasks rows width"],
+    Bool[Array, "tasks rows width"],
+    Float[Array, "tasks rows width"],
+    Float[Array, " tasks"],
+]:
     """Sequential OBS over one block. w1 `[T, rows, B]`; returns (q1, pruned mask, err1, loss[T]).
 
     Two levels, as SparseGPT does across blocks: rank-1 updates inside a panel
@@ -156,7 +170,14 @@ def _sweep_block(w1, u1, mask1, prunen, prunem):
     return q1, mask1, err1, loss
 
 
-def _sweep(w, u, prune_counts, blocksize, prunen, prunem):
+def _sweep(
+    w: Float[Array, "tasks rows cols"],
+    u: Float[Array, "cols cols"],
+    prune_counts: Int[Array, "tasks nblocks"],
+    blocksize: int,
+    prunen: int,
+    prunem: int,
+) -> tuple[Float[Array, "tasks rows cols"], Bool[Array, "tasks rows cols"], Float[Array, " tasks"]]:
     """OBS sweep of a stack sharing one factor.
 
     w `[T, rows, cols]`, u `[cols, cols]`, prune_counts int `[T, nblocks]`.
@@ -186,14 +207,14 @@ def _sweep(w, u, prune_counts, blocksize, prunen, prunem):
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "prunen", "prunem"))
 def obs_sweep(
-    delta: jax.Array,
+    delta: Float[Array, "tasks rows cols"],
     factor: InverseFactor,
-    prune_counts: jax.Array,
+    prune_counts: Int[Array, "tasks nblocks"],
     *,
     blocksize: int = 128,
     prunen: int = 0,
     prunem: int = 0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[Float[Array, "tasks rows cols"], Bool[Array, "tasks rows cols"], Float[Array, " tasks"]]:
     """The pure, compiled sweep on a precomputed factor (no validation).
 
     Args:
@@ -215,7 +236,9 @@ def obs_sweep(
     return sweep(w, u, prune_counts)
 
 
-def block_prune_counts(densities: Sequence[float], rows: int, cols: int, blocksize: int) -> np.ndarray:
+def block_prune_counts(
+    densities: Sequence[float], rows: int, cols: int, blocksize: int
+) -> Int[np.ndarray, "tasks nblocks"]:
     """`round((1 - density) * rows * width)` per task and block, int32 `[T, nblocks]`.
 
     Computed on the host in float64 with Python's round so the counts are the
@@ -226,7 +249,9 @@ def block_prune_counts(densities: Sequence[float], rows: int, cols: int, blocksi
     return np.array([[round((1.0 - d) * rows * w) for w in widths] for d in densities], dtype=np.int32)
 
 
-def traced_block_prune_counts(densities: jax.Array, rows: int, cols: int, blocksize: int) -> jax.Array:
+def traced_block_prune_counts(
+    densities: Float[Array, " tasks"], rows: int, cols: int, blocksize: int
+) -> Int[Array, "tasks nblocks"]:
     """`block_prune_counts` for densities `[T]` that may be traced (inside jit / vmap).
 
     The same integers as the host computation for the same (float64-widened)
@@ -322,8 +347,8 @@ def _run(delta, factor, densities, prunen, prunem, blocksize, name, guard, refit
 
 @overload
 def obs_prune(
-    delta,
-    hessian,
+    delta: Float[Any, "*tasks rows cols"],
+    hessian: Float[Any, "*per_task cols cols"],
     *,
     density: float | Sequence[float] | None = ...,
     prunen: int = ...,
@@ -335,13 +360,13 @@ def obs_prune(
     refit_maxiter: int = ...,
     name: str | None = ...,
     return_info: Literal[False] = ...,
-) -> tuple[jax.Array, jax.Array]: ...
+) -> tuple[Float[Array, "*tasks rows cols"], Float[Array, "*tasks"]]: ...
 
 
 @overload
 def obs_prune(
-    delta,
-    hessian,
+    delta: Float[Any, "*tasks rows cols"],
+    hessian: Float[Any, "*per_task cols cols"],
     *,
     density: float | Sequence[float] | None = ...,
     prunen: int = ...,
@@ -353,12 +378,12 @@ def obs_prune(
     refit_maxiter: int = ...,
     name: str | None = ...,
     return_info: Literal[True],
-) -> tuple[jax.Array, ObsInfo]: ...
+) -> tuple[Float[Array, "*tasks rows cols"], ObsInfo]: ...
 
 
 def obs_prune(
-    delta,
-    hessian,
+    delta: Float[Any, "*tasks rows cols"],
+    hessian: Float[Any, "*per_task cols cols"],
     *,
     density: float | Sequence[float] | None = None,
     prunen: int = 0,
@@ -370,7 +395,7 @@ def obs_prune(
     refit_maxiter: int = 20,
     name: str | None = None,
     return_info: bool = False,
-) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, ObsInfo]:
+) -> tuple[Float[Array, "*tasks rows cols"], Float[Array, "*tasks"]] | tuple[Float[Array, "*tasks rows cols"], ObsInfo]:
     """Prune task vector(s) with blockwise OBS error correction.
 
     Args:
@@ -408,15 +433,15 @@ def obs_prune(
 
 
 def obs_prune_from_inverse(
-    delta,
-    hessian_inv,
+    delta: Float[Any, "*tasks rows cols"],
+    hessian_inv: Float[Any, "*per_task cols cols"],
     *,
     density: float | Sequence[float] | None = None,
     prunen: int = 0,
     prunem: int = 0,
     blocksize: int = 128,
     name: str | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Float[Array, "*tasks rows cols"], Float[Array, "*tasks"]]:
     """`obs_prune` from a precomputed full inverse Hessian `[cols, cols]` (already damped).
 
     No dead-column handling or damping can be applied to an inverse; prefer

@@ -17,14 +17,25 @@ CG from the OBS point lowers the damped objective monotonically.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
+if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
+    from jaxtyping import Array, Bool, Float, Int
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _refit_rows(delta, values, keep, a, tol, maxiter):
+def _refit_rows(
+    delta: Float[Array, "rows cols"],
+    values: Float[Array, "rows cols"],
+    keep: Bool[Array, "rows cols"],
+    a: Float[Array, "cols cols"],
+    tol: float | Float[Array, ""],
+    maxiter: int,
+) -> tuple[Float[Array, "rows cols"], Int[Array, ""]]:
     """delta, values, keep: `[rows, cols]`; a: `[cols, cols]` (SPD). Returns (values, iterations)."""
     keep = keep.astype(delta.dtype)
     precond = keep / jnp.diagonal(a)  # Jacobi, restricted to the kept entries
@@ -62,14 +73,14 @@ def _refit_rows(delta, values, keep, a, tol, maxiter):
 
 @functools.partial(jax.jit, static_argnames=("maxiter",))
 def refit_kept(
-    delta: jax.Array,
-    values: jax.Array,
-    keep: jax.Array,
-    damped_hessian: jax.Array,
+    delta: Float[Array, "tasks rows cols"],
+    values: Float[Array, "tasks rows cols"],
+    keep: Bool[Array, "tasks rows cols"],
+    damped_hessian: Float[Array, "*per_task cols cols"],
     *,
-    tol: float = 1e-4,
+    tol: float | Float[Array, ""] = 1e-4,
     maxiter: int = 20,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Float[Array, "tasks rows cols"], Int[Array, "*per_task"]]:
     """Least-squares values for the kept entries of pruned task vectors.
 
     Args:

@@ -1,0 +1,1 @@
+"""Tests of one area (cli); see tests/README.md."""

@@ -1,0 +1,1 @@
+"""Tests of one area (core); see tests/README.md."""

@@ -1,0 +1,1 @@
+"""Tests of one area (merge); see tests/README.md."""

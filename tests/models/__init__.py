@@ -1,0 +1,1 @@
+"""Tests of one area (models); see tests/README.md."""

@@ -1,0 +1,1 @@
+"""Tests of one area (pipeline); see tests/README.md."""
