@@ -13,7 +13,7 @@ Fused (transformers 5's in-memory names, mergekit 0.1.5's output)::
     model.layers.L.mlp.experts.down_proj      [E, D, F]
     model.layers.L.mlp.gate.weight            [E, D]       (Mixtral's router renamed; Qwen's unchanged)
 
-The installed transformers loads both (tests/test_moe_build.py compares logits).
+The installed transformers loads both (tests/pipeline/test_moe_build.py compares logits).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ method table), and ``<!-- sgtv: config-keys -->`` one table per config level
 whose rows are the keys the config parser accepts (the public ``*_KEYS`` tuples of
 ``sgtv_jax.pipeline.config``). Each key's description is written here; a key the
 parser accepts without one, or one described that it no longer accepts, fails
-the build (and ``tests/test_readme.py``).
+the build (and ``tests/cli/test_readme.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Decisions:
   base's extra files, model card, reports), one tensor in memory at a time.
   For `magnitude` and `breadcrumbs` trims (layout-free, and one Flax parameter
   per HF tensor) it gives the learned merge's tensors to float32 rounding
-  (tests/test_adamerging_yaml.py). With `random`, the learning pass draws its
+  (tests/pipeline/test_adamerging_yaml.py). With `random`, the learning pass draws its
   masks with Flax parameter names and layouts and the merge with HF ones: the
   same densities and coefficients, other dropped entries (the coefficients were
   fit to one random drop and apply to another). Accepted, not refused: DARE's

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_pipeline_helpers as H
 import yaml
 
 from convert.atomic import write_file_atomic
 from sgtv_jax.cli import main
 from sgtv_jax.pipeline.report_html import HTML_FILE, render_html
+from tests.helpers import tiny_models as H
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ["summary", "skipped", "errors", "densities", "stages", "mesh", "config", "layers", "other"]
 WINDOW = (1200, 2000)
 VOID = {"meta", "link", "br", "img", "input", "hr", "wbr", "col", "area", "base", "source"}

@@ -30,7 +30,7 @@ from convert import open_checkpoint
 from sgtv_jax.cli import main
 from sgtv_jax.moe.build import warn_degenerate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 A = ["7 42 1024 3 99 8", "12 15 61 7 42", "1024 8 3 77 42 5", "99 3 12 8 1024", "5 61 15 42 7 3"]
 B = ["density and damping merge", "task vectors are trimmed", "the base model merges", "damping the density"]
 B += ["trimmed vectors merge"]
