@@ -45,7 +45,6 @@ def method_kwargs(cfg: MergeConfig, name: str, layer: int | None, num_layers: in
     return out
 
 
-
 DEFAULTS = {ps.name: ps.default for ps in PER_MODEL_PARAMS}
 """The method default of each per-model parameter (density, weight, gamma, epsilon)."""
 

@@ -121,5 +121,3 @@ def model_parameters(cfg: MergeConfig, t: int) -> dict[str, Any]:
     out = {k: cfg.parameters[k] for k in PER_MODEL_PARAMS if k in cfg.parameters}
     out.update(cfg.models[t].parameters)
     return out
-
-

@@ -213,5 +213,3 @@ def load_config(path: str | Path) -> MergeConfig:
         return parse_config(raw, root=p.parent)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-
-

@@ -205,5 +205,3 @@ def _slice_checks(cfg: MergeConfig, k: int, spec: MethodSpec, problems: list[str
             sub.append(f"parameters.{ps.name} is required by merge_method {spec.name!r} ({ps.doc})")
     _cross_checks(scfg, spec, sub)
     problems.extend(f"slices[{k}]: {p}" for p in sub)
-
-

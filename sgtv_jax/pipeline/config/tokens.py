@@ -132,5 +132,3 @@ def _chat_template(v: Any, problems: list[str]) -> str | None:
         problems.append(f"chat_template is not valid Jinja (line {e.lineno}): {e.message}")
         return None
     return v
-
-

@@ -57,5 +57,3 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: YAML nested too deeply") from None
     finally:
         loader.dispose()
-
-
