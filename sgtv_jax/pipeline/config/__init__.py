@@ -67,9 +67,6 @@ from sgtv_jax.pipeline.config.checks import check_param, method_parameters
 from sgtv_jax.pipeline.config.cross import model_parameters
 from sgtv_jax.pipeline.config.model import (
     CALIBRATION_KEYS,
-    DEFAULT_MEMORY_BUDGET,
-    DTYPES,
-    HESSIAN_SOURCES,
     MODEL_KEYS,
     PER_MODEL_PARAMS,
     TOP_KEYS,
@@ -83,6 +80,7 @@ from sgtv_jax.pipeline.config.model import (
     TokenSource,
 )
 from sgtv_jax.pipeline.config.parse import load_config, parse_config
+from sgtv_jax.pipeline.config.schema import DEFAULT_MEMORY_BUDGET, DTYPES, HESSIAN_SOURCES
 from sgtv_jax.pipeline.config.slices import slice_config, slice_roles
 from sgtv_jax.pipeline.config.yamlio import read_yaml
 

@@ -3,38 +3,24 @@
 from __future__ import annotations
 
 import difflib
-import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from convert.errors import ConvertError
 from convert.lora import read_adapter_config
-from sgtv_jax import numparse
 from sgtv_jax.errors import short_repr
-from sgtv_jax.merge.paramspec import is_gradient, is_rules, spec_values
-from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec, ParamSpec
+from sgtv_jax.merge.specs import METHOD_SPECS, REFUSED, MethodSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
+from sgtv_jax.pipeline.config import schema
 from sgtv_jax.pipeline.config.model import (
     CALIBRATION_KEYS,
-    DEFAULT_MEMORY_BUDGET,
-    MODEL_KEYS,
     PER_MODEL_PARAMS,
     TOP_KEYS,
     CalibrationConfig,
     ModelEntry,
 )
-
-
-def _suggest(key: Any, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5) if isinstance(key, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(known)})"
-
-
-def _unknown(d: Mapping[str, Any], known: Sequence[str], where: str, problems: list[str]) -> None:
-    for k in d:
-        if k not in known:
-            problems.append(f"unknown key {short_repr(k)} in {where}{_suggest(k, known)}")
+from sgtv_jax.pipeline.config.values import _suggest, check_param
 
 
 def method_parameters(method: str) -> tuple[str, ...]:
@@ -50,10 +36,6 @@ def _path(value: Any, root: Path, where: str, problems: list[str]) -> str:
     return str(p if p.is_absolute() else (root / p))
 
 
-def _int(d: Mapping[str, Any], key: str, default: int, where: str, problems: list[str], minimum: int = 1) -> int:
-    return numparse.collect(d.get(key, default), f"{where}{key}", default, problems, integer=True, lo=minimum)
-
-
 def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> CalibrationConfig | None:
     if raw is None:
         return None
@@ -62,7 +44,6 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
     if not isinstance(raw, Mapping):
         problems.append(f"{where} must be a mapping with 'data' (file or list of files), got {short_repr(raw)}")
         return None
-    _unknown(raw, CALIBRATION_KEYS, where, problems)
     data = raw.get("data")
     if data is None:
         problems.append(f"{where}.data is required (a .txt or .jsonl file, or a list of them)")
@@ -71,69 +52,16 @@ def _calibration(raw: Any, root: Path, where: str, problems: list[str]) -> Calib
     paths = tuple(_path(f, root, f"{where}.data", problems) for f in files)
     if not paths and raw.get("data") is not None:
         problems.append(f"{where}.data is an empty list")
-    tf = raw.get("text_field", "text")
-    if not isinstance(tf, str):
-        problems.append(f"{where}.text_field must be a string, got {short_repr(tf)}")
-        tf = "text"
+    settings = schema.settled(schema.CalibrationSettings, raw)  # its keys and values: checked by the schema
     return CalibrationConfig(
         data=paths,
-        nsamples=_int(raw, "nsamples", 128, f"{where}.", problems),
-        seqlen=_int(raw, "seqlen", 512, f"{where}.", problems),
-        seed=_int(raw, "seed", 0, f"{where}.", problems, minimum=0),
-        text_field=tf,
+        nsamples=settings.nsamples,
+        seqlen=settings.seqlen,
+        seed=settings.seed,
+        text_field=settings.text_field,
         written=tuple(f if isinstance(f, str) else "" for f in files),
         given=frozenset(k for k in CALIBRATION_KEYS if k in raw),
     )
-
-
-def _rules_shape(spec: Any, key: str, problems: list[str]) -> None:
-    """Filter rules: only `filter` (a string) and `value` (required), recursively."""
-    if not is_rules(spec):
-        return
-    for r in spec:
-        _unknown(r, ("filter", "value"), f"{key} rule", problems)
-        if "value" not in r:
-            problems.append(f"{key}: filter rule {short_repr(r)} has no 'value'")
-        if r.get("filter") is not None and not isinstance(r.get("filter"), str):
-            problems.append(
-                f"{key}: filter must be a string (a substring of tensor names), got {short_repr(r.get('filter'))}"
-            )
-        _rules_shape(r.get("value"), key, problems)
-
-
-def _leaf_problem(v: Any, ps: ParamSpec) -> str | None:
-    """Why the plain value `v` is not a valid `ps` (None: it is)."""
-    if v is None and ps.default is None:
-        return None  # "the method's own rule"
-    if ps.kind == "bool":
-        return None if isinstance(v, bool) else f"must be true or false, got {short_repr(v)}"
-    if ps.kind == "choice":
-        return (
-            None
-            if isinstance(v, str) and v in ps.choices
-            else f"must be one of {', '.join(map(str, ps.choices))}, got {short_repr(v)}"
-        )
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        return f"must be a number (or a gradient / filter rules), got {short_repr(v)}"
-    why = numparse.problem(v, integer=ps.kind == "int", lo=ps.lo, hi=ps.hi, lo_open=ps.lo_open)
-    return None if why is None else f"{why}, got {numparse.show(v)}"
-
-
-def check_param(spec: Any, ps: ParamSpec, where: str, problems: list[str]) -> None:
-    """Check a parameter spec (plain value, gradient, filter rules) against its declaration `ps`.
-
-    Problems are appended as `"{where}.{name} must ..., got ..."` (values shown truncated).
-    """
-    key = f"{where}.{ps.name}" if where else ps.name
-    _rules_shape(spec, key, problems)
-    if ps.kind != "float" and is_gradient(spec) and len(spec) > 1:
-        problems.append(f"{key} cannot be a gradient (a {ps.kind} parameter), got {short_repr(spec)}")
-        return
-    for v in spec_values(spec):
-        why = _leaf_problem(v, ps)
-        if why is not None:
-            problems.append(f"{key} {why}")
-            return  # one message per key is enough
 
 
 def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> ModelEntry | None:
@@ -143,7 +71,6 @@ def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> 
     if not isinstance(m, Mapping):
         problems.append(f"{where} must be a mapping with 'model', got {short_repr(m)}")
         return None
-    _unknown(m, MODEL_KEYS, where, problems)
     if "model" not in m:
         problems.append(f"{where}.model is required (path of a fine-tuned model)")
         return None
@@ -151,11 +78,7 @@ def _model_entry(i: int, m: Any, base: str, root: Path, problems: list[str]) -> 
     if not isinstance(p, Mapping):
         problems.append(f"{where}.parameters must be a mapping, got {short_repr(p)}")
         p = {}
-    p = dict(p)
-    _unknown(p, PER_MODEL_PARAMS, f"{where}.parameters", problems)
-    for ps in _PER_MODEL_SPECS:
-        if ps.name in p:
-            check_param(p[ps.name], ps, f"{where}.parameters", problems)
+    p = dict(p)  # its keys and values: checked by the schema (PerModelParams)
     path, adapter = _model_and_adapter(m["model"], root, f"{where}.model", problems)
     if base and path == base and not adapter:
         problems.append(f"{where}.model is the base model itself ({short_repr(m['model'])})")
@@ -221,16 +144,3 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
     for ps in _PER_MODEL_SPECS:
         if ps.name in gparams:
             check_param(gparams[ps.name], ps, "parameters", problems)
-
-
-def _choice(raw: Mapping[str, Any], key: str, default: str, known: Sequence[str], problems: list[str]) -> str:
-    v = raw.get(key, default)
-    if isinstance(v, str) and v in known:
-        return v
-    problems.append(f"unknown {key} {short_repr(v)}{_suggest(v, known)}; one of {', '.join(known)}")
-    return default
-
-
-def _memory_budget(value: Any, problems: list[str]) -> int:
-    """`memory_budget` in bytes (a size such as 256MiB or 1GB, or a positive byte count)."""
-    return numparse.collect_size(value, "memory_budget", DEFAULT_MEMORY_BUDGET, problems)

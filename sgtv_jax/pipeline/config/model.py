@@ -11,44 +11,15 @@ from sgtv_jax.merge.paramspec import spec_values
 from sgtv_jax.merge.specs import METHOD_SPECS, MethodSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS
+from sgtv_jax.pipeline.config import schema
 
-HESSIAN_SOURCES = ("base", "per_task", "merged", "per_task_merged")
-TOP_KEYS = (
-    "models",
-    "merge_method",
-    "base_model",
-    "parameters",
-    "dtype",
-    "tokenizer_source",
-    "trim",
-    "calibration",
-    "hessian_source",
-    "blocksize",
-    "percdamp",
-    "prunen",
-    "prunem",
-    "refit",
-    "seed",
-    "batch_size",
-    "max_shard_size",
-    "memory_budget",
-    "moe_min_tokens",
-    "slices",
-    "tokenizer",
-    "chat_template",
-    "out_dtype",
-    "devices",
-    "hessian_accumulation",
-)
-MODEL_KEYS = ("model", "parameters", "calibration")
+# The key names and defaults, from the declared schema (declared once there).
+TOP_KEYS = schema.keys(schema.MergeYaml)
+MODEL_KEYS = schema.keys(schema.ModelYaml)
 PER_MODEL_PARAMS = tuple(p.name for p in _PER_MODEL_SPECS)
-CALIBRATION_KEYS = ("data", "nsamples", "seqlen", "seed", "text_field")
-SLICE_KEYS = ("sources", "base_model", "parameters")
-SOURCE_KEYS = ("model", "layer_range", "parameters")
-TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
-TOKEN_KEYS = ("source", "force")
-DEFAULT_MEMORY_BUDGET = 256 << 20
-DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
+CALIBRATION_KEYS = schema.keys(schema.CalibrationYaml)
+_TOP = {n: f.default for n, f in schema.Settings.model_fields.items()}
+_CAL = {n: f.default for n, f in schema.CalibrationSettings.model_fields.items()}
 
 
 class ConfigError(SgtvError):
@@ -63,10 +34,10 @@ class CalibrationConfig:
     """
 
     data: tuple[str, ...]
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    text_field: str = "text"
+    nsamples: int = _CAL["nsamples"]
+    seqlen: int = _CAL["seqlen"]
+    seed: int = _CAL["seed"]
+    text_field: str = _CAL["text_field"]
     written: tuple[str, ...] = ()
     given: frozenset[str] = frozenset()  # the keys the YAML set (the rest are defaults or inherited)
 
@@ -219,24 +190,26 @@ class MergeConfig:
     dtype: str | None = None
     tokenizer_source: str = "base"
     calibration: CalibrationConfig | None = None
-    hessian_source: str = "merged"
-    blocksize: int = 128
-    percdamp: float = 0.01
-    prunen: int = 0
-    prunem: int = 0
-    refit: bool = False
-    seed: int = 0
-    batch_size: int = 8
-    max_shard_size: str = "5GB"
-    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes: a data-free tensor merge's working set
+    hessian_source: str = _TOP["hessian_source"]
+    blocksize: int = _TOP["blocksize"]
+    percdamp: float = _TOP["percdamp"]
+    prunen: int = _TOP["prunen"]
+    prunem: int = _TOP["prunem"]
+    refit: bool = _TOP["refit"]
+    seed: int = _TOP["seed"]
+    batch_size: int = _TOP["batch_size"]
+    max_shard_size: str = _TOP["max_shard_size"]
+    memory_budget: int = _TOP["memory_budget"]  # bytes: a data-free tensor merge's working set
     moe_min_tokens: int | None = None  # None: the model's hidden size
     base_model_written: str = ""
     slices: tuple[SliceDef, ...] = ()
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
     compute_dtype: str | None = None  # `dtype` as written when `out_dtype` sets the output's
-    devices: str | int = "all"  # the mesh: "all" devices of every process, or the first N (pipeline.mesh)
-    hessian_accumulation: str = "float32"  # or "float64": partial Hessian sums (pipeline.streams.HessianSum)
+    devices: str | int = _TOP["devices"]  # the mesh: "all" devices of every process, or the first N (pipeline.mesh)
+    hessian_accumulation: str = _TOP[
+        "hessian_accumulation"
+    ]  # or "float64": partial Hessian sums (pipeline.streams.HessianSum)
     # the mapping as given (the YAML): the model card's rerunnable config; two spellings of one merge stay equal
     written: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
 

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sgtv_jax.errors import short_repr
 from sgtv_jax.merge.paramspec import spec_values
-from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.specs import MethodSpec
-from sgtv_jax.pipeline.config.checks import _method_parameters, _model_and_adapter, _path, _unknown, check_param
+from sgtv_jax.pipeline.config.checks import _method_parameters, _model_and_adapter, _path
 from sgtv_jax.pipeline.config.cross import _cross_checks
 from sgtv_jax.pipeline.config.model import (
-    PER_MODEL_PARAMS,
-    SLICE_KEYS,
-    SOURCE_KEYS,
     ConfigError,
     MergeConfig,
     ModelEntry,
@@ -39,22 +35,21 @@ def _layer_range(v: Any, where: str, problems: list[str]) -> tuple[int, int]:
     return (int(v[0]), int(v[1]))
 
 
-def _per_model_params(p: Any, where: str, problems: list[str], allowed: Sequence[str] = PER_MODEL_PARAMS) -> dict:
+def _per_model_params(p: Any, where: str, problems: list[str]) -> dict:
+    """A source's own per-model parameters (keys and values: checked by the schema, PerModelParams)."""
     if p is None:
         return {}
     if not isinstance(p, Mapping):
         problems.append(f"{where} must be a mapping, got {short_repr(p)}")
         return {}
-    p = dict(p)
-    _unknown(p, allowed, where, problems)
-    for ps in _PER_MODEL_SPECS:
-        if ps.name in p:
-            check_param(p[ps.name], ps, where, problems)
-    return p
+    return dict(p)
 
 
 def _slices(raw: Any, root: Path, problems: list[str]) -> tuple[SliceDef, ...]:
-    """`slices:` (mergekit's output slices), checked key by key; layer counts against the models come later."""
+    """`slices:` (mergekit's output slices), checked key by key; layer counts against the models come later.
+
+    Unknown keys and per-model parameter values are the schema's (`schema.SliceYaml`).
+    """
     if not isinstance(raw, list) or not raw:
         problems.append("slices must be a non-empty list of {sources: [{model: path, layer_range: [start, stop]}]}")
         return ()
@@ -64,7 +59,6 @@ def _slices(raw: Any, root: Path, problems: list[str]) -> tuple[SliceDef, ...]:
         if not isinstance(sl, Mapping):
             problems.append(f"{where} must be a mapping with 'sources', got {short_repr(sl)}")
             continue
-        _unknown(sl, SLICE_KEYS, where, problems)
         srcs_raw = sl.get("sources")
         if not isinstance(srcs_raw, list) or not srcs_raw:
             problems.append(f"{where}.sources must be a non-empty list of {{model: path, layer_range: [start, stop]}}")
@@ -75,7 +69,6 @@ def _slices(raw: Any, root: Path, problems: list[str]) -> tuple[SliceDef, ...]:
             if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
                 problems.append(f"{w} must be a mapping with 'model' and 'layer_range', got {short_repr(src)}")
                 continue
-            _unknown(src, SOURCE_KEYS, w, problems)
             path, adapter = _model_and_adapter(src["model"], root, f"{w}.model", problems)
             sources.append(
                 SliceSource(

@@ -10,8 +10,9 @@ import jinja2
 
 from sgtv_jax.errors import short_repr
 from sgtv_jax.pipeline.chat_templates import AUTO, CHAT_TEMPLATES
-from sgtv_jax.pipeline.config.checks import _path, _unknown
-from sgtv_jax.pipeline.config.model import TOKEN_KEYS, TOKENIZER_KEYS, TokenizerSpec, TokenSource
+from sgtv_jax.pipeline.config import schema
+from sgtv_jax.pipeline.config.checks import _path
+from sgtv_jax.pipeline.config.model import TokenizerSpec, TokenSource
 
 
 def _model_ref(v: Any, root: Path, where: str, problems: list[str]) -> str:
@@ -29,11 +30,7 @@ def _token_source(tok: str, v: Any, root: Path, problems: list[str]) -> TokenSou
     if not isinstance(v, Mapping):
         problems.append(f"{where} must be a mapping with 'source' (and 'force'), got {short_repr(v)}")
         return None
-    _unknown(v, TOKEN_KEYS, where, problems)
-    force = v.get("force", False)
-    if not isinstance(force, bool):
-        problems.append(f"{where}.force must be true or false, got {short_repr(force)}")
-        force = False
+    force = v.get("force", False) is True  # a non-boolean: the schema's problem (TokenYaml)
     src = v.get("source")
     if src is None:
         return TokenSource("default", force=force)
@@ -46,9 +43,7 @@ def _token_source(tok: str, v: Any, root: Path, problems: list[str]) -> TokenSou
         )
         return None
     if src["kind"] == "zero":
-        _unknown(src, ("kind",), f"{where}.source", problems)
         return TokenSource("zero", force=force)
-    _unknown(src, ("kind", "model", "token", "token_id"), f"{where}.source", problems)
     token, token_id = src.get("token"), src.get("token_id")
     if (token is None) == (token_id is None):
         problems.append(f"{where}.source: give exactly one of 'token' and 'token_id'")
@@ -85,7 +80,6 @@ def _tokenizer(raw: Mapping[str, Any], root: Path, problems: list[str]) -> Token
                 f"tokenizer must be a mapping with source / tokens / pad_to_multiple_of, got {short_repr(block)}"
             )
             return None
-        _unknown(block, TOKENIZER_KEYS, "tokenizer", problems)
     src = block.get("source", "union")
     if not isinstance(src, str) or not src:
         problems.append(f"{where} must be 'union', 'base' or a model path, got {short_repr(src)}")
@@ -104,10 +98,7 @@ def _tokenizer(raw: Mapping[str, Any], root: Path, problems: list[str]) -> Token
                 continue
             if (ts := _token_source(tok, v, root, problems)) is not None:
                 tokens[tok] = ts
-    pad = block.get("pad_to_multiple_of")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
-        problems.append(f"tokenizer.pad_to_multiple_of must be an integer >= 1, got {short_repr(pad)}")
-        pad = None
+    pad = schema.settled(schema.TokenizerYaml, block).pad_to_multiple_of  # a bad one: the schema's problem
     return TokenizerSpec(source, src, tokens, pad)
 
 
