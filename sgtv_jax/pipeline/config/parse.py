@@ -14,10 +14,10 @@ from sgtv_jax.merge.plan import ObsOptions
 from sgtv_jax.merge.specs import METHOD_SPECS, WITHOUT_EFFECT, MethodSpec
 from sgtv_jax.merge.trim import TRIMS
 from sgtv_jax.pipeline.config import schema
-from sgtv_jax.pipeline.config.schema import DTYPES
 from sgtv_jax.pipeline.config.checks import _calibration, _method, _method_parameters, _model_entry, _path
 from sgtv_jax.pipeline.config.cross import _cross_checks
 from sgtv_jax.pipeline.config.model import ConfigError, MergeConfig, ModelEntry, SliceDef
+from sgtv_jax.pipeline.config.schema import DTYPES
 from sgtv_jax.pipeline.config.slices import _slice_checks, _slice_models, _slices
 from sgtv_jax.pipeline.config.tokens import _chat_template, _tokenizer
 from sgtv_jax.pipeline.config.values import _rules_shape, _suggest

@@ -33,7 +33,6 @@ from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, WITHOUT_EFFECT,
 from sgtv_jax.merge.trim import TRIMS
 from sgtv_jax.pipeline.config.values import _suggest, check_param
 
-SCHEMA_ID = "https://sgtv-jax.dev/sgtv-merge.schema.json"
 DEFAULT_MEMORY_BUDGET = 256 << 20
 HESSIAN_SOURCES = ("base", "per_task", "merged", "per_task_merged")
 ACCUMULATIONS = ("float32", "float64")
@@ -114,15 +113,15 @@ def boolean() -> Declared:
     )
 
 
-def choice(known: Sequence[str], wording: str) -> Declared:
-    """One of `known`; `wording` formats the message from key, value and suggestion."""
+def choice(known: Sequence[str], wording: str, none_ok: bool = False) -> Declared:
+    """One of `known` (or null when `none_ok`); `wording` formats the message from key, value and suggestion."""
 
     def check(v: Any) -> str | None:
-        if isinstance(v, str) and v in known:
+        if (isinstance(v, str) and v in known) or (v is None and none_ok):
             return None
         return wording.format(key=_KEY, v=short_repr(v), hint=_suggest(v, known), known=", ".join(known))
 
-    return Declared(check, {"enum": list(known)})
+    return Declared(check, {"enum": list(known) + ([None] if none_ok else [])})
 
 
 def _devices(v: Any) -> str | None:
@@ -147,16 +146,18 @@ def _leaf_json(ps: ParamSpec) -> dict[str, Any]:
     return js
 
 
+_RULE = {  # one filter rule; its value is a spec again (checked by sgtv, left open here)
+    "type": "object",
+    "properties": {"filter": {"type": "string"}, "value": {}},
+    "required": ["value"],
+    "additionalProperties": False,
+}
+
+
 def spec_json(leaf: Mapping[str, Any], gradient: bool, doc: str = "") -> dict[str, Any]:
     """A parameter spec: a plain value, a gradient over the blocks (floats), or filter rules."""
     plain = [dict(leaf)] + ([{"type": "array", "items": dict(leaf), "minItems": 1}] if gradient else [])
-    rule = {
-        "type": "object",
-        "properties": {"filter": {"type": "string"}, "value": {"anyOf": plain + [{"type": "array"}]}},
-        "required": ["value"],
-        "additionalProperties": False,
-    }
-    out: dict[str, Any] = {"anyOf": plain + [{"type": "array", "items": rule, "minItems": 1}]}
+    out: dict[str, Any] = {"anyOf": plain + [{"type": "array", "items": _RULE, "minItems": 1}]}
     return out | ({"description": doc} if doc else {})
 
 
@@ -192,7 +193,7 @@ PerModelParams: type[Strict] = create_model(  # type: ignore[call-overload]
     "PerModelParams",
     __base__=Strict,
     __doc__="Per-model parameters (a model's own, a slice source's, or the top-level default for all).",
-    **{ps.name: (Annotated[Any, param(ps)], None) for ps in PER_MODEL_PARAMS},
+    **{ps.name: (Annotated[Any, param(ps)], ps.default) for ps in PER_MODEL_PARAMS},
 )
 
 
@@ -270,7 +271,7 @@ class TokenizerYaml(Strict):
     pad_to_multiple_of: Annotated[int | None, number(integer=True, lo=1, none_ok=True)] = None
 
 
-_DTYPE = choice(list(DTYPES), "{key} {v} is not supported{hint}")
+_DTYPE = choice(list(DTYPES), "{key} {v} is not supported{hint}", none_ok=True)
 
 
 class Settings(Strict):
@@ -323,8 +324,8 @@ class MergeYaml(Settings):
 def _params_model(name: str) -> dict[str, Any]:
     """The JSON Schema of `parameters` under merge_method `name`: its table row, per-model defaults, no-ops."""
     spec = METHOD_SPECS[name]
-    fields: dict[str, Any] = {ps.name: (Annotated[Any, param(ps)], None) for ps in spec.params + PER_MODEL_PARAMS}
-    fields |= {k: (Annotated[bool, boolean()], None) for k in WITHOUT_EFFECT}
+    fields: dict[str, Any] = {ps.name: (Annotated[Any, param(ps)], ps.default) for ps in spec.params + PER_MODEL_PARAMS}
+    fields |= {k: (Annotated[bool, boolean()], False) for k in WITHOUT_EFFECT}
     return create_model(f"{name}_parameters", __base__=Strict, **fields).model_json_schema()
 
 
@@ -340,8 +341,19 @@ def _per_method(schema: dict[str, Any]) -> None:
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the merge YAML (what `sgtv schema` prints)."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID} | MergeYaml.model_json_schema()
+    """The JSON Schema of the merge YAML (what `sgtv schema` prints); filter rules as one shared `$defs` entry."""
+    out = {"$schema": "https://json-schema.org/draft/2020-12/schema"} | _share_rule(MergeYaml.model_json_schema())
+    out["$defs"]["FilterRule"] = copy_json(_RULE)
+    return out
+
+
+def _share_rule(js: Any) -> Any:
+    """`js` with each inlined `_RULE` replaced by a reference (pydantic resolves refs while it generates)."""
+    if js == _RULE:
+        return {"$ref": "#/$defs/FilterRule"}
+    if isinstance(js, dict):
+        return {k: _share_rule(v) for k, v in js.items()}
+    return [_share_rule(v) for v in js] if isinstance(js, list) else js
 
 
 def keys(cls: type[BaseModel]) -> tuple[str, ...]:
