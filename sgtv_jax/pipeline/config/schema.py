@@ -302,10 +302,8 @@ def _trim_json() -> dict[str, Any]:
     return spec_json({"enum": list(TRIMS)}, gradient=False, doc="trim name, or filter rules choosing one per tensor")
 
 
-class MergeYaml(Settings):
-    """A merge config: mergekit's YAML plus sgtv's calibration / OBS keys."""
-
-    model_config = ConfigDict(title="sgtv merge config", json_schema_extra=lambda s: _per_method(s))
+class Structure(Strict):
+    """The top-level keys naming models, method, parameters, trim, data and vocabulary."""
 
     merge_method: Annotated[str, Declared(lambda v: None, {"enum": list(METHOD_SPECS)})]
     base_model: str | None = None
@@ -319,6 +317,12 @@ class MergeYaml(Settings):
     tokenizer_source: str | None = Field(None, description="union, base, or a model directory")
     tokenizer: TokenizerYaml | None = None
     chat_template: str | None = Field(None, description="a template name, auto, or Jinja text")
+
+
+class MergeYaml(Settings, Structure):
+    """A merge config: mergekit's YAML plus sgtv's calibration / OBS keys."""
+
+    model_config = ConfigDict(title="sgtv merge config", json_schema_extra=lambda s: _per_method(s))
 
 
 def _params_model(name: str) -> dict[str, Any]:
@@ -383,7 +387,8 @@ def _step(tp: Any, loc: Sequence[Any]) -> tuple[Any, str, int]:
             if f is not None:
                 return f.annotation, f".{loc[0]}", 1
         if isinstance(loc[0], str) and loc[0].startswith("tagged-union["):
-            member = next(x for x in _members(tp) if isinstance(x, type) and x.__name__ == _tag_class(tp, loc[1]))
+            tag = _tag_class(tp, loc[1]) if len(loc) > 1 else ""
+            member = next((x for x in _members(tp) if isinstance(x, type) and x.__name__ == tag), Any)
             return member, "", 2
         origin = typing.get_origin(m)
         if origin is list and isinstance(loc[0], int):
