@@ -66,6 +66,7 @@ class Declared:
 
 
 def copy_json(j: Mapping[str, Any]) -> dict[str, Any]:
+    """A fresh copy of a JSON Schema fragment (pydantic edits the dicts it is given)."""
     return {
         k: (copy_json(v) if isinstance(v, Mapping) else list(v) if isinstance(v, list) else v) for k, v in j.items()
     }
@@ -98,7 +99,7 @@ def size(*, to_bytes: bool) -> Declared:
 
     js = {
         "anyOf": [
-            {"type": "string", "pattern": r"^\s*[0-9.eE+-]+\s*([KMGT]i?B|B)?\s*$"},
+            {"type": "string", "pattern": r"^\s*[0-9.eE+-]+\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$"},  # SIZE_UNITS, any case
             {"type": "integer", "minimum": 1},
         ]
     }
