@@ -163,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     from sgtv_jax.moe import cli as moe_cli
     from sgtv_jax.pipeline import cli as pipeline_cli
     from sgtv_jax.pipeline import report_cli
+    from sgtv_jax.pipeline.config import cli as schema_cli
 
     convert_cli.add_parser(sub)
     pipeline_cli.add_parser(sub)
     merge_cli.add_parser(sub)
     moe_cli.add_parser(sub)
     report_cli.add_parser(sub)
+    schema_cli.add_parser(sub)
     add_debug_flag(parser, sub)
     args = parser.parse_args(argv)
     return run_guarded(args.func, args)

@@ -1,7 +1,7 @@
 """A merge config's parameters for one tensor: HF tensor name and block -> `TensorPlan`.
 
 Parameter specs (plain values, gradients over blocks, filter rules) are
-resolved by `sgtv_jax.merge.paramspec` (through `config.resolve_spec`) for the
+resolved by `sgtv_jax.merge.paramspec` (through `resolve_spec`) for the
 tensor's name and block. Per-model parameters come from each model's
 `parameters`, else the top-level ones, else the method's default (per model:
 one model lacking `gamma` leaves the others' values alone). A data-aware trim
@@ -12,11 +12,38 @@ data-free trim.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.plan import ObsOptions, TensorPlan
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS
 from sgtv_jax.merge.trim import DATA_TRIMS
-from sgtv_jax.pipeline.config import ConfigError, MergeConfig, method_kwargs, model_parameters, resolve_spec
+from sgtv_jax.pipeline.config import PER_MODEL_PARAMS as PER_MODEL_NAMES
+from sgtv_jax.pipeline.config import ConfigError, MergeConfig, model_parameters
+
+
+def resolve_spec(spec: Any, name: str, layer: int | None, num_layers: int) -> Any:
+    """The value of a parameter spec for HF tensor `name` in decoder block `layer` (None: outside).
+
+    `sgtv_jax.merge.paramspec.resolve`, with its errors as `ConfigError`.
+    """
+    try:
+        return paramspec.resolve(spec, name, layer, num_layers)
+    except paramspec.SpecError as e:
+        raise ConfigError(str(e)) from None
+
+
+def method_kwargs(cfg: MergeConfig, name: str, layer: int | None, num_layers: int) -> dict[str, Any]:
+    """Method parameters resolved for one tensor, under the method's keywords (`lambda` -> `lambda_`)."""
+    spec = cfg.method_spec
+    out = {}
+    for k, value in cfg.parameters.items():
+        if k in PER_MODEL_NAMES:
+            continue
+        ps = spec.param(k)
+        out[ps.keyword if ps is not None else k] = resolve_spec(value, name, layer, num_layers)
+    return out
+
 
 DEFAULTS = {ps.name: ps.default for ps in PER_MODEL_PARAMS}
 """The method default of each per-model parameter (density, weight, gamma, epsilon)."""
