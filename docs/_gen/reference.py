@@ -3,8 +3,8 @@
 An mkdocs hook (``mkdocs.yml``: ``hooks``): a page line ``<!-- sgtv: methods -->``
 becomes the text ``sgtv methods`` prints (``describe_methods``, read from the one
 method table), and ``<!-- sgtv: config-keys -->`` one table per config level
-whose rows are the keys the config parser accepts (the public ``*_KEYS`` tuples of
-``sgtv_jax.pipeline.config``). Each key's description is written here; a key the
+whose rows are the keys the config accepts (the fields of the declared pydantic
+models in ``sgtv_jax.pipeline.config.schema``). Each key's description is written here; a key the
 parser accepts without one, or one described that it no longer accepts, fails
 the build (and ``tests/cli/test_readme.py``).
 """
@@ -15,13 +15,13 @@ import re
 from typing import Any
 
 from sgtv_jax.merge.cli import describe_methods
-from sgtv_jax.pipeline import config
+from sgtv_jax.pipeline.config import schema
 
-# (heading, name of the key tuple in sgtv_jax.pipeline.config, {key: description})
+# (heading, name of the declared model in sgtv_jax.pipeline.config.schema, {key: description})
 KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     (
         "Top level",
-        "TOP_KEYS",
+        "MergeYaml",
         {
             "models": "the fine-tuned models: a list of `{model, parameters, calibration}` (below); "
             "`model: BASE+ADAPTER` applies a PEFT LoRA adapter on read",
@@ -63,7 +63,7 @@ KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     (
         "`models[i]`",
-        "MODEL_KEYS",
+        "ModelYaml",
         {
             "model": "the model's directory or checkpoint (relative to the YAML), or `BASE+ADAPTER`",
             "parameters": "this model's per-model parameters (`weight`, `density`, ...: `sgtv methods`)",
@@ -73,7 +73,7 @@ KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     (
         "`calibration`",
-        "CALIBRATION_KEYS",
+        "CalibrationYaml",
         {
             "data": "a text or JSONL file, or a list of them (relative to the YAML)",
             "nsamples": "calibration windows (default 128)",
@@ -84,7 +84,7 @@ KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     (
         "`slices[i]`",
-        "SLICE_KEYS",
+        "SliceYaml",
         {
             "sources": "the models and layer ranges this slice's layers are made from",
             "base_model": "this slice's base (one of its sources)",
@@ -93,7 +93,7 @@ KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     (
         "`slices[i].sources[j]`",
-        "SOURCE_KEYS",
+        "SourceYaml",
         {
             "model": "the model",
             "layer_range": "`[start, stop)` of its layers",
@@ -102,7 +102,7 @@ KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     (
         "`tokenizer`",
-        "TOKENIZER_KEYS",
+        "TokenizerYaml",
         {
             "source": "as `tokenizer_source`",
             "tokens": "`{token: {source, force}}`: where a token's embedding row comes from",
@@ -111,7 +111,7 @@ KEY_DOCS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     (
         "`tokenizer.tokens[t]`",
-        "TOKEN_KEYS",
+        "TokenYaml",
         {
             "source": "a model's path, or `{kind: zero}` for a zero row",
             "force": "use this source even where the model that has the token could give it",
@@ -126,7 +126,7 @@ def undocumented() -> list[str]:
     """Keys the parser accepts without a description here, and descriptions of keys it does not accept."""
     out = []
     for heading, attr, docs in KEY_DOCS:
-        accepted = tuple(getattr(config, attr))
+        accepted = schema.keys(getattr(schema, attr))
         out += [
             f"{heading}: `{k}` is accepted but not described in docs/_gen/reference.py"
             for k in accepted
@@ -145,7 +145,7 @@ def config_keys_markdown() -> str:
         raise ValueError("the YAML reference is out of date: " + "; ".join(problems))
     parts = []
     for heading, attr, docs in KEY_DOCS:
-        rows = [f"| `{k}` | {docs[k]} |" for k in getattr(config, attr)]
+        rows = [f"| `{k}` | {docs[k]} |" for k in schema.keys(getattr(schema, attr))]
         parts.append(f"### {heading}\n\n| key | meaning |\n| --- | --- |\n" + "\n".join(rows))
     return "\n\n".join(parts)
 

@@ -43,7 +43,8 @@ def _documented_configs() -> list[tuple[str, object]]:
     for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for i, m in enumerate(re.finditer(r"```yaml\n(.*?)```", md.read_text(), re.S)):
             out.append((f"{md.relative_to(ROOT)} yaml block {i}", yaml.safe_load(m.group(1))))
-    return out
+    # `sgtv moe` configs (they list `experts`) are another format, checked by their own loader in test_readme.
+    return [(name, doc) for name, doc in out if not (isinstance(doc, dict) and "experts" in doc)]
 
 
 def test_committed_schema_is_sgtv_schema_output():
