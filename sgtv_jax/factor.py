@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import PERCDAMP
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -135,7 +136,7 @@ def _factor_one(hessian: jax.Array, percdamp: float | jax.Array, max_escalations
 
 @functools.partial(jax.jit, static_argnames="max_escalations")
 def factor_unchecked(
-    hessian: jax.Array, percdamp: float | jax.Array = 0.01, max_escalations: int = MAX_ESCALATIONS
+    hessian: jax.Array, percdamp: float | jax.Array = PERCDAMP, max_escalations: int = MAX_ESCALATIONS
 ) -> InverseFactor:
     """`inverse_factor` without the argument checks (callers have done them)."""
     if hessian.ndim == 3:
@@ -144,7 +145,7 @@ def factor_unchecked(
 
 
 def inverse_factor(
-    hessian: jax.Array, percdamp: float | jax.Array = 0.01, max_escalations: int = MAX_ESCALATIONS
+    hessian: jax.Array, percdamp: float | jax.Array = PERCDAMP, max_escalations: int = MAX_ESCALATIONS
 ) -> InverseFactor:
     """Damped upper Cholesky factor of `H^-1`, for `[cols, cols]` or a stack `[T, cols, cols]`.
 
