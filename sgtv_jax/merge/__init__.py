@@ -2,7 +2,7 @@
 
 Tensor level (pure functions on a stack of task vectors `[T, ...]`, returning
 the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
-`dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`,
+`dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`, `magnitude_linear`,
 `regmean`, `slerp`, `nuslerp`, `multislerp`, `karcher`, `model_stock`, `sce`,
 `nearswap`, `arcee_fusion`, `passthrough`, `wudi`, the Hessian fits
 (`hessian_fit`) and `adamerging`, all reachable by name with `get_method`;
@@ -32,6 +32,7 @@ from sgtv_jax.merge.registry import (
     della,
     della_linear,
     get_method,
+    magnitude_linear,
     task_arithmetic,
     ties,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "karcher",
     "keys",
     "linear",
+    "magnitude_linear",
     "merge",
     "model_stock",
     "multislerp",

@@ -22,6 +22,7 @@ della = METHODS["della"]
 della_linear = METHODS["della_linear"]
 breadcrumbs = METHODS["breadcrumbs"]
 breadcrumbs_ties = METHODS["breadcrumbs_ties"]
+magnitude_linear = METHODS["magnitude_linear"]
 
 
 def available_methods() -> tuple[str, ...]:

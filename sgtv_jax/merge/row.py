@@ -141,10 +141,19 @@ def _with_default(ps: ParamSpec, sig: inspect.Signature, name: str) -> ParamSpec
         raise TypeError(f"method row {name!r}: parameter {ps.name!r} is not a keyword of its function")
     if ps.default is not FROM_SIGNATURE:
         raise TypeError(f"method row {name!r}: {ps.name!r} restates a default; the function's signature holds it")
+    if ps.kind not in KINDS:
+        raise TypeError(f"method row {name!r}: {ps.name!r} has kind {ps.kind!r}, not one of {KINDS}")
     default = sig.parameters[ps.keyword].default
     if default is inspect.Parameter.empty or ps.required:
         # `required` in the row: the function's None default is its "not given" error
         return ps._replace(default=None, required=True)
+    out_of_range = default is not None and (
+        (ps.kind == "choice" and default not in ps.choices)
+        or (ps.lo is not None and default < ps.lo)
+        or (ps.hi is not None and default > ps.hi)
+    )
+    if out_of_range:
+        raise TypeError(f"method row {name!r}: {ps.name!r}'s default {default!r} is outside what the row allows")
     return ps._replace(default=default)
 
 

@@ -255,7 +255,7 @@ _FIT_TRIM = (
     ParamSpec("count", "choice", choices=trim_lib.COUNTS, doc="entries a magnitude / breadcrumbs / wanda trim keeps"),
 )
 
-_FITS = (
+_MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); new rows go at its end
     method_row(
         lstsq,
         "lstsq",
@@ -320,9 +320,17 @@ _FITS = (
         "data-free: each linear layer's merged task vector fits every task vector's rows as that task's "
         "inputs (WUDI; Adam from the sum); other tensors summed",
     ),
+    _gta(
+        "magnitude_linear",
+        trim="magnitude",
+        consensus=None,
+        normalize=False,
+        rescale=False,
+        doc="magnitude trim (TIES' trim), no sign election, weighted sum: DARE's magnitude-pruning baseline",
+    ),
 )
 
-METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in _ROWS + _FITS}
+METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in _ROWS + _MORE_ROWS}
 """The one table of merge methods, in the order `sgtv methods` and the reference list them."""
 
 LEARNED_TRIMS = ("magnitude", "breadcrumbs", "random")

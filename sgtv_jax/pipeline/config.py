@@ -68,8 +68,7 @@ import yaml
 
 from convert.errors import ConvertError
 from convert.lora import read_adapter_config
-from sgtv_jax import numparse
-from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
+from sgtv_jax import defaults, numparse
 from sgtv_jax.errors import SgtvError, short_repr
 from sgtv_jax.merge import paramspec
 from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec_values
@@ -310,8 +309,8 @@ class MergeConfig:
     tokenizer_source: str = "base"
     calibration: CalibrationConfig | None = None
     hessian_source: str = "merged"
-    blocksize: int = BLOCKSIZE
-    percdamp: float = PERCDAMP
+    blocksize: int = defaults.BLOCKSIZE
+    percdamp: float = defaults.PERCDAMP
     prunen: int = 0
     prunem: int = 0
     refit: bool = False
@@ -677,11 +676,11 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     tokenizer = _tokenizer(raw, root, problems)
     chat_template = _chat_template(raw.get("chat_template"), problems)
     hs = _choice(raw, "hessian_source", "merged", HESSIAN_SOURCES, problems)
-    percdamp = raw.get("percdamp", PERCDAMP)
+    percdamp = raw.get("percdamp", defaults.PERCDAMP)
     if numparse.problem(percdamp, lo=0) is not None:
         problems.append(f"percdamp must be a finite number >= 0, got {numparse.show(percdamp)}")
-        percdamp = PERCDAMP
-    blocksize = _int(raw, "blocksize", BLOCKSIZE, "", problems)
+        percdamp = defaults.PERCDAMP
+    blocksize = _int(raw, "blocksize", defaults.BLOCKSIZE, "", problems)
     prunen = _int(raw, "prunen", 0, "", problems, minimum=0)
     prunem = _int(raw, "prunem", 0, "", problems, minimum=0)
     refit = raw.get("refit", False)
