@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.factor import inverse_factor
 from sgtv_jax.hessian import HessianState, hessian_finalize, hessian_init, hessian_update
 from sgtv_jax.obs import obs_prune, obs_prune_from_inverse
@@ -81,12 +82,12 @@ class HessianCalculator:
             raise ValueError(f"Hessian is not positive definite even at percdamp={float(factor.percdamp):.3g}")
         return factor
 
-    def get_inverse_hessian(self, percdamp: float = 0.01) -> jax.Array:
+    def get_inverse_hessian(self, percdamp: float = PERCDAMP) -> jax.Array:
         """The damped inverse `H^-1` `[columns, columns]` (dead columns fixed first)."""
         u = self._factor(percdamp).upper
         return jnp.matmul(u.T, u, precision=jax.lax.Precision.HIGHEST)
 
-    def get_inverse_hessian_diag(self, percdamp: float = 0.01) -> jax.Array:
+    def get_inverse_hessian_diag(self, percdamp: float = PERCDAMP) -> jax.Array:
         """`diag(H^-1)` `[columns]`, without forming `H^-1`."""
         return jnp.sum(self._factor(percdamp).upper ** 2, axis=0)
 
@@ -98,8 +99,8 @@ class SparseGPTTaskVector(HessianCalculator):
         self,
         task_vector,
         density: float | None,
-        blocksize: int = 128,
-        percdamp: float = 0.01,
+        blocksize: int = BLOCKSIZE,
+        percdamp: float = PERCDAMP,
         rescale: bool = False,
         prunen: int = 0,
         prunem: int = 0,
@@ -138,9 +139,9 @@ def prune_task_vector_with_error_correction(
     task_vector,
     hessian_inv,
     density: float,
-    blocksize: int = 128,
+    blocksize: int = BLOCKSIZE,
     rescale: bool = False,
-    percdamp: float = 0.01,
+    percdamp: float = PERCDAMP,
 ) -> jax.Array:
     """OBS-prune `task_vector` `[rows, cols]` given an inverse Hessian `[cols, cols]`.
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import PERCDAMP
 
 if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
     from jaxtyping import Array, Bool, Float
@@ -143,7 +144,7 @@ def _factor_one(
 @functools.partial(jax.jit, static_argnames="max_escalations")
 def factor_unchecked(
     hessian: Float[Array, "*tasks cols cols"],
-    percdamp: float | Float[Array, ""] = 0.01,
+    percdamp: float | Float[Array, ""] = PERCDAMP,
     max_escalations: int = MAX_ESCALATIONS,
 ) -> InverseFactor:
     """`inverse_factor` without the argument checks (callers have done them)."""
@@ -154,7 +155,7 @@ def factor_unchecked(
 
 def inverse_factor(
     hessian: Float[Array, "*tasks cols cols"],
-    percdamp: float | Float[Array, ""] = 0.01,
+    percdamp: float | Float[Array, ""] = PERCDAMP,
     max_escalations: int = MAX_ESCALATIONS,
 ) -> InverseFactor:
     """Damped upper Cholesky factor of `H^-1`, for `[cols, cols]` or a stack `[T, cols, cols]`.

@@ -38,6 +38,7 @@ import numpy as np
 
 from sgtv_jax import _checks
 from sgtv_jax.counts import exact_round
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.factor import (
     MAX_ESCALATIONS,
     InverseFactor,
@@ -211,7 +212,7 @@ def obs_sweep(
     factor: InverseFactor,
     prune_counts: Int[Array, "tasks nblocks"],
     *,
-    blocksize: int = 128,
+    blocksize: int = BLOCKSIZE,
     prunen: int = 0,
     prunem: int = 0,
 ) -> tuple[Float[Array, "tasks rows cols"], Bool[Array, "tasks rows cols"], Float[Array, " tasks"]]:
@@ -388,8 +389,8 @@ def obs_prune(
     density: float | Sequence[float] | None = None,
     prunen: int = 0,
     prunem: int = 0,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     refit_tol: float = 1e-4,
     refit_maxiter: int = 20,
@@ -439,7 +440,7 @@ def obs_prune_from_inverse(
     density: float | Sequence[float] | None = None,
     prunen: int = 0,
     prunem: int = 0,
-    blocksize: int = 128,
+    blocksize: int = BLOCKSIZE,
     name: str | None = None,
 ) -> tuple[Float[Array, "*tasks rows cols"], Float[Array, "*tasks"]]:
     """`obs_prune` from a precomputed full inverse Hessian `[cols, cols]` (already damped).

@@ -48,10 +48,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sgtv_jax.defaults import BLOCKSIZE, MAX_LEARNING_STEPS, PERCDAMP
+from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.combine import weighted_sum
 from sgtv_jax.merge.keys import tensor_key
-from sgtv_jax.merge.methods import Floats, task_arithmetic
-from sgtv_jax.merge.specs import MAX_LEARNING_STEPS
+from sgtv_jax.merge.methods import Floats, generalized_task_arithmetic, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.merge.trim import trim as trim_stack
 
@@ -409,10 +410,10 @@ def adamerging(
     trim: str | None = None,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    gamma: Floats = trim_lib.GAMMA,
+    epsilon: Floats = trim_lib.EPSILON,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     name: str | None = None,
 ) -> jax.Array:
@@ -424,14 +425,14 @@ def adamerging(
     which a single tensor cannot do: `steps`, `learning_rate`, `init` and
     `clip` configure that learning pass and are ignored here (they are this
     function's keywords so that the method's parameters and its signature
-    agree, `specs.METHOD_SPECS["adamerging"]`).
+    agree, its row in `specs.METHOD_SPECS`).
     """
     del steps, learning_rate, init, clip  # the learning pass's, not the tensor's
-    return task_arithmetic(
+    return generalized_task_arithmetic(
         deltas,
         weights,
         densities,
-        rescale=rescale,
+        rescale=resolve_rescale(rescale, False, trim),
         count=count,
         trim=trim,
         key=key,

@@ -1,4 +1,4 @@
-"""Subcommand `sgtv methods`: every merge method with its parameters, read from the spec table.
+"""Subcommand `sgtv methods`: every merge method with its parameters, read from the rows of `specs.METHOD_SPECS`.
 
 Registered by `add_parser`; errors go through the one guard of `sgtv_jax.cli`.
 """
@@ -22,21 +22,29 @@ def _value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _param_line(ps: Any) -> str:
+def param_range(ps: Any) -> str:
+    """A parameter's allowed values in words: `one of a | b`, `in [lo, hi]`, or `any`."""
     if ps.kind == "choice":
-        rng = "one of " + " | ".join(map(str, ps.choices))
-    elif ps.lo is not None or ps.hi is not None:
+        return "one of " + " | ".join(map(str, ps.choices))
+    if ps.lo is not None or ps.hi is not None:
         lo = "-inf" if ps.lo is None else _value(float(ps.lo))
         finite_hi = ps.hi is not None and math.isfinite(ps.hi)
         hi = f"{_value(float(ps.hi))}]" if finite_hi else "inf)"
-        rng = f"in {'(' if ps.lo_open else '['}{lo}, {hi}"
-    else:
-        rng = "any"
-    default = "required" if ps.required else f"default {_value(ps.default) if ps.default is not None else 'auto'}"
-    return f"    {ps.name:<18} {ps.kind:<6} {default:<16} {rng:<22} {ps.doc}"
+        return f"in {'(' if ps.lo_open else '['}{lo}, {hi}"
+    return "any"
 
 
-def _models(spec: Any) -> str:
+def param_default(ps: Any) -> str:
+    """`required`, or `default <value>` (`auto`: the method's own rule)."""
+    return "required" if ps.required else f"default {_value(ps.default) if ps.default is not None else 'auto'}"
+
+
+def _param_line(ps: Any) -> str:
+    return f"    {ps.name:<18} {ps.kind:<6} {param_default(ps):<16} {param_range(ps):<22} {ps.doc}"
+
+
+def model_count(spec: Any) -> str:
+    """How many fine-tuned models `spec` merges, in words."""
     if spec.max_models == spec.min_models:
         return f"exactly {spec.min_models}"
     if spec.max_models is None:
@@ -44,21 +52,27 @@ def _models(spec: Any) -> str:
     return f"{spec.min_models}-{spec.max_models}"
 
 
+def method_tags(spec: Any) -> list[str]:
+    """What `spec` merges, trims and reads, in words (one entry each)."""
+    tags = [f"models: {model_count(spec)}"]
+    if spec.trims:
+        tags.append(f"trim: {spec.default_trim or 'none'} by default, any trim composes")
+    else:
+        tags.append("trim: refused (no trim step)")
+    if spec.needs_base:
+        tags.append("uses the base weights")
+    if spec.needs_grams:
+        tags.append("needs calibration data")
+    if spec.learns_weights:
+        tags.append("learns the weights from calibration data (Flax families only)")
+    return tags
+
+
 def describe_methods() -> str:
     """The text `sgtv methods` prints: methods, their parameters, per-model parameters, refused names."""
     lines = ["merge methods (merge_method:) and their parameters (parameters:)", ""]
     for name, spec in METHOD_SPECS.items():
-        tags = [f"models: {_models(spec)}"]
-        if spec.trims:
-            tags.append(f"trim: {spec.default_trim or 'none'} by default, any trim composes")
-        else:
-            tags.append("trim: refused (no trim step)")
-        if spec.needs_base:
-            tags.append("uses the base weights")
-        if spec.needs_grams:
-            tags.append("needs calibration data")
-        if spec.learns_weights:
-            tags.append("learns the weights from calibration data (Flax families only)")
+        tags = method_tags(spec)
         lines.append(f"{name}: {spec.doc}")
         lines.append(f"    ({'; '.join(tags)})")
         lines += [_param_line(ps) for ps in spec.params] or ["    (no parameters)"]
@@ -77,7 +91,12 @@ def describe_methods() -> str:
 
 
 def _run_methods(args: argparse.Namespace) -> int:
-    print(describe_methods())
+    if args.markdown:
+        from sgtv_jax.merge.docs import methods_markdown  # noqa: PLC0415 (cycle: docs reads this module's helpers)
+
+        print(methods_markdown(), end="")
+    else:
+        print(describe_methods())
     return 0
 
 
@@ -88,5 +107,10 @@ def add_parser(subparsers: Any) -> None:
         help="list the merge methods and their parameters",
         description="Every merge_method with its parameters (type, default, range), "
         "the per-model parameters, and the mergekit methods refused with the reason.",
+    )
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the reference as Markdown (what docs/methods-reference.md holds)",
     )
     p.set_defaults(func=_run_methods)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge.model import merge
 
 _SINGLE = "tensor"
@@ -79,10 +80,10 @@ class _CompatMerge:
         hessian_invs: Any = None,
         importance_masks: Any = None,
         use_sparsegpt: bool = False,
-        blocksize: int = 128,
+        blocksize: int = BLOCKSIZE,
         *,
         hessians: Any = None,
-        percdamp: float = 0.01,
+        percdamp: float = PERCDAMP,
         seed: int = 0,
         layout: str = "torch",
         **params: Any,

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.methods import resolve_rescale
@@ -182,10 +183,10 @@ def lstsq(
     sign_election: str = "none",
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    gamma: Floats = trim_lib.GAMMA,
+    epsilon: Floats = trim_lib.EPSILON,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     grams: jax.Array | None = None,
     targets: jax.Array | None = None,
@@ -262,10 +263,10 @@ def regmean_trim(
     alpha: float = 0.9,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    gamma: Floats = trim_lib.GAMMA,
+    epsilon: Floats = trim_lib.EPSILON,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     grams: jax.Array | None = None,
     name: str | None = None,
@@ -311,10 +312,10 @@ def regmean_sparse(
     alpha: float = 0.9,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    gamma: Floats = trim_lib.GAMMA,
+    epsilon: Floats = trim_lib.EPSILON,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     grams: jax.Array | None = None,
     name: str | None = None,

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from sgtv_jax import _checks
 from sgtv_jax.merge import combine
 from sgtv_jax.merge.methods import Floats
-from sgtv_jax.merge.specs import KARCHER_MAX_ITER
 
+KARCHER_MAX_ITER = 10_000
+"""karcher's `max_iter` bound: it converges in tens of iterations; 10k bounds a tensor's loop to seconds."""
 SLERP_DOT_THRESHOLD = 0.9995
 """slerp interpolates linearly when `|cos(angle)|` of the two models exceeds this (mergekit's value)."""
 
@@ -226,7 +227,7 @@ def karcher(
     x = _stack(deltas, name, guard)
     tasks = x.shape[0]
     max_iter = _checks.check_positive_int(max_iter, "max_iter") if not _checks.is_traced(max_iter) else max_iter
-    # the declared bound (specs.KARCHER_MAX_ITER): with tol 0 the loop runs max_iter times
+    # the declared bound (KARCHER_MAX_ITER, the row's `hi`): with tol 0 the loop runs max_iter times
     guard.require(
         jnp.asarray(max_iter) <= KARCHER_MAX_ITER, f"max_iter must be <= {KARCHER_MAX_ITER}{_checks.where(name)}"
     )

@@ -21,11 +21,20 @@ method's default, except that it is off whenever `trim` is "sparsegpt" or
 "wanda" (OBS already compensates kept entries; rescaling double-counts);
 `key` is this tensor's PRNG key (`keys.tensor_key`) for random trims; `gamma`,
 `epsilon` may be per task; `blocksize`, `percdamp` go to the OBS core; `name`
-labels errors. Each method below is `generalized_task_arithmetic` with its own
-defaults, and restates the keyword list on purpose (as optax's `nadam` restates
-`adam`'s): the signature then shows that method's defaults to readers, IDEs and
-mypy; `tests/test_merge_specs.py` checks every signature against the one table,
-`specs.METHOD_SPECS`.
+labels errors. mergekit's named methods (`task_arithmetic`, `ties`,
+`dare_linear`, `dare_ties`, `della`, `della_linear`, `breadcrumbs`,
+`breadcrumbs_ties`, ...) are rows of `specs.METHOD_SPECS` over
+`generalized_task_arithmetic`: `variant` makes each one's function, with
+the row's trim, sign election, normalize and rescale defaults (as optax's
+`nadam = partial(adam, nesterov=True)`); its signature shows them.
+TIES with `trim="sparsegpt"` elects signs on the OBS-compensated vectors;
+OBS makes each sparse `tau'_t` carry its task's whole output `tau_t X`, and
+the disjoint mean does not divide entries only one task kept, so at low
+density such a merge behaves like a *sum* of the compensated vectors: tune
+`lambda_` accordingly. DARE keeps each entry with probability `density_t`
+(`fold_in(key, t)`); DELLA's MagPrune keeps entries of a row ranked by `|tau|`
+with probability `density - epsilon + 2 epsilon rank/(n-1)`; breadcrumbs keeps
+the entries ranked `[gamma n, gamma n + density n)` by `|tau|` (descending).
 
 Inside JAX transforms: `weights`, `densities`, `lambda_`, `gamma`, `epsilon`
 and `percdamp` may be traced arrays (`jit`, `vmap` over settings, `grad`);
@@ -66,12 +75,16 @@ compute task vectors and merges in float32 and round once at the end.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.trim import Calibration
@@ -91,10 +104,10 @@ def generalized_task_arithmetic(
     lambda_: float = 1.0,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    gamma: Floats = trim_lib.GAMMA,
+    epsilon: Floats = trim_lib.EPSILON,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     count: str = "round",
     name: str | None = None,
@@ -198,379 +211,44 @@ def linear(
     return guard.apply(mixed + (total - 1.0) * jnp.asarray(base, dt))
 
 
-def task_arithmetic(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    trim: str | None = None,
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """Task arithmetic (Ilharco et al. 2023): `lambda * sum_t w_t tau_t`.
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
-    Defaults: normalize False, lambda 1, no trimming (pass `trim=` and
-    `densities` to trim first, e.g. `trim="sparsegpt"`), rescale off.
+
+def variant(
+    name: str, *, trim: str | None, consensus: str | None, normalize: bool, rescale: bool, doc: str
+) -> Callable[..., jax.Array]:
+    """`generalized_task_arithmetic` with a method's defaults: the function of a mergekit-named row.
+
+    Its signature is the generic one with `trim`, `consensus` (left out when
+    the method elects no sign), `normalize` and `rescale=None` (then the
+    method's `rescale`, off for calibration trims: `resolve_rescale`) as given.
     """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=None,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
+    base = inspect.signature(generalized_task_arithmetic)
+    preset = {"trim": trim, "consensus": consensus, "normalize": normalize, "rescale": None}
+    params = [
+        p.replace(default=preset[p.name], annotation="bool | None" if p.name == "rescale" else p.annotation)
+        if p.name in preset
+        else p
+        for p in base.parameters.values()
+        if not (p.name == "consensus" and consensus is None)
+    ]
+    sig = base.replace(parameters=params)
+
+    @functools.wraps(generalized_task_arithmetic)
+    def method(*args: Any, **kwargs: Any) -> jax.Array:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        kw = bound.arguments
+        kw["rescale"] = resolve_rescale(kw["rescale"], rescale, kw["trim"])
+        return generalized_task_arithmetic(**kw)
+
+    method.__signature__ = sig  # type: ignore[attr-defined]
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = (
+        f"{doc[0].upper()}{doc[1:]}: `generalized_task_arithmetic` with trim {trim!r}, "
+        f"sign election {consensus!r}, normalize {_on_off(normalize)}, rescale {_on_off(rescale)} "
+        "(off for calibration trims)."
     )
-
-
-def ties(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    trim: str = "magnitude",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """TIES (Yadav et al. 2023): trim, elect sign, disjoint mean.
-
-    `tau'_t = top-density magnitude of tau_t` (per tensor);
-    `s = sign(sum_t w_t tau'_t)` (ties elect +); `m_t = [sign(w_t tau'_t) == s]`;
-    result `lambda * sum_t m_t w_t tau'_t / sum_t m_t w_t` (a zero divisor -> 1).
-    Defaults: density 1, normalize True, consensus "sum", rescale off, lambda 1.
-    The paper uses unweighted disjoint means and its own lambda; the weighted
-    election (on `w_t tau'_t`) is mergekit's. With `trim="sparsegpt"` the sign
-    is elected on the OBS-compensated vectors. Note: OBS makes each sparse
-    `tau'_t` carry its task's whole output `tau_t X`, and the disjoint mean does
-    not divide entries that only one task kept, so at low density the merge
-    behaves like a *sum* of the tasks' compensated vectors (measured: lower
-    error than magnitude TIES against `sum_t tau_t X`, not always against the
-    dense TIES merge); tune `lambda_` accordingly.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=consensus,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
-
-
-def dare_linear(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    trim: str = "random",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """DARE (Yu et al. 2024) + task arithmetic: `lambda * sum_t w_t m_t tau_t / density_t`.
-
-    `m_t ~ Bernoulli(density_t)` per entry, from `fold_in(key, t)`. Defaults:
-    density 1, rescale on (`1/density`, unbiased: `E[result] = sum_t w_t tau_t`),
-    normalize off, lambda 1. With `trim="sparsegpt"` rescale defaults off.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=None,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
-
-
-def dare_ties(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    trim: str = "random",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """DARE drop-and-rescale, then TIES sign election and (un-normalized) disjoint sum.
-
-    `tau'_t = m_t tau_t / density_t`; `s = sign(sum_t w_t tau'_t)`;
-    result `lambda * sum_t [sign(w_t tau'_t) == s] w_t tau'_t`.
-    Defaults (mergekit's): normalize False, rescale on, consensus "sum", lambda 1.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=consensus,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
-
-
-def della(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    epsilon: Floats = 0.15,
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    trim: str = "magprune",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """DELLA (Deep et al. 2024): MagPrune, sign election, disjoint mean.
-
-    Per row, entries ranked by `|tau|` get keep probability
-    `p = density - epsilon + 2 epsilon * rank/(n-1)`, survivors divided by `p`;
-    then TIES' election and `lambda * sum m w tau' / sum m w`.
-    Defaults (mergekit's): epsilon 0.15, normalize True, rescale on, lambda 1.
-    mergekit rescales to match the L1 norm; we divide by `p` as the paper does.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=consensus,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
-
-
-def della_linear(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    epsilon: Floats = 0.15,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    trim: str = "magprune",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """DELLA MagPrune without sign election: `lambda * sum_t w_t tau'_t`.
-
-    Defaults (mergekit's): epsilon 0.15, normalize False, rescale on (`1/p`), lambda 1.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=None,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, True, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
-
-
-def breadcrumbs(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    gamma: Floats = 0.01,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    trim: str = "breadcrumbs",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and the smallest, sum.
-
-    `tau'_t` keeps the entries ranked `[gamma n, gamma n + density n)` by `|tau_t|`
-    (descending); result `lambda * sum_t w_t tau'_t`.
-    Defaults (mergekit's): gamma 0.01, normalize False, rescale off, lambda 1.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=None,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
-
-
-def breadcrumbs_ties(
-    deltas: jax.Array,
-    weights: Floats,
-    densities: Floats = 1.0,
-    *,
-    gamma: Floats = 0.01,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    consensus: str = "sum",
-    trim: str = "breadcrumbs",
-    rescale: bool | None = None,
-    key: jax.Array | None = None,
-    calib: Calibration | None = None,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    refit: bool = False,
-    count: str = "round",
-    name: str | None = None,
-) -> jax.Array:
-    """Breadcrumbs trimming, then TIES sign election; un-normalized disjoint sum.
-
-    Defaults (mergekit's): gamma 0.01, normalize False, consensus "sum", rescale off.
-    """
-    return generalized_task_arithmetic(
-        deltas,
-        weights,
-        densities,
-        trim=trim,
-        consensus=consensus,
-        normalize=normalize,
-        rescale=resolve_rescale(rescale, False, trim),
-        lambda_=lambda_,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-        count=count,
-        name=name,
-    )
+    del method.__wrapped__  # inspect and help() show this signature, not the generic one
+    return method

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.errors import short_repr
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.keys import tensor_key
@@ -58,8 +59,8 @@ class ObsOptions(NamedTuple):
     kept entries by least squares for the final mask.
     """
 
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: int = BLOCKSIZE
+    percdamp: float = PERCDAMP
     prunen: int = 0
     prunem: int = 0
     refit: bool = False

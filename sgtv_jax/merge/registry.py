@@ -1,47 +1,28 @@
-"""Merge methods by name (mergekit's names, plus `regmean`); what each takes: `specs.METHOD_SPECS`."""
+"""Merge methods by name, read from the one table `specs.METHOD_SPECS` (mergekit's names, plus ours).
+
+The mergekit-named task-arithmetic methods have no function of their own
+(each is a row over `generalized_task_arithmetic`); they are bound here to
+their public names, e.g. `sgtv_jax.merge.ties`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from sgtv_jax.merge import methods
-from sgtv_jax.merge.adamerging import adamerging
-from sgtv_jax.merge.arcee_fusion import arcee_fusion
-from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
-from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
-from sgtv_jax.merge.model_stock import model_stock
-from sgtv_jax.merge.nearswap import nearswap
-from sgtv_jax.merge.passthrough import passthrough
-from sgtv_jax.merge.regmean import regmean
-from sgtv_jax.merge.sce import sce
-from sgtv_jax.merge.wudi import wudi
+from sgtv_jax.merge.specs import METHOD_SPECS
 
-METHODS: dict[str, Callable] = {
-    "linear": methods.linear,
-    "task_arithmetic": methods.task_arithmetic,
-    "ties": methods.ties,
-    "dare_linear": methods.dare_linear,
-    "dare_ties": methods.dare_ties,
-    "della": methods.della,
-    "della_linear": methods.della_linear,
-    "breadcrumbs": methods.breadcrumbs,
-    "breadcrumbs_ties": methods.breadcrumbs_ties,
-    "regmean": regmean,
-    "slerp": slerp,
-    "nuslerp": nuslerp,
-    "multislerp": multislerp,
-    "karcher": karcher,
-    "model_stock": model_stock,
-    "sce": sce,
-    "nearswap": nearswap,
-    "arcee_fusion": arcee_fusion,
-    "passthrough": passthrough,
-    "lstsq": lstsq,
-    "regmean_trim": regmean_trim,
-    "regmean_sparse": regmean_sparse,
-    "adamerging": adamerging,
-    "wudi": wudi,
-}
+METHODS: dict[str, Callable[..., Any]] = {name: spec.fn for name, spec in METHOD_SPECS.items() if spec.fn}
+
+task_arithmetic = METHODS["task_arithmetic"]
+ties = METHODS["ties"]
+dare_linear = METHODS["dare_linear"]
+dare_ties = METHODS["dare_ties"]
+della = METHODS["della"]
+della_linear = METHODS["della_linear"]
+breadcrumbs = METHODS["breadcrumbs"]
+breadcrumbs_ties = METHODS["breadcrumbs_ties"]
+magnitude_linear = METHODS["magnitude_linear"]
 
 
 def available_methods() -> tuple[str, ...]:
@@ -49,7 +30,7 @@ def available_methods() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
-def get_method(name: str) -> Callable:
+def get_method(name: str) -> Callable[..., Any]:
     """The tensor-level merge function `f(deltas [T, ...], weights, ...) -> [...]` for `name`."""
     try:
         return METHODS[name]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.methods import Floats, resolve_rescale
@@ -56,10 +57,10 @@ def sce(
     rescale: bool | None = None,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    gamma: Floats = trim_lib.GAMMA,
+    epsilon: Floats = trim_lib.EPSILON,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     count: str = "round",
     name: str | None = None,

@@ -1,471 +1,342 @@
-"""What each merge method is and takes, as data: one table read by config validation.
+"""Every merge method, one row each: `METHOD_SPECS`, read by config validation, `sgtv methods` and the docs.
 
-`METHOD_SPECS[name]` says what method `name` (see `registry.METHODS`) does
-(sign consensus, default trim, normalize / rescale defaults, whether it needs
-Gram matrices or the base weights) and which parameters a config may set in
-its top-level `parameters`, each with a type, default and range.
+A row (`row.MethodSpec`, made by `row.method_row`) names the method's function
+and declares its config parameters (type, range, doc) and what it needs;
+defaults and keywords are read from the function's signature. The
+mergekit-named task-arithmetic methods are rows over one function
+(`methods.variant` of `generalized_task_arithmetic`), their defaults given in
+the row. `registry.METHODS` and the public functions (`sgtv_jax.merge.ties`,
+...) are read from this table; `sgtv methods` prints it and
+`python -m sgtv_jax.merge.docs` writes docs/methods-reference.md from it.
+To add a method: CONTRIBUTING.md.
+
 `PER_MODEL_PARAMS` are the parameters given per fine-tuned model (density,
-weight, gamma, epsilon). The method functions' own signatures must agree
-with this table; `tests/test_merge_specs.py` checks that they do.
-
-Parameter kinds: "bool" (YAML `true` / `false` only, never a quoted string),
-"float" (a finite real; `.nan` / `.inf` refused), "int", "choice" (one of
-`choices`). A default of None means "the method's own rule" (e.g. `rescale`:
-`MethodSpec.rescale_default`, off for calibration trims). A `required`
-parameter has no default: a config must set it (slerp's and nearswap's `t`).
-
-Function convention (every method, `registry.METHODS[name]`):
-`f(deltas [T, ...], weights [T], *, <parameters>, name=...) -> [...]`, the merged
-*task vector* (the merged tensor is `theta_0 + result`); `deltas[t] = theta_t -
-theta_0` in config order, 2-D tensors in PyTorch `[out, in]` layout. Methods
-with `trims` also take `densities` (third positional), `trim`, `key`, `calib`,
-`gamma`, `epsilon`, `blocksize`, `percdamp`, `refit`. Methods with `needs_base`
-also take `base=theta_0` `[...]` (same layout as one task vector): slerp,
-karcher and arcee_fusion always read it, linear (normalize false) and
-passthrough (scale != 1) for some settings. `min_models` / `max_models` bound T.
+weight, gamma, epsilon), their defaults those of the trims that read them.
 `REFUSED` names the mergekit methods not implemented, each with the reason.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
-from sgtv_jax.merge.trim import COUNTS
+from sgtv_jax.defaults import MAX_LEARNING_STEPS
+from sgtv_jax.merge import methods
+from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.adamerging import adamerging
+from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
+from sgtv_jax.merge.interpolation import KARCHER_MAX_ITER, karcher, multislerp, nuslerp, slerp
+from sgtv_jax.merge.model_stock import model_stock
+from sgtv_jax.merge.nearswap import nearswap
+from sgtv_jax.merge.passthrough import passthrough
+from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.row import (
+    COMMON_ARGS,
+    KINDS,
+    TRIM_ARGS,
+    MethodSpec,
+    ParamSpec,
+    call_args,
+    method_row,
+)
+from sgtv_jax.merge.sce import sce
+from sgtv_jax.merge.wudi import wudi
 
-KINDS = ("bool", "float", "int", "choice")
-
-KARCHER_MAX_ITER = 10_000
-"""karcher's `max_iter` bound: it converges in tens of iterations; 10k bounds a tensor's loop to seconds."""
-MAX_LEARNING_STEPS = 100_000
-"""AdaMerging's and WUDI's `steps` bound (their defaults are 100 and 300): a run stays finite."""
-
-
-class ParamSpec(NamedTuple):
-    """One parameter: `name` as written in a config (`lambda`, not `lambda_`).
-
-    `lo` / `hi`: inclusive bounds for numbers (None: unbounded), `lo` exclusive
-    when `lo_open` (a step size "> 0"); iteration counts always have a finite
-    `hi` (`KARCHER_MAX_ITER`, `MAX_LEARNING_STEPS`), so no config can ask for an endless loop.
-    `choices`: the allowed values of a "choice"; `arg`: the keyword of the
-    method function. Config validation (`sgtv check`, `sgtv merge`) and the
-    Python API's `sgtv_jax.merge.merge` enforce these ranges.
-    """
-
-    name: str
-    kind: str
-    default: Any
-    lo: float | None = None
-    hi: float | None = None
-    doc: str = ""
-    choices: tuple[Any, ...] = ()
-    arg: str = ""
-    required: bool = False
-    lo_open: bool = False
-
-    @property
-    def keyword(self) -> str:
-        """The method function's keyword for this parameter."""
-        return self.arg or self.name
-
-
-class MethodSpec(NamedTuple):
-    """A merge method's behaviour and its `parameters`.
-
-    trims: the method has a trim step (then `trim` may replace `default_trim`,
-    None meaning no trimming unless asked); consensus: its sign election
-    ("sum") or None; needs_grams: it reads calibration Gram matrices (RegMean);
-    needs_base: it needs the base weights for some setting (linear without
-    normalize sums whole models); base_optional: a config may leave out
-    `base_model` (mergekit's linear needs none): the first model is the base then,
-    which leaves the result unchanged; min_models / max_models: how many
-    fine-tuned models (besides the base) it merges; needs_targets: it fits the
-    untrimmed task vectors (`targets`) with its trimmed ones (lstsq); trims_merged:
-    the trim applies to the merged task vector, not to each input (regmean_sparse);
-    entrywise: after its trim the method combines each entry on its own (no
-    whole-tensor statistic), so a tensor can be merged in row chunks
-    (`streaming.merge_rows`; RegMean qualifies for the tensors without Grams
-    that reach it there: their weighted mean); learns_weights: the models'
-    weights are learned from calibration data over whole models before the
-    merge (adamerging), so a config gives none and must give `calibration`.
-    """
-
-    name: str
-    params: tuple[ParamSpec, ...]
-    trims: bool
-    default_trim: str | None
-    consensus: str | None
-    normalize_default: bool | None
-    rescale_default: bool
-    needs_grams: bool = False
-    needs_base: bool = False
-    base_optional: bool = False
-    doc: str = ""
-    min_models: int = 1
-    max_models: int | None = None
-    needs_targets: bool = False
-    trims_merged: bool = False
-    entrywise: bool = False
-    learns_weights: bool = False
-
-    def param(self, name: str) -> ParamSpec | None:
-        """The parameter called `name` in a config, or None."""
-        return next((p for p in self.params if p.name == name), None)
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
-
+__all__ = [
+    "CALLER_ARGS",
+    "COMMON_ARGS",
+    "KARCHER_MAX_ITER",
+    "KINDS",
+    "LEARNED_TRIMS",
+    "MAX_LEARNING_STEPS",
+    "METHOD_SPECS",
+    "PER_MODEL_DEFAULTS",
+    "PER_MODEL_PARAMS",
+    "REFUSED",
+    "TRIM_ARGS",
+    "WITHOUT_EFFECT",
+    "MethodSpec",
+    "ParamSpec",
+    "call_args",
+    "method_spec",
+]
 
 PER_MODEL_PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("density", "float", 1.0, 0.0, 1.0, "fraction of each task vector the trim keeps", arg="densities"),
     ParamSpec("weight", "float", 1.0, None, None, "the model's weight in the combination", arg="weights"),
-    ParamSpec("gamma", "float", 0.01, 0.0, 1.0, "breadcrumbs: fraction of largest entries dropped as outliers"),
-    ParamSpec("epsilon", "float", 0.15, 0.0, 0.5, "magprune (DELLA): keep-probability spread around density"),
+    ParamSpec(
+        "gamma", "float", trim_lib.GAMMA, 0.0, 1.0, "breadcrumbs: fraction of largest entries dropped as outliers"
+    ),
+    ParamSpec(
+        "epsilon", "float", trim_lib.EPSILON, 0.0, 0.5, "magprune (DELLA): keep-probability spread around density"
+    ),
 )
 """Per-model parameters (each model's `parameters`, or top-level as the default for all)."""
+PER_MODEL_DEFAULTS: dict[str, Any] = {ps.name: ps.default for ps in PER_MODEL_PARAMS}
 
-# The method functions' keywords that callers fill in (task vectors, per-model values, the
-# PRNG key, calibration, the trim and its OBS options): never `parameters` of a config.
-# The one list of them; `call_args` says which a given method takes.
-COMMON_ARGS = ("deltas", "weights", "name")
-TRIM_ARGS = ("densities", "key", "calib", "gamma", "epsilon", "trim", "blocksize", "percdamp", "refit")
-
-_NORMALIZE = "divide by the sum of the (agreeing) weights"
-
-
-_RESCALE = ParamSpec("rescale", "bool", None, doc="multiply survivors by 1/density (None: the method's rule)")
+_NORMALIZE = ParamSpec("normalize", "bool", doc="divide by the sum of the (agreeing) weights")
+_LAMBDA = ParamSpec("lambda", "float", doc="scale of the merged task vector", arg="lambda_")
+_RESCALE = ParamSpec("rescale", "bool", doc="multiply survivors by 1/density (None: the method's rule)")
 _COUNT = ParamSpec(
     "count",
     "choice",
-    "round",
-    choices=COUNTS,
+    choices=trim_lib.COUNTS,
     doc="entries a magnitude / breadcrumbs / wanda trim keeps: round(density*n), or floor = mergekit's int(density*n)",
 )
+_CONSENSUS = ParamSpec("consensus", "choice", doc="sign election rule", choices=("sum", "count"))
+_ALPHA = ParamSpec("alpha", "float", lo=0.0, hi=1.0, doc="scale of the Grams' off-diagonal entries")
 
 
-def _common(normalize: bool, consensus: bool) -> tuple[ParamSpec, ...]:
-    out: tuple[ParamSpec, ...] = (
-        ParamSpec("normalize", "bool", normalize, doc=_NORMALIZE),
-        ParamSpec("lambda", "float", 1.0, doc="scale of the merged task vector", arg="lambda_"),
-        _RESCALE,
-        _COUNT,
-    )
-    if consensus:
-        out += (ParamSpec("consensus", "choice", "sum", doc="sign election rule", choices=("sum", "count")),)
-    return out
+def _gta(name: str, *, trim: str | None, consensus: str | None, normalize: bool, rescale: bool, doc: str) -> MethodSpec:
+    """A mergekit-named task-arithmetic method: a row over `generalized_task_arithmetic`."""
+    fn = methods.variant(name, trim=trim, consensus=consensus, normalize=normalize, rescale=rescale, doc=doc)
+    params = (_NORMALIZE, _LAMBDA, _RESCALE, _COUNT) + ((_CONSENSUS,) if consensus else ())
+    return method_row(fn, name, params, doc, rescale_default=rescale, entrywise=True)
 
 
-def _gta(name: str, *, trim: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str) -> MethodSpec:
-    return MethodSpec(
-        name,
-        _common(normalize, consensus),
-        trims=True,
-        default_trim=trim,
-        consensus="sum" if consensus else None,
-        normalize_default=normalize,
-        rescale_default=rescale,
-        doc=doc,
+_ROWS: tuple[MethodSpec, ...] = (
+    method_row(
+        methods.linear,
+        "linear",
+        (_NORMALIZE,),
+        "weighted average of the models (model soup)",
+        base_optional=True,
         entrywise=True,
-    )
-
-
-METHOD_SPECS: dict[str, MethodSpec] = {
-    s.name: s
-    for s in (
-        MethodSpec(
-            "linear",
-            (ParamSpec("normalize", "bool", True, doc=_NORMALIZE),),
-            trims=False,
-            default_trim=None,
-            consensus=None,
-            normalize_default=True,
-            rescale_default=False,
-            needs_base=True,
-            base_optional=True,
-            doc="weighted average of the models (model soup)",
-            entrywise=True,
-        ),
-        _gta(
-            "task_arithmetic",
-            trim=None,
-            consensus=False,
-            normalize=False,
-            rescale=False,
-            doc="lambda * sum_t w_t tau_t",
-        ),
-        _gta(
-            "ties",
-            trim="magnitude",
-            consensus=True,
-            normalize=True,
-            rescale=False,
-            doc="magnitude trim, sign election, disjoint mean",
-        ),
-        _gta(
-            "dare_linear",
-            trim="random",
-            consensus=False,
-            normalize=False,
-            rescale=True,
-            doc="random drop and 1/density rescale, then sum",
-        ),
-        _gta(
-            "dare_ties",
-            trim="random",
-            consensus=True,
-            normalize=False,
-            rescale=True,
-            doc="random drop and rescale, sign election, disjoint sum",
-        ),
-        _gta(
-            "della",
-            trim="magprune",
-            consensus=True,
-            normalize=True,
-            rescale=True,
-            doc="MagPrune, sign election, disjoint mean",
-        ),
-        _gta("della_linear", trim="magprune", consensus=False, normalize=False, rescale=True, doc="MagPrune, then sum"),
-        _gta(
-            "breadcrumbs",
-            trim="breadcrumbs",
-            consensus=False,
-            normalize=False,
-            rescale=False,
-            doc="drop outliers and the smallest entries, sum",
-        ),
-        _gta(
-            "breadcrumbs_ties",
-            trim="breadcrumbs",
-            consensus=True,
-            normalize=False,
-            rescale=False,
-            doc="breadcrumbs trim, sign election, disjoint sum",
-        ),
-        MethodSpec(
-            "regmean",
-            (ParamSpec("alpha", "float", 0.9, 0.0, 1.0, doc="scale of the Grams' off-diagonal entries"),),
-            trims=False,
-            default_trim=None,
-            consensus=None,
-            normalize_default=None,
-            rescale_default=False,
-            needs_grams=True,
-            doc="closed-form least-squares merge of linear layers from calibration Grams",
-            entrywise=True,
-        ),
-    )
-}
-
-
-def _plain(
-    name: str,
-    params: tuple[ParamSpec, ...],
-    doc: str,
-    *,
-    needs_base: bool = False,
-    min_models: int = 1,
-    max_models: int | None = None,
-) -> MethodSpec:
-    """A method without a trim step or sign election (the interpolation and geometric methods)."""
-    return MethodSpec(
-        name,
-        params,
-        trims=False,
-        default_trim=None,
+    ),
+    _gta("task_arithmetic", trim=None, consensus=None, normalize=False, rescale=False, doc="lambda * sum_t w_t tau_t"),
+    _gta(
+        "ties",
+        trim="magnitude",
+        consensus="sum",
+        normalize=True,
+        rescale=False,
+        doc="magnitude trim, sign election, disjoint mean",
+    ),
+    _gta(
+        "dare_linear",
+        trim="random",
         consensus=None,
-        normalize_default=None,
-        rescale_default=False,
-        needs_base=needs_base,
-        doc=doc,
-        min_models=min_models,
-        max_models=max_models,
-    )
-
-
-_NEW = (
-    _plain(
+        normalize=False,
+        rescale=True,
+        doc="random drop and 1/density rescale, then sum",
+    ),
+    _gta(
+        "dare_ties",
+        trim="random",
+        consensus="sum",
+        normalize=False,
+        rescale=True,
+        doc="random drop and rescale, sign election, disjoint sum",
+    ),
+    _gta(
+        "della",
+        trim="magprune",
+        consensus="sum",
+        normalize=True,
+        rescale=True,
+        doc="MagPrune, sign election, disjoint mean",
+    ),
+    _gta("della_linear", trim="magprune", consensus=None, normalize=False, rescale=True, doc="MagPrune, then sum"),
+    _gta(
+        "breadcrumbs",
+        trim="breadcrumbs",
+        consensus=None,
+        normalize=False,
+        rescale=False,
+        doc="drop outliers and the smallest entries, sum",
+    ),
+    _gta(
+        "breadcrumbs_ties",
+        trim="breadcrumbs",
+        consensus="sum",
+        normalize=False,
+        rescale=False,
+        doc="breadcrumbs trim, sign election, disjoint sum",
+    ),
+    method_row(
+        regmean,
+        "regmean",
+        (_ALPHA,),
+        "closed-form least-squares merge of linear layers from calibration Grams",
+        entrywise=True,
+    ),
+    method_row(
+        slerp,
         "slerp",
-        (ParamSpec("t", "float", None, doc="interpolation factor: 0 the base model, 1 the other", required=True),),
+        (ParamSpec("t", "float", doc="interpolation factor: 0 the base model, 1 the other", required=True),),
         "spherical interpolation between the base and one model (linear when nearly parallel)",
-        needs_base=True,
         max_models=1,
     ),
-    _plain(
+    method_row(
+        nuslerp,
         "nuslerp",
         (
-            ParamSpec("nuslerp_flatten", "bool", True, doc="one slerp over the whole tensor"),
+            ParamSpec("nuslerp_flatten", "bool", doc="one slerp over the whole tensor"),
             ParamSpec(
-                "nuslerp_row_wise",
-                "bool",
-                False,
-                doc="without flatten: slerp the vectors along the first axis, not the last",
+                "nuslerp_row_wise", "bool", doc="without flatten: slerp the vectors along the first axis, not the last"
             ),
         ),
         "slerp of two task vectors at t = w_1 / (w_0 + w_1)",
         min_models=2,
         max_models=2,
     ),
-    _plain(
+    method_row(
+        multislerp,
         "multislerp",
         (
-            ParamSpec("normalize_weights", "bool", True, doc="divide the weights by their sum"),
-            ParamSpec("eps", "float", 1e-8, 0.0, math.inf, doc="numerical floor of norms"),
+            ParamSpec("normalize_weights", "bool", doc="divide the weights by their sum"),
+            ParamSpec("eps", "float", lo=0.0, hi=math.inf, doc="numerical floor of norms"),
         ),
         "weighted barycentre of the task vectors on the sphere, scaled by their mean norm",
     ),
-    _plain(
+    method_row(
+        karcher,
         "karcher",
         (
-            ParamSpec("max_iter", "int", 10, 1, KARCHER_MAX_ITER, doc="most Riemannian mean iterations"),
-            ParamSpec("tol", "float", 1e-5, 0.0, math.inf, doc="convergence and zero-norm tolerance"),
+            ParamSpec("max_iter", "int", lo=1, hi=KARCHER_MAX_ITER, doc="most Riemannian mean iterations"),
+            ParamSpec("tol", "float", lo=0.0, hi=math.inf, doc="convergence and zero-norm tolerance"),
         ),
         "Riemannian (Karcher) mean of the models on the sphere, scaled by their mean norm",
-        needs_base=True,
     ),
-    _plain(
+    method_row(
+        model_stock,
         "model_stock",
-        (ParamSpec("filter_wise", "bool", False, doc="one interpolation factor per row"),),
+        (ParamSpec("filter_wise", "bool", doc="one interpolation factor per row"),),
         "interpolate base -> models' mean by t from the task vectors' mean cosine",
         min_models=2,
     ),
-    MethodSpec(
+    method_row(
+        sce,
         "sce",
         (
             ParamSpec(
-                "select_topk", "float", 1.0, 0.0, 1.0, doc="fraction of entries of largest variance across models kept"
+                "select_topk", "float", lo=0.0, hi=1.0, doc="fraction of entries of largest variance across models kept"
             ),
             _RESCALE,
             _COUNT,
         ),
-        trims=True,
-        default_trim=None,
-        consensus=None,
-        normalize_default=None,
-        rescale_default=False,
-        doc="select by variance, weights from mean squares, sign election, disjoint weighted mean",
+        "select by variance, weights from mean squares, sign election, disjoint weighted mean",
     ),
-    _plain(
+    method_row(
+        nearswap,
         "nearswap",
         (
             ParamSpec(
                 "t",
                 "float",
-                None,
-                0.0,
-                math.inf,
-                required=True,
+                lo=0.0,
+                hi=math.inf,
                 doc="distance below which the other model's value is taken",
+                required=True,
             ),
         ),
         "move each entry to the other model by min(1, t / |change|)",
         max_models=1,
     ),
-    _plain(
+    method_row(
+        arcee_fusion,
         "arcee_fusion",
         (),
         "keep changes whose |change| * row KL divergence is >= median + 1.5 IQR",
-        needs_base=True,
         max_models=1,
     ),
-    _plain(
+    method_row(
+        passthrough,
         "passthrough",
-        (ParamSpec("scale", "float", 1.0, doc="multiply the model's tensor"),),
+        (ParamSpec("scale", "float", doc="multiply the model's tensor"),),
         "one model's tensor, optionally scaled",
-        needs_base=True,
         max_models=1,
     ),
 )
-METHOD_SPECS.update({s.name: s for s in _NEW})
 
 _FIT_TRIM = (
-    ParamSpec("rescale", "bool", None, doc="multiply trim survivors by 1/density (None: off)"),
-    ParamSpec("count", "choice", "round", choices=COUNTS, doc="entries a magnitude / breadcrumbs / wanda trim keeps"),
+    ParamSpec("rescale", "bool", doc="multiply trim survivors by 1/density (None: off)"),
+    ParamSpec("count", "choice", choices=trim_lib.COUNTS, doc="entries a magnitude / breadcrumbs / wanda trim keeps"),
 )
-_ALPHA = ParamSpec("alpha", "float", 0.9, 0.0, 1.0, doc="scale of the Grams' off-diagonal entries")
 
-
-def _fit(name: str, params: tuple[ParamSpec, ...], doc: str, **kw: Any) -> MethodSpec:
-    """A Hessian-fit method (`sgtv_jax.merge.hessian_fit`): trims, reads the calibration Grams."""
-    return MethodSpec(
-        name,
-        _FIT_TRIM + params,
-        trims=True,
-        default_trim="magnitude",
-        consensus=None,
-        normalize_default=None,
-        rescale_default=False,
-        needs_grams=True,
-        doc=doc,
-        **kw,
-    )
-
-
-_FITS = (
-    _fit(
+_MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); new rows go at its end
+    method_row(
+        lstsq,
         "lstsq",
-        (
+        _FIT_TRIM
+        + (
             ParamSpec(
                 "sign_election",
                 "choice",
-                "none",
                 choices=("none", "sum", "count"),
                 doc="TIES sign election on the trimmed vectors before the fit",
             ),
         ),
         "per-layer least-squares coefficients of the trimmed task vectors against every task's "
         "outputs (a T x T solve from the per-task Grams)",
-        needs_targets=True,
     ),
-    _fit("regmean_trim", (_ALPHA,), "RegMean's closed form on the trimmed task vectors (e.g. OBS-trimmed)"),
-    _fit(
+    method_row(
+        regmean_trim,
+        "regmean_trim",
+        _FIT_TRIM + (_ALPHA,),
+        "RegMean's closed form on the trimmed task vectors (e.g. OBS-trimmed)",
+    ),
+    method_row(
+        regmean_sparse,
         "regmean_sparse",
-        (_ALPHA,),
+        _FIT_TRIM + (_ALPHA,),
         "one sparse task vector: the dense RegMean optimum trimmed to the mean density "
         "(OBS against the summed Grams with trim sparsegpt)",
         trims_merged=True,
     ),
+    method_row(
+        adamerging,
+        "adamerging",
+        (
+            ParamSpec(
+                "steps", "int", lo=1, hi=MAX_LEARNING_STEPS, doc="learning steps (Adam), one calibration batch each"
+            ),
+            ParamSpec(
+                "learning_rate",
+                "float",
+                doc="Adam step size of the coefficients (> 0)",
+                lo=0.0,
+                hi=math.inf,
+                lo_open=True,
+            ),
+            ParamSpec("init", "float", doc="every coefficient's starting value (in [0, 1] with clip)"),
+            ParamSpec("clip", "bool", doc="project the coefficients onto [0, 1] after each step"),
+            _RESCALE,
+            _COUNT,
+        ),
+        "layer-wise coefficients learned by entropy minimisation on unlabeled calibration text "
+        "(AdaMerging), then task arithmetic with them",
+        entrywise=True,
+        learns_weights=True,
+    ),
+    method_row(
+        wudi,
+        "wudi",
+        (
+            ParamSpec("steps", "int", lo=0, hi=MAX_LEARNING_STEPS, doc="Adam steps from the task vectors' sum"),
+            ParamSpec("learning_rate", "float", doc="Adam step size (> 0)", lo=0.0, hi=math.inf, lo_open=True),
+        ),
+        "data-free: each linear layer's merged task vector fits every task vector's rows as that task's "
+        "inputs (WUDI; Adam from the sum); other tensors summed",
+    ),
+    _gta(
+        "magnitude_linear",
+        trim="magnitude",
+        consensus=None,
+        normalize=False,
+        rescale=False,
+        doc="magnitude trim (TIES' trim), no sign election, weighted sum: DARE's magnitude-pruning baseline",
+    ),
 )
-METHOD_SPECS.update({s.name: s for s in _FITS})
+
+METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in _ROWS + _MORE_ROWS}
+"""The one table of merge methods, in the order `sgtv methods` and the reference list them."""
 
 LEARNED_TRIMS = ("magnitude", "breadcrumbs", "random")
 """Trims a method with `learns_weights` composes with: the data-free ones the learning pass applies to
 whole Flax models too (`adamerging.FLAX_TRIMS`); magprune is not applied there, calibration trims
 need per-layer statistics. `random` draws other masks there than in the merge (`sgtv_jax.pipeline.adamerge`)."""
-
-METHOD_SPECS["adamerging"] = MethodSpec(
-    "adamerging",
-    (
-        ParamSpec("steps", "int", 100, 1, MAX_LEARNING_STEPS, doc="learning steps (Adam), one calibration batch each"),
-        ParamSpec(
-            "learning_rate", "float", 1e-3, 0.0, math.inf, doc="Adam step size of the coefficients (> 0)", lo_open=True
-        ),
-        ParamSpec("init", "float", 0.3, doc="every coefficient's starting value (in [0, 1] with clip)"),
-        ParamSpec("clip", "bool", True, doc="project the coefficients onto [0, 1] after each step"),
-        _RESCALE,
-        _COUNT,
-    ),
-    trims=True,
-    default_trim=None,
-    consensus=None,
-    normalize_default=None,
-    rescale_default=False,
-    doc="layer-wise coefficients learned by entropy minimisation on unlabeled calibration text "
-    "(AdaMerging), then task arithmetic with them",
-    entrywise=True,
-    learns_weights=True,
-)
-
-METHOD_SPECS["wudi"] = _plain(
-    "wudi",
-    (
-        ParamSpec("steps", "int", 300, 0, MAX_LEARNING_STEPS, doc="Adam steps from the task vectors' sum"),
-        ParamSpec("learning_rate", "float", 1e-5, 0.0, math.inf, doc="Adam step size (> 0)", lo_open=True),
-    ),
-    "data-free: each linear layer's merged task vector fits every task vector's rows as that task's "
-    "inputs (WUDI; Adam from the sum); other tensors summed",
-)
 
 REFUSED: dict[str, str] = {
     "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "
@@ -478,18 +349,6 @@ WITHOUT_EFFECT: dict[str, str] = {
     "int8_mask": "mergekit keeps its masks as int8 to save memory; masks here are booleans, same result",
 }
 """mergekit's top-level `parameters` a config may set (true / false) that change nothing here, with the reason."""
-
-
-def call_args(spec: MethodSpec) -> tuple[str, ...]:
-    """The keywords of `spec`'s method function besides its `params`, from what the method does."""
-    return (
-        COMMON_ARGS
-        + (TRIM_ARGS if spec.trims else ())
-        + (("grams",) if spec.needs_grams else ())
-        + (("targets",) if spec.needs_targets else ())
-        + (("base",) if spec.needs_base else ())
-    )
-
 
 CALLER_ARGS = frozenset(a for s in METHOD_SPECS.values() for a in call_args(s))
 """Every caller-filled keyword of any method function."""

@@ -80,7 +80,7 @@ from sgtv_jax.merge.keys import task_keys
 from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, maps_zero_to_zero
 from sgtv_jax.merge.registry import get_method
-from sgtv_jax.merge.specs import MethodSpec, method_spec
+from sgtv_jax.merge.specs import PER_MODEL_DEFAULTS, MethodSpec, method_spec
 from sgtv_jax.select import digit_plan
 
 RowReader = Callable[[int, int], np.ndarray]
@@ -482,8 +482,12 @@ class _Chunked:
             )
         self.count = count
         tasks, name = self.tasks, plan.name
-        self.gamma = _checks.per_task(0.01 if plan.gamma is None else list(plan.gamma), tasks, "gamma", name)
-        self.epsilon = _checks.per_task(0.15 if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name)
+        self.gamma = _checks.per_task(
+            PER_MODEL_DEFAULTS["gamma"] if plan.gamma is None else list(plan.gamma), tasks, "gamma", name
+        )
+        self.epsilon = _checks.per_task(
+            PER_MODEL_DEFAULTS["epsilon"] if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name
+        )
         if kind == "breadcrumbs":
             _checks.in_range(self.gamma, 0.0, 1.0, "gamma", name)
         self.keys: list[Any] = task_keys(plan.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks

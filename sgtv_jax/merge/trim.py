@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from sgtv_jax import _checks, obs
 from sgtv_jax.counts import exact_floor, exact_round
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.hessian import input_norms
 from sgtv_jax.merge import blockrng
 from sgtv_jax.merge.keys import task_keys
@@ -56,6 +57,10 @@ DATA_TRIMS = ("wanda", "sparsegpt")
 COUNTS = ("round", "floor")
 """How `density * n` becomes an entry count: Python's `round` (ours) or `int` (mergekit's)."""
 RANDOM_TRIMS = ("random", "magprune")
+GAMMA = 0.01
+"""breadcrumbs' default fraction of largest entries dropped as outliers (mergekit's)."""
+EPSILON = 0.15
+"""magprune's (DELLA's) default keep-probability spread around the density (mergekit's)."""
 
 
 class Calibration(NamedTuple):
@@ -193,7 +198,7 @@ def magprune(
     density: float,
     key: jax.Array,
     *,
-    epsilon: float = 0.15,
+    epsilon: float = EPSILON,
     rescale: bool = True,
     guard: _checks.Guard | None = None,
     offset: int = 0,
@@ -244,7 +249,7 @@ def breadcrumbs(
     delta: jax.Array,
     density: float,
     *,
-    gamma: float = 0.01,
+    gamma: float = GAMMA,
     rescale: bool = False,
     guard: _checks.Guard | None = None,
     count: str = "round",
@@ -305,8 +310,8 @@ def sparsegpt(
     densities: Sequence[float] | jax.Array,
     calib: Calibration,
     *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     rescale: bool = False,
     name: str | None = None,
@@ -377,11 +382,11 @@ def trim(
     *,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: float | Sequence[float] = 0.01,
-    epsilon: float | Sequence[float] = 0.15,
+    gamma: float | Sequence[float] = GAMMA,
+    epsilon: float | Sequence[float] = EPSILON,
     rescale: bool = False,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
     refit: bool = False,
     name: str | None = None,
     count: str = "round",

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import optax
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import MAX_LEARNING_STEPS
 from sgtv_jax.merge import combine
 from sgtv_jax.merge.methods import Floats
-from sgtv_jax.merge.specs import MAX_LEARNING_STEPS
 
 _HP = jax.lax.Precision.HIGHEST
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.hessian import hessian_finalize, hessian_init, hessian_update
 from sgtv_jax.models import apply_block, split_block
 from sgtv_jax.obs import obs_prune
@@ -107,7 +108,7 @@ def layer_hessians(model: Any, calibration_loader: Iterable[Any], layer_names: S
 class TaskVectorImportanceCalculator:
     """Base-model Hessians for a set of layers, then OBS pruning of task vectors with them."""
 
-    def __init__(self, base_model: Any, calibration_loader: Iterable[Any], percdamp: float = 0.01):
+    def __init__(self, base_model: Any, calibration_loader: Iterable[Any], percdamp: float = PERCDAMP):
         self.model = base_model
         self.calibration = list(calibration_loader)
         self.percdamp = percdamp
@@ -126,7 +127,7 @@ class TaskVectorImportanceCalculator:
         return self.hessians[layer_name]
 
     def prune_task_vector_with_error_correction(
-        self, layer_name: str, task_vector: Any, density: float, blocksize: int = 128
+        self, layer_name: str, task_vector: Any, density: float, blocksize: int = BLOCKSIZE
     ) -> jax.Array:
         """OBS-pruned task vector `[out, in]` (or a stack `[T, out, in]`) keeping `density`."""
         pruned, _ = obs_prune(
@@ -143,7 +144,7 @@ class TaskVectorImportanceCalculator:
 class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
     """Per-task Hessians: fine-tuned model t on its own calibration data (one loader, or one per model)."""
 
-    def __init__(self, finetuned_models: Sequence[Any], calibration_loaders: Any, percdamp: float = 0.01):
+    def __init__(self, finetuned_models: Sequence[Any], calibration_loaders: Any, percdamp: float = PERCDAMP):
         self.models = list(finetuned_models)
         loaders = calibration_loaders
         if not (
@@ -165,7 +166,12 @@ class TaskVectorImportanceCalculatorPerTask(TaskVectorImportanceCalculator):
         return {n: self.hessians[n] for n in layer_names}
 
     def prune_task_vector_with_error_correction(
-        self, layer_name: str, task_vector: Any, density: float, blocksize: int = 128, task_index: int | None = None
+        self,
+        layer_name: str,
+        task_vector: Any,
+        density: float,
+        blocksize: int = BLOCKSIZE,
+        task_index: int | None = None,
     ) -> jax.Array:
         """Prune a stack `[T, out, in]` with each task's H, or one `[out, in]` with task `task_index`'s."""
         h = self._hessian(layer_name)
@@ -184,8 +190,8 @@ def sequential_layer_pruning(
     calibration_loader: Iterable[Any],
     layer_names: Sequence[str],
     density: float = 0.5,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
 ) -> dict[str, list[jax.Array]]:
     """`{layer_name: [OBS-pruned task vector [out, in] of each fine-tuned model]}` with base-model Hessians."""
     calc = TaskVectorImportanceCalculator(base_model, calibration_loader, percdamp)

@@ -92,6 +92,7 @@ ALLOWED = {
         "the output's tokenizer_config.json (the base's copy, contained, or the tokenizer just saved)"
     ),
     ("convert/atomic.py", "read_marker", "path.read_text"): "the marker this tool writes into its outputs",
+    ("sgtv_jax/merge/docs.py", "main", "path.read_text"): "the methods reference this dev tool writes (--check)",
     ("convert/safetensors_writer.py", "_copy_all", "shutil.copyfileobj"): "the writer's own temporary data file",
     ("convert/safetensors_writer.py", "StreamingSafetensorsWriter.__init__", "open"): "the output being written",
     ("convert/safetensors_writer.py", "StreamingSafetensorsWriter.close", "open"): "the output being written",

@@ -31,6 +31,7 @@ from sgtv_jax.merge import (
     della,
     della_linear,
     linear,
+    magnitude_linear,
     regmean,
     task_arithmetic,
     ties,
@@ -201,6 +202,7 @@ METHODS = {
     "della_linear": (della_linear, dict(densities=0.4, epsilon=0.1, key=KEY)),
     "breadcrumbs": (breadcrumbs, dict(densities=0.4, gamma=0.1)),
     "breadcrumbs_ties": (breadcrumbs_ties, dict(densities=0.4, gamma=0.1)),
+    "magnitude_linear": (magnitude_linear, dict(densities=0.4)),
     "regmean": (regmean, dict(grams=jnp.stack([H, 2 * H, H + jnp.eye(COLS)]))),
 }
 

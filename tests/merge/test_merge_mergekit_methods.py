@@ -394,6 +394,7 @@ def test_every_new_method_has_a_transform_case():
         "breadcrumbs",
         "breadcrumbs_ties",
         "regmean",
+        "magnitude_linear",  # a task-vector variant too: tests/test_transforms.py
     }
     assert set(CASES) == set(registry.METHODS) - older
 

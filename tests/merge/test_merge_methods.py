@@ -78,6 +78,19 @@ def test_ties(consensus, normalize):
     close(got, np_merge(trimmed, W, consensus, normalize, 0.8))
 
 
+def test_magnitude_linear_is_the_magnitude_trim_then_a_weighted_sum():
+    """The row added by following CONTRIBUTING.md: TIES' trim, no election, `lambda * sum_t w_t tau'_t`."""
+    trimmed = np.stack([np_magnitude(D[t], DENS[t]) for t in range(3)])
+    close(M.magnitude_linear(D, W, DENS), np_merge(trimmed, W))
+    close(M.magnitude_linear(D, W, DENS, normalize=True, lambda_=0.6), np_merge(trimmed, W, None, True, 0.6))
+    close(M.magnitude_linear(D, W, DENS, rescale=True), np_merge(trimmed / np.reshape(DENS, (3, 1, 1)), W), 1e-5)
+    # by hand: density 0.5 of [3, -1, 2, 0.5] keeps 3 and 2; weights 2 and 1
+    hand = np.asarray([[3.0, -1.0, 2.0, 0.5], [-4.0, 1.0, 0.0, 1.5]], np.float32)
+    np.testing.assert_array_equal(np.asarray(M.magnitude_linear(hand, [2.0, 1.0], 0.5)), [2.0, 0.0, 4.0, 1.5])
+    with pytest.raises(TypeError, match="consensus"):
+        M.magnitude_linear(D, W, DENS, consensus="sum")  # no sign election: not a keyword
+
+
 def test_ties_default_density_is_untrimmed():
     close(M.ties(D, W), np_merge(D, W, "sum", True))
 

@@ -196,6 +196,7 @@ CASES = [
     ("breadcrumbs_ties", None, {}),
     ("della", None, {}),
     ("della_linear", None, {"lambda_": 0.7}),
+    ("magnitude_linear", None, {}),  # the row added by following CONTRIBUTING.md
     ("linear", None, {}),
     ("regmean", None, {}),
 ]

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from convert.conversion import flax_model_tensors, load_flax_model
 from sgtv_jax.merge import adamerging as ada
-from sgtv_jax.merge.methods import task_arithmetic
+from sgtv_jax.merge import task_arithmetic
 from sgtv_jax.merge.registry import get_method
 from sgtv_jax.pipeline.calibration import load_tokenizer, token_stream, windows
 from sgtv_jax.pipeline.config import ConfigError, parse_config

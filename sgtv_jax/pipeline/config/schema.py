@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic_core import PydanticCustomError, core_schema
 
-from sgtv_jax import numparse
+from sgtv_jax import defaults, numparse
 from sgtv_jax.errors import short_repr
 from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, WITHOUT_EFFECT, ParamSpec
 from sgtv_jax.merge.trim import TRIMS
@@ -281,8 +281,8 @@ class Settings(Strict):
     dtype: Annotated[str | None, _DTYPE] = Field(None, description="compute (and output) dtype")
     out_dtype: Annotated[str | None, _DTYPE] = Field(None, description="output dtype when it differs from dtype")
     hessian_source: Annotated[str, choice(HESSIAN_SOURCES, "unknown {key} {v}{hint}; one of {known}")] = "merged"
-    blocksize: Annotated[int, number(integer=True, lo=1)] = 128
-    percdamp: Annotated[float, number(lo=0, need="must be a finite number >= 0")] = 0.01
+    blocksize: Annotated[int, number(integer=True, lo=1)] = defaults.BLOCKSIZE
+    percdamp: Annotated[float, number(lo=0, need="must be a finite number >= 0")] = defaults.PERCDAMP
     prunen: Annotated[int, number(integer=True, lo=0)] = 0
     prunem: Annotated[int, number(integer=True, lo=0)] = 0
     refit: Annotated[bool, boolean()] = False

@@ -1,0 +1,12 @@
+"""Settings' defaults and bounds declared once: every signature and config reads these.
+
+`BLOCKSIZE`: columns per lazy-update block of the OBS sweep (SparseGPT's 128);
+`PERCDAMP`: damping `percdamp * mean(diag(H))` added to the Hessian's diagonal
+(SparseGPT's 0.01). The trims' own defaults (`gamma`, `epsilon`) live in
+`sgtv_jax.merge.trim`.
+"""
+
+BLOCKSIZE = 128
+PERCDAMP = 0.01
+MAX_LEARNING_STEPS = 100_000
+"""AdaMerging's and WUDI's `steps` bound (their defaults are 100 and 300): a run stays finite."""
