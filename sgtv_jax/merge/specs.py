@@ -88,6 +88,12 @@ class MethodSpec(NamedTuple):
     that reach it there: their weighted mean); learns_weights: the models'
     weights are learned from calibration data over whole models before the
     merge (adamerging), so a config gives none and must give `calibration`.
+    base_point: the base model is one of the merged points, as mergekit gathers
+    it with the others (karcher): a `base_model` not listed in `models` joins
+    them with weight 1 (`pipeline.base_rules`). stored_layout: the result
+    depends on the tensor's axes (a softmax or a norm per row), so 2-D tensors
+    are merged in their stored Hugging Face layout, the one mergekit reads,
+    never in the transposed view the pipeline uses for embeddings.
     """
 
     name: str
@@ -107,6 +113,8 @@ class MethodSpec(NamedTuple):
     trims_merged: bool = False
     entrywise: bool = False
     learns_weights: bool = False
+    base_point: bool = False
+    stored_layout: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         """The parameter called `name` in a config, or None."""
@@ -267,6 +275,7 @@ def _plain(
     needs_base: bool = False,
     min_models: int = 1,
     max_models: int | None = None,
+    **kw: Any,
 ) -> MethodSpec:
     """A method without a trim step or sign election (the interpolation and geometric methods)."""
     return MethodSpec(
@@ -281,6 +290,7 @@ def _plain(
         doc=doc,
         min_models=min_models,
         max_models=max_models,
+        **kw,
     )
 
 
@@ -306,14 +316,25 @@ _NEW = (
         "slerp of two task vectors at t = w_1 / (w_0 + w_1)",
         min_models=2,
         max_models=2,
+        stored_layout=True,
     ),
     _plain(
         "multislerp",
         (
             ParamSpec("normalize_weights", "bool", True, doc="divide the weights by their sum"),
             ParamSpec("eps", "float", 1e-8, 0.0, math.inf, doc="numerical floor of norms"),
+            ParamSpec(
+                "whole_weights",
+                "bool",
+                False,
+                doc="interpolate the models' weights, not task vectors: mergekit's rule without base_model "
+                "(set when base_model is left out)",
+            ),
         ),
-        "weighted barycentre of the task vectors on the sphere, scaled by their mean norm",
+        "weighted barycentre of the task vectors (of the weights without base_model) on the sphere, "
+        "scaled by their mean norm",
+        needs_base=True,
+        base_optional=True,
     ),
     _plain(
         "karcher",
@@ -321,14 +342,18 @@ _NEW = (
             ParamSpec("max_iter", "int", 10, 1, KARCHER_MAX_ITER, doc="most Riemannian mean iterations"),
             ParamSpec("tol", "float", 1e-5, 0.0, math.inf, doc="convergence and zero-norm tolerance"),
         ),
-        "Riemannian (Karcher) mean of the models on the sphere, scaled by their mean norm",
+        "Riemannian (Karcher) mean of the models' weights (the base model's too when given) on the sphere, "
+        "scaled by their mean norm",
         needs_base=True,
+        base_optional=True,
+        base_point=True,
     ),
     _plain(
         "model_stock",
         (ParamSpec("filter_wise", "bool", False, doc="one interpolation factor per row"),),
         "interpolate base -> models' mean by t from the task vectors' mean cosine",
         min_models=2,
+        stored_layout=True,
     ),
     MethodSpec(
         "sce",
@@ -368,6 +393,7 @@ _NEW = (
         "keep changes whose |change| * row KL divergence is >= median + 1.5 IQR",
         needs_base=True,
         max_models=1,
+        stored_layout=True,
     ),
     _plain(
         "passthrough",

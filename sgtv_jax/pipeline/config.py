@@ -76,6 +76,7 @@ from sgtv_jax.merge.plan import ObsOptions
 from sgtv_jax.merge.specs import LEARNED_TRIMS, METHOD_SPECS, REFUSED, WITHOUT_EFFECT, MethodSpec, ParamSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
+from sgtv_jax.pipeline import base_rules
 from sgtv_jax.pipeline.chat_templates import AUTO, CHAT_TEMPLATES
 
 __all__ = [
@@ -630,6 +631,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
     for name in sorted(WITHOUT_EFFECT.keys() & gparams.keys()):
         if not isinstance(gparams.pop(name), bool):
             problems.append(f"parameters.{name} must be true or false ({WITHOUT_EFFECT[name]})")
+    base_rules.whole_weights(spec, sliced or raw.get("base_model") is not None, gparams, problems)
     if spec is not None:
         top: list[str] = []
         _method_parameters(gparams, spec, top)
@@ -645,11 +647,9 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         if not isinstance(models_raw, list) or not models_raw:
             problems.append("models must be a non-empty list of {model: path, parameters: {...}}")
             models_raw = []
-        # a method that takes the base among its models (linear: its zero task vector still carries its weight)
-        not_base = "" if spec is not None and spec.base_optional else base
-        entries = [
-            e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, not_base, root, problems)) is not None
-        ]
+        entries = base_rules.model_entries(
+            spec, raw.get("base_model"), base, models_raw, lambda i, m, nb: _model_entry(i, m, nb, root, problems)
+        )
 
     trim = raw.get("trim")
     if trim is not None:
