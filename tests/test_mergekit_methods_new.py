@@ -10,8 +10,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+import test_pipeline_helpers as H
+import yaml
+from safetensors.numpy import load_file
 
+from sgtv_jax.cli import main
 from sgtv_jax.merge.ram import ram, ramplus_tl
+from sgtv_jax.merge.specs import MERGEKIT_REGISTRY, METHOD_SPECS, REFUSED
+from sgtv_jax.pipeline.config import ConfigError, parse_config
 
 RNG = np.random.default_rng(7)
 
@@ -45,7 +51,7 @@ def ref_ram(taus, epsilon=1e-5, plus=False, r=0.1, alpha=0.2):
 def test_ram_reference(epsilon):
     x = _taus()
     np.testing.assert_allclose(
-        np.asarray(ram(x, epsilon=epsilon), np.float64), ref_ram(x, epsilon), rtol=1e-6, atol=1e-9
+        np.asarray(ram(x, threshold=epsilon), np.float64), ref_ram(x, epsilon), rtol=1e-6, atol=1e-9
     )
 
 
@@ -53,7 +59,7 @@ def test_ram_reference(epsilon):
 def test_ramplus_tl_reference(r, alpha, epsilon):
     x = _taus()
     want = ref_ram(x, epsilon, plus=True, r=r, alpha=alpha)
-    got = np.asarray(ramplus_tl(x, r=r, alpha=alpha, epsilon=epsilon), np.float64)
+    got = np.asarray(ramplus_tl(x, r=r, alpha=alpha, threshold=epsilon), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
@@ -73,15 +79,77 @@ def test_ram_refuses_weights_and_bad_epsilon():
     with pytest.raises(ValueError, match="takes no per-model weight"):
         ram(x, [1.0, 2.0, 1.0])
     with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
-        ram(x, epsilon=-1.0)
+        ram(x, threshold=-1.0)
 
 
 def test_ram_under_jit_with_traced_parameters():
     x = _taus()
-    f = jax.jit(lambda d, e: ram(d, epsilon=e))
+    f = jax.jit(lambda d, e: ram(d, threshold=e))
     np.testing.assert_allclose(np.asarray(f(x, 0.02), np.float64), ref_ram(x, 0.02), rtol=1e-6, atol=1e-9)
-    g = jax.jit(lambda d, r, a, e: ramplus_tl(d, r=r, alpha=a, epsilon=e))
+    g = jax.jit(lambda d, r, a, e: ramplus_tl(d, r=r, alpha=a, threshold=e))
     want = ref_ram(x, 0.01, plus=True, r=0.5, alpha=3.0)
     np.testing.assert_allclose(np.asarray(g(x, 0.5, 3.0, 0.01), np.float64), want, rtol=1e-6, atol=1e-9)
-    batched = jax.vmap(lambda e: ram(x, epsilon=e))(np.array([1e-5, 0.02], np.float32))
+    batched = jax.vmap(lambda e: ram(x, threshold=e))(np.array([1e-5, 0.02], np.float32))
     np.testing.assert_allclose(np.asarray(batched[1], np.float64), ref_ram(x, 0.02), rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------- sgtv merge / sgtv methods
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ram")
+    return root, H.make_family(root, "llama", tasks=2)
+
+
+@pytest.mark.parametrize(
+    "method,params,kw",
+    [
+        ("ram", {"epsilon": 0.01}, {"epsilon": 0.01}),
+        (
+            "ramplus_tl",
+            {"epsilon": 0.01, "r": 0.5, "alpha": 3.0},
+            {"epsilon": 0.01, "plus": True, "r": 0.5, "alpha": 3.0},
+        ),
+    ],
+)
+def test_ram_through_sgtv_merge(family, method, params, kw):
+    root, paths = family
+    cfg = {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(p)} for p in paths["fts"]],
+        "parameters": params,
+        "dtype": "float32",
+    }
+    (root / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(root / f"{method}.yaml"), str(root / method), "--quiet"]) == 0
+    got = load_file(str(root / method / "model.safetensors"))
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    fts = [load_file(str(p / "model.safetensors")) for p in paths["fts"]]
+    for k, b in base.items():
+        taus = np.stack([f[k].astype(np.float32) - b for f in fts])  # mergekit subtracts in the tensors' dtype
+        want = b.astype(np.float64) + ref_ram(taus, **kw)
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_ram_epsilon_is_its_own_parameter():
+    from sgtv_jax.pipeline.config import method_kwargs
+
+    cfg = {"merge_method": "ram", "base_model": ".", "models": ["./x"], "parameters": {"epsilon": 0.9}}
+    parsed = parse_config(cfg)  # 0.9 is a fine RAM threshold (DELLA's per-model epsilon stops at 0.5)
+    assert method_kwargs(parsed, "w", None, 1) == {"threshold": 0.9}
+    with pytest.raises(ConfigError, match="epsilon"):
+        parse_config({**cfg, "parameters": {"epsilon": -1.0}})
+
+
+def test_sgtv_methods_lists_every_mergekit_method(capsys):
+    assert set(MERGEKIT_REGISTRY) <= set(METHOD_SPECS)
+    assert not set(REFUSED) & set(METHOD_SPECS)
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in (*MERGEKIT_REGISTRY, *REFUSED):
+        assert f"{name}:" in out or f"{name} (" in out, name
+    assert f"mergekit's registry ({len(MERGEKIT_REGISTRY)} methods): every method implemented" in out
+    with pytest.raises(ConfigError, match="merge_method 'cabs' is not supported: not in mergekit's registry"):
+        parse_config({"merge_method": "cabs", "base_model": ".", "models": ["./x"]})

@@ -13,7 +13,7 @@ clip(rho_t, 0, alpha)`, `rho_t = shared_t / max(unique_t, epsilon)` with
 others share / that only it has, counted over the whole tensor (so RAM+ is
 not entry-wise; RAM is).
 
-Traced arguments (`jit`, `vmap`): the tensors, `epsilon`, `r`, `alpha`.
+Traced arguments (`jit`, `vmap`): the tensors, `threshold` (`epsilon`), `r`, `alpha`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,14 @@ def _contributions(
 
 
 def ram(
-    deltas: jax.Array, weights: Floats = 1.0, *, epsilon: float | jax.Array = RAM_EPSILON, name: str | None = None
+    deltas: jax.Array, weights: Floats = 1.0, *, threshold: float | jax.Array = RAM_EPSILON, name: str | None = None
 ) -> jax.Array:
-    """RAM: `sum_t tau_t [|tau_t| > epsilon] / max(count, 1)`, deltas `[T, ...]` -> `[...]`."""
-    x, _, count, guard = _contributions(deltas, weights, epsilon, "ram", name)
+    """RAM: `sum_t tau_t [|tau_t| > epsilon] / max(count, 1)`, deltas `[T, ...]` -> `[...]`.
+
+    `threshold` is mergekit's `epsilon` (a config's `parameters.epsilon`; the
+    keyword differs from DELLA's per-model `epsilon`).
+    """
+    x, _, count, guard = _contributions(deltas, weights, threshold, "ram", name)
     return guard.apply(jnp.sum(x, axis=0) / jnp.maximum(count, 1).astype(x.dtype))
 
 
@@ -57,19 +61,20 @@ def ramplus_tl(
     *,
     r: float | jax.Array = 0.1,
     alpha: float | jax.Array = 0.2,
-    epsilon: float | jax.Array = RAM_EPSILON,
+    threshold: float | jax.Array = RAM_EPSILON,
     name: str | None = None,
 ) -> jax.Array:
     """RAM+ tensor-local: RAM with each task's unique entries scaled by `1 + r clip(rho_t, 0, alpha)`.
 
-    deltas `[T, ...]` -> `[...]`; `rho_t` counts over the whole tensor (module doc).
+    deltas `[T, ...]` -> `[...]`; `rho_t` counts over the whole tensor (module doc);
+    `threshold`: mergekit's `epsilon`, as in `ram`.
     """
-    x, nz, count, guard = _contributions(deltas, weights, epsilon, "ramplus_tl", name)
+    x, nz, count, guard = _contributions(deltas, weights, threshold, "ramplus_tl", name)
     tasks = x.shape[0]
     unique = count == 1
     shared = (nz & (count > 1)).reshape(tasks, -1).sum(axis=1).astype(x.dtype)
     own = (nz & unique).reshape(tasks, -1).sum(axis=1).astype(x.dtype)
-    rho = shared / jnp.maximum(own, jnp.asarray(epsilon, x.dtype))
+    rho = shared / jnp.maximum(own, jnp.asarray(threshold, x.dtype))
     lam = 1 + jnp.asarray(r, x.dtype) * jnp.clip(rho, 0, jnp.asarray(alpha, x.dtype))
     lam = lam.reshape((tasks,) + (1,) * (x.ndim - 1))
     scaled = jnp.where(unique, x * lam, x / jnp.maximum(count, 1).astype(x.dtype))

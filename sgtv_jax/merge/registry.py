@@ -12,6 +12,7 @@ from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
+from sgtv_jax.merge.ram import ram, ramplus_tl
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.wudi import wudi
@@ -41,6 +42,8 @@ METHODS: dict[str, Callable] = {
     "regmean_sparse": regmean_sparse,
     "adamerging": adamerging,
     "wudi": wudi,
+    "ram": ram,
+    "ramplus_tl": ramplus_tl,
 }
 
 

@@ -493,12 +493,49 @@ METHOD_SPECS["wudi"] = _plain(
     "inputs (WUDI; Adam from the sum); other tensors summed",
 )
 
+_RAM_EPSILON = ParamSpec(
+    "epsilon",
+    "float",
+    1e-5,
+    0.0,
+    math.inf,
+    doc="|change| above which an entry contributes (top-level: not DELLA's per-model epsilon)",
+    arg="threshold",
+)
+METHOD_SPECS["ram"] = _plain(
+    "ram",
+    (_RAM_EPSILON,),
+    "Reinforced Agent Merging: an entry one task changes keeps its change, one several change takes their mean",
+    entrywise=True,
+)
+METHOD_SPECS["ramplus_tl"] = _plain(
+    "ramplus_tl",
+    (
+        ParamSpec("r", "float", 0.1, doc="scale of the unique entries' boost"),
+        ParamSpec("alpha", "float", 0.2, doc="upper clip of each task's shared / unique ratio"),
+        _RAM_EPSILON,
+    ),
+    "RAM+ tensor-local: RAM with each task's unique entries scaled by 1 + r * clip(shared/unique, 0, alpha)",
+)
+
+_UNMERGED = (
+    "not in mergekit's registry (main at a6e4028, 2026-06-17): only in an unmerged mergekit {}; not implemented here"
+)
 REFUSED: dict[str, str] = {
-    "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "
-    "in this config format",
-    "ramplus_tl": "not implemented yet (RAM+ tensor-local; see 'ram')",
+    "lrp": _UNMERGED.format("pull request") + " (it reads relevance scores computed from data, lrp_path)",
+    "cabs": _UNMERGED.format("pull request"),
+    "pcb": _UNMERGED.format("branch ('pcb', 2024)"),
+    "core_space": _UNMERGED.format("pull request"),
 }
 """mergekit method names that a config may not use here, with the reason."""
+
+MERGEKIT_REGISTRY: tuple[str, ...] = (
+    *("linear", "slerp", "nuslerp", "passthrough", "model_stock", "arcee_fusion", "karcher"),
+    *("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della"),
+    *("della_linear", "multislerp", "nearswap", "ram", "ramplus_tl", "sce"),
+)
+"""Every method name mergekit registers (main at a6e4028, 2026-06-17: `merge_methods/registry.py`'s
+`STATIC_MERGE_METHODS` and the `easy_define` ones its `__init__` imports); each is implemented here."""
 
 WITHOUT_EFFECT: dict[str, str] = {
     "int8_mask": "mergekit keeps its masks as int8 to save memory; masks here are booleans, same result",

@@ -585,7 +585,7 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
         elif ps.required:
             problems.append(f"parameters.{ps.name} is required by merge_method {spec.name!r} ({ps.doc})")
     for ps in _PER_MODEL_SPECS:
-        if ps.name in gparams:
+        if ps.name in gparams and ps.name not in own:  # ram's top-level epsilon is its own, not DELLA's
             check_param(gparams[ps.name], ps, "parameters", problems)
 
 
@@ -1240,8 +1240,8 @@ def method_kwargs(cfg: MergeConfig, name: str, layer: int | None, num_layers: in
     spec = cfg.method_spec
     out = {}
     for k, value in cfg.parameters.items():
-        if k in PER_MODEL_PARAMS:
-            continue
         ps = spec.param(k)
+        if k in PER_MODEL_PARAMS and ps is None:
+            continue
         out[ps.keyword if ps is not None else k] = resolve_spec(value, name, layer, num_layers)
     return out
