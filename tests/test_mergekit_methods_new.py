@@ -153,3 +153,59 @@ def test_sgtv_methods_lists_every_mergekit_method(capsys):
     assert f"mergekit's registry ({len(MERGEKIT_REGISTRY)} methods): every method implemented" in out
     with pytest.raises(ConfigError, match="merge_method 'cabs' is not supported: not in mergekit's registry"):
         parse_config({"merge_method": "cabs", "base_model": ".", "models": ["./x"]})
+
+
+# ----------------------------------------------------------------- pcb (mergekit's unmerged 'pcb' branch)
+
+
+def ref_pcb(taus, density, weight=1.0):
+    """The branch's PCBMergeTask.execute in float64 (ties at the cut broken by the lower index)."""
+    tv = np.asarray(taus, np.float64).reshape(len(taus), -1)
+    n, big_n = tv.shape
+
+    def normalize(x):
+        return x / max(np.linalg.norm(x), 1e-12)
+
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    intra = np.stack([softmax(n * normalize(tv[i] * tv[i])) for i in range(n)])
+    inter = np.stack([sum(softmax(normalize(tv[i] * tv[j])) for j in range(n)) for i in range(n)])
+    b = intra * inter
+    k = int(big_n * density)
+    m = np.zeros_like(b)
+    for i in range(n):
+        m[i, np.argsort(-b[i], kind="stable")[:k]] = 1
+    bh = b * m
+    return weight * (tv * bh / bh.sum()).sum(0).reshape(np.shape(taus)[1:])
+
+
+@pytest.mark.parametrize("density,weight", [(0.3, 1.0), (0.8, 2.5), (1.0, 1.0)])
+def test_pcb_reference(density, weight):
+    from sgtv_jax.merge.pcb import pcb
+
+    x = _taus((3, 6, 10), density=0.9)
+    got = np.asarray(pcb(x, weight, density=density), np.float64)
+    np.testing.assert_allclose(got, ref_pcb(x, density, weight), rtol=2e-5, atol=1e-12)
+
+
+def test_pcb_by_hand_and_edges():
+    from sgtv_jax.merge.pcb import pcb
+
+    # one task, density 1: b_hat / sum(b_hat) are softmax-like weights summing to 1 over the entries
+    tau = np.array([[1.0, 0.0]], np.float32)
+    b = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()  # intra: softmax(1 * [1, 0]); inter: the same
+    w = b * b / (b * b).sum()
+    np.testing.assert_allclose(np.asarray(pcb(tau, density=1.0)), [w[0], 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pcb(tau, density=0.0)), [0.0, 0.0])  # the branch: NaN
+    with pytest.raises(ValueError, match="density must be in"):
+        pcb(tau, density=1.5)
+
+
+def test_pcb_under_jit():
+    from sgtv_jax.merge.pcb import pcb
+
+    x = _taus((3, 6, 10), density=0.9)
+    f = jax.jit(lambda d, w: pcb(d, w, density=0.5))
+    np.testing.assert_allclose(np.asarray(f(x, 2.0), np.float64), ref_pcb(x, 0.5, 2.0), rtol=2e-5, atol=1e-12)

@@ -524,7 +524,8 @@ _UNMERGED = (
 REFUSED: dict[str, str] = {
     "lrp": _UNMERGED.format("pull request") + " (it reads relevance scores computed from data, lrp_path)",
     "cabs": _UNMERGED.format("pull request"),
-    "pcb": _UNMERGED.format("branch ('pcb', 2024)"),
+    "pcb": _UNMERGED.format("branch ('pcb', 2024)")
+    + " as a config method (the library function sgtv_jax.merge.pcb.pcb has the branch's rule)",
     "core_space": _UNMERGED.format("pull request"),
 }
 """mergekit method names that a config may not use here, with the reason."""
