@@ -209,3 +209,53 @@ def test_pcb_under_jit():
     x = _taus((3, 6, 10), density=0.9)
     f = jax.jit(lambda d, w: pcb(d, w, density=0.5))
     np.testing.assert_allclose(np.asarray(f(x, 2.0), np.float64), ref_pcb(x, 0.5, 2.0), rtol=2e-5, atol=1e-12)
+
+
+# ----------------------------------------------------------------- core_space (mergekit's unmerged pull request)
+
+
+def ref_core_space(taus, weight=1.0):
+    """The pull request's CoreSpaceTask in float64 (SVD fallback to the mean for 1-D tensors)."""
+    x = np.asarray(taus, np.float64)
+    if x.ndim != 3:
+        return weight * x.mean(0)
+    r = max(1, min(16, min(x.shape[1:]) // 4))
+    bs, as_ = [], []
+    for d in x:
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        bs.append(u[:, :r])
+        as_.append(np.diag(s[:r]) @ vt[:r])
+    u_b = np.linalg.svd(np.concatenate(bs, 1), full_matrices=False)[0]
+    v_a = np.linalg.svd(np.concatenate(as_, 0), full_matrices=False)[2].T
+    c = min(u_b.shape[1], v_a.shape[1])
+    u_b, v_a = u_b[:, :c], v_a[:, :c]
+    core = sum(u_b.T @ b @ a @ v_a for b, a in zip(bs, as_)) / len(bs)
+    return u_b @ (weight * core) @ v_a.T
+
+
+@pytest.mark.parametrize("shape,weight", [((3, 12, 20), 1.0), ((2, 40, 8), 0.5), ((4, 16), 2.0), ((3, 64, 64), 1.0)])
+def test_core_space_reference(shape, weight):
+    from sgtv_jax.merge.core_space import core_space
+
+    x = (0.1 * RNG.standard_normal(shape)).astype(np.float32)
+    got = np.asarray(core_space(x, [weight] * shape[0]), np.float64)
+    np.testing.assert_allclose(got, ref_core_space(x, weight), rtol=2e-4, atol=2e-6)
+
+
+def test_core_space_is_the_mean_of_the_truncated_svds_when_the_bases_span_them():
+    from sgtv_jax.merge.core_space import core_space
+
+    # rank-2 task vectors of a [12, 20] tensor (r = 3): the truncation keeps them whole, the projections
+    # onto the reference bases keep them too, so the merge is their plain mean
+    x = np.stack([RNG.standard_normal((12, 2)) @ RNG.standard_normal((2, 20)) for _ in range(3)]).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(core_space(x), np.float64), x.astype(np.float64).mean(0), atol=2e-5)
+    with pytest.raises(ValueError, match="one global weight"):
+        core_space(x, [1.0, 2.0, 1.0])
+
+
+def test_core_space_under_jit():
+    from sgtv_jax.merge.core_space import core_space
+
+    x = (0.1 * RNG.standard_normal((3, 12, 20))).astype(np.float32)
+    got = jax.jit(lambda d, w: core_space(d, w))(x, np.full(3, 0.5, np.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref_core_space(x, 0.5), rtol=2e-4, atol=2e-6)
