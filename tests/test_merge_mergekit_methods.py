@@ -18,6 +18,7 @@ import pytest
 from sgtv_jax.merge import registry, specs
 from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
@@ -370,6 +371,7 @@ CASES = {
     "regmean_trim": (regmean_trim, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     "regmean_sparse": (regmean_sparse, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     "ram": (ram, TAUS, {}, "threshold", [0.1, 0.3]),
+    "core_space": (core_space, TAUS, {}, None, None),
     "ramplus_tl": (ramplus_tl, TAUS, dict(threshold=0.2), "r", [0.1, 0.5]),
     # Adam from the sum; its step size may be traced
     "wudi": (wudi, TAUS, dict(steps=20), "learning_rate", [1e-3, 5e-3]),

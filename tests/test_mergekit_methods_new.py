@@ -259,3 +259,22 @@ def test_core_space_under_jit():
     x = (0.1 * RNG.standard_normal((3, 12, 20))).astype(np.float32)
     got = jax.jit(lambda d, w: core_space(d, w))(x, np.full(3, 0.5, np.float32))
     np.testing.assert_allclose(np.asarray(got, np.float64), ref_core_space(x, 0.5), rtol=2e-4, atol=2e-6)
+
+
+def test_core_space_through_sgtv_merge(family):
+    root, paths = family
+    cfg = {
+        "merge_method": "core_space",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(p)} for p in paths["fts"]],
+        "parameters": {"weight": 0.5},  # the pull request's global weight: every model's here
+        "dtype": "float32",
+    }
+    (root / "core.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(root / "core.yaml"), str(root / "core"), "--quiet"]) == 0
+    got = load_file(str(root / "core" / "model.safetensors"))
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    fts = [load_file(str(p / "model.safetensors")) for p in paths["fts"]]
+    for k, b in base.items():
+        want = b.astype(np.float64) + ref_core_space(np.stack([f[k] - b for f in fts]), 0.5)
+        np.testing.assert_allclose(got[k], want, rtol=2e-4, atol=2e-6, err_msg=k)

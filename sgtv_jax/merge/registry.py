@@ -7,6 +7,7 @@ from collections.abc import Callable
 from sgtv_jax.merge import methods
 from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
@@ -44,6 +45,7 @@ METHODS: dict[str, Callable] = {
     "wudi": wudi,
     "ram": ram,
     "ramplus_tl": ramplus_tl,
+    "core_space": core_space,
 }
 
 

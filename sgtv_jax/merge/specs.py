@@ -521,12 +521,18 @@ METHOD_SPECS["ramplus_tl"] = _plain(
 _UNMERGED = (
     "not in mergekit's registry (main at a6e4028, 2026-06-17): only in an unmerged mergekit {}; not implemented here"
 )
+METHOD_SPECS["core_space"] = _plain(
+    "core_space",
+    (),
+    "Core Space (mergekit pull request, not in its registry): each task vector's rank-r SVD, projected on "
+    "shared SVD bases, averaged there; the models' one common weight scales the result",
+)
+
 REFUSED: dict[str, str] = {
     "lrp": _UNMERGED.format("pull request") + " (it reads relevance scores computed from data, lrp_path)",
     "cabs": _UNMERGED.format("pull request"),
     "pcb": _UNMERGED.format("branch ('pcb', 2024)")
     + " as a config method (the library function sgtv_jax.merge.pcb.pcb has the branch's rule)",
-    "core_space": _UNMERGED.format("pull request"),
 }
 """mergekit method names that a config may not use here, with the reason."""
 
