@@ -278,3 +278,69 @@ def test_core_space_through_sgtv_merge(family):
     for k, b in base.items():
         want = b.astype(np.float64) + ref_core_space(np.stack([f[k] - b for f in fts]), 0.5)
         np.testing.assert_allclose(got[k], want, rtol=2e-4, atol=2e-6, err_msg=k)
+
+
+# ----------------------------------------------------------------- cabs (mergekit's unmerged pull request)
+
+
+def ref_cabs(taus, weights, ns, ms):
+    """The pull request's CABSTask.execute in float64 (block ties broken by the lower index)."""
+    x = np.asarray(taus, np.float64)
+    out = np.zeros(x.shape[1:])
+    taken = np.zeros(x.shape[1:], bool)
+    for t in range(len(x)):
+        cand = x[t] * ~taken
+        flat = cand.ravel()
+        n, m = ns[t], ms[t]
+        if n == 0:
+            keep = np.zeros(flat.size, bool)
+        elif n == m:
+            keep = np.ones(flat.size, bool)
+        else:
+            pad = (m - flat.size % m) % m
+            blocks = np.abs(np.concatenate([flat, np.zeros(pad)])).reshape(-1, m)
+            kb = np.zeros(blocks.shape, bool)
+            for i, row in enumerate(blocks):
+                kb[i, np.argsort(-row, kind="stable")[:n]] = True
+            keep = kb.ravel()[: flat.size]
+        keep = keep.reshape(cand.shape)
+        out += weights[t] * cand * keep
+        taken |= keep
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,ns,ms,w",
+    [
+        ((3, 6, 10), [1, 1, 1], [4, 4, 4], [1.0, 1.0, 1.0]),
+        ((2, 7, 5), [2, 3], [4, 8], [0.5, 2.0]),
+        ((3, 9), [0, 2, 4], [4, 4, 4], [1, 1, 1]),
+    ],
+)
+def test_cabs_reference(shape, ns, ms, w):
+    from sgtv_jax.merge.cabs import cabs
+
+    x = _taus(shape, density=0.9)
+    got = np.asarray(cabs(x, w, n=ns, m=ms), np.float64)
+    np.testing.assert_allclose(got, ref_cabs(x, w, ns, ms), rtol=1e-6, atol=1e-9)
+
+
+def test_cabs_by_hand():
+    from sgtv_jax.merge.cabs import cabs
+
+    tau = np.array([[4.0, -3.0, 2.0, 1.0], [5.0, 1.0, -6.0, 0.5]], np.float32)
+    # 2:4: model 0 keeps 4, -3; model 1 sees [0, 0, -6, 0.5] and keeps -6, 0.5
+    np.testing.assert_array_equal(np.asarray(cabs(tau, n=2, m=4)), [4.0, -3.0, -6.0, 0.5])
+    # 1:2 with weights: model 0 keeps 4 (block 0) and 2 (block 1); model 1 sees [0, 1, 0, 0.5]
+    np.testing.assert_allclose(np.asarray(cabs(tau, [1.0, 2.0], n=1, m=2)), [4.0, 2.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="0 <= n <= m"):
+        cabs(tau, n=5, m=4)
+
+
+def test_cabs_under_jit():
+    from sgtv_jax.merge.cabs import cabs
+
+    x = _taus((3, 6, 10), density=0.9)
+    got = jax.jit(lambda d, w: cabs(d, w, n=2, m=4))(x, np.array([1.0, 0.5, 2.0], np.float32))
+    want = ref_cabs(x, [1.0, 0.5, 2.0], [2] * 3, [4] * 3)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-9)

@@ -530,7 +530,9 @@ METHOD_SPECS["core_space"] = _plain(
 
 REFUSED: dict[str, str] = {
     "lrp": _UNMERGED.format("pull request") + " (it reads relevance scores computed from data, lrp_path)",
-    "cabs": _UNMERGED.format("pull request"),
+    "cabs": _UNMERGED.format("pull request")
+    + " as a config method (its per-model n_val / m_val and pruning_order; the library function "
+    "sgtv_jax.merge.cabs.cabs has its rule)",
     "pcb": _UNMERGED.format("branch ('pcb', 2024)")
     + " as a config method (the library function sgtv_jax.merge.pcb.pcb has the branch's rule)",
 }
