@@ -162,6 +162,37 @@ def ref_pcb(taus, density, weight=1.0):
     """The branch's PCBMergeTask.execute in float64 (ties at the cut broken by the lower index)."""
     tv = np.asarray(taus, np.float64).reshape(len(taus), -1)
     n, big_n = tv.shape
+    b = _ref_scores(tv)
+    k = int(big_n * density)
+    m = np.zeros_like(b)
+    for i in range(n):
+        m[i, np.argsort(-b[i], kind="stable")[:k]] = 1
+    bh = b * m
+    return weight * (tv * bh / bh.sum()).sum(0).reshape(np.shape(taus)[1:])
+
+
+def _pcb_data(seed: int) -> np.ndarray:
+    """Continuous task vectors (no repeated values: no near-ties of the scores at the cut), order-independent."""
+    return (0.05 * np.random.default_rng(seed).standard_normal((3, 6, 10))).astype(np.float32)
+
+
+def _cut_gap(taus, density) -> float:
+    """Smallest relative gap between the last kept and the first dropped score of any task (float64)."""
+    tv = np.asarray(taus, np.float64).reshape(len(taus), -1)
+    k = int(tv.shape[1] * density)
+    if k in (0, tv.shape[1]):
+        return np.inf
+    gaps = []
+    scores = _ref_scores(tv)
+    for i in range(len(tv)):
+        s = np.sort(scores[i])[::-1]
+        gaps.append((s[k - 1] - s[k]) / s[k - 1])
+    return min(gaps)
+
+
+def _ref_scores(tv):
+    """The branch's balancing scores b `[n, N]` of flattened task vectors, in float64."""
+    n = len(tv)
 
     def normalize(x):
         return x / max(np.linalg.norm(x), 1e-12)
@@ -172,20 +203,15 @@ def ref_pcb(taus, density, weight=1.0):
 
     intra = np.stack([softmax(n * normalize(tv[i] * tv[i])) for i in range(n)])
     inter = np.stack([sum(softmax(normalize(tv[i] * tv[j])) for j in range(n)) for i in range(n)])
-    b = intra * inter
-    k = int(big_n * density)
-    m = np.zeros_like(b)
-    for i in range(n):
-        m[i, np.argsort(-b[i], kind="stable")[:k]] = 1
-    bh = b * m
-    return weight * (tv * bh / bh.sum()).sum(0).reshape(np.shape(taus)[1:])
+    return intra * inter
 
 
-@pytest.mark.parametrize("density,weight", [(0.3, 1.0), (0.8, 2.5), (1.0, 1.0)])
-def test_pcb_reference(density, weight):
+@pytest.mark.parametrize("density,weight,seed", [(0.3, 1.0, 1), (0.8, 2.5, 2), (1.0, 1.0, 3)])
+def test_pcb_reference(density, weight, seed):
     from sgtv_jax.merge.pcb import pcb
 
-    x = _taus((3, 6, 10), density=0.9)
+    x = _pcb_data(seed)
+    assert _cut_gap(x, density) > 1e-4  # the cut is no near-tie: float32 and float64 keep the same entries
     got = np.asarray(pcb(x, weight, density=density), np.float64)
     np.testing.assert_allclose(got, ref_pcb(x, density, weight), rtol=2e-5, atol=1e-12)
 
@@ -206,7 +232,8 @@ def test_pcb_by_hand_and_edges():
 def test_pcb_under_jit():
     from sgtv_jax.merge.pcb import pcb
 
-    x = _taus((3, 6, 10), density=0.9)
+    x = _pcb_data(4)
+    assert _cut_gap(x, 0.5) > 1e-4
     f = jax.jit(lambda d, w: pcb(d, w, density=0.5))
     np.testing.assert_allclose(np.asarray(f(x, 2.0), np.float64), ref_pcb(x, 0.5, 2.0), rtol=2e-5, atol=1e-12)
 
