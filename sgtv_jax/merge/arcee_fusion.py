@@ -27,11 +27,43 @@ def _quantile(sorted_flat: jax.Array, q: float) -> jax.Array:
     return sorted_flat[i]
 
 
+def _phi(d: jax.Array) -> jax.Array:
+    """`(1 + d) log(1 + d) - d` (>= 0), by its series `sum_n>=2 (-d)^n / (n (n - 1))` where `|d| < 1/4`.
+
+    The closed form loses about `1 / d^2` of float32's precision to cancellation
+    (`d ~ 1e-2` for a fine-tune: 1e-3 relative); twelve terms reach 1e-9 there.
+    """
+    small = jnp.abs(d) < 0.25
+    ds = jnp.where(small, d, 0)
+    series = jnp.zeros_like(d)
+    for n in range(13, 1, -1):  # Horner from the highest term down
+        series = ds * (series + (-1) ** n / (n * (n - 1)))
+    series = series * ds
+    de = jnp.where(small, 0, d)
+    closed = (1 + de) * jnp.log1p(de) - de
+    return jnp.where(small, series, closed)
+
+
 def importance(tau: jax.Array, base: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """`|tau| * KL(p || q)` per row, `p = softmax(theta_1) + eps`, `q = softmax(theta_0) + eps` over the last axis."""
-    p = jax.nn.softmax(base + tau, axis=-1) + eps
-    q = jax.nn.softmax(base, axis=-1) + eps
-    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+    """`|tau| * KL(p || q)` per row, `p = softmax(theta_1) + eps`, `q = softmax(theta_0) + eps` over the last axis.
+
+    mergekit sums `p log(p / q)`, whose terms are first order in the change
+    while their sum is second order: in float32 that leaves about 1e-3 relative
+    error, enough to flip entries near the threshold. The same KL is computed
+    here as `sum q phi(p / q - 1)` (`sum p = sum q`), with `p / q - 1` from
+    `tau` itself: `softmax(theta_1) = softmax(theta_0) e^(tau - c)`, `c =
+    log(1 + sum softmax(theta_0) (e^tau - 1))`; float32 then agrees with the
+    float64 value of mergekit's formula to about 1e-6 relative.
+    """
+    sb = jax.nn.softmax(base, axis=-1)
+    s = jnp.sum(sb * jnp.expm1(tau), axis=-1, keepdims=True)
+    direct = jax.nn.logsumexp(base + tau, axis=-1, keepdims=True) - jax.nn.logsumexp(base, axis=-1, keepdims=True)
+    c = jnp.where(jnp.abs(s) < 0.5, jnp.log1p(jnp.where(jnp.abs(s) < 0.5, s, 0)), direct)
+    g = tau - c  # log(softmax(theta_1) / softmax(theta_0)), entry by entry
+    near = jnp.abs(g) < 1
+    diff = jnp.where(near, sb * jnp.expm1(jnp.where(near, g, 0)), jax.nn.softmax(base + tau, axis=-1) - sb)
+    q = sb + eps
+    kl = jnp.sum(q * _phi(diff / q), axis=-1, keepdims=True)
     return jnp.abs(tau) * kl
 
 

@@ -9,7 +9,7 @@ import argparse
 import math
 from typing import Any
 
-from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, REFUSED, WITHOUT_EFFECT
+from sgtv_jax.merge.specs import MERGEKIT_REGISTRY, METHOD_SPECS, PER_MODEL_PARAMS, REFUSED, WITHOUT_EFFECT
 
 
 def _value(v: Any) -> str:
@@ -80,6 +80,11 @@ def describe_methods() -> str:
     lines.append("per-model parameters (models[i].parameters, or top-level parameters as every model's default):")
     lines += [_param_line(ps) for ps in PER_MODEL_PARAMS]
     lines.append("")
+    missing = [n for n in MERGEKIT_REGISTRY if n not in METHOD_SPECS]
+    lines.append(
+        f"mergekit's registry ({len(MERGEKIT_REGISTRY)} methods): "
+        + (f"not implemented: {', '.join(missing)}" if missing else "every method implemented")
+    )
     if REFUSED:
         lines.append("mergekit methods refused: " + "; ".join(f"{n} ({why})" for n, why in REFUSED.items()))
     else:

@@ -7,8 +7,10 @@ float64 input), so the merged tensor is `theta_0 + result`. Methods that
 mergekit defines on the models' weights themselves (`slerp`, `karcher`) also
 take `base` (`theta_0`, same shape as one task vector) and work on
 `theta_t = base + tau_t`. `nuslerp` and `multislerp` work on task vectors
-(mergekit's form with a `base_model`); for mergekit's form without one, pass
-the weights themselves as `deltas` and read the result as weights.
+(mergekit's form with a `base_model`); `multislerp(..., whole_weights=True,
+base=theta_0)` is mergekit's form without one (it interpolates `theta_t`, the
+pipeline's choice when a config leaves `base_model` out; the first model is
+then `theta_0`). `karcher` is mergekit's on the weights with or without a base.
 
 Traced arguments (`jit`, `vmap`, `grad`): `t`, `weights`, `eps`, `tol` and the
 tensors; the flags (`nuslerp_flatten`, `nuslerp_row_wise`,
@@ -158,9 +160,15 @@ def multislerp(
     *,
     normalize_weights: bool = True,
     eps: float = 1e-8,
+    whole_weights: bool = False,
+    base: jax.Array | None = None,
     name: str | None = None,
 ) -> jax.Array:
     """Multi-SLERP: a weighted barycentre of the task vectors on the sphere, rescaled.
+
+    With `whole_weights` the points are the weights `theta_t = base + tau_t`
+    (mergekit without `base_model`; `base` required), the result is returned as
+    `result - base`; otherwise `base` is not read.
 
     With `u_t = tau_t / (|tau_t| + eps)` and weights `w` (divided by their sum
     when `normalize_weights`): `m = sum_t w_t u_t / |sum_t w_t u_t|`; tangent
@@ -175,6 +183,17 @@ def multislerp(
     w = jnp.asarray(_checks.per_task_values(weights, tasks, "weights", name, guard), x.dtype)
     if tasks == 1:
         return guard.apply(x[0])
+    if whole_weights:
+        b = _base(base, x, "multislerp with whole_weights", name)
+        return guard.apply(_multislerp(b[None] + x, w, normalize_weights, eps, name, guard) - b)
+    return guard.apply(_multislerp(x, w, normalize_weights, eps, name, guard))
+
+
+def _multislerp(
+    x: jax.Array, w: jax.Array, normalize_weights: bool, eps: float, name: str | None, guard: _checks.Guard
+) -> jax.Array:
+    """`multislerp` of the points `x` `[T >= 2, ...]` with weights `w` `[T]` -> `[...]`."""
+    tasks = x.shape[0]
     if normalize_weights:
         total = jnp.sum(w)
         guard.require(
@@ -200,7 +219,7 @@ def multislerp(
     out = (m * jnp.cos(n) + g * (jnp.sin(n) / n)) * jnp.sum(norms[:, 0] * w)
     if tasks == 2:
         out = jnp.where(degenerate, w[0] * flat[0] + w[1] * flat[1], out)
-    return guard.apply(out.reshape(x.shape[1:]))
+    return out.reshape(x.shape[1:])
 
 
 def karcher(

@@ -94,6 +94,12 @@ class MethodSpec(NamedTuple):
     that reach it there: their weighted mean); learns_weights: the models'
     weights are learned from calibration data over whole models before the
     merge (adamerging), so a config gives none and must give `calibration`.
+    base_point: the base model is one of the merged points, as mergekit gathers
+    it with the others (karcher): a `base_model` not listed in `models` joins
+    them with weight 1 (`pipeline.base_rules`). stored_layout: the result
+    depends on the tensor's axes (a softmax or a norm per row), so 2-D tensors
+    are merged in their stored Hugging Face layout, the one mergekit reads,
+    never in the transposed view the pipeline uses for embeddings.
     """
 
     name: str
@@ -113,6 +119,8 @@ class MethodSpec(NamedTuple):
     trims_merged: bool = False
     entrywise: bool = False
     learns_weights: bool = False
+    base_point: bool = False
+    stored_layout: bool = False
     fn: Callable[..., Any] | None = None
 
     def param(self, name: str) -> ParamSpec | None:
@@ -164,7 +172,7 @@ def method_row(
 
     `behaviour`: the `MethodSpec` fields a signature cannot show (`rescale_default`,
     `base_optional`, `min_models`, `max_models`, `trims_merged`, `entrywise`,
-    `learns_weights`). TypeError (at import) when `params` plus the caller-filled
+    `learns_weights`, `base_point`, `stored_layout`). TypeError (at import) when `params` plus the caller-filled
     keywords (`call_args`) are not exactly `fn`'s keywords.
     """
     sig = inspect.signature(fn)

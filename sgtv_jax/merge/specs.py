@@ -25,11 +25,13 @@ from sgtv_jax.merge import methods
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import KARCHER_MAX_ITER, karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
+from sgtv_jax.merge.ram import ram, ramplus_tl
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.row import (
     COMMON_ARGS,
@@ -50,6 +52,7 @@ __all__ = [
     "KINDS",
     "LEARNED_TRIMS",
     "MAX_LEARNING_STEPS",
+    "MERGEKIT_REGISTRY",
     "METHOD_SPECS",
     "PER_MODEL_DEFAULTS",
     "PER_MODEL_PARAMS",
@@ -180,6 +183,7 @@ _ROWS: tuple[MethodSpec, ...] = (
         "slerp of two task vectors at t = w_1 / (w_0 + w_1)",
         min_models=2,
         max_models=2,
+        stored_layout=True,
     ),
     method_row(
         multislerp,
@@ -187,8 +191,16 @@ _ROWS: tuple[MethodSpec, ...] = (
         (
             ParamSpec("normalize_weights", "bool", doc="divide the weights by their sum"),
             ParamSpec("eps", "float", lo=0.0, hi=math.inf, doc="numerical floor of norms"),
+            ParamSpec(
+                "whole_weights",
+                "bool",
+                doc="interpolate the models' weights, not task vectors: mergekit's rule without base_model "
+                "(set when base_model is left out)",
+            ),
         ),
-        "weighted barycentre of the task vectors on the sphere, scaled by their mean norm",
+        "weighted barycentre of the task vectors (of the weights without base_model) on the sphere, "
+        "scaled by their mean norm",
+        base_optional=True,
     ),
     method_row(
         karcher,
@@ -197,7 +209,10 @@ _ROWS: tuple[MethodSpec, ...] = (
             ParamSpec("max_iter", "int", lo=1, hi=KARCHER_MAX_ITER, doc="most Riemannian mean iterations"),
             ParamSpec("tol", "float", lo=0.0, hi=math.inf, doc="convergence and zero-norm tolerance"),
         ),
-        "Riemannian (Karcher) mean of the models on the sphere, scaled by their mean norm",
+        "Riemannian (Karcher) mean of the models' weights (the base model's too when given) on the sphere, "
+        "scaled by their mean norm",
+        base_optional=True,
+        base_point=True,
     ),
     method_row(
         model_stock,
@@ -205,6 +220,7 @@ _ROWS: tuple[MethodSpec, ...] = (
         (ParamSpec("filter_wise", "bool", doc="one interpolation factor per row"),),
         "interpolate base -> models' mean by t from the task vectors' mean cosine",
         min_models=2,
+        stored_layout=True,
     ),
     method_row(
         sce,
@@ -240,6 +256,7 @@ _ROWS: tuple[MethodSpec, ...] = (
         (),
         "keep changes whose |change| * row KL divergence is >= median + 1.5 IQR",
         max_models=1,
+        stored_layout=True,
     ),
     method_row(
         passthrough,
@@ -253,6 +270,19 @@ _ROWS: tuple[MethodSpec, ...] = (
 _FIT_TRIM = (
     ParamSpec("rescale", "bool", doc="multiply trim survivors by 1/density (None: off)"),
     ParamSpec("count", "choice", choices=trim_lib.COUNTS, doc="entries a magnitude / breadcrumbs / wanda trim keeps"),
+)
+
+_RAM_EPSILON = ParamSpec(
+    "epsilon",
+    "float",
+    lo=0.0,
+    hi=math.inf,
+    doc="|change| above which an entry contributes (top-level: not DELLA's per-model epsilon)",
+    arg="threshold",
+)
+
+_UNMERGED = (
+    "not in mergekit's registry (main at a6e4028, 2026-06-17): only in an unmerged mergekit {}; not implemented here"
 )
 
 _MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); new rows go at its end
@@ -328,6 +358,30 @@ _MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); ne
         rescale=False,
         doc="magnitude trim (TIES' trim), no sign election, weighted sum: DARE's magnitude-pruning baseline",
     ),
+    method_row(
+        ram,
+        "ram",
+        (_RAM_EPSILON,),
+        "Reinforced Agent Merging: an entry one task changes keeps its change, one several change takes their mean",
+        entrywise=True,
+    ),
+    method_row(
+        ramplus_tl,
+        "ramplus_tl",
+        (
+            ParamSpec("r", "float", doc="scale of the unique entries' boost"),
+            ParamSpec("alpha", "float", doc="upper clip of each task's shared / unique ratio"),
+            _RAM_EPSILON,
+        ),
+        "RAM+ tensor-local: RAM with each task's unique entries scaled by 1 + r * clip(shared/unique, 0, alpha)",
+    ),
+    method_row(
+        core_space,
+        "core_space",
+        (),
+        "Core Space (mergekit pull request, not in its registry): each task vector's rank-r SVD, projected on "
+        "shared SVD bases, averaged there; the models' one common weight scales the result",
+    ),
 )
 
 METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in _ROWS + _MORE_ROWS}
@@ -339,11 +393,22 @@ whole Flax models too (`adamerging.FLAX_TRIMS`); magprune is not applied there, 
 need per-layer statistics. `random` draws other masks there than in the merge (`sgtv_jax.pipeline.adamerge`)."""
 
 REFUSED: dict[str, str] = {
-    "ram": "not implemented yet: its global 'epsilon' would collide with DELLA's per-model 'epsilon' "
-    "in this config format",
-    "ramplus_tl": "not implemented yet (RAM+ tensor-local; see 'ram')",
+    "lrp": _UNMERGED.format("pull request") + " (it reads relevance scores computed from data, lrp_path)",
+    "cabs": _UNMERGED.format("pull request")
+    + " as a config method (its per-model n_val / m_val and pruning_order; the library function "
+    "sgtv_jax.merge.cabs.cabs has its rule)",
+    "pcb": _UNMERGED.format("branch ('pcb', 2024)")
+    + " as a config method (the library function sgtv_jax.merge.pcb.pcb has the branch's rule)",
 }
 """mergekit method names that a config may not use here, with the reason."""
+
+MERGEKIT_REGISTRY: tuple[str, ...] = (
+    *("linear", "slerp", "nuslerp", "passthrough", "model_stock", "arcee_fusion", "karcher"),
+    *("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della"),
+    *("della_linear", "multislerp", "nearswap", "ram", "ramplus_tl", "sce"),
+)
+"""Every method name mergekit registers (main at a6e4028, 2026-06-17: `merge_methods/registry.py`'s
+`STATIC_MERGE_METHODS` and the `easy_define` ones its `__init__` imports); each is implemented here."""
 
 WITHOUT_EFFECT: dict[str, str] = {
     "int8_mask": "mergekit keeps its masks as int8 to save memory; masks here are booleans, same result",

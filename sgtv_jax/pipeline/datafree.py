@@ -49,6 +49,7 @@ from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import PlanError, TensorPlan, maps_zero_to_zero, merge_planned
+from sgtv_jax.merge.specs import method_spec
 from sgtv_jax.merge.streaming import StreamStats, bytes_per_entry, merge_rows, why_not_streamed
 from sgtv_jax.pipeline.byname import BASE, COPY, MERGE, NamePlan, TensorEntry, plan_by_name
 from sgtv_jax.pipeline.checkpoints import Checkpoints
@@ -145,6 +146,8 @@ def merge_entry(
     """
     tasks = len(entry.sources) - 1
     plan = plan_tensor(cfg, entry.name, entry.block, entry.depth, linear=False)
+    if entry.transpose and method_spec(plan.method).stored_layout:
+        entry = dataclasses.replace(entry, transpose=False)  # its axes mean what mergekit reads: rows as stored
     over = whole_tensor_bytes(entry.shape, tasks) > cfg.memory_budget
     why = streaming_refusal(plan, entry.shape, inputs, over_budget=over)
     if why is None:

@@ -38,9 +38,9 @@ def method_kwargs(cfg: MergeConfig, name: str, layer: int | None, num_layers: in
     spec = cfg.method_spec
     out = {}
     for k, value in cfg.parameters.items():
-        if k in PER_MODEL_NAMES:
-            continue
         ps = spec.param(k)
+        if k in PER_MODEL_NAMES and ps is None:  # ram's top-level epsilon is its own parameter
+            continue
         out[ps.keyword if ps is not None else k] = resolve_spec(value, name, layer, num_layers)
     return out
 

@@ -18,11 +18,13 @@ import pytest
 from sgtv_jax.merge import registry, specs
 from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
+from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
+from sgtv_jax.merge.ram import ram, ramplus_tl
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.wudi import wudi
 from sgtv_jax.pipeline.config import ConfigError, parse_config
@@ -368,6 +370,9 @@ CASES = {
     "lstsq": (lstsq, TAUS, dict(grams=GRAMS, targets=TAUS, trim=None), None, None),
     "regmean_trim": (regmean_trim, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
     "regmean_sparse": (regmean_sparse, TAUS, dict(grams=GRAMS, trim=None), "alpha", [0.5, 0.9]),
+    "ram": (ram, TAUS, {}, "threshold", [0.1, 0.3]),
+    "core_space": (core_space, TAUS, {}, None, None),
+    "ramplus_tl": (ramplus_tl, TAUS, dict(threshold=0.2), "r", [0.1, 0.5]),
     # Adam from the sum; its step size may be traced
     "wudi": (wudi, TAUS, dict(steps=20), "learning_rate", [1e-3, 5e-3]),
     # per tensor: task arithmetic with the learned coefficients as weights
@@ -477,8 +482,8 @@ def test_config_required_parameter_model_counts_and_refused_names(tmp_path):
         parse_config(_raw("slerp", 2, parameters={"t": 0.5}), tmp_path)
     with pytest.raises(ConfigError, match="'model_stock' merges at least 2"):
         parse_config(_raw("model_stock", 1), tmp_path)
-    with pytest.raises(ConfigError, match="'ram' is not supported: not implemented"):
-        parse_config(_raw("ram", 2), tmp_path)
+    with pytest.raises(ConfigError, match="'cabs' is not supported: not in mergekit's registry"):
+        parse_config(_raw("cabs", 2), tmp_path)
     with pytest.raises(ConfigError, match=r"parameters.t must be >= 0.0, got -1.0"):
         parse_config(_raw("nearswap", parameters={"t": -1.0}), tmp_path)
     # a gradient of t over layers is a float parameter like any other

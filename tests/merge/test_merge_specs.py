@@ -17,7 +17,7 @@ from sgtv_jax.merge.row import ParamSpec, method_row
 from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_DEFAULTS
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = jax.random.PRNGKey(3)
 RNG = np.random.default_rng(0)
 DELTAS = RNG.normal(size=(2, 6, 8)).astype(np.float32)

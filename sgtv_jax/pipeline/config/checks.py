@@ -142,5 +142,5 @@ def _method_parameters(gparams: Mapping[str, Any], spec: MethodSpec, problems: l
         elif ps.required:
             problems.append(f"parameters.{ps.name} is required by merge_method {spec.name!r} ({ps.doc})")
     for ps in _PER_MODEL_SPECS:
-        if ps.name in gparams:
+        if ps.name in gparams and ps.name not in own:  # ram's top-level epsilon is its own, not DELLA's
             check_param(gparams[ps.name], ps, "parameters", problems)

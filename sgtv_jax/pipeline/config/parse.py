@@ -13,6 +13,7 @@ from sgtv_jax.merge.paramspec import spec_values
 from sgtv_jax.merge.plan import ObsOptions
 from sgtv_jax.merge.specs import METHOD_SPECS, WITHOUT_EFFECT, MethodSpec
 from sgtv_jax.merge.trim import TRIMS
+from sgtv_jax.pipeline import base_rules
 from sgtv_jax.pipeline.config import schema
 from sgtv_jax.pipeline.config.checks import _calibration, _method, _method_parameters, _model_entry, _path
 from sgtv_jax.pipeline.config.cross import _cross_checks
@@ -45,7 +46,7 @@ def parse_config(raw: Mapping[str, Any], root: str | Path = ".") -> MergeConfig:
         slices = _slices(raw.get("slices"), root, problems)
         base, entries = _slice_models(slices, base)
     else:
-        entries = _models(raw.get("models"), spec, base, root, problems)
+        entries = _models(raw.get("models"), spec, raw.get("base_model"), base, root, problems)
     trim = _trim(raw.get("trim"), spec, problems)
     tokenizer = _tokenizer(raw, root, problems)
     chat_template = _chat_template(raw.get("chat_template"), problems)
@@ -123,6 +124,7 @@ def _global_parameters(
     for name in sorted(WITHOUT_EFFECT.keys() & gparams.keys()):
         if not isinstance(gparams.pop(name), bool):
             problems.append(f"parameters.{name} must be true or false ({WITHOUT_EFFECT[name]})")
+    base_rules.whole_weights(spec, sliced or raw.get("base_model") is not None, gparams, problems)
     if spec is not None:
         top: list[str] = []
         _method_parameters(gparams, spec, top)
@@ -131,14 +133,16 @@ def _global_parameters(
     return gparams
 
 
-def _models(models_raw: Any, spec: MethodSpec | None, base: str, root: Path, problems: list[str]) -> list[ModelEntry]:
-    """`models:`, each entry built (paths resolved, adapters read)."""
+def _models(
+    models_raw: Any, spec: MethodSpec | None, base_written: Any, base: str, root: Path, problems: list[str]
+) -> list[ModelEntry]:
+    """`models:`, each entry built (paths resolved, adapters read); the base's place by `base_rules`."""
     if not isinstance(models_raw, list) or not models_raw:
         problems.append("models must be a non-empty list of {model: path, parameters: {...}}")
         models_raw = []
-    # a method that takes the base among its models (linear: its zero task vector still carries its weight)
-    not_base = "" if spec is not None and spec.base_optional else base
-    return [e for i, m in enumerate(models_raw) if (e := _model_entry(i, m, not_base, root, problems)) is not None]
+    return base_rules.model_entries(
+        spec, base_written, base, models_raw, lambda i, m, not_base: _model_entry(i, m, not_base, root, problems)
+    )
 
 
 def _trim(trim: Any, spec: MethodSpec | None, problems: list[str]) -> Any:

@@ -329,7 +329,9 @@ class MergeYaml(Settings, Structure):
 def _params_model(name: str) -> dict[str, Any]:
     """The JSON Schema of `parameters` under merge_method `name`: its table row, per-model defaults, no-ops."""
     spec = METHOD_SPECS[name]
-    fields: dict[str, Any] = {ps.name: (Annotated[Any, param(ps)], ps.default) for ps in spec.params + PER_MODEL_PARAMS}
+    own = {ps.name for ps in spec.params}  # a method's own parameter wins over a per-model one (ram's epsilon)
+    shared = tuple(ps for ps in PER_MODEL_PARAMS if ps.name not in own)
+    fields: dict[str, Any] = {ps.name: (Annotated[Any, param(ps)], ps.default) for ps in spec.params + shared}
     fields |= {k: (Annotated[bool, boolean()], False) for k in WITHOUT_EFFECT}
     return create_model(f"{name}_parameters", __base__=Strict, **fields).model_json_schema()
 
