@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sgtv_jax.merge import blockrng, streaming
+from sgtv_jax.merge import blockrng, chunk_select, streaming
+from sgtv_jax.merge.call import interpret
 from sgtv_jax.merge.keys import task_keys, tensor_key
 from sgtv_jax.merge.plan import PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.streaming import StreamStats, bytes_per_entry, chunk_rows, merge_rows
@@ -49,16 +50,25 @@ def scores_with_ties(rng: np.random.Generator, n: int, dtype, kind: str) -> np.n
     return s.astype(dtype)
 
 
+@pytest.mark.parametrize("path", ["device", "host"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])
 @pytest.mark.parametrize("kind", ["distinct", "ties", "zeros"])
-def test_selection_matches_stable_argsort(dtype, kind):
+def test_selection_matches_stable_argsort(dtype, kind, path):
+    """The one exact-k selection: its device path (JAX radix select, jitted) and its host path
+    (NumPy in: sampled bracket + partition) against the same stable-argsort oracle."""
     rng = np.random.default_rng(0)
-    small, large = jax.jit(smallest_mask), jax.jit(largest_mask)
-    for n in (1, 2, 7, 300, 5000):
+    if path == "device":
+        small, large = jax.jit(smallest_mask), jax.jit(largest_mask)
+        sizes: tuple[int, ...] = (1, 2, 7, 300, 5000)
+    else:  # NumPy arrays select on the host; 300_000 entries is past the bracket's size threshold
+        small, large = smallest_mask, largest_mask
+        sizes = (1, 2, 7, 300, 5000, 300_000)
+    for n in sizes:
         s = scores_with_ties(rng, n, dtype, kind)
+        x = jnp.asarray(s) if path == "device" else s
         for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-            np.testing.assert_array_equal(np.asarray(small(jnp.asarray(s), k)), ref_smallest(s, k))
-            np.testing.assert_array_equal(np.asarray(large(jnp.asarray(s), k)), ref_largest(s, k))
+            np.testing.assert_array_equal(np.asarray(small(x, k)), ref_smallest(s, k))
+            np.testing.assert_array_equal(np.asarray(large(x, k)), ref_largest(s, k))
 
 
 def test_selection_float64_signed_zero_and_negative():
@@ -423,7 +433,7 @@ def test_tiny_task_vectors_follow_xla_arithmetic():
 
 @pytest.mark.parametrize("kind", ["distinct", "few values", "mostly zero", "two values"])
 def test_bracket_cut_takes_the_m_smallest(kind):
-    from sgtv_jax.merge.streaming import _bracket_cut
+    from sgtv_jax.select import bracket_cut
 
     rng = np.random.default_rng(11)
     n = 300_000
@@ -435,7 +445,7 @@ def test_bracket_cut_takes_the_m_smallest(kind):
     }[kind]
     ordered = np.sort(keys)
     for m in (1, 1000, n // 3, n // 2, n - 1, n):
-        cut = _bracket_cut(keys, m)
+        cut = bracket_cut(keys, m, int(chunk_select.KEY_MAX))
         assert cut is not None  # a uniform sample brackets these ranks
         below = int(np.count_nonzero(keys < cut.key))
         assert below + cut.ties == m
@@ -461,7 +471,7 @@ def missed_bracket(sample, q):
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("method,trim", [("ties", None), ("breadcrumbs_ties", None)])
 def test_histogram_fallback_equals_whole_merge(monkeypatch, method, trim, transpose):
-    monkeypatch.setattr(streaming, "_row_bracket", missed_bracket)
+    monkeypatch.setattr(chunk_select, "row_bracket", missed_bracket)
     base, models = family(13, (12, 5), 2, BF16)
     plan = plan_for(method, trim, {}, tasks=2)
     stats = StreamStats()
@@ -489,11 +499,9 @@ def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
         for dens in (0.01, 0.3, 0.5, 0.97):
             plan = TensorPlan("ties", "w", weights=(1.0,), densities=(dens,))
             chunked = streaming._Chunked(
-                plan,
-                streaming.method_spec("ties"),
-                "magnitude",
+                interpret(plan, ndim=1),
                 (dens,),
-                streaming._Source("w", reader(base), [reader(d)], (rows, cols)),
+                chunk_select.Source("w", reader(base), [reader(d)], (rows, cols)),
                 37,
                 transpose,
                 StreamStats(),
@@ -505,7 +513,7 @@ def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
             order = d.T.reshape(-1) if transpose else d.reshape(-1)
             want = np.zeros(order.size, bool)
             want[np.argsort(-np.abs(order), kind="stable")[:m]] = True
-            keys = streaming._KEY_MAX - np.abs(order).view(np.uint32)
+            keys = chunk_select.KEY_MAX - np.abs(order).view(np.uint32)
             got = keys < np.uint32(cut.key)
             eq = np.flatnonzero(keys == np.uint32(cut.key))
             if cut.ties and transpose:

@@ -75,6 +75,7 @@ from sgtv_jax.merge.paramspec import is_gradient, is_rules, layer_position, spec
 from sgtv_jax.merge.plan import ObsOptions
 from sgtv_jax.merge.specs import LEARNED_TRIMS, METHOD_SPECS, REFUSED, WITHOUT_EFFECT, MethodSpec, ParamSpec
 from sgtv_jax.merge.specs import PER_MODEL_PARAMS as _PER_MODEL_SPECS
+from sgtv_jax.merge.streaming import DEFAULT_BUDGET as DEFAULT_MEMORY_BUDGET
 from sgtv_jax.merge.trim import DATA_TRIMS, TRIMS
 from sgtv_jax.pipeline.chat_templates import AUTO, CHAT_TEMPLATES
 
@@ -136,7 +137,6 @@ SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
-DEFAULT_MEMORY_BUDGET = 256 << 20
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
 
 
