@@ -52,7 +52,7 @@ from sgtv_jax.merge.combine import weighted_sum
 from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.methods import Floats, task_arithmetic
 from sgtv_jax.merge.specs import MAX_LEARNING_STEPS
-from sgtv_jax.merge.trim import Calibration
+from sgtv_jax.merge.trim import DEFAULT_EPSILON, DEFAULT_GAMMA, Calibration
 from sgtv_jax.merge.trim import trim as trim_stack
 
 LossFn = Callable[[jax.Array, Any, Any, Any], jax.Array]
@@ -409,8 +409,8 @@ def adamerging(
     trim: str | None = None,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
+    gamma: Floats = DEFAULT_GAMMA,
+    epsilon: Floats = DEFAULT_EPSILON,
     blocksize: int = 128,
     percdamp: float = 0.01,
     refit: bool = False,

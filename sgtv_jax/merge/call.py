@@ -13,10 +13,13 @@ plan's params or the trims' defaults again.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import math
+import numbers
+from typing import Any, Literal, NamedTuple
 
 import jax
 
+from sgtv_jax.errors import short_repr
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.merge.specs import MethodSpec, method_spec
@@ -26,6 +29,45 @@ Stage = Literal["untrimmed", "trim_then_merge", "merge_then_trim"]
 each task vector, then the method without its own trim (sign election sees the
 trimmed vectors); or the method called once with the trim, which it applies to
 the merged task vector (`MethodSpec.trims_merged`)."""
+
+
+class ObsOptions(NamedTuple):
+    """Options of the OBS (SparseGPT) trim.
+
+    blocksize: columns per OBS block; percdamp: relative damping of H (raised
+    x10 while H is indefinite); prunen / prunem: N:M semi-structured pruning
+    (e.g. 2:4) instead of the densities when prunem > 0; refit: re-solve the
+    kept entries by least squares for the final mask.
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    prunen: int = 0
+    prunem: int = 0
+    refit: bool = False
+
+    def problems(self) -> list[str]:
+        """Every reason these options cannot run (empty: none), each naming the option."""
+        out = []
+        b, p, n, m = self.blocksize, self.percdamp, self.prunen, self.prunem
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
+            out.append(f"blocksize must be an integer >= 1, got {short_repr(b)}")
+            b = 0
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < math.inf:
+            out.append(f"percdamp must be a finite number >= 0, got {short_repr(p)}")
+        if not isinstance(self.refit, bool):
+            out.append(f"refit must be true or false, got {short_repr(self.refit)}")
+        for label, v in (("prunen", n), ("prunem", m)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                out.append(f"{label} must be an integer >= 0, got {short_repr(v)}")
+                return out
+        if (n == 0) != (m == 0):
+            out.append(f"prunen and prunem go together (N:M pruning), got prunen={n}, prunem={m}")
+        elif m and not (0 < n < m):
+            out.append(f"prunen must be in (0, prunem), got {n}:{m}")
+        elif m and b and b % m:
+            out.append(f"blocksize {b} must be a multiple of prunem {m}")
+        return out
 
 
 class PlanError(ValueError):
@@ -39,7 +81,8 @@ class MergeCall:
     stage: see `Stage`; trim: the trim applied (None: none); rescale: 1/density
     after the trim; count: "round" / "floor" entry counts of top-k trims;
     gamma / epsilon: breadcrumbs' / magprune's per-model values (a shared
-    scalar: the trims' default); key: the tensor's PRNG key; kwargs: the
+    scalar: the trims' default); key: the tensor's PRNG key; obs: the
+    SparseGPT trim's options (blocksize, damping, N:M, refit); kwargs: the
     method's keywords, frozen (lists as tuples; no rescale / count, which are
     the trim's); grams / targets / base: pass the calibration Hessian as the
     method's Grams, the untrimmed stack as lstsq's targets, the base tensor.
@@ -56,6 +99,7 @@ class MergeCall:
     gamma: float | tuple[float, ...]
     epsilon: float | tuple[float, ...]
     key: jax.Array
+    obs: ObsOptions
     kwargs: tuple[tuple[str, Any], ...]
     grams: bool
     targets: bool
@@ -120,6 +164,7 @@ def interpret(plan: Any, *, ndim: int, calib: trim_lib.Calibration | None = None
         gamma=trim_lib.DEFAULT_GAMMA if plan.gamma is None else tuple(plan.gamma),
         epsilon=trim_lib.DEFAULT_EPSILON if plan.epsilon is None else tuple(plan.epsilon),
         key=plan.key,
+        obs=plan.obs,
         kwargs=frozen(kw),
         grams=spec.needs_grams and has_hessian,
         targets=spec.needs_targets and stage == "trim_then_merge",

@@ -45,7 +45,7 @@ from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.merge.regmean import regmean
-from sgtv_jax.merge.trim import Calibration
+from sgtv_jax.merge.trim import DEFAULT_EPSILON, DEFAULT_GAMMA, Calibration
 
 Floats = float | Sequence[float]
 SIGN_ELECTION = ("none",) + elect.CONSENSUS
@@ -182,8 +182,8 @@ def lstsq(
     sign_election: str = "none",
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
+    gamma: Floats = DEFAULT_GAMMA,
+    epsilon: Floats = DEFAULT_EPSILON,
     blocksize: int = 128,
     percdamp: float = 0.01,
     refit: bool = False,
@@ -262,8 +262,8 @@ def regmean_trim(
     alpha: float = 0.9,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
+    gamma: Floats = DEFAULT_GAMMA,
+    epsilon: Floats = DEFAULT_EPSILON,
     blocksize: int = 128,
     percdamp: float = 0.01,
     refit: bool = False,
@@ -311,8 +311,8 @@ def regmean_sparse(
     alpha: float = 0.9,
     key: jax.Array | None = None,
     calib: Calibration | None = None,
-    gamma: Floats = 0.01,
-    epsilon: Floats = 0.15,
+    gamma: Floats = DEFAULT_GAMMA,
+    epsilon: Floats = DEFAULT_EPSILON,
     blocksize: int = 128,
     percdamp: float = 0.01,
     refit: bool = False,

@@ -28,58 +28,16 @@ from its signature:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 
-from sgtv_jax.errors import short_repr
 from sgtv_jax.merge import trim as trim_lib
-from sgtv_jax.merge.call import MergeCall, PlanError, interpret
+from sgtv_jax.merge.call import MergeCall, ObsOptions, PlanError, interpret
 from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.registry import get_method
 from sgtv_jax.merge.specs import method_spec
-
-
-class ObsOptions(NamedTuple):
-    """Options of the OBS (SparseGPT) trim.
-
-    blocksize: columns per OBS block; percdamp: relative damping of H (raised
-    x10 while H is indefinite); prunen / prunem: N:M semi-structured pruning
-    (e.g. 2:4) instead of the densities when prunem > 0; refit: re-solve the
-    kept entries by least squares for the final mask.
-    """
-
-    blocksize: int = 128
-    percdamp: float = 0.01
-    prunen: int = 0
-    prunem: int = 0
-    refit: bool = False
-
-    def problems(self) -> list[str]:
-        """Every reason these options cannot run (empty: none), each naming the option."""
-        out = []
-        b, p, n, m = self.blocksize, self.percdamp, self.prunen, self.prunem
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
-            out.append(f"blocksize must be an integer >= 1, got {short_repr(b)}")
-            b = 0
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < math.inf:
-            out.append(f"percdamp must be a finite number >= 0, got {short_repr(p)}")
-        if not isinstance(self.refit, bool):
-            out.append(f"refit must be true or false, got {short_repr(self.refit)}")
-        for label, v in (("prunen", n), ("prunem", m)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-                out.append(f"{label} must be an integer >= 0, got {short_repr(v)}")
-                return out
-        if (n == 0) != (m == 0):
-            out.append(f"prunen and prunem go together (N:M pruning), got prunen={n}, prunem={m}")
-        elif m and not (0 < n < m):
-            out.append(f"prunen must be in (0, prunem), got {n}:{m}")
-        elif m and b and b % m:
-            out.append(f"blocksize {b} must be a multiple of prunem {m}")
-        return out
 
 
 class TensorPlan(NamedTuple):
@@ -144,12 +102,11 @@ def merge_planned(
     for methods that do not trim), `MergeInfo`).
     """
     call = interpret(plan, ndim=deltas.ndim - 1, calib=calib)
-    return run_call(call, plan.obs, deltas, calib, base)
+    return run_call(call, deltas, calib, base)
 
 
 def run_call(
     call: MergeCall,
-    obs_opts: ObsOptions,
     deltas: jax.Array,
     calib: trim_lib.Calibration | None = None,
     base: jax.Array | None = None,
@@ -160,7 +117,7 @@ def run_call(
         kw["grams"] = calib.hessian  # type: ignore[union-attr]  # call.grams: a Hessian is there
     if call.stage == "untrimmed":
         return _merge_untrimmed(call, deltas, base, kw), deltas, MergeInfo(None, None)
-    o = obs_opts
+    o = call.obs
     trim_args: dict[str, Any] = dict(key=call.key, blocksize=o.blocksize, percdamp=o.percdamp, name=call.name)
     trim_args.update(gamma=call.gamma, epsilon=call.epsilon, rescale=call.rescale, count=call.count)
     if call.stage == "merge_then_trim":  # one call: the method trims the merged task vector
