@@ -77,39 +77,17 @@ def export(
 ) -> None:
     """Write the output tensors of `run` (a run driver) to `out` in `format`, atomically; `finalize(tmp)`
     adds the other files before the output is moved into place."""
-    if format == "hf" and isinstance(run, DataFreeRun):
+    written: dict[str, Any] = dict(overwrite=overwrite, finalize=finalize, inputs=inputs)
+    if format == "orbax":
+        arch = arch_of(run.base) if isinstance(run, DataFreeRun) else run.arch
+        export_orbax(run.tensors(), out, arch=arch, dtype=run.out_dtype, **written)
+    elif isinstance(run, DataFreeRun):
         # every output tensor comes from the run (base copies included), with the plan's config
         base_dir = Path(run.base.path)
-        export_hf(
-            run.tensor_chunks(),
-            out,
-            config=run.plan.config,
-            dtype=run.out_dtype_name,
-            copy_files_from=base_dir if base_dir.is_dir() else None,
-            max_shard_size=cfg.max_shard_size,
-            overwrite=overwrite,
-            finalize=finalize,
-            inputs=inputs,
-        )
-    elif format == "hf":
-        export_hf(
-            run.tensors(),
-            out,
-            base=run.base,
-            dtype=run.out_dtype_name,
-            max_shard_size=cfg.max_shard_size,
-            overwrite=overwrite,
-            finalize=finalize,
-            inputs=inputs,
-        )
+        copy_from = base_dir if base_dir.is_dir() else None
+        written.update(config=run.plan.config, copy_files_from=copy_from)
+        export_hf(run.tensor_chunks(), out, dtype=run.out_dtype_name, max_shard_size=cfg.max_shard_size, **written)
     else:
-        arch = arch_of(run.base) if isinstance(run, DataFreeRun) else run.arch
-        export_orbax(
-            run.tensors(),
-            out,
-            arch=arch,
-            dtype=run.out_dtype,
-            overwrite=overwrite,
-            finalize=finalize,
-            inputs=inputs,
+        export_hf(
+            run.tensors(), out, base=run.base, dtype=run.out_dtype_name, max_shard_size=cfg.max_shard_size, **written
         )
