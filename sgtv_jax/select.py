@@ -26,7 +26,7 @@ NumPy (`host_take_smallest`: a uniform sample brackets the k-th key, one
 pass counts below the bracket and partitions the few inside). The row-chunked
 merge (`sgtv_jax.merge.chunk_select`) builds its cut points from the same
 `Cut` / `bracket_cut` / `nth_true`. One oracle test covers both paths
-(`tests/test_streaming.py::test_selection_matches_stable_argsort`).
+(`tests/test_select.py::test_selection_matches_stable_argsort`).
 """
 
 from __future__ import annotations

@@ -339,25 +339,17 @@ def sparsegpt_info(
             f"got per-task shape {tuple(deltas.shape[1:])}"
         )
     dens: Any = densities if _checks.is_traced(densities) else list(densities)
-    nm: dict[str, Any] = dict(prunen=prunen, prunem=prunem) if prunem else dict(density=dens)
+    opts: dict[str, Any] = dict(prunen=prunen, prunem=prunem) if prunem else dict(density=dens)
+    opts.update(blocksize=blocksize, name=name)
     damping: float | None = None
     if calib.hessian is not None:
-        pruned, info = obs.obs_prune(
-            deltas,
-            calib.hessian,
-            blocksize=blocksize,
-            percdamp=percdamp,
-            refit=refit,
-            name=name,
-            return_info=True,
-            **nm,
-        )
+        pruned, info = obs.obs_prune(deltas, calib.hessian, percdamp=percdamp, refit=refit, return_info=True, **opts)
         if not _checks.is_traced(info.percdamp):
             damping = float(jnp.max(info.percdamp))
     elif calib.hessian_inv is not None:
         if refit:
             raise ValueError(f"refit needs the Hessian itself, not its inverse{_checks.where(name)}")
-        pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, blocksize=blocksize, name=name, **nm)
+        pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, **opts)
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
     return (inverse_density_scale(pruned, densities) if rescale else pruned), damping
