@@ -1,6 +1,6 @@
 """Command line: ``sgtv convert SRC DST`` and ``sgtv fetch-demo`` (also ``python -m convert``).
 
-Both entry points run the subcommands under the one error guard of ``sgtv_jax.cli``.
+Both entry points run the subcommands under the one error guard of ``sgtv_jax.guard``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from convert.dtypes import DTYPE_CHOICES
 from sgtv_jax import numparse
-from sgtv_jax.cli import ArgumentParser, add_debug_flag, run_guarded
+from sgtv_jax.guard import ArgumentParser, add_debug_flag, run_guarded
 
 
 def _run_convert(args: argparse.Namespace) -> int:

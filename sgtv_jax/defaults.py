@@ -10,3 +10,6 @@ BLOCKSIZE = 128
 PERCDAMP = 0.01
 MAX_LEARNING_STEPS = 100_000
 """AdaMerging's and WUDI's `steps` bound (their defaults are 100 and 300): a run stays finite."""
+
+MEMORY_BUDGET = 256 << 20
+"""Bytes one tensor's merge may hold at once before it is merged in row chunks (`memory_budget`)."""

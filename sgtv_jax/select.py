@@ -20,9 +20,19 @@ Each step is a fixed-shape XLA program: `k` may be traced (jit / vmap), and
 the cost is a few passes over the data (histograms and two compares), not one
 per bit of the key. The same digit plan drives the host-side, chunk-by-chunk
 selection of `sgtv_jax.merge.streaming`, so both find the same threshold.
+
+Host path: the same two functions take NumPy arrays too and then select in
+NumPy (`host_take_smallest`: a uniform sample brackets the k-th key, one
+pass counts below the bracket and partitions the few inside). The row-chunked
+merge (`sgtv_jax.merge.chunk_select`) builds its cut points from the same
+`Cut` / `bracket_cut` / `nth_true`. One oracle test covers both paths
+(`tests/test_select.py::test_selection_matches_stable_argsort`).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,9 +132,13 @@ def smallest_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     """Bool mask `[n]` of the `k` smallest of `scores` `[n]`; ties: earlier index first.
 
     `0 <= k <= n`; `k` may be traced. Exact for every float dtype (no NaN).
+    A NumPy `scores` takes the host path (`host_take_smallest`; a NumPy mask),
+    a JAX array the device path (radix select); both give the same mask.
     """
     if scores.ndim != 1:
         raise ValueError(f"smallest_mask selects within one row [n], got shape {scores.shape}")
+    if isinstance(scores, np.ndarray):  # host path: NumPy in, NumPy out
+        return host_take_smallest(_host_order_key(scores), int(k))
     if scores.shape[0] == 0:
         return jnp.zeros((0,), bool)
     return _take_smallest_keys(order_key(scores), k)
@@ -134,7 +148,119 @@ def largest_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     """Bool mask `[n]` of the `k` largest of `scores` `[n]`; ties: earlier index kept first."""
     if scores.ndim != 1:
         raise ValueError(f"largest_mask selects within one row [n], got shape {scores.shape}")
+    if isinstance(scores, np.ndarray):  # host path: NumPy in, NumPy out
+        return host_take_smallest(~_host_order_key(scores), int(k))
     if scores.shape[0] == 0:
         return jnp.zeros((0,), bool)
     # ~key reverses the order and keeps equal entries equal, so index order still breaks ties
     return _take_smallest_keys(~order_key(scores), k)
+
+
+# --------------------------------------------------------------------------- host path (NumPy)
+
+
+class Cut(NamedTuple):
+    """The m smallest of some keys: those below `key`, plus the first `ties` keys equal to it in
+    the selection order; a transposed order (`sgtv_jax.merge.chunk_select`) takes every tie in
+    columns < `col` and the first `col_ties` ties (by row) of column `col`."""
+
+    key: int
+    ties: int
+    col: int = -1
+    col_ties: int = 0
+
+
+SAMPLE = 1 << 16
+"""Keys sampled to bracket the k-th key of keys held in memory."""
+
+
+def cut_at(key: int, below: int, equal: int, m: int) -> Cut:
+    """The cut taking the m smallest keys when `below` keys are < `key` and `equal` are == it."""
+    ties = m - below
+    return Cut(key + 1, 0) if ties == equal else Cut(key, ties)
+
+
+def bracket_cut(keys: np.ndarray, m: int, key_max: int | None = None) -> Cut | None:
+    """The cut of the m smallest of `keys` `[n]` (1 <= m <= n), or None when the bracket misses.
+
+    Small n: `np.partition`. Else the keys at ranks `m/n * s -/+ (6 sigma + 16)` of a
+    uniform sample of s = SAMPLE positions bracket the m-th key; one pass counts the keys
+    below the bracket and gathers those inside (at most n / 8), whose partition gives it.
+    `key_max`: the largest key there can be (default: the dtype's), the bracket's top end.
+    """
+    n, kt = keys.size, keys.dtype.type
+    if n <= 4 * SAMPLE:
+        key = int(np.partition(keys, m - 1)[m - 1])
+        return cut_at(key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key)), m)
+    sample = np.sort(keys[np.random.default_rng(0).integers(0, n, SAMPLE)])
+    q = m / n
+    delta = 6.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
+    lo_i, hi_i = int(q * SAMPLE - delta), int(q * SAMPLE + delta) + 1
+    lo = int(sample[lo_i]) if lo_i >= 0 else 0
+    hi = int(sample[hi_i]) if hi_i < SAMPLE else (int(np.iinfo(keys.dtype).max) if key_max is None else key_max)
+    below = int(np.count_nonzero(keys < kt(lo)))
+    if below >= m:
+        return None
+    if lo == hi:
+        equal = int(np.count_nonzero(keys == kt(lo)))
+        return cut_at(lo, below, equal, m) if below + equal >= m else None
+    inside = (keys - kt(lo)) <= kt(hi - lo)  # keys below lo wrap around: outside
+    count = int(np.count_nonzero(inside))
+    if below + count < m:
+        return None
+    if count > n // 8:  # a wide bracket, usually many ties at its ends: settle those first
+        at_lo = int(np.count_nonzero(keys == kt(lo)))
+        if below + at_lo >= m:
+            return cut_at(lo, below, at_lo, m)
+        at_hi = int(np.count_nonzero(keys == kt(hi)))
+        if below + count - at_hi < m:
+            return cut_at(hi, below + count - at_hi, at_hi, m)
+        if count - at_lo - at_hi > n // 8:
+            return None
+        below += at_lo
+        inside &= (keys != kt(lo)) & (keys != kt(hi))
+    cand = keys[inside]
+    key = int(np.partition(cand, m - below - 1)[m - below - 1])
+    return cut_at(key, below + int(np.count_nonzero(cand < key)), int(np.count_nonzero(cand == key)), m)
+
+
+def nth_true(flags: np.ndarray, nth: int) -> int:
+    """Index of the `nth` (1-based) True of the bool vector `flags`: counts per block, then one block."""
+    block = 1 << 16
+    whole = flags.size // block * block
+    counts = np.count_nonzero(flags[:whole].reshape(-1, block), axis=1)
+    cum = np.cumsum(counts)
+    j = int(np.searchsorted(cum, nth))  # the first block whose running count reaches nth
+    before = int(cum[j - 1]) if j else 0
+    start = j * block
+    return start + int(
+        np.flatnonzero(flags[start : start + block] if j < len(counts) else flags[start:])[nth - before - 1]
+    )
+
+
+def _host_order_key(scores: np.ndarray) -> np.ndarray:
+    """`order_key` in NumPy: unsigned integers ordered as the floats `scores`."""
+    kd = key_dtype(scores.dtype)
+    bits = np.ascontiguousarray(scores).view(kd)
+    top = kd.type(1 << (8 * kd.itemsize - 1))
+    return np.where(bits >= top, ~bits, bits | top)
+
+
+def host_take_smallest(keys: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask `[n]` of the `k` smallest unsigned `keys` `[n]`, ties by index, on the host:
+    a sampled bracket (`bracket_cut`), a full partition when it misses."""
+    n = keys.size
+    if k <= 0:
+        return np.zeros(n, bool)
+    if k >= n:
+        return np.ones(n, bool)
+    cut = bracket_cut(keys, k)
+    if cut is None:  # the sample's bracket missed: partition everything
+        key = int(np.partition(keys, k - 1)[k - 1])
+        cut = cut_at(key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key)), k)
+    out = keys < keys.dtype.type(cut.key)
+    if cut.ties:
+        eq = keys == keys.dtype.type(cut.key)
+        end = nth_true(eq, cut.ties) + 1
+        out[:end] |= eq[:end]
+    return out

@@ -16,6 +16,11 @@ rule, `plan.maps_zero_to_zero`). At most one chunk of every model is in
 memory: the working set is `working_set_bytes(shape, T, budget)`, at most
 the budget (unless one row exceeds it).
 
+The plan is read once, by `sgtv_jax.merge.call.interpret` (trim, rescale,
+count, gamma / epsilon, keys, method keywords); this module executes that
+`MergeCall` chunk by chunk, as `plan.run_call` executes it whole. Cut points
+over chunks: `sgtv_jax.merge.chunk_select`.
+
 `transpose=True` merges a 2-D tensor as its transpose (the pipeline does so
 for 2-D tensors stored in the model's own layout, such as embeddings): the
 output keeps the stored layout, but ties, random draws and rows follow the
@@ -67,27 +72,25 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sgtv_jax import _checks
+from sgtv_jax.defaults import MEMORY_BUDGET
 from sgtv_jax.merge import blockrng
 from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.call import MergeCall, frozen, interpret, trim_kind
+from sgtv_jax.merge.chunk_select import CutFinder, RowReader, Rows, Source, bytes_per_entry
 from sgtv_jax.merge.keys import task_keys
-from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, maps_zero_to_zero
 from sgtv_jax.merge.registry import get_method
-from sgtv_jax.merge.specs import PER_MODEL_DEFAULTS, MethodSpec, method_spec
-from sgtv_jax.select import digit_plan
+from sgtv_jax.merge.specs import method_spec
 
-RowReader = Callable[[int, int], np.ndarray]
-"""`(r0, r1) -> rows [r0, r1)` of one checkpoint's tensor, shape `[r1 - r0, *shape[1:]]`."""
-
-DEFAULT_BUDGET = 1 << 30
-"""Default working-set budget of one tensor's merge, in bytes."""
+DEFAULT_BUDGET = MEMORY_BUDGET
+"""Default working-set budget of one tensor's merge, in bytes (the `memory_budget` config default too)."""
 
 STREAMED_TRIMS = ("magnitude", "breadcrumbs", "random", "magprune", None)
 
@@ -97,17 +100,12 @@ def why_not_streamed(plan: TensorPlan) -> str | None:
     spec = method_spec(plan.method)
     if not spec.entrywise:  # slerp, karcher, model_stock, sce, the Hessian fits, ...
         return f"method {plan.method!r} needs whole tensors"
-    kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
+    kind = trim_kind(plan, spec)
     if kind not in STREAMED_TRIMS:
         return f"trim {kind!r} needs calibration statistics"
     if plan.method == "linear" and (plan.params or {}).get("normalize", True) is False:
         return "linear with normalize=false sums whole models (needs the base weights)"
     return None
-
-
-_KEY_MAX = np.uint32(0x7FFFFFFF)  # |d| bit patterns are <= this (no NaN)
-_KEY_INF = int(_KEY_MAX) - 0x7F800000  # keys <= this: |d| is Inf or NaN
-_DIGITS = digit_plan(32, 1 << 32)  # 16 + 16 bits, whatever the tensor's size
 
 
 def reuse_freed_memory() -> bool:
@@ -129,16 +127,6 @@ def reuse_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
-
-
-def bytes_per_entry(tasks: int) -> int:
-    """Working bytes per tensor entry of one chunk, for `tasks` models.
-
-    float32: base (4) + task vectors (4T) + trimmed vectors (4T) + the merge's
-    temporaries (weighted vectors, agreement masks, products: ~12T) + merged
-    and output (8).
-    """
-    return 12 + 20 * tasks
 
 
 def chunk_rows(shape: Sequence[int], tasks: int, budget_bytes: int) -> int:
@@ -182,64 +170,6 @@ class StreamStats:
         return MergeInfo(self.trim, None)
 
 
-class _Cut(NamedTuple):
-    """The m largest |d| of one task: keys below `key`, plus the first `ties` keys equal to it
-    in the merge order; transposed, that is every tie in columns < `col` and the first
-    `col_ties` ties (by row) of column `col`."""
-
-    key: int
-    ties: int
-    col: int = -1
-    col_ties: int = 0
-
-
-class _Source:
-    """The base and model readers of one tensor: float32 rows and task vectors, checked."""
-
-    def __init__(self, name: str, base: RowReader, models: Sequence[RowReader], shape: tuple[int, ...]) -> None:
-        self.name, self.base, self.models, self.shape = name, base, list(models), shape
-
-    def read(self, reader: RowReader, r0: int, r1: int, what: str) -> np.ndarray:
-        a = np.asarray(reader(r0, r1))
-        want = (r1 - r0,) + self.shape[1:]
-        if a.shape != want:
-            raise ValueError(f"tensor {self.name!r}: {what} rows [{r0}, {r1}) have shape {a.shape}, expected {want}")
-        return a
-
-    def rows(self, r0: int, r1: int) -> _Rows:
-        """Rows `[r0, r1)`: base float32, task vectors `model - base` float32 and their keys, checked
-        for NaN / Inf."""
-        b = self.read(self.base, r0, r1, "base").astype(np.float32, copy=False)
-        d = np.empty((len(self.models),) + b.shape, np.float32)
-        keys = np.empty(d.shape, np.uint32)
-        bad, changed = [], False
-        for t, reader in enumerate(self.models):
-            np.subtract(self.read(reader, r0, r1, f"model {t}").astype(np.float32, copy=False), b, out=d[t])
-            k = np.abs(d[t], out=keys[t].view(np.float32)).view(np.uint32)
-            np.subtract(_KEY_MAX, k, out=k)
-            kmin = int(k.min()) if k.size else int(_KEY_MAX)
-            if kmin <= _KEY_INF:  # |d| >= inf bits: Inf or NaN
-                bad.append((t, int(np.count_nonzero(~np.isfinite(d[t])))))
-            changed = changed or kmin != _KEY_MAX  # some |d| > 0
-        if bad:
-            raise ValueError(
-                f"NaN or Inf in task vector(s) for tensor {self.name!r} (rows [{r0}, {r1})): "
-                + ", ".join(f"model {t} ({c} entries)" for t, c in bad)
-            )
-        return _Rows(b, d, keys, changed)
-
-
-class _Rows(NamedTuple):
-    """One chunk: base `[rows, ...]`, task vectors `d` `[T, rows, ...]` and their reversed keys
-    (`0x7FFFFFFF - bits(|d|)`: the k largest |d| are the k smallest keys); `changed`: some
-    task-vector entry is nonzero."""
-
-    b: np.ndarray
-    d: np.ndarray
-    keys: np.ndarray
-    changed: bool
-
-
 def merge_rows(
     plan: TensorPlan,
     base: RowReader,
@@ -275,24 +205,18 @@ def merge_rows(
         raise ValueError(f"tensor {plan.name!r}: transpose needs a 2-D tensor, got shape {shape}")
     if not shape:
         raise ValueError(f"tensor {plan.name!r} is a scalar: merge it with merge_planned")
-    spec = method_spec(plan.method)
-    kind = (plan.trim if plan.trim is not None else spec.default_trim) if spec.trims else None
     reason = why_not_streamed(plan)
     if reason is not None:
         raise PlanError(f"tensor {plan.name!r} is not merged in row chunks: {reason}; use merge_planned")
-    if spec.trims and kind is None and any(d != 1.0 for d in plan.densities):
-        raise PlanError(
-            f"density {list(plan.densities)} < 1 for tensor {plan.name!r} but method "
-            f"{plan.method!r} does not trim by itself: set trim (e.g. magnitude or sparsegpt)"
-        )
+    call = interpret(plan, ndim=len(shape) - 1)
     dens = _checks.densities(list(plan.densities), tasks, plan.name)
     stats = stats if stats is not None else StreamStats()
     step = chunk_rows(shape, tasks, budget_bytes)
-    if len(shape) < 2 or (transpose and kind == "magprune"):
+    if len(shape) < 2 or (transpose and call.trim == "magprune"):
         step = shape[0]  # one row (a vector), or rows that are the stored columns: all at once
-    stats.trim, stats.rows_per_chunk = kind, step
-    src = _Source(plan.name, base, models, shape)
-    return _Chunked(plan, spec, kind, dens, src, step, transpose, stats).run(out_dtype)
+    stats.trim, stats.rows_per_chunk = call.trim, step
+    src = Source(plan.name, base, models, shape)
+    return _Chunked(call, dens, src, step, transpose, stats).run(out_dtype)
 
 
 XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -303,110 +227,6 @@ backends compile with their defaults."""
 
 def _compiler_options() -> dict[str, str] | None:
     return XLA_OPTIONS if jax.default_backend() == "cpu" else None
-
-
-SAMPLE = 1 << 16
-"""Keys sampled to bracket a cut point of a tensor held in memory."""
-
-
-def _cut_at(key: int, below: int, equal: int, m: int) -> _Cut:
-    """The cut taking the m smallest keys when `below` keys are < `key` and `equal` are == it."""
-    ties = m - below
-    return _Cut(key + 1, 0) if ties == equal else _Cut(key, ties)
-
-
-def _bracket_cut(keys: np.ndarray, m: int) -> _Cut | None:
-    """The cut of the m smallest of `keys` `[n]` (1 <= m <= n), or None when the bracket misses.
-
-    Small n: `np.partition`. Else the keys at ranks `m/n * s -/+ (6 sigma + 16)` of a
-    uniform sample of s = SAMPLE positions bracket the m-th key; one pass counts the keys
-    below the bracket and gathers those inside (at most n / 8), whose partition gives it.
-    """
-    n = keys.size
-    if n <= 4 * SAMPLE:
-        key = int(np.partition(keys, m - 1)[m - 1])
-        return _cut_at(key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key)), m)
-    sample = np.sort(keys[np.random.default_rng(0).integers(0, n, SAMPLE)])
-    q = m / n
-    delta = 6.0 * math.sqrt(SAMPLE * q * (1.0 - q)) + 16.0
-    lo_i, hi_i = int(q * SAMPLE - delta), int(q * SAMPLE + delta) + 1
-    lo = int(sample[lo_i]) if lo_i >= 0 else 0
-    hi = int(sample[hi_i]) if hi_i < SAMPLE else int(_KEY_MAX)
-    below = int(np.count_nonzero(keys < np.uint32(lo)))
-    if below >= m:
-        return None
-    if lo == hi:
-        equal = int(np.count_nonzero(keys == np.uint32(lo)))
-        return _cut_at(lo, below, equal, m) if below + equal >= m else None
-    inside = (keys - np.uint32(lo)) <= np.uint32(hi - lo)  # keys below lo wrap around: outside
-    count = int(np.count_nonzero(inside))
-    if below + count < m:
-        return None
-    if count > n // 8:  # a wide bracket, usually many ties at its ends: settle those first
-        at_lo = int(np.count_nonzero(keys == np.uint32(lo)))
-        if below + at_lo >= m:
-            return _cut_at(lo, below, at_lo, m)
-        at_hi = int(np.count_nonzero(keys == np.uint32(hi)))
-        if below + count - at_hi < m:
-            return _cut_at(hi, below + count - at_hi, at_hi, m)
-        if count - at_lo - at_hi > n // 8:
-            return None
-        below += at_lo
-        inside &= (keys != np.uint32(lo)) & (keys != np.uint32(hi))
-    cand = keys[inside]
-    key = int(np.partition(cand, m - below - 1)[m - below - 1])
-    return _cut_at(key, below + int(np.count_nonzero(cand < key)), int(np.count_nonzero(cand == key)), m)
-
-
-SAMPLE_ROWS = 256
-"""Whole rows sampled (at least) to bracket a cut point of a tensor read in chunks."""
-
-
-class _Counted(NamedTuple):
-    """Cuts found by the counting pass ((task, m) -> cut) and whether any task vector is nonzero."""
-
-    cuts: dict[tuple[int, int], _Cut]
-    changed: bool
-
-
-def _row_bracket(sample: np.ndarray, q: float) -> tuple[int, int]:
-    """Keys `[lo, hi]` that hold the `q`-quantile key of a tensor with high probability, from
-    the keys of sampled whole rows `[rows, cols]`.
-
-    The sample ranks `q s -/+ (6 sigma + 16)`, s the sample size, sigma the binomial spread
-    times the design effect of sampling rows (rows differ in scale): the variance between the
-    rows' fractions below the sample quantile over the binomial one (at least 1).
-    """
-    flat = np.sort(sample.reshape(-1))
-    s = flat.size
-    kq = flat[min(s - 1, int(q * s))]
-    p_rows = np.count_nonzero(sample < kq, axis=1) / sample.shape[1]
-    binom = q * (1.0 - q) / s
-    deff = max(1.0, float(np.var(p_rows)) / sample.shape[0] / binom) if binom > 0 else 1.0
-    delta = 6.0 * math.sqrt(s * q * (1.0 - q) * deff) + 16.0
-    lo_i, hi_i = int(q * s - delta), int(q * s + delta) + 1
-    lo = int(flat[lo_i]) if lo_i >= 0 else 0
-    hi = int(flat[hi_i]) if hi_i < s else int(_KEY_MAX)
-    return lo, hi
-
-
-def _nth_true(flags: np.ndarray, nth: int) -> int:
-    """Index of the `nth` (1-based) True of the bool vector `flags`: counts per block, then one block."""
-    block = 1 << 16
-    whole = flags.size // block * block
-    counts = np.count_nonzero(flags[:whole].reshape(-1, block), axis=1)
-    cum = np.cumsum(counts)
-    j = int(np.searchsorted(cum, nth))  # the first block whose running count reaches nth
-    before = int(cum[j - 1]) if j else 0
-    start = j * block
-    return start + int(
-        np.flatnonzero(flags[start : start + block] if j < len(counts) else flags[start:])[nth - before - 1]
-    )
-
-
-def _frozen(kw: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """`kw` as a hashable key (lists as tuples)."""
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -448,49 +268,28 @@ def _program(
     return jax.jit(run, compiler_options=_compiler_options())
 
 
-class _Chunked:
-    """The chunked merge of one tensor (see the module doc); `run` yields the output chunks."""
+class _Chunked(CutFinder):
+    """The chunked merge of one tensor (see the module doc): `call` executed chunk by chunk;
+    `run` yields the output chunks."""
 
     def __init__(
-        self,
-        plan: TensorPlan,
-        spec: MethodSpec,
-        kind: str | None,
-        dens: tuple[float, ...],
-        src: _Source,
-        step: int,
-        transpose: bool,
-        stats: StreamStats,
+        self, call: MergeCall, dens: tuple[float, ...], src: Source, step: int, transpose: bool, stats: StreamStats
     ) -> None:
-        self.plan, self.spec, self.kind, self.dens, self.src = plan, spec, kind, dens, src
+        self.call, self.kind, self.dens, self.src = call, call.trim, dens, src
         self.transpose, self.stats = transpose, stats
-        self.tasks = len(dens)
+        self.tasks = tasks = len(dens)
         self.rows, self.cols = src.shape[0], math.prod(src.shape[1:])
         self.n = self.rows * self.cols
         self.spans = [(r0, min(r0 + step, self.rows)) for r0 in range(0, self.rows, step)] or [(0, 0)]
         stats.chunks = len(self.spans)
         self.whole = len(self.spans) == 1
-        self._cached: _Rows | None = None
-        self.kw = dict(plan.params or {})
-        self.rescale = (
-            resolve_rescale(self.kw.pop("rescale", None), spec.rescale_default, kind) if spec.trims else False
-        )
-        count = self.kw.pop("count", "round")  # how many entries a top-k trim keeps (belongs to the trim)
-        if count not in trim_lib.COUNTS:
-            raise PlanError(
-                f"unknown count rule {count!r} for tensor {plan.name!r}; known: {', '.join(trim_lib.COUNTS)}"
-            )
-        self.count = count
-        tasks, name = self.tasks, plan.name
-        self.gamma = _checks.per_task(
-            PER_MODEL_DEFAULTS["gamma"] if plan.gamma is None else list(plan.gamma), tasks, "gamma", name
-        )
-        self.epsilon = _checks.per_task(
-            PER_MODEL_DEFAULTS["epsilon"] if plan.epsilon is None else list(plan.epsilon), tasks, "epsilon", name
-        )
+        self._cached: Rows | None = None
+        kind, name = call.trim, call.name
+        self.gamma = _checks.per_task(call.gamma, tasks, "gamma", name)
+        self.epsilon = _checks.per_task(call.epsilon, tasks, "epsilon", name)
         if kind == "breadcrumbs":
             _checks.in_range(self.gamma, 0.0, 1.0, "gamma", name)
-        self.keys: list[Any] = task_keys(plan.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
+        self.keys: list[Any] = task_keys(call.key, tasks) if kind in trim_lib.RANDOM_TRIMS else [None] * tasks
         # "the m largest |d| of task t" for each selection: magnitude the top k; breadcrumbs
         # the top n_top + k minus the top n_top (ranks [n_top, n_top + k) of the stable order)
         self.ranks: dict[int, list[int]] = {}
@@ -504,15 +303,16 @@ class _Chunked:
             "pass" if kind is None or d >= 1.0 else "zero" if d <= 0.0 else "magprune" if kind == "magprune" else "mask"
             for d in dens
         )
-        self.program = _program(plan.method, tuple(plan.weights), _frozen(self.kw), self.modes, dens, self.rescale)
+        kw = frozen(call.method_kwargs())
+        self.program = _program(call.method, call.weights, kw, self.modes, dens, call.rescale)
         try:  # the method's own checks of its parameters, at once (traced on a 1-entry chunk: no compile)
             jax.eval_shape(self.program, *self._program_args(1, 1))
         except (ValueError, TypeError) as e:
-            raise PlanError(f"tensor {plan.name!r}: {e}") from None
+            raise PlanError(f"tensor {name!r}: {e}") from None
 
     def _count(self, fraction: float) -> int:
         """`round(fraction * n)`, or `int(fraction * n)` for count "floor" (as `trim`)."""
-        return int(fraction * self.n) if self.count == "floor" else int(round(fraction * self.n))
+        return int(fraction * self.n) if self.call.count == "floor" else int(round(fraction * self.n))
 
     def _program_args(self, rows: int, cols: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """The program's argument shapes for a chunk of `rows` x `cols` entries."""
@@ -527,7 +327,7 @@ class _Chunked:
         cuts, changed = self._find_cuts()
         if changed is None:  # no selection pass ran: look for a change (stops at the first)
             changed = any(self._rows(r0, r1).changed for r0, r1 in self.spans)
-        if not changed and maps_zero_to_zero(self.plan.method):  # the base, as the pipeline returns it
+        if not changed and maps_zero_to_zero(self.call.method):  # the base, as the pipeline returns it
             stats.unchanged, stats.kept = True, [0.0] * self.tasks
             stats.passes += self._cached is None
             for r0, r1 in self.spans:
@@ -567,8 +367,8 @@ class _Chunked:
             yield merged.reshape(b.shape).astype(out_dtype)
         stats.kept = [int(c) / max(self.n, 1) for c in kept]
 
-    def _rows(self, r0: int, r1: int) -> _Rows:
-        """`_Source.rows` (a read of the first chunk counts a pass); a tensor in one chunk is read
+    def _rows(self, r0: int, r1: int) -> Rows:
+        """`Source.rows` (a read of the first chunk counts a pass); a tensor in one chunk is read
         once and kept until its merge."""
         if self._cached is not None:
             return self._cached
@@ -584,10 +384,10 @@ class _Chunked:
         if self.whole:  # the whole tensor in its own shape (a vector is one row)
             x = x.reshape(self.src.shape)
         if self.transpose:  # one chunk holding every row: the merge order's rows are the stored columns
-            pruned = trim_lib.magprune(jnp.asarray(x.T), dens, key, epsilon=eps, rescale=self.rescale).T
+            pruned = trim_lib.magprune(jnp.asarray(x.T), dens, key, epsilon=eps, rescale=self.call.rescale).T
         else:
             pruned = trim_lib.magprune(
-                jnp.asarray(x), dens, key, epsilon=eps, rescale=self.rescale, offset=r0 * self.cols
+                jnp.asarray(x), dens, key, epsilon=eps, rescale=self.call.rescale, offset=r0 * self.cols
             )
         return np.asarray(pruned, np.float32).reshape(-1, self.cols)
 
@@ -604,168 +404,3 @@ class _Chunked:
         if self.kind == "breadcrumbs":
             mask &= ~self._take(keys, cuts[(t, m[1])], seen, (t, m[1]))
         return mask
-
-    def _take(self, keys: np.ndarray, cut: _Cut, seen: dict, tm: tuple[int, int]) -> np.ndarray:
-        """This chunk's entries among the cut's m largest (`keys` `[rows, cols]`); updates `seen`."""
-        out = keys < np.uint32(cut.key)
-        if cut.ties == 0:
-            return out
-        eq = keys == np.uint32(cut.key)
-        if not self.transpose:  # the first `ties` equal keys in row-major order
-            flat = eq.reshape(-1)
-            count = int(np.count_nonzero(flat))
-            if seen[tm] + count <= cut.ties:
-                out |= eq
-            elif seen[tm] < cut.ties:
-                end = _nth_true(flat, cut.ties - seen[tm]) + 1
-                out.reshape(-1)[:end] |= flat[:end]
-            seen[tm] += count
-            return out
-        # transposed: every tie left of column `col`, and the first `col_ties` of column `col` by row
-        out[:, : cut.col] |= eq[:, : cut.col]
-        col = eq[:, cut.col]
-        out[:, cut.col] |= col & (seen[tm] + np.cumsum(col) <= cut.col_ties)
-        seen[tm] += int(np.count_nonzero(col))
-        return out
-
-    def _find_cuts(self) -> tuple[dict[tuple[int, int], _Cut], bool | None]:
-        """Key and tie rule of every (task, m) the trims need: one pass per digit (+1 for transposed ties).
-
-        Returns (cuts, whether any task vector is nonzero; None when no pass ran).
-        """
-        cuts: dict[tuple[int, int], _Cut] = {}
-        open_: dict[tuple[int, int], tuple[int, int]] = {}  # (t, m) -> (prefix, count below it)
-        for t, ms in self.ranks.items():
-            for m in ms:
-                if m <= 0:
-                    cuts[(t, m)] = _Cut(0, 0)  # no key is below 0: keeps nothing
-                else:
-                    open_[(t, m)] = (0, 0)
-        if not open_:
-            return cuts, None
-        changed = False
-        if self.whole:  # in memory: a sampled bracket (one pass), the histograms only if it misses
-            chunk = self._rows(*self.spans[0])
-            changed = chunk.changed
-            for t, m in list(open_):
-                cut = _bracket_cut(chunk.keys[t].reshape(-1), m)
-                if cut is not None:
-                    cuts[(t, m)] = cut
-                    del open_[(t, m)]
-        else:  # a sampled bracket per cut, one counting pass; the histograms only for those it misses
-            counted = self._counted_cuts(list(open_))
-            for tm, cut in counted.cuts.items():
-                cuts[tm] = cut
-                del open_[tm]
-            changed = counted.changed
-        for i, (shift, width) in enumerate(_DIGITS):
-            if not open_:
-                break
-            bins = 1 << width
-            groups = {(t, prefix) for (t, _), (prefix, _) in open_.items()}  # one histogram per (task, prefix)
-            hists = {g: np.zeros(bins, np.int64) for g in groups}
-            for r0, r1 in self.spans:
-                chunk = self._rows(r0, r1)
-                changed = changed or chunk.changed
-                for t in {t for t, _ in groups}:
-                    kr = chunk.keys[t].reshape(-1)
-                    if i == 0:  # keys < 2^31: the top digit needs no mask
-                        hists[(t, 0)] += np.bincount(kr >> np.uint32(shift), minlength=bins)
-                        continue
-                    high = kr >> np.uint32(shift + width)
-                    for gt, prefix in groups:
-                        if gt == t:
-                            sel = kr[high == np.uint32(prefix)]
-                            hists[(t, prefix)] += np.bincount(
-                                (sel >> np.uint32(shift)) & np.uint32(bins - 1), minlength=bins
-                            )
-            for (t, m), (prefix, below) in list(open_.items()):
-                hist = hists[(t, prefix)]
-                cum = below + np.cumsum(hist)
-                b = int(np.argmax(cum >= m))
-                below_b = int(cum[b] - hist[b])
-                if below_b + int(hist[b]) == m:  # the cut takes all of bin b: keys below the next bin
-                    cuts[(t, m)] = _Cut((((prefix << width) | b) + 1) << shift, 0)
-                    del open_[(t, m)]
-                elif shift == 0:  # the key is complete; some of the hist[b] equal keys are taken
-                    cuts[(t, m)] = _Cut((prefix << width) | b, m - below_b)
-                    del open_[(t, m)]
-                else:
-                    open_[(t, m)] = ((prefix << width) | b, below_b)
-            if not open_:
-                break
-        if self.transpose and any(c.ties and c.col < 0 for c in cuts.values()):
-            cuts = self._column_ties(cuts)
-        return cuts, changed
-
-    def _sample(self) -> np.ndarray:
-        """Reversed keys `[T, rows, cols]` of a fixed random set of whole rows (sorted; read one by one)."""
-        n_rows = min(self.rows, max(SAMPLE_ROWS, SAMPLE // max(self.cols, 1)), max(16, 8 * SAMPLE // max(self.cols, 1)))
-        picked = np.sort(np.random.default_rng(0).choice(self.rows, n_rows, replace=False))
-        return np.concatenate(
-            [self.src.rows(int(r), int(r) + 1).keys.reshape(self.tasks, 1, self.cols) for r in picked], axis=1
-        )
-
-    def _counted_cuts(self, wanted: list[tuple[int, int]]) -> _Counted:
-        """Cuts of `wanted` (task, m) from one pass: a bracket `[lo, hi]` per cut from a sample of
-        whole rows (widened by the spread between rows), then per chunk the keys below `lo` counted
-        and those inside gathered (with their merge-order positions when transposed, for the tie
-        rule); the m-th key is then selected among the gathered. Cuts whose bracket misses, or
-        whose gathered keys outgrow a quarter of a chunk's working set (4 MiB at least), are left out."""
-        out = {tm: _Cut(int(_KEY_MAX) + 1, 0) for tm in wanted if tm[1] >= self.n}  # all: below one past the largest
-        sample = self._sample()
-        brackets = {(t, m): _row_bracket(sample[t], m / self.n) for t, m in wanted if m < self.n}
-        room = max(1 << 22, (self.spans[0][1] - self.spans[0][0]) * self.cols * bytes_per_entry(self.tasks) // 4)
-        per_entry = 12 if self.transpose else 4
-        below = dict.fromkeys(brackets, 0)
-        gathered: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray | None]]] = {tm: [] for tm in brackets}
-        used, changed = 0, False
-        for r0, r1 in self.spans:
-            chunk = self._rows(r0, r1)
-            changed = changed or chunk.changed
-            for tm, (lo, hi) in brackets.items():
-                if tm not in gathered:
-                    continue
-                kr = chunk.keys[tm[0]].reshape(-1)
-                below[tm] += int(np.count_nonzero(kr < np.uint32(lo)))
-                idx = np.flatnonzero((kr - np.uint32(lo)) <= np.uint32(hi - lo))  # keys below lo wrap: outside
-                used += idx.size * per_entry
-                if used > room:  # too many inside: leave it to the histograms
-                    used -= sum(k.size for k, _ in gathered.pop(tm)) * per_entry + idx.size * per_entry
-                    continue
-                pos = None
-                if self.transpose:  # merge order: column-major
-                    pos = (idx % self.cols) * self.rows + (r0 + idx // self.cols)
-                gathered[tm].append((kr[idx], pos))
-        for tm, parts in gathered.items():
-            m, lo_below = tm[1], below[tm]
-            cand = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.uint32)
-            if lo_below >= m or lo_below + cand.size < m:
-                continue  # the bracket missed
-            key = int(np.partition(cand, m - lo_below - 1)[m - lo_below - 1])
-            eq = cand == np.uint32(key)
-            cut = _cut_at(key, lo_below + int(np.count_nonzero(cand < np.uint32(key))), int(np.count_nonzero(eq)), m)
-            if cut.ties and self.transpose:  # the first `ties` equal keys in the merge order
-                order = np.sort(np.concatenate([p for _, p in parts])[eq])
-                last = int(order[cut.ties - 1])
-                col = last // self.rows
-                cut = cut._replace(
-                    col=col, col_ties=int(np.count_nonzero((order >= col * self.rows) & (order <= last)))
-                )
-            out[tm] = cut
-        return _Counted(out, changed)
-
-    def _column_ties(self, cuts: dict[tuple[int, int], _Cut]) -> dict[tuple[int, int], _Cut]:
-        """Transposed merge order is column-major: per column, count the keys equal to each cut (one pass)."""
-        per_col = {tm: np.zeros(self.cols, np.int64) for tm, c in cuts.items() if c.ties}
-        for r0, r1 in self.spans:
-            keys = self._rows(r0, r1).keys
-            for t, m in per_col:
-                kr = keys[t].reshape(r1 - r0, self.cols)
-                per_col[(t, m)] += np.count_nonzero(kr == np.uint32(cuts[(t, m)].key), axis=0)
-        for tm, counts in per_col.items():
-            cut = cuts[tm]
-            cum = np.cumsum(counts)
-            col = int(np.argmax(cum >= cut.ties))
-            cuts[tm] = cut._replace(col=col, col_ties=cut.ties - int(cum[col] - counts[col]))
-        return cuts

@@ -306,6 +306,13 @@ def wanda(
 
 
 def sparsegpt(
+    deltas: jax.Array, densities: Sequence[float] | jax.Array, calib: Calibration, **options: Any
+) -> jax.Array:
+    """OBS (SparseGPT) trimming of a stack `[T, rows, cols]`: `sparsegpt_info` (same options) without the damping."""
+    return sparsegpt_info(deltas, densities, calib, **options)[0]
+
+
+def sparsegpt_info(
     deltas: jax.Array,
     densities: Sequence[float] | jax.Array,
     calib: Calibration,
@@ -315,13 +322,17 @@ def sparsegpt(
     refit: bool = False,
     rescale: bool = False,
     name: str | None = None,
-) -> jax.Array:
-    """OBS (SparseGPT) trimming of a stack `[T, rows, cols]` via `sgtv_jax.obs`.
+    prunen: int = 0,
+    prunem: int = 0,
+) -> tuple[jax.Array, float | None]:
+    """The one SparseGPT trim: (pruned stack `[T, rows, cols]`, damping used: None from an inverse or traced).
 
     Uses `calib.hessian` (`obs_prune`: dead columns, damping, factored once when
     shared) or else `calib.hessian_inv` (`obs_prune_from_inverse`). Kept entries
-    change value (compensation) and may flip sign. `refit=True` then re-solves
-    the kept entries exactly for the final mask (`sgtv_jax.refit`; needs the Hessian).
+    change value (compensation) and may flip sign. `prunen:prunem` (prunem > 0)
+    prunes N of every M columns instead of the densities. `refit=True` then
+    re-solves the kept entries exactly for the final mask (`sgtv_jax.refit`;
+    needs the Hessian). `rescale`: 1/density afterwards.
     """
     if deltas.ndim != 3:
         raise ValueError(
@@ -329,23 +340,20 @@ def sparsegpt(
             f"got per-task shape {tuple(deltas.shape[1:])}"
         )
     dens: Any = densities if _checks.is_traced(densities) else list(densities)
+    opts: dict[str, Any] = dict(prunen=prunen, prunem=prunem) if prunem else dict(density=dens)
+    opts.update(blocksize=blocksize, name=name)
+    damping: float | None = None
     if calib.hessian is not None:
-        pruned, _ = obs.obs_prune(
-            deltas,
-            calib.hessian,
-            density=dens,
-            blocksize=blocksize,
-            percdamp=percdamp,
-            refit=refit,
-            name=name,
-        )
+        pruned, info = obs.obs_prune(deltas, calib.hessian, percdamp=percdamp, refit=refit, return_info=True, **opts)
+        if not _checks.is_traced(info.percdamp):
+            damping = float(jnp.max(info.percdamp))
     elif calib.hessian_inv is not None:
         if refit:
             raise ValueError(f"refit needs the Hessian itself, not its inverse{_checks.where(name)}")
-        pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, density=dens, blocksize=blocksize, name=name)
+        pruned, _ = obs.obs_prune_from_inverse(deltas, calib.hessian_inv, **opts)
     else:
         raise ValueError(missing_stats_message("sparsegpt", name))
-    return inverse_density_scale(pruned, densities) if rescale else pruned
+    return (inverse_density_scale(pruned, densities) if rescale else pruned), damping
 
 
 def inverse_density_scale(x: jax.Array, densities: Sequence[float] | jax.Array) -> jax.Array:
@@ -373,6 +381,66 @@ def missing_stats_message(kind: str, name: str | None) -> str:
 def _per_task_stat(stat: Any, t: int, tasks: int, ndim: int) -> Any:
     stat = jnp.asarray(stat)
     return stat[t] if stat.ndim == ndim + 1 else stat
+
+
+def _per_task_trim(
+    kind: str,
+    deltas: jax.Array,
+    key: jax.Array | None,
+    calib: Calibration,
+    gamma: float | Sequence[float],
+    epsilon: float | Sequence[float],
+    rescale: bool,
+    name: str | None,
+    count: str,
+    guard: _checks.Guard,
+) -> tuple[Callable[..., jax.Array], list[Any]]:
+    """`trim`'s per-task step `fn(delta_t, density_t, *extra_t)` of a data-free or wanda trim, and its
+    per-task arguments `extra` (PRNG keys, epsilon, gamma or input norms), checked."""
+    tasks = deltas.shape[0]
+    extra: list[Any] = []
+    if kind in RANDOM_TRIMS:
+        if key is None:
+            raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_checks.where(name)}")
+        extra.append(task_keys(key, tasks))
+    fn: Callable[..., jax.Array]
+    if kind == "magnitude":
+
+        def fn(x, d):
+            return magnitude(x, d, rescale=rescale, count=count)
+    elif kind == "random":
+
+        def fn(x, d, k):
+            return random(x, d, k, rescale=rescale)
+    elif kind == "magprune":
+        extra.append(_checks.per_task_values(epsilon, tasks, "epsilon", name, guard))
+
+        def fn(x, d, k, e):
+            return magprune(x, d, k, epsilon=e, rescale=rescale)
+    elif kind == "breadcrumbs":
+        gam = _checks.per_task_values(gamma, tasks, "gamma", name, guard)
+        _checks.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
+        extra.append(gam)
+
+        def fn(x, d, g):
+            return breadcrumbs(x, d, gamma=g, rescale=rescale, count=count)
+    else:  # wanda
+        if deltas.ndim != 3:
+            raise ValueError(
+                f"wanda trimming needs 2-D [out, in] task vectors{_checks.where(name)}, "
+                f"got per-task shape {tuple(deltas.shape[1:])}"
+            )
+        norms = calib.norms
+        if norms is None and calib.hessian is not None:
+            norms = input_norms(jnp.asarray(calib.hessian))
+        if norms is None:
+            raise ValueError(missing_stats_message(kind, name))
+        extra.append([_per_task_stat(norms, t, tasks, 1) for t in range(tasks)])
+
+        def fn(x, d, nrm):
+            return wanda(x, d, nrm, rescale=rescale, count=count)
+
+    return fn, extra
 
 
 def trim(
@@ -420,48 +488,8 @@ def trim(
             )
         )
     # per task: fn(delta_t, density_t, *per_task_args_t); shared args are closed over
-    args: list = [deltas, dens]
-    if kind in RANDOM_TRIMS:
-        if key is None:
-            raise ValueError(f"trim={kind!r} is random: pass a PRNG key (or a seed){_checks.where(name)}")
-        args.append(task_keys(key, tasks))
-    fn: Callable[..., jax.Array]
-    if kind == "magnitude":
-
-        def fn(x, d):
-            return magnitude(x, d, rescale=rescale, count=count)
-    elif kind == "random":
-
-        def fn(x, d, k):
-            return random(x, d, k, rescale=rescale)
-    elif kind == "magprune":
-        args.append(_checks.per_task_values(epsilon, tasks, "epsilon", name, guard))
-
-        def fn(x, d, k, e):
-            return magprune(x, d, k, epsilon=e, rescale=rescale)
-    elif kind == "breadcrumbs":
-        gam = _checks.per_task_values(gamma, tasks, "gamma", name, guard)
-        _checks.values_in_range(gam, 0.0, 1.0, "gamma", name, guard)
-        args.append(gam)
-
-        def fn(x, d, g):
-            return breadcrumbs(x, d, gamma=g, rescale=rescale, count=count)
-    else:  # wanda
-        if deltas.ndim != 3:
-            raise ValueError(
-                f"wanda trimming needs 2-D [out, in] task vectors{_checks.where(name)}, "
-                f"got per-task shape {tuple(deltas.shape[1:])}"
-            )
-        norms = calib.norms
-        if norms is None and calib.hessian is not None:
-            norms = input_norms(jnp.asarray(calib.hessian))
-        if norms is None:
-            raise ValueError(missing_stats_message(kind, name))
-        args.append([_per_task_stat(norms, t, tasks, 1) for t in range(tasks)])
-
-        def fn(x, d, nrm):
-            return wanda(x, d, nrm, rescale=rescale, count=count)
-
+    fn, extra = _per_task_trim(kind, deltas, key, calib, gamma, epsilon, rescale, name, count, guard)
+    args: list = [deltas, dens, *extra]
     if all(isinstance(a, (tuple, list)) for a in args[1:]) and not _checks.is_traced(*args[1:]):
         # known parameters: one call per task with Python floats (host counts, edge shortcuts)
         return jnp.stack([fn(*(a[t] for a in args)) for t in range(tasks)])

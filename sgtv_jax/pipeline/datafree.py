@@ -47,13 +47,13 @@ from convert.architectures import SUPPORTED_MODEL_TYPES
 from convert.chunked import ChunkedTensor, rows_of
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
-from sgtv_jax.errors import NumericsError, SgtvError
-from sgtv_jax.merge.plan import PlanError, TensorPlan, maps_zero_to_zero, merge_planned
+from sgtv_jax.merge.plan import TensorPlan, merge_planned
 from sgtv_jax.merge.specs import method_spec
 from sgtv_jax.merge.streaming import StreamStats, bytes_per_entry, merge_rows, why_not_streamed
 from sgtv_jax.pipeline.byname import BASE, COPY, MERGE, NamePlan, TensorEntry, plan_by_name
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+from sgtv_jax.pipeline.driver import merged_record, task_vectors, translated, unchanged, unchanged_record
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import LayerRecord, StageTimer, jsonable, peak_rss_mb, with_export_time
 
@@ -158,45 +158,24 @@ def merge_entry(
     t0 = time.perf_counter()
     with timer("load"):
         b = np.asarray(inputs.read(0), dtype=np.float32)
-    d = np.empty((tasks,) + b.shape, np.float32)
-    for t in range(tasks):
-        with timer("load"):
-            np.subtract(np.asarray(inputs.read(t + 1), dtype=np.float32), b, out=d[t])
-    deltas = jax.device_put(d)  # zero-copy on CPU
+        deltas = task_vectors(b, lambda t: inputs.read(t + 1), tasks)
     if entry.transpose:
         deltas = jnp.swapaxes(deltas, 1, 2)
     record: dict[str, Any] = dict(
         name=entry.name, block=entry.block, linear=False, shape=tuple(b.shape), density=list(plan.densities)
     )
     with timer("prune"):
-        unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(tasks))
-        if not unchanged:
+        same = unchanged(plan, deltas)
+        if not same:
             merged, trimmed, info = _merge_planned(plan, deltas, b.T if entry.transpose else b)
-    if unchanged:
-        # every trim and method maps zero task vectors to a zero merge: the result is the base
-        return b.astype(out_dtype), LayerRecord(
-            **record,
-            trim="unchanged",
-            kept_density=[0.0] * tasks,
-            damping=None,
-            trim_error=None,
-            merge_error=None,
-            time_s=time.perf_counter() - t0,
-        )
+    if same:  # the base tensor is the result (`driver.unchanged`)
+        return b.astype(out_dtype), unchanged_record(record, tasks, t0)
     with timer("merge"):
         kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(tasks)]
         if entry.transpose:
             merged = merged.T
         out = np.asarray(b + np.asarray(merged, np.float32)).astype(out_dtype)
-    return out, LayerRecord(
-        **record,
-        trim=info.trim,
-        kept_density=kept,
-        damping=info.damping,
-        trim_error=None,
-        merge_error=None,
-        time_s=time.perf_counter() - t0,
-    )
+    return out, merged_record(record, info, kept, t0)
 
 
 def _merge_streamed(
@@ -216,7 +195,7 @@ def _merge_streamed(
         entry.name, entry.block, False, tuple(entry.shape), None, list(plan.densities), [], None, None, None, 0.0
     )
     stats = StreamStats()
-    try:
+    with translated(plan):
         chunks = merge_rows(
             plan,
             functools.partial(inputs.read_rows, 0),
@@ -227,24 +206,13 @@ def _merge_streamed(
             transpose=entry.transpose,
             stats=stats,
         )
-    except PlanError as e:
-        raise ConfigError(str(e)) from e
 
     def merged() -> Iterator[np.ndarray]:
         while True:
-            with timer("merge"):
-                try:
-                    chunk = next(chunks)
-                except StopIteration:
-                    break
-                except SgtvError:
-                    raise
-                except PlanError as e:
-                    raise ConfigError(str(e)) from e
-                except ValueError as e:  # the merge's checks on this tensor's values: say which tensor
-                    raise NumericsError(
-                        f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}"
-                    ) from e
+            with timer("merge"), translated(plan):
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
             yield chunk
         record.trim = "unchanged" if stats.unchanged else stats.trim
         record.kept_density = list(stats.kept)
@@ -256,14 +224,8 @@ def _merge_streamed(
 
 
 def _merge_planned(plan: TensorPlan, deltas: jax.Array, base: np.ndarray) -> tuple[jax.Array, jax.Array, Any]:
-    try:
+    with translated(plan):
         merged, trimmed, info = merge_planned(plan, deltas, None, base=jnp.asarray(base))
-    except SgtvError:
-        raise
-    except PlanError as e:
-        raise ConfigError(str(e)) from e
-    except ValueError as e:  # the merge library's checks on this tensor's values: say which tensor
-        raise NumericsError(f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}") from e
     return jax.block_until_ready(merged), trimmed, info
 
 

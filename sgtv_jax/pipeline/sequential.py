@@ -13,8 +13,25 @@
 A tensor's result equals `sgtv_jax.merge.plan.merge_planned` of its plan with
 the same Hessian. Tensors that no model changed are the base tensor.
 
-`run_merge` sends merges that need no calibration data to the by-name merge
-of `datafree.py` (any architecture, tensor by tensor), and the others here.
+`run_merge` reads planner -> executor: its `_driver` sends merges that need no
+calibration data to the by-name merge of `datafree.py` (any architecture,
+tensor by tensor) and the others here; `export_run.export` writes the result.
+The rules every driver shares (unchanged tensors, report rows, errors): `driver.py`.
+
+A merge that needs no calibration data runs by tensor name on any
+architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
+output then needs the base's Flax family and unchanged parameter set, and
+is refused otherwise. A merge that needs calibration data runs block by
+block (`MergeRun`) and needs a Flax family of the base's architecture,
+on `run_merge`'s `mesh` (None: `mesh.make_mesh(cfg.devices)`). Under `jax.distributed`
+(`mesh.init_distributed`) every process calls `run_merge` with the same config:
+process 0 checks and writes `out`; the others run the calibrated merge
+with it (their devices hold their share of the calibration windows),
+write nothing, and return its report; a merge without calibration data
+runs on process 0 alone. A method that learns its weights (`adamerging`)
+first runs its learning pass on process 0 (`adamerge.learn_weights`: Flax
+family needed), then merges by name with the learned weights; the report
+holds them under "adamerging", its "config" the config as given.
 
 A calibrated merge runs on a device mesh (`mesh.py`; the config's `devices`,
 all devices of every process by default): calibration is data-parallel over
@@ -26,12 +43,13 @@ process runs the merge while process 0 alone writes the output.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +61,9 @@ from convert.atomic import prepare_output
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
 from convert.expert_layout import check_expert_layout, fuse_expert_files
-from convert.export import export_hf
 from convert.lora_extract import write_merged_adapter
 from convert.model_card import render_model_card
-from sgtv_jax.errors import NumericsError, SgtvError
-from sgtv_jax.merge.plan import MergeInfo, ObsOptions, PlanError, TensorPlan, maps_zero_to_zero, merge_planned
+from sgtv_jax.merge.plan import MergeInfo, ObsOptions, TensorPlan, merge_planned
 from sgtv_jax.merge.trim import Calibration
 from sgtv_jax.pipeline.adamerge import learn_weights
 from sgtv_jax.pipeline.arch import arch_of
@@ -64,9 +80,10 @@ from sgtv_jax.pipeline.datafree import (
     require_flax_family,
     uses_by_name,
 )
+from sgtv_jax.pipeline.driver import merged_record, task_vectors, translated, unchanged, unchanged_record
+from sgtv_jax.pipeline.export_run import FORMATS, check_request, export, follow, merge_inputs
 from sgtv_jax.pipeline.mapped import mapped_run, saves_tokenizer, write_output_files
 from sgtv_jax.pipeline.mesh import describe, is_writer, make_mesh
-from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import (
     PLOT_FILE,
@@ -98,8 +115,6 @@ __all__ = [
     "run_merge",
 ]
 
-FORMATS = ("hf", "orbax")
-
 
 def merge_tensor(
     method: str,
@@ -126,10 +141,6 @@ def merge_tensor(
     elif fields or (plan.method, plan.name) != (method, name):
         raise TypeError("merge_tensor: give a plan for this method and name, or its fields, not both")
     return merge_planned(plan, deltas, Calibration(hessian=hessian) if hessian is not None else None, base=base)
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a, dtype=np.float32)
 
 
 class MergeRun:
@@ -274,8 +285,8 @@ class MergeRun:
         `hessian_stats`: the report's `hessian_tokens` / `hessian_fallback` of a calibrated layer.
         """
         t0 = time.perf_counter()
-        b = _f32(base)
-        deltas = _task_vectors(b, fts, self.T)
+        b = np.asarray(base, dtype=np.float32)
+        deltas = task_vectors(b, fts, self.T)
         transpose = base.ndim == 2 and not torch_layout
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
@@ -289,23 +300,11 @@ class MergeRun:
             **(hessian_stats or {}),
         )
         with self.timer("prune"):
-            unchanged = maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(self.T))
-            if not unchanged:
+            same = unchanged(plan, deltas)
+            if not same:
                 merged, trimmed, info = self._merge_planned(plan, deltas, hessian, b.T if transpose else b)
-        if unchanged:
-            # No model changed this tensor: every trim and method maps zero task vectors
-            # to a zero merge, so the base tensor is the result (no OBS / sort work).
-            self.records.append(
-                LayerRecord(
-                    **record,
-                    trim="unchanged",
-                    kept_density=[0.0] * self.T,
-                    damping=None,
-                    trim_error=None,
-                    merge_error=None,
-                    time_s=time.perf_counter() - t0,
-                )
-            )
+        if same:  # the base tensor is the result (`driver.unchanged`)
+            self.records.append(unchanged_record(record, self.T, t0))
             return b.astype(self.out_dtype)
         with self.timer("merge"):
             kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(self.T)]
@@ -322,36 +321,16 @@ class MergeRun:
             if transpose:
                 merged = merged.T
             out = np.asarray(b + np.asarray(merged, np.float32)).astype(self.out_dtype)
-        self.records.append(
-            LayerRecord(
-                **record,
-                trim=info.trim,
-                kept_density=kept,
-                damping=info.damping,
-                trim_error=trim_err,
-                merge_error=merge_err,
-                time_s=time.perf_counter() - t0,
-            )
-        )
+        self.records.append(merged_record(record, info, kept, t0, trim_err, merge_err))
         return out
 
     def _merge_planned(
         self, plan: TensorPlan, deltas: jax.Array, hessian: jax.Array | None, base: np.ndarray
     ) -> tuple[jax.Array, jax.Array, MergeInfo]:
-        try:
+        with translated(plan):
             merged, trimmed, info = merge_tensor(
                 plan.method, deltas, name=plan.name, plan=plan, hessian=hessian, base=jnp.asarray(base)
             )
-        except SgtvError:
-            raise
-        except PlanError as e:  # the config asks what the method cannot do for this tensor
-            raise ConfigError(str(e)) from e
-        except ValueError as e:
-            # The merge library's checks (an indefinite Hessian after damping, magprune's
-            # density/epsilon bounds, ...) fail on this tensor's data: say which tensor.
-            raise NumericsError(
-                f"merging tensor {plan.name!r} ({plan.method}, trim {plan.trim or 'default'}): {e}"
-            ) from e
         return jax.block_until_ready(merged), trimmed, info
 
     def report(self, wall_s: float) -> dict[str, Any]:
@@ -377,25 +356,6 @@ class MergeRun:
         self.ckpts.close()
 
 
-def _follow(run: MergeRun, t0: float) -> dict[str, Any]:
-    """A process other than 0: run the merge with process 0 (its collectives need every process), write nothing."""
-    try:
-        for _ in run.tensors():
-            pass
-        rep = with_export_time(run.report(time.perf_counter() - t0), time.perf_counter() - t0)
-        return {**rep, "process": jax.process_index(), "written": False}
-    finally:
-        run.close()
-
-
-def _task_vectors(b: np.ndarray, fts: Sequence[np.ndarray] | Callable[[int], np.ndarray], tasks: int) -> jax.Array:
-    """`[T, ...]` float32 stack of `ft_t - b`, built in one buffer."""
-    d = np.empty((tasks,) + b.shape, np.float32)
-    for t in range(tasks):
-        np.subtract(_f32(fts(t) if callable(fts) else fts[t]), b, out=d[t])
-    return jax.device_put(d)  # zero-copy on CPU (jnp.asarray makes two copies here)
-
-
 def _linear_hessian(hess: dict[str, jax.Array], local: str, base: np.ndarray) -> jax.Array | None:
     """The Hessian of block tensor `local` (HF name within the block) if it is a linear layer's weight."""
     if not local.endswith(".weight") or base.ndim != 2:
@@ -403,18 +363,54 @@ def _linear_hessian(hess: dict[str, jax.Array], local: str, base: np.ndarray) ->
     return hess.get(local[: -len(".weight")])
 
 
-def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
-    """Every path a merge reads, labelled by its config key: the output may overlap none of them."""
-    inputs = {"base_model": cfg.base_model}
-    for t, m in enumerate(cfg.models):
-        inputs[f"models[{t}].model"] = m.model
-        if m.adapter:
-            inputs[f"models[{t}].adapter"] = m.adapter
-        for k, f in enumerate(m.calibration.data if m.calibration is not None else ()):
-            inputs[f"models[{t}].calibration.data[{k}]"] = f
-    for k, f in enumerate(cfg.calibration.data if cfg.calibration is not None else ()):
-        inputs[f"calibration.data[{k}]"] = f
-    return inputs
+class _Following(NamedTuple):
+    """A calibrated merge this process takes part in without writing (`export_run.follow`)."""
+
+    run: MergeRun
+
+
+def _driver(
+    cfg: MergeConfig,
+    model_type: str,
+    format: str,
+    writer: bool,
+    progress: bool,
+    hessian_sink: dict[str, np.ndarray] | None,
+    mesh: Mesh | None,
+) -> tuple[MergeRun | DataFreeRun | _Following | dict[str, Any], str | None]:
+    """The planner's choice of run driver for `cfg` (see `run_merge`), and the output chat template.
+
+    Returns (the driver, or a `_Following` calibrated merge for a process that
+    writes nothing, or the short report of a process with nothing to do; the template).
+    """
+    by_name = uses_by_name(cfg, model_type)
+    if not by_name:
+        require_flax_family(cfg, model_type)
+    run: MergeRun | DataFreeRun
+    idle = {"process": jax.process_index(), "written": False}
+    if not writer and (by_name or not cfg.needs_calibration()):
+        return idle, None  # nothing to share: process 0 merges
+    mapped = mapped_run(cfg, by_name=by_name, progress=progress and writer)  # slices / re-indexed vocabulary
+    if not writer and mapped is not None:
+        mapped.close()
+        return idle, None
+    try:  # the chat template is read and checked before the first tensor is merged
+        template = output_chat_template(cfg, saves_tokenizer=saves_tokenizer(mapped))
+    except BaseException:
+        if mapped is not None:
+            mapped.close()
+        raise
+    if mapped is not None or by_name:
+        run = mapped if mapped is not None else DataFreeRun(cfg, progress=progress)
+        why = run.orbax_refusal() if format == "orbax" else None
+        if why is not None:
+            run.close()
+            raise ConfigError(why)
+    elif not writer:
+        return _Following(MergeRun(cfg, hessian_sink=hessian_sink, progress=False, mesh=mesh)), template
+    else:
+        run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress, mesh=mesh)
+    return run, template
 
 
 def run_merge(
@@ -445,33 +441,9 @@ def run_merge(
     that rank in `out/adapter` (`convert.lora_extract`), part of the same
     atomic output. `expert_layout` "fused" (MoE models, format "hf") writes the
     experts in transformers 5's fused layout (`convert.expert_layout`).
-
-    A merge that needs no calibration data runs by tensor name on any
-    architecture (`datafree.DataFreeRun`; `uses_by_name` says when); Orbax
-    output then needs the base's Flax family and unchanged parameter set, and
-    is refused otherwise. A merge that needs calibration data runs block by
-    block (`MergeRun`) and needs a Flax family of the base's architecture,
-    on `mesh` (None: `mesh.make_mesh(cfg.devices)`). Under `jax.distributed`
-    (`mesh.init_distributed`) every process calls this with the same config:
-    process 0 checks and writes `out`; the others run the calibrated merge
-    with it (their devices hold their share of the calibration windows),
-    write nothing, and return its report; a merge without calibration data
-    runs on process 0 alone. A method that learns its weights (`adamerging`)
-    first runs its learning pass on process 0 (`adamerge.learn_weights`: Flax
-    family needed), then merges by name with the learned weights; the report
-    holds them under "adamerging", its "config" the config as given.
+    Which driver runs it, and how processes share it: the module doc.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
-    if lora_rank is not None and (
-        format != "hf" or isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1
-    ):
-        raise ConfigError(
-            f"--lora {lora_rank!r}: the adapter's rank must be a positive integer, and it is written "
-            "beside a Hugging Face model (--format hf)"
-        )
-    if format != "hf" and cfg.chat_template is not None:  # Orbax output carries no tokenizer files
-        raise ConfigError(f"chat_template: --format {format} has no tokenizer_config.json to hold it; use --format hf")
+    check_request(cfg, format, lora_rank)
     out = Path(out)
     inputs = merge_inputs(cfg)
     writer = is_writer()
@@ -490,32 +462,11 @@ def run_merge(
             return {"process": jax.process_index(), "written": False}
         learned = learn_weights(cfg, progress=progress)
         cfg = learned.config
-    by_name = uses_by_name(cfg, model_type)
-    if not by_name:
-        require_flax_family(cfg, model_type)
-    run: MergeRun | DataFreeRun
-    if not writer and (by_name or not cfg.needs_calibration()):
-        return {"process": jax.process_index(), "written": False}  # nothing to share: process 0 merges
-    mapped = mapped_run(cfg, by_name=by_name, progress=progress and writer)  # slices / re-indexed vocabulary
-    if not writer and mapped is not None:
-        mapped.close()
-        return {"process": jax.process_index(), "written": False}
-    try:  # the chat template is read and checked before the first tensor is merged
-        template = output_chat_template(cfg, saves_tokenizer=saves_tokenizer(mapped))
-    except BaseException:
-        if mapped is not None:
-            mapped.close()
-        raise
-    if mapped is not None or by_name:
-        run = mapped if mapped is not None else DataFreeRun(cfg, progress=progress)
-        why = run.orbax_refusal() if format == "orbax" else None
-        if why is not None:
-            run.close()
-            raise ConfigError(why)
-    elif not writer:
-        return _follow(MergeRun(cfg, hessian_sink=hessian_sink, progress=False, mesh=mesh), t0)
-    else:
-        run = MergeRun(cfg, hessian_sink=hessian_sink, progress=progress, mesh=mesh)
+    run, template = _driver(cfg, model_type, format, writer, progress, hessian_sink, mesh)
+    if isinstance(run, dict):  # a process that writes nothing: its short report
+        return run
+    if isinstance(run, _Following):
+        return follow(run.run, t0)
     box: dict[str, Any] = {}
 
     def finalize(tmp: Path) -> None:
@@ -537,47 +488,10 @@ def run_merge(
             fuse_expert_files(tmp, cfg.max_shard_size)
 
     try:
-        if format == "hf" and isinstance(run, DataFreeRun):
-            # every output tensor comes from the run (base copies included), with the plan's config
-            base_dir = Path(run.base.path)
-            export_hf(
-                run.tensor_chunks(),
-                out,
-                config=run.plan.config,
-                dtype=run.out_dtype_name,
-                copy_files_from=base_dir if base_dir.is_dir() else None,
-                max_shard_size=cfg.max_shard_size,
-                overwrite=overwrite,
-                finalize=finalize,
-                inputs=inputs,
-            )
-        elif format == "hf":
-            export_hf(
-                run.tensors(),
-                out,
-                base=run.base,
-                dtype=run.out_dtype_name,
-                max_shard_size=cfg.max_shard_size,
-                overwrite=overwrite,
-                finalize=finalize,
-                inputs=inputs,
-            )
-        else:
-            arch = run.arch if isinstance(run, MergeRun) else arch_of(run.base)
-            export_orbax(
-                run.tensors(),
-                out,
-                arch=arch,
-                dtype=run.out_dtype,
-                overwrite=overwrite,
-                finalize=finalize,
-                inputs=inputs,
-            )
+        export(run, out, format, cfg, finalize=finalize, inputs=inputs, overwrite=overwrite)
     finally:
         run.close()
     rep = with_export_time(box["report"], time.perf_counter() - t0)
-    try:  # final figures (export included), each file replaced atomically; the directory is complete either way
+    with contextlib.suppress(OSError):  # final figures (export included), each file replaced atomically
         write_reports(out, rep)
-    except OSError:
-        pass
     return rep

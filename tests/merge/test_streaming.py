@@ -1,6 +1,6 @@
-"""Exact selection, chunked random draws and the row-chunked merge, against independent references.
+"""Chunked random draws and the row-chunked merge, against independent references (selection: test_select.py).
 
-References: stable NumPy argsorts (selection), `jax.random` on the whole
+References: `jax.random` on the whole
 array (block draws), float64 NumPy TIES / breadcrumbs written here, and
 `merge_planned` on the whole stack (the row-chunked merge must give the same
 bits for every chunk size).
@@ -16,79 +16,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sgtv_jax.merge import blockrng, streaming
+from sgtv_jax.merge import blockrng, chunk_select, streaming
+from sgtv_jax.merge.call import interpret
 from sgtv_jax.merge.keys import task_keys, tensor_key
 from sgtv_jax.merge.plan import PlanError, TensorPlan, merge_planned
 from sgtv_jax.merge.streaming import StreamStats, bytes_per_entry, chunk_rows, merge_rows
-from sgtv_jax.select import digit_plan, largest_mask, smallest_mask
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def ref_smallest(s: np.ndarray, k: int) -> np.ndarray:
-    m = np.zeros(s.size, bool)
-    m[np.argsort(s.astype(np.float64), kind="stable")[:k]] = True
-    return m
-
-
-def ref_largest(s: np.ndarray, k: int) -> np.ndarray:
-    m = np.zeros(s.size, bool)
-    m[np.argsort(-s.astype(np.float64), kind="stable")[:k]] = True
-    return m
-
-
-def scores_with_ties(rng: np.random.Generator, n: int, dtype, kind: str) -> np.ndarray:
-    s = np.abs(rng.standard_normal(n))
-    if kind == "ties":
-        s = np.round(s * 3) / 3  # a handful of distinct values
-    elif kind == "zeros":
-        s[rng.random(n) < 0.6] = 0.0
-    return s.astype(dtype)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])
-@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros"])
-def test_selection_matches_stable_argsort(dtype, kind):
-    rng = np.random.default_rng(0)
-    small, large = jax.jit(smallest_mask), jax.jit(largest_mask)
-    for n in (1, 2, 7, 300, 5000):
-        s = scores_with_ties(rng, n, dtype, kind)
-        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-            np.testing.assert_array_equal(np.asarray(small(jnp.asarray(s), k)), ref_smallest(s, k))
-            np.testing.assert_array_equal(np.asarray(large(jnp.asarray(s), k)), ref_largest(s, k))
-
-
-def test_selection_float64_signed_zero_and_negative():
-    with jax.enable_x64(True):
-        s = np.array([0.5, -0.0, 0.0, -2.0, 3.0, 0.5, -0.0, 1e-300, np.inf], np.float64)
-        for k in range(s.size + 1):
-            got = np.asarray(smallest_mask(jnp.asarray(s), k))
-            # float order with -0 just below +0: a stable sort on (value, signbit)
-            order = sorted(range(s.size), key=lambda i: (s[i], not np.signbit(s[i])))
-            want = np.zeros(s.size, bool)
-            want[order[:k]] = True
-            np.testing.assert_array_equal(got, want)
-
-
-def test_selection_traced_k_under_vmap():
-    rng = np.random.default_rng(1)
-    rows = np.round(np.abs(rng.standard_normal((5, 200))) * 4).astype(np.float32)
-    ks = np.array([0, 17, 100, 199, 200], np.int32)
-    got = np.asarray(jax.jit(jax.vmap(largest_mask))(jnp.asarray(rows), jnp.asarray(ks)))
-    for r in range(5):
-        np.testing.assert_array_equal(got[r], ref_largest(rows[r], int(ks[r])))
-
-
-def test_digit_plan_covers_the_key():
-    for bits in (16, 32, 64):
-        for n in (1, 100, 10**4, 10**8):
-            plan = digit_plan(bits, n)
-            assert sum(w for _, w in plan) == bits and plan[-1][0] == 0
-            assert all(s == s2 + w2 for (s, _), (s2, w2) in zip(plan, plan[1:]))
-    assert len(digit_plan(32, 10**8)) == 2 and len(digit_plan(16, 10**8)) == 1
 
 
 # --------------------------------------------------------------------------- block draws
@@ -424,7 +358,7 @@ def test_tiny_task_vectors_follow_xla_arithmetic():
 
 @pytest.mark.parametrize("kind", ["distinct", "few values", "mostly zero", "two values"])
 def test_bracket_cut_takes_the_m_smallest(kind):
-    from sgtv_jax.merge.streaming import _bracket_cut
+    from sgtv_jax.select import bracket_cut
 
     rng = np.random.default_rng(11)
     n = 300_000
@@ -436,7 +370,7 @@ def test_bracket_cut_takes_the_m_smallest(kind):
     }[kind]
     ordered = np.sort(keys)
     for m in (1, 1000, n // 3, n // 2, n - 1, n):
-        cut = _bracket_cut(keys, m)
+        cut = bracket_cut(keys, m, int(chunk_select.KEY_MAX))
         assert cut is not None  # a uniform sample brackets these ranks
         below = int(np.count_nonzero(keys < cut.key))
         assert below + cut.ties == m
@@ -462,7 +396,7 @@ def missed_bracket(sample, q):
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("method,trim", [("ties", None), ("breadcrumbs_ties", None)])
 def test_histogram_fallback_equals_whole_merge(monkeypatch, method, trim, transpose):
-    monkeypatch.setattr(streaming, "_row_bracket", missed_bracket)
+    monkeypatch.setattr(chunk_select, "row_bracket", missed_bracket)
     base, models = family(13, (12, 5), 2, BF16)
     plan = plan_for(method, trim, {}, tasks=2)
     stats = StreamStats()
@@ -490,11 +424,9 @@ def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
         for dens in (0.01, 0.3, 0.5, 0.97):
             plan = TensorPlan("ties", "w", weights=(1.0,), densities=(dens,))
             chunked = streaming._Chunked(
-                plan,
-                streaming.method_spec("ties"),
-                "magnitude",
+                interpret(plan, ndim=1),
                 (dens,),
-                streaming._Source("w", reader(base), [reader(d)], (rows, cols)),
+                chunk_select.Source("w", reader(base), [reader(d)], (rows, cols)),
                 37,
                 transpose,
                 StreamStats(),
@@ -506,7 +438,7 @@ def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
             order = d.T.reshape(-1) if transpose else d.reshape(-1)
             want = np.zeros(order.size, bool)
             want[np.argsort(-np.abs(order), kind="stable")[:m]] = True
-            keys = streaming._KEY_MAX - np.abs(order).view(np.uint32)
+            keys = chunk_select.KEY_MAX - np.abs(order).view(np.uint32)
             got = keys < np.uint32(cut.key)
             eq = np.flatnonzero(keys == np.uint32(cut.key))
             if cut.ties and transpose:

@@ -33,7 +33,7 @@ from sgtv_jax.merge.specs import METHOD_SPECS, PER_MODEL_PARAMS, WITHOUT_EFFECT,
 from sgtv_jax.merge.trim import TRIMS
 from sgtv_jax.pipeline.config.values import _suggest, check_param
 
-DEFAULT_MEMORY_BUDGET = 256 << 20
+DEFAULT_MEMORY_BUDGET = defaults.MEMORY_BUDGET
 HESSIAN_SOURCES = ("base", "per_task", "merged", "per_task_merged")
 ACCUMULATIONS = ("float32", "float64")
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "float32": "fp32", "fp32": "fp32"}
