@@ -61,6 +61,31 @@ class Checkpoint(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class IndexedReader:
+    """What readers that map each tensor name to its file (``_where``) share: names, membership, size, ``with``."""
+
+    _where: dict[str, Path]  # tensor name -> the file holding it
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (shard by shard)."""
+        return list(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class LazyTensors(Mapping):
     """A read-only ``Mapping[name, np.ndarray]`` that reads each tensor on access.
 

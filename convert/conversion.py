@@ -14,8 +14,8 @@ from convert.atomic import prepare_output
 from convert.checkpoint import Checkpoint, LazyTensors
 from convert.errors import ConvertError
 from convert.export import export_hf
+from convert.gguf_export import export_gguf
 from convert.gguf_reader import GGUFCheckpoint
-from convert.gguf_tokenizer import save_gguf_tokenizer
 from convert.namemaps import get_name_map
 from convert.orbax_io import META_FILE as ORBAX_META_FILE
 from convert.orbax_io import read_orbax_metadata, restore_orbax, save_orbax
@@ -60,16 +60,13 @@ def convert_to_hf(
         validate_checkpoint(ckpt)
         out_dtype = source_dtype(ckpt) if dtype == "auto" else dtype
         if isinstance(ckpt, GGUFCheckpoint):
-            gguf_file = ckpt.path
-            return export_hf(
-                iter(ckpt),
+            return export_gguf(
+                ckpt,
                 dst,
-                config=dict(ckpt.config),
                 dtype=out_dtype,
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
                 progress=progress,
-                finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp),
                 inputs=inputs,
             )
         # Every tensor passes through from the base (UNCHANGED), cast if asked.

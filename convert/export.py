@@ -241,6 +241,32 @@ def model_files(src: str | Path) -> dict[str, Path]:
     }
 
 
+def _protected(
+    inputs: Mapping[str, str | Path] | Iterable[str | Path], base: Checkpoint | None, copy_files_from: str | Path | None
+) -> dict[str, str]:
+    """``label -> path`` the output may not overlap: `inputs`, then the base and the tokenizer source."""
+    protected = dict(labelled_inputs(inputs))
+    if base is not None:
+        protected.setdefault("the base checkpoint", str(base.path))
+    if copy_files_from is not None:
+        protected.setdefault("the tokenizer source", str(copy_files_from))
+    return protected
+
+
+def _progress_bar(
+    stream: Iterable[tuple[str, Any]],
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    base: Checkpoint | None,
+    fill_from_base: bool,
+    label: str,
+) -> Iterable[tuple[str, Any]]:
+    """`stream` under a tqdm bar whose total is the base's tensor count when filling from it, else the input's (if known)."""
+    total = (
+        len(base) if base is not None and fill_from_base else (len(tensors) if isinstance(tensors, Mapping) else None)
+    )
+    return tqdm(stream, desc=f"export {label}", unit="tensor", total=total)
+
+
 def export_hf(
     tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
     dst: str | Path,
@@ -293,11 +319,7 @@ def export_hf(
     cfg = json.loads(json.dumps(dict(config)))  # deep copy, and proof it is JSON-serialisable
     if copy_files_from is None and base is not None and Path(base.path).is_dir():
         copy_files_from = base.path
-    protected = dict(labelled_inputs(inputs))
-    if base is not None:
-        protected.setdefault("the base checkpoint", str(base.path))
-    if copy_files_from is not None:
-        protected.setdefault("the tokenizer source", str(copy_files_from))
+    protected = _protected(inputs, base, copy_files_from)
 
     with atomic_output(dst, kind="hf", overwrite=overwrite, inputs=protected) as tmp:
         if copy_files_from is not None:  # first: a file that escapes is refused before any tensor work
@@ -306,12 +328,7 @@ def export_hf(
         tied = bool(cfg.get("tie_word_embeddings", False))
         stream: Iterable[tuple[str, Any]] = _with_base(tensors, base, fill_from_base, tied)
         if progress:
-            total = (
-                len(base)
-                if base is not None and fill_from_base
-                else (len(tensors) if isinstance(tensors, Mapping) else None)
-            )
-            stream = tqdm(stream, desc=f"export {dst.name}", unit="tensor", total=total)
+            stream = _progress_bar(stream, tensors, base, fill_from_base, dst.name)
         for name, value in stream:
             writer.add(name, _prepare(name, value, out_dtype, base))
         writer.finish()

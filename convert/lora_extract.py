@@ -122,54 +122,11 @@ def write_adapter(
     for n in names:
         by_module.setdefault(canon(_module(n)[0]), []).append(n)
 
-    layers, changed_other, unchanged = [], [], 0
     writer = StreamingSafetensorsWriter(dst / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     try:
-        for n in names:
-            w_base = np.asarray(base.get(n), np.float32)
-            delta = np.asarray(model.get(n), np.float32) - w_base
-            if not np.any(delta):
-                unchanged += 1
-                continue
-            kind = kinds.get(canon(n))
-            module, param = _module(canon(n))
-            if kind in ("linear", "conv1d") and param == "weight" and delta.ndim == 2:
-                if progress is not None:
-                    progress(module)
-                a, b, energy = low_rank(delta.T if kind == "conv1d" else delta, rank)
-                writer.add(f"{PEFT_PREFIX}{module}.lora_A.weight", a)
-                writer.add(f"{PEFT_PREFIX}{module}.lora_B.weight", b)
-                layers.append(
-                    {
-                        "module": module,
-                        "tensor": n,
-                        "kind": kind,
-                        "shape": [b.shape[0], a.shape[1]],
-                        "rank": a.shape[0],
-                        "energy": energy,
-                        "relative_error": float(np.sqrt(max(0.0, 1.0 - energy))),
-                    }
-                )
-            else:
-                norm = float(np.linalg.norm(w_base))
-                changed_other.append((n, module, kind, float(np.linalg.norm(delta)) / norm if norm else float("inf")))
-            del delta, w_base
+        layers, changed_other, unchanged = _write_factors(writer, model, base, names, rank, canon, kinds, progress)
         targets = {row["module"] for row in layers}
-        saved, dropped = [], []
-        for n, module, kind, rel in changed_other:
-            why = (
-                "its module is a LoRA target (bias 'none' adapters cannot change its other tensors)"
-                if module in targets
-                else "a tied embedding (modules_to_save would untie it from the output head)"
-                if kind == "embedding" and tied
-                else "--no-modules-to-save"
-                if not modules_to_save
-                else None
-            )
-            if why is not None:
-                dropped.append({"tensor": n, "relative_change": rel, "reason": why})
-            elif module not in saved:
-                saved.append(module)
+        saved, dropped = _saved_or_dropped(changed_other, targets, tied, modules_to_save)
         for module in saved:  # PEFT saves a modules_to_save module whole
             for n in by_module[module]:
                 writer.add(f"{PEFT_PREFIX}{canon(n)}", np.asarray(model.get(n)))
@@ -185,9 +142,95 @@ def write_adapter(
 
     config = adapter_config(base.config, rank, layers, saved, base_name)
     (dst / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    report = _report(rank, base_name, layers, saved, dropped, unchanged)
+    (dst / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+_Other = tuple[str, str, Any, float]  # (tensor, module, kind, |D| / |W_base|) of a changed non-LoRA tensor
+
+
+def _write_factors(
+    writer: StreamingSafetensorsWriter,
+    model: Checkpoint,
+    base: Checkpoint,
+    names: list[str],
+    rank: int,
+    canon: Callable[[str], str],
+    kinds: dict[str, str],
+    progress: Callable[[str], None] | None,
+) -> tuple[list[dict[str, Any]], list[_Other], int]:
+    """Write ``lora_A`` / ``lora_B`` of every changed linear weight; returns (layer rows, other changed, unchanged count)."""
+    layers: list[dict[str, Any]] = []
+    changed_other: list[_Other] = []
+    unchanged = 0
+    for n in names:
+        w_base = np.asarray(base.get(n), np.float32)
+        delta = np.asarray(model.get(n), np.float32) - w_base
+        if not np.any(delta):
+            unchanged += 1
+            continue
+        kind = kinds.get(canon(n))
+        module, param = _module(canon(n))
+        if kind in ("linear", "conv1d") and param == "weight" and delta.ndim == 2:
+            if progress is not None:
+                progress(module)
+            a, b, energy = low_rank(delta.T if kind == "conv1d" else delta, rank)
+            writer.add(f"{PEFT_PREFIX}{module}.lora_A.weight", a)
+            writer.add(f"{PEFT_PREFIX}{module}.lora_B.weight", b)
+            layers.append(
+                {
+                    "module": module,
+                    "tensor": n,
+                    "kind": kind,
+                    "shape": [b.shape[0], a.shape[1]],
+                    "rank": a.shape[0],
+                    "energy": energy,
+                    "relative_error": float(np.sqrt(max(0.0, 1.0 - energy))),
+                }
+            )
+        else:
+            norm = float(np.linalg.norm(w_base))
+            changed_other.append((n, module, kind, float(np.linalg.norm(delta)) / norm if norm else float("inf")))
+        del delta, w_base
+    return layers, changed_other, unchanged
+
+
+def _saved_or_dropped(
+    changed_other: list[_Other], targets: set[str], tied: bool, modules_to_save: bool
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """(modules saved in full, dropped rows with their reason) of the changed tensors LoRA factors do not carry."""
+    saved: list[str] = []
+    dropped: list[dict[str, Any]] = []
+    for n, module, kind, rel in changed_other:
+        why = (
+            "its module is a LoRA target (bias 'none' adapters cannot change its other tensors)"
+            if module in targets
+            else "a tied embedding (modules_to_save would untie it from the output head)"
+            if kind == "embedding" and tied
+            else "--no-modules-to-save"
+            if not modules_to_save
+            else None
+        )
+        if why is not None:
+            dropped.append({"tensor": n, "relative_change": rel, "reason": why})
+        elif module not in saved:
+            saved.append(module)
+    return saved, dropped
+
+
+def _report(
+    rank: int,
+    base_name: str,
+    layers: list[dict[str, Any]],
+    saved: list[str],
+    dropped: list[dict[str, Any]],
+    unchanged: int,
+) -> dict[str, Any]:
+    """The ``lora_report.json`` object: per-layer rows plus the summary over them."""
     energies = [row["energy"] for row in layers]
     worst = min(layers, key=lambda row: row["energy"]) if layers else None
-    report = {
+    return {
         "rank": rank,
         "base_model": base_name,
         "layers": layers,
@@ -201,8 +244,6 @@ def write_adapter(
             "worst_layer": worst["module"] if worst else None,
         },
     }
-    (dst / REPORT).write_text(json.dumps(report, indent=1) + "\n")
-    return report
 
 
 def adapter_config(

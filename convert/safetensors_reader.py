@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from convert.checkpoint import IndexedReader
 from convert.containment import contained_file
 from convert.errors import ConvertError
 from convert.model_config import check_model_config
@@ -59,7 +60,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-class SafetensorsCheckpoint:
+class SafetensorsCheckpoint(IndexedReader):
     """Lazy reader over a directory of safetensors shards.
 
     On open it validates the whole layout without reading tensor data: the index
@@ -167,9 +168,6 @@ class SafetensorsCheckpoint:
             self._config = read_config(self.path)
         return self._config
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[self._check(name)]
 
@@ -236,12 +234,6 @@ class SafetensorsCheckpoint:
         for name in self.names():
             yield name, self.get(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-    def __len__(self) -> int:
-        return len(self._where)
-
     def nbytes(self) -> int:
         """Total tensor bytes (what the index calls total_size)."""
         return sum(int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize for n, s in self._shapes.items())
@@ -251,12 +243,6 @@ class SafetensorsCheckpoint:
             self._handle.close()
         self._handle = None
         self._open_file = None
-
-    def __enter__(self) -> SafetensorsCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SafetensorsCheckpoint({str(self.path)!r}, {len(self)} tensors, {len(self.shards)} shard(s))"

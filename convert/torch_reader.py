@@ -15,6 +15,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from convert.checkpoint import IndexedReader
 from convert.containment import contained_file
 from convert.errors import ConvertError
 from convert.safetensors_reader import read_config
@@ -46,7 +47,7 @@ def torch_to_numpy(t: Any) -> np.ndarray:
     return t.numpy().copy()
 
 
-class TorchBinCheckpoint:
+class TorchBinCheckpoint(IndexedReader):
     """Reader over ``pytorch_model.bin`` (or its shards).
 
     A pickle shard can only be loaded whole, so random access holds one shard's
@@ -107,9 +108,6 @@ class TorchBinCheckpoint:
             self._config = read_config(self.path)
         return self._config
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise ConvertError(f"{self.path}: no tensor named {name!r}")
@@ -135,17 +133,5 @@ class TorchBinCheckpoint:
         for name in order:
             yield name, self.get(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-    def __len__(self) -> int:
-        return len(self._where)
-
     def close(self) -> None:
         self._cache, self._cache_file = {}, None
-
-    def __enter__(self) -> TorchBinCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

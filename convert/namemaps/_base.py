@@ -236,9 +236,24 @@ def _cheap_shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...] | Non
     return None
 
 
-def block_rules(
-    prefix: str, flax_prefix: FlaxPath, entries: Iterable[tuple[str, str, bool, tuple[int, ...]]]
-) -> list[Rule]:
+Entry = tuple[str, str, bool, tuple[int, ...]]  # (hf_local_name, flax_leaf, transpose, hf_shape) of `block_rules`
+
+
+def dense(module: str, hf_shape: tuple[int, int], transpose: bool) -> list[Entry]:
+    """`block_rules` entries of a layer's ``weight`` (`hf_shape`) and its ``bias`` (the output size).
+
+    ``transpose``: an nn.Linear ``[out, in]``; else a GPT-2 Conv1D ``[in, out]``.
+    """
+    out = hf_shape[0] if transpose else hf_shape[1]
+    return [(f"{module}.weight", "kernel", transpose, hf_shape), (f"{module}.bias", "bias", False, (out,))]
+
+
+def layer_norm(module: str, dim: int) -> list[Entry]:
+    """`block_rules` entries of a LayerNorm's ``weight`` (Flax ``scale``) and ``bias``, both ``[dim]``."""
+    return [(f"{module}.weight", "scale", False, (dim,)), (f"{module}.bias", "bias", False, (dim,))]
+
+
+def block_rules(prefix: str, flax_prefix: FlaxPath, entries: Iterable[Entry]) -> list[Rule]:
     """Rules for ``(hf_local_name, flax_leaf, transpose, hf_shape)`` entries under a prefix.
 
     ``hf_local_name`` like ``"self_attn.q_proj.weight"``; its module part is
@@ -249,3 +264,17 @@ def block_rules(
         module = tuple(local.split(".")[:-1])
         out.append(Rule(prefix + local, flax_prefix + module + (leaf,), transpose, tuple(shape)))
     return out
+
+
+MODULE_FUNCTIONS = ("hf_to_flax", "flax_to_hf", "expected_hf_tensors", "check_hf_tensor", "is_ignored")
+
+
+def module_getattr(name_map: NameMap, module: str) -> Callable[[str], Any]:
+    """A family module's ``__getattr__`` (PEP 562): its `MODULE_FUNCTIONS` are `name_map`'s methods."""
+
+    def __getattr__(name: str) -> Any:
+        if name in MODULE_FUNCTIONS:
+            return getattr(name_map, name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

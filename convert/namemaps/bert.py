@@ -25,7 +25,7 @@ from typing import Any
 
 from sgtv_jax.models.bert import BertConfig, hf_block_prefix
 
-from ._base import NameMap, Rule, block_rules
+from ._base import NameMap, Rule, block_rules, dense, layer_norm, module_getattr
 
 
 def _config(config: Any) -> BertConfig:
@@ -57,22 +57,14 @@ def _rules(cfg: BertConfig) -> list[Rule]:
             hf_block_prefix(i),
             ("blocks", i),
             [
-                ("attention.self.query.weight", "kernel", True, (d, d)),
-                ("attention.self.query.bias", "bias", False, (d,)),
-                ("attention.self.key.weight", "kernel", True, (d, d)),
-                ("attention.self.key.bias", "bias", False, (d,)),
-                ("attention.self.value.weight", "kernel", True, (d, d)),
-                ("attention.self.value.bias", "bias", False, (d,)),
-                ("attention.output.dense.weight", "kernel", True, (d, d)),
-                ("attention.output.dense.bias", "bias", False, (d,)),
-                ("attention.output.LayerNorm.weight", "scale", False, (d,)),
-                ("attention.output.LayerNorm.bias", "bias", False, (d,)),
-                ("intermediate.dense.weight", "kernel", True, (f, d)),
-                ("intermediate.dense.bias", "bias", False, (f,)),
-                ("output.dense.weight", "kernel", True, (d, f)),
-                ("output.dense.bias", "bias", False, (d,)),
-                ("output.LayerNorm.weight", "scale", False, (d,)),
-                ("output.LayerNorm.bias", "bias", False, (d,)),
+                *dense("attention.self.query", (d, d), transpose=True),
+                *dense("attention.self.key", (d, d), transpose=True),
+                *dense("attention.self.value", (d, d), transpose=True),
+                *dense("attention.output.dense", (d, d), transpose=True),
+                *layer_norm("attention.output.LayerNorm", d),
+                *dense("intermediate.dense", (f, d), transpose=True),
+                *dense("output.dense", (d, f), transpose=True),
+                *layer_norm("output.LayerNorm", d),
             ],
         )
     if cfg.add_pooling_layer:
@@ -97,8 +89,4 @@ NAME_MAP = NameMap(
     config_fn=_config,
 )
 
-hf_to_flax = NAME_MAP.hf_to_flax
-flax_to_hf = NAME_MAP.flax_to_hf
-expected_hf_tensors = NAME_MAP.expected_hf_tensors
-check_hf_tensor = NAME_MAP.check_hf_tensor
-is_ignored = NAME_MAP.is_ignored
+__getattr__ = module_getattr(NAME_MAP, __name__)  # hf_to_flax, flax_to_hf, ... of NAME_MAP

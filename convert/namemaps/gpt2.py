@@ -25,7 +25,7 @@ from typing import Any
 
 from sgtv_jax.models.gpt2 import GPT2Config, hf_block_prefix
 
-from ._base import NameMap, Rule, block_rules
+from ._base import NameMap, Rule, block_rules, dense, layer_norm, module_getattr
 
 
 def _config(config: Any) -> GPT2Config:
@@ -42,19 +42,13 @@ def _rules(cfg: GPT2Config) -> list[Rule]:
         rules += block_rules(
             hf_block_prefix(i),
             ("blocks", i),
-            [
-                ("ln_1.weight", "scale", False, (d,)),
-                ("ln_1.bias", "bias", False, (d,)),
-                ("attn.c_attn.weight", "kernel", False, (d, 3 * d)),
-                ("attn.c_attn.bias", "bias", False, (3 * d,)),
-                ("attn.c_proj.weight", "kernel", False, (d, d)),
-                ("attn.c_proj.bias", "bias", False, (d,)),
-                ("ln_2.weight", "scale", False, (d,)),
-                ("ln_2.bias", "bias", False, (d,)),
-                ("mlp.c_fc.weight", "kernel", False, (d, f)),
-                ("mlp.c_fc.bias", "bias", False, (f,)),
-                ("mlp.c_proj.weight", "kernel", False, (f, d)),
-                ("mlp.c_proj.bias", "bias", False, (d,)),
+            [  # Conv1D layers: weights stored [in, out], so not transposed
+                *layer_norm("ln_1", d),
+                *dense("attn.c_attn", (d, 3 * d), transpose=False),
+                *dense("attn.c_proj", (d, d), transpose=False),
+                *layer_norm("ln_2", d),
+                *dense("mlp.c_fc", (d, f), transpose=False),
+                *dense("mlp.c_proj", (f, d), transpose=False),
             ],
         )
     rules += [
@@ -81,8 +75,4 @@ NAME_MAP = NameMap(
     config_fn=_config,
 )
 
-hf_to_flax = NAME_MAP.hf_to_flax
-flax_to_hf = NAME_MAP.flax_to_hf
-expected_hf_tensors = NAME_MAP.expected_hf_tensors
-check_hf_tensor = NAME_MAP.check_hf_tensor
-is_ignored = NAME_MAP.is_ignored
+__getattr__ = module_getattr(NAME_MAP, __name__)  # hf_to_flax, flax_to_hf, ... of NAME_MAP

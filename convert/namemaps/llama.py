@@ -37,7 +37,7 @@ from typing import Any
 from sgtv_jax.models.llama import LlamaConfig, hf_block_prefix
 from sgtv_jax.models.moe import EXPERT_NAMES, MOE_PREFIX
 
-from ._base import NameMap, Rule, block_rules
+from ._base import NameMap, Rule, block_rules, module_getattr
 
 
 def _config(config: Any) -> LlamaConfig:
@@ -131,8 +131,4 @@ NAME_MAP = NameMap(
     config_fn=_config,
 )
 
-hf_to_flax = NAME_MAP.hf_to_flax
-flax_to_hf = NAME_MAP.flax_to_hf
-expected_hf_tensors = NAME_MAP.expected_hf_tensors
-check_hf_tensor = NAME_MAP.check_hf_tensor
-is_ignored = NAME_MAP.is_ignored
+__getattr__ = module_getattr(NAME_MAP, __name__)  # hf_to_flax, flax_to_hf, ... of NAME_MAP

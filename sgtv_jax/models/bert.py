@@ -26,7 +26,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import (
+    Embed,
+    FamilyModel,
+    LayerNorm,
+    Linear,
+    activation,
+    attention_mask_bool,
+    block_batch,
+    dot_product_attention,
+    fixed_input_groups,
+    forward,
+)
 
 MODEL_TYPES = ("bert",)
 LINEAR_NAMES = (
@@ -46,9 +57,7 @@ INPUT_GROUPS = (
 )
 
 
-def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
-    """Linear layers of a block sharing one input (the same for every config of this family)."""
-    return INPUT_GROUPS
+input_groups = fixed_input_groups(INPUT_GROUPS)
 
 
 def hf_block_prefix(i: int) -> str:
@@ -192,10 +201,7 @@ class BertModel(FamilyModel):
         self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None
     ) -> dict[str, jax.Array]:
         """``{"mask": [B, 1, S, S]}``: bidirectional, padding keys masked."""
-        if batch is None:
-            if attention_mask is None:
-                raise ValueError("pass batch when attention_mask is None")
-            batch = attention_mask.shape[0]
+        batch = block_batch(attention_mask, batch)
         return {"mask": attention_mask_bool(attention_mask, batch, seq_len, causal=False)}
 
     def head(self, x: jax.Array) -> jax.Array:
@@ -219,12 +225,7 @@ class BertModel(FamilyModel):
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, token_type_ids: jax.Array | None = None
     ) -> jax.Array:
-        b, s = input_ids.shape
-        kw = self.block_kwargs(attention_mask, s, batch=b)
-        x = self.embed(input_ids, token_type_ids)
-        for blk in self.blocks:
-            x = blk(x, **kw)
-        return self.head(x)
+        return forward(self, input_ids, attention_mask, token_type_ids)
 
 
 MODEL_CLASS = BertModel

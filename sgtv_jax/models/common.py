@@ -203,6 +203,51 @@ class FamilyModel(nnx.Module):
         def linear_names(self) -> tuple[str, ...]: ...
 
 
+def fixed_input_groups(groups: tuple[tuple[str, ...], ...]) -> Callable[[Any], tuple[tuple[str, ...], ...]]:
+    """A family's ``input_groups(cfg)`` when its groups do not depend on the config."""
+
+    def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
+        """Linear layers of a block sharing one input (the same for every config of this family)."""
+        return groups
+
+    return input_groups
+
+
+def lm_head_unless_tied(cfg: Any, hidden: int, vocab: int, rngs: nnx.Rngs) -> Linear | None:
+    """The untied LM head ``[D -> V]`` (no bias, ``cfg.param_dtype``); None when ``cfg.tie_word_embeddings``."""
+    if cfg.tie_word_embeddings:
+        return None
+    return Linear(hidden, vocab, use_bias=False, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def block_batch(attention_mask: jax.Array | None, batch: int | None) -> int:
+    """The batch size of ``block_kwargs``: `batch`, else the rows of `attention_mask` ``[B, S]``."""
+    if batch is None:
+        if attention_mask is None:
+            raise ValueError("pass batch when attention_mask is None")
+        batch = attention_mask.shape[0]
+    return batch
+
+
+def default_positions(positions: jax.Array | None, batch: int, seq_len: int) -> jax.Array:
+    """`positions`, else ``arange(S)`` for every row ``[B, S]`` int32 (transformers' default without position_ids)."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None], (batch, seq_len))
+    return positions
+
+
+def forward(
+    model: FamilyModel, input_ids: jax.Array, attention_mask: jax.Array | None, *embed_args: Any, **block_extra: Any
+) -> jax.Array:
+    """A family model's ``__call__``: ``embed(input_ids, *embed_args)`` -> every block -> ``head``; ``[B, S]`` ids in."""
+    b, s = input_ids.shape
+    kw = model.block_kwargs(attention_mask, s, batch=b, **block_extra)
+    x = model.embed(input_ids, *embed_args)
+    for blk in model.blocks:
+        x = blk(x, **kw)
+    return model.head(x)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("capture",))
 def apply_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, capture: bool = False, **kwargs: Any):
     """Run one block given as ``nnx.split`` pieces: ``(graphdef, state, x, **block_kwargs)``.
@@ -326,15 +371,20 @@ def rope_long_inv_freq(
     return tuple(float(v) for v in inv), int(params["original_max_position_embeddings"])
 
 
-def _yarn(base: float, dim: int, params: dict[str, Any], max_pos: int | None) -> tuple[np.ndarray, float]:
-    """YaRN: blend of interpolated and extrapolated frequencies by a linear ramp over dimensions."""
-    orig = params["original_max_position_embeddings"]
+def _rope_factor(params: dict[str, Any], orig: Any, max_pos: int | None, what: str) -> Any:
+    """The scaling ``factor``, else ``max_position_embeddings / original_max_position_embeddings``."""
     factor = params.get("factor")
     if factor is None:
         if max_pos is None:
-            raise ValueError("yarn rope without 'factor' needs max_position_embeddings")
+            raise ValueError(f"{what} without 'factor' needs max_position_embeddings")
         factor = max_pos / orig
-    factor = float(factor)
+    return factor
+
+
+def _yarn(base: float, dim: int, params: dict[str, Any], max_pos: int | None) -> tuple[np.ndarray, float]:
+    """YaRN: blend of interpolated and extrapolated frequencies by a linear ramp over dimensions."""
+    orig = params["original_max_position_embeddings"]
+    factor = float(_rope_factor(params, orig, max_pos, "yarn rope"))
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -373,11 +423,7 @@ def _longrope(
 ) -> tuple[np.ndarray, float]:
     """LongRoPE (Phi-3 "su"): per-dimension rescaling factors, short or long set."""
     orig = params["original_max_position_embeddings"]
-    factor = params.get("factor")
-    if factor is None:
-        if max_pos is None:
-            raise ValueError("longrope without 'factor' needs max_position_embeddings")
-        factor = max_pos / orig
+    factor = _rope_factor(params, orig, max_pos, "longrope")
     attention = params.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))

@@ -39,7 +39,12 @@ from .common import (
     activation,
     apply_rope,
     attention_mask_bool,
+    block_batch,
+    default_positions,
     dot_product_attention,
+    fixed_input_groups,
+    forward,
+    lm_head_unless_tied,
     rope_inv_freq,
 )
 
@@ -63,9 +68,7 @@ INPUT_GROUPS = (
 )
 
 
-def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
-    """Linear layers of a block sharing one input (the same for every config of this family)."""
-    return INPUT_GROUPS
+input_groups = fixed_input_groups(INPUT_GROUPS)
 
 
 def hf_block_prefix(i: int) -> str:
@@ -278,11 +281,7 @@ class GemmaForCausalLM(FamilyModel):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([GemmaBlock(cfg, lt, rngs=rngs) for lt in cfg.layer_types])
         self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
-        )
+        self.lm_head = lm_head_unless_tied(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -302,18 +301,14 @@ class GemmaForCausalLM(FamilyModel):
         positions: jax.Array | None = None,
     ) -> dict[str, Any]:
         """``{"masks": {layer_type: [B,1,S,S]}, "positions": [B,S]}`` for every block."""
-        if batch is None:
-            if attention_mask is None:
-                raise ValueError("pass batch when attention_mask is None")
-            batch = attention_mask.shape[0]
+        batch = block_batch(attention_mask, batch)
         masks = {
             "full_attention": attention_mask_bool(attention_mask, batch, seq_len, causal=True),
             "sliding_attention": attention_mask_bool(
                 attention_mask, batch, seq_len, causal=True, sliding_window=self.config.sliding_window
             ),
         }
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None], (batch, seq_len))
+        positions = default_positions(positions, batch, seq_len)
         return {"masks": masks, "positions": positions}
 
     def head(self, x: jax.Array) -> jax.Array:
@@ -325,12 +320,7 @@ class GemmaForCausalLM(FamilyModel):
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
     ) -> jax.Array:
-        b, s = input_ids.shape
-        kw = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
-        x = self.embed(input_ids)
-        for blk in self.blocks:
-            x = blk(x, **kw)
-        return self.head(x)
+        return forward(self, input_ids, attention_mask, positions=positions)
 
 
 MODEL_CLASS = GemmaForCausalLM

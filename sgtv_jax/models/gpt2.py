@@ -25,7 +25,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Embed, FamilyModel, LayerNorm, Linear, activation, attention_mask_bool, dot_product_attention
+from .common import (
+    Embed,
+    FamilyModel,
+    LayerNorm,
+    Linear,
+    activation,
+    attention_mask_bool,
+    block_batch,
+    dot_product_attention,
+    fixed_input_groups,
+    forward,
+    lm_head_unless_tied,
+)
 
 MODEL_TYPES = ("gpt2",)
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -33,9 +45,7 @@ LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 INPUT_GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
 
 
-def input_groups(cfg: Any) -> tuple[tuple[str, ...], ...]:
-    """Linear layers of a block sharing one input (the same for every config of this family)."""
-    return INPUT_GROUPS
+input_groups = fixed_input_groups(INPUT_GROUPS)
 
 
 def hf_block_prefix(i: int) -> str:
@@ -159,11 +169,7 @@ class GPT2LMHeadModel(FamilyModel):
         self.wpe = Embed(cfg.n_positions, cfg.n_embd, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([GPT2Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, param_dtype=pd)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Linear(cfg.n_embd, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
-        )
+        self.lm_head = lm_head_unless_tied(cfg, cfg.n_embd, cfg.vocab_size, rngs)
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -179,10 +185,7 @@ class GPT2LMHeadModel(FamilyModel):
         self, attention_mask: jax.Array | None, seq_len: int, batch: int | None = None
     ) -> dict[str, jax.Array]:
         """``{"mask": [B, 1, S, S]}``: causal and padding."""
-        if batch is None:
-            if attention_mask is None:
-                raise ValueError("pass batch when attention_mask is None")
-            batch = attention_mask.shape[0]
+        batch = block_batch(attention_mask, batch)
         return {"mask": attention_mask_bool(attention_mask, batch, seq_len, causal=True)}
 
     def head(self, x: jax.Array) -> jax.Array:
@@ -193,12 +196,7 @@ class GPT2LMHeadModel(FamilyModel):
         return self.lm_head(x)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        b, s = input_ids.shape
-        kw = self.block_kwargs(attention_mask, s, batch=b)
-        x = self.embed(input_ids)
-        for blk in self.blocks:
-            x = blk(x, **kw)
-        return self.head(x)
+        return forward(self, input_ids, attention_mask)
 
 
 MODEL_CLASS = GPT2LMHeadModel

@@ -36,12 +36,17 @@ from flax import nnx
 
 from .common import (
     Embed,
+    FamilyModel,
     Linear,
     RMSNorm,
     activation,
     apply_rope,
     attention_mask_bool,
+    block_batch,
+    default_positions,
     dot_product_attention,
+    forward,
+    lm_head_unless_tied,
     rope_inv_freq,
     rope_long_inv_freq,
 )
@@ -358,7 +363,7 @@ class LlamaBlock(nnx.Module):
         return (x, caps) if capture else x
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(FamilyModel):
     """LLaMA-family causal LM. ``__call__(input_ids [B,S], attention_mask [B,S]) -> logits [B,S,V]``."""
 
     config_class = LlamaConfig
@@ -369,11 +374,7 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pd, rngs=rngs)
         self.blocks = nnx.List([LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=pd, rngs=rngs)
-        )
+        self.lm_head = lm_head_unless_tied(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
 
     @staticmethod
     def hf_block_prefix(i: int) -> str:
@@ -400,15 +401,11 @@ class LlamaForCausalLM(nnx.Module):
         Positions default to ``arange(S)`` for every row, as transformers does
         when no ``position_ids`` are given.
         """
-        if batch is None:
-            if attention_mask is None:
-                raise ValueError("pass batch when attention_mask is None")
-            batch = attention_mask.shape[0]
+        batch = block_batch(attention_mask, batch)
         mask = attention_mask_bool(
             attention_mask, batch, seq_len, causal=True, sliding_window=self.config.sliding_window
         )
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None], (batch, seq_len))
+        positions = default_positions(positions, batch, seq_len)
         return {"mask": mask, "positions": positions}
 
     def head(self, x: jax.Array) -> jax.Array:
@@ -421,12 +418,7 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
     ) -> jax.Array:
-        b, s = input_ids.shape
-        kw: dict[str, Any] = self.block_kwargs(attention_mask, s, batch=b, positions=positions)
-        x = self.embed(input_ids)
-        for blk in self.blocks:
-            x = blk(x, **kw)
-        return self.head(x)
+        return forward(self, input_ids, attention_mask, positions=positions)
 
 
 MODEL_CLASS = LlamaForCausalLM
