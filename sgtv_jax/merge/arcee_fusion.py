@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge.interpolation import unit_weights
+from sgtv_jax.merge.interpolation import one_model_stack
 from sgtv_jax.merge.methods import Floats
 
 QUANTILE_SAMPLE = 1_000_000
@@ -77,15 +77,9 @@ def arcee_fusion(
     so its result for such tensors varies from run to run; this one is exact
     and deterministic (for up to 10^6 entries the two agree). deltas `[1, ...]`.
     """
-    where = f" for tensor {name!r}" if name else ""
+    where = _checks.where(name)
     guard = _checks.Guard()
-    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
-    if x.shape[0] != 1:
-        raise ValueError(
-            f"arcee_fusion merges exactly two models (the base and one other), got {x.shape[0]} "
-            f"fine-tuned models{where}"
-        )
-    unit_weights(weights, 1, "arcee_fusion", name, guard)
+    x = one_model_stack(deltas, weights, "arcee_fusion", name, guard)
     if base is None:
         raise ValueError(f"arcee_fusion compares the models' softmax rows and needs base=theta_0{where}")
     tau = x[0].astype(_checks.work_dtype(x.dtype))

@@ -44,7 +44,7 @@ from sgtv_jax import _checks
 from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
-from sgtv_jax.merge.methods import resolve_rescale
+from sgtv_jax.merge.methods import TrimOptions, resolve_rescale
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.trim import Calibration
 
@@ -136,11 +136,11 @@ def _trim_inputs(
     deltas: jax.Array,
     densities: Floats | jax.Array,
     trim: str | None,
-    rescale: bool,
+    rescale: bool | None,
     count: str,
     name: str | None,
     guard: _checks.Guard,
-    **kw,
+    opts: TrimOptions,
 ) -> jax.Array:
     """The trimmed stack (the stack itself without a trim; densities < 1 then refused).
 
@@ -155,8 +155,9 @@ def _trim_inputs(
         else:
             guard.require(dens == 1.0, f"densities < 1 need a trim (trim=...){_checks.where(name)}")
         return deltas
-    return trim_lib.trim(
-        trim, deltas, list(dens) if isinstance(dens, tuple) else dens, rescale=rescale, count=count, name=name, **kw
+    rescale = resolve_rescale(rescale, False, trim)  # off by default for every method here
+    return opts.trim(
+        trim, deltas, list(dens) if isinstance(dens, tuple) else dens, rescale=rescale, count=count, name=name
     )
 
 
@@ -215,22 +216,8 @@ def lstsq(
         raise ValueError(
             f"targets must have the task vectors' shape {tuple(x.shape)}, got {tuple(tgt.shape)}{_checks.where(name)}"
         )
-    trimmed = _trim_inputs(
-        x,
-        densities,
-        trim,
-        resolve_rescale(rescale, False, trim),
-        count,
-        name,
-        guard,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-    )
+    opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
+    trimmed = _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
     if sign_election != "none":
         weighted = trimmed * combine.broadcast_weights(jnp.asarray(w, dt), trimmed.ndim)
         mask = elect.agreement_mask(weighted, elect.elect_sign(weighted, sign_election))
@@ -280,22 +267,8 @@ def regmean_trim(
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
     dt = _checks.work_dtype(x.dtype)
-    trimmed = _trim_inputs(
-        x.astype(dt),
-        densities,
-        trim,
-        resolve_rescale(rescale, False, trim),
-        count,
-        name,
-        guard,
-        key=key,
-        calib=calib,
-        gamma=gamma,
-        epsilon=epsilon,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-    )
+    opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
+    trimmed = _trim_inputs(x.astype(dt), densities, trim, rescale, count, name, guard, opts)
     if grams is None and calib is not None:
         grams = calib.hessian
     return guard.apply(regmean(trimmed, weights, grams=grams, alpha=alpha, name=name))
@@ -346,22 +319,8 @@ def regmean_sparse(
         stats = Calibration(hessian=regularised_gram_sum(g, jnp.asarray(w, dt), alpha))
     gam = _checks.per_task_values(gamma, tasks, "gamma", name, guard)
     eps = _checks.per_task_values(epsilon, tasks, "epsilon", name, guard)
-    out = _trim_inputs(
-        merged[None],
-        _mean(dens),
-        trim,
-        resolve_rescale(rescale, False, trim),
-        count,
-        name,
-        guard,
-        key=key,
-        calib=stats,
-        gamma=_mean(gam),
-        epsilon=_mean(eps),
-        blocksize=blocksize,
-        percdamp=percdamp,
-        refit=refit,
-    )
+    opts = TrimOptions(key, stats, _mean(gam), _mean(eps), blocksize, percdamp, refit)
+    out = _trim_inputs(merged[None], _mean(dens), trim, rescale, count, name, guard, opts)
     return guard.apply(out[0])
 
 

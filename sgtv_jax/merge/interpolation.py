@@ -65,6 +65,20 @@ def unit_weights(weights: Floats, tasks: int, method: str, name: str | None, gua
     guard.require(jnp.all(jnp.asarray(w) == 1.0), msg, f"{method} takes no per-model weight{_checks.where(name)}")
 
 
+def one_model_stack(
+    deltas: jax.Array, weights: Floats, method: str, name: str | None, guard: _checks.Guard
+) -> jax.Array:
+    """The `[1, ...]` stack of a method that merges the base with exactly one other model (weight 1)."""
+    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"{method} merges exactly two models (the base and one other), got {x.shape[0]} "
+            f"fine-tuned models{_checks.where(name)}"
+        )
+    unit_weights(weights, 1, method, name, guard)
+    return x
+
+
 def slerp(
     deltas: jax.Array,
     weights: Floats = 1.0,

@@ -78,7 +78,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,24 @@ from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.trim import Calibration
 
 Floats = float | Sequence[float]
+
+
+class TrimOptions(NamedTuple):
+    """The trim options a method passes on unchanged to `trim_lib.trim` (its keywords of these names)."""
+
+    key: jax.Array | None
+    calib: Calibration | None
+    gamma: Floats | jax.Array  # traced inside a caller's jit / vmap
+    epsilon: Floats | jax.Array
+    blocksize: int
+    percdamp: float
+    refit: bool
+
+    def trim(
+        self, kind: str, deltas: jax.Array, densities: Any, *, rescale: bool, count: str, name: str | None
+    ) -> jax.Array:
+        """`trim_lib.trim(kind, deltas, densities, ...)` with these options: `[T, ...]` -> `[T, ...]`."""
+        return trim_lib.trim(kind, deltas, densities, rescale=rescale, count=count, name=name, **self._asdict())
 
 
 def generalized_task_arithmetic(
@@ -127,21 +145,8 @@ def generalized_task_arithmetic(
     dt = _checks.work_dtype(deltas.dtype)
     x = deltas.astype(dt)
     if trim is not None:
-        x = trim_lib.trim(
-            trim,
-            x,
-            dens,
-            key=key,
-            calib=calib,
-            gamma=gamma,
-            epsilon=epsilon,
-            rescale=rescale,
-            blocksize=blocksize,
-            percdamp=percdamp,
-            refit=refit,
-            name=name,
-            count=count,
-        )
+        opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
+        x = opts.trim(trim, x, dens, rescale=rescale, count=count, name=name)
     else:
         if count != "round":
             raise ValueError(

@@ -325,19 +325,50 @@ def merge(
     options = {k: v for k, v in zip(_TRIM_OPTIONS, (trim, blocksize, percdamp, prunen, prunem, refit)) if v is not None}
     given = {"weights": weights, "densities": densities, "gamma": gamma, "epsilon": epsilon}
     _check_arguments(spec, params, options, given)
+    base_leaves, treedef, names, model_leaves = _checked_leaves(base, models)
+    tasks = len(models)
+    floats = [n for n in names if jnp.issubdtype(jnp.asarray(base_leaves[n]).dtype, jnp.floating)]
+    # ---- plan: resolve and validate every tensor's parameters before merging anything
+    problems: list[str] = []
+    inp = _Inputs(
+        spec,
+        tasks,
+        _split_per_model_specs(spec, given, tasks, problems),
+        params,
+        options,
+        {"hessians": hessians, "hessian_invs": hessian_invs, "norms": norms},
+        layout,
+        seed,
+        block_of,
+        _num_layers(block_of, floats),
+    )
+    plans = _plan_tensors(inp, floats, base_leaves, problems)
+    # ---- merge tensor by tensor
+    out = [_merge_tensor(plans.get(name), base_leaves[name], [m[name] for m in model_leaves]) for name in names]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _num_layers(block_of: Callable[[str], int | None] | None, floats: list[str]) -> int | None:
+    """One more than the largest block index `block_of` gives the floating tensors (None: no blocks)."""
+    blocks = [b for b in map(block_of, floats) if b is not None] if block_of is not None else []
+    return max(blocks) + 1 if blocks else None
+
+
+def _checked_leaves(base: Any, models: Sequence[Any]) -> tuple[dict[str, Any], Any, list[str], list[dict[str, Any]]]:
+    """`named_leaves(base)` and each model's leaves, after the models' names, shapes and values are checked."""
     if isinstance(models, Mapping) or not isinstance(models, Sequence) or len(models) == 0:
         raise ValueError("models must be a non-empty sequence of fine-tuned models")
-    tasks = len(models)
-
     base_leaves, treedef, names = named_leaves(base)
     model_leaves = [named_leaves(m)[0] for m in models]
     _check_models(base_leaves, model_leaves)
     _check_finite(base_leaves, model_leaves, names)
-    floats = [n for n in names if jnp.issubdtype(jnp.asarray(base_leaves[n]).dtype, jnp.floating)]
-    blocks = [b for b in map(block_of, floats) if b is not None] if block_of is not None else []
+    return base_leaves, treedef, names, model_leaves
 
-    # ---- plan: resolve and validate every tensor's parameters before merging anything
-    problems: list[str] = []
+
+def _split_per_model_specs(
+    spec: MethodSpec, given: dict[str, Any], tasks: int, problems: list[str]
+) -> dict[str, list[Any]]:
+    """The method's per-model keywords -> one spec per model; spec errors go to `problems`."""
     per_model_specs = {}
     for kw, v in given.items():
         if kw in call_args(spec):
@@ -345,19 +376,13 @@ def merge(
                 per_model_specs[kw] = split_per_model(v, tasks, kw)
             except SpecError as e:
                 problems.append(str(e))
-    stats = {"hessians": hessians, "hessian_invs": hessian_invs, "norms": norms}
-    inp = _Inputs(
-        spec,
-        tasks,
-        per_model_specs,
-        params,
-        options,
-        stats,
-        layout,
-        seed,
-        block_of,
-        max(blocks) + 1 if blocks else None,
-    )
+    return per_model_specs
+
+
+def _plan_tensors(
+    inp: _Inputs, floats: list[str], base_leaves: dict[str, Any], problems: list[str]
+) -> dict[str, _Planned]:
+    """Every floating tensor's plan; ValueError listing all `problems` (and the plans' own) if any."""
     plans: dict[str, _Planned] = {}
     missing: dict[str, str | None] = {}
     kinds = set()
@@ -384,21 +409,20 @@ def merge(
         problems.append("prunen/prunem (N:M) and refit act on the OBS trim: they need trim='sparsegpt'")
     if problems:
         raise ValueError("invalid merge: " + "; ".join(dict.fromkeys(problems)))
+    return plans
 
-    # ---- merge tensor by tensor
-    out = []
-    for name in names:
-        if name not in plans:
-            out.append(base_leaves[name])
-            continue
-        plan, calib, transpose = plans[name]
-        b = jnp.asarray(base_leaves[name])
-        dt = _checks.work_dtype(b.dtype)
-        deltas = jnp.stack([jnp.asarray(m[name]).astype(dt) for m in model_leaves]) - b.astype(dt)
-        if transpose:
-            deltas = jnp.swapaxes(deltas, 1, 2)
-        merged, _, _ = merge_planned(plan, deltas, calib, base=b.T if transpose else b)
-        if transpose:
-            merged = merged.T
-        out.append((b.astype(merged.dtype) + merged).astype(b.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+
+def _merge_tensor(planned: _Planned | None, base: Any, tuned: list[Any]) -> Any:
+    """`base + merged delta` in base's dtype; `base` itself when the tensor has no plan (not floating)."""
+    if planned is None:
+        return base
+    plan, calib, transpose = planned
+    b = jnp.asarray(base)
+    dt = _checks.work_dtype(b.dtype)
+    deltas = jnp.stack([jnp.asarray(m).astype(dt) for m in tuned]) - b.astype(dt)
+    if transpose:
+        deltas = jnp.swapaxes(deltas, 1, 2)
+    merged, _, _ = merge_planned(plan, deltas, calib, base=b.T if transpose else b)
+    if transpose:
+        merged = merged.T
+    return (b.astype(merged.dtype) + merged).astype(b.dtype)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from sgtv_jax import _checks
-from sgtv_jax.merge.interpolation import unit_weights
+from sgtv_jax.merge.interpolation import one_model_stack
 from sgtv_jax.merge.methods import Floats
 
 
@@ -23,14 +23,9 @@ def nearswap(
     An entry moves fully to the other model where `|tau| <= t` and by `t/|tau|`
     of the way elsewhere. `t` (required, >= 0) may be traced. deltas `[1, ...]`.
     """
-    where = f" for tensor {name!r}" if name else ""
+    where = _checks.where(name)
     guard = _checks.Guard()
-    x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
-    if x.shape[0] != 1:
-        raise ValueError(
-            f"nearswap merges exactly two models (the base and one other), got {x.shape[0]} fine-tuned models{where}"
-        )
-    unit_weights(weights, 1, "nearswap", name, guard)
+    x = one_model_stack(deltas, weights, "nearswap", name, guard)
     if t is None:
         raise ValueError(f"nearswap needs t (the distance below which the other model's value is taken){where}")
     tt = jnp.asarray(t)

@@ -27,7 +27,7 @@ def passthrough(
     `base` is needed only for `scale != 1`. deltas `[1, ...]`. mergekit gives
     `scale` per model; with one model that is this one value.
     """
-    where = f" for tensor {name!r}" if name else ""
+    where = _checks.where(name)
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard, min_ndim=0)
     if x.shape[0] != 1:

@@ -17,7 +17,7 @@ from sgtv_jax import _checks
 from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
-from sgtv_jax.merge.methods import Floats, resolve_rescale
+from sgtv_jax.merge.methods import Floats, TrimOptions, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
 
 
@@ -88,21 +88,8 @@ def sce(
     x = x.astype(_checks.work_dtype(x.dtype))
     rescale = resolve_rescale(rescale, False, trim)
     if trim is not None:
-        x = trim_lib.trim(
-            trim,
-            x,
-            dens,
-            key=key,
-            calib=calib,
-            gamma=gamma,
-            epsilon=epsilon,
-            rescale=rescale,
-            blocksize=blocksize,
-            percdamp=percdamp,
-            refit=refit,
-            count=count,
-            name=name,
-        )
+        opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
+        x = opts.trim(trim, x, dens, rescale=rescale, count=count, name=name)
     else:
         _no_trim_args(dens, rescale, count, guard, name)
     if _checks.is_traced(select_topk) or float(select_topk) < 1.0:
