@@ -262,145 +262,25 @@ def plan_by_name(
     labels = list(labels) if labels is not None else [f"models[{t}]" for t in range(len(models))]
     b = _Headers(base, base_label)
     fts = [_Headers(m, lab) for m, lab in zip(models, labels)]
-    everyone = [b] + fts
-    problems: list[str] = []
-    rules: list[dict[str, Any]] = []
     mt = str(b.config.get("model_type"))
-    for h in fts:
-        if h.config.get("model_type") != b.config.get("model_type"):
-            problems.append(
-                f"{h.label}: architecture {h.config.get('model_type')!r} differs from the base model's {mt!r}"
-            )
-    if problems:
-        raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
-    vocabs = {h.vocab for h in everyone if h.vocab is not None}
-    vocab_names = {
-        n
-        for n in {n for h in everyone for n in h.order}
-        if vocab_out is not None and all(is_vocab_tensor(n, h.shapes[n], h.vocab) for h in everyone if n in h.names)
-    }
-    if vocab_names:  # re-indexed to one vocabulary: compare them by their other axes
-        for h in everyone:
-            for n in vocab_names & h.names:
-                h.shapes[n] = (int(vocab_out or 0),) + h.shapes[n][1:]
-        vocabs = {int(vocab_out or 0)}
-    if len(vocabs) > 1:
-        listed = ", ".join(f"{h.label}: {h.vocab}" for h in everyone)
-        problems.append(vocab_message(f"vocabulary sizes (config vocab_size) differ ({listed})"))
-
-    in_all = [n for n in b.order if all(n in h.names for h in fts)]
-    # --- output heads that some (tied) models do not store
-    heads: dict[str, str] = {}  # head name -> the tied input embedding standing in for it
+    _refuse_other_architectures(b, fts, mt)
+    problems: list[str] = []
+    vocab_names, vocabs = _vocab_axes([b] + fts, vocab_out, problems)
     union = list(dict.fromkeys(b.order + [n for h in fts for n in h.order]))
-    for n in union:
-        holders = [h for h in everyone if n in h.names]
-        lacking = [h for h in everyone if n not in h.names]
-        if not lacking or not all(h.ties for h in lacking):
-            continue
-        shape = holders[0].shapes[n]
-        if len(shape) != 2:
-            continue
-        partner = _tie_partner(n, shape, in_all, b.shapes, vocab_out if vocab_names else b.vocab)
-        if partner is not None:
-            heads[n] = partner
-
-    name_map = _name_map_layout(mt, b.config) if not problems else None
+    heads = _tied_heads(b, fts, union, vocab_out if vocab_names else b.vocab)
+    pairing = _Pairing(b, fts, vocabs, _name_map_layout(mt, b.config) if not problems else None, mt, problems)
     depths = stack_depths(b.order)
     out_config = dict(b.config)
     entries: list[TensorEntry] = []
-
-    def where(n: str) -> tuple[int | None, int]:
-        blk = block_of(n)
-        return (None, 0) if blk is None else (blk[1], depths.get(blk[0], blk[1] + 1))
-
     for n in b.order + [n for n in union if n not in b.names]:
-        blk, depth = where(n)
+        blk = block_of(n)
+        where = (None, 0) if blk is None else (blk[1], depths.get(blk[0], blk[1] + 1))
         if n in heads:
-            entry = _head_entry(n, heads[n], b, fts, out_config, rules, blk, depth)
-            if entry is not None:
-                entries.append(entry)
-            continue
-        if n not in b.names:
-            first = next(t for t, h in enumerate(fts) if n in h.names)
-            entries.append(
-                TensorEntry(
-                    n,
-                    COPY,
-                    fts[first].shapes[n],
-                    source=first,
-                    block=blk,
-                    depth=depth,
-                    reason=f"not in the base: copied from {fts[first].label}",
-                )
-            )
-            rules.append(
-                {
-                    "tensor": n,
-                    "rule": "copied from the first model having it",
-                    "detail": f"the base lacks it; taken from {fts[first].label}",
-                }
-            )
-            continue
-        shape = b.shapes[n]
-        without = [h.label for h in fts if n not in h.names]
-        if without:
-            entries.append(
-                TensorEntry(
-                    n,
-                    BASE,
-                    shape,
-                    block=blk,
-                    depth=depth,
-                    reason=f"missing in {', '.join(without)}: taken from the base",
-                )
-            )
-            rules.append({"tensor": n, "rule": "taken from the base", "detail": f"{', '.join(without)} lack(s) it"})
-            continue
-        shapes = [(h.label, h.shapes[n]) for h in everyone]
-        if len({s for _, s in shapes}) > 1:
-            why = _vocab_problem(n, shapes, vocabs)
-            if why is not None:
-                if len(vocabs) <= 1:  # the configs agree but the tensors do not: say so once per tensor
-                    problems.append(vocab_message(why))
-            else:
-                problems.append(
-                    f"tensor {n!r} has different shapes: " + ", ".join(f"{lab} {list(s)}" for lab, s in shapes)
-                )
-            continue
-        if not is_float(b.dtypes[n]):
-            entries.append(
-                TensorEntry(
-                    n,
-                    BASE,
-                    shape,
-                    block=blk,
-                    depth=depth,
-                    reason=f"{b.dtypes[n]} tensor (not a weight): taken from the base",
-                )
-            )
-            continue
-        transpose = False
-        if name_map is not None:
-            try:
-                rule = name_map(n)
-            except ValueError:
-                rule = False  # a name the name map does not know: merged as stored, like any architecture
-            if rule is None:
-                entries.append(
-                    TensorEntry(
-                        n,
-                        BASE,
-                        shape,
-                        block=blk,
-                        depth=depth,
-                        reason=f"not a parameter of the {mt} name map: taken from the base",
-                    )
-                )
-                continue
-            transpose = bool(rule) and len(shape) == 2 and not rule.transpose
-        entries.append(
-            TensorEntry(n, MERGE, shape, sources=(n,) * len(everyone), block=blk, depth=depth, transpose=transpose)
-        )
+            entry = _head_entry(n, heads[n], b, fts, out_config, pairing.rules, *where)
+        else:
+            entry = pairing.entry(n, *where)
+        if entry is not None:
+            entries.append(entry)
     if problems:
         raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
     if vocab_names:
@@ -415,11 +295,136 @@ def plan_by_name(
         mt,
         tuple(entries),
         out_config,
-        tuple(rules),
+        tuple(pairing.rules),
         depths,
         next(iter(vocabs)) if vocabs else None,
-        name_map is not None,
+        pairing.name_map is not None,
     )
+
+
+def _refuse_other_architectures(b: _Headers, fts: list[_Headers], mt: str) -> None:
+    """ConfigError listing every model whose `model_type` is not the base's `mt`."""
+    problems = [
+        f"{h.label}: architecture {h.config.get('model_type')!r} differs from the base model's {mt!r}"
+        for h in fts
+        if h.config.get("model_type") != b.config.get("model_type")
+    ]
+    if problems:
+        raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
+
+
+def _vocab_axes(everyone: list[_Headers], vocab_out: int | None, problems: list[str]) -> tuple[set[str], set[int]]:
+    """(the vocabulary-indexed tensors re-indexed to `vocab_out` rows, the vocabulary sizes left to compare).
+
+    Sets the re-indexed tensors' shapes to `vocab_out` rows in each header, so
+    they compare by their other axes; appends to `problems` when the configs'
+    vocabulary sizes still differ.
+    """
+    vocabs = {h.vocab for h in everyone if h.vocab is not None}
+    vocab_names = {
+        n
+        for n in {n for h in everyone for n in h.order}
+        if vocab_out is not None and all(is_vocab_tensor(n, h.shapes[n], h.vocab) for h in everyone if n in h.names)
+    }
+    if vocab_names:  # re-indexed to one vocabulary: compare them by their other axes
+        for h in everyone:
+            for n in vocab_names & h.names:
+                h.shapes[n] = (int(vocab_out or 0),) + h.shapes[n][1:]
+        vocabs = {int(vocab_out or 0)}
+    if len(vocabs) > 1:
+        listed = ", ".join(f"{h.label}: {h.vocab}" for h in everyone)
+        problems.append(vocab_message(f"vocabulary sizes (config vocab_size) differ ({listed})"))
+    return vocab_names, vocabs
+
+
+def _tied_heads(b: _Headers, fts: list[_Headers], union: list[str], vocab: int | None) -> dict[str, str]:
+    """Output heads that some (tied) models do not store: head name -> the tied input embedding standing in."""
+    everyone = [b] + fts
+    in_all = [n for n in b.order if all(n in h.names for h in fts)]
+    heads: dict[str, str] = {}
+    for n in union:
+        holders = [h for h in everyone if n in h.names]
+        lacking = [h for h in everyone if n not in h.names]
+        if not lacking or not all(h.ties for h in lacking):
+            continue
+        shape = holders[0].shapes[n]
+        if len(shape) != 2:
+            continue
+        partner = _tie_partner(n, shape, in_all, b.shapes, vocab)
+        if partner is not None:
+            heads[n] = partner
+    return heads
+
+
+def _from_base(n: str, shape: tuple[int, ...], blk: int | None, depth: int, reason: str) -> TensorEntry:
+    """Tensor `n` copied from the base, for `reason`."""
+    return TensorEntry(n, BASE, shape, block=blk, depth=depth, reason=reason)
+
+
+@dataclasses.dataclass
+class _Pairing:
+    """Decides each tensor other than a tied head by its name; collects `problems` and `rules` on the way."""
+
+    b: _Headers
+    fts: list[_Headers]
+    vocabs: set[int]
+    name_map: Any
+    mt: str
+    problems: list[str]
+    rules: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def entry(self, n: str, blk: int | None, depth: int) -> TensorEntry | None:
+        """Tensor `n`'s entry (None: a problem, listed); block `blk` of a stack `depth` deep."""
+        b, fts = self.b, self.fts
+        if n not in b.names:
+            first = next(t for t, h in enumerate(fts) if n in h.names)
+            label = fts[first].label
+            self.rules.append(
+                {
+                    "tensor": n,
+                    "rule": "copied from the first model having it",
+                    "detail": f"the base lacks it; taken from {label}",
+                }
+            )
+            reason = f"not in the base: copied from {label}"
+            return TensorEntry(n, COPY, fts[first].shapes[n], source=first, block=blk, depth=depth, reason=reason)
+        shape = b.shapes[n]
+        without = [h.label for h in fts if n not in h.names]
+        if without:
+            self.rules.append(
+                {"tensor": n, "rule": "taken from the base", "detail": f"{', '.join(without)} lack(s) it"}
+            )
+            return _from_base(n, shape, blk, depth, f"missing in {', '.join(without)}: taken from the base")
+        shapes = [(h.label, h.shapes[n]) for h in [b] + fts]
+        if len({s for _, s in shapes}) > 1:
+            why = _vocab_problem(n, shapes, self.vocabs)
+            if why is not None:
+                if len(self.vocabs) <= 1:  # the configs agree but the tensors do not: say so once per tensor
+                    self.problems.append(vocab_message(why))
+            else:
+                self.problems.append(
+                    f"tensor {n!r} has different shapes: " + ", ".join(f"{lab} {list(s)}" for lab, s in shapes)
+                )
+            return None
+        if not is_float(b.dtypes[n]):
+            return _from_base(n, shape, blk, depth, f"{b.dtypes[n]} tensor (not a weight): taken from the base")
+        return self._merged(n, shape, blk, depth)
+
+    def _merged(self, n: str, shape: tuple[int, ...], blk: int | None, depth: int) -> TensorEntry:
+        """A float tensor every model has with one shape: merged, oriented as the name map says (if any)."""
+        transpose = False
+        if self.name_map is not None:
+            try:
+                rule = self.name_map(n)
+            except ValueError:
+                rule = False  # a name the name map does not know: merged as stored, like any architecture
+            if rule is None:
+                return _from_base(
+                    n, shape, blk, depth, f"not a parameter of the {self.mt} name map: taken from the base"
+                )
+            transpose = bool(rule) and len(shape) == 2 and not rule.transpose
+        sources = (n,) * (1 + len(self.fts))
+        return TensorEntry(n, MERGE, shape, sources=sources, block=blk, depth=depth, transpose=transpose)
 
 
 def _head_entry(

@@ -111,9 +111,21 @@ def check_config(cfg: MergeConfig, *, data: bool = True, lora_rank: int | None =
     return result
 
 
+_MATCHING_KEYS = (
+    "hidden_size",
+    "n_embd",
+    "num_hidden_layers",
+    "n_layer",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
+"""Config keys every model of a merge with calibration data must share with the base (where the base sets them)."""
+
+
 def _check_models(cfg: MergeConfig, *, data: bool, lora_rank: int | None) -> tuple[CheckResult, bool]:
     """`check_config` of the models and data; (result, whether the merge saves a tokenizer of its own)."""
-    problems: list[str] = []
     try:
         base = read_hf_config(cfg.base_model)
     except ConfigError as e:
@@ -132,16 +144,33 @@ def _check_models(cfg: MergeConfig, *, data: bool, lora_rank: int | None) -> tup
             f"{mt!r} for a merge with calibration data; supported: "
             f"{', '.join(supported_architectures())}"
         )
+    problems = _config_problems(cfg, base)
+    if problems:  # configs disagree: comparing tensors would only repeat it
+        raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
+    try:
+        base_shapes = _shapes(cfg.base_model)
+    except Exception as e:  # noqa: BLE001 - reader errors name the file
+        raise ConfigError(f"base_model: {e}") from None
+    problems = _tensor_problems(cfg, base_shapes)
+    max_pos = max_positions_of(base)
+    if data:
+        _add_data_problems(cfg, max_pos, problems)
+    if problems:
+        raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
+    return CheckResult(str(mt), num_layers_of(base), int(base.get("vocab_size") or 0), max_pos, len(base_shapes)), False
+
+
+def _config_problems(cfg: MergeConfig, base: dict[str, Any]) -> list[str]:
+    """Each model's config.json against the base's: readable, same architecture, vocabulary and sizes."""
+    problems: list[str] = []
+    mt = base.get("model_type")
     vocab = base.get("vocab_size")
-    configs: list[dict[str, Any] | None] = []
     for i, m in enumerate(cfg.models):
         try:
             c = read_hf_config(m.model)
         except ConfigError as e:
             problems.append(f"models[{i}]: {e}")
-            configs.append(None)
             continue
-        configs.append(c)
         if c.get("model_type") != mt:
             problems.append(
                 f"models[{i}] {m.model}: architecture {c.get('model_type')!r} differs from the base model's {mt!r}"
@@ -152,27 +181,17 @@ def _check_models(cfg: MergeConfig, *, data: bool, lora_rank: int | None) -> tup
                 f"models[{i}] {m.model}: vocabulary size {c.get('vocab_size')} differs from the "
                 f"base model's {vocab} (vocabularies must match; nothing is truncated)"
             )
-        for key in (
-            "hidden_size",
-            "n_embd",
-            "num_hidden_layers",
-            "n_layer",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "tie_word_embeddings",
-        ):
+        for key in _MATCHING_KEYS:
             if key in base and c.get(key) != base.get(key):
                 problems.append(
                     f"models[{i}] {m.model}: {key} = {c.get(key)!r} differs from the base model's {base.get(key)!r}"
                 )
-    if problems:  # configs disagree: comparing tensors would only repeat it
-        raise ConfigError("incompatible models:\n  - " + "\n  - ".join(problems))
+    return problems
 
-    try:
-        base_shapes = _shapes(cfg.base_model)
-    except Exception as e:  # noqa: BLE001 - reader errors name the file
-        raise ConfigError(f"base_model: {e}") from None
+
+def _tensor_problems(cfg: MergeConfig, base_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Each model's tensor names and shapes (headers) against the base's `base_shapes`."""
+    problems: list[str] = []
     for i, m in enumerate(cfg.models):
         try:
             shapes = _shapes(m.model, m.adapter)
@@ -192,30 +211,29 @@ def _check_models(cfg: MergeConfig, *, data: bool, lora_rank: int | None) -> tup
         ]
         if bad:
             problems.append(f"models[{i}] {m.model}: tensor shapes differ: {', '.join(bad[:5])}")
+    return problems
 
-    max_pos = max_positions_of(base)
-    if data:
-        seen = set()
-        for t in range(len(cfg.models)):
-            cal = cfg.calibration_for(t)
-            if cal is None or id(cal) in seen:
-                continue
-            seen.add(id(cal))
-            where = f"models[{t}].calibration" if cfg.models[t].calibration else "calibration"
-            if max_pos is not None and cal.seqlen > max_pos:
-                key, note = calibration_key(cfg, t, "seqlen")
-                msg = f"{key} {cal.seqlen} exceeds the model's maximum of {max_pos} positions{note}"
-                if msg not in problems:  # a top-level value inherited by several models: once
-                    problems.append(msg)
-            try:
-                check_files(cal.data, cal.text_field)
-            except CalibrationError as e:
-                problems.append(f"{where}: {e}")
-        if seen and not any((Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
-    if problems:
-        raise ConfigError("merge check failed:\n  - " + "\n  - ".join(problems))
-    return CheckResult(str(mt), num_layers_of(base), int(vocab or 0), max_pos, len(base_shapes)), False
+
+def _add_data_problems(cfg: MergeConfig, max_pos: int | None, problems: list[str]) -> None:
+    """Append to `problems` what is wrong with each distinct calibration (seqlen, files) and the base's tokenizer."""
+    seen = set()
+    for t in range(len(cfg.models)):
+        cal = cfg.calibration_for(t)
+        if cal is None or id(cal) in seen:
+            continue
+        seen.add(id(cal))
+        where = f"models[{t}].calibration" if cfg.models[t].calibration else "calibration"
+        if max_pos is not None and cal.seqlen > max_pos:
+            key, note = calibration_key(cfg, t, "seqlen")
+            msg = f"{key} {cal.seqlen} exceeds the model's maximum of {max_pos} positions{note}"
+            if msg not in problems:  # a top-level value inherited by several models: once
+                problems.append(msg)
+        try:
+            check_files(cal.data, cal.text_field)
+        except CalibrationError as e:
+            problems.append(f"{where}: {e}")
+    if seen and not any((Path(cfg.base_model) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        problems.append(f"base_model {cfg.base_model}: no tokenizer files (needed to tokenise calibration data)")
 
 
 def calibration_key(cfg: MergeConfig, t: int, key: str) -> tuple[str, str]:

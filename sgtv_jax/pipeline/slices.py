@@ -19,6 +19,7 @@ layer comes from.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,25 +92,82 @@ def plan_slices(
     Raises `ConfigError` listing every problem.
     """
     heads = [_Headers(c, lab) for c, lab in zip(ckpts, labels)]
-    problems: list[str] = []
     mt = str(heads[0].config.get("model_type"))
-    for h in heads[1:]:
-        if h.config.get("model_type") != mt:
-            problems.append(f"{h.label}: architecture {h.config.get('model_type')!r} differs from {labels[0]}'s {mt!r}")
     stacks = [stack_depths(h.order) for h in heads]
+    _refuse_unsliceable(heads, stacks, mt, labels[0])
+    stack = next(iter(stacks[0]), "model.layers.")
+    roles = [slice_roles(cfg, k) for k in range(len(cfg.slices))]
+    readers = [
+        tuple(checkpoint_index(cfg, s.model, s.adapter) for s in sl.sources) for sl in cfg.slices
+    ]  # per slice, per source
+    _refuse_bad_sources(cfg, heads, stacks, stack, readers, vocab_out)
+    planner = _SlicePlanner(
+        cfg,
+        heads,
+        stack,
+        readers,
+        roles,
+        OutputLayout(heads[0].shapes, stack, labels[0]),
+        _name_map_layout(mt, heads[0].config),
+        vocab_out,
+    )
+    out_layer = planner.plan()
+    config = _out_config(cfg, heads, readers, roles, stacks[0].get(stack, 0), out_layer)
+    if planner.vocab_names:
+        config["vocab_size"] = vocab_out
+    rules = tuple(
+        {
+            "tensor": f"{stack}*",
+            "rule": "slices",
+            "detail": f"slices[{k}]: layers {list(sl.sources[0].layer_range)} of "
+            + ", ".join(s.label for s in sl.sources),
+        }
+        for k, sl in enumerate(cfg.slices)
+    )
+    vocabs = {h.vocab for h in heads if h.vocab is not None}
+    return NamePlan(
+        mt,
+        tuple(planner.entries),
+        config,
+        rules,
+        {stack: out_layer},
+        vocab_out if planner.vocab_names else (next(iter(vocabs)) if len(vocabs) == 1 else None),
+        planner.name_map is not None,
+    )
+
+
+def _refuse(problems: list[str]) -> None:
+    """ConfigError listing `problems`, if any."""
+    if problems:
+        raise ConfigError("slices cannot be planned:\n  - " + "\n  - ".join(problems))
+
+
+def _refuse_unsliceable(heads: list[_Headers], stacks: list[dict[str, int]], mt: str, base_label: str) -> None:
+    """ConfigError unless every checkpoint is of architecture `mt` with one stack of decoder layers."""
+    problems = [
+        f"{h.label}: architecture {h.config.get('model_type')!r} differs from {base_label}'s {mt!r}"
+        for h in heads[1:]
+        if h.config.get("model_type") != mt
+    ]
     if any(len(s) > 1 for s in stacks):
         problems.append(
             "slices need one stack of decoder layers; these models have several ("
             + ", ".join(sorted({k for s in stacks for k in s}))
             + ")"
         )
-    if problems:
-        raise ConfigError("slices cannot be planned:\n  - " + "\n  - ".join(problems))
-    stack = next(iter(stacks[0]), "model.layers.")
-    roles = [slice_roles(cfg, k) for k in range(len(cfg.slices))]
-    readers = [
-        tuple(checkpoint_index(cfg, s.model, s.adapter) for s in sl.sources) for sl in cfg.slices
-    ]  # per slice, per source
+    _refuse(problems)
+
+
+def _refuse_bad_sources(
+    cfg: MergeConfig,
+    heads: list[_Headers],
+    stacks: list[dict[str, int]],
+    stack: str,
+    readers: list[tuple[int, ...]],
+    vocab_out: int | None,
+) -> None:
+    """ConfigError when a source's layer_range passes its model's layers, or a source is built unlike the output."""
+    problems: list[str] = []
     for k, sl in enumerate(cfg.slices):
         for j, s in enumerate(sl.sources):
             depth = stacks[readers[k][j]].get(stack, 0)
@@ -120,50 +178,116 @@ def plan_slices(
     if not problems:  # every source built like the output config (slice_layout)
         depths = [s.get(stack, 0) for s in stacks]
         configs = [h.config for h in heads]
-        problems = source_problems(cfg, configs, depths, readers, labels[0], vocab_mapped=vocab_out is not None)
-    if problems:
-        raise ConfigError("slices cannot be planned:\n  - " + "\n  - ".join(problems))
-    layout = OutputLayout(heads[0].shapes, stack, labels[0])
+        problems = source_problems(cfg, configs, depths, readers, heads[0].label, vocab_mapped=vocab_out is not None)
+    _refuse(problems)
 
-    def layer_names(m: int, layer: int) -> dict[str, str]:
-        prefix = f"{stack}{layer}."
-        return {n[len(prefix) :]: n for n in heads[m].order if n.startswith(prefix)}
 
-    def order(k: int) -> tuple[int, ...]:
-        b, merged = roles[k]
+@dataclasses.dataclass
+class _SlicePlanner:
+    """The entries of `cfg.slices` (module doc), with the problems found and the re-indexed vocabulary tensors.
+
+    heads: each checkpoint's headers; stack: the decoder layers' name prefix;
+    readers[k][j]: the checkpoint of slice k's source j; roles[k]: (its base
+    source, its merged sources).
+    """
+
+    cfg: MergeConfig
+    heads: list[_Headers]
+    stack: str
+    readers: list[tuple[int, ...]]
+    roles: list[tuple[int, tuple[int, ...]]]
+    layout: OutputLayout
+    name_map: Any
+    vocab_out: int | None
+    problems: list[str] = dataclasses.field(default_factory=list)
+    entries: list[TensorEntry] = dataclasses.field(default_factory=list)
+    vocab_names: set[str] = dataclasses.field(default_factory=set)
+
+    def plan(self) -> int:
+        """Plan every output tensor: embeddings, the slices' layers, the rest; the output's layer count."""
+        outside = [n for n in self.heads[0].order if block_of(n) is None]
+        pre = [n for n in outside if any(e in n for e in EMBEDDING_MARKS)]
+        for n in pre:
+            self.outer(n, 0, 0, 1)  # before the layers: gradient position 0, as mergekit
+        out_layer = 0
+        for k, sl in enumerate(self.cfg.slices):
+            for i in range(sl.num_layers):
+                self.layer(k, i, out_layer)
+                out_layer += 1
+        for n in outside:
+            if n not in pre:
+                self.outer(n, len(self.cfg.slices) - 1, 1, 2)  # after the layers: position 1, as mergekit
+        _refuse(self.problems)
+        return out_layer
+
+    def layer_names(self, m: int, layer: int) -> dict[str, str]:
+        """Checkpoint `m`'s tensors of decoder layer `layer`: name after the layer's prefix -> full name."""
+        prefix = f"{self.stack}{layer}."
+        return {n[len(prefix) :]: n for n in self.heads[m].order if n.startswith(prefix)}
+
+    def order(self, k: int) -> tuple[int, ...]:
+        """Slice `k`'s sources, its base source first."""
+        b, merged = self.roles[k]
         return (b,) + tuple(merged)
 
-    name_map = _name_map_layout(mt, heads[0].config)
-    entries: list[TensorEntry] = []
-    vocab_names: set[str] = set()
+    def layer(self, k: int, i: int, out_layer: int) -> None:
+        """Output layer `out_layer`: layer `i` of slice `k`."""
+        sl = self.cfg.slices[k]
+        per = [self.layer_names(self.readers[k][j], sl.sources[j].layer_range[0] + i) for j in self.order(k)]
+        suffixes = list(per[0])
+        if any(set(p) != set(suffixes) for p in per[1:]):
+            self.problems.append(
+                f"slices[{k}] layer {i}: the sources' layers hold different tensors: "
+                + "; ".join(f"{sl.sources[j].label}: {sorted(p)[:4]}" for j, p in zip(self.order(k), per))
+            )
+            return
+        block, depth = position(i, sl.num_layers)
+        for suf in suffixes:
+            srcs = [(self.readers[k][j], p[suf]) for j, p in zip(self.order(k), per)]
+            self.add(f"{self.stack}{out_layer}.{suf}", k, srcs, block, depth)
 
-    def add(name: str, k: int, srcs: list[tuple[int, str]], block: int | None, depth: int) -> None:
+    def outer(self, name: str, k: int, block: int, depth: int) -> None:
+        """Tensor `name` outside the layers, from slice `k`'s sources."""
+        srcs = []
+        for j in self.order(k):
+            m = self.readers[k][j]
+            if name not in self.heads[m].names:
+                self.problems.append(f"tensor {name!r} (slices[{k}]): {self.heads[m].label} lacks it")
+                return
+            srcs.append((m, name))
+        self.add(name, k, srcs, block, depth)
+
+    def add(self, name: str, k: int, srcs: list[tuple[int, str]], block: int | None, depth: int) -> None:
+        """Output tensor `name` of slice `k` from `srcs` (checkpoint, tensor name), base source first."""
+        heads = self.heads
         shapes = [heads[m].shapes[n] for m, n in srcs]
-        vocab = vocab_out is not None and all(is_vocab_tensor(n, heads[m].shapes[n], heads[m].vocab) for m, n in srcs)
+        vocab = self.vocab_out is not None and all(
+            is_vocab_tensor(n, heads[m].shapes[n], heads[m].vocab) for m, n in srcs
+        )
         if vocab:
-            shapes = [(int(vocab_out or 0),) + s[1:] for s in shapes]
-            vocab_names.add(name)
+            shapes = [(int(self.vocab_out or 0),) + s[1:] for s in shapes]
+            self.vocab_names.add(name)
         if len(set(shapes)) > 1:
-            problems.append(
+            self.problems.append(
                 f"output tensor {name!r} (slices[{k}]): source shapes differ: "
                 + ", ".join(f"{heads[m].label} {n} {list(heads[m].shapes[n])}" for m, n in srcs)
             )
             return
         m0, n0 = srcs[0]
-        suffix = name[len(stack) :].partition(".")[2] if name.startswith(stack) else None
-        why = layout.problem(name, suffix, shapes[0], f"{heads[m0].label} {n0}", vocab)
+        suffix = name[len(self.stack) :].partition(".")[2] if name.startswith(self.stack) else None
+        why = self.layout.problem(name, suffix, shapes[0], f"{heads[m0].label} {n0}", vocab)
         if why is not None:
-            problems.append(why)
+            self.problems.append(why)
             return
         copy = len(srcs) == 1 or not is_float(heads[m0].dtypes[n0])
         transpose = False
-        if not copy and name_map is not None:
+        if not copy and self.name_map is not None:
             try:
-                rule = name_map(n0)
+                rule = self.name_map(n0)
                 transpose = bool(rule) and len(shapes[0]) == 2 and not rule.transpose
             except ValueError:
                 pass
-        entries.append(
+        self.entries.append(
             TensorEntry(
                 name,
                 BASE if copy and m0 == 0 else COPY if copy else MERGE,
@@ -179,65 +303,6 @@ def plan_slices(
                 reason=f"slices[{k}]: {heads[m0].label} {n0}" if copy else None,
             )
         )
-
-    def outer(name: str, k: int, block: int, depth: int) -> None:
-        srcs = []
-        for j in order(k):
-            m = readers[k][j]
-            if name not in heads[m].names:
-                problems.append(f"tensor {name!r} (slices[{k}]): {heads[m].label} lacks it")
-                return
-            srcs.append((m, name))
-        add(name, k, srcs, block, depth)
-
-    outside = [n for n in heads[0].order if block_of(n) is None]
-    pre = [n for n in outside if any(e in n for e in EMBEDDING_MARKS)]
-    for n in pre:
-        outer(n, 0, 0, 1)  # before the layers: gradient position 0, as mergekit
-    out_layer = 0
-    for k, sl in enumerate(cfg.slices):
-        for i in range(sl.num_layers):
-            per = [layer_names(readers[k][j], sl.sources[j].layer_range[0] + i) for j in order(k)]
-            suffixes = list(per[0])
-            if any(set(p) != set(suffixes) for p in per[1:]):
-                problems.append(
-                    f"slices[{k}] layer {i}: the sources' layers hold different tensors: "
-                    + "; ".join(f"{cfg.slices[k].sources[j].label}: {sorted(p)[:4]}" for j, p in zip(order(k), per))
-                )
-            else:
-                block, depth = position(i, sl.num_layers)
-                for suf in suffixes:
-                    srcs = [(readers[k][j], p[suf]) for j, p in zip(order(k), per)]
-                    add(f"{stack}{out_layer}.{suf}", k, srcs, block, depth)
-            out_layer += 1
-    for n in outside:
-        if n not in pre:
-            outer(n, len(cfg.slices) - 1, 1, 2)  # after the layers: position 1, as mergekit
-    if problems:
-        raise ConfigError("slices cannot be planned:\n  - " + "\n  - ".join(problems))
-
-    config = _out_config(cfg, heads, readers, roles, stacks[0].get(stack, 0), out_layer)
-    if vocab_names:
-        config["vocab_size"] = vocab_out
-    rules = tuple(
-        {
-            "tensor": f"{stack}*",
-            "rule": "slices",
-            "detail": f"slices[{k}]: layers {list(sl.sources[0].layer_range)} of "
-            + ", ".join(s.label for s in sl.sources),
-        }
-        for k, sl in enumerate(cfg.slices)
-    )
-    vocabs = {h.vocab for h in heads if h.vocab is not None}
-    return NamePlan(
-        mt,
-        tuple(entries),
-        config,
-        rules,
-        {stack: out_layer},
-        vocab_out if vocab_names else (next(iter(vocabs)) if len(vocabs) == 1 else None),
-        name_map is not None,
-    )
 
 
 def _out_config(

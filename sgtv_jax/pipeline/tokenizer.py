@@ -38,7 +38,7 @@ from convert.containment import read_contained_json, read_contained_text
 from convert.local_tokenizer import load_local_tokenizer
 from sgtv_jax.pipeline.byname import vocab_size_of
 from sgtv_jax.pipeline.chat_templates import AUTO
-from sgtv_jax.pipeline.config import ConfigError, MergeConfig, TokenSource
+from sgtv_jax.pipeline.config import ConfigError, MergeConfig, TokenizerSpec, TokenSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -119,16 +119,14 @@ def _one_id_per_token(vocab: Mapping[str, int], where: str) -> None:
             )
 
 
-def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mapping[str, Any]], labels: Sequence[str]):
-    """The `VocabMap` of a config's tokenizer spec over checkpoints `paths` (0 the base), or None.
+def _read_tokenizers(
+    paths: Sequence[str], configs: Sequence[Mapping[str, Any]], labels: Sequence[str]
+) -> tuple[Any, list[Any], list[str], list[int]]:
+    """(the base's tokenizer, each checkpoint's, labels of those taking the base's, each one's row count).
 
-    None: the output vocabulary is the base's and every model's rows already
-    match it (nothing to re-index). `configs`: each checkpoint's config.json
-    (its `vocab_size` bounds its rows); `labels` name them in messages.
+    A checkpoint without tokenizer files has the base's; ConfigError when the
+    base has none or tokens past its config's `vocab_size`.
     """
-    spec = cfg.tokenizer
-    if spec is None:
-        return None
     base_tok = load_tokenizer(paths[0])
     if base_tok is None:
         raise ConfigError(f"{labels[0]}: tokenizer_source / tokenizer need the base model's tokenizer files")
@@ -145,7 +143,13 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
             f"{labels[0]}: its tokenizer has {len(beyond)} token(s) past the config's vocab_size {sizes[0]} "
             f"(e.g. {beyond[0]!r}): they have no embedding row"
         )
+    return base_tok, toks, assumed, sizes
 
+
+def _output_tokenizer(
+    spec: TokenizerSpec, paths: Sequence[str], base_tok: Any, toks: Sequence[Any], sizes: Sequence[int]
+) -> tuple[Any, bool]:
+    """(the output tokenizer of `spec`, whether it differs from the base's files), its named tokens added."""
     changed = False
     if spec.source == "union":
         out_tok = load_local_tokenizer(paths[0])  # a fresh copy to extend
@@ -166,26 +170,29 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
     if missing:
         out_tok.add_tokens(missing)
         changed = True
-    vocab = dict(sorted(out_tok.get_vocab().items(), key=lambda kv: kv[1]))  # by id (get_vocab: any order)
-    src, who = (
-        (paths[0], labels[0]) if spec.source in ("union", "base") else (spec.source, f"tokenizer source {spec.written}")
-    )
-    _one_id_per_token(vocab, f"{who}: {_tokenizer_file(src)}")
-    n = len(vocab)
-    pad = spec.pad_to_multiple_of
-    size = n if not pad or n % pad == 0 else n + pad - n % pad
+    return out_tok, changed
 
+
+def _row_maps(
+    vocab: Mapping[str, int], toks: Sequence[Any], sizes: Sequence[int]
+) -> tuple[list[np.ndarray], list[dict[str, int]]]:
+    """(per checkpoint `[len(vocab)]` its row of each output token or -1, its own token -> row)."""
     perms = []
     vocabs = []
     for tok, vs in zip(toks, sizes):
         own = tok.get_vocab()
         vocabs.append(dict(own))
-        perm = np.full(n, -1, np.int64)
+        perm = np.full(len(vocab), -1, np.int64)
         for t, i in vocab.items():
             j = own.get(t)
             if j is not None and j < vs:
                 perm[i] = j
         perms.append(perm)
+    return perms, vocabs
+
+
+def _token_sources(spec: TokenizerSpec, paths: Sequence[str]) -> dict[str, tuple[TokenSource, int]]:
+    """`tokenizer.tokens` with each named model resolved to its checkpoint index (-1: none named)."""
     tokens = {}
     for t, ts in spec.tokens.items():
         m = -1
@@ -196,6 +203,31 @@ def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mappin
                     f"tokenizer.tokens[{t!r}]: model {ts.written or ts.model} is not one of the merged models"
                 )
         tokens[t] = (ts, m)
+    return tokens
+
+
+def build_vocab(cfg: MergeConfig, paths: Sequence[str], configs: Sequence[Mapping[str, Any]], labels: Sequence[str]):
+    """The `VocabMap` of a config's tokenizer spec over checkpoints `paths` (0 the base), or None.
+
+    None: the output vocabulary is the base's and every model's rows already
+    match it (nothing to re-index). `configs`: each checkpoint's config.json
+    (its `vocab_size` bounds its rows); `labels` name them in messages.
+    """
+    spec = cfg.tokenizer
+    if spec is None:
+        return None
+    base_tok, toks, assumed, sizes = _read_tokenizers(paths, configs, labels)
+    out_tok, changed = _output_tokenizer(spec, paths, base_tok, toks, sizes)
+    vocab = dict(sorted(out_tok.get_vocab().items(), key=lambda kv: kv[1]))  # by id (get_vocab: any order)
+    src, who = (
+        (paths[0], labels[0]) if spec.source in ("union", "base") else (spec.source, f"tokenizer source {spec.written}")
+    )
+    _one_id_per_token(vocab, f"{who}: {_tokenizer_file(src)}")
+    n = len(vocab)
+    pad = spec.pad_to_multiple_of
+    size = n if not pad or n % pad == 0 else n + pad - n % pad
+    perms, vocabs = _row_maps(vocab, toks, sizes)
+    tokens = _token_sources(spec, paths)
     identity = (
         not changed
         and not tokens
