@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
+import importlib.util
 import json
 import os
 import re
@@ -289,6 +290,10 @@ def check_command(words: list[str], monkeypatch) -> None:
         _parse_only(convert_main, words[3:], monkeypatch)
     elif words[:2] == ["python", "-m"] and words[2] == "pytest":
         assert (ROOT / "tests").is_dir()
+    elif words[:2] == ["python", "-m"]:  # a module of this repository that runs as a script
+        spec = importlib.util.find_spec(words[2])
+        assert spec is not None and spec.origin, f"python -m {words[2]}: no such module"
+        assert "__main__" in Path(spec.origin).read_text(), f"python -m {words[2]}: the module does not run as a script"
     elif words[:3] == ["pip", "install", "-e"] and len(words) == 4:
         spec = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", words[3])
         assert spec, f"pip install -e {words[3]}: not the repository root"
