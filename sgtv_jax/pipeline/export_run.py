@@ -15,10 +15,14 @@ from typing import Any
 
 import jax
 
+from convert.atomic import prepare_output
+from convert.expert_layout import check_expert_layout
 from convert.export import export_hf
 from sgtv_jax.pipeline.arch import arch_of
+from sgtv_jax.pipeline.check import base_model_type, check_config
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import DataFreeRun
+from sgtv_jax.pipeline.mesh import is_writer
 from sgtv_jax.pipeline.orbax_out import export_orbax
 from sgtv_jax.pipeline.report import with_export_time
 
@@ -52,6 +56,22 @@ def merge_inputs(cfg: MergeConfig) -> dict[str, str]:
     for k, f in enumerate(cfg.calibration.data if cfg.calibration is not None else ()):
         inputs[f"calibration.data[{k}]"] = f
     return inputs
+
+
+def check_output_and_config(
+    cfg: MergeConfig, out: Path, format: str, overwrite: bool, check: bool, lora_rank: int | None, expert_layout: str
+) -> tuple[dict[str, str], bool, str]:
+    """After `check_request`, before any weight loads: the output path (`prepare_output`, process 0) and the config
+    (`check_config` when `check`, `--expert-layout`); the inputs by config key, whether this process writes, model_type."""
+    inputs = merge_inputs(cfg)
+    writer = is_writer()
+    if writer:
+        prepare_output(out, overwrite=overwrite, inputs=inputs)
+    if check:
+        check_config(cfg, lora_rank=lora_rank)
+    model_type = base_model_type(cfg)
+    check_expert_layout(expert_layout, format, model_type)
+    return inputs, writer, model_type
 
 
 def follow(run: Any, t0: float) -> dict[str, Any]:

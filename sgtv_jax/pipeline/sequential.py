@@ -57,10 +57,9 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from convert.atomic import prepare_output
 from convert.conversion import source_dtype
 from convert.dtypes import parse_dtype
-from convert.expert_layout import check_expert_layout, fuse_expert_files
+from convert.expert_layout import fuse_expert_files
 from convert.lora_extract import write_merged_adapter
 from convert.model_card import render_model_card
 from sgtv_jax.merge.plan import MergeInfo, ObsOptions, TensorPlan, merge_planned
@@ -70,7 +69,7 @@ from sgtv_jax.pipeline.arch import arch_of
 from sgtv_jax.pipeline.byname import MERGE, TensorEntry
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.card import merge_card
-from sgtv_jax.pipeline.check import base_model_type, check_config, max_positions_of
+from sgtv_jax.pipeline.check import max_positions_of
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.datafree import (
@@ -81,9 +80,9 @@ from sgtv_jax.pipeline.datafree import (
     uses_by_name,
 )
 from sgtv_jax.pipeline.driver import merged_record, task_vectors, translated, unchanged, unchanged_record
-from sgtv_jax.pipeline.export_run import FORMATS, check_request, export, follow, merge_inputs
+from sgtv_jax.pipeline.export_run import FORMATS, check_output_and_config, check_request, export, follow, merge_inputs
 from sgtv_jax.pipeline.mapped import mapped_run, saves_tokenizer, write_output_files
-from sgtv_jax.pipeline.mesh import describe, is_writer, make_mesh
+from sgtv_jax.pipeline.mesh import describe, make_mesh
 from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import (
     PLOT_FILE,
@@ -445,14 +444,7 @@ def run_merge(
     """
     check_request(cfg, format, lora_rank)
     out = Path(out)
-    inputs = merge_inputs(cfg)
-    writer = is_writer()
-    if writer:
-        prepare_output(out, overwrite=overwrite, inputs=inputs)
-    if check:
-        check_config(cfg, lora_rank=lora_rank)
-    model_type = base_model_type(cfg)
-    check_expert_layout(expert_layout, format, model_type)
+    inputs, writer, model_type = check_output_and_config(cfg, out, format, overwrite, check, lora_rank, expert_layout)
     t0 = time.perf_counter()
     asked, learned = cfg, None
     if cfg.method_spec.learns_weights:

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from sgtv_jax.subcommand import subcommand
+
 
 def schema_text() -> str:
     """The schema as `sgtv schema` prints it (2-space JSON, one trailing newline): docs/sgtv-merge.schema.json."""
@@ -21,12 +23,14 @@ def _run_schema(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    """Register `schema` (sets `func`)."""
+    subcommand(
+        subparsers,
         "schema",
+        _run_schema,
         help="print the JSON Schema of merge configs (for editors and CI validators)",
         description="Print the JSON Schema (draft 2020-12) of the merge YAML that `sgtv merge` and `sgtv check` "
         "read: every key, its type, default and range, method parameters per merge_method. Editors with "
         "the YAML language server validate and complete a config with the line "
         "'# yaml-language-server: $schema=PATH/sgtv-merge.schema.json' at its top (see docs/schema.md).",
     )
-    p.set_defaults(func=_run_schema)
