@@ -17,6 +17,11 @@ same scale. `hessian_finalize` averages over sequences, so each task counts
 equally whatever its number of calibration sequences; the paper's raw sums
 weight tasks by their token counts (multiply `H_t` by `n_t / 2` to get that).
 
+`gram_norm` / `proxy_gram` first replace each `G_t` by its balanced,
+task-vector-augmented Gram (`sgtv_jax.merge.gram_balance`: each task at one
+scale, plus `beta` times WUDI's proxy `D_t^T D_t / ||D_t||^2`); "none" / 0
+(the defaults) leave the Grams as given.
+
 Inputs no task ever sees (a zero diagonal in every `G_t`) decouple from the
 solve; there the merge is the weighted mean of the task vectors' columns.
 Tensors that are not 2-D, or that have no Gram, are merged by the weighted
