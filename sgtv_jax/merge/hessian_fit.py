@@ -23,7 +23,10 @@ Three ways to minimise it, each a merge method (`specs.METHOD_SPECS`):
   on `S` minimises the merge objective itself among sparse `M`.
 
 `G~_t = alpha G_t + (1 - alpha) diag(G_t)` is RegMean's regularised Gram
-(`sgtv_jax.merge.regmean`). Without Grams (tensors that are not linear
+(`sgtv_jax.merge.regmean`). `gram_norm` / `proxy_gram` replace each `G_t` by
+its balanced, task-vector-augmented Gram first (`sgtv_jax.merge.gram_balance`;
+the untrimmed task vectors `D_t` define the normalisers and proxies), so
+`regmean_sparse` then prunes by OBS against the sum of those. Without Grams (tensors that are not linear
 layers) every method falls back to the weighted mean of its (trimmed) inputs,
 RegMean's rule.
 
@@ -44,6 +47,7 @@ from sgtv_jax import _checks
 from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.gram_balance import augmented_grams, check_options
 from sgtv_jax.merge.methods import TrimOptions, resolve_rescale
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.trim import Calibration
@@ -65,6 +69,30 @@ def _stacked_grams(grams: jax.Array, tasks: int, cols: int, dt: jnp.dtype, name:
     guard = _checks.Guard()
     guard.finite(g, f"grams{_checks.where(name)}")
     return guard.apply(jnp.broadcast_to(g, (tasks, cols, cols)))
+
+
+def _fit_grams(
+    grams: jax.Array, targets: jax.Array, gram_norm: str, proxy_gram: float | jax.Array, name: str | None
+) -> jax.Array:
+    """The Grams a fit reads: `grams` balanced and augmented for `targets` `[T, out, in]` (`gram_balance`).
+
+    `gram_norm` "none" with a known `proxy_gram` 0: `grams` as given (the fits stay bit for bit).
+    """
+    if gram_norm == "none" and not _checks.is_traced(proxy_gram) and float(proxy_gram) == 0.0:
+        return grams
+    tasks, _, cols = targets.shape
+    g = _stacked_grams(grams, tasks, cols, targets.dtype, name)
+    return augmented_grams(g, targets, gram_norm, proxy_gram)
+
+
+def _targets(x: jax.Array, targets: jax.Array | None, name: str | None) -> jax.Array:
+    """The task vectors a fit reproduces: `targets` (same shape as `x` `[T, ...]`), default `x`."""
+    tgt = x if targets is None else jnp.asarray(targets).astype(x.dtype)
+    if tgt.shape != x.shape:
+        raise ValueError(
+            f"targets must have the task vectors' shape {tuple(x.shape)}, got {tuple(tgt.shape)}{_checks.where(name)}"
+        )
+    return tgt
 
 
 def normal_equations(
@@ -189,6 +217,8 @@ def lstsq(
     blocksize: int = BLOCKSIZE,
     percdamp: float = PERCDAMP,
     refit: bool = False,
+    gram_norm: str = "none",
+    proxy_gram: float = 0.0,
     grams: jax.Array | None = None,
     targets: jax.Array | None = None,
     name: str | None = None,
@@ -202,6 +232,7 @@ def lstsq(
     passes the untrimmed stack after trimming itself). `grams` `[in, in]` or
     `[T, in, in]` (default: `calib.hessian`): without them, or for tensors that
     are not 2-D, the result is the weighted mean of the trimmed vectors.
+    `gram_norm` / `proxy_gram`: the Grams balanced and augmented first (`gram_balance`).
     """
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
@@ -209,13 +240,10 @@ def lstsq(
     w = _checks.per_task_values(weights, tasks, "weights", name, guard)
     if sign_election not in SIGN_ELECTION:
         raise ValueError(f"unknown sign_election {sign_election!r}; known: {', '.join(SIGN_ELECTION)}")
+    check_options(gram_norm, proxy_gram, name, guard)
     dt = _checks.work_dtype(x.dtype)
     x = x.astype(dt)
-    tgt = x if targets is None else jnp.asarray(targets).astype(dt)
-    if tgt.shape != x.shape:
-        raise ValueError(
-            f"targets must have the task vectors' shape {tuple(x.shape)}, got {tuple(tgt.shape)}{_checks.where(name)}"
-        )
+    tgt = _targets(x, targets, name)
     opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
     trimmed = _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
     if sign_election != "none":
@@ -226,6 +254,7 @@ def lstsq(
         grams = calib.hessian
     if grams is None or x.ndim != 3:
         return _weighted_mean(trimmed, w, name, guard)
+    grams = _fit_grams(grams, tgt, gram_norm, proxy_gram, name)
     lam = lstsq_coefficients(trimmed, tgt, grams, w, name=name)
     return guard.apply(jnp.einsum("s,soi->oi", lam, trimmed, precision=_HP))
 
@@ -255,7 +284,10 @@ def regmean_trim(
     blocksize: int = BLOCKSIZE,
     percdamp: float = PERCDAMP,
     refit: bool = False,
+    gram_norm: str = "none",
+    proxy_gram: float = 0.0,
     grams: jax.Array | None = None,
+    targets: jax.Array | None = None,
     name: str | None = None,
 ) -> jax.Array:
     """RegMean on trimmed task vectors: `(sum_t w_t D'_t G~_t)(sum_t w_t G~_t)^-1` `[out, in]`.
@@ -263,14 +295,21 @@ def regmean_trim(
     `trim="sparsegpt"` gives RegMean on OBS-trimmed deltas (each `D'_t`
     reproduces its own task's outputs, the combine is RegMean's closed form).
     `grams` default to `calib.hessian`; without them the weighted mean.
+    `gram_norm` / `proxy_gram` balance and augment the Grams first (`gram_balance`) for
+    `targets` `[T, out, in]`, the untrimmed task vectors (default: `deltas` before the trim).
     """
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
+    check_options(gram_norm, proxy_gram, name, guard)
     dt = _checks.work_dtype(x.dtype)
+    x = x.astype(dt)
+    tgt = _targets(x, targets, name)
     opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
-    trimmed = _trim_inputs(x.astype(dt), densities, trim, rescale, count, name, guard, opts)
+    trimmed = _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
     if grams is None and calib is not None:
         grams = calib.hessian
+    if grams is not None and x.ndim == 3:
+        grams = _fit_grams(grams, tgt, gram_norm, proxy_gram, name)
     return guard.apply(regmean(trimmed, weights, grams=grams, alpha=alpha, name=name))
 
 
@@ -290,6 +329,8 @@ def regmean_sparse(
     blocksize: int = BLOCKSIZE,
     percdamp: float = PERCDAMP,
     refit: bool = False,
+    gram_norm: str = "none",
+    proxy_gram: float = 0.0,
     grams: jax.Array | None = None,
     name: str | None = None,
 ) -> jax.Array:
@@ -300,9 +341,11 @@ def regmean_sparse(
     `mean(densities)`; calibration trims (sparsegpt, wanda) read
     `S = sum_t w_t G~_t`, the metric of the merge objective around its optimum.
     Without Grams: the weighted mean, trimmed (sparsegpt then refused).
+    `gram_norm` / `proxy_gram`: both the fit and `S` read the balanced, augmented Grams.
     """
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
+    check_options(gram_norm, proxy_gram, name, guard)
     tasks = x.shape[0]
     dt = _checks.work_dtype(x.dtype)
     x = x.astype(dt)
@@ -312,6 +355,8 @@ def regmean_sparse(
         grams = calib.hessian
     if grams is None or x.ndim != 3:
         grams = None
+    else:
+        grams = _fit_grams(grams, x, gram_norm, proxy_gram, name)
     merged = regmean(x, w, grams=grams, alpha=alpha, name=name)
     stats = None
     if grams is not None:

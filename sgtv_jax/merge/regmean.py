@@ -17,6 +17,11 @@ same scale. `hessian_finalize` averages over sequences, so each task counts
 equally whatever its number of calibration sequences; the paper's raw sums
 weight tasks by their token counts (multiply `H_t` by `n_t / 2` to get that).
 
+`gram_norm` / `proxy_gram` first replace each `G_t` by its balanced,
+task-vector-augmented Gram (`sgtv_jax.merge.gram_balance`: each task at one
+scale, plus `beta` times WUDI's proxy `D_t^T D_t / ||D_t||^2`); "none" / 0
+(the defaults) leave the Grams as given.
+
 Inputs no task ever sees (a zero diagonal in every `G_t`) decouple from the
 solve; there the merge is the weighted mean of the task vectors' columns.
 Tensors that are not 2-D, or that have no Gram, are merged by the weighted
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 
 from sgtv_jax import _checks
 from sgtv_jax.merge import combine
+from sgtv_jax.merge.gram_balance import augmented_grams, check_options
 
 
 def regmean(
@@ -42,6 +48,8 @@ def regmean(
     *,
     grams: Any = None,
     alpha: float = 0.9,
+    gram_norm: str = "none",
+    proxy_gram: float = 0.0,
     name: str | None = None,
 ) -> jax.Array:
     """Merged task vector `[out, in]` from `deltas` `[T, out, in]` and `grams`.
@@ -53,6 +61,8 @@ def regmean(
         `[T, in, in]`; None -> weighted mean.
       alpha: scale of the off-diagonal Gram entries, in [0, 1] (default 0.9;
         the paper tunes it; 1 is plain least squares).
+      gram_norm, proxy_gram: balance each task's Gram and add its task vector's proxy
+        Gram before the fit (`sgtv_jax.merge.gram_balance`; "none" / 0: the paper's).
     Returns: `(sum_t w_t tau_t G~_t)(sum_t w_t G~_t)^-1`, float32 (float64 for f64 input).
     """
     guard = _checks.Guard()
@@ -64,6 +74,7 @@ def regmean(
             raise ValueError(f"regmean alpha must be in [0, 1], got {alpha!r}")
     else:
         guard.require((alpha >= 0) & (alpha <= 1), "regmean alpha must be in [0, 1]")
+    check_options(gram_norm, proxy_gram, name, guard)
     dt = _checks.work_dtype(deltas.dtype)
     x = deltas.astype(dt)
     wa = jnp.asarray(w, dt)
@@ -86,6 +97,7 @@ def regmean(
     _checks.check_symmetric(g, f"regmean grams{_checks.where(name)}", guard)
     if g.ndim == 2:
         g = jnp.broadcast_to(g, (tasks, cols, cols))
+    g = augmented_grams(g, x, gram_norm, proxy_gram)  # the Grams themselves for "none" / 0
     diag = jnp.diagonal(g, axis1=-2, axis2=-1)  # [T, cols]
     eye = jnp.eye(cols, dtype=dt)
     g = alpha * g + (1.0 - alpha) * diag[:, :, None] * eye

@@ -26,6 +26,7 @@ from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.adamerging import adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.core_space import core_space
+from sgtv_jax.merge.gram_balance import GRAM_NORMS
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import KARCHER_MAX_ITER, karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.model_stock import model_stock
@@ -89,6 +90,23 @@ _COUNT = ParamSpec(
 )
 _CONSENSUS = ParamSpec("consensus", "choice", doc="sign election rule", choices=("sum", "count"))
 _ALPHA = ParamSpec("alpha", "float", lo=0.0, hi=1.0, doc="scale of the Grams' off-diagonal entries")
+_BALANCE = (  # every Hessian fit's Gram options (sgtv_jax.merge.gram_balance)
+    ParamSpec(
+        "gram_norm",
+        "choice",
+        choices=GRAM_NORMS,
+        doc="divide each task's Gram by its mean diagonal (trace) or its task vector's output energy "
+        "||D_t X_t||^2 (energy), so no task outweighs the others; none: as given",
+    ),
+    ParamSpec(
+        "proxy_gram",
+        "float",
+        lo=0.0,
+        hi=math.inf,
+        doc="beta: add beta times each task's proxy Gram D_t^T D_t / ||D_t||^2 (WUDI's), normalised as "
+        "gram_norm says; 0: the data alone, large: WUDI's closed form; > 0 lets a model go without calibration",
+    ),
+)
 
 
 def _gta(name: str, *, trim: str | None, consensus: str | None, normalize: bool, rescale: bool, doc: str) -> MethodSpec:
@@ -160,7 +178,7 @@ _ROWS: tuple[MethodSpec, ...] = (
     method_row(
         regmean,
         "regmean",
-        (_ALPHA,),
+        (_ALPHA,) + _BALANCE,
         "closed-form least-squares merge of linear layers from calibration Grams",
         entrywise=True,
     ),
@@ -297,20 +315,21 @@ _MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); ne
                 choices=("none", "sum", "count"),
                 doc="TIES sign election on the trimmed vectors before the fit",
             ),
-        ),
+        )
+        + _BALANCE,
         "per-layer least-squares coefficients of the trimmed task vectors against every task's "
         "outputs (a T x T solve from the per-task Grams)",
     ),
     method_row(
         regmean_trim,
         "regmean_trim",
-        _FIT_TRIM + (_ALPHA,),
+        _FIT_TRIM + (_ALPHA,) + _BALANCE,
         "RegMean's closed form on the trimmed task vectors (e.g. OBS-trimmed)",
     ),
     method_row(
         regmean_sparse,
         "regmean_sparse",
-        _FIT_TRIM + (_ALPHA,),
+        _FIT_TRIM + (_ALPHA,) + _BALANCE,
         "one sparse task vector: the dense RegMean optimum trimmed to the mean density "
         "(OBS against the summed Grams with trim sparsegpt)",
         trims_merged=True,

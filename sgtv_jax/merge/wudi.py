@@ -45,13 +45,21 @@ def _unit(deltas: jax.Array) -> jax.Array:
     return deltas * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)[:, None, None]
 
 
+def proxy_grams(deltas: jax.Array) -> jax.Array:
+    """The proxy Grams `G_t = tau_t^T tau_t / ||tau_t||_F^2` `[T, in, in]` of `deltas` `[T, out, in]`.
+
+    Each has trace 1; a zero task vector has `G_t = 0`. (`gram_balance` adds them to data Grams.)
+    """
+    xs = _unit(deltas)
+    return jnp.einsum("toi,toj->tij", xs, xs, precision=_HP)
+
+
 def wudi_grams(deltas: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`A = sum_t G_t` `[in, in]` and `B = sum_t tau_t G_t` `[out, in]`, `G_t = tau_t^T tau_t / ||tau_t||^2`.
 
     deltas: `[T, out, in]` (already weighted). A zero task vector has `G_t = 0`.
     """
-    xs = _unit(deltas)
-    g = jnp.einsum("toi,toj->tij", xs, xs, precision=_HP)  # [T, in, in]
+    g = proxy_grams(deltas)  # [T, in, in]
     return combine.sum_tasks(g), jnp.einsum("toi,tij->oj", deltas, g, precision=_HP)
 
 

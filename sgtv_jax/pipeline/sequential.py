@@ -235,8 +235,9 @@ class MergeRun:
         with self.timer("calibrate"):
             tok = load_tokenizer(self.cfg.base_model)
             maxpos = max_positions_of(self.arch.hf_config)
-            sets = [load_calibration(c, tok, maxpos) for c in self.source.datasets(self.cfg)]
-            self.calib_tokens = sum(s.tokens for s in sets)
+            # None: a model without data (per_task with proxy Grams), zero Hessians
+            sets = [None if c is None else load_calibration(c, tok, maxpos) for c in self.source.datasets(self.cfg)]
+            self.calib_tokens = sum(s.tokens for s in sets if s is not None)
             self.source.start(sets, self.source.embedding_tensors(self.ckpts, outer, merged_outer))
 
     def _merge_block(self, i: int, names: list[str], rules: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:

@@ -22,6 +22,10 @@ merged-so-far hidden states.
 merged-so-far model, so block i's merge fits the inputs it will really get
 from the merged blocks below it, task by task.
 
+A model without calibration data (allowed for `per_task` / `per_task_merged`
+when the fit adds proxy Grams, `proxy_gram > 0`) has no stream: its
+Hessians are zeros with 0 tokens, and the fit uses its proxy Gram alone.
+
 A new source is a subclass overriding these few methods (`per_task_merged`:
 `datasets` of `PerTaskSource`, `embedding_tensors` / `advance` / `after_block`
 of `MergedSource`, stacked Hessians); then one entry in `SOURCES` (and in
@@ -82,7 +86,7 @@ class HessianSource:
         self.min_routed_tokens = min_routed_tokens  # experts given fewer fall back (streams.capture)
         self.mesh = mesh if mesh is not None else make_mesh(1)
         self.accumulation = accumulation  # streams.HessianSum
-        self.streams: list[Stream] = []
+        self.streams: list[Stream | None] = []  # None: a model without calibration data (zero Hessians)
 
     def state(self, i: int, tensors: Tensors) -> Any:
         """Block i's state from HF-named tensors, on every device of the mesh."""
@@ -97,9 +101,9 @@ class HessianSource:
         return [ckpts.read_base(outer)]
 
     def start(self, sets: list[Any], embeddings: list[Tensors]) -> None:
-        """Embed every calibration set (`CalibrationSet`) with its stream's tensors."""
+        """Embed every calibration set (`CalibrationSet`, None: no data) with its stream's tensors."""
         self.streams = [
-            embed_stream(self.arch, e, c, self.batch_size, self.mesh, self.accumulation)
+            None if c is None else embed_stream(self.arch, e, c, self.batch_size, self.mesh, self.accumulation)
             for e, c in zip(embeddings, sets)
         ]
 
@@ -109,11 +113,21 @@ class HessianSource:
 
     def hessians(self, i: int, base: Tensors, fts: list[Tensors]) -> BlockHessians:
         """H of every linear layer of block i (HF-local name -> `[in, in]` or `[T, in, in]`), token counts."""
-        per = []
+        got: list[Any] = []
         for state, stream in zip(self.block_states(i, base, fts), self.streams):
+            if stream is None:
+                got.append(None)
+                continue
             cap = capture(self.arch, i, state, stream, self.arch.require_input_groups(), self.min_routed_tokens)
-            per.append(cap._replace(hessians={n: to_local(h) for n, h in cap.hessians.items()}))
+            got.append(cap._replace(hessians={n: to_local(h) for n, h in cap.hessians.items()}))
             self.advance(stream, cap.outputs)
+        seen = next(p for p in got if p is not None)  # config checks: some model has data
+        blank = (  # a model without data: zero Hessians, 0 tokens
+            {n: jnp.zeros_like(h) for n, h in seen.hessians.items()},
+            {n: 0 for n in seen.hessians},
+            {n: False for n in seen.hessians},
+        )
+        per = [seen._replace(hessians=blank[0], tokens=blank[1], fallback=blank[2]) if p is None else p for p in got]
         names = per[0].hessians
         hess = {n: jnp.stack([p.hessians[n] for p in per]) for n in names} if self.stacked else dict(per[0].hessians)
         return BlockHessians(
@@ -159,8 +173,9 @@ class MergedSource(HessianSource):
     def after_block(self, i: int, merged: Tensors) -> None:
         state = self.state(i, _f32(merged))
         for stream in self.streams:
-            stream.hidden = propagate(self.arch, i, state, stream)
-            jax.block_until_ready(stream.hidden)
+            if stream is not None:
+                stream.hidden = propagate(self.arch, i, state, stream)
+                jax.block_until_ready(stream.hidden)
 
 
 class PerTaskMergedSource(MergedSource):

@@ -78,3 +78,56 @@ def test_fit_methods_refuse_configs_without_calibration_or_bad_options(llama):
     raw = H.config_dict(paths, root, merge_method="lstsq", parameters={"sign_election": "max"})
     with pytest.raises(ConfigError, match="sign_election must be one of none, sum, count, got 'max'"):
         parse_config(raw)
+
+
+def _proxy_config(paths, root, **params):
+    """RegMean on per-task Hessians; model 0 has its own calibration, model 1 none."""
+    raw = H.config_dict(paths, root, merge_method="regmean", hessian_source="per_task", parameters=params)
+    del raw["trim"]
+    for m in raw["models"]:
+        m["parameters"] = {"weight": 1.0}
+    raw["models"][0]["calibration"] = raw.pop("calibration")
+    return raw
+
+
+def test_a_model_without_calibration_fits_its_proxy_gram(llama):
+    """proxy_gram > 0: model 1's Hessians are zeros and its task vector's proxy Gram stands in (float64 oracle)."""
+    from tests.merge.test_gram_balance import np_augmented
+    from tests.merge.test_hessian_fit import np_regmean
+
+    root, paths = llama
+    cfg = parse_config(_proxy_config(paths, root, gram_norm="trace", proxy_gram=1.0))
+    sink: dict = {}
+    out = root / "proxy"
+    rep = run_merge(cfg, out, progress=False, hessian_sink=sink)
+    got, base = _torch(out).state_dict(), _torch(paths["base"]).state_dict()
+    fts = [_torch(p).state_dict() for p in paths["fts"]]
+    for n in LLAMA_LINEARS:
+        key = f"{pref(1)}{n}.weight"
+        h = sink[key].astype(np.float64)
+        assert h.shape[0] == 2 and np.abs(h[0]).max() > 0 and not h[1].any()  # model 1: no data, zero H
+        d = np.stack([(f[key] - base[key]).double().numpy() for f in fts])
+        want = np_regmean(d, np_augmented(h, d, "trace", 1.0), [1.0, 1.0], 0.9)
+        delta = (got[key] - base[key]).double().numpy()
+        # float32 merge (solve and output): errors to 1e-4 of the largest entry
+        np.testing.assert_allclose(delta, want, rtol=1e-3, atol=1e-4 * np.abs(want).max(), err_msg=n)
+        # teeth: neither model 0's data alone (model 1 dropped: d_0) nor the plain mean of the task vectors
+        for other in (d[0], d.mean(0)):
+            assert np.abs(delta - want).max() < 0.1 * np.abs(other - want).max(), n
+    lin = [r for r in rep["layers"] if r["linear"]]
+    assert lin and all(r["hessian_tokens"][1] == 0 < r["hessian_tokens"][0] for r in lin)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"gram_norm": "foo"}, r"parameters\.gram_norm must be one of none, trace, energy, got 'foo'"),
+        ({"proxy_gram": -1}, r"parameters\.proxy_gram"),
+        ({"gram_norm": "trace"}, r"models\[1\]\.calibration\).*proxy_gram > 0"),
+        ({"proxy_gram": [1.0, 0.0]}, r"needs calibration data"),  # a block at beta 0 would drop model 1
+    ],
+)
+def test_gram_options_and_missing_data_are_config_errors(llama, params, message):
+    root, paths = llama
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_proxy_config(paths, root, **params))

@@ -36,13 +36,7 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
                     "read only by hessian_source per_task / per_task_merged: move it to the top level or set "
                     "hessian_source: per_task"
                 )
-        for t in range(len(cfg.models)):
-            if cfg.calibration_for(t) is None:
-                problems.append(
-                    f"trim {short_repr(cfg.trim)} / method {spec.name!r} needs calibration data: add "
-                    f"'calibration: {{data: FILE}}' (top level, or models[{t}].calibration)"
-                )
-                break
+        _missing_data_checks(cfg, spec, problems)
     if cfg.trim is None and spec.default_trim is None:
         for t in range(len(cfg.models)):
             dens = model_parameters(cfg, t).get("density")
@@ -56,6 +50,38 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
         problems.append("prunen/prunem (N:M) need trim: sparsegpt")
     if cfg.refit and not any(v == "sparsegpt" for v in spec_values(cfg.trim)):
         problems.append("refit: true refits what OBS kept: it needs trim: sparsegpt")
+
+
+PER_TASK_SOURCES = ("per_task", "per_task_merged")
+"""Hessian sources with one calibration set per model: there a model may go without (`proxy_gram`)."""
+
+
+def _proxy_stands_in(cfg: MergeConfig, spec: MethodSpec) -> bool:
+    """Whether a model without data can fit its proxy Gram alone: per-task Hessians, every tensor's
+    `proxy_gram` > 0, and no per-model data trim (`regmean_sparse` trims the merged vector on the summed Grams)."""
+    ps = spec.param("proxy_gram")
+    if ps is None or cfg.hessian_source not in PER_TASK_SOURCES:
+        return False
+    betas = spec_values(cfg.parameters.get("proxy_gram", ps.default))  # validated numbers (or a bool: refused)
+    per_model_trim = not spec.trims_merged and any(t in DATA_TRIMS for t in spec_values(cfg.trim))
+    return not per_model_trim and bool(betas) and all(isinstance(v, (int, float)) and v > 0 for v in betas)
+
+
+def _missing_data_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
+    """A merge that needs calibration data: every model has some, or (`_proxy_stands_in`) at least one does."""
+    missing = [t for t in range(len(cfg.models)) if cfg.calibration_for(t) is None]
+    if not missing or (_proxy_stands_in(cfg, spec) and len(missing) < len(cfg.models)):
+        return
+    hint = ""
+    if spec.param("proxy_gram") is not None:
+        hint = (
+            "; or, with hessian_source: per_task, set parameters.proxy_gram > 0 so a model without data fits its "
+            "task vector's proxy Gram (at least one model needs data; none at all: merge_method wudi is data-free)"
+        )
+    problems.append(
+        f"trim {short_repr(cfg.trim)} / method {spec.name!r} needs calibration data: add "
+        f"'calibration: {{data: FILE}}' (top level, or models[{missing[0]}].calibration){hint}"
+    )
 
 
 def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
