@@ -130,7 +130,13 @@ def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> list[dict]:
         )
     print(
         f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
-        + (f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x" if args.refit else "")
+        + (
+            f"; refit+OBS / OBS: {med['refit1'] / med['jax1']:.2f}x"
+            # the refit's own time in units of one [rows, cols] x [cols, cols] product (one CG step)
+            f" (refit = {(med['refit1'] - med['jax1']) / med['matmul']:.1f} matmuls, OBS = {med['jax1'] / med['matmul']:.1f})"
+            if args.refit
+            else ""
+        )
     )
     return out
 

@@ -19,23 +19,6 @@ def problem(rows, cols, seed, ill=False):
     return rng.standard_normal((rows, cols)), 2 * x.T @ x / 4, x.T
 
 
-def exact_refit(d, h, keep, percdamp=0.01):
-    """Per row: D'[r, S] = A_SS^-1 (A D[r])_S with A the sweep's damped H."""
-    a = h + percdamp * np.mean(np.diag(h)) * np.eye(h.shape[0])
-    out = np.zeros_like(d)
-    for r in range(d.shape[0]):
-        s = keep[r]
-        if s.any():
-            out[r, s] = np.linalg.solve(a[np.ix_(s, s)], (a @ d[r])[s])
-    return out
-
-
-def objective(d, dp, h, percdamp=0.01):
-    a = h + percdamp * np.mean(np.diag(h)) * np.eye(h.shape[0])
-    e = d - dp
-    return np.einsum("ri,ij,rj->", e, a, e)
-
-
 @pytest.mark.parametrize("ill", [False, True])
 @pytest.mark.parametrize("kw", [dict(density=0.2), dict(density=0.6), dict(density=None, prunen=2, prunem=4)])
 def test_converged_refit_matches_direct_solve_x64(kw, ill):
@@ -46,9 +29,9 @@ def test_converged_refit_matches_direct_solve_x64(kw, ill):
         obs, ref = np.asarray(obs), np.asarray(ref)
     keep = obs != 0
     np.testing.assert_array_equal(ref != 0, keep)  # the mask is kept exactly
-    want = exact_refit(d, h, keep)
+    want = oracle.masked_least_squares(d, h, keep)
     assert np.max(np.abs(ref - want)) <= 1e-6 * np.max(np.abs(want))
-    assert objective(d, ref, h) <= objective(d, obs, h)
+    assert oracle.weighted_error(d, ref, h) <= oracle.weighted_error(d, obs, h)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -60,7 +43,7 @@ def test_refit_never_worse_than_obs(seed, ill):
         obs = np.asarray(obs_prune(d32, h32, density=density)[0], np.float64)
         ref = np.asarray(obs_prune(d32, h32, density=density, refit=True)[0], np.float64)
         assert np.all(ref[obs == 0] == 0)
-        assert objective(d, ref, h) <= objective(d, obs, h) * (1 + 1e-5)
+        assert oracle.weighted_error(d, ref, h) <= oracle.weighted_error(d, obs, h) * (1 + 1e-5)
         assert np.linalg.norm((d - ref) @ x) <= np.linalg.norm((d - obs) @ x) * (1 + 1e-5)
 
 
@@ -118,3 +101,34 @@ def test_merge_methods_take_refit():
     assert not np.allclose(np.asarray(plain), np.asarray(refit))
     with pytest.raises(ValueError, match="refit needs the Hessian"):
         ties(stack, [1.0, 1.0], 0.3, trim="sparsegpt", calib=Calibration(hessian_inv=np.linalg.inv(h)), refit=True)
+
+
+# The default refit (tol 1e-4, 20 CG iterations) against the exact float64
+# masked least squares: the share of the exact refit's gain over OBS it leaves
+# on the table, at most REFIT_GAP_X64 in float64 and REFIT_GAP_F32 in float32.
+# Measured when written: worst 0.30 % (float64) and 1.14 % (float32), both at
+# density 0.5, where the kept sets are largest and CG converges slowest; any
+# faster refit must still pass this.
+REFIT_GAP_X64 = 5e-3
+REFIT_GAP_F32 = 2e-2
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("ill", [False, True])
+@pytest.mark.parametrize(
+    "kw", [dict(density=0.1), dict(density=0.3), dict(density=0.5), dict(density=None, prunen=2, prunem=4)]
+)
+def test_default_refit_within_stated_gap_of_exact(kw, ill, x64):
+    gaps = []
+    for seed in range(2):
+        d, h, _ = problem(32, 128, seed=seed, ill=ill)
+        with jax.enable_x64(x64):
+            dd, hh = (d, h) if x64 else (d.astype(np.float32), h.astype(np.float32))
+            obs = np.asarray(obs_prune(dd, hh, **kw)[0], np.float64)
+            ref = np.asarray(obs_prune(dd, hh, refit=True, **kw)[0], np.float64)
+        np.testing.assert_array_equal(ref != 0, obs != 0)
+        exact = oracle.masked_least_squares(d, h, obs != 0)
+        f_obs, f_ref, f_exact = (oracle.weighted_error(d, x, h) for x in (obs, ref, exact))
+        assert f_exact < f_obs  # the oracle improves on OBS, so the share is well defined
+        gaps.append((f_ref - f_exact) / (f_obs - f_exact))
+    assert max(gaps) <= (REFIT_GAP_X64 if x64 else REFIT_GAP_F32), gaps

@@ -75,6 +75,34 @@ def obs_prune(delta, h, density=None, prunen=0, prunem=0, blocksize=128, percdam
     return q, mask, loss
 
 
+def damped(h, percdamp: float) -> np.ndarray:
+    """The matrix the sweep factors (no dead columns): `H + percdamp * mean(diag H) * I`, float64."""
+    h = np.asarray(h, np.float64)
+    return h + percdamp * np.mean(np.diag(h)) * np.eye(h.shape[0])
+
+
+def masked_least_squares(delta, h, keep, percdamp: float = 0.01) -> np.ndarray:
+    """The exact refit: per row r with kept set S, `D'[r, S] = A_SS^-1 (A D[r])_S`, zero elsewhere.
+
+    `A = damped(h)`; each row is one `np.linalg.solve` of its own kept block, in
+    float64. This minimises `weighted_error` over every D' with D'[~keep] = 0.
+    """
+    a = damped(h, percdamp)
+    d = np.asarray(delta, np.float64)
+    out = np.zeros_like(d)
+    for r in range(d.shape[0]):
+        s = np.asarray(keep[r], bool)
+        if s.any():
+            out[r, s] = np.linalg.solve(a[np.ix_(s, s)], (a @ d[r])[s])
+    return out
+
+
+def weighted_error(delta, pruned, h, percdamp: float = 0.01) -> float:
+    """The refit's objective `sum_r (D - D')[r] A (D - D')[r]^T` with `A = damped(h)`."""
+    e = np.asarray(delta, np.float64) - np.asarray(pruned, np.float64)
+    return float(np.einsum("ri,ij,rj->", e, damped(h, percdamp), e))
+
+
 def correlated_inputs(rng, tokens: int, cols: int, decay: float = 1.0) -> np.ndarray:
     """[tokens, cols] inputs with correlated features, like real activations.
 
