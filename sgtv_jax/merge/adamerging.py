@@ -51,10 +51,8 @@ from flax import nnx
 from sgtv_jax.defaults import BLOCKSIZE, MAX_LEARNING_STEPS, PERCDAMP
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.combine import weighted_sum
-from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.methods import Floats, generalized_task_arithmetic, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
-from sgtv_jax.merge.trim import trim as trim_stack
 
 LossFn = Callable[[jax.Array, Any, Any, Any], jax.Array]
 """`loss_fn(coeffs [G,T], base, taus, batch) -> scalar`."""
@@ -300,20 +298,46 @@ def _path_name(path: tuple) -> str:
 def trim_task_vectors(
     taus: nnx.State, kind: str, densities: float | Sequence[float], *, seed: int = 0, **options: Any
 ) -> nnx.State:
-    """Trim every leaf's `[T, ...]` stack with `sgtv_jax.merge.trim.trim(kind, ...)`.
+    """Trim every leaf's `[T, ...]` stack as `merge_method: adamerging` with `trim: kind` plans it.
 
-    kind: one of `FLAX_TRIMS`; each leaf's key is `keys.tensor_key(seed, path)`
-    (`path` the dotted state path, e.g. `blocks.0.mlp.up_proj.kernel.value`).
-    options: passed on (`rescale`, `gamma`, `count`).
+    Each leaf is one tensor of the plan interpreter (`call.interpret`, then
+    `plan.trim_call`): its name is the dotted state path (e.g.
+    `blocks.0.mlp.up_proj.kernel.value`), its PRNG key `keys.tensor_key(seed, name)`,
+    and rescale / count resolve as for every other tensor (adamerging's rescale
+    default is off). kind: one of `FLAX_TRIMS`; densities and `options["gamma"]`:
+    one value, or one per task; options: `rescale`, `count`, `gamma`.
     """
+    from sgtv_jax.merge.call import interpret  # noqa: PLC0415 (cycle: specs imports this module's per-tensor step)
+    from sgtv_jax.merge.plan import TensorPlan, trim_call  # noqa: PLC0415 (as above)
+
     if kind not in FLAX_TRIMS:
         raise ValueError(
             f"trim {kind!r} is not applied here; one of {', '.join(FLAX_TRIMS)} (or trim the taus yourself)"
         )
+    unknown = set(options) - {"rescale", "count", "gamma"}
+    if unknown:
+        raise TypeError(f"trim_task_vectors got unexpected options {sorted(unknown)}")
+    tasks = jax.tree.leaves(taus)[0].shape[0]
+
+    def per_task(v: float | Sequence[float]) -> tuple[float, ...]:
+        return tuple(v) if isinstance(v, Sequence) else (v,) * tasks
+
+    gamma = options.get("gamma")
+    params: dict[str, Any] = {k: options[k] for k in ("rescale", "count") if k in options}
 
     def one(path: tuple, tau: jax.Array) -> jax.Array:
         name = _path_name(path)
-        return trim_stack(kind, tau, densities, key=tensor_key(seed, name), name=name, **options)
+        plan = TensorPlan(
+            "adamerging",
+            name,
+            weights=(1.0,) * tasks,  # the trim reads no weights (they are learned after it)
+            densities=per_task(densities),
+            trim=kind,
+            params=params,
+            gamma=None if gamma is None else per_task(gamma),
+            seed=seed,
+        )
+        return trim_call(interpret(plan, ndim=tau.ndim - 1), tau)[0]
 
     return jax.tree_util.tree_map_with_path(one, taus)
 

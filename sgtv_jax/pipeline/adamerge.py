@@ -49,7 +49,6 @@ from convert.conversion import load_flax_model
 from convert.lora import open_model
 from sgtv_jax.errors import NumericsError
 from sgtv_jax.merge import adamerging as ada
-from sgtv_jax.merge.methods import resolve_rescale
 from sgtv_jax.models import get_family
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import max_positions_of, read_hf_config
@@ -128,12 +127,10 @@ def learn_weights(cfg: MergeConfig, *, progress: bool = True) -> Learned:
     tok = load_tokenizer(cfg.base_model)
     calib = load_calibration(cfg.calibration, tok, max_positions_of(hf))
     kind = cfg.trim
-    trim_options: dict[str, Any] = {}
-    if kind is not None:
-        trim_options["rescale"] = resolve_rescale(cfg.parameters.get("rescale"), cfg.method_spec.rescale_default, kind)
-        trim_options["count"] = cfg.parameters.get("count", "round")
-        if kind == "breadcrumbs":
-            trim_options["gamma"] = _per_model(cfg, "gamma")
+    # the trim's options as given: the plan interpreter resolves their defaults (trim_task_vectors)
+    trim_options: dict[str, Any] = {k: cfg.parameters[k] for k in TRIM_PARAMS if k in cfg.parameters}
+    if kind == "breadcrumbs":
+        trim_options["gamma"] = _per_model(cfg, "gamma")
     base = _load(cfg.base_model)
     fts = [_load(m.model, m.adapter) for m in cfg.models]
     steps = int(opts["steps"])
