@@ -140,16 +140,8 @@ def run_call(
 def _trim_args(call: MergeCall) -> dict[str, Any]:
     """The keywords every trim takes, as `call` resolved them (key, OBS block / damping, gamma, epsilon, ...)."""
     o = call.obs
-    return dict(
-        key=call.key,
-        blocksize=o.blocksize,
-        percdamp=o.percdamp,
-        name=call.name,
-        gamma=call.gamma,
-        epsilon=call.epsilon,
-        rescale=call.rescale,
-        count=call.count,
-    )
+    out: dict[str, Any] = dict(key=call.key, blocksize=o.blocksize, percdamp=o.percdamp, name=call.name)
+    return out | dict(gamma=call.gamma, epsilon=call.epsilon, rescale=call.rescale, count=call.count)
 
 
 def trim_call(

@@ -36,7 +36,9 @@ def _cross_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> No
                     "read only by hessian_source per_task / per_task_merged: move it to the top level or set "
                     "hessian_source: per_task"
                 )
-        for t in range(len(cfg.models)):
+        # distill names each model's own set itself (_learned_calibration_checks): a top-level one would not do
+        distill = spec.learns_weights and cfg.parameters.get("objective") == "distill"
+        for t in range(0 if distill else len(cfg.models)):
             if cfg.calibration_for(t) is None:
                 problems.append(
                     f"trim {short_repr(cfg.trim)} / method {spec.name!r} needs calibration data: add "
@@ -79,7 +81,7 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
         problems.append(
             f"trim {trim!r} {why}: merge_method {name!r} composes with the data-free trims {', '.join(LEARNED_TRIMS)}"
         )
-    for k in ("steps", "learning_rate", "init", "clip"):
+    for k in ("steps", "learning_rate", "init", "clip", "objective"):
         v = cfg.parameters.get(k)
         if isinstance(v, (list, tuple)):
             problems.append(f"parameters.{k} must be one value for merge_method {name!r}, got {short_repr(v)}")
@@ -94,17 +96,14 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
             f"parameters.weight: merge_method {name!r} learns every model's weights; remove 'weight' "
             "(parameters.init sets where the learning starts)"
         )
+    distill = cfg.parameters.get("objective") == "distill"
+    _learned_calibration_checks(cfg, name, distill, problems)
     for t, m in enumerate(cfg.models):
         where = f"models[{t}]"
         if "weight" in m.parameters:
             problems.append(
                 f"{where}.parameters.weight: merge_method {name!r} learns every model's weights; remove 'weight' "
                 "(parameters.init sets where the learning starts)"
-            )
-        if m.calibration is not None:
-            problems.append(
-                f"{where}.calibration: merge_method {name!r} learns from one calibration set; give it at top "
-                "level (calibration: {data: [task_a.txt, task_b.txt]} mixes the tasks' texts)"
             )
         for k in ("density", "gamma"):
             v = model_parameters(cfg, t).get(k)
@@ -114,6 +113,30 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
                     f"{src} must be one number for merge_method {name!r} (its learning pass trims whole "
                     f"models, one {k} per model), got {short_repr(v)}"
                 )
+
+
+def _learned_calibration_checks(cfg: MergeConfig, name: str, distill: bool, problems: list[str]) -> None:
+    """Entropy learns from one top-level calibration set; distill from each model's own (its specialist's text)."""
+    if not distill:
+        for t, m in enumerate(cfg.models):
+            if m.calibration is not None:
+                problems.append(
+                    f"models[{t}].calibration: merge_method {name!r} learns from one calibration set; give it at "
+                    "top level (calibration: {data: [task_a.txt, task_b.txt]} mixes the tasks' texts), or set "
+                    "parameters.objective: distill (each model's own text)"
+                )
+        return
+    lacking = [t for t, m in enumerate(cfg.models) if m.calibration is None]
+    if lacking:
+        problems.append(
+            f"models[{lacking[0]}].calibration: parameters.objective 'distill' needs each model's own calibration "
+            f"text (its specialist's targets); add models[t].calibration: {{data: TASK_FILE}} to models {lacking}"
+        )
+    if cfg.calibration is not None:
+        problems.append(
+            "calibration: unused with parameters.objective 'distill' (each task distills on its own "
+            "models[t].calibration); remove the top-level calibration"
+        )
 
 
 def model_parameters(cfg: MergeConfig, t: int) -> dict[str, Any]:
