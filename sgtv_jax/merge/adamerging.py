@@ -6,7 +6,9 @@ one group per transformer block, and group `L` = number of blocks for every
 parameter outside the blocks: embeddings, final norm, head). The coefficients
 minimise the mean entropy of the merged model's next-token distributions over
 unlabeled calibration tokens (AdaMerging, Yang et al. 2024), by Adam (optax)
-under `jax.lax.scan`; no labels are read.
+under `jax.lax.scan`; no labels are read. The other objective (`OBJECTIVES`),
+`distill`, sums each task's KL to its own specialist on its own text
+(`sgtv_jax.merge.distill`); `learn_merge` takes either.
 
 * `entropy(logits [B,S,V], mask [B,S])`: mean predictive entropy, log-softmax based.
 * `layerwise_merge(base, taus, coeffs [G,T], groups)`: the merged pytree.
@@ -51,16 +53,17 @@ from flax import nnx
 from sgtv_jax.defaults import BLOCKSIZE, MAX_LEARNING_STEPS, PERCDAMP
 from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.combine import weighted_sum
-from sgtv_jax.merge.keys import tensor_key
 from sgtv_jax.merge.methods import Floats, generalized_task_arithmetic, resolve_rescale
 from sgtv_jax.merge.trim import Calibration
-from sgtv_jax.merge.trim import trim as trim_stack
 
 LossFn = Callable[[jax.Array, Any, Any, Any], jax.Array]
 """`loss_fn(coeffs [G,T], base, taus, batch) -> scalar`."""
 
 StepCallback = Callable[[jax.Array, jax.Array], None]
 """`callback(step, loss)`: called on the host after each learning step (progress bars, logs)."""
+
+OBJECTIVES = ("entropy", "distill")
+"""What the coefficients minimise: the merged model's prediction entropy, or each task's KL to its specialist."""
 
 BLOCKS = "blocks"
 """The key of a Flax family model's block list in its `nnx.State`."""
@@ -71,7 +74,7 @@ calibration statistics and do not depend on the kernel layout (Flax `[in, out]`
 here, PyTorch `[out, in]` elsewhere); trim the task vectors yourself for others."""
 
 
-def _work_dtype(dtype: Any) -> Any:
+def work_dtype(dtype: Any) -> Any:
     """At least float32 (float64 stays float64, for float64 references)."""
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -83,7 +86,7 @@ def entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
     `[B, S]`. `H = -sum_v p_v log p_v` from `log_softmax` (stable for any
     logit scale); a `-inf` logit contributes 0, not NaN. No mask entries: 0.
     """
-    z = logits.astype(_work_dtype(logits.dtype))
+    z = logits.astype(work_dtype(logits.dtype))
     logp = jax.nn.log_softmax(z, axis=-1)
     # p * logp with p = 0 at a -inf logit is 0; the where keeps NaN out of values and gradients
     safe = jnp.where(jnp.isfinite(logp), logp, 0.0)
@@ -94,7 +97,7 @@ def entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _merge_leaf(base: jax.Array, tau: jax.Array, c: jax.Array) -> jax.Array:
     """`base + sum_t c[t] tau[t]` in at least float32, returned in `base`'s dtype; tau `[T, ...]`, c `[T]`."""
-    dt = _work_dtype(base.dtype)
+    dt = work_dtype(base.dtype)
     delta = weighted_sum(tau.astype(dt), c.astype(dt))  # the task-arithmetic sum the YAML merge runs
     return (base.astype(dt) + delta).astype(base.dtype)
 
@@ -300,20 +303,46 @@ def _path_name(path: tuple) -> str:
 def trim_task_vectors(
     taus: nnx.State, kind: str, densities: float | Sequence[float], *, seed: int = 0, **options: Any
 ) -> nnx.State:
-    """Trim every leaf's `[T, ...]` stack with `sgtv_jax.merge.trim.trim(kind, ...)`.
+    """Trim every leaf's `[T, ...]` stack as `merge_method: adamerging` with `trim: kind` plans it.
 
-    kind: one of `FLAX_TRIMS`; each leaf's key is `keys.tensor_key(seed, path)`
-    (`path` the dotted state path, e.g. `blocks.0.mlp.up_proj.kernel.value`).
-    options: passed on (`rescale`, `gamma`, `count`).
+    Each leaf is one tensor of the plan interpreter (`call.interpret`, then
+    `plan.trim_call`): its name is the dotted state path (e.g.
+    `blocks.0.mlp.up_proj.kernel.value`), its PRNG key `keys.tensor_key(seed, name)`,
+    and rescale / count resolve as for every other tensor (adamerging's rescale
+    default is off). kind: one of `FLAX_TRIMS`; densities and `options["gamma"]`:
+    one value, or one per task; options: `rescale`, `count`, `gamma`.
     """
+    from sgtv_jax.merge.call import interpret  # noqa: PLC0415 (cycle: specs imports this module's per-tensor step)
+    from sgtv_jax.merge.plan import TensorPlan, trim_call  # noqa: PLC0415 (as above)
+
     if kind not in FLAX_TRIMS:
         raise ValueError(
             f"trim {kind!r} is not applied here; one of {', '.join(FLAX_TRIMS)} (or trim the taus yourself)"
         )
+    unknown = set(options) - {"rescale", "count", "gamma"}
+    if unknown:
+        raise TypeError(f"trim_task_vectors got unexpected options {sorted(unknown)}")
+    tasks = jax.tree.leaves(taus)[0].shape[0]
+
+    def per_task(v: float | Sequence[float]) -> tuple[float, ...]:
+        return tuple(v) if isinstance(v, Sequence) else (v,) * tasks
+
+    gamma = options.get("gamma")
+    params: dict[str, Any] = {k: options[k] for k in ("rescale", "count") if k in options}
 
     def one(path: tuple, tau: jax.Array) -> jax.Array:
         name = _path_name(path)
-        return trim_stack(kind, tau, densities, key=tensor_key(seed, name), name=name, **options)
+        plan = TensorPlan(
+            "adamerging",
+            name,
+            weights=(1.0,) * tasks,  # the trim reads no weights (they are learned after it)
+            densities=per_task(densities),
+            trim=kind,
+            params=params,
+            gamma=None if gamma is None else per_task(gamma),
+            seed=seed,
+        )
+        return trim_call(interpret(plan, ndim=tau.ndim - 1), tau)[0]
 
     return jax.tree_util.tree_map_with_path(one, taus)
 
@@ -331,40 +360,40 @@ def calibration_batches(input_ids: np.ndarray, mask: np.ndarray, batch_size: int
     }
 
 
-def merge_with_learned_coefficients(
+Objective = Callable[[nnx.GraphDef, Sequence[nnx.State]], tuple[LossFn, Any]]
+"""`objective(graphdef, finetuned states) -> (loss_fn, batches)`: what `learn_merge` minimises, on which batches."""
+
+
+def learn_merge(
     base_model: nnx.Module,
     finetuned: Sequence[nnx.Module],
-    input_ids: np.ndarray,
-    mask: np.ndarray,
+    objective: Objective,
     *,
     steps: int = 100,
     learning_rate: float = 1e-3,
     init: float = 0.3,
     seed: int = 0,
-    batch_size: int = 8,
     clip: tuple[float, float] | None = (0.0, 1.0),
     trim: str | None = None,
     densities: float | Sequence[float] = 1.0,
     trim_options: dict[str, Any] | None = None,
-    remat: bool = True,
     callback: StepCallback | None = None,
 ) -> tuple[nnx.Module, jax.Array, jax.Array]:
-    """AdaMerging of Flax family models on calibration windows; returns `(merged model, coeffs [L+1,T], losses)`.
+    """Learn layer-wise coefficients of Flax family models for `objective`; returns `(merged model, coeffs [L+1,T], losses)`.
 
-    input_ids / mask: `[N, S]` windows (`sgtv_jax.pipeline.calibration.CalibrationSet`).
     trim / densities / trim_options: optional `trim_task_vectors` before learning
     (its PRNG seed is `seed`). Row `i < L` of the coefficients scales block `i`,
     row `L` everything outside the blocks. The merged model is a new model
     (the inputs are not modified). callback: `learn_coefficients`' (progress only).
     """
     graphdef, base = nnx.split(base_model)
-    taus = stack_task_vectors(base, [nnx.state(m) for m in finetuned])
+    states = [nnx.state(m) for m in finetuned]
+    loss_fn, batches = objective(graphdef, states)
+    taus = stack_task_vectors(base, states)
     if trim is not None:
         taus = trim_task_vectors(taus, trim, densities, seed=seed, **(trim_options or {}))
-    batches = calibration_batches(input_ids, mask, batch_size)
-    groups = param_groups(base)
     coeffs, losses = learn_coefficients(
-        entropy_loss(graphdef, remat=remat),
+        loss_fn,
         base,
         taus,
         batches,
@@ -376,8 +405,31 @@ def merge_with_learned_coefficients(
         clip=clip,
         callback=callback,
     )
-    merged = nnx.merge(graphdef, layerwise_merge(base, taus, coeffs, groups))
+    merged = nnx.merge(graphdef, layerwise_merge(base, taus, coeffs, param_groups(base)))
     return merged, coeffs, losses
+
+
+def merge_with_learned_coefficients(
+    base_model: nnx.Module,
+    finetuned: Sequence[nnx.Module],
+    input_ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    batch_size: int = 8,
+    remat: bool = True,
+    **learning: Any,
+) -> tuple[nnx.Module, jax.Array, jax.Array]:
+    """AdaMerging (entropy) of Flax family models on calibration windows; returns `(merged model, coeffs [L+1,T], losses)`.
+
+    input_ids / mask: `[N, S]` windows (`sgtv_jax.pipeline.calibration.CalibrationSet`),
+    `batch_size` per step. learning: `learn_merge`'s keywords (steps,
+    learning_rate, init, seed, clip, trim, densities, trim_options, callback).
+    """
+
+    def objective(graphdef: nnx.GraphDef, _: Sequence[nnx.State]) -> tuple[LossFn, Any]:
+        return entropy_loss(graphdef, remat=remat), calibration_batches(input_ids, mask, batch_size)
+
+    return learn_merge(base_model, finetuned, objective, **learning)
 
 
 def weight_rules(coeffs: Any, block_prefix: Callable[[int], str]) -> list[list[dict[str, Any]]]:
@@ -416,18 +468,19 @@ def adamerging(
     percdamp: float = PERCDAMP,
     refit: bool = False,
     name: str | None = None,
+    objective: str = "entropy",
 ) -> jax.Array:
     """AdaMerging's per-tensor step: `sum_t w_t trim(tau_t)`, `weights` the learned coefficients of this tensor.
 
     deltas `[T, ...]` -> merged task vector `[...]` (`task_arithmetic` with
     lambda 1, no normalisation). The coefficients are learned over whole models
     (`merge_with_learned_coefficients`; `sgtv merge` does it before merging),
-    which a single tensor cannot do: `steps`, `learning_rate`, `init` and
-    `clip` configure that learning pass and are ignored here (they are this
+    which a single tensor cannot do: `steps`, `learning_rate`, `init`, `clip`
+    and `objective` configure that learning pass and are ignored here (they are this
     function's keywords so that the method's parameters and its signature
     agree, its row in `specs.METHOD_SPECS`).
     """
-    del steps, learning_rate, init, clip  # the learning pass's, not the tensor's
+    del steps, learning_rate, init, clip, objective  # the learning pass's, not the tensor's
     return generalized_task_arithmetic(
         deltas,
         weights,

@@ -6,8 +6,10 @@ the method's spec row once and resolves everything the plan leaves implicit
 (which trim, whether it rescales, the count rule, per-model gamma / epsilon,
 the PRNG key, the method's own keywords, which statistics the method gets);
 the executors run that call as it is: `plan.merge_planned` on the whole
-tensor, `streaming.merge_rows` row chunk by row chunk. No executor reads the
-plan's params or the trims' defaults again.
+tensor, `streaming.merge_rows` row chunk by row chunk, and AdaMerging's trim
+of whole Flax models (`adamerging.trim_task_vectors`, through
+`plan.trim_call`). No executor reads the plan's params or the trims' defaults
+again.
 """
 
 from __future__ import annotations

@@ -117,42 +117,62 @@ def run_call(
         kw["grams"] = calib.hessian  # type: ignore[union-attr]  # call.grams: a Hessian is there
     if call.stage == "untrimmed":
         return _merge_untrimmed(call, deltas, base, kw), deltas, MergeInfo(None, None)
-    o = call.obs
-    trim_args: dict[str, Any] = dict(key=call.key, blocksize=o.blocksize, percdamp=o.percdamp, name=call.name)
-    trim_args.update(gamma=call.gamma, epsilon=call.epsilon, rescale=call.rescale, count=call.count)
     if call.stage == "merge_then_trim":  # one call: the method trims the merged task vector
         merged = get_method(call.method)(
-            deltas, list(call.weights), list(call.densities), trim=call.trim, refit=o.refit, **trim_args, **kw
+            deltas,
+            list(call.weights),
+            list(call.densities),
+            trim=call.trim,
+            refit=call.obs.refit,
+            **_trim_args(call),
+            **kw,
         )
         return merged, deltas, MergeInfo(call.trim, None)
-    damping = None
-    if call.trim is None:
-        trimmed = deltas
-    elif call.trim == "sparsegpt":
-        if calib is None or (calib.hessian is None and calib.hessian_inv is None):
-            raise PlanError(trim_lib.missing_stats_message("sparsegpt", call.name))
-        if o.refit and calib.hessian is None:
-            raise PlanError(f"refit needs the Hessian itself, not its inverse, for tensor {call.name!r}")
-        trimmed, damping = trim_lib.sparsegpt_info(
-            deltas,
-            list(call.densities),
-            calib,
-            blocksize=o.blocksize,
-            percdamp=o.percdamp,
-            refit=o.refit,
-            rescale=call.rescale,
-            name=call.name,
-            prunen=o.prunen,
-            prunem=o.prunem,
-        )
-    else:
-        trimmed = trim_lib.trim(call.trim, deltas, list(call.densities), calib=calib, **trim_args)
+    trimmed, damping = trim_call(call, deltas, calib)
     if call.targets:
         kw["targets"] = deltas  # lstsq fits the untrimmed task vectors with the trimmed ones
     merged = get_method(call.method)(
         trimmed, list(call.weights), 1.0, trim=None, rescale=False, name=call.name, key=call.key, **kw
     )
     return merged, trimmed, MergeInfo(call.trim, damping)
+
+
+def _trim_args(call: MergeCall) -> dict[str, Any]:
+    """The keywords every trim takes, as `call` resolved them (key, OBS block / damping, gamma, epsilon, ...)."""
+    o = call.obs
+    out: dict[str, Any] = dict(key=call.key, blocksize=o.blocksize, percdamp=o.percdamp, name=call.name)
+    return out | dict(gamma=call.gamma, epsilon=call.epsilon, rescale=call.rescale, count=call.count)
+
+
+def trim_call(
+    call: MergeCall, deltas: jax.Array, calib: trim_lib.Calibration | None = None
+) -> tuple[jax.Array, float | None]:
+    """The trim step of `call` on the whole stack `deltas` `[T, ...]`: (trimmed `[T, ...]`, OBS damping or None).
+
+    No trim (`call.trim` None): `deltas` as they are. Used by `run_call` and by
+    AdaMerging's trim of whole Flax models (`adamerging.trim_task_vectors`).
+    """
+    if call.trim is None:
+        return deltas, None
+    if call.trim != "sparsegpt":
+        return trim_lib.trim(call.trim, deltas, list(call.densities), calib=calib, **_trim_args(call)), None
+    o = call.obs
+    if calib is None or (calib.hessian is None and calib.hessian_inv is None):
+        raise PlanError(trim_lib.missing_stats_message("sparsegpt", call.name))
+    if o.refit and calib.hessian is None:
+        raise PlanError(f"refit needs the Hessian itself, not its inverse, for tensor {call.name!r}")
+    return trim_lib.sparsegpt_info(
+        deltas,
+        list(call.densities),
+        calib,
+        blocksize=o.blocksize,
+        percdamp=o.percdamp,
+        refit=o.refit,
+        rescale=call.rescale,
+        name=call.name,
+        prunen=o.prunen,
+        prunem=o.prunem,
+    )
 
 
 def _merge_untrimmed(call: MergeCall, deltas: jax.Array, base: jax.Array | None, kw: dict[str, Any]) -> jax.Array:

@@ -23,7 +23,7 @@ from typing import Any
 from sgtv_jax.defaults import MAX_LEARNING_STEPS
 from sgtv_jax.merge import methods
 from sgtv_jax.merge import trim as trim_lib
-from sgtv_jax.merge.adamerging import adamerging
+from sgtv_jax.merge.adamerging import OBJECTIVES, adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.gram_balance import GRAM_NORMS
@@ -351,11 +351,18 @@ _MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); ne
             ),
             ParamSpec("init", "float", doc="every coefficient's starting value (in [0, 1] with clip)"),
             ParamSpec("clip", "bool", doc="project the coefficients onto [0, 1] after each step"),
+            ParamSpec(
+                "objective",
+                "choice",
+                choices=OBJECTIVES,
+                doc="what the coefficients minimise: the merged model's prediction entropy, or (distill) the sum "
+                "of each task's KL to its own specialist on its own models[].calibration",
+            ),
             _RESCALE,
             _COUNT,
         ),
         "layer-wise coefficients learned by entropy minimisation on unlabeled calibration text "
-        "(AdaMerging), then task arithmetic with them",
+        "(AdaMerging) or by distillation from each specialist, then task arithmetic with them",
         entrywise=True,
         learns_weights=True,
     ),

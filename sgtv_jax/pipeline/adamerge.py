@@ -28,9 +28,12 @@ Decisions:
   vectors and the merged model as float32 pytrees (about `4 (2T + 2) P` bytes
   for `T` models of `P` parameters) plus one step's activations (each block's
   input, one block under `jax.checkpoint`, the logits of `batch_size` windows).
-* One top-level calibration set (per-model ones are refused by the config
-  check); its windows are sampled by `calibration.seed`, the step order and the
-  trim by the config's `seed`: the same config gives the same output.
+* `objective: entropy` (default) reads one top-level calibration set (per-model
+  ones are refused by the config check); `objective: distill` reads each
+  model's own `models[t].calibration` (the task's text, where its specialist's
+  top-k distributions are computed once: `sgtv_jax.merge.distill`) and no
+  top-level one. Windows are sampled by `calibration.seed`, the step order and
+  the trim by the config's `seed`: the same config gives the same output.
 * Under `jax.distributed` process 0 alone learns and merges (as for any merge
   without calibrated trims).
 """
@@ -49,15 +52,25 @@ from convert.conversion import load_flax_model
 from convert.lora import open_model
 from sgtv_jax.errors import NumericsError
 from sgtv_jax.merge import adamerging as ada
-from sgtv_jax.merge.methods import resolve_rescale
+from sgtv_jax.merge.distill import merge_with_distilled_coefficients
 from sgtv_jax.models import get_family
 from sgtv_jax.pipeline.calibration import load_calibration, load_tokenizer
 from sgtv_jax.pipeline.check import max_positions_of, read_hf_config
 from sgtv_jax.pipeline.config import PER_MODEL_PARAMS, ConfigError, MergeConfig, model_parameters
 from sgtv_jax.pipeline.planning import DEFAULTS
 
+CALIBRATION_NEEDED = {
+    "entropy": "merge_method 'adamerging' needs calibration data: add 'calibration: {data: FILE}'",
+    "distill": "parameters.objective 'distill' needs each model's own calibration text (its specialist's "
+    "targets): add models[t].calibration: {data: TASK_FILE} to every model",
+}
+"""The message when a config lacks the calibration its objective reads."""
+
 MERGED_AS = "task_arithmetic"
 """The method the learned merge runs as: `adamerging`'s per-tensor step (`adamerging.adamerging`)."""
+
+LEARNING_PARAMS = ("steps", "learning_rate", "init", "clip", "objective")
+"""The learning pass's parameters: one value each, none carried over to the merge."""
 
 TRIM_PARAMS = ("rescale", "count")
 """Method parameters that belong to the trim: they carry over to the merge; the others are the learning's."""
@@ -72,10 +85,10 @@ class Learned(NamedTuple):
 
 
 def learning_options(cfg: MergeConfig) -> dict[str, Any]:
-    """steps, learning_rate, init, clip of an adamerging config (the spec's defaults where unset)."""
+    """steps, learning_rate, init, clip, objective of an adamerging config (the spec's defaults where unset)."""
     spec = cfg.method_spec
     out = {}
-    for k in ("steps", "learning_rate", "init", "clip"):
+    for k in LEARNING_PARAMS:
         ps = spec.param(k)
         assert ps is not None
         out[k] = cfg.parameters.get(k, ps.default)
@@ -94,6 +107,10 @@ def _load(path: str, adapter: str = "") -> Any:
         return load_flax_model(ckpt)[0]
     finally:
         ckpt.close()
+
+
+def _one_or_each(values: list[int], each: bool) -> int | list[int]:
+    return values if each else values[0]
 
 
 def learned_config(cfg: MergeConfig, coeffs: Any, block_prefix: Any) -> MergeConfig:
@@ -115,39 +132,35 @@ def learn_weights(cfg: MergeConfig, *, progress: bool = True) -> Learned:
     """Run the learning pass of an adamerging config (module doc); returns the merge's config and the report section.
 
     The report section: `coefficients` `[L+1][T]` (row `i < L` block `i`, row `L`
-    every tensor outside the blocks), `losses` (mean entropy before each step),
+    every tensor outside the blocks), `losses` (the objective before each step: mean entropy, or distill's summed KL),
     `groups` (the HF name prefix of each row; "" for the last: everything else),
     `models`, the learning options, the trim and the calibration windows used.
     """
-    if cfg.calibration is None:  # the config check asks for it; a hand-built config may not have it
-        raise ConfigError("merge_method 'adamerging' needs calibration data: add 'calibration: {data: FILE}'")
     t0 = time.perf_counter()
     opts = learning_options(cfg)
+    distill = opts["objective"] == "distill"
+    calibrations = [m.calibration for m in cfg.models] if distill else [cfg.calibration]
+    if any(c is None for c in calibrations):  # the config check asks for them; a hand-built config may not have them
+        raise ConfigError(CALIBRATION_NEEDED["distill" if distill else "entropy"])
     hf = read_hf_config(cfg.base_model)
     block_prefix = get_family(hf.get("model_type")).hf_block_prefix
     tok = load_tokenizer(cfg.base_model)
-    calib = load_calibration(cfg.calibration, tok, max_positions_of(hf))
+    calibs = [load_calibration(c, tok, max_positions_of(hf)) for c in calibrations]
     kind = cfg.trim
-    trim_options: dict[str, Any] = {}
-    if kind is not None:
-        trim_options["rescale"] = resolve_rescale(cfg.parameters.get("rescale"), cfg.method_spec.rescale_default, kind)
-        trim_options["count"] = cfg.parameters.get("count", "round")
-        if kind == "breadcrumbs":
-            trim_options["gamma"] = _per_model(cfg, "gamma")
+    # the trim's options as given: the plan interpreter resolves their defaults (trim_task_vectors)
+    trim_options: dict[str, Any] = {k: cfg.parameters[k] for k in TRIM_PARAMS if k in cfg.parameters}
+    if kind == "breadcrumbs":
+        trim_options["gamma"] = _per_model(cfg, "gamma")
     base = _load(cfg.base_model)
     fts = [_load(m.model, m.adapter) for m in cfg.models]
     steps = int(opts["steps"])
-    with tqdm(total=steps, desc="adamerging", unit="step", disable=not progress) as bar:
+    with tqdm(total=steps, desc=f"adamerging ({opts['objective']})", unit="step", disable=not progress) as bar:
 
         def on_step(step: Any, loss: Any) -> None:
             bar.update(1)
-            bar.set_postfix(entropy=f"{float(loss):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
 
-        _, learned, losses_d = ada.merge_with_learned_coefficients(
-            base,
-            fts,
-            calib.input_ids,
-            calib.mask,
+        learning: dict[str, Any] = dict(
             steps=steps,
             learning_rate=float(opts["learning_rate"]),
             init=float(opts["init"]),
@@ -159,12 +172,19 @@ def learn_weights(cfg: MergeConfig, *, progress: bool = True) -> Learned:
             trim_options=trim_options,
             callback=on_step if progress else None,
         )
+        if distill:
+            windows = [(c.input_ids, c.mask) for c in calibs]
+            _, learned, losses_d = merge_with_distilled_coefficients(base, fts, windows, **learning)
+        else:
+            _, learned, losses_d = ada.merge_with_learned_coefficients(
+                base, fts, calibs[0].input_ids, calibs[0].mask, **learning
+            )
         coeffs, losses = np.asarray(jax.block_until_ready(learned)), np.asarray(losses_d)
         jax.effects_barrier()  # every step's callback has run before the bar closes
     del base, fts
     if not np.all(np.isfinite(losses)) or not np.all(np.isfinite(coeffs)):
         raise NumericsError(
-            "adamerging: the learning diverged (a non-finite entropy or coefficient); "
+            "adamerging: the learning diverged (a non-finite loss or coefficient); "
             "lower parameters.learning_rate or keep parameters.clip true"
         )
     blocks = coeffs.shape[0] - 1
@@ -177,8 +197,9 @@ def learn_weights(cfg: MergeConfig, *, progress: bool = True) -> Learned:
         "trim": kind,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
-        "calibration_windows": int(calib.input_ids.shape[0]),
-        "calibration_tokens": int(calib.tokens),
+        # one set (entropy), or each task's own (distill): then one count per model
+        "calibration_windows": _one_or_each([int(c.input_ids.shape[0]) for c in calibs], distill),
+        "calibration_tokens": _one_or_each([int(c.tokens) for c in calibs], distill),
         "merged_as": f"{MERGED_AS}: models[t] weight = coefficients[group][t] (sgtv_jax.merge.adamerging.weight_rules)",
     }
     return Learned(learned_config(cfg, coeffs, block_prefix), report, time.perf_counter() - t0)

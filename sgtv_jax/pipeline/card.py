@@ -20,6 +20,10 @@ from sgtv_jax.pipeline.report_html import HTML_FILE
 NOT_TRIMMED = (None, "unchanged")  # report rows of tensors copied or merged without a trim
 
 
+_LOSS_NAMES = {"entropy": "entropy", "distill": "KL to the specialists"}
+"""How the model card names AdaMerging's loss, by objective."""
+
+
 def _trims(cfg: MergeConfig) -> list[str]:
     """The trims the config names (a per-tensor spec may name several), each once."""
     return list(dict.fromkeys(str(v) for v in spec_values(cfg.trim) if v))
@@ -57,7 +61,8 @@ def summary(cfg: MergeConfig, report: Mapping[str, Any]) -> list[str]:
     if isinstance(ada, Mapping) and ada.get("losses"):
         out.append(
             f"The models' weights were learned by AdaMerging ({ada.get('steps')} steps, "
-            f"entropy {ada['losses'][0]:.4g} -> {ada['losses'][-1]:.4g})."
+            f"{_LOSS_NAMES.get(ada.get('objective', 'entropy'), 'loss')} "
+            f"{ada['losses'][0]:.4g} -> {ada['losses'][-1]:.4g})."
         )
     rows = [r for r in report.get("layers") or [] if r.get("trim") != "unchanged"]  # not: copied from the base
     trimmed = [r for r in rows if r.get("trim") not in NOT_TRIMMED]

@@ -67,6 +67,7 @@ from typing import NamedTuple
 
 from convert.namemaps import get_name_map
 from convert.readers import hf_config_object, open_checkpoint
+from sgtv_jax.defaults import DISTILL_TOPK
 from sgtv_jax.errors import ResourceError
 from sgtv_jax.merge.streaming import bytes_per_entry, why_not_streamed, working_set_bytes
 from sgtv_jax.models import get_family
@@ -291,6 +292,19 @@ def _estimate_learning(cfg: MergeConfig) -> MemoryEstimate:
         ckpt.close()
     T, b = len(cfg.models), cfg.batch_size
     S = cfg.calibration.seqlen if cfg.calibration is not None else 0
+    teacher: tuple[Term, ...] = ()
+    own = [m.calibration for m in cfg.models if m.calibration is not None]
+    if cfg.parameters.get("objective") == "distill" and own:
+        # every task's windows in one step, padded to the longest; each specialist's top-k kept (merge.distill)
+        S, N, b = max(c.seqlen for c in own), max(c.nsamples for c in own), T * b
+        teacher = (
+            Term(
+                "teacher",
+                12 * T * N * S * DISTILL_TOPK,
+                f"{T} specialists' top-{DISTILL_TOPK} log-probabilities and ids, {N} windows x seqlen {S} each",
+                ("calibration nsamples", "calibration seqlen"),
+            ),
+        )
     D = int(hf.get("hidden_size", hf.get("n_embd", 0)))
     A = int(hf.get("num_attention_heads", hf.get("n_head", 0)))
     V, L = int(hf.get("vocab_size", 0)), num_layers_of(hf)
@@ -308,6 +322,7 @@ def _estimate_learning(cfg: MergeConfig) -> MemoryEstimate:
                 f"batch_size {b} x seqlen {S}: block inputs, logits (vocabulary {V}), attention scores",
                 ("batch_size", "calibration seqlen"),
             ),
+            *teacher,
         ),
         "formula: 4 (2T + 2) P + 4 b S (D (L + 1) + 3 V) + 8 A b S^2 bytes (the learning pass, float32)",
     )

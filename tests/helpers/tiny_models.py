@@ -37,6 +37,27 @@ def make_tokenizer(dst: Path, vocab_size: int = 300) -> None:
     fast.save_pretrained(str(dst))
 
 
+def flax_llama_config(vocab_size: int, blocks: int):
+    """A tiny Flax `LlamaConfig` (hidden 16, 2 heads, 1 KV head) for tests that build `sgtv_jax.models` directly."""
+    from sgtv_jax.models.common import rope_inv_freq
+    from sgtv_jax.models.llama import LlamaConfig
+
+    inv, scaling = rope_inv_freq(8, {"rope_theta": 10000.0})
+    return LlamaConfig(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=blocks,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        rope_inv_freq=inv,
+        rope_attention_scaling=scaling,
+    )
+
+
 def tiny_config(arch: str, vocab_size: int):
     import transformers
 

@@ -12,8 +12,7 @@ from flax import nnx
 
 from sgtv_jax.merge import adamerging as ada
 from sgtv_jax.models import build_model
-from sgtv_jax.models.common import rope_inv_freq
-from sgtv_jax.models.llama import LlamaConfig
+from tests.helpers import tiny_models as H
 
 VOCAB = 64
 BLOCKS = 2
@@ -75,20 +74,7 @@ def test_layerwise_merge_matches_numpy():
 @pytest.fixture(scope="module")
 def tiny():
     """A 2-block LLaMA base, two task vectors (other random inits, half way) and calibration batches."""
-    inv, scaling = rope_inv_freq(8, {"rope_theta": 10000.0})
-    cfg = LlamaConfig(
-        model_type="llama",
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        rms_norm_eps=1e-6,
-        rope_inv_freq=inv,
-        rope_attention_scaling=scaling,
-    )
+    cfg = H.flax_llama_config(VOCAB, BLOCKS)
     base_model = build_model(cfg, nnx.Rngs(0))
     graphdef, base = nnx.split(base_model)
     fts = [nnx.state(build_model(cfg, nnx.Rngs(s))) for s in (1, 2)]

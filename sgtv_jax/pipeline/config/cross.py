@@ -69,6 +69,8 @@ def _proxy_stands_in(cfg: MergeConfig, spec: MethodSpec) -> bool:
 
 def _missing_data_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[str]) -> None:
     """A merge that needs calibration data: every model has some, or (`_proxy_stands_in`) at least one does."""
+    if spec.learns_weights and cfg.parameters.get("objective") == "distill":
+        return  # distill names each model's own set itself (_learned_calibration_checks): a top-level one would not do
     missing = [t for t in range(len(cfg.models)) if cfg.calibration_for(t) is None]
     if not missing or (_proxy_stands_in(cfg, spec) and len(missing) < len(cfg.models)):
         return
@@ -105,7 +107,7 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
         problems.append(
             f"trim {trim!r} {why}: merge_method {name!r} composes with the data-free trims {', '.join(LEARNED_TRIMS)}"
         )
-    for k in ("steps", "learning_rate", "init", "clip"):
+    for k in ("steps", "learning_rate", "init", "clip", "objective"):
         v = cfg.parameters.get(k)
         if isinstance(v, (list, tuple)):
             problems.append(f"parameters.{k} must be one value for merge_method {name!r}, got {short_repr(v)}")
@@ -120,17 +122,14 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
             f"parameters.weight: merge_method {name!r} learns every model's weights; remove 'weight' "
             "(parameters.init sets where the learning starts)"
         )
+    distill = cfg.parameters.get("objective") == "distill"
+    _learned_calibration_checks(cfg, name, distill, problems)
     for t, m in enumerate(cfg.models):
         where = f"models[{t}]"
         if "weight" in m.parameters:
             problems.append(
                 f"{where}.parameters.weight: merge_method {name!r} learns every model's weights; remove 'weight' "
                 "(parameters.init sets where the learning starts)"
-            )
-        if m.calibration is not None:
-            problems.append(
-                f"{where}.calibration: merge_method {name!r} learns from one calibration set; give it at top "
-                "level (calibration: {data: [task_a.txt, task_b.txt]} mixes the tasks' texts)"
             )
         for k in ("density", "gamma"):
             v = model_parameters(cfg, t).get(k)
@@ -140,6 +139,30 @@ def _learned_weights_checks(cfg: MergeConfig, spec: MethodSpec, problems: list[s
                     f"{src} must be one number for merge_method {name!r} (its learning pass trims whole "
                     f"models, one {k} per model), got {short_repr(v)}"
                 )
+
+
+def _learned_calibration_checks(cfg: MergeConfig, name: str, distill: bool, problems: list[str]) -> None:
+    """Entropy learns from one top-level calibration set; distill from each model's own (its specialist's text)."""
+    if not distill:
+        for t, m in enumerate(cfg.models):
+            if m.calibration is not None:
+                problems.append(
+                    f"models[{t}].calibration: merge_method {name!r} learns from one calibration set; give it at "
+                    "top level (calibration: {data: [task_a.txt, task_b.txt]} mixes the tasks' texts), or set "
+                    "parameters.objective: distill (each model's own text)"
+                )
+        return
+    lacking = [t for t, m in enumerate(cfg.models) if m.calibration is None]
+    if lacking:
+        problems.append(
+            f"models[{lacking[0]}].calibration: parameters.objective 'distill' needs each model's own calibration "
+            f"text (its specialist's targets); add models[t].calibration: {{data: TASK_FILE}} to models {lacking}"
+        )
+    if cfg.calibration is not None:
+        problems.append(
+            "calibration: unused with parameters.objective 'distill' (each task distills on its own "
+            "models[t].calibration); remove the top-level calibration"
+        )
 
 
 def model_parameters(cfg: MergeConfig, t: int) -> dict[str, Any]:
