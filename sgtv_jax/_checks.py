@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -203,6 +203,19 @@ def density_values(density: Any, tasks: int, guard: Guard, name: str = "density"
 # ranges) are checked at once when they are known (eager calls, Python floats
 # under `jit`) and otherwise through a `Guard`: a checkify user check plus NaN
 # in the result, never a silent wrong merge.
+
+
+def tensor_mismatch(
+    base: Mapping[str, tuple[int, ...]], other: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """How `other`'s tensor shapes (name -> shape) differ from `base`'s.
+
+    Returns (names of `base` that `other` lacks, names `other` adds (both sorted),
+    shared names whose shapes differ, in `base`'s order).
+    """
+    missing = sorted(set(base) - set(other))
+    extra = sorted(set(other) - set(base))
+    return missing, extra, [n for n in base if n in other and other[n] != base[n]]
 
 
 def where(name: str | None) -> str:
