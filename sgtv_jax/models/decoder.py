@@ -80,12 +80,10 @@ class DecoderConfig:
         if mt not in cls.model_types:
             raise ValueError(f"{cls.__name__}.from_hf: model_type {mt!r} not in {cls.model_types}")
         heads = hf_config.num_attention_heads
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")  # read as they are
         return dict(
             model_type=mt,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
+            **{k: getattr(hf_config, k) for k in sizes},
             num_attention_heads=heads,
             num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
