@@ -22,7 +22,6 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 32, 64, 2, 4, 2, 64
-HEAD_DIM = HIDDEN // HEADS
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -43,27 +42,36 @@ CONFIG = {
 }
 
 
-def shapes() -> dict[str, tuple[int, ...]]:
-    """Every tensor of LlamaForCausalLM for CONFIG (HF names, HF (out, in) layout)."""
+def llama_shapes(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an untied LlamaForCausalLM (HF names, HF (out, in) layout).
+
+    The one table of it: examples/benchmarks/bench_convert.py loads it from here.
+    """
+    hd = hidden // heads
     out = {
-        "model.embed_tokens.weight": (VOCAB, HIDDEN),
-        "model.norm.weight": (HIDDEN,),
-        "lm_head.weight": (VOCAB, HIDDEN),
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
     }
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         out |= {
-            p + "self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
-            p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (heads * hd, hidden),
+            p + "self_attn.k_proj.weight": (kv * hd, hidden),
+            p + "self_attn.v_proj.weight": (kv * hd, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * hd),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
         }
     return out
+
+
+def shapes() -> dict[str, tuple[int, ...]]:
+    """Every tensor of LlamaForCausalLM for CONFIG."""
+    return llama_shapes(VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS)
 
 
 def write_model(dst: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from convert.atomic import prepare_output
 from convert.checkpoint import Checkpoint, LazyTensors
@@ -132,18 +131,7 @@ def flax_model_tensors(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.
     One parameter is copied to host at a time (lazy), in HF checkpoint order;
     ``dtype`` casts on the way out (default: keep the parameter's dtype).
     """
-
-    cfg = model.config
-    nm = get_name_map(cfg.model_type)
-    params = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for rule in nm.rules(cfg):
-        var = params.get(rule.flax_path)
-        if var is None:
-            raise ConvertError(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
-        arr = np.asarray(var.get_value())
-        if dtype is not None:
-            arr = arr.astype(dtype)
-        yield nm.flax_to_hf(rule.flax_path, arr, cfg)
+    yield from get_name_map(model.config.model_type).hf_tensors(model, dtype, error=ConvertError)
 
 
 def export_flax_model(

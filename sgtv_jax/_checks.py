@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -181,17 +181,21 @@ def check_symmetric(h: jax.Array, name: str, guard: Guard) -> None:
     )
 
 
+def _traced_floats(value: Any, tasks: int) -> jax.Array:
+    """`value` (a scalar, an array, or a list of scalars) as a float array; a scalar broadcast to `[tasks]`."""
+    arr = jnp.stack([jnp.asarray(v) for v in value]) if isinstance(value, (list, tuple)) else jnp.asarray(value)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.float32)
+    return jnp.broadcast_to(arr, (tasks,)) if arr.ndim == 0 else arr
+
+
 def density_values(density: Any, tasks: int, guard: Guard, name: str = "density") -> tuple[float, ...] | jax.Array:
     """One density per task: Python floats when known now (today's checks and
     messages), else a traced float array `[tasks]` range-checked through `guard`."""
     if not is_traced(density):
         return densities_for_stack(density, tasks)
-    d = jnp.asarray(density) if not isinstance(density, (list, tuple)) else jnp.stack([jnp.asarray(x) for x in density])
-    if not jnp.issubdtype(d.dtype, jnp.floating):
-        d = d.astype(jnp.float32)
-    if d.ndim == 0:
-        d = jnp.broadcast_to(d, (tasks,))
-    elif d.shape != (tasks,):
+    d = _traced_floats(density, tasks)
+    if d.shape != (tasks,):
         raise ValueError(f"{name} has shape {d.shape} but there are {tasks} task vectors")
     guard.require((d >= 0) & (d <= 1), f"{name} must be in [0, 1]")
     return d
@@ -203,6 +207,19 @@ def density_values(density: Any, tasks: int, guard: Guard, name: str = "density"
 # ranges) are checked at once when they are known (eager calls, Python floats
 # under `jit`) and otherwise through a `Guard`: a checkify user check plus NaN
 # in the result, never a silent wrong merge.
+
+
+def tensor_mismatch(
+    base: Mapping[str, tuple[int, ...]], other: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """How `other`'s tensor shapes (name -> shape) differ from `base`'s.
+
+    Returns (names of `base` that `other` lacks, names `other` adds (both sorted),
+    shared names whose shapes differ, in `base`'s order).
+    """
+    missing = sorted(set(base) - set(other))
+    extra = sorted(set(other) - set(base))
+    return missing, extra, [n for n in base if n in other and other[n] != base[n]]
 
 
 def where(name: str | None) -> str:
@@ -241,18 +258,9 @@ def per_task_values(value: Any, tasks: int, what: str, name: str | None, guard: 
     messages); a traced float array `[tasks]` (finite-checked by `guard`) otherwise."""
     if not is_traced(value):
         return per_task(value, tasks, what, name)
-    if isinstance(value, (list, tuple)):
-        if len(value) != tasks:
-            raise ValueError(
-                f"{what} has {len(value)} entries but there are {tasks} task vectors (models){where(name)}"
-            )
-        arr = jnp.stack([jnp.asarray(v) for v in value])
-    else:
-        arr = jnp.asarray(value)
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(jnp.float32)
-    if arr.ndim == 0:
-        arr = jnp.broadcast_to(arr, (tasks,))
+    if isinstance(value, (list, tuple)) and len(value) != tasks:
+        raise ValueError(f"{what} has {len(value)} entries but there are {tasks} task vectors (models){where(name)}")
+    arr = _traced_floats(value, tasks)
     if arr.shape != (tasks,):
         raise ValueError(f"{what} has shape {arr.shape} but there are {tasks} task vectors (models){where(name)}")
     guard.require(jnp.isfinite(arr), f"{what} must be finite{where(name)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -205,19 +205,26 @@ class NameMap:
         ``dtype`` (e.g. ``ml_dtypes.bfloat16``) casts on the way out; default
         keeps each parameter's dtype.
         """
+        return dict(self.hf_tensors(model, dtype))
+
+    def hf_tensors(
+        self, model: Any, dtype: Any = None, error: type[Exception] = ValueError
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(hf_name, array)`` for every parameter, in HF layout and checkpoint order, one at a time.
+
+        ``dtype`` casts on the way out (default: the parameter's dtype); a rule
+        the model has no parameter for raises ``error``.
+        """
         cfg = model.config
         params = _flat_params(model)
-        out: dict[str, np.ndarray] = {}
         for rule in self.rules(cfg):
             var = params.get(rule.flax_path)
             if var is None:
-                raise ValueError(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
+                raise error(f"model has no parameter {rule.flax_path!r} (HF {rule.hf_name!r})")
             arr = np.asarray(var.get_value())
             if dtype is not None:
                 arr = arr.astype(dtype)
-            name, arr = self.flax_to_hf(rule.flax_path, arr, cfg)
-            out[name] = arr
-        return out
+            yield self.flax_to_hf(rule.flax_path, arr, cfg)
 
 
 def _flat_params(model: Any) -> dict[FlaxPath, Any]:

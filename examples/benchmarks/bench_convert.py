@@ -21,6 +21,7 @@ cast copy when the dtype changes), far less than one output shard.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,25 +38,14 @@ import numpy as np
 MB = 10**6
 
 
-def llama_shapes(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int) -> dict[str, tuple[int, ...]]:
-    """HF LLaMA tensor names -> shapes (untied head)."""
-    hd = hidden // heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden),
-            p + "self_attn.k_proj.weight": (kv * hd, hidden),
-            p + "self_attn.v_proj.weight": (kv * hd, hidden),
-            p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        }
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    return shapes
+def _llama_shapes() -> Callable[..., dict[str, tuple[int, ...]]]:
+    """`llama_shapes(vocab, hidden, inter, layers, heads, kv)` of .ci/tiny_family.py (the one LLaMA shape table)."""
+    spec = importlib.util.spec_from_file_location(
+        "tiny_family", Path(__file__).resolve().parents[2] / ".ci" / "tiny_family.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.llama_shapes
 
 
 def make_checkpoint(path: Path, layers: int, shard_mb: int) -> None:
@@ -77,7 +68,7 @@ def make_checkpoint(path: Path, layers: int, shard_mb: int) -> None:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         hidden_act="silu",
     )
-    shapes = llama_shapes(
+    shapes = _llama_shapes()(
         cfg["vocab_size"],
         cfg["hidden_size"],
         cfg["intermediate_size"],
@@ -172,7 +163,7 @@ def main() -> None:
         largest_in = max(p.stat().st_size for p in shards)
         largest_out = max(p.stat().st_size for p in out_shards)
         used = m["peak_rss"] - m["base_rss"]
-        largest_tensor = max(int(np.prod(s)) for s in llama_shapes(16000, 1024, 2816, 1, 16, 4).values()) * 4
+        largest_tensor = max(int(np.prod(s)) for s in _llama_shapes()(16000, 1024, 2816, 1, 16, 4).values()) * 4
         held = largest_tensor * (1 + (0 if args.dtype == "fp32" else 0.5))
         target = held + largest_in
         print(f"checkpoint: {ckpt_bytes / MB:.1f} MB fp32 in {len(shards)} shards (largest {largest_in / MB:.1f} MB)")

@@ -7,7 +7,9 @@
     out[i, j, k] == ties(stack, weights=W[j], densities=densities[i],
                          lambda_=lambdas[k], trim="sparsegpt", calib=...)
 
-One `jit` of three nested `vmap`s over the method. What does not depend on a
+One `jit` of three nested `vmap`s over the method, called as the plan
+interpreter resolves it (`call.interpret`, executed by `plan.run_whole`: the
+same trim, rescale, count and statistics as `merge_planned`). What does not depend on a
 grid axis is computed once: the inverse-Hessian factor of `sparsegpt` (H and
 `percdamp` are shared), and the trim of each density (it does not depend on
 the weights or lambda), so a D x W x L grid costs D trims plus D x W cheap
@@ -17,6 +19,7 @@ static parameters and shapes; new values of the grid do not recompile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgtv_jax import _checks
-from sgtv_jax.merge.registry import get_method
+from sgtv_jax.merge import trim as trim_lib
+from sgtv_jax.merge.call import MergeCall, ObsOptions, interpret
+from sgtv_jax.merge.plan import TensorPlan, run_whole
 from sgtv_jax.merge.specs import call_args, method_spec
 from sgtv_jax.merge.trim import Calibration
 
@@ -50,21 +55,37 @@ def _grid_axis(values: Any, tasks: int, what: str) -> jax.Array:
     return arr
 
 
+# The grid's keywords that are the trim's options, not the method's: the plan's fields.
+_OBS_PARAMS = ("blocksize", "percdamp", "refit")
+_PER_TASK = {"gamma": trim_lib.GAMMA, "epsilon": trim_lib.EPSILON}
+
+
+def _grid_call(method: str, params: dict[str, Any], ndim: int, calib: Calibration | None, key: Any) -> MergeCall:
+    """The `MergeCall` of one grid point: the grid's keywords as a `TensorPlan`, through `call.interpret`.
+
+    The weights and densities are the grid's (traced) axes, given to the executor
+    directly; `key` is used as it is (not folded with a tensor name); `gamma` /
+    `epsilon` are scalars shared by the tasks; `trim=None` given explicitly
+    means no trim (a plan's None is the method's default trim).
+    """
+    p = dict(params)
+    trim = p.pop("trim", None)
+    obs = ObsOptions(**{k: p.pop(k) for k in _OBS_PARAMS if k in p})
+    name = p.pop("name", None)
+    per_task = {k: p.pop(k, default) for k, default in _PER_TASK.items()}
+    plan = TensorPlan(method, name or "", (), (), trim=trim, params=p, obs=obs)
+    call = interpret(plan, ndim=ndim, calib=calib)
+    if "trim" in params and trim is None:
+        call = dataclasses.replace(call, trim=None)
+    return dataclasses.replace(call, name=name, key=key, **per_task)
+
+
 @functools.partial(jax.jit, static_argnames=("method", "static"))
 def _grid(deltas, weights, densities, lambdas, calib, key, traced, *, method, static):
-    fn = get_method(method)
-    kwargs = dict(static)
+    call = _grid_call(method, {**dict(static), **traced}, deltas.ndim - 1, calib, key)
 
     def one(d, w):
-        extra = {"densities": d} if densities is not None else {}
-        spec = method_spec(method)
-        if calib is not None and spec.needs_grams and not spec.trims:  # RegMean: the Hessian as its Grams
-            extra["grams"] = calib.hessian
-        elif calib is not None:  # trims (and the Hessian fits, whose Grams default to calib.hessian)
-            extra["calib"] = calib
-        if key is not None:
-            extra["key"] = key
-        return fn(deltas, w, **extra, **traced, **kwargs)
+        return run_whole(call, deltas, w, d, calib)
 
     over_w = jax.vmap(one, in_axes=(None, 0))
     if densities is None:
@@ -100,7 +121,7 @@ def merge_grid(
       calib: `Calibration` for `trim="sparsegpt"` / `"wanda"`; for `regmean`,
         `calib.hessian` are the Grams. The Hessian fits (`lstsq`, `regmean_trim`,
         `regmean_sparse`) take `calib` itself: its Hessian is both their Grams and
-        their trim's statistics.
+        their trim's statistics. Methods that neither trim nor read Grams refuse it.
       key: the tensor's PRNG key for random trims (the same masks as eager calls
         with this key).
       **params: the method's other parameters. `gamma`, `epsilon`, `percdamp`,
@@ -138,6 +159,8 @@ def merge_grid(
         raise ValueError(f"method {method!r} has no parameter(s) {unknown}")
     if densities is not None and "densities" not in call_args(spec):
         raise ValueError(f"method {method!r} takes no densities")
+    if calib is not None and not (spec.trims or spec.needs_grams):
+        raise ValueError(f"method {method!r} takes no calib")
 
     def is_traced(k: str, v: Any) -> bool:
         return k in TRACED_PARAMS or isinstance(v, (np.ndarray, jax.Array))

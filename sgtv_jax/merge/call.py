@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 
+from sgtv_jax._checks import where
 from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.errors import short_repr
 from sgtv_jax.merge import trim as trim_lib
@@ -99,9 +100,9 @@ class MergeCall:
     trim: str | None
     rescale: bool
     count: str
-    gamma: float | tuple[float, ...]
-    epsilon: float | tuple[float, ...]
-    key: jax.Array
+    gamma: float | tuple[float, ...] | jax.Array  # the grid's gamma / epsilon: traced scalars
+    epsilon: float | tuple[float, ...] | jax.Array
+    key: jax.Array  # the grid may leave it None: the methods' default
     obs: ObsOptions
     kwargs: tuple[tuple[str, Any], ...]
     grams: bool
@@ -115,6 +116,12 @@ class MergeCall:
     def method_kwargs(self) -> dict[str, Any]:
         """The method's keywords as the method takes them (tuples back to lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+
+    def trim_kwargs(self) -> dict[str, Any]:
+        """The trim's keywords as `trim_lib.trim` takes them (key, OBS block and damping, gamma / epsilon, ...)."""
+        obs = dict(blocksize=self.obs.blocksize, percdamp=self.obs.percdamp)
+        per_task = dict(gamma=self.gamma, epsilon=self.epsilon)
+        return dict(key=self.key, name=self.name) | obs | per_task | dict(rescale=self.rescale, count=self.count)
 
 
 def frozen(kw: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -143,7 +150,7 @@ def interpret(plan: Any, *, ndim: int, calib: trim_lib.Calibration | None = None
     rescale_opt = kw.pop("rescale", None)
     count = kw.pop("count", "round") if spec.trims else "round"  # how many a top-k trim keeps: the trim's
     if spec.trims and count not in trim_lib.COUNTS:
-        raise PlanError(f"unknown count rule {count!r} for tensor {plan.name!r}; known: {', '.join(trim_lib.COUNTS)}")
+        raise PlanError(f"unknown count rule {count!r}{where(plan.name)}; known: {', '.join(trim_lib.COUNTS)}")
     # The method's own rule: random default trims rescale by 1/density, calibration trims don't.
     rescale = resolve_rescale(rescale_opt, spec.rescale_default, kind) if spec.trims else False
     stage: Stage = "untrimmed" if not spec.trims else "merge_then_trim" if spec.trims_merged else "trim_then_merge"

@@ -71,18 +71,15 @@ def named_leaves(tree: Any) -> tuple[dict[str, Any], Any, list[str]]:
 
 def _check_models(base: dict, models: list[dict]) -> None:
     problems = []
+    base_shapes = {n: tuple(np.shape(v)) for n, v in base.items()}
     for i, m in enumerate(models):
-        missing = sorted(set(base) - set(m))
-        extra = sorted(set(m) - set(base))
+        model_shapes = {n: tuple(np.shape(v)) for n, v in m.items()}
+        missing, extra, differ = _checks.tensor_mismatch(base_shapes, model_shapes)
         if missing:
             problems.append(f"model {i} is missing tensors {missing}")
         if extra:
             problems.append(f"model {i} has tensors the base model lacks: {extra}")
-        shapes = [
-            f"{n!r} {tuple(np.shape(m[n]))} vs base {tuple(np.shape(base[n]))}"
-            for n in base
-            if n in m and tuple(np.shape(m[n])) != tuple(np.shape(base[n]))
-        ]
+        shapes = [f"{n!r} {model_shapes[n]} vs base {base_shapes[n]}" for n in differ]
         if shapes:
             problems.append(f"model {i} has tensors of different shapes: " + ", ".join(shapes))
     if problems:

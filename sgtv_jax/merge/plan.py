@@ -112,22 +112,12 @@ def run_call(
     base: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, MergeInfo]:
     """Execute `call` on the whole stack `deltas` `[T, ...]` (see `merge_planned`)."""
-    kw = call.method_kwargs()
-    if call.grams:  # Hessian fits and RegMean: the calibration Hessian is their Grams
-        kw["grams"] = calib.hessian  # type: ignore[union-attr]  # call.grams: a Hessian is there
+    if call.stage == "merge_then_trim":  # one call: the method trims the merged task vector
+        merged = run_whole(call, deltas, list(call.weights), list(call.densities), calib)
+        return merged, deltas, MergeInfo(call.trim, None)
+    kw = _method_kwargs(call, calib)
     if call.stage == "untrimmed":
         return _merge_untrimmed(call, deltas, base, kw), deltas, MergeInfo(None, None)
-    if call.stage == "merge_then_trim":  # one call: the method trims the merged task vector
-        merged = get_method(call.method)(
-            deltas,
-            list(call.weights),
-            list(call.densities),
-            trim=call.trim,
-            refit=call.obs.refit,
-            **_trim_args(call),
-            **kw,
-        )
-        return merged, deltas, MergeInfo(call.trim, None)
     trimmed, damping = trim_call(call, deltas, calib)
     if call.targets:
         kw["targets"] = deltas  # lstsq fits the untrimmed task vectors with the trimmed ones
@@ -137,11 +127,36 @@ def run_call(
     return merged, trimmed, MergeInfo(call.trim, damping)
 
 
-def _trim_args(call: MergeCall) -> dict[str, Any]:
-    """The keywords every trim takes, as `call` resolved them (key, OBS block / damping, gamma, epsilon, ...)."""
-    o = call.obs
-    out: dict[str, Any] = dict(key=call.key, blocksize=o.blocksize, percdamp=o.percdamp, name=call.name)
-    return out | dict(gamma=call.gamma, epsilon=call.epsilon, rescale=call.rescale, count=call.count)
+def run_whole(
+    call: MergeCall,
+    deltas: jax.Array,
+    weights: Any,
+    densities: Any = None,
+    calib: trim_lib.Calibration | None = None,
+) -> jax.Array:
+    """`call` as one call of its method on `deltas` `[T, ...]`, the trim (if any) applied by the method itself.
+
+    The executor of `merge_then_trim` calls and of `batch.merge_grid`, which
+    keeps no trimmed stack: `weights` / `densities` `[T]` may be traced (the
+    grid's axes; densities None: the method's own). Methods without a trim
+    step get the Grams alone; methods that trim also get `calib`.
+    """
+    kw = _method_kwargs(call, calib)
+    if call.stage == "untrimmed":
+        return get_method(call.method)(deltas, weights, name=call.name, **kw)
+    if densities is not None:
+        kw["densities"] = densities
+    if calib is not None:
+        kw["calib"] = calib
+    return get_method(call.method)(deltas, weights, trim=call.trim, refit=call.obs.refit, **call.trim_kwargs(), **kw)
+
+
+def _method_kwargs(call: MergeCall, calib: trim_lib.Calibration | None) -> dict[str, Any]:
+    """The method's keywords; Hessian fits and RegMean also get the calibration Hessian as their Grams."""
+    kw = call.method_kwargs()
+    if call.grams:
+        kw["grams"] = calib.hessian  # type: ignore[union-attr]  # call.grams: a Hessian is there
+    return kw
 
 
 def trim_call(
@@ -155,7 +170,7 @@ def trim_call(
     if call.trim is None:
         return deltas, None
     if call.trim != "sparsegpt":
-        return trim_lib.trim(call.trim, deltas, list(call.densities), calib=calib, **_trim_args(call)), None
+        return trim_lib.trim(call.trim, deltas, list(call.densities), calib=calib, **call.trim_kwargs()), None
     o = call.obs
     if calib is None or (calib.hessian is None and calib.hessian_inv is None):
         raise PlanError(trim_lib.missing_stats_message("sparsegpt", call.name))

@@ -180,9 +180,7 @@ class BertModel(FamilyModel):
         else:
             self.pooler = None
 
-    @staticmethod
-    def hf_block_prefix(i: int) -> str:
-        return hf_block_prefix(i)
+    hf_block_prefix = staticmethod(hf_block_prefix)
 
     def embed(
         self, input_ids: jax.Array, token_type_ids: jax.Array | None = None, positions: jax.Array | None = None

@@ -220,6 +220,11 @@ def lm_head_unless_tied(cfg: Any, hidden: int, vocab: int, rngs: nnx.Rngs) -> Li
     return Linear(hidden, vocab, use_bias=False, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
+def tied_logits(x: jax.Array, embed: Embed, lm_head: Linear | None) -> jax.Array:
+    """``[B, S, D] -> [B, S, V]``: the LM head, or the embedding table transposed when tied (no head)."""
+    return embed.attend(x) if lm_head is None else lm_head(x)
+
+
 def block_batch(attention_mask: jax.Array | None, batch: int | None) -> int:
     """The batch size of ``block_kwargs``: `batch`, else the rows of `attention_mask` ``[B, S]``."""
     if batch is None:

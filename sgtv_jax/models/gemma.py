@@ -26,7 +26,7 @@ once per layer type. ``block_kwargs`` holds the masks and positions for both.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,34 +46,13 @@ from .common import (
     forward,
     lm_head_unless_tied,
     rope_inv_freq,
+    tied_logits,
 )
+from .decoder import INPUT_GROUPS, LINEAR_NAMES, DecoderAttention, DecoderConfig, hf_block_prefix, rope_settings
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-# Linear layers that read the same input tensor (one Hessian per group), in execution order.
-INPUT_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
-
 input_groups = fixed_input_groups(INPUT_GROUPS)
-
-
-def hf_block_prefix(i: int) -> str:
-    """HF tensor-name prefix of decoder block ``i``."""
-    return f"model.layers.{i}."
 
 
 def _rope_tables(hf_config: Any, head_dim: int) -> tuple[tuple[str, tuple[tuple[float, ...], float]], ...]:
@@ -81,10 +60,7 @@ def _rope_tables(hf_config: Any, head_dim: int) -> tuple[tuple[str, tuple[tuple[
 
     gemma3 (v5) keys ``rope_parameters`` by layer type; gemma2 has one set for all.
     """
-    params = getattr(hf_config, "rope_parameters", None)
-    if params is None:  # v4-style config object
-        params = dict(getattr(hf_config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params = rope_settings(hf_config)
     max_pos = getattr(hf_config, "max_position_embeddings", None)
     out = []
     for lt in LAYER_TYPES:
@@ -100,18 +76,9 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
-    """Static hyper-parameters of a Gemma 2 / Gemma 3 text model (hashable)."""
+class GemmaConfig(DecoderConfig):
+    """Static hyper-parameters of a Gemma 2 / Gemma 3 text model (hashable): `DecoderConfig`'s, then these."""
 
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
     query_pre_attn_scalar: float
     layer_types: tuple[str, ...]
     rope: tuple[tuple[str, tuple[tuple[float, ...], float]], ...]
@@ -123,18 +90,16 @@ class GemmaConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
     tie_word_embeddings: bool = True
     param_dtype: Any = jnp.float32
+    model_types: ClassVar[tuple[str, ...]] = MODEL_TYPES
 
     @classmethod
     def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> GemmaConfig:
         """Build from a transformers ``Gemma2Config`` / ``Gemma3TextConfig``."""
-        mt = hf_config.model_type
-        if mt not in MODEL_TYPES:
-            raise ValueError(f"GemmaConfig.from_hf: model_type {mt!r} not in {MODEL_TYPES}")
+        core = cls.core_fields(hf_config)
+        mt = core["model_type"]
         if getattr(hf_config, "use_bidirectional_attention", False):
             raise ValueError(f"{mt} with use_bidirectional_attention=True is not supported")
-        heads = hf_config.num_attention_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-        n = hf_config.num_hidden_layers
+        head_dim, n = core["head_dim"], core["num_hidden_layers"]
         types = tuple(getattr(hf_config, "layer_types", None) or ("full_attention",) * n)
         bad = sorted(set(types) - set(LAYER_TYPES))
         if bad or len(types) != n:
@@ -142,15 +107,7 @@ class GemmaConfig:
         cap = getattr(hf_config, "attn_logit_softcapping", None)
         final = getattr(hf_config, "final_logit_softcapping", None)
         return cls(
-            model_type=mt,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf_config.rms_norm_eps),
+            **core,
             query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
             layer_types=types,
             rope=_rope_tables(hf_config, head_dim),
@@ -181,47 +138,21 @@ class GemmaRMSNorm(nnx.Module):
         return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
-class GemmaAttention(nnx.Module):
+class GemmaAttention(DecoderAttention):
     def __init__(self, cfg: GemmaConfig, layer_type: str, *, rngs: nnx.Rngs):
-        self.cfg = cfg
         self.layer_type = layer_type
-        d, h, k, dh, pd = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.param_dtype,
-        )
         bias = cfg.attention_bias
-        self.q_proj = Linear(d, h * dh, use_bias=bias, param_dtype=pd, rngs=rngs)
-        self.k_proj = Linear(d, k * dh, use_bias=bias, param_dtype=pd, rngs=rngs)
-        self.v_proj = Linear(d, k * dh, use_bias=bias, param_dtype=pd, rngs=rngs)
-        self.o_proj = Linear(h * dh, d, use_bias=bias, param_dtype=pd, rngs=rngs)
-        if cfg.qk_norm:
-            self.q_norm = GemmaRMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
-            self.k_norm = GemmaRMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
+        super().__init__(cfg, qkv_bias=bias, o_bias=bias, norm=GemmaRMSNorm, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, caps: dict | None) -> jax.Array:
         """x ``[B, S, D]`` (already normed), mask ``[B, 1, S, S]`` -> ``[B, S, D]``."""
         cfg = self.cfg
-        b, s, _ = x.shape
-        if caps is not None:
-            for n in ("q_proj", "k_proj", "v_proj"):
-                caps[f"self_attn.{n}"] = x
-        q = self.q_proj(x).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.project(x, caps)
         inv, scaling = cfg.rope_for(self.layer_type)
         q = apply_rope(q, positions, inv, scaling)
         k = apply_rope(k, positions, inv, scaling)
-        o = dot_product_attention(
-            q, k, v, mask, cfg.query_pre_attn_scalar**-0.5, softcap=cfg.attn_logit_softcapping
-        ).reshape(b, s, -1)
-        if caps is not None:
-            caps["self_attn.o_proj"] = o
-        return self.o_proj(o)
+        o = dot_product_attention(q, k, v, mask, cfg.query_pre_attn_scalar**-0.5, softcap=cfg.attn_logit_softcapping)
+        return self.output(o, caps)
 
 
 class GemmaMLP(nnx.Module):
@@ -283,9 +214,7 @@ class GemmaForCausalLM(FamilyModel):
         self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.lm_head = lm_head_unless_tied(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
 
-    @staticmethod
-    def hf_block_prefix(i: int) -> str:
-        return hf_block_prefix(i)
+    hf_block_prefix = staticmethod(hf_block_prefix)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids ``[B, S]`` -> ``[B, S, D]``, times ``sqrt(D)`` rounded to the parameter dtype like HF."""
@@ -314,8 +243,7 @@ class GemmaForCausalLM(FamilyModel):
     def head(self, x: jax.Array) -> jax.Array:
         """Final norm, LM head and final soft-cap: ``[B, S, D] -> [B, S, V]``."""
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return _softcap(logits, self.config.final_logit_softcapping)
+        return _softcap(tied_logits(x, self.embed_tokens, self.lm_head), self.config.final_logit_softcapping)
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None

@@ -37,6 +37,7 @@ from .common import (
     fixed_input_groups,
     forward,
     lm_head_unless_tied,
+    tied_logits,
 )
 
 MODEL_TYPES = ("gpt2",)
@@ -171,9 +172,7 @@ class GPT2LMHeadModel(FamilyModel):
         self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, param_dtype=pd)
         self.lm_head = lm_head_unless_tied(cfg, cfg.n_embd, cfg.vocab_size, rngs)
 
-    @staticmethod
-    def hf_block_prefix(i: int) -> str:
-        return hf_block_prefix(i)
+    hf_block_prefix = staticmethod(hf_block_prefix)
 
     def embed(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """input_ids ``[B, S]`` -> ``wte + wpe`` ``[B, S, D]`` (positions default ``arange(S)``)."""
@@ -190,10 +189,7 @@ class GPT2LMHeadModel(FamilyModel):
 
     def head(self, x: jax.Array) -> jax.Array:
         """``ln_f`` + LM head: ``[B, S, D] -> [B, S, V]``."""
-        x = self.ln_f(x)
-        if self.lm_head is None:
-            return self.wte.attend(x)
-        return self.lm_head(x)
+        return tied_logits(self.ln_f(x), self.wte, self.lm_head)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         return forward(self, input_ids, attention_mask)

@@ -28,7 +28,7 @@ Flax parameter paths mirror HF names: ``("blocks", i, "self_attn", "q_proj",
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,38 +49,16 @@ from .common import (
     lm_head_unless_tied,
     rope_inv_freq,
     rope_long_inv_freq,
+    tied_logits,
 )
+from .decoder import INPUT_GROUPS, LINEAR_NAMES, DecoderAttention, DecoderConfig, hf_block_prefix, rope_settings
 from .groups import InputGroup
 from .moe import EXPERT_NAMES, MOE_PREFIX, SparseMoE, expert_input_groups
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 
-
-def hf_block_prefix(i: int) -> str:
-    """HF tensor-name prefix of decoder block ``i``."""
-    return f"model.layers.{i}."
-
-
-# Linear layers of one block, in execution order (HF-local names).
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+# phi3's fused projections (the unfused names and groups: `decoder.LINEAR_NAMES`, `decoder.INPUT_GROUPS`)
 FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-
-
-# Linear layers that read the same input tensor (one Hessian per group), in execution order.
-INPUT_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
 FUSED_INPUT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
 
 
@@ -117,29 +95,16 @@ def linear_names(cfg: LlamaConfig) -> tuple[str, ...]:
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:
     """rope settings from a v5 config (``rope_parameters``), falling back to v4 fields."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if params is None:
-        params = dict(getattr(hf_config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    params = dict(params)
+    params = dict(rope_settings(hf_config))
     if "rope_theta" not in params:
         raise ValueError("config.rope_parameters has no 'rope_theta'")
     return params
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Static hyper-parameters of a LLaMA-family model (hashable)."""
+class LlamaConfig(DecoderConfig):
+    """Static hyper-parameters of a LLaMA-family model (hashable): `DecoderConfig`'s, then these."""
 
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
     rope_inv_freq: tuple[float, ...]
     rope_attention_scaling: float = 1.0
     rope_long: tuple[tuple[float, ...], int] | None = None  # LongRoPE (long_inv_freq, threshold)
@@ -159,15 +124,13 @@ class LlamaConfig:
     sliding_window: int | None = None
     rope_parameters: tuple[tuple[str, Any], ...] = ()
     param_dtype: Any = jnp.float32
+    model_types: ClassVar[tuple[str, ...]] = MODEL_TYPES
 
     @classmethod
     def from_hf(cls, hf_config: Any, param_dtype: Any = jnp.float32) -> LlamaConfig:
         """Build from a transformers Llama/Mistral/Qwen2/Qwen3/Phi3 config."""
-        mt = hf_config.model_type
-        if mt not in MODEL_TYPES:
-            raise ValueError(f"LlamaConfig.from_hf: model_type {mt!r} not in {MODEL_TYPES}")
-        heads = hf_config.num_attention_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        core = cls.core_fields(hf_config)
+        mt, head_dim = core["model_type"], core["head_dim"]
         rope = _rope_parameters(hf_config)
         if "original_max_position_embeddings" not in rope and hasattr(hf_config, "original_max_position_embeddings"):
             rope["original_max_position_embeddings"] = hf_config.original_max_position_embeddings
@@ -189,17 +152,8 @@ class LlamaConfig:
                 raise ValueError(f"{mt} with use_sliding_window=True (layer_types {types}) is not supported")
         act = getattr(hf_config, "hidden_act", "silu")
         moe = _moe_fields(hf_config)
-        kv = getattr(hf_config, "num_key_value_heads", None) or heads
         return cls(
-            model_type=mt,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf_config.rms_norm_eps),
+            **core,
             rope_inv_freq=inv,
             rope_attention_scaling=scaling,
             rope_long=long,
@@ -249,51 +203,18 @@ def _moe_fields(hf_config: Any) -> dict[str, Any]:
     )
 
 
-class LlamaAttention(nnx.Module):
+class LlamaAttention(DecoderAttention):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, h, k, dh, pd = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.param_dtype,
-        )
-        if cfg.fused:
-            self.qkv_proj = Linear(d, (h + 2 * k) * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        else:
-            self.q_proj = Linear(d, h * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-            self.k_proj = Linear(d, k * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-            self.v_proj = Linear(d, k * dh, use_bias=cfg.qkv_bias, param_dtype=pd, rngs=rngs)
-        self.o_proj = Linear(h * dh, d, use_bias=cfg.o_bias, param_dtype=pd, rngs=rngs)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
-            self.k_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=pd)
+        super().__init__(cfg, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, norm=RMSNorm, fused=cfg.fused, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, caps: dict | None) -> jax.Array:
         """x ``[B, S, D]`` (already normed) -> ``[B, S, D]``."""
         cfg = self.cfg
-        b, s, _ = x.shape
-        h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        if cfg.fused:
-            if caps is not None:
-                caps["self_attn.qkv_proj"] = x
-            qkv = self.qkv_proj(x)
-            q, k, v = qkv[..., : h * dh], qkv[..., h * dh : (h + kv) * dh], qkv[..., (h + kv) * dh :]
-        else:
-            if caps is not None:
-                for n in ("q_proj", "k_proj", "v_proj"):
-                    caps[f"self_attn.{n}"] = x
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.reshape(b, s, h, dh), k.reshape(b, s, kv, dh), v.reshape(b, s, kv, dh)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.project(x, caps)
         q = apply_rope(q, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling, cfg.rope_long)
         k = apply_rope(k, positions, cfg.rope_inv_freq, cfg.rope_attention_scaling, cfg.rope_long)
-        o = dot_product_attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, s, -1)
-        if caps is not None:
-            caps["self_attn.o_proj"] = o
-        return self.o_proj(o)
+        o = dot_product_attention(q, k, v, mask, cfg.head_dim**-0.5)
+        return self.output(o, caps)
 
 
 class LlamaMLP(nnx.Module):
@@ -376,9 +297,7 @@ class LlamaForCausalLM(FamilyModel):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.lm_head = lm_head_unless_tied(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
 
-    @staticmethod
-    def hf_block_prefix(i: int) -> str:
-        return hf_block_prefix(i)
+    hf_block_prefix = staticmethod(hf_block_prefix)
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -410,10 +329,7 @@ class LlamaForCausalLM(FamilyModel):
 
     def head(self, x: jax.Array) -> jax.Array:
         """Final RMSNorm + LM head: ``[B, S, D] -> logits [B, S, V]`` (float32 for f32 params)."""
-        x = self.norm(x)
-        if self.lm_head is None:
-            return self.embed_tokens.attend(x)
-        return self.lm_head(x)
+        return tied_logits(self.norm(x), self.embed_tokens, self.lm_head)
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None

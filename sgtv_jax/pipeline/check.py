@@ -25,6 +25,7 @@ from convert.export import model_files
 from convert.lora import open_model
 from convert.readers import config_problem, open_checkpoint, supported_architectures
 from convert.safetensors_reader import read_config
+from sgtv_jax._checks import tensor_mismatch
 from sgtv_jax.pipeline.byname import plan_by_name
 from sgtv_jax.pipeline.calibration import CalibrationError, check_files
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
@@ -198,17 +199,12 @@ def _tensor_problems(cfg: MergeConfig, base_shapes: dict[str, tuple[int, ...]]) 
         except Exception as e:  # noqa: BLE001
             problems.append(f"models[{i}]: {e}")
             continue
-        missing = sorted(set(base_shapes) - set(shapes))
-        extra = sorted(set(shapes) - set(base_shapes))
+        missing, extra, differ = tensor_mismatch(base_shapes, shapes)
         if missing:
             problems.append(f"models[{i}] {m.model} lacks {len(missing)} tensor(s) of the base: {missing[:5]}")
         if extra:
             problems.append(f"models[{i}] {m.model} has {len(extra)} tensor(s) the base lacks: {extra[:5]}")
-        bad = [
-            f"{n!r} {shapes[n]} vs base {base_shapes[n]}"
-            for n in base_shapes
-            if n in shapes and shapes[n] != base_shapes[n]
-        ]
+        bad = [f"{n!r} {shapes[n]} vs base {base_shapes[n]}" for n in differ]
         if bad:
             problems.append(f"models[{i}] {m.model}: tensor shapes differ: {', '.join(bad[:5])}")
     return problems

@@ -288,6 +288,8 @@ def test_merge_grid_refuses_bad_settings_by_name():
         merge_grid("ties", STACK, [W], [0.2], lambda_=0.5)
     with pytest.raises(ValueError, match="no parameter"):
         merge_grid("ties", STACK, [W], [0.2], alpha=0.5)
+    with pytest.raises(ValueError, match="takes no calib"):  # linear neither trims nor reads Grams
+        merge_grid("linear", STACK, [W], calib=CALIB)
 
 
 # --------------------------------------------------------------------------- gradients
