@@ -13,7 +13,7 @@
    digits ("1324") is a miss;
    * ``code``: a synthetic Python text domain, perplexity;
 3. merges through `run_merge` (the `sgtv merge` path): data-free (task
-   arithmetic, TIES, DARE-TIES, WUDI), learned coefficients (AdaMerging, on
+   arithmetic, TIES, DARE-TIES, WUDI, TSV-M, Iso-C, Iso-CTS), learned coefficients (AdaMerging, on
    every task's calibration text mixed, unlabeled; not in `--quick`), and calibrated with every
    task's own calibration text (per-task Hessians: TIES + SparseGPT, RegMean,
    RegMean++ (`hessian_source: per_task_merged`), the Hessian fits `lstsq`,
@@ -155,6 +155,9 @@ def variants(quick: bool) -> list[tuple[str, dict[str, Any]]]:
         ("task_arithmetic w=0.5", {"merge_method": "task_arithmetic", "weight": 0.5}),
         ("task_arithmetic w=1 (sum)", {"merge_method": "task_arithmetic"}),
         ("wudi (data-free)", {"merge_method": "wudi"}),
+        ("tsv (data-free)", {"merge_method": "tsv"}),
+        ("iso_c (data-free)", {"merge_method": "iso_c"}),
+        ("iso_cts (data-free)", {"merge_method": "iso_cts"}),
         ("regmean (dense)", {"merge_method": "regmean", "calibrated": True}),
         ("regmean++ (dense)", {"merge_method": "regmean", "calibrated": True, "hessian_source": "per_task_merged"}),
     ]

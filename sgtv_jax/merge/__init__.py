@@ -4,7 +4,7 @@ Tensor level (pure functions on a stack of task vectors `[T, ...]`, returning
 the merged task vector): `linear`, `task_arithmetic`, `ties`, `dare_linear`,
 `dare_ties`, `della`, `della_linear`, `breadcrumbs`, `breadcrumbs_ties`, `magnitude_linear`,
 `regmean`, `slerp`, `nuslerp`, `multislerp`, `karcher`, `model_stock`, `sce`,
-`nearswap`, `arcee_fusion`, `passthrough`, `wudi`, the Hessian fits
+`nearswap`, `arcee_fusion`, `passthrough`, `wudi`, `tsv`, `iso_c`, `iso_cts`, the Hessian fits
 (`hessian_fit`) and `adamerging`, all reachable by name with `get_method`;
 what each takes: its row in `specs.METHOD_SPECS`. Model level: `merge(method, base,
 models, ...)` over pytrees / dicts with per-model and per-tensor
@@ -16,6 +16,7 @@ from sgtv_jax.merge import combine, elect, keys, trim
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.compat import DARE, TIES
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
+from sgtv_jax.merge.iso import iso_c, iso_cts
 from sgtv_jax.merge.methods import generalized_task_arithmetic, linear
 from sgtv_jax.merge.model import merge
 from sgtv_jax.merge.model_stock import model_stock
@@ -39,6 +40,7 @@ from sgtv_jax.merge.registry import (
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.trim import TRIMS, Calibration
+from sgtv_jax.merge.tsv import tsv
 from sgtv_jax.merge.wudi import wudi
 
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
     "elect",
     "generalized_task_arithmetic",
     "get_method",
+    "iso_c",
+    "iso_cts",
     "karcher",
     "keys",
     "linear",
@@ -76,5 +80,6 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "trim",
+    "tsv",
     "wudi",
 ]

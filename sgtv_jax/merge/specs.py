@@ -29,6 +29,7 @@ from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.gram_balance import GRAM_NORMS
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import KARCHER_MAX_ITER, karcher, multislerp, nuslerp, slerp
+from sgtv_jax.merge.iso import iso_c, iso_cts
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
@@ -44,6 +45,7 @@ from sgtv_jax.merge.row import (
     method_row,
 )
 from sgtv_jax.merge.sce import sce
+from sgtv_jax.merge.tsv import tsv
 from sgtv_jax.merge.wudi import wudi
 
 __all__ = [
@@ -298,6 +300,13 @@ _RAM_EPSILON = ParamSpec(
     doc="|change| above which an entry contributes (top-level: not DELLA's per-model epsilon)",
     arg="threshold",
 )
+_SVD_ALPHA = ParamSpec(
+    "alpha",
+    "float",
+    lo=0.0,
+    hi=math.inf,
+    doc="scale of the merged task vector (the papers tune it on validation data in (0, 3])",
+)
 
 _UNMERGED = (
     "not in mergekit's registry (main at a6e4028, 2026-06-17): only in an unmerged mergekit {}; not implemented here"
@@ -407,6 +416,36 @@ _MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); ne
         (),
         "Core Space (mergekit pull request, not in its registry): each task vector's rank-r SVD, projected on "
         "shared SVD bases, averaged there; the models' one common weight scales the result",
+    ),
+    method_row(
+        tsv,
+        "tsv",
+        (_SVD_ALPHA,),
+        "data-free TSV-M (task singular vectors): each task vector's top 1/T singular triplets, the tasks' "
+        "bases orthogonalised (polar factor), alpha times the result; other tensors averaged",
+    ),
+    method_row(
+        iso_c,
+        "iso_c",
+        (_SVD_ALPHA,),
+        "data-free Iso-C: the task vectors' sum with its singular values all set to their mean; other tensors averaged",
+    ),
+    method_row(
+        iso_cts,
+        "iso_cts",
+        (
+            _SVD_ALPHA,
+            ParamSpec(
+                "common_space_fraction",
+                "float",
+                lo=0.0,
+                hi=1.0,
+                doc="share of each matrix's rank kept from the sum's top singular directions; "
+                "the rest is split evenly among the tasks' own directions",
+            ),
+        ),
+        "data-free Iso-CTS: the sum's top singular directions plus each task's own (outside them), "
+        "orthogonalised, with one flat singular value; other tensors averaged",
     ),
 )
 

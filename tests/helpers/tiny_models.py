@@ -173,6 +173,18 @@ def config_dict(paths: dict, root: Path, **over) -> dict:
     return cfg
 
 
+def merge_yaml(root: Path, name: str, cfg: dict) -> dict:
+    """Write `cfg` to `root/name.yaml`, run `sgtv merge` on it into `root/name`; the merged tensors by name."""
+    import yaml
+    from safetensors.numpy import load_file
+
+    from sgtv_jax.cli import main
+
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(root / f"{name}.yaml"), str(root / name), "--quiet"]) == 0
+    return load_file(str(root / name / "model.safetensors"))
+
+
 def torch_hessians(
     model, input_ids: np.ndarray, mask: np.ndarray, layer_prefix: str, linear_names: list[str]
 ) -> dict[str, np.ndarray]:

@@ -21,11 +21,13 @@ from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.core_space import core_space
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import karcher, multislerp, nuslerp, slerp
+from sgtv_jax.merge.iso import iso_c, iso_cts
 from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.ram import ram, ramplus_tl
 from sgtv_jax.merge.sce import sce
+from sgtv_jax.merge.tsv import tsv
 from sgtv_jax.merge.wudi import wudi
 from sgtv_jax.pipeline.config import ConfigError, parse_config
 
@@ -375,6 +377,10 @@ CASES = {
     "ramplus_tl": (ramplus_tl, TAUS, dict(threshold=0.2), "r", [0.1, 0.5]),
     # Adam from the sum; its step size may be traced
     "wudi": (wudi, TAUS, dict(steps=20), "learning_rate", [1e-3, 5e-3]),
+    # SVD methods (their float64 references: tests/merge/test_tsv_iso.py); alpha may be traced
+    "tsv": (tsv, TAUS, {}, "alpha", [0.5, 2.0]),
+    "iso_c": (iso_c, TAUS, {}, "alpha", [0.5, 2.0]),
+    "iso_cts": (iso_cts, TAUS, dict(common_space_fraction=0.5), "alpha", [0.5, 2.0]),
     # per tensor: task arithmetic with the learned coefficients as weights
     "adamerging": (
         adamerging,
