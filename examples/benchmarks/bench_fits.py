@@ -14,8 +14,8 @@ the defaults: 300 Adam steps), WUDI with `solver: exact`, RegMean with per-task
 Grams (`hessian_source: per_task`, each model's own `--nsamples` x `--seqlen`
 windows). Every method
 runs once as a warm-up (compiles; its wall printed as `first s`), then
-`--repeats` times (the median printed as `warm s`); ratios are of the warm
-walls against TIES'. The stage breakdown (load, calibrate, prune, merge,
+`--repeats` times (the median wall printed as `warm s`, the median process
+CPU time as `cpu s`); ratios are of the warm runs against TIES'. The stage breakdown (load, calibrate, prune, merge,
 export) is the last run's `merge_report.json`.
 """
 
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +37,7 @@ import bench_scale  # noqa: E402
 from bench_merge import calibration_text, local_tokenizer  # noqa: E402
 
 # SmolLM2-135M's widths (bench_scale's "small"), a small vocabulary, few blocks: merges of seconds on a CPU
-SHAPE = dict(bench_scale.SHAPES["small"], vocab_size=4096, max_position_embeddings=2048)
+SHAPE: dict[str, Any] = {**cast(dict, bench_scale.SHAPES["small"]), "vocab_size": 4096, "max_position_embeddings": 2048}
 CALIB_CHARS = 1 << 16
 METHODS = ("ties", "wudi", "wudi_exact", "regmean")
 
@@ -80,14 +80,16 @@ def configs(base: Path, fts: list[Path], calib: list[Path], nsamples: int, seqle
     }
 
 
-def merge_once(cfg: dict[str, Any], out: Path) -> tuple[float, dict[str, float]]:
-    """Wall seconds of one `run_merge` into `out` and its report's stage times."""
+def merge_once(cfg: dict[str, Any], out: Path) -> tuple[float, float, dict[str, float]]:
+    """Wall and process CPU seconds of one `run_merge` into `out`, and its report's stage times.
+
+    On a shared machine the CPU seconds move less than the wall with the other load."""
     from sgtv_jax.pipeline.config import parse_config
     from sgtv_jax.pipeline.sequential import run_merge
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rep = run_merge(parse_config(cfg), out, overwrite=True, progress=False)
-    return time.perf_counter() - t0, dict(rep.get("stages_s", {}))
+    return time.perf_counter() - t0, time.process_time() - c0, dict(rep.get("stages_s", {}))
 
 
 def main() -> None:
@@ -105,24 +107,25 @@ def main() -> None:
     cache = Path(args.cache)
     base, fts, calib = family(cache, args.layers)
     cfgs = configs(base, fts, calib, args.nsamples, args.seqlen)
-    rows: dict[str, tuple[float, float, dict[str, float]]] = {}
+    rows: dict[str, tuple[float, float, float, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods:
-            first, _ = merge_once(cfgs[m], Path(tmp) / m)
+            first = merge_once(cfgs[m], Path(tmp) / m)[0]
             warm = [merge_once(cfgs[m], Path(tmp) / m) for _ in range(args.repeats)]
-            rows[m] = (first, statistics.median(w for w, _ in warm), warm[-1][1])
+            wall, cpu = statistics.median(r[0] for r in warm), statistics.median(r[1] for r in warm)
+            rows[m] = (first, wall, cpu, warm[-1][2])
     dev = jax.devices()[0]
     print(
         f"\n3-way merge, {args.layers} LLaMA blocks of hidden 576 / intermediate 1536, vocab 4096, float32 out; "
         f"RegMean: {args.nsamples} x {args.seqlen} tokens per model; on {dev.platform} ({dev.device_kind})"
     )
     stages = ("load", "calibrate", "prune", "merge", "export")
-    print(f"{'method':<11}{'first s':>9}{'warm s':>9}{'x ties':>8}" + "".join(f"{s:>10}" for s in stages))
-    ref = rows["ties"][1] if "ties" in rows else float("nan")
-    for m, (first, wall, st) in rows.items():
-        print(
-            f"{m:<11}{first:>9.2f}{wall:>9.2f}{wall / ref:>8.2f}" + "".join(f"{st.get(s, 0.0):>10.2f}" for s in stages)
-        )
+    head = f"{'method':<11}{'first s':>9}{'warm s':>9}{'x ties':>8}{'cpu s':>9}{'x ties':>8}"
+    print(head + "".join(f"{s:>10}" for s in stages))
+    ref = rows["ties"][1:3] if "ties" in rows else (float("nan"), float("nan"))
+    for m, (first, wall, cpu, st) in rows.items():
+        ratios = f"{wall:>9.2f}{wall / ref[0]:>8.2f}{cpu:>9.2f}{cpu / ref[1]:>8.2f}"
+        print(f"{m:<11}{first:>9.2f}{ratios}" + "".join(f"{st.get(s, 0.0):>10.2f}" for s in stages))
 
 
 if __name__ == "__main__":
