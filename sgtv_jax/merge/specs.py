@@ -46,6 +46,7 @@ from sgtv_jax.merge.row import (
 )
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.tsv import tsv
+from sgtv_jax.merge.wudi import SOLVERS as wudi_solvers
 from sgtv_jax.merge.wudi import wudi
 
 __all__ = [
@@ -381,6 +382,13 @@ _MORE_ROWS = (  # the table's second half (one tuple of 24 rows reads badly); ne
         (
             ParamSpec("steps", "int", lo=0, hi=MAX_LEARNING_STEPS, doc="Adam steps from the task vectors' sum"),
             ParamSpec("learning_rate", "float", doc="Adam step size (> 0)", lo=0.0, hi=math.inf, lo_open=True),
+            ParamSpec(
+                "solver",
+                "choice",
+                choices=wudi_solvers,
+                doc="adam: the paper's early-stopped Adam steps; exact: the loss's minimiser nearest the sum "
+                "(one pseudo-inverse per layer, steps unused)",
+            ),
         ),
         "data-free: each linear layer's merged task vector fits every task vector's rows as that task's "
         "inputs (WUDI; Adam from the sum); other tensors summed",

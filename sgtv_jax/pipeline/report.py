@@ -74,11 +74,12 @@ class LayerRecord:
 
 @jax.jit
 def relative_errors(
-    deltas: jax.Array, trimmed: jax.Array, merged: jax.Array, weights: jax.Array, hessian: jax.Array
+    deltas: jax.Array, trimmed: jax.Array | None, merged: jax.Array, weights: jax.Array, hessian: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Relative output errors under H: per task `tr(E H E^T)/tr(D H D^T)`, and of the merge.
 
-    deltas, trimmed `[T, rows, cols]`; merged `[rows, cols]`; weights `[T]`;
+    deltas, trimmed `[T, rows, cols]` (trimmed None: the merge did not trim, every
+    trim error is 0 and costs no product); merged `[rows, cols]`; weights `[T]`;
     hessian `[cols, cols]` or `[T, cols, cols]`. Returns (`[T]`, scalar).
     """
     hp = jax.lax.Precision.HIGHEST
@@ -87,10 +88,12 @@ def relative_errors(
     def quad(a, hh):
         return jnp.sum(jnp.matmul(a, hh, precision=hp) * a)
 
-    e = trimmed - deltas
-    num = jax.vmap(quad)(e, h)
-    den = jax.vmap(quad)(deltas, h)
-    trim_err = num / jnp.maximum(den, 1e-30)
+    if trimmed is None:  # E = 0: the products would give 0 / den = 0 exactly
+        trim_err = jnp.zeros(deltas.shape[0], merged.dtype)
+    else:
+        num = jax.vmap(quad)(trimmed - deltas, h)
+        den = jax.vmap(quad)(deltas, h)
+        trim_err = num / jnp.maximum(den, 1e-30)
     target = jnp.tensordot(weights, deltas, axes=1)
     hm = jnp.mean(h, axis=0)
     merge_err = quad(merged - target, hm) / jnp.maximum(quad(target, hm), 1e-30)

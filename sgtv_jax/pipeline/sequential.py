@@ -312,7 +312,7 @@ class MergeRun:
             if hessian is not None and deltas.ndim == 3:
                 te, me = relative_errors(
                     deltas,
-                    trimmed.astype(jnp.float32),
+                    None if trimmed is deltas else trimmed.astype(jnp.float32),  # RegMean: untrimmed
                     merged.astype(jnp.float32),
                     jnp.asarray(plan.weights, jnp.float32),
                     hessian,

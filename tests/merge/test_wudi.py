@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +143,62 @@ def test_nan_task_vector_is_refused_naming_the_model(deltas):
     bad[1, 2, 3] = np.nan
     with pytest.raises(ValueError, match=r"NaN or Inf.*model 1"):
         wudi(bad, name="w")
+
+
+def np_nearest_minimiser(deltas: np.ndarray) -> np.ndarray:
+    """Gradient descent's limit from the sum, in float64 by SVD: `S + (B - S A) A^+` on the span of A."""
+    live = [t / np.sqrt(np.sum(t * t)) for t in deltas if np.any(t)]
+    a = sum(x.T @ x for x in live)
+    b = sum(t @ (x.T @ x) for t, x in zip([t for t in deltas if np.any(t)], live))
+    s = deltas.sum(0)
+    u, sv, _ = np.linalg.svd(a)
+    keep = sv > 1e-10 * sv[0]
+    pinv = u[:, keep] @ np.diag(1 / sv[keep]) @ u[:, keep].T
+    return s + (b - s @ a) @ pinv
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 5), (3, 2, 40), (2, 3, 7)])  # full rank, wide, rank-deficient tall
+def test_exact_solver_is_the_minimiser_nearest_the_sum(shape):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape) * np.array([1.0, 0.1, 3.0][: shape[0]])[:, None, None]
+    w = [1.0, 0.5, 2.0][: shape[0]]
+    xw = x * np.asarray(w)[:, None, None]
+    with jax.enable_x64(True):
+        got = np.asarray(wudi(x, w, solver="exact"))
+    want = np_nearest_minimiser(xw)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+    # a minimiser: the gradient 2 (M A - B) vanishes, and the loss is no larger than Adam's
+    assert loss(got, xw) <= loss(np.asarray(wudi(x, w, steps=300, learning_rate=1e-3)), xw) + 1e-9
+
+
+def test_exact_solver_on_full_rank_grams_is_the_regmean_closed_form(deltas):
+    sq = np.sum(deltas**2, axis=(1, 2))
+    grams = np.einsum("toi,toj->tij", deltas, deltas)
+    with jax.enable_x64(True):
+        got = np.asarray(wudi(deltas, solver="exact"))
+        closed = np.asarray(regmean(deltas, 1.0 / sq, grams=grams, alpha=1.0))
+    np.testing.assert_allclose(got, closed, rtol=1e-8, atol=1e-10)
+
+
+def test_exact_solver_leaves_untouched_tensors_and_directions_alone():
+    x = np.zeros((3, 4, 6))
+    x[0, :, :2] = np.arange(8.0).reshape(4, 2) + 1  # only inputs 0, 1 are spanned
+    with jax.enable_x64(True):
+        got = np.asarray(wudi(x, solver="exact"))
+        zero = np.asarray(wudi(np.zeros((3, 4, 4)), solver="exact"))
+    np.testing.assert_allclose(got, x[0], atol=1e-12)  # one task: its own task vector fits exactly
+    assert not zero.any()
+
+
+def test_unknown_solver_is_refused_naming_the_tensor(deltas):
+    with pytest.raises(ValueError, match="solver must be one of.*'newton'.*'blk'"):
+        wudi(deltas, solver="newton", name="blk")
+
+
+def test_one_compiled_adam_program_per_shape_across_tensors():
+    wudi_module = importlib.import_module("sgtv_jax.merge.wudi")  # the package exports the function by that name
+    rng = np.random.default_rng(5)
+    before = wudi_module._adam_jit._cache_size()
+    first = [np.asarray(wudi(rng.normal(size=(2, 9, 7)).astype(np.float32), steps=3)) for _ in range(3)]
+    assert wudi_module._adam_jit._cache_size() == before + 1  # three tensors of one shape: one program
+    assert all(np.isfinite(f).all() for f in first)
