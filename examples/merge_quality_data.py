@@ -7,7 +7,9 @@ fine-tune's batch order; the pools the splits are drawn from are fixed.
   ("47+85=" -> "231" for 132): each answer digit then depends on two operand
   digits and one carry already written, the order a person adds in. Written
   most-significant first, 500 Adam steps on 3000 sums reached 0.50 exact match
-  on unseen sums (the first digit needs the carry of the digits after it);
+  on unseen sums (the first digit needs the carry of the digits after it). The
+  recipe below (300 steps of 16, peak 1e-3) reached only 0.30 at seed 0 (final
+  loss 0.64): the addition recipe is not settled yet (rev 0.99, code ppl 2.28);
 * ``rev``: letter reversal ("Reverse: k q z m ->" -> " m z q k");
   the skill fine-tunes train on prompt + answer + newline: without the newline
   the model never learns where an answer ends, and a sum continued with more
