@@ -35,15 +35,7 @@ from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.ram import ram, ramplus_tl
 from sgtv_jax.merge.regmean import regmean
-from sgtv_jax.merge.row import (
-    COMMON_ARGS,
-    KINDS,
-    TRIM_ARGS,
-    MethodSpec,
-    ParamSpec,
-    call_args,
-    method_row,
-)
+from sgtv_jax.merge.row import COMMON_ARGS, KINDS, TRIM_ARGS, MethodSpec, ParamSpec, call_args, method_row
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.tsv import tsv
 from sgtv_jax.merge.wudi import SOLVERS as wudi_solvers
