@@ -13,8 +13,9 @@ entry with the entries still to be processed. Semantics:
 
 Everything after input validation is one jit-compiled XLA program per
 (shapes, blocksize, N:M) - densities and damping are traced, so changing them
-does not recompile. The column loop is a `fori_loop`; the block loop is
-unrolled at trace time so every lazy update is an exact-size matmul.
+does not recompile. The sweep itself is `sgtv_jax.sweep` (every task sharing
+the factor in one `[cols, T * rows]` problem; the block loop unrolled at trace
+time, so every lazy update is an exact-size matmul).
 
 `obs_prune` itself composes with `jit`, `vmap` and `grad`: `density` and
 `percdamp` may be traced arrays (the per-block counts are then computed in the
@@ -49,6 +50,7 @@ from sgtv_jax.factor import (
 )
 from sgtv_jax.refit import refit_kept
 from sgtv_jax.select import smallest_mask
+from sgtv_jax.sweep import sweep as blockwise_sweep
 
 if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
     from jaxtyping import Array, Bool, Float, Int
@@ -65,11 +67,6 @@ class ObsInfo(NamedTuple):
     percdamp: Float[Array, "*tasks"]
 
 
-HIGHEST = jax.lax.Precision.HIGHEST
-# Inner panel width of the column sweep (see _sweep_block); tuned on CPU.
-SUB_BLOCKSIZE = 32
-
-
 # --------------------------------------------------------------------------- masks
 
 
@@ -80,130 +77,6 @@ def prune_k_smallest(scores: Float[Array, " n"], k: Int[Array, ""]) -> Bool[Arra
     histogram passes instead of a full sort; `k` may be traced.
     """
     return smallest_mask(scores, k)
-
-
-def _nm_mask(w: Float[Array, "*rows m"], d: Float[Array, " m"], prunen: int) -> Bool[Array, "*rows m"]:
-    """N:M group mask: per row, the `prunen` lowest `w^2/d^2` of `[..., m]`, stable."""
-    scores = w**2 / d**2
-    ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1)
-    return ranks < prunen
-
-
-# --------------------------------------------------------------------------- sweep
-
-
-def _sub_blocksize(count: int, prunem: int) -> int:
-    """Columns per inner panel: small enough that rank-1 updates stay in cache.
-
-    A multiple of `prunem` (so N:M groups never straddle panels) that divides
-    the block width; a block that no such size divides is one panel.
-    """
-    size = max(SUB_BLOCKSIZE // max(prunem, 1), 1) * max(prunem, 1)
-    return size if count % size == 0 and size < count else count
-
-
-def _sweep_block(
-    w1: Float[Array, "tasks rows width"],
-    u1: Float[Array, "width width"],
-    mask1: Bool[Array, "tasks rows width"],
-    prunen: int,
-    prunem: int,
-) -> tuple[
-    Float[Array, "tasks rows width"],
-    Bool[Array, "tasks rows width"],
-    Float[Array, "tasks rows width"],
-    Float[Array, " tasks"],
-]:
-    """Sequential OBS over one block. w1 `[T, rows, B]`; returns (q1, pruned mask, err1, loss[T]).
-
-    Two levels, as SparseGPT does across blocks: rank-1 updates inside a panel
-    of `_sub_blocksize` columns, then one matmul carries the panel's errors to
-    the rest of the block. Same arithmetic as a column-by-column sweep over the
-    block, but the per-column work touches `[rows, panel]` instead of `[rows, B]`.
-    """
-    count = w1.shape[-1]
-    sub = _sub_blocksize(count, prunem)
-    d = jnp.diagonal(u1)
-
-    def column(i, carry):
-        w, m, err, loss, us, ds = carry
-        col = jax.lax.dynamic_index_in_dim(w, i, axis=2, keepdims=False)
-        pruned = jax.lax.dynamic_index_in_dim(m, i, axis=2, keepdims=False)
-        e = jnp.where(pruned, col, 0) / ds[i]
-        # us[i, :i] is exactly 0, so a full-width rank-1 update is exact and
-        # keeps the shapes fixed.
-        w = w - e[..., None] * us[i]
-        err = jax.lax.dynamic_update_index_in_dim(err, e, i, axis=2)
-        return w, m, err, loss + jnp.sum(e**2, axis=-1) / 2, us, ds
-
-    def group(g, carry):
-        w, m, err, loss, us, ds = carry
-        i = g * prunem
-        wg = jax.lax.dynamic_slice_in_dim(w, i, prunem, axis=2)
-        dg = jax.lax.dynamic_slice_in_dim(ds, i, prunem)
-        m = jax.lax.dynamic_update_slice_in_dim(m, _nm_mask(wg, dg, prunen), i, axis=2)
-        return jax.lax.fori_loop(i, i + prunem, column, (w, m, err, loss, us, ds))
-
-    def panel(p, carry):
-        w1, mask1, q1, err1, loss = carry
-        j = p * sub
-        w = jax.lax.dynamic_slice_in_dim(w1, j, sub, axis=2)
-        m = jax.lax.dynamic_slice_in_dim(mask1, j, sub, axis=2)
-        us = jax.lax.dynamic_slice(u1, (j, j), (sub, sub))
-        ds = jax.lax.dynamic_slice_in_dim(d, j, sub)
-        inner = (w, m, jnp.zeros_like(w), loss, us, ds)
-        if prunem == 0:
-            w, m, err, loss, _, _ = jax.lax.fori_loop(0, sub, column, inner)
-        else:
-            w, m, err, loss, _, _ = jax.lax.fori_loop(0, sub // prunem, group, inner)
-        # Column i ends at w - e * U_ii == q up to rounding; pruned entries are exact 0.
-        q1 = jax.lax.dynamic_update_slice_in_dim(q1, jnp.where(m, 0, w), j, axis=2)
-        mask1 = jax.lax.dynamic_update_slice_in_dim(mask1, m, j, axis=2)
-        err1 = jax.lax.dynamic_update_slice_in_dim(err1, err, j, axis=2)
-        # Carry this panel's errors to the rest of the block. Rows of U left of
-        # the panel are 0; the panel's own columns are already stored in q1.
-        u_rows = jax.lax.dynamic_slice_in_dim(u1, j, sub, axis=0)
-        w1 = w1 - jnp.matmul(err, u_rows, precision=HIGHEST)
-        return w1, mask1, q1, err1, loss
-
-    carry = (w1, mask1, jnp.zeros_like(w1), jnp.zeros_like(w1), jnp.zeros(w1.shape[0], w1.dtype))
-    _, mask1, q1, err1, loss = jax.lax.fori_loop(0, count // sub, panel, carry)
-    return q1, mask1, err1, loss
-
-
-def _sweep(
-    w: Float[Array, "tasks rows cols"],
-    u: Float[Array, "cols cols"],
-    prune_counts: Int[Array, "tasks nblocks"],
-    blocksize: int,
-    prunen: int,
-    prunem: int,
-) -> tuple[Float[Array, "tasks rows cols"], Bool[Array, "tasks rows cols"], Float[Array, " tasks"]]:
-    """OBS sweep of a stack sharing one factor.
-
-    w `[T, rows, cols]`, u `[cols, cols]`, prune_counts int `[T, nblocks]`.
-    Returns pruned `[T, rows, cols]`, pruned-entry mask, loss `[T]`.
-    """
-    tasks, rows, cols = w.shape
-    qs, masks = [], []
-    loss = jnp.zeros(tasks, w.dtype)
-    for b, i1 in enumerate(range(0, cols, blocksize)):
-        i2 = min(i1 + blocksize, cols)
-        w1 = w[..., i1:i2]
-        u1 = u[i1:i2, i1:i2]
-        if prunem == 0:
-            scores = (w1**2 / jnp.diagonal(u1) ** 2).reshape(tasks, -1)
-            mask1 = jax.vmap(prune_k_smallest)(scores, prune_counts[:, b]).reshape(w1.shape)
-        else:
-            mask1 = jnp.zeros(w1.shape, bool)
-        q1, mask1, err1, block_loss = _sweep_block(w1, u1, mask1, prunen, prunem)
-        qs.append(q1)
-        masks.append(mask1)
-        loss = loss + block_loss
-        if i2 < cols:
-            # In place (XLA aliases the update slice): cheaper than re-slicing the rest.
-            w = w.at[..., i2:].add(-jnp.matmul(err1, u[i1:i2, i2:], precision=HIGHEST))
-    return jnp.concatenate(qs, axis=-1), jnp.concatenate(masks, axis=-1), loss
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "prunen", "prunem"))
@@ -230,7 +103,7 @@ def obs_sweep(
     w = delta.astype(compute_dtype(delta.dtype))
     w = jnp.where(factor.dead[..., None, :], 0, w)
     u = factor.upper.astype(w.dtype)
-    sweep = functools.partial(_sweep, blocksize=blocksize, prunen=prunen, prunem=prunem)
+    sweep = functools.partial(blockwise_sweep, blocksize=blocksize, prunen=prunen, prunem=prunem)
     if u.ndim == 3:
         q, m, loss = jax.vmap(lambda wt, ut, ct: sweep(wt[None], ut, ct[None]))(w, u, prune_counts)
         return q[:, 0], m[:, 0], loss[:, 0]

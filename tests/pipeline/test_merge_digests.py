@@ -36,6 +36,11 @@ re-recorded, on the AVX-512 machine only, when the Hessian became the same bit
 for bit on any mesh: `batch_size` windows per device, chunk Grams summed in
 window order (`sgtv_jax.pipeline.streams.HessianSum`) instead of a running mean;
 the other CPU's digests of those cases are gone until someone records there.
+The seven cases that run an OBS sweep (every `sparsegpt` trim but the bf16 orbax
+one, whose bf16 output absorbs it) were re-recorded, on the AVX-512 machine, when
+the sweep began carrying errors across blocks in recursively grouped matmuls
+(`sgtv_jax.sweep`): the same float32 sums in another order, last-bit differences;
+the masks still equal the float64 oracle's (tests/core/test_obs.py).
 
 To record this machine's digests on purpose (a new CPU, or an intended change of
 the outputs), check out the commit before your change and run
