@@ -189,6 +189,23 @@ def _trim_inputs(
     )
 
 
+def _fit_stack(
+    x: jax.Array,
+    targets: jax.Array | None,
+    densities: Floats | jax.Array,
+    trim: str | None,
+    rescale: bool | None,
+    count: str,
+    opts: TrimOptions,
+    name: str | None,
+    guard: _checks.Guard,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What `lstsq` and `regmean_trim` fit, each `[T, ...]`: the stack `x` in its work dtype, the targets
+    (`targets`, default the untrimmed stack) and the trimmed stack."""
+    x = x.astype(_checks.work_dtype(x.dtype))
+    return x, _targets(x, targets, name), _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
+
+
 def _weighted_mean(x: jax.Array, w: tuple[float, ...] | jax.Array, name: str | None, guard: _checks.Guard) -> jax.Array:
     """RegMean's fallback `sum_t w_t x_t / sum_t w_t`; a zero weight sum is refused (NaN when traced)."""
     # known weights: summed in Python (float64) as always; traced: in the program
@@ -241,15 +258,12 @@ def lstsq(
     if sign_election not in SIGN_ELECTION:
         raise ValueError(f"unknown sign_election {sign_election!r}; known: {', '.join(SIGN_ELECTION)}")
     check_options(gram_norm, proxy_gram, name, guard)
-    dt = _checks.work_dtype(x.dtype)
-    x = x.astype(dt)
-    tgt = _targets(x, targets, name)
     opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
-    trimmed = _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
+    x, tgt, trimmed = _fit_stack(x, targets, densities, trim, rescale, count, opts, name, guard)
     if sign_election != "none":
-        weighted = trimmed * combine.broadcast_weights(jnp.asarray(w, dt), trimmed.ndim)
+        weighted = trimmed * combine.broadcast_weights(jnp.asarray(w, x.dtype), trimmed.ndim)
         mask = elect.agreement_mask(weighted, elect.elect_sign(weighted, sign_election))
-        trimmed = trimmed * mask.astype(dt)
+        trimmed = trimmed * mask.astype(x.dtype)
     if grams is None and calib is not None:
         grams = calib.hessian
     if grams is None or x.ndim != 3:
@@ -301,11 +315,8 @@ def regmean_trim(
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
     check_options(gram_norm, proxy_gram, name, guard)
-    dt = _checks.work_dtype(x.dtype)
-    x = x.astype(dt)
-    tgt = _targets(x, targets, name)
     opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
-    trimmed = _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
+    x, tgt, trimmed = _fit_stack(x, targets, densities, trim, rescale, count, opts, name, guard)
     if grams is None and calib is not None:
         grams = calib.hessian
     if grams is not None and x.ndim == 3:
