@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One table of accelerator figures: the OBS kernel at 4096x4096 and 4096x11008 and a
-# 3-way TIES + SparseGPT merge at Llama-3.2-1B's shapes (random bf16 checkpoints made
-# here, 32 x 512 calibration tokens; nothing downloaded), on the first JAX device.
+# One table of accelerator figures: the OBS kernel at 1536x576 (SmolLM2's MLP), 4096x4096 and
+# 4096x11008 (1 and 4 tasks sharing one H; OBS + refit against OBS alone), WUDI and RegMean
+# against a data-free TIES merge of the same models (bench_fits.py), and a 3-way TIES +
+# SparseGPT merge at Llama-3.2-1B's shapes (random bf16 checkpoints made here, 32 x 512
+# calibration tokens, with the calibrate stage against its FLOP count; nothing downloaded),
+# on the first JAX device.
 #
 #   bash examples/benchmarks/bench_device.sh            # GPU / TPU (minutes)
 #   bash examples/benchmarks/bench_device.sh --quick    # tiny shapes: a CPU check of the script itself
 #
 # PYTHON (default: python) must have jax for the device (jax[cuda12] / jax[tpu]).
-# Results: $WORK (default /tmp/sgtv-bench-device)/{obs,merge}.json and the table below.
+# Results: $WORK (default /tmp/sgtv-bench-device)/{obs,merge}.json, fits.txt and the table below.
 set -euo pipefail
 
 QUICK=0
@@ -25,16 +28,19 @@ mkdir -p "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$QUICK" = 1 ]; then
-  OBS=(--shapes 256x256,256x512 --reps 1)
+  OBS=(--shapes 256x256,256x512 --reps 1 --refit)
+  FITS=(--layers 1 --nsamples 2 --seqlen 32 --methods ties wudi_exact regmean)
   MERGE=(--model tiny --nsamples 4 --seqlen 64 --methods sparsegpt)
 else
-  OBS=(--shapes 4096x4096,4096x11008 --reps 3)
+  OBS=(--shapes 1536x576,4096x4096,4096x11008 --reps 3 --refit)
+  FITS=(--layers 2 --nsamples 16 --seqlen 128)
   MERGE=(--model 1b --nsamples 32 --seqlen 512 --methods sparsegpt magnitude)
 fi
 
 "$PY" -c 'import jax; print("devices:", jax.devices())'
 "$PY" "$HERE/bench_obs.py" "${OBS[@]}" --no-torch --json "$WORK/obs.json"
 "$PY" "$HERE/bench_merge.py" "${MERGE[@]}" --work "$WORK/merge" --json "$WORK/merge.json"
+"$PY" "$HERE/bench_fits.py" "${FITS[@]}" --cache "$WORK/fits" | tee "$WORK/fits.txt"
 
 "$PY" - "$WORK/obs.json" "$WORK/merge.json" <<'PYEOF'
 import json, sys
@@ -43,9 +49,11 @@ obs, merge = (json.load(open(p)) for p in sys.argv[1:3])
 print(f"\n| benchmark ({obs['device']}) | seconds | achieved | reference |")
 print("| --- | ---: | ---: | ---: |")
 for r in obs["rows"]:
+    ratio = f"; {r['x_one_task']:.2f}x T=1" if "x_one_task" in r else ""
+    ratio += f"; OBS + refit {r['refit_x_obs']:.2f}x OBS" if "refit_x_obs" in r else ""
     print(
         f"| OBS {r['rows']}x{r['cols']}, T={r['tasks']} | {r['jax_s']:.3f} | {r['gflops']:.0f} GFLOP/s "
-        f"| matmul {r['matmul_gflops']:.0f} GFLOP/s |"
+        f"({100 * r['gflops'] / r['matmul_gflops']:.0f} % of matmul{ratio}) | matmul {r['matmul_gflops']:.0f} GFLOP/s |"
     )
 for k, r in merge["runs"].items():
     st = ", ".join(f"{s} {v:.1f}" for s, v in r["stages_s"].items())
@@ -60,3 +68,6 @@ if "calibrate" in merge:
         f"| {c['gflops']:.1f} GFLOP/s ({c['x_floor']:.2f}x its FLOP count) | jnp.dot {merge['matmul_gflops']:.0f} GFLOP/s |"
     )
 PYEOF
+echo
+echo "WUDI / RegMean against data-free TIES (bench_fits.py):"
+sed -n '/^3-way merge/,$p' "$WORK/fits.txt"

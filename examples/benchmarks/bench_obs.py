@@ -128,6 +128,9 @@ def bench_shape(rows: int, cols: int, args: argparse.Namespace) -> list[dict]:
         print(
             f"{rows:>5} x {cols:<5} {t:>2} {jt:8.3f} {tt:8.3f} {jt / tt:6.2f} {gf:8.1f} {matmul_gflops:15.1f} {100 * gf / matmul_gflops:10.0f}%"
         )
+    out[1]["x_one_task"] = med["jax4"] / med["jax1"]
+    if args.refit:
+        out[0]["refit_x_obs"] = med["refit1"] / med["jax1"]
     print(
         f"{'':>15} T=4 / T=1 time: {med['jax4'] / med['jax1']:.2f}x"
         + (
