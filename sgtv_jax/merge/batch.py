@@ -35,7 +35,7 @@ from sgtv_jax.merge.specs import call_args, method_spec
 from sgtv_jax.merge.trim import Calibration
 
 # Numeric method parameters that stay traced (changing them does not recompile).
-TRACED_PARAMS = ("gamma", "epsilon", "percdamp", "alpha")
+TRACED_PARAMS = ("gamma", "epsilon", "percdamp", "alpha", "proxy_gram")
 
 
 def _grid_axis(values: Any, tasks: int, what: str) -> jax.Array:
@@ -125,7 +125,7 @@ def merge_grid(
       key: the tensor's PRNG key for random trims (the same masks as eager calls
         with this key).
       **params: the method's other parameters. `gamma`, `epsilon`, `percdamp`,
-        `alpha` and array values (`base`) stay traced; the rest (`trim`, `consensus`, `normalize`,
+        `alpha`, `proxy_gram` and array values (`base`) stay traced; the rest (`trim`, `consensus`, `normalize`,
         `rescale`, `refit`, `blocksize`, ...) are static.
     Returns:
       `[D, W, L, ...]`: entry `[i, j, k]` equals

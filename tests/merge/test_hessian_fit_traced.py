@@ -124,3 +124,16 @@ def test_traced_densities_below_one_without_a_trim_are_nan():
     assert bool(jnp.all(jnp.isnan(f(jnp.asarray(0.5)))))
     with pytest.raises(ValueError, match="need a trim"):
         hf.lstsq(D, [1.0, 1.0, 1.0], 0.5, trim=None)
+
+
+@pytest.mark.parametrize("method", sorted(FITS))
+def test_merge_grid_traces_proxy_gram(method):
+    """`proxy_gram` is a traced grid parameter (one program for every beta): equal to the eager calls."""
+    calib = Calibration(hessian=jnp.asarray(H_TASKS))
+    kw = dict(calib=calib, trim="magnitude", gram_norm="trace")
+    for beta in (0.0, 0.5):
+        grid = merge_grid(method, D, WEIGHTS, DENS, proxy_gram=beta, **kw)
+        for i in range(2):
+            for j in range(2):
+                w, d = list(map(float, WEIGHTS[j])), list(map(float, DENS[i]))
+                close(grid[i, j, 0], FITS[method](D, w, d, proxy_gram=beta, **kw))
