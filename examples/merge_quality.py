@@ -248,10 +248,15 @@ def shares(row: dict[str, float], base: dict[str, float], spec: dict[str, dict[s
     return out
 
 
-def merge_dir(folder: Path, label: str, cfg: dict[str, Any], nsamples: int, seqlen: int) -> Path:
-    """Cache folder of one merge: its label and a digest of its config (a changed row is merged anew)."""
+def merge_dir(folder: Path, label: str, cfg: dict[str, Any], nsamples: int, seqlen: int, fts: dict[str, Path]) -> Path:
+    """Cache folder of one merge: its label and a digest of its config and of the fine-tunes' recipes.
+
+    A changed row, or a fine-tune made anew with another recipe (same folder), is merged anew.
+    """
     slug = "".join(c if c.isalnum() or c in ".+-" else "_" for c in label).strip("_")
-    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    stamps = {t: p / D.RECIPE_STAMP for t, p in sorted(fts.items())}
+    recipes = {t: f.read_text() if f.is_file() else None for t, f in stamps.items()}  # None: not made here
+    digest = hashlib.sha1(json.dumps([cfg, recipes], sort_keys=True).encode()).hexdigest()[:8]
     return folder / f"merges_n{nsamples}_s{seqlen}" / f"{slug}-{digest}"
 
 
@@ -268,7 +273,7 @@ def run_seed(
         print(f"seed {seed} {k:<36} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}", flush=True)
     for label, row in rows.items():
         cfg = config_for(row, prep["fts"], prep["base"], prep["folder"], args.nsamples, args.seqlen)
-        dst = merge_dir(prep["folder"], label, cfg, args.nsamples, args.seqlen)
+        dst = merge_dir(prep["folder"], label, cfg, args.nsamples, args.seqlen, prep["fts"])
         if not dst.is_dir():
             run_merge(parse_config(cfg), dst, progress=False)
         wall = json.loads((dst / "merge_report.json").read_text())["wall_s"]  # also for a cached merge

@@ -7,9 +7,9 @@ fine-tune's batch order; the pools the splits are drawn from are fixed.
   ("47+85=" -> "231" for 132): each answer digit then depends on two operand
   digits and one carry already written, the order a person adds in. Written
   most-significant first, 500 Adam steps on 3000 sums reached 0.50 exact match
-  on unseen sums (the first digit needs the carry of the digits after it). The
-  recipe below (300 steps of 16, peak 1e-3) reached only 0.30 at seed 0 (final
-  loss 0.64): the addition recipe is not settled yet (rev 0.99, code ppl 2.28);
+  on unseen sums (the first digit needs the carry of the digits after it). 300
+  steps of 16 at a peak of 1e-3 reached 0.30 at seed 0 (final loss 0.64), 800
+  steps at 5e-4 (the recipe below) 0.98 (final loss 0.014);
 * ``rev``: letter reversal ("Reverse: k q z m ->" -> " m z q k");
   the skill fine-tunes train on prompt + answer + newline: without the newline
   the model never learns where an answer ends, and a sum continued with more
@@ -39,8 +39,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SIZES = {"add": (7644, 256, 200), "rev": (2000, 192, 200), "code": (200, 48, 200)}
 # fine-tune recipe per task: Adam with linear warmup (5 % of the steps) and cosine decay to 5 %
 # of the peak, on the top `top` decoder blocks; `--steps` overrides the steps
+RECIPE_STAMP = "sgtv_finetune_recipe.json"  # in each fine-tune's folder: the recipe it was made with
 RECIPES: dict[str, dict[str, Any]] = {
-    "add": {"top": 8, "steps": 300, "lr": 1e-3, "batch": 16},
+    "add": {"top": 8, "steps": 800, "lr": 5e-4, "batch": 16},
     "rev": {"top": 8, "steps": 250, "lr": 5e-4, "batch": 8},
     "code": {"top": 4, "steps": 120, "lr": 5e-4, "batch": 8},
 }
@@ -146,7 +147,7 @@ def finetunes(
         if steps:
             recipe["steps"] = steps
         out[t] = dst = folder / f"ft_{t}"
-        stamp = dst / "sgtv_finetune_recipe.json"
+        stamp = dst / RECIPE_STAMP
         if dst.is_dir():
             if not stamp.is_file() or json.loads(stamp.read_text()) != recipe:
                 fail(f"{dst}: made with another recipe than {recipe}; delete it to redo it")

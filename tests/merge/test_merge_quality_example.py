@@ -109,6 +109,18 @@ def _rows(shares, spec=(0.95, 0.9)):
     }
 
 
+def test_a_fine_tune_made_anew_with_another_recipe_is_merged_anew(tmp_path):
+    fts = {t: tmp_path / f"ft_{t}" for t in D.TASKS}
+    for t, f in fts.items():
+        f.mkdir()
+        (f / D.RECIPE_STAMP).write_text(json.dumps({**D.RECIPES[t], "seed": 0}) + "\n")
+    cfg = {"merge_method": "ties", "models": [str(f) for f in fts.values()]}
+    before = mq.merge_dir(tmp_path, "ties d=0.1", cfg, 32, 64, fts)
+    assert before == mq.merge_dir(tmp_path, "ties d=0.1", cfg, 32, 64, fts)  # cached: the same folder
+    (fts["add"] / D.RECIPE_STAMP).write_text(json.dumps({**D.RECIPES["add"], "steps": 1, "seed": 0}) + "\n")
+    assert mq.merge_dir(tmp_path, "ties d=0.1", cfg, 32, 64, fts) != before
+
+
 def test_baseline_records_mean_and_spread_and_fails_below_it(tmp_path):
     args = argparse.Namespace(nsamples=16, seqlen=64, steps=None, seeds=[0, 1, 2])
     dst = tmp_path / "baseline.json"
