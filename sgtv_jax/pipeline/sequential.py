@@ -92,6 +92,7 @@ from sgtv_jax.pipeline.report import (
     LayerRecord,
     StageTimer,
     jsonable,
+    kept_densities,
     peak_rss_mb,
     plot_report,
     relative_errors,
@@ -308,7 +309,7 @@ class MergeRun:
             self.records.append(unchanged_record(record, self.T, t0))
             return b.astype(self.out_dtype)
         with self.timer("merge"):
-            kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(self.T)]
+            kept = [float(k) for k in np.asarray(kept_densities(trimmed))]
             trim_err = merge_err = None
             if hessian is not None and deltas.ndim == 3:
                 te, me = relative_errors(
