@@ -55,7 +55,7 @@ from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig
 from sgtv_jax.pipeline.driver import merged_record, task_vectors, translated, unchanged, unchanged_record
 from sgtv_jax.pipeline.planning import plan_tensor
-from sgtv_jax.pipeline.report import LayerRecord, StageTimer, jsonable, peak_rss_mb, with_export_time
+from sgtv_jax.pipeline.report import LayerRecord, StageTimer, jsonable, kept_densities, peak_rss_mb, with_export_time
 
 MERGE_PATH = "by_name"
 
@@ -171,7 +171,7 @@ def merge_entry(
     if same:  # the base tensor is the result (`driver.unchanged`)
         return b.astype(out_dtype), unchanged_record(record, tasks, t0)
     with timer("merge"):
-        kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(tasks)]
+        kept = [float(k) for k in np.asarray(kept_densities(trimmed))]
         if entry.transpose:
             merged = merged.T
         out = np.asarray(b + np.asarray(merged, np.float32)).astype(out_dtype)

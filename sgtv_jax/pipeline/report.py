@@ -73,6 +73,16 @@ class LayerRecord:
 
 
 @jax.jit
+def kept_densities(trimmed: jax.Array) -> jax.Array:
+    """Fraction of nonzero entries of each task's tensor: `[T]` from `trimmed` `[T, ...]`.
+
+    One program and one transfer per tensor (the report's `kept_density`), each
+    task's value exactly the eager `jnp.mean(trimmed[t] != 0)` (tests/pipeline/test_relative_errors.py).
+    """
+    return jnp.stack([jnp.mean(trimmed[t] != 0) for t in range(trimmed.shape[0])])
+
+
+@jax.jit
 def relative_errors(
     deltas: jax.Array, trimmed: jax.Array | None, merged: jax.Array, weights: jax.Array, hessian: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

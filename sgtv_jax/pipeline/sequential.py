@@ -81,6 +81,7 @@ from sgtv_jax.pipeline.datafree import (
 )
 from sgtv_jax.pipeline.driver import merged_record, task_vectors, translated, unchanged, unchanged_record
 from sgtv_jax.pipeline.export_run import FORMATS, check_output_and_config, check_request, export, follow, merge_inputs
+from sgtv_jax.pipeline.lapack_threads import with_one_lapack_thread
 from sgtv_jax.pipeline.mapped import mapped_run, saves_tokenizer, write_output_files
 from sgtv_jax.pipeline.mesh import describe, make_mesh
 from sgtv_jax.pipeline.planning import plan_tensor
@@ -91,6 +92,7 @@ from sgtv_jax.pipeline.report import (
     LayerRecord,
     StageTimer,
     jsonable,
+    kept_densities,
     peak_rss_mb,
     plot_report,
     relative_errors,
@@ -307,7 +309,7 @@ class MergeRun:
             self.records.append(unchanged_record(record, self.T, t0))
             return b.astype(self.out_dtype)
         with self.timer("merge"):
-            kept = [float(jnp.mean(trimmed[t] != 0)) for t in range(self.T)]
+            kept = [float(k) for k in np.asarray(kept_densities(trimmed))]
             trim_err = merge_err = None
             if hessian is not None and deltas.ndim == 3:
                 te, me = relative_errors(
@@ -413,6 +415,7 @@ def _driver(
     return run, template
 
 
+@with_one_lapack_thread  # OpenBLAS threads fight XLA's (lapack_threads.py)
 def run_merge(
     cfg: MergeConfig,
     out: str | Path,

@@ -1,11 +1,14 @@
-"""The report's relative output errors under H against a float64 NumPy oracle, trimmed and untrimmed."""
+"""The report's relative output errors under H against a float64 NumPy oracle, trimmed and untrimmed;
+its kept densities against counts and the eager per-task means they replace."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from sgtv_jax.pipeline.report import relative_errors
+from sgtv_jax.pipeline.report import kept_densities, relative_errors
 
 
 def np_errors(d: np.ndarray, tr: np.ndarray, m: np.ndarray, w: np.ndarray, h: np.ndarray):
@@ -35,3 +38,16 @@ def test_trimmed_and_untrimmed_errors_match_numpy():
     np.testing.assert_allclose(float(me), want_me, rtol=1e-12)
     assert np.array_equal(np.asarray(te0), np.zeros(3)) and np.array_equal(np.asarray(te_same), np.zeros(3))
     assert float(me0) == float(me_same) == float(me)
+
+
+@pytest.mark.parametrize("shape", [(3, 17), (3, 48, 20), (2, 4100, 4107)])  # the last: > 2**24 entries per task
+def test_kept_densities_are_each_tasks_nonzero_fraction_bit_for_bit_as_the_eager_means(shape):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype(np.float32)
+    x[rng.random(shape) < np.linspace(0.1, 0.9, shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))] = 0
+    got = np.asarray(kept_densities(jnp.asarray(x)))
+    counts = (x != 0).reshape(shape[0], -1).sum(1) / np.prod(shape[1:])
+    np.testing.assert_allclose(got, counts, rtol=1e-6)
+    assert got.shape == (shape[0],) and len(set(np.round(counts, 2))) == shape[0]  # the tasks differ
+    # the values the report wrote before (one eager mean per task), bit for bit
+    assert [float(v) for v in got] == [float(jnp.mean(jnp.asarray(x[t]) != 0)) for t in range(shape[0])]
