@@ -27,7 +27,7 @@ from convert.atomic import atomic_output, labelled_inputs
 from convert.checkpoint import Checkpoint
 from convert.chunked import ChunkedTensor, ChunkError, rows_of
 from convert.containment import contained_file
-from convert.dtypes import config_dtype_name, is_float, parse_dtype
+from convert.dtypes import config_dtype_name, count_nonfinite, is_float, parse_dtype
 from convert.errors import ConvertError
 from convert.model_card import render_model_card
 from convert.safetensors_writer import StreamingSafetensorsWriter
@@ -130,8 +130,8 @@ def _checked(name: str, arr: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
             # after the cast so such a tensor is refused too.
             with np.errstate(over="ignore"):  # overflow is reported below, by name
                 arr = arr.astype(out_dtype)
-        if not np.isfinite(arr).all():
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        bad = count_nonfinite(arr)
+        if bad:
             raise ConvertError(
                 f"tensor {name!r} has {bad} non-finite value(s) (NaN/Inf) in {arr.dtype}; refusing to write it"
             )

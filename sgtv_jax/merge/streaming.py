@@ -361,9 +361,9 @@ class _Chunked(CutFinder):
             merged_j, kept_j = self.program(x, masks)
             del x, masks
             kept += np.asarray(kept_j, np.int64)
-            merged = np.array(merged_j, np.float32)[:rows]
+            # b + merged, as the pipeline adds them: one pass over the program's output, no copy of it first
+            merged = np.add(b.reshape(rows, self.cols), np.asarray(merged_j)[:rows], dtype=np.float32)
             del merged_j
-            merged += b.reshape(merged.shape)  # b + merged, as the pipeline adds them
             yield merged.reshape(b.shape).astype(out_dtype)
         stats.kept = [int(c) / max(self.n, 1) for c in kept]
 

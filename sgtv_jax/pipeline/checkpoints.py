@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.dtypes import count_nonfinite
 from convert.lora import open_model
 from convert.readers import open_checkpoint
 from sgtv_jax.errors import NumericsError
@@ -46,13 +47,12 @@ class Checkpoints:
         return self._finite(ckpt, name, a)
 
     def _finite(self, ckpt: Any, name: str, a: np.ndarray) -> np.ndarray:
-        if a.dtype.kind not in "biu":  # float16/32/64 and ml_dtypes' bfloat16 (kind "V")
-            bad = int(np.count_nonzero(~np.isfinite(a)))
-            if bad:
-                raise NumericsError(
-                    f"tensor {name!r} of {self.label(ckpt)} has {bad} NaN or Inf entries "
-                    "(a broken checkpoint: fix or replace this model)"
-                )
+        bad = count_nonfinite(a)  # float16/32/64 and ml_dtypes' bfloat16; 0 for integers
+        if bad:
+            raise NumericsError(
+                f"tensor {name!r} of {self.label(ckpt)} has {bad} NaN or Inf entries "
+                "(a broken checkpoint: fix or replace this model)"
+            )
         return a
 
     def read_base(self, names: list[str]) -> dict[str, np.ndarray]:

@@ -27,6 +27,13 @@ chunk, so no whole tensor is held. Methods that need whole tensors, and
 tensors over the budget that are vectors or that a checkpoint reads only whole
 (a LoRA-applied model), are merged whole by `merge_planned`; the run's report
 lists the latter under `not_streamed`.
+
+`sgtv merge` writes the output while the merge runs ahead
+(`export_run.export`: `convert.chunked.ahead` runs `tensor_chunks()` in a
+worker thread): reading and merging tensor i + 1 overlap writing tensor i,
+with at most `AHEAD_ITEMS` finished outputs (row chunks or whole tensors)
+waiting; the bytes are those of the sequential run, and an error in the
+worker stops the merge where it would have stopped.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from convert.atomic import prepare_output
+from convert.chunked import ahead
 from convert.expert_layout import check_expert_layout
 from convert.export import export_hf
 from sgtv_jax.pipeline.arch import arch_of
@@ -106,7 +107,9 @@ def export(
         base_dir = Path(run.base.path)
         copy_from = base_dir if base_dir.is_dir() else None
         written.update(config=run.plan.config, copy_files_from=copy_from)
-        export_hf(run.tensor_chunks(), out, dtype=run.out_dtype_name, max_shard_size=cfg.max_shard_size, **written)
+        # merged in a worker thread while the tensors before are written (`ahead`: a few outputs in flight)
+        with ahead(run.tensor_chunks()) as stream:
+            export_hf(stream, out, dtype=run.out_dtype_name, max_shard_size=cfg.max_shard_size, **written)
     else:
         export_hf(
             run.tensors(), out, base=run.base, dtype=run.out_dtype_name, max_shard_size=cfg.max_shard_size, **written
