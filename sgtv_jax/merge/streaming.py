@@ -117,7 +117,8 @@ def reuse_freed_memory() -> bool:
     here: 2.7 vs 0.3 ns per float32 for `a * 2`). Raising the mmap and trim
     thresholds (as `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` would)
     keeps them in the heap; peak RSS stays bounded by the working set. Process-wide,
-    so left to the program (the `sgtv` command, a script) to call once. Returns
+    so left to the program to call once: the `sgtv` command does at start, a script
+    that merges through the library calls it itself. Returns
     False where there is no glibc (nothing changed).
     """
     try:

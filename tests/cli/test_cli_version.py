@@ -43,3 +43,14 @@ def test_source_tree_without_metadata_says_so(monkeypatch, capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == "unknown (not installed)"
+
+
+def test_every_command_keeps_freed_chunks_in_the_heap(monkeypatch, capsys):
+    # The streamed merge's temporaries: without this, each is a fresh mapping that page-faults in.
+    import sgtv_jax.merge.streaming as streaming
+
+    calls = []
+    monkeypatch.setattr(streaming, "reuse_freed_memory", lambda: calls.append(1) or True)
+    assert main(["methods"]) == 0
+    assert calls == [1]
+    assert "ties" in capsys.readouterr().out
