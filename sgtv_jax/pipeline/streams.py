@@ -4,7 +4,11 @@ A `Stream` holds one calibration set's hidden states in micro-batches. It
 starts at a model's embeddings (`embed_stream`); `capture` runs one block over
 it, accumulating `H = (2/N) sum x x^T` of every linear layer's input (N
 sequences; padding masked; one H per input group) and returning the block's
-outputs; `propagate` only returns the outputs.
+outputs; `propagate` only returns the outputs. With float32 accumulation (the
+default) a micro-batch's capture is one jitted program (`_capture_step`: the
+block forward, every group's Gram added to its donated running total, token
+counts), so the captured inputs never leave it and the host waits once per
+block; the Hessians equal the per-group dispatch's (`_accumulate`) bit for bit.
 
 Routed experts (input groups with token weights, `sgtv_jax.models.groups`):
 each token's `x x^T` weighs `r^2`, its routing weight to the expert squared
