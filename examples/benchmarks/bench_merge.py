@@ -15,18 +15,13 @@ is the merge's own); we print the stage breakdown (load, calibrate, prune,
 merge, export), wall time and peak RSS from each merge's `merge_report.json`.
 Targets (2-core CPU, SmolLM2): TIES + SparseGPT <= 6 min and <= 2.5 GB peak RSS.
 
-The calibrate stage's achieved rate, beside a float32 1024x1024 `jnp.dot`
-measured in this process (LLaMA blocks; `hessian_source: merged`):
-
-    forward  = passes * 2 * P_linear * n      2 passes per block: capture through the
-                                              base block, propagate through the merged one
-    hessian  = sum over blocks and input groups of 2 * n * cols^2
-               (groups: q/k/v and gate/up share their input; o and down have their own)
-
-with `P_linear` the blocks' linear weights, `n` the calibration tokens. The
-ratio `calibrate s / ((forward + hessian) / matmul rate)` is how far the stage is
-from its FLOP count; the rest is attention (not counted), the tokenizer,
-element-wise work, copies and dispatch.
+The calibrate stage's achieved rate comes from the merge's own report
+(`merge_report.json`'s "calibrate": its FLOP count, `sgtv_jax.pipeline.calib_rate`,
+and a small matmul timed inside the merge); we print it beside a float32
+1024x1024 `jnp.dot` measured in this process before and after the merges. The
+ratio `calibrate s / (FLOPs / matmul rate)` is how far the stage is from its
+FLOP count; the rest is attention (not counted), the tokenizer, element-wise
+work, copies and dispatch.
 """
 
 from __future__ import annotations
@@ -40,13 +35,14 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scale import llama_config, make_checkpoints  # noqa: E402
+
+from sgtv_jax.pipeline.calib_rate import matmul_gflops  # noqa: E402
 
 
 def perturbed(ckpt, rng: np.random.Generator):
@@ -116,30 +112,6 @@ def models_for(name: str, work: Path, calib: Path) -> tuple[Path, list[Path], di
     return base, fts, cfg
 
 
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    """This machine's dense float32 rate: median of `reps` jitted `n x n` `jnp.dot`s, GFLOP/s."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dot(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / sorted(times)[reps // 2] / 1e9
-
-
-def calibrate_flops(hf: dict, tokens: int, passes: int = 2) -> tuple[float, float]:
-    """(forward, hessian) FLOPs of a `merged`-source calibration of a LLaMA (module doc)."""
-    d, inter, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
-    head_dim = hf.get("head_dim") or d // hf["num_attention_heads"]
-    q, kv = hf["num_attention_heads"] * head_dim, hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
-    linear = d * (q + 2 * kv) + q * d + 3 * d * inter  # q k v, o, gate up down
-    forward = passes * 2 * linear * tokens * layers
-    hessian = sum(2 * tokens * c**2 for c in (d, q, d, inter)) * layers
-    return float(forward), float(hessian)
-
-
 def run(cfg: dict, work: Path, name: str) -> dict:
     import yaml
 
@@ -171,8 +143,8 @@ def main() -> None:
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     calib = calibration_text(work)
-    base, fts, hf = models_for(args.model, work, calib)
-    rate = matmul_gflops()
+    base, fts, _ = models_for(args.model, work, calib)
+    rate = matmul_gflops(reps=20)
     common = {
         "models": [{"model": str(p), "parameters": {"density": 0.1, "weight": 1.0}} for p in fts],
         "merge_method": "ties",
@@ -192,7 +164,7 @@ def main() -> None:
         if key in args.methods:
             results[label] = run(cfg, work, key)
             formulas[label] = formula_mib(work / f"{key}.yaml")
-    rate = (rate + matmul_gflops()) / 2  # before and after the merges: the machine's state may drift
+    rate = (rate + matmul_gflops(reps=20)) / 2  # before and after the merges: the machine's state may drift
     stages = ("load", "calibrate", "prune", "merge", "export")
     dev = jax.devices()[0]
     print(
@@ -223,23 +195,24 @@ def main() -> None:
         },
     }
     if "ties+sparsegpt" in results:
-        r = results["ties+sparsegpt"]
-        tokens = int(r.get("calibration_tokens") or args.nsamples * args.seqlen)
-        fwd, hess = calibrate_flops(hf, tokens)
-        cal = r["stages_s"]["calibrate"]
+        c = results["ties+sparsegpt"]["calibrate"]  # the merge's own count and in-run matmul rate
+        fwd, hess, cal = c["forward_gflop"] * 1e9, c["hessian_gflop"] * 1e9, c["seconds"]
         floor = (fwd + hess) / (rate * 1e9)
         summary["calibrate"] = {
-            "tokens": tokens,
+            "tokens": c["token_positions"],
             "forward_gflop": fwd / 1e9,
             "hessian_gflop": hess / 1e9,
             "seconds": cal,
-            "gflops": (fwd + hess) / cal / 1e9,
+            "gflops": c["gflops"],
             "flop_floor_s": floor,
             "x_floor": cal / floor,
+            "in_run_matmul_gflops": c["matmul_gflops"],
+            "in_run_x_flop_count": c["x_flop_count"],
         }
         print(
-            f"calibrate: {tokens} tokens, forward {fwd / 1e9:.1f} + Hessian {hess / 1e9:.1f} GFLOP in {cal:.1f} s = "
-            f"{(fwd + hess) / cal / 1e9:.1f} GFLOP/s; at the matmul rate {floor:.1f} s: {cal / floor:.2f}x its FLOP count"
+            f"calibrate: {c['token_positions']} tokens, forward {fwd / 1e9:.1f} + Hessian {hess / 1e9:.1f} GFLOP in "
+            f"{cal:.1f} s = {c['gflops']:.1f} GFLOP/s; at the matmul rate {floor:.1f} s: {cal / floor:.2f}x its FLOP "
+            f"count (in the merge's own report: {c['x_flop_count']:.2f}x at {c['matmul_gflops']:.1f} GFLOP/s)"
         )
     Path(args.json or work / "bench_merge.json").write_text(json.dumps(summary, indent=1))
 

@@ -352,6 +352,8 @@ class MergeRun:
             "peak_rss_mb": peak_rss_mb(),
             "layers": [jsonable(dataclasses.asdict(r)) for r in self.records],
         }
+        if self.source is not None:  # its rate beside a same-run matmul's (`calib_rate`)
+            rep["calibrate"] = self.source.summary(self.timer.stages.get("calibrate", 0.0))
         return with_export_time(rep, wall_s)
 
     def close(self) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sgtv_jax.pipeline.arch import Arch
+from sgtv_jax.pipeline.calib_rate import block_flops, calibrate_summary, matmul_gflops
 from sgtv_jax.pipeline.checkpoints import Checkpoints
 from sgtv_jax.pipeline.config import CalibrationConfig, MergeConfig
 from sgtv_jax.pipeline.mesh import make_mesh, replicate, to_local
@@ -72,6 +73,7 @@ class HessianSource:
     """The `base` source; the others override what differs. Holds the calibration `streams`."""
 
     stacked = False  # one H per fine-tuned model, stacked `[T, in, in]`
+    propagates = False  # streams move on through the merged block (`after_block`), not the captured one
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class HessianSource:
         self.mesh = mesh if mesh is not None else make_mesh(1)
         self.accumulation = accumulation  # streams.HessianSum
         self.streams: list[Stream | None] = []  # None: a model without calibration data (zero Hessians)
+        self.flops = [0, 0]  # forward, Hessian FLOPs of the blocks so far (`calib_rate`)
 
     def state(self, i: int, tensors: Tensors) -> Any:
         """Block i's state from HF-named tensors, on every device of the mesh."""
@@ -129,6 +132,7 @@ class HessianSource:
         )
         per = [seen._replace(hessians=blank[0], tokens=blank[1], fallback=blank[2]) if p is None else p for p in got]
         names = per[0].hessians
+        self._count(i, base, names)
         hess = {n: jnp.stack([p.hessians[n] for p in per]) for n in names} if self.stacked else dict(per[0].hessians)
         return BlockHessians(
             hess, {n: [p.tokens[n] for p in per] for n in names}, {n: [p.fallback[n] for p in per] for n in names}
@@ -137,6 +141,22 @@ class HessianSource:
     def advance(self, stream: Stream, outs: list[jax.Array]) -> None:
         """After capture: the stream moves on through the block it was captured in."""
         stream.hidden = outs
+
+    def _count(self, i: int, base: Tensors, hessians: dict[str, jax.Array]) -> None:
+        """Add block i's calibration FLOPs (`calib_rate.block_flops`) to `flops`."""
+        prefix = self.arch.prefix(i)
+        linear = {n: (base[f"{prefix}{n}.weight"].size, h.shape[-1]) for n, h in hessians.items()}
+        got = block_flops(linear, self.arch.require_input_groups(), self.token_positions(), self.propagates)
+        self.flops = [a + b for a, b in zip(self.flops, got)]
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        """The report's `"calibrate"` entry for a stage of `seconds` (times a small matmul now)."""
+        forward, hessian = self.flops
+        return calibrate_summary(forward, hessian, self.token_positions(), seconds, matmul_gflops())
+
+    def token_positions(self) -> int:
+        """Token positions one pass over all streams runs (real windows x sequence length)."""
+        return sum(sum(s.rows) * s.hidden[0].shape[1] for s in self.streams if s is not None)
 
     def after_block(self, i: int, merged: Tensors) -> None:
         """Block i is merged (`merged`: its HF-named tensors in the output dtype)."""
@@ -163,6 +183,8 @@ class PerTaskSource(HessianSource):
 
 class MergedSource(HessianSource):
     """Calibration data through the merged-so-far model (merged embeddings and blocks < i)."""
+
+    propagates = True
 
     def embedding_tensors(self, ckpts: Checkpoints, outer: list[str], merged: Tensors) -> list[Tensors]:
         return [_f32({n: merged[n] for n in outer})]

@@ -4,7 +4,11 @@ A `Stream` holds one calibration set's hidden states in micro-batches. It
 starts at a model's embeddings (`embed_stream`); `capture` runs one block over
 it, accumulating `H = (2/N) sum x x^T` of every linear layer's input (N
 sequences; padding masked; one H per input group) and returning the block's
-outputs; `propagate` only returns the outputs.
+outputs; `propagate` only returns the outputs. With float32 accumulation (the
+default) a micro-batch's capture is one jitted program (`_capture_step`: the
+block forward, every group's Gram added to its donated running total, token
+counts), so the captured inputs never leave it and the host waits once per
+block; the Hessians equal the per-group dispatch's (`_accumulate`) bit for bit.
 
 Routed experts (input groups with token weights, `sgtv_jax.models.groups`):
 each token's `x x^T` weighs `r^2`, its routing weight to the expert squared
@@ -144,21 +148,52 @@ class HessianSum:
         return hessian_finalize(HessianState(h, jnp.asarray(float(self.n), jnp.float32)))
 
 
+def _add_grams(mesh: Mesh, total: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`total` plus the Gram of every device's chunk of `x * w`, added in window order (traced)."""
+    dt = total.dtype
+
+    def gram(x: jax.Array, w: jax.Array) -> jax.Array:  # one device's chunk
+        xw = (x.astype(dt) * w.astype(dt)[..., None]).reshape(-1, x.shape[-1])
+        return jnp.matmul(xw.T, xw, precision=HIGHEST)[None]
+
+    grams = jax.shard_map(gram, mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))(x, w)
+    for d in range(mesh.size):  # window order (device d holds the d-th chunk), never a tree sum
+        total = total + grams[d]
+    return jax.lax.with_sharding_constraint(total, replicated(mesh))
+
+
 @functools.cache
 def _chunk_update(mesh: Mesh) -> Any:
-    def step(total: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
-        dt = total.dtype
+    return jax.jit(functools.partial(_add_grams, mesh), out_shardings=replicated(mesh), donate_argnums=0)
 
-        def gram(x: jax.Array, w: jax.Array) -> jax.Array:  # one device's chunk
-            xw = (x.astype(dt) * w.astype(dt)[..., None]).reshape(-1, x.shape[-1])
-            return jnp.matmul(xw.T, xw, precision=HIGHEST)[None]
 
-        grams = jax.shard_map(gram, mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))(x, w)
-        for d in range(mesh.size):  # window order (device d holds the d-th chunk), never a tree sum
-            total = total + grams[d]
-        return total
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
+def _capture_step(
+    graphdef: Any,
+    groups: tuple[InputGroup, ...],
+    mesh: Mesh,
+    totals: tuple[jax.Array, ...],
+    counts: tuple[jax.Array, ...],
+    state: Any,
+    h: jax.Array,
+    m: jax.Array,
+    kw: dict[str, Any],
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """One micro-batch through block i with every group's Gram added: one program, no host round trip.
 
-    return jax.jit(step, out_shardings=replicated(mesh), donate_argnums=0)
+    totals: float32 `[in, in]` per group (donated); counts: real tokens per group (donated).
+    The block output is computed even where the caller drops it (`merged` sources): without
+    it XLA fuses the residual into the next norm differently (GPT-2), and H would change bits.
+    """
+    y, caps = apply_block(graphdef, state, h, capture=True, **kw)
+    real = m.astype(jnp.float32)
+    new_totals, new_counts = [], []
+    for g, total, count in zip(groups, totals, counts):
+        x, w = g.inputs(caps)
+        w = real if w is None else real * w.astype(jnp.float32)
+        new_totals.append(_add_grams(mesh, total, x, w))
+        new_counts.append(count + jnp.sum(w > 0, dtype=jnp.int32))
+    return y, tuple(new_totals), tuple(new_counts)
 
 
 @functools.cache
@@ -179,13 +214,62 @@ class Captured(NamedTuple):
 
 
 def capture(
-    arch: Arch, i: int, state: Any, stream: Stream, groups: Sequence[InputGroup], min_routed_tokens: int | None = None
+    arch: Arch,
+    i: int,
+    state: Any,
+    stream: Stream,
+    groups: Sequence[InputGroup],
+    min_routed_tokens: int | None = None,
 ) -> Captured:
     """Run block i over a stream: Hessian per input group (keyed by each member), outputs, token counts.
 
     `min_routed_tokens`: the fewest routed tokens a weighted group (an expert)
     needs to keep its routing-weighted H (None: the block's hidden size).
     """
+    groups = tuple(groups)
+    if stream.accumulation == "float32":
+        acc, counts, outs = _accumulate_fused(arch, i, state, stream, groups)
+    else:
+        acc, counts, outs = _accumulate(arch, i, state, stream, groups)
+    minimum = stream.hidden[0].shape[-1] if min_routed_tokens is None else min_routed_tokens
+    tokens = {g: int(c) for g, c in counts.items()}
+    low = [g for g in groups if g.weighted and tokens[g] < minimum]
+    if low:
+        acc.update(_pooled(arch, i, state, stream, low))
+    hess, n_tok, fell = {}, {}, {}
+    low_set = set(low)
+    for g in groups:
+        hmat = acc[g].finalize()
+        for n in g.names:
+            hess[n], n_tok[n], fell[n] = hmat, tokens[g], g in low_set
+    return Captured(hess, outs, n_tok, fell)
+
+
+Accumulated = tuple[dict[InputGroup, HessianSum], dict[InputGroup, jax.Array], list[jax.Array]]
+
+
+def _accumulate_fused(arch: Arch, i: int, state: Any, stream: Stream, groups: tuple[InputGroup, ...]) -> Accumulated:
+    """float32 Hessians: one `_capture_step` program per micro-batch (forward and Grams together)."""
+    graphdef = arch.graphdef(i)
+    caps = jax.eval_shape(
+        lambda h, kw: apply_block(graphdef, state, h, capture=True, **kw)[1], stream.hidden[0], stream.kwargs[0]
+    )
+    acc = {g: HessianSum(caps[g.input_key].shape[-1], stream.mesh) for g in groups}
+    totals = tuple(acc[g].total for g in groups)
+    counts = tuple(jnp.zeros((), jnp.int32) for _ in groups)
+    outs = []
+    for h, m, kw, rows in zip(stream.hidden, stream.masks, stream.kwargs, stream.rows):
+        y, totals, counts = _capture_step(graphdef, groups, stream.mesh, totals, counts, state, h, m, kw)
+        outs.append(y)
+        for g in groups:
+            acc[g].n += rows
+    for g, total in zip(groups, totals):
+        acc[g].total = total
+    return acc, dict(zip(groups, counts)), outs
+
+
+def _accumulate(arch: Arch, i: int, state: Any, stream: Stream, groups: tuple[InputGroup, ...]) -> Accumulated:
+    """Hessians one dispatch per group and micro-batch (float64 accumulation: Grams under x64)."""
     acc: dict[InputGroup, HessianSum] = {}
     counts: dict[InputGroup, jax.Array] = {}
     outs = []
@@ -201,18 +285,7 @@ def capture(
             acc[g].update(x, w, rows)
             counts[g] = counts[g] + jnp.sum(w > 0, dtype=jnp.int32)
         outs.append(y)
-    minimum = stream.hidden[0].shape[-1] if min_routed_tokens is None else min_routed_tokens
-    tokens = {g: int(c) for g, c in counts.items()}
-    low = [g for g in groups if g.weighted and tokens[g] < minimum]
-    if low:
-        acc.update(_pooled(arch, i, state, stream, low))
-    hess, n_tok, fell = {}, {}, {}
-    low_set = set(low)
-    for g in groups:
-        hmat = acc[g].finalize()
-        for n in g.names:
-            hess[n], n_tok[n], fell[n] = hmat, tokens[g], g in low_set
-    return Captured(hess, outs, n_tok, fell)
+    return acc, counts, outs
 
 
 def _pooled(

@@ -113,6 +113,36 @@ def test_llama_output_loads_in_transformers_and_report(llama_merged, llama):
     assert not torch.equal(sd["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
 
 
+def test_report_calibrate_figures_match_a_hand_count(llama_merged):
+    """The tiny LLaMA (hidden 32, MLP 64, 4 heads of 8, 2 KV heads, 3 blocks), `merged` source.
+
+    Per block and token: weights q 32x32, k 16x32, v 16x32, o 32x32, gate / up 64x32, down 32x64
+    (P = 9216); two passes (capture through the base block, then the merged block): 4 * 9216 =
+    36864 forward FLOPs; Grams 2 * (32^2 [qkv] + 32^2 [o] + 32^2 [gate/up] + 64^2 [down]) = 14336.
+    """
+    cfg, rep, _, out = llama_merged
+    calib = _windows(cfg)
+    n = calib.input_ids.size  # token positions one pass runs
+    disk = json.loads((out / REPORT_FILE).read_text())["calibrate"]
+    assert disk["token_positions"] == n == 6 * 24
+    assert disk["forward_gflop"] * 1e9 == pytest.approx(3 * n * 36864, rel=1e-12)
+    assert disk["hessian_gflop"] * 1e9 == pytest.approx(3 * n * 14336, rel=1e-12)
+    assert disk["seconds"] == rep["stages_s"]["calibrate"] > 0
+    assert disk["gflops"] == pytest.approx(3 * n * (36864 + 14336) / disk["seconds"] / 1e9)
+    assert disk["matmul_gflops"] > 0
+    assert disk["x_flop_count"] == pytest.approx(disk["matmul_gflops"] / disk["gflops"])
+
+
+def test_block_flops_base_source_is_one_whole_pass():
+    from sgtv_jax.models.groups import InputGroup
+    from sgtv_jax.pipeline.calib_rate import block_flops
+
+    linear = {"a": (6, 2), "b": (6, 2), "c": (12, 3)}  # (entries, input features)
+    groups = [InputGroup(("a", "b")), InputGroup(("c",))]
+    assert block_flops(linear, groups, 10, propagates=False) == (2 * 10 * 24, 2 * 10 * (4 + 9))
+    assert block_flops(linear, groups, 10, propagates=True) == (4 * 10 * 24, 2 * 10 * (4 + 9))
+
+
 def test_llama_merged_mode_hessians_equal_merged_so_far_inputs(llama_merged, llama):
     cfg, rep, sink, out = llama_merged
     _, paths = llama
