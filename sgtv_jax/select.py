@@ -18,7 +18,10 @@ are what two stable argsorts would give, without a sort:
 
 Each step is a fixed-shape XLA program: `k` may be traced (jit / vmap), and
 the cost is a few passes over the data (histograms and two compares), not one
-per bit of the key. The same digit plan drives the host-side, chunk-by-chunk
+per bit of the key. The device path works on rows `[T, n]` (`smallest_mask_rows`,
+the OBS sweep's per-task cuts of a block): every row's histogram is one flat
+scatter-add, and the digit is found by a two-level running count (a cumsum over
+65536 bins cost as much as the histogram on CPU). The same digit plan drives the host-side, chunk-by-chunk
 selection of `sgtv_jax.merge.streaming`, so both find the same threshold.
 
 Host path: the same two functions take NumPy arrays too and then select in
@@ -43,6 +46,8 @@ WIDE_DIGIT_BITS = 16
 NARROW_DIGIT_BITS = 8
 """Digit width for rows of at most `NARROW_ROWS` entries (256 counters)."""
 NARROW_ROWS = 1 << 14
+SPARE_BINS = 64
+"""Histogram bins (past the digit's) counting the entries outside the prefix found so far."""
 
 
 def key_dtype(dtype: np.dtype) -> np.dtype:
@@ -72,60 +77,95 @@ def order_key(scores: jax.Array) -> jax.Array:
     return jnp.where(bits >= top, ~bits, bits | top)
 
 
-def kth_smallest_key(keys: jax.Array, k: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-    """(the k-th smallest of `keys` `[n]`, how many keys are strictly smaller); 1 <= k <= n.
+def _digit_search(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of `hist` `[T, bins]`: (the first digit whose running count reaches `k` `[T]`,
+    the count before it).
 
-    For k = 0 returns (0, 0). One histogram pass per digit of `digit_plan`
-    (a loop, so the program holds one histogram whatever the digit count).
+    Two levels (coarse buckets of sqrt(bins) digits, then inside the one bucket) instead of
+    one cumulative sum over all bins: XLA's CPU cumsum over 65536 bins cost as much as the
+    histogram pass itself.
     """
-    n = keys.shape[0]
+    rows, bins = hist.shape
+    inner = 1 << ((bins.bit_length() - 1) // 2)
+    nested = hist.reshape(rows, bins // inner, inner)
+    coarse = jnp.sum(nested, axis=2)
+    cum = jnp.cumsum(coarse, axis=1)
+    r = jnp.argmax(cum >= k[:, None], axis=1).astype(jnp.int32)
+    before = jnp.take_along_axis(cum - coarse, r[:, None], axis=1)
+    bucket = jnp.take_along_axis(nested, r[:, None, None], axis=1)[:, 0]
+    fine = before + jnp.cumsum(bucket, axis=1)
+    j = jnp.argmax(fine >= k[:, None], axis=1).astype(jnp.int32)
+    return r * inner + j, jnp.take_along_axis(fine - bucket, j[:, None], axis=1)[:, 0]
+
+
+def kth_smallest_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of `keys` `[T, n]`: (the k-th smallest key, how many keys are strictly smaller),
+    `[T]` each; 1 <= k <= n.
+
+    For k = 0 returns (0, 0). One histogram pass per digit of `digit_plan`, the rows of
+    all tasks in one flat scatter-add (a batched scatter cost twice as much on CPU); an
+    entry whose higher digits leave the prefix found so far counts in a spare bin.
+    """
+    rows, n = keys.shape
     kd = keys.dtype
-    plan = digit_plan(8 * kd.itemsize, n)
-    width = plan[0][1]
-    bins = 1 << width
-    k = jnp.asarray(k, jnp.int32)
-
-    def one_digit(i, carry):
-        prefix, below = carry
-        shift = (len(plan) - 1 - i) * width
-        digit = ((keys >> shift.astype(kd)) & kd.type(bins - 1)).astype(jnp.int32)
-        # only entries whose higher digits equal the prefix found so far (all of them at i = 0;
-        # a shift by the key's whole width is undefined, hence the where)
-        high = jnp.where(i == 0, kd.type(0), keys >> jnp.minimum(shift + width, 8 * kd.itemsize - 1).astype(kd))
-        if_high = jnp.where(i == 0, True, high == prefix)
-        hist = jnp.zeros(bins, jnp.int32).at[jnp.where(if_high, digit, bins)].add(1, mode="drop")
-        cum = below + jnp.cumsum(hist)
-        d = jnp.argmax(cum >= k).astype(jnp.int32)
-        return (prefix << kd.type(width)) | d.astype(kd), cum[d] - hist[d]
-
-    return jax.lax.fori_loop(0, len(plan), one_digit, (jnp.zeros((), kd), jnp.zeros((), jnp.int32)))
+    prefix = jnp.zeros((rows,), kd)
+    below = jnp.zeros((rows,), jnp.int32)
+    offsets = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    # Entries outside the prefix go to SPARE_BINS spare bins in turn: all in one bin, each
+    # add waited for the previous one (2x the pass's time on CPU).
+    spare = jnp.arange(n, dtype=jnp.int32) & (SPARE_BINS - 1)
+    for i, (shift, width) in enumerate(digit_plan(8 * kd.itemsize, n)):
+        bins = 1 << width
+        bins_after = bins + SPARE_BINS
+        digit = ((keys >> kd.type(shift)) & kd.type(bins - 1)).astype(jnp.int32)
+        if i:  # only entries whose higher digits equal the prefix found so far
+            digit = jnp.where(keys >> kd.type(shift + width) == prefix[:, None], digit, bins + spare)
+        flat = (digit + offsets * bins_after).reshape(-1)
+        hist = jnp.zeros(rows * bins_after, jnp.int32).at[flat].add(1, mode="promise_in_bounds")
+        d, before = _digit_search(hist.reshape(rows, bins_after)[:, :bins], k - below)
+        prefix = (prefix << kd.type(width)) | d.astype(kd)
+        below = below + before
+    return prefix, below
 
 
 def first_true_cutoff(flags: jax.Array, need: jax.Array) -> jax.Array:
-    """The index just after the `need`-th True of `flags` `[n]` (0 when need <= 0).
+    """Per row of `flags` `[T, n]`: the index just after the `need`-th True (0 when need <= 0).
 
     Counts per block of ~sqrt(n) entries, then inside the block holding it:
     two small cumulative sums instead of one over `n`.
     """
-    n = flags.shape[0]
+    rows, n = flags.shape
     block = 1 << ((max(n, 1).bit_length() + 1) // 2)
     nblocks = -(-n // block)
-    padded = jnp.pad(flags, (0, nblocks * block - n))
-    counts = jnp.sum(padded.reshape(nblocks, block), axis=1, dtype=jnp.int32)
-    cum = jnp.cumsum(counts)
-    need = jnp.asarray(need, jnp.int32)
-    j = jnp.argmax(cum >= need).astype(jnp.int32)
-    before = cum[j] - counts[j]
-    local = before + jnp.cumsum(jax.lax.dynamic_slice_in_dim(padded, j * block, block).astype(jnp.int32))
-    i = jnp.argmax(local >= need).astype(jnp.int32)
+    padded = jnp.pad(flags, ((0, 0), (0, nblocks * block - n))).reshape(rows, nblocks, block)
+    counts = jnp.sum(padded, axis=2, dtype=jnp.int32)
+    cum = jnp.cumsum(counts, axis=1)
+    j = jnp.argmax(cum >= need[:, None], axis=1).astype(jnp.int32)
+    before = jnp.take_along_axis(cum - counts, j[:, None], axis=1)
+    inside = jnp.take_along_axis(padded, j[:, None, None], axis=1)[:, 0]
+    local = before + jnp.cumsum(inside.astype(jnp.int32), axis=1)
+    i = jnp.argmax(local >= need[:, None], axis=1).astype(jnp.int32)
     return jnp.where(need > 0, j * block + i + 1, 0)
 
 
-def _take_smallest_keys(keys: jax.Array, k: jax.Array | int) -> jax.Array:
+def _take_smallest_keys(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Bool mask `[T, n]` of the `k` `[T]` smallest keys of each row of `keys` `[T, n]`, ties by index."""
+    k = k.astype(jnp.int32)
     thresh, below = kth_smallest_key(keys, k)
-    equal = keys == thresh
-    cutoff = first_true_cutoff(equal, jnp.asarray(k, jnp.int32) - below)
-    return (keys < thresh) | (equal & (jnp.arange(keys.shape[0], dtype=jnp.int32) < cutoff))
+    equal = keys == thresh[:, None]
+    cutoff = first_true_cutoff(equal, k - below)
+    return (keys < thresh[:, None]) | (equal & (jnp.arange(keys.shape[1], dtype=jnp.int32) < cutoff[:, None]))
+
+
+def smallest_mask_rows(scores: jax.Array, k: jax.Array) -> jax.Array:
+    """Bool mask `[T, n]`: per row of `scores` `[T, n]`, its `k[t]` smallest; ties: earlier index first.
+
+    `smallest_mask` for many rows at once (the OBS sweep's per-task cuts of one
+    block): one program for every row instead of a `vmap` of one row's.
+    """
+    if scores.shape[1] == 0:
+        return jnp.zeros(scores.shape, bool)
+    return _take_smallest_keys(order_key(scores), jnp.asarray(k))
 
 
 def smallest_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
@@ -141,7 +181,7 @@ def smallest_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
         return host_take_smallest(_host_order_key(scores), int(k))
     if scores.shape[0] == 0:
         return jnp.zeros((0,), bool)
-    return _take_smallest_keys(order_key(scores), k)
+    return _take_smallest_keys(order_key(scores)[None], jnp.asarray(k)[None])[0]
 
 
 def largest_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
@@ -153,7 +193,7 @@ def largest_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     if scores.shape[0] == 0:
         return jnp.zeros((0,), bool)
     # ~key reverses the order and keeps equal entries equal, so index order still breaks ties
-    return _take_smallest_keys(~order_key(scores), k)
+    return _take_smallest_keys(~order_key(scores)[None], jnp.asarray(k)[None])[0]
 
 
 # --------------------------------------------------------------------------- host path (NumPy)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from sgtv_jax.select import smallest_mask
+from sgtv_jax.select import smallest_mask_rows
 
 if TYPE_CHECKING:  # shape annotations for readers and type checkers; never evaluated at run time
     from jaxtyping import Array, Bool, Float, Int
@@ -128,7 +128,7 @@ def _block_mask(
     rows = n // tasks
     scores = w1**2 / jnp.diagonal(u1)[:, None] ** 2
     per_task = scores.reshape(width, tasks, rows).transpose(1, 2, 0).reshape(tasks, rows * width)
-    mask = jax.vmap(smallest_mask)(per_task, counts)
+    mask = smallest_mask_rows(per_task, counts)
     return mask.reshape(tasks, rows, width).transpose(2, 0, 1).reshape(width, n)
 
 

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sgtv_jax.select import digit_plan, largest_mask, smallest_mask
+from sgtv_jax.select import NARROW_ROWS, digit_plan, largest_mask, smallest_mask, smallest_mask_rows
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -56,6 +56,20 @@ def test_selection_matches_stable_argsort(dtype, kind, path):
         for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
             np.testing.assert_array_equal(np.asarray(small(x, k)), ref_smallest(s, k))
             np.testing.assert_array_equal(np.asarray(large(x, k)), ref_largest(s, k))
+
+
+def test_selection_rows_with_wide_digits_match_stable_argsort():
+    """`smallest_mask_rows` (the OBS sweep's per-task cuts of a block) on rows long enough for
+    16-bit digits, each row its own k and kind of ties, against the stable-argsort oracle."""
+    rng = np.random.default_rng(2)
+    n = NARROW_ROWS + 4001
+    assert digit_plan(32, n)[0][1] == 16
+    rows = np.stack([scores_with_ties(rng, n, np.float32, kind) for kind in ("distinct", "ties", "zeros")])
+    select = jax.jit(smallest_mask_rows)
+    for ks in ([0, 4 * n // 5, n - 1], [n, 1, n // 2], [n // 3, n // 3, 4 * n // 5]):
+        got = np.asarray(select(jnp.asarray(rows), jnp.asarray(ks, jnp.int32)))
+        for r, k in enumerate(ks):
+            np.testing.assert_array_equal(got[r], ref_smallest(rows[r], k))
 
 
 def test_selection_float64_signed_zero_and_negative():
