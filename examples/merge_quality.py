@@ -105,6 +105,15 @@ MERGES: dict[str, dict[str, Any]] = {
         "hessian_source": "per_task",
         "tags": ("main",),
     },
+    **{  # the proxy's weight and the other balance, beside the recommended trace + proxy 1
+        f"regmean {norm}+proxy={beta:g} (per-task)": {
+            "merge_method": "regmean",
+            "parameters": {"gram_norm": norm, "proxy_gram": beta},
+            "calib": "per_task",
+            "hessian_source": "per_task",
+        }
+        for norm, beta in (("trace", 0.5), ("trace", 2.0), ("trace", 4.0), ("energy", 1.0))
+    },
     "adamerging distill": {
         "merge_method": "adamerging",
         "model_parameters": {},
