@@ -11,7 +11,7 @@ page is covered without touching this file:
   (``FREE_NAMES``): a renamed function or argument fails;
 * ``bash``: each command parsed, not run: ``sgtv`` / ``python -m convert`` lines
   by the real argument parsers, ``pip install -e`` extras against
-  pyproject.toml, ``python FILE`` against the file. (CI runs the first block
+  pyproject.toml, ``python FILE`` / ``bash FILE`` against the file. (CI runs the first block
   verbatim, see .ci/run.)
 
 Unlabelled blocks are output and are not run; any other language fails until it
@@ -305,6 +305,8 @@ def check_command(words: list[str], monkeypatch) -> None:
         assert set(words[2:]) <= {"--strict"}, f"{shlex.join(words)}: CI builds with `mkdocs build --strict` only"
     elif words[0] == "python" and words[1].endswith(".py"):
         assert (ROOT / words[1]).is_file(), f"{words[1]}: no such file in the repository"
+    elif words[0] == "bash" and words[1].endswith(".sh"):
+        assert (ROOT / words[1]).is_file(), f"{words[1]}: no such script in the repository"
     else:
         pytest.fail(
             f"no checker for the command {shlex.join(words)!r}: add one in tests/cli/test_readme.py, "
