@@ -114,6 +114,13 @@ MERGES: dict[str, dict[str, Any]] = {
         }
         for norm, beta in (("trace", 0.5), ("trace", 2.0), ("trace", 4.0), ("energy", 1.0))
     },
+    "regmean trace+proxy, no_gram sum (per-task)": {
+        "merge_method": "regmean",
+        "parameters": {"gram_norm": "trace", "proxy_gram": 1.0, "no_gram": "sum"},
+        "calib": "per_task",
+        "hessian_source": "per_task",
+        "tags": ("main",),
+    },
     "adamerging distill": {
         "merge_method": "adamerging",
         "model_parameters": {},

@@ -34,7 +34,7 @@ from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.ram import ram, ramplus_tl
-from sgtv_jax.merge.regmean import regmean
+from sgtv_jax.merge.regmean import NO_GRAM, regmean
 from sgtv_jax.merge.row import COMMON_ARGS, KINDS, TRIM_ARGS, MethodSpec, ParamSpec, call_args, method_row
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.tsv import tsv
@@ -85,6 +85,8 @@ _COUNT = ParamSpec(
 )
 _CONSENSUS = ParamSpec("consensus", "choice", doc="sign election rule", choices=("sum", "count"))
 _ALPHA = ParamSpec("alpha", "float", lo=0.0, hi=1.0, doc="scale of the Grams' off-diagonal entries")
+_NO_GRAM_DOC = "tensors without a Gram (norms, biases): the task vectors' mean (the paper's) or sum"
+_NO_GRAM = ParamSpec("no_gram", "choice", choices=NO_GRAM, doc=_NO_GRAM_DOC)
 _BALANCE = (  # every Hessian fit's Gram options (sgtv_jax.merge.gram_balance)
     ParamSpec(
         "gram_norm",
@@ -173,7 +175,7 @@ _ROWS: tuple[MethodSpec, ...] = (
     method_row(
         regmean,
         "regmean",
-        (_ALPHA,) + _BALANCE,
+        (_ALPHA, *_BALANCE, _NO_GRAM),
         "closed-form least-squares merge of linear layers from calibration Grams",
         entrywise=True,
     ),

@@ -186,6 +186,20 @@ def test_regmean_shared_gram_is_mean_and_dead_inputs():
     close(M.regmean(D[:, 0], [1, 3, 1]), np_merge(D[:, 0], [1, 3, 1], None, True), 1e-5)  # 1-D: mean
 
 
+def test_regmean_no_gram_sum_is_the_weighted_sum_where_no_gram_applies():
+    w = [1.0, 3.0, 0.5]
+    d64 = D.astype(np.float64)
+    exp = np.einsum("t,t...->...", np.asarray(w), d64[:, 0])  # 1-D: task arithmetic
+    close(M.regmean(D[:, 0], w, no_gram="sum"), exp, 1e-5)
+    close(M.regmean(D, w, no_gram="sum"), np.einsum("t,t...->...", np.asarray(w), d64), 1e-5)  # no grams
+    g = np.stack([np.eye(12) * (t + 1) for t in range(3)]).astype(np.float32)
+    np.testing.assert_array_equal(  # a tensor with Grams: the fit, whatever no_gram says
+        np.asarray(M.regmean(D, w, grams=g, no_gram="sum")), np.asarray(M.regmean(D, w, grams=g))
+    )
+    with pytest.raises(ValueError, match="no_gram must be one of"):
+        M.regmean(D, w, no_gram="max")
+
+
 # ----------------------------------------------------------------- hand-worked cases
 
 

@@ -102,6 +102,20 @@ def test_regmean_model_with_grams_and_layout():
     np.testing.assert_allclose(np.asarray(out[k]), np.mean([m[k] for m in models], 0), rtol=1e-5, atol=1e-5)
 
 
+def test_regmean_model_no_gram_sum_adds_the_task_vectors_of_gramless_tensors():
+    rng = np.random.default_rng(3)
+    base, models = make_models(3)
+    x = rng.standard_normal((8, 50))
+    grams = np.stack([2 * x @ x.T / 50] * 3).astype(np.float32)
+    k = "layers.0.mlp.weight"
+    plain = M.merge("regmean", base, models, hessians={k: grams})
+    out = M.merge("regmean", base, models, hessians={k: grams}, no_gram="sum")
+    np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(plain[k]))  # the fit is unchanged
+    g = "layers.0.attn.weight"  # no Gram -> base + the sum of the task vectors
+    exp = base[g].astype(np.float64) + sum(m[g].astype(np.float64) - base[g] for m in models)
+    np.testing.assert_allclose(np.asarray(out[g]), exp, rtol=1e-5, atol=1e-5)
+
+
 def test_seed_bit_identical_and_order_independent():
     base, models = make_models()
     kw = dict(weights=[1, 1, 1], densities=[0.3, 0.5, 0.7])
