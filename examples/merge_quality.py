@@ -114,12 +114,15 @@ MERGES: dict[str, dict[str, Any]] = {
         }
         for norm, beta in (("trace", 0.5), ("trace", 2.0), ("trace", 4.0), ("energy", 1.0))
     },
-    "regmean trace+proxy, no_gram sum (per-task)": {
-        "merge_method": "regmean",
-        "parameters": {"gram_norm": "trace", "proxy_gram": 1.0, "no_gram": "sum"},
-        "calib": "per_task",
-        "hessian_source": "per_task",
-        "tags": ("main",),
+    **{  # the norms summed, and the Grams' off-diagonal scale (RegMean's alpha, default 0.9)
+        f"regmean trace+proxy, no_gram sum{label} (per-task)": {
+            "merge_method": "regmean",
+            "parameters": {"gram_norm": "trace", "proxy_gram": 1.0, "no_gram": "sum", **alpha},
+            "calib": "per_task",
+            "hessian_source": "per_task",
+            "tags": ("main",),
+        }
+        for label, alpha in (("", {}), (", alpha 1", {"alpha": 1.0}), (", alpha 0.5", {"alpha": 0.5}))
     },
     "adamerging distill": {
         "merge_method": "adamerging",
