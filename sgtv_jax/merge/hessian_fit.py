@@ -28,7 +28,7 @@ its balanced, task-vector-augmented Gram first (`sgtv_jax.merge.gram_balance`;
 the untrimmed task vectors `D_t` define the normalisers and proxies), so
 `regmean_sparse` then prunes by OBS against the sum of those. Without Grams (tensors that are not linear
 layers) every method falls back to the weighted mean of its (trimmed) inputs,
-RegMean's rule.
+RegMean's rule, or with `no_gram="sum"` to their weighted sum (`gram_balance.without_gram`).
 
 Weights, densities, `gamma` and `epsilon` may be traced (inside a caller's
 `jit` / `vmap`, `batch.merge_grid`): value checks then go through
@@ -47,7 +47,7 @@ from sgtv_jax import _checks
 from sgtv_jax.defaults import BLOCKSIZE, PERCDAMP
 from sgtv_jax.merge import combine, elect
 from sgtv_jax.merge import trim as trim_lib
-from sgtv_jax.merge.gram_balance import augmented_grams, check_options
+from sgtv_jax.merge.gram_balance import augmented_grams, check_options, without_gram
 from sgtv_jax.merge.methods import TrimOptions, resolve_rescale
 from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.trim import Calibration
@@ -206,18 +206,6 @@ def _fit_stack(
     return x, _targets(x, targets, name), _trim_inputs(x, densities, trim, rescale, count, name, guard, opts)
 
 
-def _weighted_mean(x: jax.Array, w: tuple[float, ...] | jax.Array, name: str | None, guard: _checks.Guard) -> jax.Array:
-    """RegMean's fallback `sum_t w_t x_t / sum_t w_t`; a zero weight sum is refused (NaN when traced)."""
-    # known weights: summed in Python (float64) as always; traced: in the program
-    ok = abs(sum(w)) >= 1e-12 if isinstance(w, tuple) else jnp.abs(jnp.sum(w)) >= 1e-12
-    guard.require(
-        ok,
-        lambda: f"the weighted mean needs weights that do not sum to 0, got {list(w)}{_checks.where(name)}",
-        f"the weighted mean needs weights that do not sum to 0{_checks.where(name)}",
-    )
-    return guard.apply(combine.weighted_sum(x, jnp.asarray(w, x.dtype), normalize=True))
-
-
 def lstsq(
     deltas: jax.Array,
     weights: Floats,
@@ -236,6 +224,7 @@ def lstsq(
     refit: bool = False,
     gram_norm: str = "none",
     proxy_gram: float = 0.0,
+    no_gram: str = "mean",
     grams: jax.Array | None = None,
     targets: jax.Array | None = None,
     name: str | None = None,
@@ -248,7 +237,7 @@ def lstsq(
     the merge must reproduce (default: `deltas` before the trim; `merge_planned`
     passes the untrimmed stack after trimming itself). `grams` `[in, in]` or
     `[T, in, in]` (default: `calib.hessian`): without them, or for tensors that
-    are not 2-D, the result is the weighted mean of the trimmed vectors.
+    are not 2-D, the result is the weighted mean (`no_gram="sum"`: sum) of the trimmed vectors.
     `gram_norm` / `proxy_gram`: the Grams balanced and augmented first (`gram_balance`).
     """
     guard = _checks.Guard()
@@ -257,7 +246,7 @@ def lstsq(
     w = _checks.per_task_values(weights, tasks, "weights", name, guard)
     if sign_election not in SIGN_ELECTION:
         raise ValueError(f"unknown sign_election {sign_election!r}; known: {', '.join(SIGN_ELECTION)}")
-    check_options(gram_norm, proxy_gram, name, guard)
+    check_options(gram_norm, proxy_gram, name, guard, no_gram)
     opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
     x, tgt, trimmed = _fit_stack(x, targets, densities, trim, rescale, count, opts, name, guard)
     if sign_election != "none":
@@ -267,7 +256,7 @@ def lstsq(
     if grams is None and calib is not None:
         grams = calib.hessian
     if grams is None or x.ndim != 3:
-        return _weighted_mean(trimmed, w, name, guard)
+        return guard.apply(without_gram(trimmed, w, no_gram, name, guard))
     grams = _fit_grams(grams, tgt, gram_norm, proxy_gram, name)
     lam = lstsq_coefficients(trimmed, tgt, grams, w, name=name)
     return guard.apply(jnp.einsum("s,soi->oi", lam, trimmed, precision=_HP))
@@ -300,6 +289,7 @@ def regmean_trim(
     refit: bool = False,
     gram_norm: str = "none",
     proxy_gram: float = 0.0,
+    no_gram: str = "mean",
     grams: jax.Array | None = None,
     targets: jax.Array | None = None,
     name: str | None = None,
@@ -314,14 +304,14 @@ def regmean_trim(
     """
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
-    check_options(gram_norm, proxy_gram, name, guard)
+    check_options(gram_norm, proxy_gram, name, guard, no_gram)
     opts = TrimOptions(key, calib, gamma, epsilon, blocksize, percdamp, refit)
     x, tgt, trimmed = _fit_stack(x, targets, densities, trim, rescale, count, opts, name, guard)
     if grams is None and calib is not None:
         grams = calib.hessian
     if grams is not None and x.ndim == 3:
         grams = _fit_grams(grams, tgt, gram_norm, proxy_gram, name)
-    return guard.apply(regmean(trimmed, weights, grams=grams, alpha=alpha, name=name))
+    return guard.apply(regmean(trimmed, weights, grams=grams, alpha=alpha, no_gram=no_gram, name=name))
 
 
 def regmean_sparse(
@@ -342,6 +332,7 @@ def regmean_sparse(
     refit: bool = False,
     gram_norm: str = "none",
     proxy_gram: float = 0.0,
+    no_gram: str = "mean",
     grams: jax.Array | None = None,
     name: str | None = None,
 ) -> jax.Array:
@@ -351,12 +342,12 @@ def regmean_sparse(
     `calib.hessian`), then `trim` applies to that one vector at
     `mean(densities)`; calibration trims (sparsegpt, wanda) read
     `S = sum_t w_t G~_t`, the metric of the merge objective around its optimum.
-    Without Grams: the weighted mean, trimmed (sparsegpt then refused).
+    Without Grams: the weighted mean (`no_gram="sum"`: sum), trimmed (sparsegpt then refused).
     `gram_norm` / `proxy_gram`: both the fit and `S` read the balanced, augmented Grams.
     """
     guard = _checks.Guard()
     x = _checks.stack(deltas, name, guard=guard)
-    check_options(gram_norm, proxy_gram, name, guard)
+    check_options(gram_norm, proxy_gram, name, guard, no_gram)
     tasks = x.shape[0]
     dt = _checks.work_dtype(x.dtype)
     x = x.astype(dt)
@@ -368,7 +359,7 @@ def regmean_sparse(
         grams = None
     else:
         grams = _fit_grams(grams, x, gram_norm, proxy_gram, name)
-    merged = regmean(x, w, grams=grams, alpha=alpha, name=name)
+    merged = regmean(x, w, grams=grams, alpha=alpha, no_gram=no_gram, name=name)
     stats = None
     if grams is not None:
         g = _stacked_grams(grams, tasks, x.shape[-1], dt, name)

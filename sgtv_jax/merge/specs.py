@@ -26,7 +26,7 @@ from sgtv_jax.merge import trim as trim_lib
 from sgtv_jax.merge.adamerging import OBJECTIVES, adamerging
 from sgtv_jax.merge.arcee_fusion import arcee_fusion
 from sgtv_jax.merge.core_space import core_space
-from sgtv_jax.merge.gram_balance import GRAM_NORMS
+from sgtv_jax.merge.gram_balance import GRAM_NORMS, NO_GRAM
 from sgtv_jax.merge.hessian_fit import lstsq, regmean_sparse, regmean_trim
 from sgtv_jax.merge.interpolation import KARCHER_MAX_ITER, karcher, multislerp, nuslerp, slerp
 from sgtv_jax.merge.iso import iso_c, iso_cts
@@ -34,7 +34,7 @@ from sgtv_jax.merge.model_stock import model_stock
 from sgtv_jax.merge.nearswap import nearswap
 from sgtv_jax.merge.passthrough import passthrough
 from sgtv_jax.merge.ram import ram, ramplus_tl
-from sgtv_jax.merge.regmean import NO_GRAM, regmean
+from sgtv_jax.merge.regmean import regmean
 from sgtv_jax.merge.row import COMMON_ARGS, KINDS, TRIM_ARGS, MethodSpec, ParamSpec, call_args, method_row
 from sgtv_jax.merge.sce import sce
 from sgtv_jax.merge.tsv import tsv
@@ -85,8 +85,6 @@ _COUNT = ParamSpec(
 )
 _CONSENSUS = ParamSpec("consensus", "choice", doc="sign election rule", choices=("sum", "count"))
 _ALPHA = ParamSpec("alpha", "float", lo=0.0, hi=1.0, doc="scale of the Grams' off-diagonal entries")
-_NO_GRAM_DOC = "tensors without a Gram (norms, biases): the task vectors' mean (the paper's) or sum"
-_NO_GRAM = ParamSpec("no_gram", "choice", choices=NO_GRAM, doc=_NO_GRAM_DOC)
 _BALANCE = (  # every Hessian fit's Gram options (sgtv_jax.merge.gram_balance)
     ParamSpec(
         "gram_norm",
@@ -102,6 +100,12 @@ _BALANCE = (  # every Hessian fit's Gram options (sgtv_jax.merge.gram_balance)
         hi=math.inf,
         doc="beta: add beta times each task's proxy Gram D_t^T D_t / ||D_t||^2 (WUDI's), normalised as "
         "gram_norm says; 0: the data alone, large: WUDI's closed form; > 0 lets a model go without calibration",
+    ),
+    ParamSpec(
+        "no_gram",
+        "choice",
+        choices=NO_GRAM,
+        doc="tensors without a Gram (norms, biases): the task vectors' mean (RegMean's) or sum",
     ),
 )
 
@@ -175,7 +179,7 @@ _ROWS: tuple[MethodSpec, ...] = (
     method_row(
         regmean,
         "regmean",
-        (_ALPHA, *_BALANCE, _NO_GRAM),
+        (_ALPHA, *_BALANCE),
         "closed-form least-squares merge of linear layers from calibration Grams",
         entrywise=True,
     ),

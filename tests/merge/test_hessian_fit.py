@@ -126,6 +126,22 @@ def test_without_grams_every_fit_is_the_weighted_mean_of_its_trimmed_inputs():
     with jax.enable_x64(True):
         for fn in (hf.lstsq, hf.regmean_trim):
             np.testing.assert_allclose(np.asarray(fn(d, W, 0.4)), want, rtol=1e-12)
+            summed = np.asarray(fn(d, W, 0.4, no_gram="sum"))  # task arithmetic of the trimmed inputs
+            np.testing.assert_allclose(summed, want * sum(W), rtol=1e-12)
+        mean = np.einsum("s,soi->oi", np.asarray(W), d) / sum(W)
+        for no_gram, scale in (("mean", 1.0), ("sum", sum(W))):  # regmean_sparse: the combine, then the trim
+            got = np.asarray(hf.regmean_sparse(d, W, 0.4, no_gram=no_gram))
+            np.testing.assert_allclose(got, np_magnitude(mean * scale, 0.4), rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown no_gram"):
+        hf.lstsq(d, W, 0.4, no_gram="max")
+
+
+def test_no_gram_leaves_tensors_with_grams_to_the_fit():
+    d, _, g = problem(9)
+    with jax.enable_x64(True):
+        for fn in (hf.lstsq, hf.regmean_trim, hf.regmean_sparse):
+            a = np.asarray(fn(d, W, 0.5, grams=g))
+            np.testing.assert_array_equal(np.asarray(fn(d, W, 0.5, grams=g, no_gram="sum")), a)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.9])
