@@ -10,9 +10,10 @@
    disjoint train / calibration / evaluation sets, 200 evaluation items per task;
    the seed also orders the fine-tune's batches;
 3. the merges of `MERGES` (a table: name -> config; add a row to add a merge)
-   through `run_merge` (the `sgtv merge` path), plus ``recommended``: the method
-   of `examples/configs/recommended.yaml` as shipped (its paths and calibration
-   sizes replaced by the benchmark's);
+   through `run_merge` (the `sgtv merge` path), plus ``recommended`` and
+   ``recommended sparse``: the methods of `examples/configs/recommended.yaml` and
+   `recommended_sparse.yaml` as shipped (their paths and calibration sizes
+   replaced by the benchmark's);
 4. each merge scored on the three tasks (exact match by `forced_exact_match`:
    greedy decoding's decision in one forward pass; perplexity on held-out text)
    and as a share of the specialist: exact match / specialist's exact match, and
@@ -56,6 +57,7 @@ TASKS = D.TASKS
 DENSITIES = (0.1, 0.2, 0.3)
 EXAMPLES = Path(__file__).parent
 RECOMMENDED_YAML = EXAMPLES / "configs" / "recommended.yaml"
+RECOMMENDED_SPARSE_YAML = EXAMPLES / "configs" / "recommended_sparse.yaml"
 BASELINE = EXAMPLES / "merge_quality_baseline.json"
 # AdaMerging's learning pass runs the whole model forward and backward each step (remat'd
 # blocks), about 5 s per 4 x 64-token step here: 40 steps at a larger step size than the
@@ -185,7 +187,7 @@ MERGES.update(  # the other Hessian-fit variants and Hessian sources, at the den
 OWN_KEYS = ("model_parameters", "calib", "tags")
 
 
-def recommended_row(path: Path = RECOMMENDED_YAML) -> dict[str, Any]:
+def recommended_row(path: Path = RECOMMENDED_YAML, tags: tuple[str, ...] = ("main", "quick")) -> dict[str, Any]:
     """The recipe `path` recommends, as a `MERGES` row: its method and settings, the benchmark's data."""
     cfg = yaml.safe_load(path.read_text())
     row = {k: v for k, v in cfg.items() if k not in ("models", "base_model", "calibration")}
@@ -195,12 +197,16 @@ def recommended_row(path: Path = RECOMMENDED_YAML) -> dict[str, Any]:
         row["calib"] = "per_task"
     elif "calibration" in cfg:
         row["calib"] = "mixed"
-    row["tags"] = ("main", "quick")
+    row["tags"] = tags
     return row
 
 
 def all_merges() -> dict[str, dict[str, Any]]:
-    return {"recommended": recommended_row(), **MERGES}
+    return {
+        "recommended": recommended_row(),
+        "recommended sparse": recommended_row(RECOMMENDED_SPARSE_YAML, ("main",)),
+        **MERGES,
+    }
 
 
 def select(only: list[str] | None, quick: bool) -> dict[str, dict[str, Any]]:

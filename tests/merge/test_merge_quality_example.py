@@ -81,9 +81,11 @@ def test_every_merge_row_is_a_valid_config(tmp_path):
             ]
 
 
-def test_recommended_row_is_the_shipped_yaml_method():
-    shipped = yaml.safe_load((ROOT / "examples/configs/recommended.yaml").read_text())
-    row = mq.recommended_row()
+@pytest.mark.parametrize("name", ["recommended", "recommended sparse"])
+def test_recommended_row_is_the_shipped_yaml_method(name):
+    path = mq.RECOMMENDED_YAML if name == "recommended" else mq.RECOMMENDED_SPARSE_YAML
+    shipped = yaml.safe_load(path.read_text())
+    row = mq.all_merges()[name]
     assert row["merge_method"] == shipped["merge_method"]
     assert all(row[k] == v for k, v in shipped.items() if k not in ("models", "base_model", "calibration"))
 
