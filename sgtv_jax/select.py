@@ -77,25 +77,26 @@ def order_key(scores: jax.Array) -> jax.Array:
     return jnp.where(bits >= top, ~bits, bits | top)
 
 
-def _digit_search(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row of `hist` `[T, bins]`: (the first digit whose running count reaches `k` `[T]`,
-    the count before it).
+def _first_reaching(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of `counts` `[T, n]` (ints >= 0): (the first index whose running count reaches
+    `k` `[T]`, the count before it).
 
-    Two levels (coarse buckets of sqrt(bins) digits, then inside the one bucket) instead of
-    one cumulative sum over all bins: XLA's CPU cumsum over 65536 bins cost as much as the
-    histogram pass itself.
+    Two levels (blocks of ~sqrt(n) entries, then inside the one block) instead of one
+    cumulative sum over `n`: XLA's CPU cumsum over the 65536 bins of a radix digit cost as
+    much as the histogram pass itself.
     """
-    rows, bins = hist.shape
-    inner = 1 << ((bins.bit_length() - 1) // 2)
-    nested = hist.reshape(rows, bins // inner, inner)
+    rows, n = counts.shape
+    block = 1 << (max(n, 1).bit_length() // 2)
+    nblocks = -(-n // block)
+    nested = jnp.pad(counts, ((0, 0), (0, nblocks * block - n))).reshape(rows, nblocks, block)
     coarse = jnp.sum(nested, axis=2)
     cum = jnp.cumsum(coarse, axis=1)
     r = jnp.argmax(cum >= k[:, None], axis=1).astype(jnp.int32)
     before = jnp.take_along_axis(cum - coarse, r[:, None], axis=1)
-    bucket = jnp.take_along_axis(nested, r[:, None, None], axis=1)[:, 0]
-    fine = before + jnp.cumsum(bucket, axis=1)
+    inside = jnp.take_along_axis(nested, r[:, None, None], axis=1)[:, 0]
+    fine = before + jnp.cumsum(inside, axis=1)
     j = jnp.argmax(fine >= k[:, None], axis=1).astype(jnp.int32)
-    return r * inner + j, jnp.take_along_axis(fine - bucket, j[:, None], axis=1)[:, 0]
+    return r * block + j, jnp.take_along_axis(fine - inside, j[:, None], axis=1)[:, 0]
 
 
 def kth_smallest_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -122,30 +123,16 @@ def kth_smallest_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Arra
             digit = jnp.where(keys >> kd.type(shift + width) == prefix[:, None], digit, bins + spare)
         flat = (digit + offsets * bins_after).reshape(-1)
         hist = jnp.zeros(rows * bins_after, jnp.int32).at[flat].add(1, mode="promise_in_bounds")
-        d, before = _digit_search(hist.reshape(rows, bins_after)[:, :bins], k - below)
+        d, before = _first_reaching(hist.reshape(rows, bins_after)[:, :bins], k - below)
         prefix = (prefix << kd.type(width)) | d.astype(kd)
         below = below + before
     return prefix, below
 
 
 def first_true_cutoff(flags: jax.Array, need: jax.Array) -> jax.Array:
-    """Per row of `flags` `[T, n]`: the index just after the `need`-th True (0 when need <= 0).
-
-    Counts per block of ~sqrt(n) entries, then inside the block holding it:
-    two small cumulative sums instead of one over `n`.
-    """
-    rows, n = flags.shape
-    block = 1 << ((max(n, 1).bit_length() + 1) // 2)
-    nblocks = -(-n // block)
-    padded = jnp.pad(flags, ((0, 0), (0, nblocks * block - n))).reshape(rows, nblocks, block)
-    counts = jnp.sum(padded, axis=2, dtype=jnp.int32)
-    cum = jnp.cumsum(counts, axis=1)
-    j = jnp.argmax(cum >= need[:, None], axis=1).astype(jnp.int32)
-    before = jnp.take_along_axis(cum - counts, j[:, None], axis=1)
-    inside = jnp.take_along_axis(padded, j[:, None, None], axis=1)[:, 0]
-    local = before + jnp.cumsum(inside.astype(jnp.int32), axis=1)
-    i = jnp.argmax(local >= need[:, None], axis=1).astype(jnp.int32)
-    return jnp.where(need > 0, j * block + i + 1, 0)
+    """Per row of `flags` `[T, n]`: the index just after the `need`-th True (0 when need <= 0)."""
+    index, _ = _first_reaching(flags.astype(jnp.int32), need)
+    return jnp.where(need > 0, index + 1, 0)
 
 
 def _take_smallest_keys(keys: jax.Array, k: jax.Array) -> jax.Array:
