@@ -23,7 +23,8 @@
 Prints the table (with several seeds: mean (min..max) per cell), writes
 `results.json` (per-seed values), `results.md` and `results.png` in the work
 folder. Fine-tunes are cached per seed (`seedN/ft_TASK`, stamped with their
-recipe) and merges per seed, calibration size and config.
+recipe) and merges per seed, calibration size and config; scores per seed
+(`seedN/scores.json`, keyed by the weights files and the evaluation sets).
 
 `--quick` (for CI): seed 0, the rows tagged quick, 16 calibration windows per
 task; it exits 1 when the recommended recipe keeps less of a specialist than
@@ -256,13 +257,29 @@ def prepare(work: Path, seed: int, steps: int | None) -> dict[str, Any]:
     return {"base": base, "fts": fts, "eval": ev, "folder": folder}
 
 
-def score(path: Path, ev: dict[str, Any]) -> dict[str, float]:
+def score(path: Path, ev: dict[str, Any], cache: Path | None = None) -> dict[str, float]:
+    """The three task scores of the model in `path`; with `cache` (a JSON file), kept there and reused.
+
+    The cache key is the model's weights files (path, size, mtime) and a digest of the evaluation
+    sets, so a model written anew, or other evaluation items, is scored anew.
+    """
+    weights = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors"))
+    key = hashlib.sha1(json.dumps([weights, ev], sort_keys=True).encode()).hexdigest()
+    known = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    if key in known:
+        return known[key]
     model, tok = load_model(path)
-    return {  # one batch each: one compiled shape per task
+    out = {  # one batch each: one compiled shape per task
         "add": forced_exact_match(model, tok, ev["add"], batch_size=len(ev["add"]))[0],
         "rev": forced_exact_match(model, tok, ev["rev"], batch_size=len(ev["rev"]))[0],
         "code": perplexity(model, tok, ev["code"], seqlen=128, batch_size=16),
     }
+    if cache is not None:  # re-read: another run may have added scores meanwhile
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**known, key: out}, indent=1) + "\n")
+        tmp.replace(cache)  # never a half-written cache
+    return out
 
 
 def shares(row: dict[str, float], base: dict[str, float], spec: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -290,10 +307,11 @@ def run_seed(
 ) -> dict[str, dict[str, float]]:
     """Scores (and shares, merge wall time) of base, specialists and every selected merge for one seed."""
     prep = prepare(work, seed, args.steps)
-    out: dict[str, dict[str, float]] = {"base": score(prep["base"], prep["eval"])}
+    scores = prep["folder"] / "scores.json"
+    out: dict[str, dict[str, float]] = {"base": score(prep["base"], prep["eval"], scores)}
     spec = {}
     for t in TASKS:
-        out[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep["eval"])
+        out[f"specialist {t}"] = spec[t] = score(prep["fts"][t], prep["eval"], scores)
     for k, r in out.items():
         print(f"seed {seed} {k:<36} add {r['add']:.3f}  rev {r['rev']:.3f}  code ppl {r['code']:.2f}", flush=True)
     for label, row in rows.items():
@@ -302,7 +320,7 @@ def run_seed(
         if not dst.is_dir():
             run_merge(parse_config(cfg), dst, progress=False)
         wall = json.loads((dst / "merge_report.json").read_text())["wall_s"]  # also for a cached merge
-        r = score(dst, prep["eval"])
+        r = dict(score(dst, prep["eval"], scores))
         r.update({f"{t}_share": v for t, v in shares(r, out["base"], spec).items()}, merge_s=wall)
         out[label] = r
         sh = " ".join(f"{r[f'{t}_share']:.2f}" for t in TASKS)

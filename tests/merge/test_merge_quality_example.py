@@ -186,3 +186,27 @@ def test_quick_run_keeps_the_recommended_recipes_recorded_shares(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "ok: the recommended recipe keeps its recorded shares" in run.stdout
+
+
+def test_scores_are_cached_by_weights_and_evaluation_set(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_match(model, tok, recs, batch_size):
+        calls.append(model)
+        return (len(recs) / 10, [])
+
+    monkeypatch.setattr(mq, "load_model", lambda path: (path, None))
+    monkeypatch.setattr(mq, "forced_exact_match", fake_match)
+    monkeypatch.setattr(mq, "perplexity", lambda model, tok, text, seqlen, batch_size: float(len(text)))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"1")
+    ev = {"add": [{"prompt": "1+1=", "answer": "2"}], "rev": [], "code": "abc"}
+    cache = tmp_path / "scores.json"
+    first = mq.score(model, ev, cache)
+    assert first == {"add": 0.1, "rev": 0.0, "code": 3.0} and len(calls) == 2
+    assert mq.score(model, ev, cache) == first and len(calls) == 2  # from the cache
+    assert mq.score(model, {**ev, "code": "abcd"}, cache)["code"] == 4.0 and len(calls) == 4  # other items
+    (model / "model.safetensors").write_bytes(b"22")  # the model written anew
+    mq.score(model, ev, cache)
+    assert len(calls) == 6 and len(json.loads(cache.read_text())) == 3
