@@ -14,10 +14,11 @@ from sgtv_jax.pipeline import xla_cache
 
 @pytest.fixture
 def no_jax_cache():
-    before = jax.config.jax_compilation_cache_dir
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", None)
     yield
-    jax.config.update("jax_compilation_cache_dir", before)
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -46,8 +47,7 @@ import jax, jax.numpy as jnp
 from sgtv_jax.pipeline import xla_cache
 events = []
 jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-xla_cache.enable()
+xla_cache.enable()  # stores every program, even this sub-second one
 jax.jit(lambda a: jnp.linalg.cholesky(a @ a.T + jnp.eye(64)))(jnp.ones((64, 64))).block_until_ready()
 print(sum(e.endswith("/cache_hits") for e in events), sum(e.endswith("/cache_misses") for e in events))
 """
