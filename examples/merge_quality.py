@@ -152,6 +152,7 @@ for _d in DENSITIES:
         }
     )
 _dp, _cal = {"weight": 1.0, "density": 0.1}, {"calib": "per_task", "hessian_source": "per_task"}
+_NORMS_DENSE = [{"filter": "norm", "value": 1.0}, {"value": 0.1}]  # the blocks' norms whole, the rest 0.1
 MERGES.update(  # the other Hessian-fit variants and Hessian sources, at the density the targets name
     {
         "ties+sparsegpt d=0.1 H=merged": {
@@ -175,6 +176,21 @@ MERGES.update(  # the other Hessian-fit variants and Hessian sources, at the den
             "trim": "sparsegpt",
             "parameters": {"gram_norm": "trace", "proxy_gram": 1.0},
             **_cal,
+        },
+        **{  # the steps to recommended_sparse.yaml: no_gram sum + alpha 1, the norms dense, the refit
+            f"regmean_sparse trace+proxy, no_gram sum, alpha 1{label} d=0.1": {
+                "merge_method": "regmean_sparse",
+                "model_parameters": {"weight": 1.0, "density": _NORMS_DENSE if dense else 0.1},
+                "trim": "sparsegpt",
+                "parameters": {"gram_norm": "trace", "proxy_gram": beta, "no_gram": "sum", "alpha": 1.0},
+                **({"refit": True} if refit else {}),
+                **_cal,
+            }
+            for label, dense, refit, beta in (
+                ("", False, False, 1.0),
+                (", norms dense", True, False, 1.0),
+                (", norms dense, proxy 2, refit", True, True, 2.0),
+            )
         },
         "regmean_sparse d=0.1 H=per_task_merged": {
             "merge_method": "regmean_sparse",
