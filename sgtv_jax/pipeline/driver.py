@@ -19,8 +19,12 @@ import numpy as np
 
 from sgtv_jax.errors import NumericsError, SgtvError
 from sgtv_jax.merge.plan import MergeInfo, PlanError, TensorPlan, maps_zero_to_zero
-from sgtv_jax.pipeline.config import ConfigError
+from sgtv_jax.pipeline.arch import Arch
+from sgtv_jax.pipeline.config import ConfigError, MergeConfig
+from sgtv_jax.pipeline.planning import plan_tensor
 from sgtv_jax.pipeline.report import LayerRecord
+
+Tensors = dict[str, np.ndarray]
 
 
 class RunDriver(Protocol):
@@ -62,6 +66,20 @@ def unchanged(plan: TensorPlan, deltas: jax.Array) -> bool:
     """The "tensor unchanged" rule: no model changed it (all task vectors `[T, ...]` zero) and the
     method maps zero task vectors to zero, so the base tensor is the result (no trim / merge work)."""
     return maps_zero_to_zero(plan.method) and not any(np.any(deltas[t] != 0) for t in range(deltas.shape[0]))
+
+
+def untouched_linear(cfg: MergeConfig, arch: Arch, i: int, base: Tensors, models: list[Tensors]) -> set[str]:
+    """Block i's linear layers (HF-local names) that `unchanged` leaves as the base whatever their H,
+    read from the raw tensors (`base`, each model's: HF-named) before any task vector is formed, so
+    the calibrated driver accumulates no Gram for them. Conservative: float64 models that differ
+    from the base only below float32's precision count as changed (their float32 task vectors are 0)."""
+    names = {n: f"{arch.prefix(i)}{n}.weight" for g in arch.require_input_groups() for n in g.names}
+    return {
+        n
+        for n, full in names.items()
+        if maps_zero_to_zero(plan_tensor(cfg, full, i, arch.num_layers, linear=True).method)
+        and all(np.array_equal(m[full], base[full]) for m in models)
+    }
 
 
 def unchanged_record(record: dict[str, Any], tasks: int, t0: float) -> LayerRecord:

@@ -4,7 +4,7 @@
     hessian source starts its calibration streams (sources.py)
     for each block i:
         read block i of the base and of every fine-tuned model (one block in memory)
-        H of every linear layer from the source's streams (one H per input group)
+        H of every linear layer some model changed, from the source's streams (one H per input group)
         per tensor: plan (planning.py) -> merge_planned (sgtv_jax.merge.plan):
             trim every model's task vector [T, out, in] with the shared H, then merge
         the source moves its streams on (e.g. through the merged block)
@@ -79,7 +79,14 @@ from sgtv_jax.pipeline.datafree import (
     require_flax_family,
     uses_by_name,
 )
-from sgtv_jax.pipeline.driver import merged_record, task_vectors, translated, unchanged, unchanged_record
+from sgtv_jax.pipeline.driver import (
+    merged_record,
+    task_vectors,
+    translated,
+    unchanged,
+    unchanged_record,
+    untouched_linear,
+)
 from sgtv_jax.pipeline.export_run import FORMATS, check_output_and_config, check_request, export, follow, merge_inputs
 from sgtv_jax.pipeline.lapack_threads import with_one_lapack_thread
 from sgtv_jax.pipeline.mapped import mapped_run, saves_tokenizer, write_output_files
@@ -248,21 +255,24 @@ class MergeRun:
         hess: dict[str, jax.Array] = {}
         tokens: dict[str, list[int]] = {}
         fallback: dict[str, list[bool]] = {}
+        prefix = self.arch.prefix(i)
+        calibrated, sink = self.source is not None, self.sink is not None  # a sink wants every H
+        untouched = untouched_linear(self.cfg, self.arch, i, base, fts) if calibrated and not sink else set()
         if self.source is not None:
             with self.timer("calibrate"):
-                hess, tokens, fallback = self.source.hessians(i, base, fts)
+                layers = [n for g in self.arch.require_input_groups() for n in g.names]
+                hess, tokens, fallback = self.source.hessians(i, base, fts, [n for n in layers if n not in untouched])
                 jax.block_until_ready(list(hess.values()))
-        prefix = self.arch.prefix(i)
         merged = {}
         for n in names:
-            h = _linear_hessian(hess, n[len(prefix) :], base[n])
+            local = n[len(prefix) :]
+            weight, layer = local.endswith(".weight") and base[n].ndim == 2, local.removesuffix(".weight")
+            h = hess.get(layer) if weight else None  # a linear layer's weight
             if h is not None and self.sink is not None:
                 self.sink[n] = np.asarray(h)
-            stats = None
-            if h is not None:
-                local = n[len(prefix) : -len(".weight")]
-                stats = dict(hessian_tokens=tokens[local], hessian_fallback=fallback[local])
-            merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose, stats)
+            stats = None if h is None else dict(hessian_tokens=tokens[layer], hessian_fallback=fallback[layer])
+            linear = h is not None or (weight and layer in untouched)
+            merged[n] = self._merge_one(n, i, base[n], [f[n] for f in fts], h, rules[n].transpose, stats, linear)
         if self.source is not None:
             with self.timer("calibrate"):
                 self.source.after_block(i, merged)
@@ -278,13 +288,15 @@ class MergeRun:
         fts: Sequence[np.ndarray] | Callable[[int], np.ndarray],
         hessian: jax.Array | None,
         torch_layout: bool,
-        hessian_stats: dict[str, Any] | None = None,
+        hessian_stats: dict[str, Any] | None,
+        linear: bool,
     ) -> np.ndarray:
         """Merge one tensor; returns the merged tensor in the output dtype (HF layout).
 
         `fts`: model t's tensor, as a list or a reader `t -> array` (then only
         one raw tensor is alive at a time: the peak memory is an embedding's).
         `hessian_stats`: the report's `hessian_tokens` / `hessian_fallback` of a calibrated layer.
+        `linear`: planned as a linear layer (one no model changed has no `hessian`: `untouched_linear`).
         """
         t0 = time.perf_counter()
         b = np.asarray(base, dtype=np.float32)
@@ -292,11 +304,11 @@ class MergeRun:
         transpose = base.ndim == 2 and not torch_layout
         if transpose:
             deltas = jnp.swapaxes(deltas, 1, 2)
-        plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=hessian is not None)
+        plan = plan_tensor(self.cfg, name, layer, self.arch.num_layers, linear=linear)
         record = dict(
             name=name,
             block=layer,
-            linear=hessian is not None,
+            linear=linear,
             shape=tuple(base.shape),
             density=list(plan.densities),
             **(hessian_stats or {}),
@@ -358,13 +370,6 @@ class MergeRun:
 
     def close(self) -> None:
         self.ckpts.close()
-
-
-def _linear_hessian(hess: dict[str, jax.Array], local: str, base: np.ndarray) -> jax.Array | None:
-    """The Hessian of block tensor `local` (HF name within the block) if it is a linear layer's weight."""
-    if not local.endswith(".weight") or base.ndim != 2:
-        return None
-    return hess.get(local[: -len(".weight")])
 
 
 class _Following(NamedTuple):

@@ -22,6 +22,12 @@ merged-so-far hidden states.
 merged-so-far model, so block i's merge fits the inputs it will really get
 from the merged blocks below it, task by task.
 
+Only the Grams the merge reads are accumulated (`hessians`' `wanted`): a linear
+layer no model changed merges to the base whatever its H (`driver.untouched_linear`),
+so its input group gets no Gram, and a block with no group left only moves its
+streams on (`passes_through`: the block forward, no capture). Fine-tunes that
+train the top blocks pay the Grams of those blocks alone.
+
 A model without calibration data (allowed for `per_task` / `per_task_merged`
 when the fit adds proxy Grams, `proxy_gram > 0`) has no stream: its
 Hessians are zeros with 0 tokens, and the fit uses its proxy Gram alone.
@@ -39,7 +45,7 @@ device (the same on every process).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -114,14 +120,25 @@ class HessianSource:
         """The block-i states whose linear inputs are captured, one per stream."""
         return [self.state(i, base)]
 
-    def hessians(self, i: int, base: Tensors, fts: list[Tensors]) -> BlockHessians:
-        """H of every linear layer of block i (HF-local name -> `[in, in]` or `[T, in, in]`), token counts."""
+    def hessians(
+        self, i: int, base: Tensors, fts: list[Tensors], wanted: Collection[str] | None = None
+    ) -> BlockHessians:
+        """H of block i's linear layers (HF-local name -> `[in, in]` or `[T, in, in]`), token counts.
+
+        wanted: the HF-local linear layers whose H the merge reads (None: all). An input
+        group none of whose layers is wanted accumulates no Gram; with no group left, the
+        streams only move on through the block (`passes_through`).
+        """
+        groups = [g for g in self.arch.require_input_groups() if wanted is None or set(g.names) & set(wanted)]
+        if not groups:
+            self.passes_through(i, base, fts)
+            return BlockHessians({}, {}, {})
         got: list[Any] = []
         for state, stream in zip(self.block_states(i, base, fts), self.streams):
             if stream is None:
                 got.append(None)
                 continue
-            cap = capture(self.arch, i, state, stream, self.arch.require_input_groups(), self.min_routed_tokens)
+            cap = capture(self.arch, i, state, stream, groups, self.min_routed_tokens)
             got.append(cap._replace(hessians={n: to_local(h) for n, h in cap.hessians.items()}))
             self.advance(stream, cap.outputs)
         seen = next(p for p in got if p is not None)  # config checks: some model has data
@@ -142,11 +159,28 @@ class HessianSource:
         """After capture: the stream moves on through the block it was captured in."""
         stream.hidden = outs
 
-    def _count(self, i: int, base: Tensors, hessians: dict[str, jax.Array]) -> None:
-        """Add block i's calibration FLOPs (`calib_rate.block_flops`) to `flops`."""
+    def passes_through(self, i: int, base: Tensors, fts: list[Tensors]) -> None:
+        """Block i needs no H: each stream moves on through its block state without capture
+        (a merged source moves on in `after_block`, through the merged block)."""
+        if not self.propagates:
+            for state, stream in zip(self.block_states(i, base, fts), self.streams):
+                if stream is not None:
+                    self.advance(stream, propagate(self.arch, i, state, stream))
+        self._count(i, base, {})
+
+    def _count(self, i: int, base: Tensors, hessians: Mapping[str, jax.Array]) -> None:
+        """Add block i's calibration FLOPs (`calib_rate.block_flops`: a forward through every linear
+        layer, the Grams of those in `hessians`) to `flops`."""
         prefix = self.arch.prefix(i)
-        linear = {n: (base[f"{prefix}{n}.weight"].size, h.shape[-1]) for n, h in hessians.items()}
-        got = block_flops(linear, self.arch.require_input_groups(), self.token_positions(), self.propagates)
+        groups = self.arch.require_input_groups()
+        linear = {
+            n: (base[f"{prefix}{n}.weight"].size, hessians[n].shape[-1] if n in hessians else 0)
+            for g in groups
+            for n in g.names
+        }
+        got = block_flops(
+            linear, [g for g in groups if g.names[0] in hessians], self.token_positions(), self.propagates
+        )
         self.flops = [a + b for a, b in zip(self.flops, got)]
 
     def summary(self, seconds: float) -> dict[str, Any]:
