@@ -156,10 +156,12 @@ class CutFinder:
         seen[tm] += int(np.count_nonzero(col))
         return out
 
-    def _find_cuts(self) -> tuple[dict[tuple[int, int], Cut], bool | None]:
+    def _find_cuts(self, unchanged_stops: bool = False) -> tuple[dict[tuple[int, int], Cut], bool | None]:
         """Key and tie rule of every (task, m) the trims need: one pass per digit (+1 for transposed ties).
 
         Returns (cuts, whether any task vector is nonzero; None when no pass ran).
+        `unchanged_stops`: when the first pass finds every task vector zero, stop there (the cuts
+        are then incomplete: for a method whose result is the base, `maps_zero_to_zero`).
         """
         cuts: dict[tuple[int, int], Cut] = {}
         open_: dict[tuple[int, int], tuple[int, int]] = {}  # (t, m) -> (prefix, count below it)
@@ -186,6 +188,8 @@ class CutFinder:
                 cuts[tm] = cut
                 del open_[tm]
             changed = counted.changed
+        if unchanged_stops and not changed:
+            return cuts, False
         for i, (shift, width) in enumerate(DIGITS):
             if not open_:
                 break

@@ -325,10 +325,11 @@ class _Chunked(CutFinder):
 
     def run(self, out_dtype: np.dtype) -> Iterator[np.ndarray]:
         stats = self.stats
-        cuts, changed = self._find_cuts()
+        zero_to_zero = maps_zero_to_zero(self.call.method)
+        cuts, changed = self._find_cuts(unchanged_stops=zero_to_zero)  # no model changed it: one pass
         if changed is None:  # no selection pass ran: look for a change (stops at the first)
             changed = any(self._rows(r0, r1).changed for r0, r1 in self.spans)
-        if not changed and maps_zero_to_zero(self.call.method):  # the base, as the pipeline returns it
+        if not changed and zero_to_zero:  # the base, as the pipeline returns it
             stats.unchanged, stats.kept = True, [0.0] * self.tasks
             stats.passes += self._cached is None
             for r0, r1 in self.spans:

@@ -408,6 +408,15 @@ def test_histogram_fallback_equals_whole_merge(monkeypatch, method, trim, transp
     assert stats.passes == 4 + transpose
 
 
+def test_unchanged_tensor_stops_after_the_pass_that_finds_no_change(monkeypatch):
+    monkeypatch.setattr(chunk_select, "row_bracket", missed_bracket)  # else the digit passes would run
+    base, _ = family(13, (12, 5), 2, BF16)
+    plan = plan_for("ties", None, {}, tasks=2)
+    stats = StreamStats()
+    same_bits(run_rows(plan, base, [base.copy(), base.copy()], 5, BF16, stats), base)
+    assert stats.unchanged and stats.passes == 2  # counting (finds no change), the base written
+
+
 @pytest.mark.parametrize("kind", ["distinct", "few values", "rows of different scale", "mostly zero"])
 def test_counted_cut_takes_the_m_smallest_in_merge_order(kind):
     # the counting pass's cut against a sort oracle: the m largest |d| by a stable sort of the merge order
