@@ -152,7 +152,8 @@ for _d in DENSITIES:
         }
     )
 _dp, _cal = {"weight": 1.0, "density": 0.1}, {"calib": "per_task", "hessian_source": "per_task"}
-_NORMS_DENSE = [{"filter": "norm", "value": 1.0}, {"value": 0.1}]  # the blocks' norms whole, the rest 0.1
+# the blocks' norms whole, the rest 0.1: recommended_sparse.yaml's density rule
+_NORMS_DENSE = yaml.safe_load(RECOMMENDED_SPARSE_YAML.read_text())["parameters"]["density"]
 MERGES.update(  # the other Hessian-fit variants and Hessian sources, at the density the targets name
     {
         "ties+sparsegpt d=0.1 H=merged": {
@@ -219,11 +220,26 @@ def recommended_row(path: Path = RECOMMENDED_YAML, tags: tuple[str, ...] = ("mai
 
 
 def all_merges() -> dict[str, dict[str, Any]]:
-    return {
-        "recommended": recommended_row(),
-        "recommended sparse": recommended_row(RECOMMENDED_SPARSE_YAML, ("main",)),
-        **MERGES,
+    rec, sparse = recommended_row(), recommended_row(RECOMMENDED_SPARSE_YAML, ("main",))
+    return {"recommended": rec, "recommended sparse": sparse, **MERGES, **recipe_variants(rec, sparse)}
+
+
+def recipe_variants(rec: dict[str, Any], sparse: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The shipped recipes with one setting changed (docs/methods.md, tried at seed 0)."""
+
+    def params(row: dict[str, Any], **change: Any) -> dict[str, Any]:
+        return {**row, "parameters": {**row["parameters"], **change}, "tags": ()}
+
+    out = {
+        "recommended, per_task_merged": {**rec, "hessian_source": "per_task_merged", "tags": ()},
+        **{f"recommended, proxy {b:g}": params(rec, proxy_gram=b) for b in (0.5, 2.0)},
     }
+    norm, rest = sparse["parameters"]["density"]  # the norms whole, every other tensor at one density
+    for a in (0.05, 0.2, 0.3):  # a SmolLM2 block's MLP holds 3x its attention's entries: the same total
+        m = round((4 * rest["value"] - a) / 3, 4)
+        density = [norm, {"filter": "self_attn", "value": a}, {"value": m}]
+        out[f"recommended sparse, attention {a:g} / MLP {m:g}"] = params(sparse, density=density)
+    return out
 
 
 def select(only: list[str] | None, quick: bool) -> dict[str, dict[str, Any]]:
