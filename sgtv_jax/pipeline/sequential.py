@@ -256,12 +256,12 @@ class MergeRun:
         tokens: dict[str, list[int]] = {}
         fallback: dict[str, list[bool]] = {}
         prefix = self.arch.prefix(i)
-        calibrated, sink = self.source is not None, self.sink is not None  # a sink wants every H
-        untouched = untouched_linear(self.cfg, self.arch, i, base, fts) if calibrated and not sink else set()
+        untouched: set[str] = set()
         if self.source is not None:
+            if self.sink is None:  # a sink wants every H
+                untouched = untouched_linear(self.cfg, self.arch, i, base, fts)
             with self.timer("calibrate"):
-                layers = [n for g in self.arch.require_input_groups() for n in g.names]
-                hess, tokens, fallback = self.source.hessians(i, base, fts, [n for n in layers if n not in untouched])
+                hess, tokens, fallback = self.source.hessians(i, base, fts, skip=untouched)
                 jax.block_until_ready(list(hess.values()))
         merged = {}
         for n in names:

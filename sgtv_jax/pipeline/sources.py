@@ -22,7 +22,7 @@ merged-so-far hidden states.
 merged-so-far model, so block i's merge fits the inputs it will really get
 from the merged blocks below it, task by task.
 
-Only the Grams the merge reads are accumulated (`hessians`' `wanted`): a linear
+Only the Grams the merge reads are accumulated (`hessians`' `skip`): a linear
 layer no model changed merges to the base whatever its H (`driver.untouched_linear`),
 so its input group gets no Gram, and a block with no group left only moves its
 streams on (`passes_through`: the block forward, no capture). Fine-tunes that
@@ -120,16 +120,14 @@ class HessianSource:
         """The block-i states whose linear inputs are captured, one per stream."""
         return [self.state(i, base)]
 
-    def hessians(
-        self, i: int, base: Tensors, fts: list[Tensors], wanted: Collection[str] | None = None
-    ) -> BlockHessians:
+    def hessians(self, i: int, base: Tensors, fts: list[Tensors], skip: Collection[str] = ()) -> BlockHessians:
         """H of block i's linear layers (HF-local name -> `[in, in]` or `[T, in, in]`), token counts.
 
-        wanted: the HF-local linear layers whose H the merge reads (None: all). An input
-        group none of whose layers is wanted accumulates no Gram; with no group left, the
-        streams only move on through the block (`passes_through`).
+        skip: HF-local linear layers whose H the merge does not read. An input group all of
+        whose layers are skipped accumulates no Gram; with no group left, the streams only
+        move on through the block (`passes_through`).
         """
-        groups = [g for g in self.arch.require_input_groups() if wanted is None or set(g.names) & set(wanted)]
+        groups = [g for g in self.arch.require_input_groups() if not set(g.names) <= set(skip)]
         if not groups:
             self.passes_through(i, base, fts)
             return BlockHessians({}, {}, {})
