@@ -12,6 +12,8 @@ copied, so they cannot be read either.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,15 +27,55 @@ TEMPLATE_DIR = "additional_chat_templates"
 # looks for with other suffixes (tokenizer.model.v3, tekken.json, vocab.bpe, ...).
 _SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".bpe")
 _STEMS = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "tekken", "tiktoken")
+# Files of model folders no tokenizer is made of: neither copied nor digested, so a fine-tune's own
+# generation settings, a shard index or a report of ours does not make its tokenizer another one.
+_NOT_TOKENIZER = (
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+    "merge_report.json",
+    "lora_report.json",
+)
+_OURS = "sgtv_"  # sgtv_model.json, sgtv_finetune_recipe.json, ...
 
 
 def tokenizer_file_names(directory: str | Path) -> list[str]:
     """Names (relative to `directory`) of the files a tokenizer of `directory` may be read from."""
     d = Path(directory)
-    names = [p.name for p in d.iterdir() if (p.suffix in _SUFFIXES or p.name.startswith(_STEMS)) and p.is_file()]
+    names = [
+        p.name
+        for p in d.iterdir()
+        if (p.suffix in _SUFFIXES or p.name.startswith(_STEMS))
+        and p.name not in _NOT_TOKENIZER
+        and not p.name.startswith(_OURS)
+        and p.is_file()
+    ]
     if (d / TEMPLATE_DIR).is_dir():
         names += [f"{TEMPLATE_DIR}/{p.name}" for p in (d / TEMPLATE_DIR).iterdir() if p.suffix == ".jinja"]
     return sorted(names)
+
+
+def tokenizer_digest(directory: str | Path) -> str:
+    """A digest of what `load_local_tokenizer(directory)` reads: folders with equal digests load equal tokenizers.
+
+    The bytes of every tokenizer file, except config.json, of which only the two
+    fields transformers reads to choose a tokenizer class count (`model_type`,
+    `tokenizer_class`): a fine-tune saved with its base's tokenizer files has its
+    base's digest whatever else its config says. ConvertError as `load_local_tokenizer`.
+    """
+    d = Path(directory)
+    h = hashlib.sha256()
+    for name in tokenizer_file_names(d):
+        data = contained_file(d, name, what=f"tokenizer file {name}").read_bytes()
+        if name == "config.json":
+            try:
+                cfg = json.loads(data)
+                data = json.dumps([cfg.get("model_type"), cfg.get("tokenizer_class")]).encode()
+            except (ValueError, AttributeError):  # not a JSON object: its bytes count
+                pass
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
 
 
 def load_local_tokenizer(directory: str | Path) -> Any:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from convert.containment import read_contained_json, read_contained_text
-from convert.local_tokenizer import load_local_tokenizer
+from convert.local_tokenizer import load_local_tokenizer, tokenizer_digest
 from sgtv_jax.pipeline.byname import vocab_size_of
 from sgtv_jax.pipeline.chat_templates import AUTO
 from sgtv_jax.pipeline.config import ConfigError, MergeConfig, TokenizerSpec, TokenSource
@@ -45,10 +45,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def load_tokenizer(path: str | Path) -> Any:
     """The `transformers` tokenizer of model directory `path` (its contained files only), or None when it has none."""
+    return load_local_tokenizer(path) if _has_tokenizer(path) else None
+
+
+def _has_tokenizer(path: str | Path) -> bool:
     p = Path(path)
-    if not p.is_dir() or not any((p / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    return load_local_tokenizer(p)
+    return p.is_dir() and any((p / f).is_file() for f in TOKENIZER_FILES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,26 @@ def _one_id_per_token(vocab: Mapping[str, int], where: str) -> None:
             )
 
 
+def _load_shared(paths: Sequence[str]) -> list[Any]:
+    """Each folder's tokenizer (None: it has no tokenizer files), folders with the same files sharing one.
+
+    Fine-tunes usually carry their base's tokenizer files; each distinct set is
+    parsed once (transformers takes seconds per load), so the objects returned are
+    shared and must not be changed (`_output_tokenizer` extends a fresh copy).
+    """
+    by_digest: dict[str, Any] = {}
+    out: list[Any] = []
+    for p in paths:
+        if not _has_tokenizer(p):
+            out.append(None)
+            continue
+        key = tokenizer_digest(p)
+        if key not in by_digest:
+            by_digest[key] = load_local_tokenizer(p)
+        out.append(by_digest[key])
+    return out
+
+
 def _read_tokenizers(
     paths: Sequence[str], configs: Sequence[Mapping[str, Any]], labels: Sequence[str]
 ) -> tuple[Any, list[Any], list[str], list[int]]:
@@ -127,15 +149,12 @@ def _read_tokenizers(
     A checkpoint without tokenizer files has the base's; ConfigError when the
     base has none or tokens past its config's `vocab_size`.
     """
-    base_tok = load_tokenizer(paths[0])
+    loaded = _load_shared(paths)
+    base_tok = loaded[0]
     if base_tok is None:
         raise ConfigError(f"{labels[0]}: tokenizer_source / tokenizer need the base model's tokenizer files")
-    toks, assumed = [], []
-    for p, lab in zip(paths, labels):
-        t = load_tokenizer(p)
-        if t is None:
-            assumed.append(lab)
-        toks.append(t if t is not None else base_tok)
+    assumed = [lab for t, lab in zip(loaded, labels) if t is None]
+    toks = [t if t is not None else base_tok for t in loaded]
     sizes = [vocab_size_of(dict(c)) or len(t.get_vocab()) for c, t in zip(configs, toks)]
     beyond = [t for t, i in base_tok.get_vocab().items() if i >= sizes[0]]
     if beyond:
@@ -168,6 +187,8 @@ def _output_tokenizer(
         changed = True
     missing = [t for t in spec.tokens if t not in out_tok.get_vocab()]
     if missing:
+        if out_tok is base_tok:  # shared with the checkpoints' row maps (`_load_shared`): extend a copy
+            out_tok = load_local_tokenizer(paths[0])
         out_tok.add_tokens(missing)
         changed = True
     return out_tok, changed
@@ -177,17 +198,21 @@ def _row_maps(
     vocab: Mapping[str, int], toks: Sequence[Any], sizes: Sequence[int]
 ) -> tuple[list[np.ndarray], list[dict[str, int]]]:
     """(per checkpoint `[len(vocab)]` its row of each output token or -1, its own token -> row)."""
+    done: dict[tuple[int, int], tuple[np.ndarray, dict[str, int]]] = {}  # shared parses (`_load_shared`): once
     perms = []
     vocabs = []
     for tok, vs in zip(toks, sizes):
-        own = tok.get_vocab()
+        if (id(tok), vs) not in done:
+            own = tok.get_vocab()
+            perm = np.full(len(vocab), -1, np.int64)
+            for t, i in vocab.items():
+                j = own.get(t)
+                if j is not None and j < vs:
+                    perm[i] = j
+            done[id(tok), vs] = perm, own
+        perm, own = done[id(tok), vs]
+        perms.append(perm.copy())
         vocabs.append(dict(own))
-        perm = np.full(len(vocab), -1, np.int64)
-        for t, i in vocab.items():
-            j = own.get(t)
-            if j is not None and j < vs:
-                perm[i] = j
-        perms.append(perm)
     return perms, vocabs
 
 

@@ -333,3 +333,24 @@ def test_slices_gradient_positions_outside_the_layers_are_mergekits(fam, tmp_pat
         else:
             wa = 1.0 if "embed" in name else 3.0
         np.testing.assert_allclose(arr, mean(wa, name), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_equal_tokenizer_files_are_parsed_once(vocab_fam, monkeypatch):
+    """Checkpoints carrying the same tokenizer files share one parse (transformers takes seconds a load);
+    `union` still extends a fresh copy, so the shared parses keep their own vocabularies."""
+    from sgtv_jax.pipeline import tokenizer as T
+    from sgtv_jax.pipeline.mapped import headers_plan
+
+    v, loads = vocab_fam, []
+    real = T.load_local_tokenizer
+    monkeypatch.setattr(T, "load_local_tokenizer", lambda d: loads.append(Path(d)) or real(d))
+    raw = {"models": [{"model": str(v["narrow"])}], "base_model": str(v["base"]), "merge_method": "linear"}
+    assert headers_plan(parse_config({**raw, "tokenizer_source": "base"})) is None  # nothing to re-index
+    assert loads == [v["base"]]  # narrow's files are the base's: not parsed again
+    loads.clear()
+    raw["models"].append({"model": str(v["wide"])})
+    _, vm = headers_plan(parse_config({**raw, "tokenizer_source": "union"}))
+    assert loads == [v["base"], v["wide"], v["base"]]  # the base's files, wide's, the copy union extends
+    n = v["n"]
+    assert [len(m) for m in vm.vocabs] == [n, n, n + len(EXTRA)]  # the shared parse was not extended
+    assert [vm.vocab[t] for t in EXTRA] == [n, n + 1]
