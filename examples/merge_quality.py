@@ -233,12 +233,15 @@ def recipe_variants(rec: dict[str, Any], sparse: dict[str, Any]) -> dict[str, di
     out = {
         "recommended, per_task_merged": {**rec, "hessian_source": "per_task_merged", "tags": ()},
         **{f"recommended, proxy {b:g}": params(rec, proxy_gram=b) for b in (0.5, 2.0)},
+        "recommended, float32": {**rec, "dtype": "float32", "tags": ()},
     }
     norm, rest = sparse["parameters"]["density"]  # the norms whole, every other tensor at one density
     for a in (0.05, 0.2, 0.3):  # a SmolLM2 block's MLP holds 3x its attention's entries: the same total
         m = round((4 * rest["value"] - a) / 3, 4)
         density = [norm, {"filter": "self_attn", "value": a}, {"value": m}]
         out[f"recommended sparse, attention {a:g} / MLP {m:g}"] = params(sparse, density=density)
+    for b in (32, 1536):  # OBS picks each block's mask before compensating it (default 128 columns)
+        out[f"recommended sparse, blocksize {b}"] = {**sparse, "blocksize": b, "tags": ()}
     return out
 
 
