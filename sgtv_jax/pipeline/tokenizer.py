@@ -198,21 +198,17 @@ def _row_maps(
     vocab: Mapping[str, int], toks: Sequence[Any], sizes: Sequence[int]
 ) -> tuple[list[np.ndarray], list[dict[str, int]]]:
     """(per checkpoint `[len(vocab)]` its row of each output token or -1, its own token -> row)."""
-    done: dict[tuple[int, int], tuple[np.ndarray, dict[str, int]]] = {}  # shared parses (`_load_shared`): once
     perms = []
     vocabs = []
     for tok, vs in zip(toks, sizes):
-        if (id(tok), vs) not in done:
-            own = tok.get_vocab()
-            perm = np.full(len(vocab), -1, np.int64)
-            for t, i in vocab.items():
-                j = own.get(t)
-                if j is not None and j < vs:
-                    perm[i] = j
-            done[id(tok), vs] = perm, own
-        perm, own = done[id(tok), vs]
-        perms.append(perm.copy())
+        own = tok.get_vocab()
         vocabs.append(dict(own))
+        perm = np.full(len(vocab), -1, np.int64)
+        for t, i in vocab.items():
+            j = own.get(t)
+            if j is not None and j < vs:
+                perm[i] = j
+        perms.append(perm)
     return perms, vocabs
 
 
