@@ -29,7 +29,7 @@ recipe) and merges per seed, calibration size and config; scores per seed
 `--quick` (for CI): seed 0, the rows tagged quick, 16 calibration windows per
 task; it exits 1 when the recommended recipe keeps less of a specialist than
 its shares recorded in `examples/merge_quality_baseline.json` minus their
-spread. `--record-baseline` writes that file from the run.
+spread. `--record-baseline` records the run there, beside other machine kinds' runs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -418,32 +419,53 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"nsamples": args.nsamples, "seqlen": args.seqlen, "steps": args.steps, "eval_items": D.SIZES["add"][2]}
 
 
-def record_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, dst: Path) -> dict[str, Any]:
-    """The recommended recipe's shares (mean over seeds) and the drop a later run may show (`spread`).
+def machine() -> str:
+    """The machine kind a run's fine-tunes depend on: XLA compiles for the host CPU, so another CPU
+    model or vector width rounds 800 Adam steps differently and gives other fine-tunes."""
+    import platform
 
-    spread: the range over the recorded seeds, at least the evaluation's own noise: two binomial
-    standard errors of an exact-match share (200 items), 0.02 of the text domain's gap.
+    import jax
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    lines = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v}
+    flags = lines.get("flags", "").split()
+    width = next((w for w in ("avx512f", "avx2", "avx") if w in flags), "no avx")
+    cpu = lines.get("model name") or platform.processor() or "cpu"
+    return f"{platform.machine()} {cpu} ({width}), {os.cpu_count()} cores, jax {jax.__version__}"
+
+
+def record_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, dst: Path) -> dict[str, Any]:
+    """Record this run's shares of the recommended recipe beside the other machine kinds' runs.
+
+    `dst` keeps one run per machine kind (`machine()`; this run replaces its own kind's) while
+    recipe and settings stay the same. `shares`: the mean over every recorded seed of every run;
+    `spread`, the drop a later run may show: their range (the same seed gives other fine-tunes on
+    another CPU), at least the evaluation's own noise: two binomial standard errors of an
+    exact-match share (200 items), 0.02 of the text domain's gap.
     """
     rec = rows["recommended"]
+    run = {
+        "machine": machine(),
+        "seeds": args.seeds,
+        "per_seed_shares": {t: [round(x, 4) for x in rec[f"{t}_share"]] for t in TASKS},
+        "command": "python examples/merge_quality.py " + " ".join(sys.argv[1:]),
+    }
+    recipe, settings = recommended_row(), settings_of(args)
+    old = json.loads(dst.read_text()) if dst.is_file() else {}
+    same = old.get("recipe") == json.loads(json.dumps(recipe)) and old.get("settings") == settings
+    runs = [r for r in old.get("runs", []) if same and r["machine"] != run["machine"]] + [run]
     n = D.SIZES["add"][2]
-    spread = {}
+    shares, spread = {}, {}
     for t in TASKS:
-        v = rec[f"{t}_share"]
+        v = [x for r in runs for x in r["per_seed_shares"][t]]
+        shares[t] = round(float(np.mean(v)), 4)
         if t == "code":
             floor = 0.02
         else:
             p, spec = float(np.mean(rec[t])), float(np.mean(rows[f"specialist {t}"][t]))
             floor = 2 * np.sqrt(max(p * (1 - p), 1 / n) / n) / max(spec, 1e-9)
         spread[t] = round(max(max(v) - min(v), floor), 4)
-    out = {
-        "recipe": recommended_row(),
-        "settings": settings_of(args),
-        "seeds": args.seeds,
-        "shares": {t: round(float(np.mean(rec[f"{t}_share"])), 4) for t in TASKS},
-        "per_seed_shares": {t: [round(x, 4) for x in rec[f"{t}_share"]] for t in TASKS},
-        "spread": spread,
-        "command": "python examples/merge_quality.py " + " ".join(sys.argv[1:]),
-    }
+    out = {"recipe": recipe, "settings": settings, "shares": shares, "spread": spread, "runs": runs}
     dst.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
@@ -481,7 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="CI: seed 0, the quick merges, checked against the baseline")
     ap.add_argument("--baseline", type=Path, default=BASELINE, help="recorded shares of the recommended recipe")
-    ap.add_argument("--record-baseline", action="store_true", help="write --baseline from this run")
+    ap.add_argument(
+        "--record-baseline", action="store_true", help="record this run in --baseline (one run per machine kind)"
+    )
     args = ap.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.nsamples = args.nsamples or (16 if args.quick else 32)

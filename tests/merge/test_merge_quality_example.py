@@ -146,6 +146,24 @@ def test_baseline_records_mean_and_spread_and_fails_below_it(tmp_path):
     assert "another recipe" in mq.check_baseline(_rows([(1, 1, 1)]), one, dst)[0]
 
 
+def test_baseline_keeps_one_run_per_machine_kind_and_spans_them(tmp_path, monkeypatch):
+    """Another CPU gives the same seed other fine-tunes: the spread covers every machine kind's run."""
+    args = argparse.Namespace(nsamples=16, seqlen=64, steps=None, seeds=[0])
+    dst = tmp_path / "baseline.json"
+    monkeypatch.setattr(mq, "machine", lambda: "cpu A")
+    mq.record_baseline(_rows([(0.95, 1.0, 1.05)]), args, dst)
+    monkeypatch.setattr(mq, "machine", lambda: "cpu B")
+    mq.record_baseline(_rows([(0.99, 1.0, 1.0)]), args, dst)  # B's first run, replaced below
+    rec = mq.record_baseline(_rows([(0.88, 1.0, 1.01)]), args, dst)
+    assert [r["machine"] for r in rec["runs"]] == ["cpu A", "cpu B"]
+    assert rec["shares"]["add"] == pytest.approx(0.915) and rec["spread"]["add"] == pytest.approx(0.07)
+    assert rec["spread"]["code"] == pytest.approx(0.04)
+    assert mq.check_baseline(_rows([(0.85, 1.0, 1.0)]), args, dst) == []  # 0.915 - 0.07 = 0.845
+    assert "add specialist" in mq.check_baseline(_rows([(0.84, 1.0, 1.0)]), args, dst)[0]
+    other = argparse.Namespace(**{**vars(args), "nsamples": 32})  # other settings: A's run is dropped
+    assert [r["machine"] for r in mq.record_baseline(_rows([(0.9, 1.0, 1.0)]), other, dst)["runs"]] == ["cpu B"]
+
+
 def test_quick_run_records_then_checks_its_baseline_on_a_tiny_family(tmp_path, monkeypatch):
     """The whole script (`main`) on tiny random llamas standing in for SmolLM2 and its fine-tunes."""
     from tests.helpers import tiny_models as H
