@@ -38,11 +38,13 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import yaml
 
@@ -422,16 +424,17 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 def machine() -> str:
     """The machine kind a run's fine-tunes depend on: XLA compiles for the host CPU, so another CPU
     model or vector width rounds 800 Adam steps differently and gives other fine-tunes."""
-    import platform
-
-    import jax
-
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     lines = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v}
     flags = lines.get("flags", "").split()
     width = next((w for w in ("avx512f", "avx2", "avx") if w in flags), "no avx")
     cpu = lines.get("model name") or platform.processor() or "cpu"
     return f"{platform.machine()} {cpu} ({width}), {os.cpu_count()} cores, jax {jax.__version__}"
+
+
+def recorded_recipe() -> dict[str, Any]:
+    """The recommended row as the baseline file holds it (JSON: tuples become lists)."""
+    return json.loads(json.dumps(recommended_row()))
 
 
 def record_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, dst: Path) -> dict[str, Any]:
@@ -450,9 +453,9 @@ def record_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Name
         "per_seed_shares": {t: [round(x, 4) for x in rec[f"{t}_share"]] for t in TASKS},
         "command": "python examples/merge_quality.py " + " ".join(sys.argv[1:]),
     }
-    recipe, settings = recommended_row(), settings_of(args)
+    recipe, settings = recorded_recipe(), settings_of(args)
     old = json.loads(dst.read_text()) if dst.is_file() else {}
-    same = old.get("recipe") == json.loads(json.dumps(recipe)) and old.get("settings") == settings
+    same = old.get("recipe") == recipe and old.get("settings") == settings
     runs = [r for r in old.get("runs", []) if same and r["machine"] != run["machine"]] + [run]
     n = D.SIZES["add"][2]
     shares, spread = {}, {}
@@ -475,7 +478,7 @@ def check_baseline(rows: dict[str, dict[str, list[float]]], args: argparse.Names
     if not src.is_file():
         return [f"{src}: no recorded baseline (write one with --record-baseline)"]
     rec = json.loads(src.read_text())
-    if rec["recipe"] != json.loads(json.dumps(recommended_row())):
+    if rec["recipe"] != recorded_recipe():
         return [f"{src}: recorded for another recipe than {RECOMMENDED_YAML}'s; re-record it with --record-baseline"]
     if rec["settings"] != settings_of(args):
         return [f"{src}: recorded with {rec['settings']}, this run uses {settings_of(args)}"]
