@@ -40,7 +40,9 @@ The seven cases that run an OBS sweep (every `sparsegpt` trim but the bf16 orbax
 one, whose bf16 output absorbs it) were re-recorded, on the AVX-512 machine, when
 the sweep began carrying errors across blocks in recursively grouped matmuls
 (`sgtv_jax.sweep`): the same float32 sums in another order, last-bit differences;
-the masks still equal the float64 oracle's (tests/core/test_obs.py).
+the masks still equal the float64 oracle's (tests/core/test_obs.py). An AVX-512
+"AMD EPYC" was recorded from commit 77e70da (the merge path as at 196e913, which passed
+on the Intel machine): the same four cases matched, the other nine did not.
 
 To record this machine's digests on purpose (a new CPU, or an intended change of
 the outputs), check out the commit before your change and run
